@@ -1,0 +1,538 @@
+//! Addresses: [`Addr`] (typed by actor), [`Recipient`] (typed by message) and
+//! [`AnyAddr`] (untyped: identity, stats, stop, death watch).
+//!
+//! Every mailbox is bounded. [`Addr::send`] waits for room when the mailbox is
+//! full, so a slow actor slows its senders down instead of growing without bound;
+//! [`Addr::try_send`] fails at once with [`TrySendError::Full`] and hands the
+//! message back. Sending to an actor that has stopped for good gives `Closed`,
+//! again with the message.
+//!
+//! ```
+//! # use postbox::{Actor, Context, Failure, Handler, Message, Runtime};
+//! # #[derive(Default)] struct Echo;
+//! # impl Actor for Echo {}
+//! # struct Hi; impl Message for Hi { type Reply = &'static str; }
+//! # impl Handler<Hi> for Echo {
+//! #     async fn handle(&mut self, _: Hi, _: &mut Context<Self>) -> Result<&'static str, Failure> { Ok("hi") }
+//! # }
+//! # let rt = Runtime::new().unwrap();
+//! let addr = rt.spawn(Echo);
+//! let reply = futures::executor::block_on(async {
+//!     addr.send(Hi).await.unwrap();                        // one-way, waits for room
+//!     addr.ask(Hi).timeout(std::time::Duration::from_secs(1)).await // request-reply
+//! });
+//! assert_eq!(reply.unwrap(), "hi");
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::actor::{Actor, Handler, Message};
+use crate::ask::{Ask, AskError};
+use crate::envelope::{Envelope, Tell};
+use crate::failure::ExitReason;
+
+/// A process-unique actor identity, stable across restarts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ActorId(pub u64);
+
+impl ActorId {
+    pub(crate) fn next() -> ActorId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        ActorId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl fmt::Display for ActorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "actor#{}", self.0)
+    }
+}
+
+/// Out-of-band commands to an actor's cell. They bypass the (possibly full)
+/// mailbox so that a supervisor can always reach its children.
+#[derive(Debug)]
+pub(crate) enum Control {
+    /// Stop for good. `report` tells the cell whether to tell its parent.
+    Stop { report: bool },
+    /// Restart the given incarnation (ignored if it already ended) after `delay`.
+    Restart { incarnation: u64, delay: Duration },
+}
+
+type Watcher = Box<dyn FnOnce(ExitReason) + Send>;
+
+struct Life {
+    incarnation: u64,
+    terminated: bool,
+    /// The most recently ended incarnation and why it ended, for late watchers.
+    last_exit: Option<(u64, ExitReason)>,
+    watchers: Vec<(u64, Watcher)>,
+}
+
+/// State shared by every address of one actor and by its cell.
+pub(crate) struct Shared {
+    pub(crate) id: ActorId,
+    pub(crate) name: Option<Arc<str>>,
+    pub(crate) control: mpsc::UnboundedSender<Control>,
+    pub(crate) handled: AtomicU64,
+    pub(crate) skipped: AtomicU64,
+    pub(crate) failures: AtomicU64,
+    pub(crate) restarts: AtomicU64,
+    life: Mutex<Life>,
+}
+
+impl Shared {
+    pub(crate) fn new(name: Option<Arc<str>>, control: mpsc::UnboundedSender<Control>) -> Self {
+        Shared {
+            id: ActorId::next(),
+            name,
+            control,
+            handled: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
+            life: Mutex::new(Life {
+                incarnation: 0,
+                terminated: false,
+                last_exit: None,
+                watchers: Vec::new(),
+            }),
+        }
+    }
+
+    pub(crate) fn incarnation(&self) -> u64 {
+        self.life.lock().incarnation
+    }
+
+    pub(crate) fn begin_incarnation(&self) -> u64 {
+        let mut life = self.life.lock();
+        life.incarnation += 1;
+        life.incarnation
+    }
+
+    /// Fires the watchers of the incarnation that just ended (and of any earlier one).
+    pub(crate) fn end_incarnation(&self, incarnation: u64, reason: &ExitReason, terminal: bool) {
+        let fired: Vec<Watcher> = {
+            let mut life = self.life.lock();
+            if terminal {
+                life.terminated = true;
+            }
+            life.last_exit = Some((incarnation.min(life.incarnation), reason.clone()));
+            let (fire, keep): (Vec<_>, Vec<_>) = life
+                .watchers
+                .drain(..)
+                .partition(|(inc, _)| terminal || *inc <= incarnation);
+            life.watchers = keep;
+            fire.into_iter().map(|(_, w)| w).collect()
+        };
+        for watcher in fired {
+            watcher(reason.clone());
+        }
+    }
+
+    /// Registers `watcher` for the end of `incarnation` (`None`: the current one).
+    /// Fires at once when that incarnation has already ended.
+    pub(crate) fn watch(&self, incarnation: Option<u64>, watcher: Watcher) {
+        let mut life = self.life.lock();
+        let target = incarnation.unwrap_or(life.incarnation);
+        if life.terminated || target < life.incarnation {
+            // Already over: report why, if we know it for that incarnation.
+            let reason = match &life.last_exit {
+                Some((inc, reason)) if life.terminated || *inc == target => reason.clone(),
+                _ => ExitReason::Restarted,
+            };
+            drop(life);
+            watcher(reason);
+        } else {
+            life.watchers.push((target, watcher));
+        }
+    }
+
+    fn is_terminated(&self) -> bool {
+        self.life.lock().terminated
+    }
+}
+
+/// Counters of one actor, summed over all its incarnations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ActorStats {
+    /// Messages handled (successfully or not).
+    pub handled: u64,
+    /// Requests skipped at dequeue because their asker had already given up.
+    pub skipped_requests: u64,
+    /// Incarnations that ended in a failure (error or panic).
+    pub failures: u64,
+    /// Times the actor was rebuilt from its factory.
+    pub restarts: u64,
+    /// The current incarnation, from 1.
+    pub incarnation: u64,
+    /// Messages waiting in the mailbox.
+    pub queued: usize,
+    /// The mailbox's capacity.
+    pub capacity: usize,
+}
+
+/// The error of [`Addr::send`]: the actor has stopped for good. Holds the message.
+#[derive(thiserror::Error)]
+#[error("the actor's mailbox is closed")]
+pub struct SendError<M>(pub M);
+
+impl<M> SendError<M> {
+    /// The message that could not be sent.
+    pub fn into_inner(self) -> M {
+        self.0
+    }
+}
+
+impl<M> fmt::Debug for SendError<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SendError(Closed)")
+    }
+}
+
+/// The error of [`Addr::try_send`]. Both variants hand the message back.
+#[derive(thiserror::Error)]
+pub enum TrySendError<M> {
+    /// The mailbox is at capacity.
+    #[error("the actor's mailbox is full")]
+    Full(M),
+    /// The actor has stopped for good.
+    #[error("the actor's mailbox is closed")]
+    Closed(M),
+}
+
+impl<M> TrySendError<M> {
+    /// The message that could not be sent.
+    pub fn into_inner(self) -> M {
+        match self {
+            TrySendError::Full(m) | TrySendError::Closed(m) => m,
+        }
+    }
+
+    /// True for [`TrySendError::Full`].
+    pub fn is_full(&self) -> bool {
+        matches!(self, TrySendError::Full(_))
+    }
+}
+
+impl<M> fmt::Debug for TrySendError<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TrySendError::Full(_) => f.write_str("TrySendError::Full(..)"),
+            TrySendError::Closed(_) => f.write_str("TrySendError::Closed(..)"),
+        }
+    }
+}
+
+/// The address of an actor of type `A`: send it any message it handles.
+///
+/// Cloning is cheap. The actor stops when every address to it is dropped (once its
+/// mailbox is drained), when it stops itself, or when it is stopped.
+pub struct Addr<A: Actor> {
+    pub(crate) tx: mpsc::Sender<Envelope<A>>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl<A: Actor> Clone for Addr<A> {
+    fn clone(&self) -> Self {
+        Addr {
+            tx: self.tx.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<A: Actor> fmt::Debug for Addr<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Addr")
+            .field("id", &self.shared.id)
+            .field("name", &self.shared.name)
+            .finish()
+    }
+}
+
+impl<A: Actor> Addr<A> {
+    /// Sends a one-way message, waiting while the mailbox is full.
+    pub async fn send<M>(&self, msg: M) -> Result<(), SendError<M>>
+    where
+        A: Handler<M>,
+        M: Message,
+    {
+        match self.tx.reserve().await {
+            Ok(permit) => {
+                permit.send(Box::new(Tell(msg)));
+                Ok(())
+            }
+            Err(_) => Err(SendError(msg)),
+        }
+    }
+
+    /// Sends a one-way message if there is room now.
+    pub fn try_send<M>(&self, msg: M) -> Result<(), TrySendError<M>>
+    where
+        A: Handler<M>,
+        M: Message,
+    {
+        match self.tx.try_reserve() {
+            Ok(permit) => {
+                permit.send(Box::new(Tell(msg)));
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(())) => Err(TrySendError::Full(msg)),
+            Err(mpsc::error::TrySendError::Closed(())) => Err(TrySendError::Closed(msg)),
+        }
+    }
+
+    /// Sends a request and resolves to the handler's reply; add `.timeout(d)` to
+    /// bound the wait (room in the mailbox included).
+    pub fn ask<M>(&self, msg: M) -> Ask<'_, A, M>
+    where
+        A: Handler<M>,
+        M: Message,
+    {
+        Ask::new(self, msg)
+    }
+
+    /// A handle that accepts only `M`, hiding the actor type.
+    pub fn recipient<M>(&self) -> Recipient<M>
+    where
+        A: Handler<M>,
+        M: Message,
+    {
+        Recipient {
+            inner: Arc::new(self.clone()),
+        }
+    }
+
+    /// An untyped handle: identity, stats, stop, death watch.
+    pub fn any(&self) -> AnyAddr {
+        AnyAddr {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// A weak address that does not keep the actor alive.
+    pub fn downgrade(&self) -> WeakAddr<A> {
+        WeakAddr {
+            tx: self.tx.downgrade(),
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The actor's identity.
+    pub fn id(&self) -> ActorId {
+        self.shared.id
+    }
+
+    /// True once the actor has stopped for good.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Messages waiting in the mailbox.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Asks the actor to stop after the message it is handling (out of band: a full
+    /// mailbox does not delay it). Queued messages are dropped.
+    pub fn stop(&self) {
+        let _ = self.shared.control.send(Control::Stop { report: true });
+    }
+
+    /// The actor's counters.
+    pub fn stats(&self) -> ActorStats {
+        stats_of(&self.shared, self.queued(), self.tx.max_capacity())
+    }
+
+    /// Resolves when the actor has stopped for good, with the reason of its last
+    /// incarnation.
+    pub async fn terminated(&self) -> ExitReason {
+        self.any().terminated().await
+    }
+}
+
+fn stats_of(shared: &Shared, queued: usize, capacity: usize) -> ActorStats {
+    ActorStats {
+        handled: shared.handled.load(Ordering::Relaxed),
+        skipped_requests: shared.skipped.load(Ordering::Relaxed),
+        failures: shared.failures.load(Ordering::Relaxed),
+        restarts: shared.restarts.load(Ordering::Relaxed),
+        incarnation: shared.incarnation(),
+        queued,
+        capacity,
+    }
+}
+
+/// A weak address: see [`Addr::downgrade`].
+pub struct WeakAddr<A: Actor> {
+    tx: mpsc::WeakSender<Envelope<A>>,
+    shared: Arc<Shared>,
+}
+
+impl<A: Actor> Clone for WeakAddr<A> {
+    fn clone(&self) -> Self {
+        WeakAddr {
+            tx: self.tx.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<A: Actor> WeakAddr<A> {
+    /// The address, if the actor can still be reached.
+    pub fn upgrade(&self) -> Option<Addr<A>> {
+        self.tx.upgrade().map(|tx| Addr {
+            tx,
+            shared: self.shared.clone(),
+        })
+    }
+}
+
+/// An untyped actor handle: identity, stats, stop and termination.
+#[derive(Clone)]
+pub struct AnyAddr {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl fmt::Debug for AnyAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AnyAddr")
+            .field("id", &self.shared.id)
+            .finish()
+    }
+}
+
+impl AnyAddr {
+    /// The actor's identity.
+    pub fn id(&self) -> ActorId {
+        self.shared.id
+    }
+
+    /// The actor's name, if it was given one.
+    pub fn name(&self) -> Option<&str> {
+        self.shared.name.as_deref()
+    }
+
+    /// The current incarnation (1 for the first, +1 per restart).
+    pub fn incarnation(&self) -> u64 {
+        self.shared.incarnation()
+    }
+
+    /// See [`Addr::stop`].
+    pub fn stop(&self) {
+        let _ = self.shared.control.send(Control::Stop { report: true });
+    }
+
+    /// True once the actor has stopped for good.
+    pub fn is_terminated(&self) -> bool {
+        self.shared.is_terminated()
+    }
+
+    /// Resolves when the actor has stopped for good.
+    pub async fn terminated(&self) -> ExitReason {
+        let (tx, rx) = oneshot::channel();
+        self.shared.watch(
+            Some(u64::MAX),
+            Box::new(move |reason| {
+                let _ = tx.send(reason);
+            }),
+        );
+        rx.await.unwrap_or(ExitReason::Stopped)
+    }
+
+    /// Calls `f` when the given incarnation (`None`: the current one) ends, or at
+    /// once if it already has. `f` runs on the dying actor's thread and must not
+    /// block; [`Context::watch`](crate::Context::watch) wraps this for actors.
+    pub fn on_exit(&self, incarnation: Option<u64>, f: impl FnOnce(ExitReason) + Send + 'static) {
+        self.shared.watch(incarnation, Box::new(f));
+    }
+}
+
+/// An address typed by message rather than by actor: any actor that handles `M`.
+pub struct Recipient<M: Message> {
+    inner: Arc<dyn ErasedAddr<M>>,
+}
+
+impl<M: Message> Clone for Recipient<M> {
+    fn clone(&self) -> Self {
+        Recipient {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<M: Message> fmt::Debug for Recipient<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Recipient")
+            .field("id", &self.inner.any().id())
+            .finish()
+    }
+}
+
+impl<M: Message> Recipient<M> {
+    /// See [`Addr::send`].
+    pub async fn send(&self, msg: M) -> Result<(), SendError<M>> {
+        self.inner.send(msg).await
+    }
+
+    /// See [`Addr::try_send`].
+    pub fn try_send(&self, msg: M) -> Result<(), TrySendError<M>> {
+        self.inner.try_send(msg)
+    }
+
+    /// See [`Addr::ask`]; `timeout` bounds the whole exchange.
+    pub async fn ask(&self, msg: M, timeout: Option<Duration>) -> Result<M::Reply, AskError> {
+        self.inner.ask(msg, timeout).await
+    }
+
+    /// An untyped handle to the same actor.
+    pub fn any(&self) -> AnyAddr {
+        self.inner.any()
+    }
+
+    /// True once the actor has stopped for good.
+    pub fn is_closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+}
+
+trait ErasedAddr<M: Message>: Send + Sync {
+    fn send(&self, msg: M) -> BoxFuture<'_, Result<(), SendError<M>>>;
+    fn try_send(&self, msg: M) -> Result<(), TrySendError<M>>;
+    fn ask(&self, msg: M, timeout: Option<Duration>) -> BoxFuture<'_, Result<M::Reply, AskError>>;
+    fn any(&self) -> AnyAddr;
+    fn is_closed(&self) -> bool;
+}
+
+impl<A: Handler<M>, M: Message> ErasedAddr<M> for Addr<A> {
+    fn send(&self, msg: M) -> BoxFuture<'_, Result<(), SendError<M>>> {
+        Box::pin(Addr::send(self, msg))
+    }
+
+    fn try_send(&self, msg: M) -> Result<(), TrySendError<M>> {
+        Addr::try_send(self, msg)
+    }
+
+    fn ask(&self, msg: M, timeout: Option<Duration>) -> BoxFuture<'_, Result<M::Reply, AskError>> {
+        let ask = Addr::ask(self, msg);
+        Box::pin(match timeout {
+            Some(d) => ask.timeout(d).into_future(),
+            None => ask.into_future(),
+        })
+    }
+
+    fn any(&self) -> AnyAddr {
+        Addr::any(self)
+    }
+
+    fn is_closed(&self) -> bool {
+        Addr::is_closed(self)
+    }
+}

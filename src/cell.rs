@@ -1,0 +1,185 @@
+//! The cell: the task that hosts one actor for its whole life, across restarts.
+//!
+//! The cell owns the mailbox, so messages queued for an actor survive its
+//! restarts. Each incarnation is built from the factory, runs `started`, handles
+//! messages one at a time with panics caught, and runs `stopped`. When an
+//! incarnation ends, the cell fires its death watchers and, if the actor is
+//! supervised, reports to the parent and waits for its decision (restart after a
+//! delay, or stop) on the out-of-band control channel.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use crate::actor::Actor;
+use crate::addr::{Control, Shared};
+use crate::context::Context;
+use crate::envelope::Envelope;
+use crate::failure::{ExitReason, Failure};
+use crate::runtime::RuntimeHandle;
+
+/// Builds a fresh actor for each incarnation; `None` means it cannot be rebuilt.
+pub(crate) type Factory<A> = Box<dyn FnMut() -> Option<A> + Send>;
+
+/// Tells the parent how an incarnation ended; resolves to false if the parent is gone.
+pub(crate) type Parent = Box<dyn FnMut(u64, ExitReason) -> BoxFuture<'static, bool> + Send>;
+
+pub(crate) struct Cell<A: Actor> {
+    pub(crate) factory: Factory<A>,
+    pub(crate) rx: mpsc::Receiver<Envelope<A>>,
+    pub(crate) control: mpsc::UnboundedReceiver<Control>,
+    pub(crate) weak: mpsc::WeakSender<Envelope<A>>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) runtime: RuntimeHandle,
+    pub(crate) parent: Option<Parent>,
+}
+
+/// How one incarnation ended, from the cell's point of view.
+enum End {
+    /// On its own (stop, failure, mailbox closed): the parent decides what next.
+    Exit(ExitReason),
+    /// Restart ordered by the supervisor.
+    Restart(Duration),
+    /// Stop ordered from outside.
+    Stop { report: bool },
+}
+
+enum Decision {
+    Restart(Duration),
+    Stop,
+}
+
+pub(crate) async fn run<A: Actor>(mut cell: Cell<A>) {
+    let span = tracing::debug_span!("actor", id = %cell.shared.id, name = cell.shared.name.as_deref());
+    let last;
+    loop {
+        let incarnation = cell.shared.begin_incarnation();
+        if incarnation > 1 {
+            cell.shared.restarts.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut ctx = Context::new(
+            cell.weak.clone(),
+            cell.shared.clone(),
+            cell.runtime.clone(),
+            incarnation,
+        );
+        let built = std::panic::catch_unwind(AssertUnwindSafe(&mut cell.factory));
+        let end = match built {
+            Ok(Some(actor)) => live(actor, &mut ctx, &mut cell.rx, &mut cell.control).await,
+            Ok(None) => End::Stop { report: false },
+            Err(panic) => End::Exit(ExitReason::Failed(Failure::from_panic(panic))),
+        };
+        ctx.abort_tasks();
+        let reason = match end {
+            End::Exit(reason) => reason,
+            End::Restart(delay) => {
+                cell.shared
+                    .end_incarnation(incarnation, &ExitReason::Restarted, false);
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            End::Stop { report: false } => {
+                last = ExitReason::Stopped;
+                break;
+            }
+            End::Stop { report: true } => ExitReason::Stopped,
+        };
+        if let ExitReason::Failed(failure) = &reason {
+            cell.shared.failures.fetch_add(1, Ordering::Relaxed);
+            span.in_scope(|| tracing::warn!(incarnation, %failure, "actor failed"));
+        }
+        cell.shared.end_incarnation(incarnation, &reason, false);
+        let Some(parent) = cell.parent.as_mut() else {
+            last = reason;
+            break;
+        };
+        if !parent(incarnation, reason.clone()).await {
+            last = reason;
+            break;
+        }
+        match decision(&mut cell.control, incarnation).await {
+            Decision::Restart(delay) => tokio::time::sleep(delay).await,
+            Decision::Stop => {
+                last = reason;
+                break;
+            }
+        }
+    }
+    // Closing the mailbox drops what is queued: pending asks get `Closed`.
+    cell.rx.close();
+    while cell.rx.try_recv().is_ok() {}
+    cell.shared.end_incarnation(u64::MAX, &last, true);
+    span.in_scope(|| tracing::debug!(reason = %last, "actor terminated"));
+}
+
+async fn decision(control: &mut mpsc::UnboundedReceiver<Control>, incarnation: u64) -> Decision {
+    loop {
+        match control.recv().await {
+            Some(Control::Restart {
+                incarnation: target,
+                delay,
+            }) if target >= incarnation => return Decision::Restart(delay),
+            Some(Control::Restart { .. }) => continue,
+            Some(Control::Stop { .. }) | None => return Decision::Stop,
+        }
+    }
+}
+
+async fn live<A: Actor>(
+    mut actor: A,
+    ctx: &mut Context<A>,
+    rx: &mut mpsc::Receiver<Envelope<A>>,
+    control: &mut mpsc::UnboundedReceiver<Control>,
+) -> End {
+    let shared = ctx.any().shared;
+    let end = match AssertUnwindSafe(actor.started(ctx)).catch_unwind().await {
+        Ok(Ok(())) => None,
+        Ok(Err(failure)) => Some(End::Exit(ExitReason::Failed(failure))),
+        Err(panic) => Some(End::Exit(ExitReason::Failed(Failure::from_panic(panic)))),
+    };
+    let end = match end {
+        Some(end) => end,
+        None => loop {
+            if ctx.is_stopping() {
+                break End::Exit(ExitReason::Normal);
+            }
+            tokio::select! {
+                biased;
+                cmd = control.recv() => match cmd {
+                    Some(Control::Stop { report }) => break End::Stop { report },
+                    Some(Control::Restart { incarnation, delay }) if incarnation >= ctx.incarnation() => {
+                        break End::Restart(delay)
+                    }
+                    Some(Control::Restart { .. }) => {}
+                    None => break End::Stop { report: false },
+                },
+                envelope = rx.recv() => {
+                    let Some(envelope) = envelope else { break End::Exit(ExitReason::Normal) };
+                    if envelope.cancelled() {
+                        shared.skipped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let outcome = AssertUnwindSafe(envelope.handle(&mut actor, ctx)).catch_unwind().await;
+                    shared.handled.fetch_add(1, Ordering::Relaxed);
+                    match outcome {
+                        Ok(Ok(())) => {}
+                        Ok(Err(failure)) => break End::Exit(ExitReason::Failed(failure)),
+                        Err(panic) => break End::Exit(ExitReason::Failed(Failure::from_panic(panic))),
+                    }
+                }
+            }
+        },
+    };
+    if let Err(panic) = AssertUnwindSafe(actor.stopped(ctx)).catch_unwind().await {
+        tracing::warn!(actor = %shared.id, failure = %Failure::from_panic(panic), "panic in stopped()");
+    }
+    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(move || drop(actor))) {
+        tracing::warn!(actor = %shared.id, failure = %Failure::from_panic(panic), "panic in drop");
+    }
+    end
+}

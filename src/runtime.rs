@@ -1,0 +1,282 @@
+//! Where actors run: a [`Runtime`] owns an actix `System` with one arbiter (an OS
+//! thread with a single-threaded tokio runtime) per core, on threads of its own.
+//!
+//! Because the actix system lives on its own threads, a `Runtime` works the same
+//! from `#[tokio::main]`, `#[actix::main]` or a plain `fn main`: spawning an actor
+//! hands its factory to an arbiter, which builds and runs it there for its whole
+//! life. Addresses are `Send` and work from any thread or runtime.
+//!
+//! [`RuntimeHandle::local`] instead runs actors on the current thread's
+//! `LocalSet` (an actix system or a tokio `LocalSet`): one thread, deterministic
+//! interleaving, and tokio's paused clock if the test paused it.
+//!
+//! ```
+//! use postbox::{Actor, Runtime};
+//! struct Idle;
+//! impl Actor for Idle {}
+//!
+//! #[tokio::main(flavor = "current_thread")]
+//! async fn main() {
+//!     let rt = Runtime::new().expect("threads");
+//!     let addr = rt.spawn(Idle);
+//!     assert!(!addr.is_closed());
+//! }
+//! ```
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+
+use actix_rt::{Arbiter, ArbiterHandle, System};
+use tokio::sync::mpsc;
+
+use crate::actor::Actor;
+use crate::addr::{Addr, Shared};
+use crate::cell::{self, Cell, Factory, Parent};
+use crate::failure::ExitReason;
+
+/// Default mailbox capacity of spawned actors.
+pub const DEFAULT_MAILBOX: usize = 256;
+
+/// Owns the actor threads; dropping it stops them (see [`Runtime::shutdown`]).
+pub struct Runtime {
+    handle: RuntimeHandle,
+    system: Option<System>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Runtime {
+    /// A runtime with one arbiter per available core.
+    pub fn new() -> io::Result<Runtime> {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Runtime::with_arbiters(n)
+    }
+
+    /// A runtime with `n` arbiters (at least one).
+    pub fn with_arbiters(n: usize) -> io::Result<Runtime> {
+        let n = n.max(1);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("postbox-system".into())
+            .spawn(move || {
+                let runner = System::new();
+                let arbiters: io::Result<Vec<Arbiter>> = (0..n).map(|_| Arbiter::try_new()).collect();
+                match arbiters {
+                    Ok(arbiters) => {
+                        let handles = arbiters.iter().map(Arbiter::handle).collect::<Vec<_>>();
+                        if tx.send(Ok((System::current(), handles))).is_err() {
+                            return;
+                        }
+                        let _ = runner.run();
+                        for arbiter in arbiters {
+                            arbiter.stop();
+                            let _ = arbiter.join();
+                        }
+                    }
+                    Err(err) => {
+                        let _ = tx.send(Err(err));
+                    }
+                }
+            })?;
+        let (system, arbiters) = rx
+            .recv()
+            .map_err(|_| io::Error::other("the postbox system thread died while starting"))??;
+        Ok(Runtime {
+            handle: RuntimeHandle {
+                inner: Arc::new(Placement::Arbiters {
+                    arbiters,
+                    next: AtomicUsize::new(0),
+                }),
+            },
+            system: Some(system),
+            thread: Some(thread),
+        })
+    }
+
+    /// A cloneable handle for spawning actors.
+    pub fn handle(&self) -> RuntimeHandle {
+        self.handle.clone()
+    }
+
+    /// Stops every arbiter and waits for their threads. Actors are dropped without
+    /// their `stopped` hooks. Do not call it from an actor of this runtime.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(system) = self.system.take() {
+            system.stop();
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl std::ops::Deref for Runtime {
+    type Target = RuntimeHandle;
+    fn deref(&self) -> &RuntimeHandle {
+        &self.handle
+    }
+}
+
+impl fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.handle.fmt(f)
+    }
+}
+
+enum Placement {
+    Arbiters {
+        arbiters: Vec<ArbiterHandle>,
+        next: AtomicUsize,
+    },
+    Local,
+}
+
+/// Spawns actors onto a [`Runtime`]'s arbiters, or onto the current thread.
+#[derive(Clone)]
+pub struct RuntimeHandle {
+    inner: Arc<Placement>,
+}
+
+impl fmt::Debug for RuntimeHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &*self.inner {
+            Placement::Arbiters { arbiters, .. } => {
+                write!(f, "RuntimeHandle({} arbiters)", arbiters.len())
+            }
+            Placement::Local => f.write_str("RuntimeHandle(local)"),
+        }
+    }
+}
+
+impl RuntimeHandle {
+    /// Runs actors on the current thread's `LocalSet` (inside an actix system,
+    /// `#[actix_rt::test]`, or a tokio `LocalSet`). Spawning outside one panics.
+    pub fn local() -> RuntimeHandle {
+        RuntimeHandle {
+            inner: Arc::new(Placement::Local),
+        }
+    }
+
+    /// How many arbiters actors are spread over (1 for a local handle).
+    pub fn arbiters(&self) -> usize {
+        match &*self.inner {
+            Placement::Arbiters { arbiters, .. } => arbiters.len(),
+            Placement::Local => 1,
+        }
+    }
+
+    /// Spawns `actor` with the default mailbox capacity on the next arbiter.
+    /// It is not restarted if it fails: use a [`Supervisor`](crate::Supervisor) for that.
+    pub fn spawn<A: Actor + Send>(&self, actor: A) -> Addr<A> {
+        let mut slot = Some(actor);
+        self.build(move || slot.take()).spawn()
+    }
+
+    /// Starts building an actor from a factory, to set its mailbox, name or arbiter.
+    ///
+    /// ```
+    /// # use postbox::{Actor, Runtime};
+    /// # struct Worker; impl Actor for Worker {}
+    /// # let rt = Runtime::with_arbiters(2).unwrap();
+    /// let addr = rt.build(|| Some(Worker)).mailbox(8).name("worker").arbiter(1).spawn();
+    /// assert_eq!(addr.stats().capacity, 8);
+    /// ```
+    pub fn build<A: Actor, F>(&self, factory: F) -> Builder<A>
+    where
+        F: FnMut() -> Option<A> + Send + 'static,
+    {
+        Builder {
+            runtime: self.clone(),
+            factory: Box::new(factory),
+            mailbox: DEFAULT_MAILBOX,
+            name: None,
+            arbiter: None,
+            parent: None,
+        }
+    }
+
+    fn place(&self, arbiter: Option<usize>, shared: &Arc<Shared>, start: impl FnOnce() + Send + 'static) {
+        match &*self.inner {
+            Placement::Local => start(),
+            Placement::Arbiters { arbiters, next } => {
+                let i = arbiter.unwrap_or_else(|| next.fetch_add(1, Ordering::Relaxed)) % arbiters.len();
+                if !arbiters[i].spawn_fn(start) {
+                    tracing::warn!(actor = %shared.id, "spawn on a stopped runtime: the actor is closed");
+                    shared.end_incarnation(u64::MAX, &ExitReason::Stopped, true);
+                }
+            }
+        }
+    }
+}
+
+/// Configures and spawns one actor; see [`RuntimeHandle::build`].
+#[must_use = "call .spawn() to start the actor"]
+pub struct Builder<A: Actor> {
+    runtime: RuntimeHandle,
+    factory: Factory<A>,
+    mailbox: usize,
+    name: Option<Arc<str>>,
+    arbiter: Option<usize>,
+    parent: Option<Parent>,
+}
+
+impl<A: Actor> Builder<A> {
+    /// Mailbox capacity (at least 1). A full mailbox makes `send` wait.
+    pub fn mailbox(mut self, capacity: usize) -> Self {
+        self.mailbox = capacity.max(1);
+        self
+    }
+
+    /// A name for logs and stats.
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Pins the actor to arbiter `i` (modulo the number of arbiters).
+    pub fn arbiter(mut self, i: usize) -> Self {
+        self.arbiter = Some(i);
+        self
+    }
+
+    pub(crate) fn parent(mut self, parent: Parent) -> Self {
+        self.parent = Some(parent);
+        self
+    }
+
+    /// Starts the actor and returns its address at once.
+    pub fn spawn(self) -> Addr<A> {
+        let (tx, rx) = mpsc::channel(self.mailbox);
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared::new(self.name, control_tx));
+        let addr = Addr {
+            tx,
+            shared: shared.clone(),
+        };
+        let cell = Cell {
+            factory: self.factory,
+            rx,
+            control: control_rx,
+            weak: addr.tx.downgrade(),
+            shared: shared.clone(),
+            runtime: self.runtime.clone(),
+            parent: self.parent,
+        };
+        self.runtime.place(self.arbiter, &shared, move || {
+            tokio::task::spawn_local(cell::run(cell));
+        });
+        addr
+    }
+}
