@@ -15,13 +15,13 @@
 //! # impl Handler<Hi> for Echo {
 //! #     async fn handle(&mut self, _: Hi, _: &mut Context<Self>) -> Result<&'static str, Failure> { Ok("hi") }
 //! # }
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! # let rt = Runtime::new().unwrap();
 //! let addr = rt.spawn(Echo);
-//! let reply = futures::executor::block_on(async {
-//!     addr.send(Hi).await.unwrap();                        // one-way, waits for room
-//!     addr.ask(Hi).timeout(std::time::Duration::from_secs(1)).await // request-reply
-//! });
+//! addr.send(Hi).await.unwrap(); // one-way: waits while the mailbox is full
+//! let reply = addr.ask(Hi).timeout(std::time::Duration::from_secs(1)).await; // request-reply
 //! assert_eq!(reply.unwrap(), "hi");
+//! # }
 //! ```
 
 use std::fmt;

@@ -55,7 +55,8 @@ enum Decision {
 }
 
 pub(crate) async fn run<A: Actor>(mut cell: Cell<A>) {
-    let span = tracing::debug_span!("actor", id = %cell.shared.id, name = cell.shared.name.as_deref());
+    let span =
+        tracing::debug_span!("actor", id = %cell.shared.id, name = cell.shared.name.as_deref());
     let last;
     loop {
         let incarnation = cell.shared.begin_incarnation();

@@ -93,7 +93,8 @@ impl<A: Actor> Context<A> {
         if self.tasks.len() >= 64 {
             self.tasks.retain(|t| !t.is_finished());
         }
-        self.tasks.push(tokio::task::spawn_local(fut).abort_handle());
+        self.tasks
+            .push(tokio::task::spawn_local(fut).abort_handle());
     }
 
     /// Sends `msg` to this actor after `delay` (cancelled if the incarnation ends
@@ -137,7 +138,9 @@ impl<A: Actor> Context<A> {
                             let _ = addr.send(msg).await;
                         });
                     }
-                    Err(_) => tracing::warn!(watcher = %addr.id(), "death notice dropped: no runtime"),
+                    Err(_) => {
+                        tracing::warn!(watcher = %addr.id(), "death notice dropped: no runtime")
+                    }
                 }
             }
         });

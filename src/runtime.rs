@@ -62,7 +62,8 @@ impl Runtime {
             .name("postbox-system".into())
             .spawn(move || {
                 let runner = System::new();
-                let arbiters: io::Result<Vec<Arbiter>> = (0..n).map(|_| Arbiter::try_new()).collect();
+                let arbiters: io::Result<Vec<Arbiter>> =
+                    (0..n).map(|_| Arbiter::try_new()).collect();
                 match arbiters {
                     Ok(arbiters) => {
                         let handles = arbiters.iter().map(Arbiter::handle).collect::<Vec<_>>();
@@ -207,11 +208,17 @@ impl RuntimeHandle {
         }
     }
 
-    fn place(&self, arbiter: Option<usize>, shared: &Arc<Shared>, start: impl FnOnce() + Send + 'static) {
+    fn place(
+        &self,
+        arbiter: Option<usize>,
+        shared: &Arc<Shared>,
+        start: impl FnOnce() + Send + 'static,
+    ) {
         match &*self.inner {
             Placement::Local => start(),
             Placement::Arbiters { arbiters, next } => {
-                let i = arbiter.unwrap_or_else(|| next.fetch_add(1, Ordering::Relaxed)) % arbiters.len();
+                let i = arbiter.unwrap_or_else(|| next.fetch_add(1, Ordering::Relaxed))
+                    % arbiters.len();
                 if !arbiters[i].spawn_fn(start) {
                     tracing::warn!(actor = %shared.id, "spawn on a stopped runtime: the actor is closed");
                     shared.end_incarnation(u64::MAX, &ExitReason::Stopped, true);

@@ -103,7 +103,10 @@ impl Backoff {
 
     /// Exponential backoff from `min` to `max`.
     pub fn exponential(min: Duration, max: Duration) -> Backoff {
-        Backoff { min, max: max.max(min) }
+        Backoff {
+            min,
+            max: max.max(min),
+        }
     }
 
     /// The delay before the `n`-th consecutive restart (from 1).
@@ -264,7 +267,14 @@ impl fmt::Debug for SupervisorSpec {
             .field("max_restarts", &self.max_restarts)
             .field("window", &self.window)
             .field("backoff", &self.backoff)
-            .field("children", &self.children.iter().map(|c| c.name().clone()).collect::<Vec<_>>())
+            .field(
+                "children",
+                &self
+                    .children
+                    .iter()
+                    .map(|c| c.name().clone())
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -345,7 +355,11 @@ impl SupervisorActor {
         }
     }
 
-    fn start(&mut self, ctx: &Context<Self>, spec: Arc<dyn ErasedSpec>) -> Result<&Slot, SupervisorError> {
+    fn start(
+        &mut self,
+        ctx: &Context<Self>,
+        spec: Arc<dyn ErasedSpec>,
+    ) -> Result<&Slot, SupervisorError> {
         static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
         let Some(me) = ctx.addr() else {
             return Err(SupervisorError::Stopped);
@@ -384,7 +398,10 @@ impl SupervisorActor {
         let now = Instant::now();
         let window = self.spec.window;
         let slot = &mut self.children[i];
-        if slot.last_restart.is_some_and(|t| now.duration_since(t) >= window) {
+        if slot
+            .last_restart
+            .is_some_and(|t| now.duration_since(t) >= window)
+        {
             slot.consecutive = 0;
         }
         slot.consecutive += 1;
@@ -401,7 +418,12 @@ impl SupervisorActor {
     }
 
     fn stop_slot(slot: &Slot) {
-        let _ = slot.started.any.shared.control.send(Control::Stop { report: false });
+        let _ = slot
+            .started
+            .any
+            .shared
+            .control
+            .send(Control::Stop { report: false });
     }
 }
 
@@ -417,7 +439,8 @@ impl Actor for SupervisorActor {
         // Children stop in reverse start order, each given a moment to finish.
         for slot in self.children.drain(..).rev() {
             Self::stop_slot(&slot);
-            let _ = tokio::time::timeout(Duration::from_secs(5), slot.started.any.terminated()).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), slot.started.any.terminated()).await;
         }
     }
 }
@@ -490,7 +513,11 @@ impl Message for GetChild {
     type Reply = Option<Box<dyn Any + Send>>;
 }
 impl Handler<GetChild> for SupervisorActor {
-    async fn handle(&mut self, msg: GetChild, _: &mut Context<Self>) -> Result<Option<Box<dyn Any + Send>>, Failure> {
+    async fn handle(
+        &mut self,
+        msg: GetChild,
+        _: &mut Context<Self>,
+    ) -> Result<Option<Box<dyn Any + Send>>, Failure> {
         Ok(self
             .children
             .iter()
@@ -514,7 +541,9 @@ impl Handler<StartChild> for SupervisorActor {
         ctx: &mut Context<Self>,
     ) -> Result<Result<Box<dyn Any + Send>, SupervisorError>, Failure> {
         if self.children.iter().any(|s| s.spec.name() == msg.0.name()) {
-            return Ok(Err(SupervisorError::DuplicateChild(msg.0.name().to_string())));
+            return Ok(Err(SupervisorError::DuplicateChild(
+                msg.0.name().to_string(),
+            )));
         }
         self.spec.children.push(msg.0.clone());
         Ok(self.start(ctx, msg.0).map(|slot| clone_any(&slot.started)))
@@ -526,7 +555,11 @@ impl Message for TerminateChild {
     type Reply = Result<(), SupervisorError>;
 }
 impl Handler<TerminateChild> for SupervisorActor {
-    async fn handle(&mut self, msg: TerminateChild, _: &mut Context<Self>) -> Result<Result<(), SupervisorError>, Failure> {
+    async fn handle(
+        &mut self,
+        msg: TerminateChild,
+        _: &mut Context<Self>,
+    ) -> Result<Result<(), SupervisorError>, Failure> {
         let Some(i) = self.children.iter().position(|s| s.spec.name() == &msg.0) else {
             return Ok(Err(SupervisorError::NoSuchChild(msg.0.to_string())));
         };
@@ -554,7 +587,11 @@ impl Message for Children {
     type Reply = Vec<ChildInfo>;
 }
 impl Handler<Children> for SupervisorActor {
-    async fn handle(&mut self, _: Children, _: &mut Context<Self>) -> Result<Vec<ChildInfo>, Failure> {
+    async fn handle(
+        &mut self,
+        _: Children,
+        _: &mut Context<Self>,
+    ) -> Result<Vec<ChildInfo>, Failure> {
         Ok(self
             .children
             .iter()
@@ -592,7 +629,10 @@ impl Supervisor {
     }
 
     /// Starts another child.
-    pub async fn start_child<A: Actor>(&self, spec: ChildSpec<A>) -> Result<Addr<A>, SupervisorError> {
+    pub async fn start_child<A: Actor>(
+        &self,
+        spec: ChildSpec<A>,
+    ) -> Result<Addr<A>, SupervisorError> {
         let name = spec.name.to_string();
         let started = self
             .addr
@@ -612,7 +652,10 @@ impl Supervisor {
 
     /// The children, in start order.
     pub async fn children(&self) -> Result<Vec<ChildInfo>, SupervisorError> {
-        self.addr.ask(Children).await.map_err(|_| SupervisorError::Stopped)
+        self.addr
+            .ask(Children)
+            .await
+            .map_err(|_| SupervisorError::Stopped)
     }
 
     /// The supervisor's own address.

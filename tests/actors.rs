@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use postbox::{
-    Actor, AskError, Backoff, ChildSpec, Context, ExitReason, Failure, FailureKind, Handler, Message,
-    Restart, Runtime, RuntimeHandle, Strategy, SupervisorSpec, TrySendError,
+    Actor, AskError, Backoff, ChildSpec, Context, ExitReason, Failure, FailureKind, Handler,
+    Message, Restart, Runtime, RuntimeHandle, Strategy, SupervisorSpec, TrySendError,
 };
 use tokio::sync::Semaphore;
 
@@ -50,7 +50,12 @@ async fn full_mailbox_makes_send_wait_and_try_send_fail() {
         let gate = Arc::new(Semaphore::new(0));
         let g = gate.clone();
         let addr = RuntimeHandle::local()
-            .build(move || Some(Worker { gate: g.clone(), seen: vec![] }))
+            .build(move || {
+                Some(Worker {
+                    gate: g.clone(),
+                    seen: vec![],
+                })
+            })
             .mailbox(2)
             .spawn();
         // 1 is taken by the (blocked) handler, 2 and 3 fill the mailbox.
@@ -66,7 +71,11 @@ async fn full_mailbox_makes_send_wait_and_try_send_fail() {
         // A send into the full mailbox stays pending, however long we wait...
         let pending = addr.send(Work(4));
         tokio::pin!(pending);
-        assert!(tokio::time::timeout(Duration::from_secs(3600), &mut pending).await.is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(3600), &mut pending)
+                .await
+                .is_err()
+        );
         // ...and completes once the receiver drains one message.
         gate.add_permits(1);
         pending.await.unwrap();
@@ -82,10 +91,19 @@ async fn ask_times_out_and_the_abandoned_request_is_skipped() {
         let gate = Arc::new(Semaphore::new(0));
         let g = gate.clone();
         let addr = RuntimeHandle::local()
-            .build(move || Some(Worker { gate: g.clone(), seen: vec![] }))
+            .build(move || {
+                Some(Worker {
+                    gate: g.clone(),
+                    seen: vec![],
+                })
+            })
             .spawn();
         addr.send(Work(1)).await.unwrap(); // blocks the actor
-        let err = addr.ask(Work(2)).timeout(Duration::from_millis(100)).await.unwrap_err();
+        let err = addr
+            .ask(Work(2))
+            .timeout(Duration::from_millis(100))
+            .await
+            .unwrap_err();
         assert!(matches!(err, AskError::Timeout(d) if d == Duration::from_millis(100)));
         gate.add_permits(10);
         assert_eq!(addr.ask(Work(3)).await.unwrap(), 3);
@@ -105,7 +123,10 @@ async fn send_to_a_stopped_actor_is_closed_and_returns_the_message() {
         let reason = addr.terminated().await;
         assert!(matches!(reason, ExitReason::Stopped), "{reason:?}");
         assert_eq!(addr.send(Work(9)).await.unwrap_err().into_inner().0, 9);
-        assert!(matches!(addr.try_send(Work(8)), Err(TrySendError::Closed(Work(8)))));
+        assert!(matches!(
+            addr.try_send(Work(8)),
+            Err(TrySendError::Closed(Work(8)))
+        ));
         assert!(matches!(addr.ask(Seen).await, Err(AskError::Closed)));
     })
     .await;
@@ -116,7 +137,13 @@ trait SpawnWorker {
 }
 impl SpawnWorker for RuntimeHandle {
     fn spawn_local_worker(&self, gate: Arc<Semaphore>) -> postbox::Addr<Worker> {
-        self.build(move || Some(Worker { gate: gate.clone(), seen: vec![] })).spawn()
+        self.build(move || {
+            Some(Worker {
+                gate: gate.clone(),
+                seen: vec![],
+            })
+        })
+        .spawn()
     }
 }
 
@@ -177,15 +204,24 @@ async fn a_panicking_child_restarts_fresh_and_keeps_its_queued_messages() {
         // The increments queued behind the crash were kept and ran on fresh state.
         assert_eq!(child.ask(Inc).await.unwrap(), 4);
         let stats = child.stats();
-        assert_eq!((stats.failures, stats.restarts, stats.incarnation), (1, 1, 2));
+        assert_eq!(
+            (stats.failures, stats.restarts, stats.incarnation),
+            (1, 1, 2)
+        );
         // The thread and the other actors kept running.
         assert_eq!(bystander.ask(Inc).await.unwrap(), 1);
         // An ask whose handler panics gets a typed failure, not a timeout.
         let err = child.ask(Crash).await.unwrap_err();
-        assert!(matches!(err, AskError::Failed(ref f) if f.is_panic()), "{err:?}");
+        assert!(
+            matches!(err, AskError::Failed(ref f) if f.is_panic()),
+            "{err:?}"
+        );
         // A handler error is a failure too.
         let err = child.ask(Fail).await.unwrap_err();
-        assert!(matches!(err, AskError::Failed(ref f) if f.message() == "fail requested"), "{err:?}");
+        assert!(
+            matches!(err, AskError::Failed(ref f) if f.message() == "fail requested"),
+            "{err:?}"
+        );
         assert_eq!(child.ask(Inc).await.unwrap(), 1);
     })
     .await;
@@ -202,7 +238,10 @@ async fn passing_the_restart_limit_escalates_to_the_parent() {
             .intensity(0, Duration::from_secs(60))
             .child(ChildSpec::supervisor(inner))
             .spawn(&rt);
-        let inner_sup = outer.child::<postbox::SupervisorActor>("inner").await.unwrap();
+        let inner_sup = outer
+            .child::<postbox::SupervisorActor>("inner")
+            .await
+            .unwrap();
         let inner_handle = inner_sup.any();
         let children = outer.children().await.unwrap();
         assert_eq!(children.len(), 1);
@@ -211,7 +250,11 @@ async fn passing_the_restart_limit_escalates_to_the_parent() {
         for _ in 0..2 {
             let _ = fragile.ask(Crash).await;
         }
-        assert_eq!(fragile.ask(Inc).await.unwrap(), 1, "two restarts are within the limit");
+        assert_eq!(
+            fragile.ask(Inc).await.unwrap(),
+            1,
+            "two restarts are within the limit"
+        );
         let _ = fragile.ask(Crash).await; // third: inner escalates, outer (limit 0) escalates too
         let reason = outer.terminated().await;
         match reason {
@@ -289,7 +332,10 @@ async fn restart_policies_and_backoff() {
     local(async {
         let rt = RuntimeHandle::local();
         let sup = SupervisorSpec::new("p")
-            .backoff(Backoff::exponential(Duration::from_secs(1), Duration::from_secs(4)))
+            .backoff(Backoff::exponential(
+                Duration::from_secs(1),
+                Duration::from_secs(4),
+            ))
             .child(ChildSpec::new("temp", Fragile::default).restart(Restart::Temporary))
             .child(ChildSpec::new("trans", Fragile::default).restart(Restart::Transient))
             .child(ChildSpec::new("perm", Fragile::default))
@@ -300,7 +346,10 @@ async fn restart_policies_and_backoff() {
 
         let _ = temp.ask(Crash).await;
         temp.terminated().await;
-        assert!(sup.child::<Fragile>("temp").await.is_err(), "temporary children are not restarted");
+        assert!(
+            sup.child::<Fragile>("temp").await.is_err(),
+            "temporary children are not restarted"
+        );
 
         trans.stop(); // a normal exit: transient children stay down
         trans.terminated().await;
@@ -384,7 +433,11 @@ async fn death_watch_reports_each_incarnation() {
         type Reply = ();
     }
     impl Handler<Watch> for Watcher {
-        async fn handle(&mut self, Watch(t): Watch, ctx: &mut Context<Self>) -> Result<(), Failure> {
+        async fn handle(
+            &mut self,
+            Watch(t): Watch,
+            ctx: &mut Context<Self>,
+        ) -> Result<(), Failure> {
             ctx.watch(&t, None, Down);
             Ok(())
         }

@@ -1,0 +1,275 @@
+//! Consumers: the [`Consumer`] trait users implement, and [`ConsumerActor`], the
+//! supervised actor that registers it with a queue and feeds it deliveries.
+//!
+//! A consumer is an actor with a bounded mailbox. [`Broker::consume`] puts it
+//! under a supervisor of its own: if its handler panics or returns an error,
+//! the queue requeues the deliveries it had not settled (flagged redelivered),
+//! and the supervisor rebuilds it from its factory with fresh state, within a
+//! restart limit. When the limit is passed, that consumer stays down, the queue
+//! keeps its messages for the other consumers, and the error is logged.
+//!
+//! [`Broker::consume`]: crate::Broker::consume
+//!
+//! ```
+//! use postbox_actors::{Consumer, Delivery};
+//! use postbox::Failure;
+//!
+//! struct Printer;
+//! impl Consumer for Printer {
+//!     async fn handle(&mut self, delivery: Delivery) -> Result<(), Failure> {
+//!         let order: String = delivery.decode()?;
+//!         println!("order {order}");
+//!         delivery.ack().await?;
+//!         Ok(())
+//!     }
+//! }
+//! ```
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytestring::ByteString;
+use postbox::{Actor, Addr, Backoff, Context, ExitReason, Failure, Handler, Message, Supervisor};
+use tracing::Instrument;
+
+use crate::delivery::{Delivery, Link};
+use crate::queue::actor::Unsubscribe;
+use crate::queue::handle::QueueHandle;
+use crate::queue::state::{AckMode, ConsumerId};
+
+/// What a consumer does with each delivery.
+///
+/// Returning `Err` (or panicking) fails the consumer: its unsettled deliveries
+/// are requeued and it is restarted. Closures `FnMut(Delivery) -> impl Future`
+/// are consumers too.
+pub trait Consumer: 'static {
+    /// Handles one delivery. In manual-ack mode, settle it (`ack`, `nack`,
+    /// `reject`) here or later; until then it counts against the prefetch.
+    fn handle(&mut self, delivery: Delivery) -> impl Future<Output = Result<(), Failure>>;
+}
+
+impl<F, Fut> Consumer for F
+where
+    F: FnMut(Delivery) -> Fut + 'static,
+    Fut: Future<Output = Result<(), Failure>>,
+{
+    fn handle(&mut self, delivery: Delivery) -> impl Future<Output = Result<(), Failure>> {
+        self(delivery)
+    }
+}
+
+/// How a consumer receives and is supervised.
+///
+/// ```
+/// use postbox_actors::ConsumeOptions;
+/// use std::time::Duration;
+/// let manual = ConsumeOptions::manual(32).restarts(10, Duration::from_secs(60));
+/// let auto = ConsumeOptions::auto().mailbox(1024);
+/// # let _ = (manual, auto);
+/// ```
+#[derive(Clone, Debug)]
+pub struct ConsumeOptions {
+    pub(crate) mode: AckMode,
+    pub(crate) prefetch: u32,
+    pub(crate) mailbox: Option<usize>,
+    pub(crate) max_restarts: usize,
+    pub(crate) window: Duration,
+    pub(crate) backoff: Backoff,
+}
+
+impl Default for ConsumeOptions {
+    /// Manual acknowledgements with a prefetch of 64.
+    fn default() -> Self {
+        ConsumeOptions::manual(64)
+    }
+}
+
+impl ConsumeOptions {
+    /// Manual acknowledgements; at most `prefetch` unsettled deliveries at a time
+    /// (0: no limit but the mailbox).
+    pub fn manual(prefetch: u32) -> Self {
+        ConsumeOptions {
+            mode: AckMode::Manual,
+            prefetch,
+            mailbox: None,
+            max_restarts: 5,
+            window: Duration::from_secs(10),
+            backoff: Backoff::exponential(Duration::from_millis(10), Duration::from_secs(1)),
+        }
+    }
+
+    /// Automatic acknowledgement: a delivery is settled once it is in the
+    /// consumer's mailbox (at-most-once if the consumer then crashes).
+    pub fn auto() -> Self {
+        ConsumeOptions {
+            mode: AckMode::Auto,
+            prefetch: 0,
+            ..ConsumeOptions::manual(0)
+        }
+    }
+
+    /// The consumer's mailbox capacity (default: the prefetch, or 256).
+    pub fn mailbox(mut self, capacity: usize) -> Self {
+        self.mailbox = Some(capacity.max(1));
+        self
+    }
+
+    /// At most `max` restarts within `window`; past that the consumer stays down.
+    pub fn restarts(mut self, max: usize, window: Duration) -> Self {
+        self.max_restarts = max;
+        self.window = window;
+        self
+    }
+
+    /// Delay between restarts.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// The acknowledgement mode.
+    pub fn ack_mode(&self) -> AckMode {
+        self.mode
+    }
+
+    pub(crate) fn mailbox_capacity(&self) -> usize {
+        self.mailbox.unwrap_or(match (self.mode, self.prefetch) {
+            (AckMode::Manual, p) if p > 0 => p as usize,
+            _ => postbox::DEFAULT_MAILBOX,
+        })
+    }
+}
+
+/// The actor that hosts a [`Consumer`]: registers with the queue when it
+/// starts, unregisters when it stops, and drops deliveries made to an earlier
+/// registration (the queue has requeued those).
+pub struct ConsumerActor<C: Consumer> {
+    consumer: C,
+    queue: QueueHandle,
+    mode: AckMode,
+    prefetch: u32,
+    link: Option<Arc<Link>>,
+}
+
+impl<C: Consumer> ConsumerActor<C> {
+    /// Wraps `consumer` for `queue`; spawn it under any supervisor.
+    pub fn new(queue: QueueHandle, options: &ConsumeOptions, consumer: C) -> Self {
+        ConsumerActor {
+            consumer,
+            queue,
+            mode: options.mode,
+            prefetch: options.prefetch,
+            link: None,
+        }
+    }
+}
+
+impl<C: Consumer> Actor for ConsumerActor<C> {
+    async fn started(&mut self, ctx: &mut Context<Self>) -> Result<(), Failure> {
+        let Some(me) = ctx.addr() else {
+            ctx.stop();
+            return Ok(());
+        };
+        let link = self
+            .queue
+            .subscribe_as(
+                me.recipient(),
+                self.mode,
+                self.prefetch,
+                Some(ctx.incarnation()),
+            )
+            .await;
+        match link {
+            Ok(link) => self.link = Some(link),
+            Err(err) => {
+                // The queue is gone: nothing to consume, and restarting will not help.
+                tracing::warn!(queue = %self.queue.name(), %err, "consumer stops: queue unavailable");
+                ctx.stop();
+            }
+        }
+        Ok(())
+    }
+
+    async fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        if let Some(link) = self.link.take() {
+            let _ = self.queue.addr.send(Unsubscribe(link.consumer)).await;
+        }
+    }
+}
+
+impl<C: Consumer> Handler<Delivery> for ConsumerActor<C> {
+    async fn handle(
+        &mut self,
+        delivery: Delivery,
+        _ctx: &mut Context<Self>,
+    ) -> Result<(), Failure> {
+        let current = self.link.as_ref().map(|l| l.consumer);
+        if delivery.ack_mode() == AckMode::Manual && Some(delivery.consumer()) != current {
+            // Made to an earlier registration of this actor: the queue requeues it.
+            tracing::trace!(queue = %delivery.queue(), tag = %delivery.tag(), "stale delivery skipped");
+            return Ok(());
+        }
+        let span = tracing::debug_span!(
+            "consume",
+            queue = %delivery.queue(),
+            message_id = %delivery.id(),
+            correlation_id = delivery.correlation_id(),
+            tag = %delivery.tag(),
+            redelivered = delivery.redelivered(),
+        );
+        self.consumer.handle(delivery).instrument(span).await
+    }
+}
+
+/// Which registration a consumer actor holds right now.
+pub(crate) struct Registration;
+impl Message for Registration {
+    type Reply = Option<ConsumerId>;
+}
+impl<C: Consumer> Handler<Registration> for ConsumerActor<C> {
+    async fn handle(
+        &mut self,
+        _: Registration,
+        _: &mut Context<Self>,
+    ) -> Result<Option<ConsumerId>, Failure> {
+        Ok(self.link.as_ref().map(|l| l.consumer))
+    }
+}
+
+/// A running consumer started by [`Broker::consume`](crate::Broker::consume).
+pub struct ConsumerHandle<C: Consumer> {
+    pub(crate) queue: ByteString,
+    pub(crate) addr: Addr<ConsumerActor<C>>,
+    pub(crate) supervisor: Supervisor,
+}
+
+impl<C: Consumer> ConsumerHandle<C> {
+    /// The queue it consumes from.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The consumer actor's address (stable across its restarts).
+    pub fn addr(&self) -> &Addr<ConsumerActor<C>> {
+        &self.addr
+    }
+
+    /// Its current registration with the queue; `None` while restarting or after
+    /// it stopped.
+    pub async fn consumer_id(&self) -> Option<ConsumerId> {
+        self.addr.ask(Registration).await.ok().flatten()
+    }
+
+    /// Stops the consumer; its unsettled deliveries are requeued.
+    pub async fn cancel(self) {
+        self.supervisor.stop();
+        self.supervisor.terminated().await;
+    }
+
+    /// Resolves when the consumer is down for good (cancelled, or restarted too
+    /// often).
+    pub async fn terminated(&self) -> ExitReason {
+        self.supervisor.terminated().await
+    }
+}

@@ -1,0 +1,305 @@
+//! [`Delivery`]: a message handed to one consumer, and how that consumer settles
+//! it (ack, nack with or without requeue, reject; singly or `multiple`).
+//!
+//! Each consumer registration has a link to its queue. The link knows which
+//! deliveries this consumer still holds, so settling something unknown, settling
+//! twice, or settling after the consumer's registration ended (it stopped or
+//! crashed, and its deliveries were requeued) is a typed [`AckError`] returned at
+//! once, and the queue never sees the bad request.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use bytestring::ByteString;
+use parking_lot::Mutex;
+use postbox::{Addr, Message};
+
+use crate::envelope::Envelope;
+use crate::queue::actor::{QueueActor, Settle};
+use crate::queue::state::{AckMode, ConsumerId, DeliveryTag};
+
+/// How a delivery is settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Processed: remove it from the queue.
+    Ack,
+    /// Not processed: put it back at its original position, flagged redelivered.
+    Requeue,
+    /// Not processed and not to be retried: discard it (counted as rejected).
+    Discard,
+}
+
+/// Why a settlement was refused. The queue is unaffected.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    /// The delivery was made in auto-ack mode: it was settled when delivered.
+    #[error("delivery {tag} of queue {queue:?} was auto-acknowledged; there is nothing to settle")]
+    AutoAck {
+        /// The delivery tag.
+        tag: DeliveryTag,
+        /// The queue.
+        queue: ByteString,
+    },
+    /// This consumer does not hold that delivery any more (it was settled before).
+    #[error("delivery {tag} of queue {queue:?} was already settled")]
+    AlreadySettled {
+        /// The delivery tag.
+        tag: DeliveryTag,
+        /// The queue.
+        queue: ByteString,
+    },
+    /// The consumer's registration ended (stopped, crashed, cancelled, or the
+    /// queue was deleted); its unsettled deliveries were requeued.
+    #[error("the consumer of delivery {tag} on queue {queue:?} is gone; the delivery was requeued")]
+    ConsumerGone {
+        /// The delivery tag.
+        tag: DeliveryTag,
+        /// The queue.
+        queue: ByteString,
+    },
+}
+
+/// One consumer's registration with one queue.
+///
+/// Settlements are recorded here, under the same lock that the queue takes to
+/// end the registration, and the queue drains them in batches. So a settlement
+/// is either applied by the queue or refused with `ConsumerGone`, never both
+/// acknowledged and requeued.
+pub(crate) struct Link {
+    pub(crate) consumer: ConsumerId,
+    pub(crate) queue_name: ByteString,
+    pub(crate) queue: Addr<QueueActor>,
+    pub(crate) mode: AckMode,
+    state: Mutex<LinkState>,
+}
+
+#[derive(Default)]
+struct LinkState {
+    closed: bool,
+    /// Tags delivered to this consumer and not yet settled (manual mode only).
+    outstanding: BTreeSet<u64>,
+    /// Settlements the queue has not applied yet, in order.
+    pending: Vec<PendingSettle>,
+}
+
+/// A settlement waiting for the queue.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PendingSettle {
+    pub(crate) tag: DeliveryTag,
+    pub(crate) multiple: bool,
+    pub(crate) outcome: Outcome,
+}
+
+impl Link {
+    pub(crate) fn new(
+        consumer: ConsumerId,
+        queue_name: ByteString,
+        queue: Addr<QueueActor>,
+        mode: AckMode,
+    ) -> Self {
+        Link {
+            consumer,
+            queue_name,
+            queue,
+            mode,
+            state: Mutex::new(LinkState::default()),
+        }
+    }
+
+    pub(crate) fn is_active(&self) -> bool {
+        !self.state.lock().closed
+    }
+
+    /// Records a delivery as held by this consumer.
+    pub(crate) fn track(&self, tag: DeliveryTag) {
+        self.state.lock().outstanding.insert(tag.0);
+    }
+
+    /// Takes the settlements recorded so far, for the queue to apply.
+    pub(crate) fn drain(&self) -> Vec<PendingSettle> {
+        std::mem::take(&mut self.state.lock().pending)
+    }
+
+    /// Ends the registration and returns the settlements still to apply; later
+    /// settlements fail with `ConsumerGone`.
+    pub(crate) fn close(&self) -> Vec<PendingSettle> {
+        let mut state = self.state.lock();
+        state.closed = true;
+        state.outstanding.clear();
+        std::mem::take(&mut state.pending)
+    }
+
+    /// Checks and records a settlement; returns how many deliveries it covers and
+    /// whether the queue must be told (the first pending settlement since its
+    /// last drain).
+    fn claim(
+        &self,
+        tag: DeliveryTag,
+        multiple: bool,
+        outcome: Outcome,
+    ) -> Result<(usize, bool), AckError> {
+        let queue = || self.queue_name.clone();
+        if self.mode == AckMode::Auto {
+            return Err(AckError::AutoAck {
+                tag,
+                queue: queue(),
+            });
+        }
+        let mut state = self.state.lock();
+        if state.closed {
+            return Err(AckError::ConsumerGone {
+                tag,
+                queue: queue(),
+            });
+        }
+        if !state.outstanding.contains(&tag.0) {
+            return Err(AckError::AlreadySettled {
+                tag,
+                queue: queue(),
+            });
+        }
+        let n = if multiple {
+            let rest = state.outstanding.split_off(&(tag.0 + 1));
+            let n = state.outstanding.len();
+            state.outstanding = rest;
+            n
+        } else {
+            state.outstanding.remove(&tag.0);
+            1
+        };
+        state.pending.push(PendingSettle {
+            tag,
+            multiple,
+            outcome,
+        });
+        Ok((n, state.pending.len() == 1))
+    }
+}
+
+/// A message delivered to a consumer. Derefs to its [`Envelope`].
+///
+/// In manual-ack mode, settle it with [`ack`](Self::ack), [`nack`](Self::nack) or
+/// [`reject`](Self::reject); until then it counts against the consumer's prefetch.
+/// If the consumer stops or crashes first, it is requeued.
+pub struct Delivery {
+    message: Envelope,
+    tag: DeliveryTag,
+    link: Arc<Link>,
+}
+
+impl Message for Delivery {
+    type Reply = ();
+}
+
+impl Deref for Delivery {
+    type Target = Envelope;
+    fn deref(&self) -> &Envelope {
+        &self.message
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("queue", &self.link.queue_name)
+            .field("tag", &self.tag)
+            .field("consumer", &self.link.consumer)
+            .field("message", &self.message)
+            .finish()
+    }
+}
+
+impl Delivery {
+    pub(crate) fn new(message: Envelope, tag: DeliveryTag, link: Arc<Link>) -> Self {
+        Delivery { message, tag, link }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &Envelope {
+        &self.message
+    }
+
+    /// Takes the message out of the delivery (it stays unsettled until acked).
+    pub fn into_message(self) -> Envelope {
+        self.message
+    }
+
+    /// The delivery tag: unique within the queue, increasing.
+    pub fn tag(&self) -> DeliveryTag {
+        self.tag
+    }
+
+    /// The queue it came from.
+    pub fn queue(&self) -> &str {
+        &self.link.queue_name
+    }
+
+    /// The consumer registration it was delivered to.
+    pub fn consumer(&self) -> ConsumerId {
+        self.link.consumer
+    }
+
+    /// The acknowledgement mode it was delivered under.
+    pub fn ack_mode(&self) -> AckMode {
+        self.link.mode
+    }
+
+    /// False once the consumer's registration has ended: the delivery has been
+    /// requeued and settling it fails with [`AckError::ConsumerGone`].
+    pub fn is_live(&self) -> bool {
+        self.link.is_active()
+    }
+
+    /// Acknowledges this delivery.
+    pub async fn ack(&self) -> Result<(), AckError> {
+        self.settle(Outcome::Ack, false).await.map(|_| ())
+    }
+
+    /// Acknowledges this delivery and every earlier one this consumer still holds;
+    /// returns how many were settled.
+    pub async fn ack_multiple(&self) -> Result<usize, AckError> {
+        self.settle(Outcome::Ack, true).await
+    }
+
+    /// Negatively acknowledges: `requeue` puts it back at its original position
+    /// (flagged redelivered, delivery count + 1); otherwise it is discarded.
+    pub async fn nack(&self, requeue: bool) -> Result<(), AckError> {
+        let outcome = if requeue {
+            Outcome::Requeue
+        } else {
+            Outcome::Discard
+        };
+        self.settle(outcome, false).await.map(|_| ())
+    }
+
+    /// [`nack`](Self::nack) for this and every earlier delivery this consumer holds.
+    pub async fn nack_multiple(&self, requeue: bool) -> Result<usize, AckError> {
+        let outcome = if requeue {
+            Outcome::Requeue
+        } else {
+            Outcome::Discard
+        };
+        self.settle(outcome, true).await
+    }
+
+    /// Rejects: discards it without requeueing (`nack(false)`).
+    pub async fn reject(&self) -> Result<(), AckError> {
+        self.nack(false).await
+    }
+
+    /// Settles with the given outcome; returns how many deliveries were settled.
+    ///
+    /// Returns once the settlement is recorded; the queue applies recorded
+    /// settlements in order, in batches. If the queue's mailbox is full this waits
+    /// for room, like a publish.
+    pub async fn settle(&self, outcome: Outcome, multiple: bool) -> Result<usize, AckError> {
+        let (n, notify) = self.link.claim(self.tag, multiple, outcome)?;
+        if notify {
+            // If the queue is gone it cannot redeliver either: nothing to undo.
+            let _ = self.link.queue.send(Settle(self.link.consumer)).await;
+        }
+        Ok(n)
+    }
+}

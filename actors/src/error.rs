@@ -1,0 +1,79 @@
+//! [`BrokerError`]: everything the broker API can refuse, each with what the
+//! caller needs to act on it.
+
+use crate::codec::CodecError;
+use crate::envelope::Envelope;
+use crate::name::NameError;
+use crate::queue::options::QueueOptions;
+
+/// Why a broker operation was refused. Nothing was changed.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum BrokerError {
+    /// The name is not a valid queue or exchange name.
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    /// No queue has that name.
+    #[error("queue {0:?} not found")]
+    QueueNotFound(String),
+    /// The queue exists with other options.
+    #[error(
+        "queue {name:?} exists with different options (existing {existing:?}, requested {requested:?})"
+    )]
+    QueueMismatch {
+        /// The queue.
+        name: String,
+        /// Its options.
+        existing: Box<QueueOptions>,
+        /// The options asked for.
+        requested: Box<QueueOptions>,
+    },
+    /// `if_unused` deletion of a queue that has consumers.
+    #[error("queue {name:?} has {consumers} consumer(s)")]
+    QueueInUse {
+        /// The queue.
+        name: String,
+        /// How many consumers it has.
+        consumers: usize,
+    },
+    /// `if_empty` deletion of a queue that holds messages.
+    #[error("queue {name:?} holds {messages} message(s)")]
+    QueueNotEmpty {
+        /// The queue.
+        name: String,
+        /// Ready plus unacknowledged messages.
+        messages: usize,
+    },
+    /// The payload is larger than the queue accepts.
+    #[error("a message of {size} bytes exceeds the {limit}-byte limit of queue {queue:?}")]
+    MessageTooLarge {
+        /// The queue.
+        queue: String,
+        /// The payload's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A typed payload could not be encoded.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The runtime the broker runs on has stopped.
+    #[error("the broker has stopped")]
+    Stopped,
+}
+
+/// The error of a non-waiting publish: the queue is busy (the message is handed
+/// back), or the publish was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TryPublishError {
+    /// The queue's mailbox is full; try again later or use the waiting publish.
+    #[error("queue {queue:?} is busy: its mailbox is full")]
+    Full {
+        /// The queue.
+        queue: String,
+        /// The message, unchanged.
+        message: Box<Envelope>,
+    },
+    /// Refused for another reason.
+    #[error(transparent)]
+    Refused(#[from] BrokerError),
+}

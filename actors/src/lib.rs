@@ -1,0 +1,41 @@
+//! # postbox-actors: the messaging actors of postbox
+//!
+//! RabbitMQ's model, in process, as actors on [`postbox`]:
+//!
+//! - a [`Broker`] facade that declares, deletes and purges queues, publishes and
+//!   consumes;
+//! - one [`QueueActor`] per queue: FIFO, competing consumers served round-robin
+//!   within each one's prefetch, acknowledgements (auto; manual ack, nack with or
+//!   without requeue, reject, `multiple`), requeue to the original position;
+//! - [`ConsumerActor`]s with bounded mailboxes, supervised: a consumer that
+//!   crashes has its unacknowledged deliveries requeued and is rebuilt fresh;
+//! - an [`Envelope`] with ids, routing key, headers, correlation id, reply-to,
+//!   priority and expiration, and typed payloads through a pluggable [`Codec`].
+//!
+//! The queue's rules live in [`queue::state::QueueState`], a plain state machine
+//! with no actors in it, so that they can be tested exhaustively and persisted;
+//! [`QueueActor`] only drives it.
+//!
+//! Flow control is end to end: a queue whose mailbox is full slows its publishers
+//! down, and a consumer whose mailbox is full stops receiving until it drains.
+
+pub mod broker;
+pub mod codec;
+pub mod consumer;
+pub mod delivery;
+pub mod envelope;
+pub mod error;
+pub mod name;
+pub mod queue;
+
+pub use broker::{Broker, BrokerConfig};
+pub use codec::{Codec, CodecError, Json};
+pub use consumer::{ConsumeOptions, Consumer, ConsumerActor, ConsumerHandle};
+pub use delivery::{AckError, Delivery, Outcome};
+pub use envelope::{Envelope, HeaderValue, Headers, MessageId};
+pub use error::{BrokerError, TryPublishError};
+pub use name::{NameError, NameKind};
+pub use queue::actor::{QueueActor, QueueSnapshot};
+pub use queue::handle::QueueHandle;
+pub use queue::options::{DeleteOptions, QueueOptions};
+pub use queue::state::{AckMode, ConsumerId, ConsumerStats, DeliveryTag, QueueStats};

@@ -1,0 +1,183 @@
+//! Validation of user-chosen queue and exchange names.
+//!
+//! Names end up in logs, metrics labels, error messages and (later) on disk and on the
+//! wire to RabbitMQ, whose own limit is 255 bytes. Checking them once, when a queue or
+//! exchange is declared, keeps every later consumer of the name free of these concerns.
+//!
+//! The rules are deliberately few: a name must be non-empty, at most [`MAX_NAME_LEN`]
+//! bytes of UTF-8, and free of ASCII control characters. The default exchange `""` is
+//! built in and is never declared, so it does not go through this check.
+//!
+//! ```
+//! use postbox_actors::name::{NameError, NameKind, validate_name};
+//!
+//! assert!(validate_name(NameKind::Queue, "orders.created").is_ok());
+//! assert_eq!(
+//!     validate_name(NameKind::Exchange, ""),
+//!     Err(NameError::Empty { kind: NameKind::Exchange }),
+//! );
+//! ```
+
+use std::fmt;
+
+/// The longest accepted name, in bytes (RabbitMQ's limit for queue and exchange names).
+pub const MAX_NAME_LEN: usize = 255;
+
+/// What a name belongs to; used only to word error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NameKind {
+    /// A queue name.
+    Queue,
+    /// An exchange name.
+    Exchange,
+}
+
+impl fmt::Display for NameKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Queue => "queue",
+            Self::Exchange => "exchange",
+        })
+    }
+}
+
+/// Why a name was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// The name is the empty string.
+    #[error("{kind} name is empty")]
+    Empty {
+        /// What the name was for.
+        kind: NameKind,
+    },
+    /// The name is longer than [`MAX_NAME_LEN`] bytes.
+    #[error("{kind} name is {len} bytes long; the limit is {MAX_NAME_LEN}")]
+    TooLong {
+        /// What the name was for.
+        kind: NameKind,
+        /// The name's length in bytes.
+        len: usize,
+    },
+    /// The name contains an ASCII control character (`\0`..`\x1f` or DEL).
+    #[error("{kind} name {name:?} contains a control character at byte {index}")]
+    ControlChar {
+        /// What the name was for.
+        kind: NameKind,
+        /// The offending name (at most [`MAX_NAME_LEN`] bytes, since length is checked first).
+        name: String,
+        /// Byte offset of the first control character.
+        index: usize,
+    },
+}
+
+/// Checks that `name` is acceptable as a queue or exchange name.
+///
+/// Rules are checked in order, and the first one broken is reported: non-empty, at most
+/// [`MAX_NAME_LEN`] bytes, no ASCII control character (including `\0`, `\t`, `\n` and
+/// DEL). Any other Unicode is accepted.
+///
+/// # Errors
+/// [`NameError::Empty`], [`NameError::TooLong`] or [`NameError::ControlChar`].
+///
+/// ```
+/// use postbox_actors::name::{NameKind, validate_name};
+///
+/// let err = validate_name(NameKind::Queue, &"q".repeat(300)).unwrap_err();
+/// assert_eq!(err.to_string(), "queue name is 300 bytes long; the limit is 255");
+/// ```
+pub fn validate_name(kind: NameKind, name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty { kind });
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong {
+            kind,
+            len: name.len(),
+        });
+    }
+    // Control characters are all ASCII, and UTF-8 never uses ASCII bytes inside a
+    // multi-byte sequence, so a byte scan is exact and gives the byte index directly.
+    if let Some(index) = name.bytes().position(|b| b.is_ascii_control()) {
+        return Err(NameError::ControlChar {
+            kind,
+            name: name.to_owned(),
+            index,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table() {
+        use NameKind::{Exchange, Queue};
+        let long = "x".repeat(MAX_NAME_LEN);
+        let too_long = "x".repeat(MAX_NAME_LEN + 1);
+        // 128 two-byte characters: 128 chars but 256 bytes.
+        let too_long_utf8 = "é".repeat(128);
+        let control = |kind, name: &str, index| {
+            Err(NameError::ControlChar {
+                kind,
+                name: name.to_owned(),
+                index,
+            })
+        };
+        let cases: Vec<(NameKind, &str, Result<(), NameError>)> = vec![
+            (Queue, "orders", Ok(())),
+            (Exchange, "amq.topic", Ok(())),
+            (Queue, "a b-c_d.e/f:g", Ok(())),
+            (Queue, "заказы", Ok(())),
+            (Queue, "📦", Ok(())),
+            (Queue, &long, Ok(())),
+            (Queue, "", Err(NameError::Empty { kind: Queue })),
+            (Exchange, "", Err(NameError::Empty { kind: Exchange })),
+            (
+                Queue,
+                &too_long,
+                Err(NameError::TooLong {
+                    kind: Queue,
+                    len: 256,
+                }),
+            ),
+            (
+                Exchange,
+                &too_long_utf8,
+                Err(NameError::TooLong {
+                    kind: Exchange,
+                    len: 256,
+                }),
+            ),
+            (Queue, "a\0b", control(Queue, "a\0b", 1)),
+            (Queue, "\nq", control(Queue, "\nq", 0)),
+            (Exchange, "tab\there", control(Exchange, "tab\there", 3)),
+            (Queue, "del\x7f", control(Queue, "del\x7f", 3)),
+            (Queue, "é\x1b", control(Queue, "é\x1b", 2)),
+        ];
+        for (kind, name, expected) in cases {
+            assert_eq!(validate_name(kind, name), expected, "{kind} {name:?}");
+        }
+    }
+
+    #[test]
+    fn messages() {
+        assert_eq!(
+            validate_name(NameKind::Queue, "").unwrap_err().to_string(),
+            "queue name is empty"
+        );
+        assert_eq!(
+            validate_name(NameKind::Queue, &"q".repeat(300))
+                .unwrap_err()
+                .to_string(),
+            "queue name is 300 bytes long; the limit is 255"
+        );
+        assert_eq!(
+            validate_name(NameKind::Exchange, "a\nb")
+                .unwrap_err()
+                .to_string(),
+            r#"exchange name "a\nb" contains a control character at byte 1"#
+        );
+    }
+}

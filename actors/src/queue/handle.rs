@@ -1,0 +1,127 @@
+//! [`QueueHandle`]: direct, typed access to one queue, for publishers and
+//! consumers that should not pay a name lookup per message.
+
+use bytestring::ByteString;
+use postbox::{Addr, Recipient, TrySendError};
+
+use crate::delivery::Delivery;
+use crate::envelope::Envelope;
+use crate::error::{BrokerError, TryPublishError};
+use crate::queue::actor::{
+    Publish, PublishBatch, QueueActor, QueueSnapshot, Snapshot, Subscribe, Unsubscribe,
+};
+use crate::queue::state::{AckMode, ConsumerId};
+
+/// A handle to one queue; cheap to clone. Obtained from
+/// [`Broker::declare_queue`](crate::Broker::declare_queue) or
+/// [`Broker::queue`](crate::Broker::queue).
+#[derive(Clone, Debug)]
+pub struct QueueHandle {
+    pub(crate) name: ByteString,
+    pub(crate) addr: Addr<QueueActor>,
+    pub(crate) max_message_bytes: usize,
+}
+
+impl QueueHandle {
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn check(&self, message: &Envelope) -> Result<(), BrokerError> {
+        if message.size() > self.max_message_bytes {
+            return Err(BrokerError::MessageTooLarge {
+                queue: self.name.to_string(),
+                size: message.size(),
+                limit: self.max_message_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn gone(&self) -> BrokerError {
+        BrokerError::QueueNotFound(self.name.to_string())
+    }
+
+    /// Enqueues a message, waiting while the queue's mailbox is full.
+    pub async fn publish(&self, message: Envelope) -> Result<(), BrokerError> {
+        self.check(&message)?;
+        self.addr
+            .send(Publish(message))
+            .await
+            .map_err(|_| self.gone())
+    }
+
+    /// Enqueues several messages in order, as one mailbox message.
+    pub async fn publish_batch(&self, messages: Vec<Envelope>) -> Result<(), BrokerError> {
+        for message in &messages {
+            self.check(message)?;
+        }
+        self.addr
+            .send(PublishBatch(messages))
+            .await
+            .map_err(|_| self.gone())
+    }
+
+    /// Enqueues a message if the queue's mailbox has room now.
+    pub fn try_publish(&self, message: Envelope) -> Result<(), TryPublishError> {
+        self.check(&message)?;
+        match self.addr.try_send(Publish(message)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(Publish(message))) => Err(TryPublishError::Full {
+                queue: self.name.to_string(),
+                message: Box::new(message),
+            }),
+            Err(TrySendError::Closed(_)) => Err(self.gone().into()),
+        }
+    }
+
+    /// Counters and consumers.
+    pub async fn snapshot(&self) -> Result<QueueSnapshot, BrokerError> {
+        self.addr.ask(Snapshot).await.map_err(|_| self.gone())
+    }
+
+    /// Registers any actor that handles [`Delivery`] as a consumer. The
+    /// registration ends when that actor's current incarnation ends, or with
+    /// [`unsubscribe`](Self::unsubscribe); its unsettled deliveries are then
+    /// requeued.
+    pub async fn subscribe(
+        &self,
+        sink: Recipient<Delivery>,
+        mode: AckMode,
+        prefetch: u32,
+    ) -> Result<ConsumerId, BrokerError> {
+        self.subscribe_as(sink, mode, prefetch, None)
+            .await
+            .map(|link| link.consumer)
+    }
+
+    pub(crate) async fn subscribe_as(
+        &self,
+        sink: Recipient<Delivery>,
+        mode: AckMode,
+        prefetch: u32,
+        incarnation: Option<u64>,
+    ) -> Result<std::sync::Arc<crate::delivery::Link>, BrokerError> {
+        let subscribe = Subscribe {
+            sink,
+            mode,
+            prefetch,
+            incarnation,
+        };
+        self.addr
+            .ask(subscribe)
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| self.gone())
+    }
+
+    /// Ends a registration; its unsettled deliveries are requeued.
+    pub async fn unsubscribe(&self, consumer: ConsumerId) -> Result<(), BrokerError> {
+        self.addr
+            .send(Unsubscribe(consumer))
+            .await
+            .map_err(|_| self.gone())
+    }
+}
