@@ -33,13 +33,12 @@ async fn run(
                     let mut count = 0u64;
                     move |d: Delivery| {
                         count += 1;
-                        let report = count % 1024 == 0;
+                        let report = count.is_multiple_of(1024);
                         let tx = tx.clone();
                         async move {
-                            if manual && (report || d.tag().0 % 64 == 0) {
+                            // Manual acks are batched: every 64th tag settles all before it.
+                            if manual && (report || d.tag().0.is_multiple_of(64)) {
                                 d.ack_multiple().await.map_err(Failure::from)?;
-                            } else if manual {
-                                // settled by the next `multiple`
                             }
                             if report {
                                 let _ = tx.send(1024);

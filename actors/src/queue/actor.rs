@@ -218,7 +218,7 @@ impl Handler<Subscribe> for QueueActor {
         };
         self.state.add_consumer(id, AckMode::Manual, prefetch)?;
         let link = Arc::new(Link::new(id, self.name.clone(), me, msg.mode));
-        ctx.watch(&msg.sink.any(), msg.incarnation, move |_| ConsumerDown(id));
+        ctx.watch(&msg.sink.any(), msg.incarnation, move |_| Unsubscribe(id));
         self.consumers.insert(
             id,
             Registered {
@@ -232,7 +232,7 @@ impl Handler<Subscribe> for QueueActor {
     }
 }
 
-/// End a registration (the consumer is stopping).
+/// End a registration: the consumer is stopping, or its watched incarnation ended.
 pub(crate) struct Unsubscribe(pub(crate) ConsumerId);
 impl Message for Unsubscribe {
     type Reply = ();
@@ -241,23 +241,6 @@ impl Handler<Unsubscribe> for QueueActor {
     async fn handle(
         &mut self,
         Unsubscribe(id): Unsubscribe,
-        ctx: &mut Context<Self>,
-    ) -> Result<(), Failure> {
-        self.remove(id);
-        self.dispatch(ctx);
-        Ok(())
-    }
-}
-
-/// A watched consumer's incarnation ended.
-struct ConsumerDown(ConsumerId);
-impl Message for ConsumerDown {
-    type Reply = ();
-}
-impl Handler<ConsumerDown> for QueueActor {
-    async fn handle(
-        &mut self,
-        ConsumerDown(id): ConsumerDown,
         ctx: &mut Context<Self>,
     ) -> Result<(), Failure> {
         self.remove(id);
