@@ -47,6 +47,7 @@ use crate::consumer::{ConsumeOptions, Consumer, ConsumerActor, ConsumerHandle, R
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
 use crate::name::{NameKind, validate_name};
+use crate::observe::{Observer, ObserverGuard, Observers};
 use crate::queue::actor::{Delete, Purge, QueueActor, QueueSnapshot};
 use crate::queue::handle::QueueHandle;
 use crate::queue::options::{DeleteOptions, QueueOptions};
@@ -78,6 +79,7 @@ struct Inner {
     config: BrokerConfig,
     queues: RwLock<HashMap<ByteString, Entry>>,
     consumers: AtomicU64,
+    observers: Observers,
 }
 
 /// An in-process message broker; cheap to clone, usable from any thread.
@@ -108,6 +110,7 @@ impl Broker {
                 config,
                 queues: RwLock::new(HashMap::new()),
                 consumers: AtomicU64::new(1),
+                observers: Observers::default(),
             }),
         }
     }
@@ -133,7 +136,7 @@ impl Broker {
         }
         let name = ByteString::from(name);
         let actor_name = name.clone();
-        let mut actor = Some(QueueActor::new(name.clone()));
+        let mut actor = Some(QueueActor::new(name.clone(), self.inner.observers.clone()));
         let addr = self
             .inner
             .runtime
@@ -157,6 +160,12 @@ impl Broker {
             },
         );
         Ok(handle)
+    }
+
+    /// Registers an observer of all traffic on this broker's queues, until the
+    /// returned guard is dropped.
+    pub fn observe(&self, observer: Arc<dyn Observer>) -> ObserverGuard {
+        self.inner.observers.add(observer)
     }
 
     /// A handle to an existing queue.

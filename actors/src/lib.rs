@@ -26,6 +26,7 @@ pub mod delivery;
 pub mod envelope;
 pub mod error;
 pub mod name;
+pub mod observe;
 pub mod queue;
 
 pub use broker::{Broker, BrokerConfig};
@@ -35,6 +36,7 @@ pub use delivery::{AckError, Delivery, Outcome};
 pub use envelope::{Envelope, HeaderValue, Headers, MessageId};
 pub use error::{BrokerError, TryPublishError};
 pub use name::{NameError, NameKind};
+pub use observe::{Observer, ObserverGuard};
 pub use queue::actor::{QueueActor, QueueSnapshot};
 pub use queue::handle::QueueHandle;
 pub use queue::options::{DeleteOptions, QueueOptions};

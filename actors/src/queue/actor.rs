@@ -20,6 +20,7 @@ use postbox::{Actor, Context, Failure, Handler, Message, Recipient, TrySendError
 
 use crate::delivery::{Delivery, Link, Outcome, PendingSettle};
 use crate::envelope::Envelope;
+use crate::observe::Observers;
 use crate::queue::state::{
     AckMode, ConsumerId, ConsumerStats, DeliveryTag, QueueState, QueueStats,
 };
@@ -47,16 +48,23 @@ pub struct QueueActor {
     state: QueueState,
     consumers: HashMap<ConsumerId, Registered>,
     next_consumer: u64,
+    observers: Observers,
 }
 
 impl QueueActor {
-    pub(crate) fn new(name: ByteString) -> Self {
+    pub(crate) fn new(name: ByteString, observers: Observers) -> Self {
         QueueActor {
             name,
             state: QueueState::new(),
             consumers: HashMap::new(),
             next_consumer: 1,
+            observers,
         }
+    }
+
+    fn publish(&mut self, message: Envelope) {
+        self.observers.each(|o| o.published(&self.name, &message));
+        self.state.publish(message);
     }
 
     /// Hands ready messages to eligible consumers until one of the two runs out.
@@ -69,6 +77,8 @@ impl QueueActor {
                 let _ = self.state.remove_consumer(d.consumer);
                 continue;
             };
+            self.observers
+                .each(|o| o.delivered(&self.name, d.consumer, d.tag, &d.message));
             let auto = reg.link.mode == AckMode::Auto;
             if !auto {
                 reg.link.track(d.tag);
@@ -121,6 +131,8 @@ impl QueueActor {
 
     fn apply(&mut self, consumer: ConsumerId, pending: Vec<PendingSettle>) {
         for p in pending {
+            self.observers
+                .each(|o| o.settled(&self.name, consumer, p.tag, p.multiple, p.outcome));
             let result = match p.outcome {
                 Outcome::Ack => self.state.ack(consumer, p.tag, p.multiple),
                 Outcome::Requeue => self.state.nack(consumer, p.tag, p.multiple, true),
@@ -163,7 +175,7 @@ impl Handler<Publish> for QueueActor {
         ctx: &mut Context<Self>,
     ) -> Result<(), Failure> {
         tracing::trace!(queue = %self.name, message_id = %message.id(), correlation_id = message.correlation_id(), "enqueue");
-        self.state.publish(message);
+        self.publish(message);
         self.dispatch(ctx);
         Ok(())
     }
@@ -181,7 +193,7 @@ impl Handler<PublishBatch> for QueueActor {
         ctx: &mut Context<Self>,
     ) -> Result<(), Failure> {
         for message in batch {
-            self.state.publish(message);
+            self.publish(message);
         }
         self.dispatch(ctx);
         Ok(())
