@@ -34,9 +34,8 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use bytestring::ByteString;
 use parking_lot::RwLock;
@@ -45,12 +44,15 @@ use serde::Serialize;
 
 use crate::consumer::{ConsumeOptions, Consumer, ConsumerActor, ConsumerHandle, Registration};
 use crate::envelope::Envelope;
-use crate::error::BrokerError;
-use crate::name::{NameKind, validate_name};
+use crate::error::{BrokerError, PublishError};
+use crate::exchange::headers::HeadersMatch;
+use crate::exchange::{Binding, Destination, ExchangeOptions};
+use crate::name::{NameKind, validate_key, validate_name};
 use crate::observe::{Observer, ObserverGuard, Observers};
 use crate::queue::actor::{Delete, Purge, QueueActor, QueueSnapshot};
 use crate::queue::handle::QueueHandle;
 use crate::queue::options::{DeleteOptions, QueueOptions};
+use crate::topology::{QueueEntry, Topology};
 
 /// Broker-wide settings.
 #[derive(Clone, Debug)]
@@ -69,15 +71,10 @@ impl Default for BrokerConfig {
     }
 }
 
-struct Entry {
-    handle: QueueHandle,
-    options: QueueOptions,
-}
-
 struct Inner {
     runtime: RuntimeHandle,
     config: BrokerConfig,
-    queues: RwLock<HashMap<ByteString, Entry>>,
+    topology: RwLock<Topology>,
     consumers: AtomicU64,
     observers: Observers,
 }
@@ -91,7 +88,8 @@ pub struct Broker {
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker")
-            .field("queues", &self.inner.queues.read().len())
+            .field("queues", &self.inner.topology.read().queues.len())
+            .field("exchanges", &self.inner.topology.read().exchanges.len())
             .finish()
     }
 }
@@ -108,7 +106,7 @@ impl Broker {
             inner: Arc::new(Inner {
                 runtime: runtime.clone(),
                 config,
-                queues: RwLock::new(HashMap::new()),
+                topology: RwLock::new(Topology::default()),
                 consumers: AtomicU64::new(1),
                 observers: Observers::default(),
             }),
@@ -123,8 +121,12 @@ impl Broker {
         options: QueueOptions,
     ) -> Result<QueueHandle, BrokerError> {
         validate_name(NameKind::Queue, name)?;
-        let mut queues = self.inner.queues.write();
-        if let Some(entry) = queues.get(name).filter(|e| !e.handle.addr.is_closed()) {
+        let mut topology = self.inner.topology.write();
+        if let Some(entry) = topology
+            .queues
+            .get(name)
+            .filter(|e| !e.handle.addr.is_closed())
+        {
             if entry.options != options {
                 return Err(BrokerError::QueueMismatch {
                     name: name.to_string(),
@@ -136,7 +138,18 @@ impl Broker {
         }
         let name = ByteString::from(name);
         let actor_name = name.clone();
-        let mut actor = Some(QueueActor::new(name.clone(), self.inner.observers.clone()));
+        // When the queue actor stops for any reason, it leaves the topology.
+        let broker: Weak<Inner> = Arc::downgrade(&self.inner);
+        let on_stop = Box::new(move |name: &str, id: postbox::ActorId| {
+            if let Some(inner) = broker.upgrade() {
+                inner.topology.write().remove_queue(name, id);
+            }
+        });
+        let mut actor = Some(QueueActor::new(
+            name.clone(),
+            self.inner.observers.clone(),
+            on_stop,
+        ));
         let addr = self
             .inner
             .runtime
@@ -152,9 +165,9 @@ impl Broker {
                 .unwrap_or(self.inner.config.max_message_bytes),
         };
         tracing::debug!(queue = %name, ?options, "queue declared");
-        queues.insert(
+        topology.queues.insert(
             name,
-            Entry {
+            QueueEntry {
                 handle: handle.clone(),
                 options,
             },
@@ -171,11 +184,10 @@ impl Broker {
     /// A handle to an existing queue.
     pub fn queue(&self, name: &str) -> Result<QueueHandle, BrokerError> {
         self.inner
-            .queues
+            .topology
             .read()
-            .get(name)
-            .filter(|e| !e.handle.addr.is_closed())
-            .map(|e| e.handle.clone())
+            .queue(name)
+            .cloned()
             .ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))
     }
 
@@ -183,8 +195,9 @@ impl Broker {
     pub fn queue_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .inner
-            .queues
+            .topology
             .read()
+            .queues
             .keys()
             .map(|k| k.to_string())
             .collect();
@@ -210,13 +223,10 @@ impl Broker {
             .map_err(|_| BrokerError::QueueNotFound(name.to_string()))?;
         match outcome {
             Ok(snapshot) => {
-                let mut queues = self.inner.queues.write();
-                if queues
-                    .get(name)
-                    .is_some_and(|e| e.handle.addr.id() == handle.addr.id())
-                {
-                    queues.remove(name);
-                }
+                self.inner
+                    .topology
+                    .write()
+                    .remove_queue(name, handle.addr.id());
                 Ok(snapshot)
             }
             Err(snapshot) if options.if_unused && !snapshot.consumers.is_empty() => {
@@ -259,6 +269,252 @@ impl Broker {
     /// A queue's counters and consumers.
     pub async fn queue_stats(&self, name: &str) -> Result<QueueSnapshot, BrokerError> {
         self.queue(name)?.snapshot().await
+    }
+
+    /// Declares an exchange: creates it, or checks that the existing one has the
+    /// same options.
+    pub async fn declare_exchange(
+        &self,
+        name: &str,
+        options: ExchangeOptions,
+    ) -> Result<(), BrokerError> {
+        if name.is_empty() {
+            return Err(BrokerError::DefaultExchange("declared"));
+        }
+        validate_name(NameKind::Exchange, name)?;
+        if let Some(alternate) = &options.alternate_exchange {
+            validate_name(NameKind::Exchange, alternate)?;
+        }
+        self.inner.topology.write().declare_exchange(name, options)
+    }
+
+    /// Deletes an exchange and every binding from or to it.
+    pub async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), BrokerError> {
+        if name.is_empty() {
+            return Err(BrokerError::DefaultExchange("deleted"));
+        }
+        self.inner.topology.write().delete_exchange(name, if_unused)
+    }
+
+    /// Binds a queue to an exchange with a binding key (a pattern for topic
+    /// exchanges). Binding twice is a no-op.
+    pub async fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+    ) -> Result<(), BrokerError> {
+        self.bind(
+            exchange,
+            Destination::Queue(ByteString::from(queue)),
+            key,
+            None,
+        )
+    }
+
+    /// Binds a queue to a headers exchange.
+    pub async fn bind_queue_headers(
+        &self,
+        queue: &str,
+        exchange: &str,
+        headers: HeadersMatch,
+    ) -> Result<(), BrokerError> {
+        self.bind(
+            exchange,
+            Destination::Queue(ByteString::from(queue)),
+            "",
+            Some(headers),
+        )
+    }
+
+    /// Binds exchange `destination` to exchange `source`: what `source` routes
+    /// with this key also goes through `destination`.
+    pub async fn bind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        key: &str,
+    ) -> Result<(), BrokerError> {
+        self.bind(
+            source,
+            Destination::Exchange(ByteString::from(destination)),
+            key,
+            None,
+        )
+    }
+
+    /// Removes a queue binding; false if there was none.
+    pub async fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        key: &str,
+    ) -> Result<bool, BrokerError> {
+        self.unbind(
+            exchange,
+            Destination::Queue(ByteString::from(queue)),
+            key,
+            None,
+        )
+    }
+
+    /// Removes a headers binding; false if there was none.
+    pub async fn unbind_queue_headers(
+        &self,
+        queue: &str,
+        exchange: &str,
+        headers: HeadersMatch,
+    ) -> Result<bool, BrokerError> {
+        self.unbind(
+            exchange,
+            Destination::Queue(ByteString::from(queue)),
+            "",
+            Some(headers),
+        )
+    }
+
+    /// Removes an exchange-to-exchange binding; false if there was none.
+    pub async fn unbind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        key: &str,
+    ) -> Result<bool, BrokerError> {
+        self.unbind(
+            source,
+            Destination::Exchange(ByteString::from(destination)),
+            key,
+            None,
+        )
+    }
+
+    /// The bindings whose source is `exchange`.
+    pub fn bindings(&self, exchange: &str) -> Result<Vec<Binding>, BrokerError> {
+        self.inner
+            .topology
+            .read()
+            .exchanges
+            .get(exchange)
+            .map(|e| e.bindings().to_vec())
+            .ok_or_else(|| BrokerError::ExchangeNotFound(exchange.to_string()))
+    }
+
+    fn binding(
+        exchange: &str,
+        destination: Destination,
+        key: &str,
+        headers: Option<HeadersMatch>,
+    ) -> Result<Binding, BrokerError> {
+        if exchange.is_empty() {
+            return Err(BrokerError::DefaultExchange("bound to"));
+        }
+        validate_key(NameKind::BindingKey, key)?;
+        Ok(Binding {
+            destination,
+            key: ByteString::from(key),
+            headers,
+        })
+    }
+
+    fn bind(
+        &self,
+        exchange: &str,
+        destination: Destination,
+        key: &str,
+        headers: Option<HeadersMatch>,
+    ) -> Result<(), BrokerError> {
+        let binding = Self::binding(exchange, destination, key, headers)?;
+        self.inner
+            .topology
+            .write()
+            .bind(exchange, binding)
+            .map(|_| ())
+    }
+
+    fn unbind(
+        &self,
+        exchange: &str,
+        destination: Destination,
+        key: &str,
+        headers: Option<HeadersMatch>,
+    ) -> Result<bool, BrokerError> {
+        let binding = Self::binding(exchange, destination, key, headers)?;
+        self.inner.topology.write().unbind(exchange, &binding)
+    }
+
+    /// Publishes through an exchange (`""`: the default exchange) with a routing
+    /// key. Returns how many queues it reached; a message that reaches none is
+    /// dropped (see [`publish_mandatory`](Self::publish_mandatory)). Waits while a
+    /// target queue is saturated.
+    pub async fn publish_to(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Envelope,
+    ) -> Result<usize, PublishError> {
+        self.route_and_send(exchange, routing_key, message, false)
+            .await
+    }
+
+    /// Like [`publish_to`](Self::publish_to), but a message that reaches no queue
+    /// comes back as [`PublishError::Unroutable`].
+    pub async fn publish_mandatory(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Envelope,
+    ) -> Result<usize, PublishError> {
+        self.route_and_send(exchange, routing_key, message, true)
+            .await
+    }
+
+    async fn route_and_send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Envelope,
+        mandatory: bool,
+    ) -> Result<usize, PublishError> {
+        validate_key(NameKind::RoutingKey, routing_key).map_err(BrokerError::from)?;
+        let message = if message.routing_key() == routing_key {
+            message
+        } else {
+            message.with_routing_key(routing_key.to_string())
+        };
+        let targets = self
+            .inner
+            .topology
+            .read()
+            .route(exchange, routing_key, message.headers())?;
+        if targets.is_empty() {
+            tracing::debug!(exchange, routing_key, message_id = %message.id(), "unroutable");
+            if mandatory {
+                return Err(PublishError::Unroutable {
+                    exchange: exchange.to_string(),
+                    routing_key: routing_key.to_string(),
+                    message: Box::new(message),
+                });
+            }
+            return Ok(0);
+        }
+        // All or nothing on size: check every target before enqueueing anywhere.
+        for target in &targets {
+            target.check(&message)?;
+        }
+        let n = targets.len();
+        let mut message = Some(message);
+        for (i, target) in targets.iter().enumerate() {
+            let copy = if i + 1 == n {
+                message.take()
+            } else {
+                message.clone()
+            };
+            if let Some(copy) = copy {
+                // A queue deleted since routing simply does not get its copy.
+                let _ = target.publish(copy).await;
+            }
+        }
+        Ok(n)
     }
 
     /// Starts a supervised consumer on `queue`. `factory` builds the consumer, and

@@ -222,6 +222,35 @@ impl<C: Consumer> Handler<Delivery> for ConsumerActor<C> {
     }
 }
 
+/// Graceful cancel, step 1: unregister (no more deliveries; unsettled manual
+/// ones are requeued), then stop once what is already in the mailbox is handled.
+pub(crate) struct Drain;
+impl Message for Drain {
+    type Reply = ();
+}
+impl<C: Consumer> Handler<Drain> for ConsumerActor<C> {
+    async fn handle(&mut self, _: Drain, ctx: &mut Context<Self>) -> Result<(), Failure> {
+        if let Some(link) = self.link.take() {
+            let _ = self.queue.addr.send(Unsubscribe(link.consumer)).await;
+        }
+        // Queued behind every delivery handed over before the unsubscribe.
+        ctx.notify_later(StopNow, Duration::ZERO);
+        Ok(())
+    }
+}
+
+/// Graceful cancel, step 2.
+struct StopNow;
+impl Message for StopNow {
+    type Reply = ();
+}
+impl<C: Consumer> Handler<StopNow> for ConsumerActor<C> {
+    async fn handle(&mut self, _: StopNow, ctx: &mut Context<Self>) -> Result<(), Failure> {
+        ctx.stop();
+        Ok(())
+    }
+}
+
 /// Which registration a consumer actor holds right now.
 pub(crate) struct Registration;
 impl Message for Registration {
@@ -261,8 +290,14 @@ impl<C: Consumer> ConsumerHandle<C> {
         self.addr.ask(Registration).await.ok().flatten()
     }
 
-    /// Stops the consumer; its unsettled deliveries are requeued.
+    /// Stops the consumer gracefully, as RabbitMQ's `basic.cancel` does: the
+    /// queue stops delivering to it and requeues the manual-ack deliveries it has
+    /// not settled, it handles the auto-ack deliveries already in its mailbox,
+    /// and then it stops (and is not restarted).
     pub async fn cancel(self) {
+        if self.addr.ask(Drain).await.is_ok() {
+            self.addr.terminated().await;
+        }
         self.supervisor.stop();
         self.supervisor.terminated().await;
     }

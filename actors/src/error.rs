@@ -3,6 +3,7 @@
 
 use crate::codec::CodecError;
 use crate::envelope::Envelope;
+use crate::exchange::{ExchangeKind, ExchangeOptions};
 use crate::name::NameError;
 use crate::queue::options::QueueOptions;
 
@@ -43,6 +44,43 @@ pub enum BrokerError {
         /// Ready plus unacknowledged messages.
         messages: usize,
     },
+    /// No exchange has that name.
+    #[error("exchange {0:?} not found")]
+    ExchangeNotFound(String),
+    /// The exchange exists with other options.
+    #[error(
+        "exchange {name:?} exists with different options (existing {existing:?}, requested {requested:?})"
+    )]
+    ExchangeMismatch {
+        /// The exchange.
+        name: String,
+        /// Its options.
+        existing: Box<ExchangeOptions>,
+        /// The options asked for.
+        requested: Box<ExchangeOptions>,
+    },
+    /// `if_unused` deletion of an exchange that has bindings.
+    #[error("exchange {name:?} has {bindings} binding(s)")]
+    ExchangeInUse {
+        /// The exchange.
+        name: String,
+        /// How many bindings it has.
+        bindings: usize,
+    },
+    /// The operation needs another kind of exchange (e.g. a headers binding on a
+    /// topic exchange).
+    #[error("exchange {exchange:?} is a {kind:?} exchange; this needs a {expected:?} exchange")]
+    WrongExchangeKind {
+        /// The exchange.
+        exchange: String,
+        /// Its kind.
+        kind: ExchangeKind,
+        /// The kind the operation needs.
+        expected: ExchangeKind,
+    },
+    /// The default exchange `""` cannot be declared, deleted or bound.
+    #[error("the default exchange cannot be {0}")]
+    DefaultExchange(&'static str),
     /// The payload is larger than the queue accepts.
     #[error("a message of {size} bytes exceeds the {limit}-byte limit of queue {queue:?}")]
     MessageTooLarge {
@@ -76,4 +114,22 @@ pub enum TryPublishError {
     /// Refused for another reason.
     #[error(transparent)]
     Refused(#[from] BrokerError),
+}
+
+/// Why a publish through an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Refused before anything was enqueued.
+    #[error(transparent)]
+    Refused(#[from] BrokerError),
+    /// `mandatory` was set and no queue matched: the message is handed back.
+    #[error("message to exchange {exchange:?} with routing key {routing_key:?} is unroutable")]
+    Unroutable {
+        /// The exchange it was published to.
+        exchange: String,
+        /// Its routing key.
+        routing_key: String,
+        /// The message, unchanged.
+        message: Box<Envelope>,
+    },
 }

@@ -1,4 +1,5 @@
-//! Validation of user-chosen queue and exchange names.
+//! Validation of user-chosen queue and exchange names, routing keys and binding
+//! patterns.
 //!
 //! Names end up in logs, metrics labels, error messages and (later) on disk and on the
 //! wire to RabbitMQ, whose own limit is 255 bytes. Checking them once, when a queue or
@@ -30,6 +31,10 @@ pub enum NameKind {
     Queue,
     /// An exchange name.
     Exchange,
+    /// A message's routing key.
+    RoutingKey,
+    /// A binding key or topic pattern.
+    BindingKey,
 }
 
 impl fmt::Display for NameKind {
@@ -37,6 +42,8 @@ impl fmt::Display for NameKind {
         f.write_str(match self {
             Self::Queue => "queue",
             Self::Exchange => "exchange",
+            Self::RoutingKey => "routing key",
+            Self::BindingKey => "binding key",
         })
     }
 }
@@ -105,6 +112,24 @@ pub fn validate_name(kind: NameKind, name: &str) -> Result<(), NameError> {
         });
     }
     Ok(())
+}
+
+/// Checks a routing key or binding key: like [`validate_name`], except that the
+/// empty key is valid (it is meaningful: for topic exchanges it has zero words).
+///
+/// # Errors
+/// [`NameError::TooLong`] or [`NameError::ControlChar`].
+///
+/// ```
+/// use postbox_actors::name::{NameKind, validate_key};
+/// assert!(validate_key(NameKind::BindingKey, "").is_ok());
+/// assert!(validate_key(NameKind::RoutingKey, "a\tb").is_err());
+/// ```
+pub fn validate_key(kind: NameKind, key: &str) -> Result<(), NameError> {
+    if key.is_empty() {
+        return Ok(());
+    }
+    validate_name(kind, key)
 }
 
 #[cfg(test)]

@@ -16,7 +16,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytestring::ByteString;
-use postbox::{Actor, Context, Failure, Handler, Message, Recipient, TrySendError};
+use postbox::{
+    Actor, ActorId, AnyAddr, Context, Failure, Handler, Message, Recipient, TrySendError,
+};
 
 use crate::delivery::{Delivery, Link, Outcome, PendingSettle};
 use crate::envelope::Envelope;
@@ -49,16 +51,21 @@ pub struct QueueActor {
     consumers: HashMap<ConsumerId, Registered>,
     next_consumer: u64,
     observers: Observers,
+    on_stop: Option<OnStop>,
 }
 
+/// Called once when the queue actor stops: removes it from the topology.
+pub(crate) type OnStop = Box<dyn FnOnce(&str, ActorId) + Send>;
+
 impl QueueActor {
-    pub(crate) fn new(name: ByteString, observers: Observers) -> Self {
+    pub(crate) fn new(name: ByteString, observers: Observers, on_stop: OnStop) -> Self {
         QueueActor {
             name,
             state: QueueState::new(),
             consumers: HashMap::new(),
             next_consumer: 1,
             observers,
+            on_stop: Some(on_stop),
         }
     }
 
@@ -155,11 +162,43 @@ impl QueueActor {
 }
 
 impl Actor for QueueActor {
-    async fn stopped(&mut self, _ctx: &mut Context<Self>) {
+    async fn stopped(&mut self, ctx: &mut Context<Self>) {
         // Consumers learn that their registrations ended (settling now fails).
         for (_, reg) in self.consumers.drain() {
             reg.link.close();
         }
+        if let Some(on_stop) = self.on_stop.take() {
+            on_stop(&self.name, ctx.id());
+        }
+    }
+}
+
+/// Delete the queue when `owner` stops for good.
+pub(crate) struct TieTo(pub(crate) AnyAddr);
+impl Message for TieTo {
+    type Reply = ();
+}
+impl Handler<TieTo> for QueueActor {
+    async fn handle(
+        &mut self,
+        TieTo(owner): TieTo,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), Failure> {
+        ctx.watch(&owner, Some(u64::MAX), |_| OwnerGone);
+        Ok(())
+    }
+}
+
+/// The actor this queue is tied to has stopped for good.
+struct OwnerGone;
+impl Message for OwnerGone {
+    type Reply = ();
+}
+impl Handler<OwnerGone> for QueueActor {
+    async fn handle(&mut self, _: OwnerGone, ctx: &mut Context<Self>) -> Result<(), Failure> {
+        tracing::debug!(queue = %self.name, "owner gone: exclusive queue deleted");
+        ctx.stop();
+        Ok(())
     }
 }
 

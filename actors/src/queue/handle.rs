@@ -2,13 +2,13 @@
 //! consumers that should not pay a name lookup per message.
 
 use bytestring::ByteString;
-use postbox::{Addr, Recipient, TrySendError};
+use postbox::{Addr, AnyAddr, Recipient, TrySendError};
 
 use crate::delivery::Delivery;
 use crate::envelope::Envelope;
 use crate::error::{BrokerError, TryPublishError};
 use crate::queue::actor::{
-    Publish, PublishBatch, QueueActor, QueueSnapshot, Snapshot, Subscribe, Unsubscribe,
+    Publish, PublishBatch, QueueActor, QueueSnapshot, Snapshot, Subscribe, TieTo, Unsubscribe,
 };
 use crate::queue::state::{AckMode, ConsumerId};
 
@@ -28,7 +28,7 @@ impl QueueHandle {
         &self.name
     }
 
-    fn check(&self, message: &Envelope) -> Result<(), BrokerError> {
+    pub(crate) fn check(&self, message: &Envelope) -> Result<(), BrokerError> {
         if message.size() > self.max_message_bytes {
             return Err(BrokerError::MessageTooLarge {
                 queue: self.name.to_string(),
@@ -115,6 +115,12 @@ impl QueueHandle {
             .ok()
             .flatten()
             .ok_or_else(|| self.gone())
+    }
+
+    /// Ties the queue's life to an actor: when that actor stops for good, the
+    /// queue deletes itself (an exclusive queue, as subscriptions use).
+    pub async fn tie_to(&self, owner: AnyAddr) -> Result<(), BrokerError> {
+        self.addr.send(TieTo(owner)).await.map_err(|_| self.gone())
     }
 
     /// Ends a registration; its unsettled deliveries are requeued.

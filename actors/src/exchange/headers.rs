@@ -1,0 +1,165 @@
+//! Headers-exchange bindings: match on message headers instead of the routing
+//! key, as RabbitMQ's headers exchange does.
+//!
+//! A binding lists header values and an `x-match` mode: `all` (the default)
+//! needs every listed header present with an equal value; `any` needs at least
+//! one. Binding arguments whose names start with `x-` are not matched.
+//!
+//! ```
+//! use postbox_actors::exchange::headers::HeadersMatch;
+//! use postbox_actors::{Envelope, Headers};
+//!
+//! let reports = HeadersMatch::all([("format", "pdf"), ("type", "report")]);
+//! let msg = Envelope::new("..").with_header("format", "pdf").with_header("type", "report");
+//! assert!(reports.matches(msg.headers()));
+//! assert!(!reports.matches(Envelope::new("..").with_header("format", "pdf").headers()));
+//! ```
+
+use bytestring::ByteString;
+
+use crate::envelope::{HeaderValue, Headers};
+
+/// How many of a binding's headers must match.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum XMatch {
+    /// Every header of the binding (`x-match: all`).
+    #[default]
+    All,
+    /// At least one (`x-match: any`).
+    Any,
+}
+
+/// A bad headers binding.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HeadersBindingError {
+    /// `x-match` was neither `all` nor `any`.
+    #[error("x-match must be \"all\" or \"any\", not {0:?}")]
+    BadXMatch(String),
+}
+
+/// The arguments of one headers-exchange binding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeadersMatch {
+    mode: XMatch,
+    /// Sorted by name; no `x-` names.
+    headers: Vec<(ByteString, HeaderValue)>,
+}
+
+impl HeadersMatch {
+    /// Matches messages that carry every one of `headers`.
+    pub fn all<K: Into<ByteString>, V: Into<HeaderValue>>(
+        headers: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Self::new(XMatch::All, headers)
+    }
+
+    /// Matches messages that carry at least one of `headers`.
+    pub fn any<K: Into<ByteString>, V: Into<HeaderValue>>(
+        headers: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Self::new(XMatch::Any, headers)
+    }
+
+    /// A binding with an explicit mode.
+    pub fn new<K: Into<ByteString>, V: Into<HeaderValue>>(
+        mode: XMatch,
+        headers: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        let mut headers: Vec<(ByteString, HeaderValue)> = headers
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .filter(|(k, _)| !k.starts_with("x-"))
+            .collect();
+        headers.sort_by(|a, b| a.0.cmp(&b.0));
+        headers.dedup_by(|a, b| a.0 == b.0);
+        HeadersMatch { mode, headers }
+    }
+
+    /// Parses RabbitMQ-style binding arguments: an optional `x-match` header
+    /// (`"all"` or `"any"`) plus the headers to match.
+    pub fn from_arguments(arguments: &Headers) -> Result<Self, HeadersBindingError> {
+        let mode = match arguments.get("x-match") {
+            None => XMatch::All,
+            Some(HeaderValue::Str(s)) if &**s == "all" => XMatch::All,
+            Some(HeaderValue::Str(s)) if &**s == "any" => XMatch::Any,
+            Some(other) => return Err(HeadersBindingError::BadXMatch(format!("{other:?}"))),
+        };
+        Ok(Self::new(
+            mode,
+            arguments.iter().map(|(k, v)| (k.clone(), v.clone())),
+        ))
+    }
+
+    /// The `x-match` mode.
+    pub fn mode(&self) -> XMatch {
+        self.mode
+    }
+
+    /// Does a message with these headers match? An `all` binding with no
+    /// headers matches everything; an `any` binding with none matches nothing.
+    pub fn matches(&self, message: &Headers) -> bool {
+        let hit = |(k, v): &(ByteString, HeaderValue)| message.get(k) == Some(v);
+        match self.mode {
+            XMatch::All => self.headers.iter().all(hit),
+            XMatch::Any => self.headers.iter().any(hit),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Envelope;
+
+    fn headers(pairs: &[(&str, HeaderValue)]) -> Headers {
+        let mut e = Envelope::new("");
+        for (k, v) in pairs {
+            e = e.with_header(k.to_string(), v.clone());
+        }
+        e.headers().clone()
+    }
+
+    #[test]
+    fn all_and_any() {
+        let all = HeadersMatch::all([
+            ("a", HeaderValue::from(1i64)),
+            ("b", HeaderValue::from("x")),
+        ]);
+        let any = HeadersMatch::any([
+            ("a", HeaderValue::from(1i64)),
+            ("b", HeaderValue::from("x")),
+        ]);
+        let both = headers(&[("a", 1i64.into()), ("b", "x".into()), ("c", true.into())]);
+        let one = headers(&[("a", 1i64.into())]);
+        let wrong = headers(&[("a", 2i64.into()), ("b", "y".into())]);
+        assert!(all.matches(&both) && any.matches(&both));
+        assert!(!all.matches(&one) && any.matches(&one));
+        assert!(!all.matches(&wrong) && !any.matches(&wrong));
+        // Types matter: 1 is not "1".
+        assert!(!any.matches(&headers(&[("a", "1".into())])));
+    }
+
+    #[test]
+    fn x_arguments_are_not_matched_and_x_match_is_parsed() {
+        let mut args = headers(&[
+            ("x-match", "any".into()),
+            ("x-other", "z".into()),
+            ("k", "v".into()),
+        ]);
+        let m = HeadersMatch::from_arguments(&args).unwrap();
+        assert_eq!(m.mode(), XMatch::Any);
+        assert!(m.matches(&headers(&[("k", "v".into())])));
+        args.insert("x-match".into(), "most".into());
+        assert!(matches!(
+            HeadersMatch::from_arguments(&args),
+            Err(HeadersBindingError::BadXMatch(_))
+        ));
+    }
+
+    #[test]
+    fn empty_bindings() {
+        let empty = Headers::new();
+        assert!(HeadersMatch::all(Vec::<(&str, &str)>::new()).matches(&empty));
+        assert!(!HeadersMatch::any(Vec::<(&str, &str)>::new()).matches(&empty));
+    }
+}
