@@ -53,6 +53,7 @@ mod actor;
 mod addr;
 mod ask;
 mod cell;
+pub mod clock;
 mod context;
 mod envelope;
 mod failure;

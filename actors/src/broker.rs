@@ -77,6 +77,9 @@ struct Inner {
     topology: RwLock<Topology>,
     consumers: AtomicU64,
     observers: Observers,
+    /// Every running consumer's supervisor: a consumer lives until it is
+    /// cancelled or gives up, whether or not its handle is kept.
+    live: parking_lot::Mutex<std::collections::HashMap<postbox::ActorId, postbox::Supervisor>>,
 }
 
 /// An in-process message broker; cheap to clone, usable from any thread.
@@ -109,6 +112,7 @@ impl Broker {
                 topology: RwLock::new(Topology::default()),
                 consumers: AtomicU64::new(1),
                 observers: Observers::default(),
+                live: Default::default(),
             }),
         }
     }
@@ -145,10 +149,12 @@ impl Broker {
                 inner.topology.write().remove_queue(name, id);
             }
         });
+        let consumers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut actor = Some(QueueActor::new(
             name.clone(),
             self.inner.observers.clone(),
             on_stop,
+            consumers.clone(),
         ));
         let addr = self
             .inner
@@ -163,6 +169,7 @@ impl Broker {
             max_message_bytes: options
                 .max_message_bytes
                 .unwrap_or(self.inner.config.max_message_bytes),
+            consumers,
         };
         tracing::debug!(queue = %name, ?options, "queue declared");
         topology.queues.insert(
@@ -475,17 +482,12 @@ impl Broker {
         message: Envelope,
         mandatory: bool,
     ) -> Result<usize, PublishError> {
-        validate_key(NameKind::RoutingKey, routing_key).map_err(BrokerError::from)?;
         let message = if message.routing_key() == routing_key {
             message
         } else {
             message.with_routing_key(routing_key.to_string())
         };
-        let targets = self
-            .inner
-            .topology
-            .read()
-            .route(exchange, routing_key, message.headers())?;
+        let targets = self.route(exchange, routing_key, &message)?;
         if targets.is_empty() {
             tracing::debug!(exchange, routing_key, message_id = %message.id(), "unroutable");
             if mandatory {
@@ -497,8 +499,30 @@ impl Broker {
             }
             return Ok(0);
         }
-        // All or nothing on size: check every target before enqueueing anywhere.
-        for target in &targets {
+        Ok(Self::deliver(&targets, message).await?)
+    }
+
+    /// The queues a message published to `exchange` with `routing_key` reaches.
+    pub(crate) fn route(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &Envelope,
+    ) -> Result<Vec<QueueHandle>, BrokerError> {
+        validate_key(NameKind::RoutingKey, routing_key)?;
+        self.inner
+            .topology
+            .read()
+            .route(exchange, routing_key, message.headers())
+    }
+
+    /// Enqueues `message` on every target, or on none if it is too large for any.
+    /// Returns how many targets there were.
+    pub(crate) async fn deliver(
+        targets: &[QueueHandle],
+        message: Envelope,
+    ) -> Result<usize, BrokerError> {
+        for target in targets {
             target.check(&message)?;
         }
         let n = targets.len();
@@ -545,6 +569,14 @@ impl Broker {
             .backoff(options.backoff)
             .child(child)
             .spawn(&self.inner.runtime);
+        let id = supervisor.addr().id();
+        self.inner.live.lock().insert(id, supervisor.clone());
+        let broker = Arc::downgrade(&self.inner);
+        supervisor.addr().any().on_exit(Some(u64::MAX), move |_| {
+            if let Some(inner) = broker.upgrade() {
+                inner.live.lock().remove(&id);
+            }
+        });
         let addr = supervisor
             .child::<ConsumerActor<C>>("consumer")
             .await

@@ -267,6 +267,9 @@ impl<C: Consumer> Handler<Registration> for ConsumerActor<C> {
 }
 
 /// A running consumer started by [`Broker::consume`](crate::Broker::consume).
+///
+/// Dropping the handle does not stop the consumer (as with RabbitMQ, a consumer
+/// runs until it is cancelled); [`cancel`](Self::cancel) does.
 pub struct ConsumerHandle<C: Consumer> {
     pub(crate) queue: ByteString,
     pub(crate) addr: Addr<ConsumerActor<C>>,

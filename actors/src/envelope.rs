@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use bytestring::ByteString;
@@ -545,12 +545,10 @@ impl fmt::Debug for Envelope {
     }
 }
 
-/// Milliseconds since the UNIX epoch; 0 if the clock is before it, saturating far in the
-/// future, so that a misconfigured clock never makes envelope creation fail.
+/// Milliseconds since the UNIX epoch, on tokio's clock so that TTLs and deadlines
+/// follow virtual time in tests (see [`postbox::clock`]).
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    postbox::clock::now_ms()
 }
 
 /// Serde support for the shared properties block, without needing serde's `rc` feature:

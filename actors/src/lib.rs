@@ -29,6 +29,7 @@ pub mod exchange;
 pub mod name;
 pub mod observe;
 pub mod queue;
+pub mod rpc;
 pub mod subscription;
 mod topology;
 

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytestring::ByteString;
 use postbox::{
@@ -52,13 +53,19 @@ pub struct QueueActor {
     next_consumer: u64,
     observers: Observers,
     on_stop: Option<OnStop>,
+    consumer_count: Arc<AtomicUsize>,
 }
 
 /// Called once when the queue actor stops: removes it from the topology.
 pub(crate) type OnStop = Box<dyn FnOnce(&str, ActorId) + Send>;
 
 impl QueueActor {
-    pub(crate) fn new(name: ByteString, observers: Observers, on_stop: OnStop) -> Self {
+    pub(crate) fn new(
+        name: ByteString,
+        observers: Observers,
+        on_stop: OnStop,
+        consumer_count: Arc<AtomicUsize>,
+    ) -> Self {
         QueueActor {
             name,
             state: QueueState::new(),
@@ -66,6 +73,7 @@ impl QueueActor {
             next_consumer: 1,
             observers,
             on_stop: Some(on_stop),
+            consumer_count,
         }
     }
 
@@ -126,6 +134,8 @@ impl QueueActor {
         let Some(reg) = self.consumers.remove(&consumer) else {
             return;
         };
+        self.consumer_count
+            .store(self.consumers.len(), Ordering::Relaxed);
         let pending = reg.link.close();
         self.apply(consumer, pending);
         match self.state.remove_consumer(consumer) {
@@ -167,6 +177,7 @@ impl Actor for QueueActor {
         for (_, reg) in self.consumers.drain() {
             reg.link.close();
         }
+        self.consumer_count.store(0, Ordering::Relaxed);
         if let Some(on_stop) = self.on_stop.take() {
             on_stop(&self.name, ctx.id());
         }
@@ -277,6 +288,8 @@ impl Handler<Subscribe> for QueueActor {
                 link: link.clone(),
             },
         );
+        self.consumer_count
+            .store(self.consumers.len(), Ordering::Relaxed);
         tracing::debug!(queue = %self.name, consumer = %id, mode = ?msg.mode, prefetch, "consumer registered");
         self.dispatch(ctx);
         Ok(Some(link))

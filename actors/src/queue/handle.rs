@@ -1,6 +1,9 @@
 //! [`QueueHandle`]: direct, typed access to one queue, for publishers and
 //! consumers that should not pay a name lookup per message.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use bytestring::ByteString;
 use postbox::{Addr, AnyAddr, Recipient, TrySendError};
 
@@ -20,12 +23,19 @@ pub struct QueueHandle {
     pub(crate) name: ByteString,
     pub(crate) addr: Addr<QueueActor>,
     pub(crate) max_message_bytes: usize,
+    /// Kept up to date by the queue actor, for checks that must not wait on it.
+    pub(crate) consumers: Arc<AtomicUsize>,
 }
 
 impl QueueHandle {
     /// The queue's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// How many consumers are registered right now (read without asking the queue).
+    pub fn consumer_count(&self) -> usize {
+        self.consumers.load(Ordering::Relaxed)
     }
 
     pub(crate) fn check(&self, message: &Envelope) -> Result<(), BrokerError> {
@@ -102,7 +112,7 @@ impl QueueHandle {
         mode: AckMode,
         prefetch: u32,
         incarnation: Option<u64>,
-    ) -> Result<std::sync::Arc<crate::delivery::Link>, BrokerError> {
+    ) -> Result<Arc<crate::delivery::Link>, BrokerError> {
         let subscribe = Subscribe {
             sink,
             mode,

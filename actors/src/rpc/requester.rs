@@ -1,0 +1,543 @@
+//! The asking side: [`Requester`], its reply queue and router, and the ways to
+//! wait for replies.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytestring::ByteString;
+use parking_lot::Mutex;
+use postbox::{Failure, Recipient};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{DEADLINE_HEADER, ERROR_HEADER};
+use crate::broker::Broker;
+use crate::consumer::{ConsumeOptions, Consumer, ConsumerHandle};
+use crate::delivery::Delivery;
+use crate::envelope::{Envelope, HeaderValue};
+use crate::error::BrokerError;
+use crate::queue::handle::QueueHandle;
+use crate::queue::options::QueueOptions;
+
+/// Where a request goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A queue, by name (through the default exchange).
+    Queue(String),
+    /// An exchange with a routing key.
+    Exchange {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+    },
+}
+
+impl Target {
+    /// An exchange and routing key.
+    pub fn exchange(exchange: impl Into<String>, routing_key: impl Into<String>) -> Self {
+        Target::Exchange {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+        }
+    }
+}
+
+impl From<&str> for Target {
+    fn from(queue: &str) -> Self {
+        Target::Queue(queue.to_string())
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Queue(q) => write!(f, "queue {q:?}"),
+            Target::Exchange {
+                exchange,
+                routing_key,
+            } => write!(f, "exchange {exchange:?} key {routing_key:?}"),
+        }
+    }
+}
+
+/// A request's correlation id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RequestId(pub ByteString);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why a request got no reply.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    /// No reply within the timeout.
+    #[error("request {correlation_id} got no reply within {after:?}")]
+    Timeout {
+        /// The request's correlation id.
+        correlation_id: String,
+        /// The timeout.
+        after: Duration,
+    },
+    /// Nobody can answer: no queue, or no consumer on any queue the request reaches.
+    #[error("no responders for {target}")]
+    NoResponders {
+        /// Where the request was sent.
+        target: String,
+    },
+    /// The responder answered with an error.
+    #[error("request {correlation_id} failed remotely: {message}")]
+    Remote {
+        /// The request's correlation id.
+        correlation_id: String,
+        /// The responder's error message.
+        message: String,
+    },
+    /// The request could not be published.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The requester's reply router has stopped.
+    #[error("the requester has stopped")]
+    Closed,
+}
+
+/// Counters of a requester.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequesterStats {
+    /// Requests waiting for a reply now.
+    pub pending: usize,
+    /// Replies received for a waiting request.
+    pub replies: u64,
+    /// Replies that came after their request had timed out or been abandoned.
+    pub late: u64,
+}
+
+/// What a callback actor receives for a request sent with
+/// [`RequestBuilder::send_to`].
+#[derive(Debug)]
+pub struct ReplyEvent {
+    /// The request's correlation id.
+    pub id: RequestId,
+    /// The reply, or why there is none.
+    pub result: Result<Envelope, RequestError>,
+}
+
+impl postbox::Message for ReplyEvent {
+    type Reply = ();
+}
+
+enum Waiter {
+    One(oneshot::Sender<Envelope>),
+    Many(mpsc::UnboundedSender<Envelope>),
+}
+
+/// How many late correlation ids a requester remembers.
+const LATE_KEPT: usize = 1024;
+
+#[derive(Default)]
+struct Pending {
+    waiting: HashMap<ByteString, Waiter>,
+    replies: u64,
+    late: u64,
+    recent_late: VecDeque<String>,
+}
+
+impl Pending {
+    /// Routes one reply to its waiter; false when nobody waits for it.
+    fn route(&mut self, reply: Envelope) -> bool {
+        let Some(cid) = reply.correlation_id().map(ByteString::from) else {
+            return self.late(String::new());
+        };
+        match self.waiting.get(&cid) {
+            Some(Waiter::Many(tx)) if tx.send(reply.clone()).is_ok() => {
+                self.replies += 1;
+                true
+            }
+            Some(Waiter::One(_)) => {
+                let delivered = match self.waiting.remove(&cid) {
+                    Some(Waiter::One(tx)) => tx.send(reply).is_ok(),
+                    _ => false,
+                };
+                if delivered {
+                    self.replies += 1;
+                    true
+                } else {
+                    self.late(cid.to_string())
+                }
+            }
+            _ => {
+                self.waiting.remove(&cid);
+                self.late(cid.to_string())
+            }
+        }
+    }
+
+    fn late(&mut self, cid: String) -> bool {
+        self.late += 1;
+        tracing::warn!(correlation_id = %cid, "late reply: its requester stopped waiting");
+        if self.recent_late.len() == LATE_KEPT {
+            self.recent_late.pop_front();
+        }
+        self.recent_late.push_back(cid);
+        false
+    }
+}
+
+struct Inner {
+    broker: Broker,
+    reply_queue: ByteString,
+    pending: Arc<Mutex<Pending>>,
+    router: ConsumerHandle<ReplyRouter>,
+}
+
+/// Consumes a requester's reply queue and hands each reply to its waiter.
+pub struct ReplyRouter {
+    pending: Arc<Mutex<Pending>>,
+}
+
+impl Consumer for ReplyRouter {
+    async fn handle(&mut self, delivery: Delivery) -> Result<(), Failure> {
+        self.pending.lock().route(delivery.into_message());
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The reply queue is tied to the router: stopping it deletes the queue.
+        self.router.supervisor.stop();
+    }
+}
+
+/// A request-reply client: one exclusive reply queue, any number of requests in
+/// flight. Cheap to clone; the reply queue goes away with the last clone.
+#[derive(Clone)]
+pub struct Requester {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Requester {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Requester")
+            .field("reply_queue", &self.inner.reply_queue)
+            .finish()
+    }
+}
+
+impl Broker {
+    /// A new request-reply client with its own reply queue.
+    pub async fn requester(&self) -> Result<Requester, BrokerError> {
+        let name = format!("reply.{}", uuid::Uuid::new_v4().simple());
+        let queue = self.declare_queue(&name, QueueOptions::default()).await?;
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let p = pending.clone();
+        let router = self
+            .consume(&name, ConsumeOptions::auto(), move || ReplyRouter {
+                pending: p.clone(),
+            })
+            .await?;
+        queue.tie_to(router.addr().any()).await?;
+        Ok(Requester {
+            inner: Arc::new(Inner {
+                broker: self.clone(),
+                reply_queue: ByteString::from(name),
+                pending,
+                router,
+            }),
+        })
+    }
+}
+
+impl Requester {
+    /// The name of this client's reply queue.
+    pub fn reply_queue(&self) -> &str {
+        &self.inner.reply_queue
+    }
+
+    /// Starts a request to `target` (a queue name, or [`Target::exchange`]).
+    pub fn request(&self, target: impl Into<Target>, message: Envelope) -> RequestBuilder<'_> {
+        RequestBuilder {
+            requester: self,
+            target: target.into(),
+            message,
+            timeout: DEFAULT_TIMEOUT,
+            fail_fast: true,
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> RequesterStats {
+        let p = self.inner.pending.lock();
+        RequesterStats {
+            pending: p.waiting.len(),
+            replies: p.replies,
+            late: p.late,
+        }
+    }
+
+    /// Correlation ids of the most recent late replies (up to 1024), oldest first.
+    pub fn late_replies(&self) -> Vec<String> {
+        self.inner
+            .pending
+            .lock()
+            .recent_late
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn forget(&self, id: &RequestId) {
+        self.inner.pending.lock().waiting.remove(&id.0);
+    }
+
+    /// Routes and publishes a request; registers `waiter` under its correlation id first.
+    async fn publish(
+        &self,
+        target: &Target,
+        message: Envelope,
+        timeout: Duration,
+        fail_fast: bool,
+        waiter: Waiter,
+    ) -> Result<RequestId, RequestError> {
+        let (exchange, key) = match target {
+            Target::Queue(q) => ("", q.as_str()),
+            Target::Exchange {
+                exchange,
+                routing_key,
+            } => (exchange.as_str(), routing_key.as_str()),
+        };
+        let broker = &self.inner.broker;
+        let targets: Vec<QueueHandle> = broker.route(exchange, key, &message)?;
+        let answerable = targets.iter().any(|q| q.consumer_count() > 0);
+        if targets.is_empty() || (fail_fast && !answerable) {
+            return Err(RequestError::NoResponders {
+                target: target.to_string(),
+            });
+        }
+        let id = RequestId(ByteString::from(uuid::Uuid::new_v4().simple().to_string()));
+        let deadline = postbox::clock::after(timeout);
+        let message = message
+            .with_routing_key(key.to_string())
+            .with_reply_to(self.inner.reply_queue.clone())
+            .with_correlation_id(id.0.clone())
+            .with_header(
+                DEADLINE_HEADER,
+                HeaderValue::Int(i64::try_from(deadline).unwrap_or(i64::MAX)),
+            );
+        self.inner
+            .pending
+            .lock()
+            .waiting
+            .insert(id.0.clone(), waiter);
+        tracing::debug!(correlation_id = %id, %target, ?timeout, "request");
+        if let Err(err) = Broker::deliver(&targets, message).await {
+            self.forget(&id);
+            return Err(err.into());
+        }
+        Ok(id)
+    }
+}
+
+/// Default time a request waits for its reply.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn into_result(id: &RequestId, reply: Envelope) -> Result<Envelope, RequestError> {
+    match reply.header(ERROR_HEADER) {
+        Some(HeaderValue::Str(message)) => Err(RequestError::Remote {
+            correlation_id: id.to_string(),
+            message: message.to_string(),
+        }),
+        Some(other) => Err(RequestError::Remote {
+            correlation_id: id.to_string(),
+            message: format!("{other:?}"),
+        }),
+        None => Ok(reply),
+    }
+}
+
+/// A request being prepared; `.await` it, or [`send`](Self::send) it.
+#[must_use = "a request does nothing until awaited or sent"]
+pub struct RequestBuilder<'a> {
+    requester: &'a Requester,
+    target: Target,
+    message: Envelope,
+    timeout: Duration,
+    fail_fast: bool,
+}
+
+impl<'a> RequestBuilder<'a> {
+    /// Publish even if no consumer is on the target queue right now, and wait
+    /// out the timeout for one to appear. (By default such a request fails at
+    /// once with [`RequestError::NoResponders`]. A target that routes to no
+    /// queue at all always fails at once.)
+    pub fn wait_for_responders(mut self) -> Self {
+        self.fail_fast = false;
+        self
+    }
+
+    /// How long to wait for the reply (default 30 s). It also becomes the
+    /// request's deadline, which responders see.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Publishes the request and returns at once with a handle to its reply.
+    pub async fn send(self) -> Result<PendingReply, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        let id = self
+            .requester
+            .publish(
+                &self.target,
+                self.message,
+                self.timeout,
+                self.fail_fast,
+                Waiter::One(tx),
+            )
+            .await?;
+        Ok(PendingReply {
+            id,
+            rx,
+            deadline: tokio::time::Instant::now() + self.timeout,
+            timeout: self.timeout,
+            requester: self.requester.clone(),
+        })
+    }
+
+    /// Publishes the request; `callback` receives a [`ReplyEvent`] with the reply
+    /// or the timeout. Must be called within a tokio runtime.
+    pub async fn send_to(self, callback: Recipient<ReplyEvent>) -> Result<RequestId, RequestError> {
+        let pending = self.send().await?;
+        let id = pending.id().clone();
+        tokio::spawn(async move {
+            let id = pending.id().clone();
+            let result = pending.await;
+            let _ = callback.send(ReplyEvent { id, result }).await;
+        });
+        Ok(id)
+    }
+
+    /// Scatter-gather: publishes once (typically through an exchange that
+    /// reaches several responders) and collects up to `max` replies until the
+    /// timeout. Remote errors are collected as `Err` entries.
+    pub async fn gather(
+        self,
+        max: usize,
+    ) -> Result<Vec<Result<Envelope, RequestError>>, RequestError> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let timeout = self.timeout;
+        let id = self
+            .requester
+            .publish(
+                &self.target,
+                self.message,
+                timeout,
+                self.fail_fast,
+                Waiter::Many(tx),
+            )
+            .await?;
+        let mut replies = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while replies.len() < max {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(reply)) => replies.push(into_result(&id, reply)),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.requester.forget(&id);
+        Ok(replies)
+    }
+}
+
+impl<'a> IntoFuture for RequestBuilder<'a> {
+    type Output = Result<Envelope, RequestError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move { self.send().await?.await })
+    }
+}
+
+/// A request in flight; `.await` it for the reply (until the request's
+/// timeout), or poll it with [`try_reply`](Self::try_reply).
+pub struct PendingReply {
+    id: RequestId,
+    rx: oneshot::Receiver<Envelope>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    requester: Requester,
+}
+
+impl fmt::Debug for PendingReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingReply")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl PendingReply {
+    /// The request's correlation id.
+    pub fn id(&self) -> &RequestId {
+        &self.id
+    }
+
+    /// The reply if it has arrived, without waiting; `None` while it has not
+    /// (and the timeout has not passed).
+    pub fn try_reply(&mut self) -> Option<Result<Envelope, RequestError>> {
+        match self.rx.try_recv() {
+            Ok(reply) => Some(into_result(&self.id, reply)),
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(RequestError::Closed)),
+            Err(oneshot::error::TryRecvError::Empty)
+                if tokio::time::Instant::now() >= self.deadline =>
+            {
+                self.requester.forget(&self.id);
+                Some(Err(self.timed_out()))
+            }
+            Err(oneshot::error::TryRecvError::Empty) => None,
+        }
+    }
+
+    fn timed_out(&self) -> RequestError {
+        RequestError::Timeout {
+            correlation_id: self.id.to_string(),
+            after: self.timeout,
+        }
+    }
+}
+
+impl IntoFuture for PendingReply {
+    type Output = Result<Envelope, RequestError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move {
+            let mut this = self;
+            match tokio::time::timeout_at(this.deadline, &mut this.rx).await {
+                Ok(Ok(reply)) => into_result(&this.id, reply),
+                Ok(Err(_)) => Err(RequestError::Closed),
+                Err(_) => {
+                    // From now on a reply for this id is late, and counted as such.
+                    this.requester.forget(&this.id);
+                    Err(this.timed_out())
+                }
+            }
+        })
+    }
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        // Abandoned without a reply: a reply arriving later is late. (After the
+        // reply was taken this removes nothing.)
+        if !self.rx.is_terminated() {
+            self.requester.forget(&self.id);
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! Wall-clock time that obeys tokio's clock.
+//!
+//! Timestamps, TTLs and request deadlines travel inside messages as Unix-epoch
+//! milliseconds. [`now_ms`] reads the system clock once, at first use, and from
+//! then on advances with tokio's monotonic [`Instant`]. Two consequences:
+//!
+//! - Under tokio's paused clock (`#[tokio::test(start_paused = true)]`), message
+//!   timestamps, expirations and deadlines move with virtual time, so tests of
+//!   TTLs and deadlines need no real waiting.
+//! - In production it is monotonic: a system clock step (NTP) does not make
+//!   messages expire early or late. It drifts from the system clock only as far
+//!   as the monotonic clock does.
+//!
+//! ```
+//! let a = postbox::clock::now_ms();
+//! let b = postbox::clock::now_ms();
+//! assert!(b >= a);
+//! assert!(a > 1_600_000_000_000); // a real epoch timestamp
+//! ```
+
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+struct Anchor {
+    epoch_ms: u64,
+    at: std::time::Instant,
+}
+
+fn anchor() -> &'static Anchor {
+    static ANCHOR: OnceLock<Anchor> = OnceLock::new();
+    ANCHOR.get_or_init(|| Anchor {
+        epoch_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        at: std::time::Instant::now(),
+    })
+}
+
+/// Milliseconds since the Unix epoch, on tokio's clock (see the module docs).
+pub fn now_ms() -> u64 {
+    let anchor = anchor();
+    // tokio's Instant is std's, shifted by however far a paused clock was advanced.
+    let elapsed = Instant::now()
+        .into_std()
+        .checked_duration_since(anchor.at)
+        .unwrap_or_default();
+    anchor.epoch_ms.saturating_add(elapsed.as_millis() as u64)
+}
+
+/// How long until the epoch-millisecond `deadline_ms`; zero if it has passed.
+pub fn until(deadline_ms: u64) -> Duration {
+    Duration::from_millis(deadline_ms.saturating_sub(now_ms()))
+}
+
+/// The epoch-millisecond time `d` from now.
+pub fn after(d: Duration) -> u64 {
+    now_ms().saturating_add(d.as_millis().min(u64::MAX as u128) as u64)
+}
