@@ -49,9 +49,12 @@ use crate::exchange::headers::HeadersMatch;
 use crate::exchange::{Binding, Destination, ExchangeOptions};
 use crate::name::{NameKind, validate_key, validate_name};
 use crate::observe::{Observer, ObserverGuard, Observers};
-use crate::queue::actor::{Delete, Purge, QueueActor, QueueSnapshot};
+use crate::queue::actor::{
+    DeadLetterTarget, Delete, Purge, QueueActor, QueueConfig, QueueSnapshot,
+};
 use crate::queue::handle::QueueHandle;
 use crate::queue::options::{DeleteOptions, QueueOptions};
+use crate::queue::state::Overflow;
 use crate::topology::{QueueEntry, Topology};
 
 /// Broker-wide settings.
@@ -80,6 +83,38 @@ struct Inner {
     /// Every running consumer's supervisor: a consumer lives until it is
     /// cancelled or gives up, whether or not its handle is kept.
     live: parking_lot::Mutex<std::collections::HashMap<postbox::ActorId, postbox::Supervisor>>,
+}
+
+/// A weak reference to a broker, for its queues: they route dead letters
+/// through it and leave its topology when they stop.
+#[derive(Clone)]
+pub(crate) struct BrokerRef(Weak<Inner>);
+
+impl BrokerRef {
+    /// The queues `message` reaches through `exchange` with `routing_key`; empty
+    /// if the broker is gone or the exchange does not exist.
+    pub(crate) fn route(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &Envelope,
+    ) -> Vec<QueueHandle> {
+        let Some(inner) = self.0.upgrade() else {
+            return Vec::new();
+        };
+        let routed = inner
+            .topology
+            .read()
+            .route(exchange, routing_key, message.headers());
+        routed.unwrap_or_default()
+    }
+
+    /// Forgets a queue that stopped (if it is still the same actor).
+    pub(crate) fn remove_queue(&self, name: &str, id: postbox::ActorId) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.topology.write().remove_queue(name, id);
+        }
+    }
 }
 
 /// An in-process message broker; cheap to clone, usable from any thread.
@@ -142,18 +177,33 @@ impl Broker {
         }
         let name = ByteString::from(name);
         let actor_name = name.clone();
-        // When the queue actor stops for any reason, it leaves the topology.
-        let broker: Weak<Inner> = Arc::downgrade(&self.inner);
-        let on_stop = Box::new(move |name: &str, id: postbox::ActorId| {
-            if let Some(inner) = broker.upgrade() {
-                inner.topology.write().remove_queue(name, id);
+        if let Some(dlx) = &options.dead_letter_exchange {
+            if !dlx.is_empty() {
+                validate_name(NameKind::Exchange, dlx)?;
             }
-        });
+        }
+        if let Some(key) = &options.dead_letter_routing_key {
+            validate_key(NameKind::RoutingKey, key)?;
+        }
         let consumers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let config = QueueConfig {
+            policy: options.policy(),
+            dead_letter: options
+                .dead_letter_exchange
+                .as_deref()
+                .map(|exchange| DeadLetterTarget {
+                    exchange: ByteString::from(exchange),
+                    routing_key: options
+                        .dead_letter_routing_key
+                        .as_deref()
+                        .map(ByteString::from),
+                }),
+        };
         let mut actor = Some(QueueActor::new(
             name.clone(),
+            config,
             self.inner.observers.clone(),
-            on_stop,
+            BrokerRef(Arc::downgrade(&self.inner)),
             consumers.clone(),
         ));
         let addr = self
@@ -170,6 +220,7 @@ impl Broker {
                 .max_message_bytes
                 .unwrap_or(self.inner.config.max_message_bytes),
             consumers,
+            confirm: options.overflow == Overflow::RejectPublish,
         };
         tracing::debug!(queue = %name, ?options, "queue declared");
         topology.queues.insert(
@@ -487,6 +538,11 @@ impl Broker {
         } else {
             message.with_routing_key(routing_key.to_string())
         };
+        let message = if message.exchange() == exchange {
+            message
+        } else {
+            message.with_exchange(exchange.to_string())
+        };
         let targets = self.route(exchange, routing_key, &message)?;
         if targets.is_empty() {
             tracing::debug!(exchange, routing_key, message_id = %message.id(), "unroutable");
@@ -517,7 +573,8 @@ impl Broker {
     }
 
     /// Enqueues `message` on every target, or on none if it is too large for any.
-    /// Returns how many targets there were.
+    /// Returns how many targets there were, or [`BrokerError::QueueFull`] if one of
+    /// them refused it (the others have their copy).
     pub(crate) async fn deliver(
         targets: &[QueueHandle],
         message: Envelope,
@@ -527,6 +584,7 @@ impl Broker {
         }
         let n = targets.len();
         let mut message = Some(message);
+        let mut refused = None;
         for (i, target) in targets.iter().enumerate() {
             let copy = if i + 1 == n {
                 message.take()
@@ -534,11 +592,16 @@ impl Broker {
                 message.clone()
             };
             if let Some(copy) = copy {
-                // A queue deleted since routing simply does not get its copy.
-                let _ = target.publish(copy).await;
+                match target.publish(copy).await {
+                    // A queue that refuses (reject-publish) is reported, after every
+                    // other target has had its copy.
+                    Err(err @ BrokerError::QueueFull(_)) => refused = Some(err),
+                    // A queue deleted since routing simply does not get its copy.
+                    _ => {}
+                }
             }
         }
-        Ok(n)
+        refused.map_or(Ok(n), Err)
     }
 
     /// Starts a supervised consumer on `queue`. `factory` builds the consumer, and

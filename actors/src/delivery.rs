@@ -27,8 +27,12 @@ pub enum Outcome {
     Ack,
     /// Not processed: put it back at its original position, flagged redelivered.
     Requeue,
-    /// Not processed and not to be retried: discard it (counted as rejected).
+    /// Not processed and not to be retried: discard it (counted as rejected, and
+    /// dead-lettered if the queue has a dead-letter exchange).
     Discard,
+    /// Not processed yet: put it back at its original position once the delay
+    /// has passed (meanwhile it is neither ready nor unacknowledged, but delayed).
+    RequeueAfter(std::time::Duration),
 }
 
 /// Why a settlement was refused. The queue is unaffected.
@@ -131,6 +135,12 @@ impl Link {
         std::mem::take(&mut state.pending)
     }
 
+    /// Tells the queue that settlements are waiting. If the queue is gone it cannot
+    /// redeliver either: there is nothing to undo.
+    pub(crate) async fn notify(&self) {
+        let _ = self.queue.send(Settle(self.consumer)).await;
+    }
+
     /// Checks and records a settlement; returns how many deliveries it covers and
     /// whether the queue must be told (the first pending settlement since its
     /// last drain).
@@ -175,6 +185,44 @@ impl Link {
             outcome,
         });
         Ok((n, state.pending.len() == 1))
+    }
+}
+
+/// A cloneable handle that settles one delivery, for code that passes the
+/// [`Delivery`] itself on (retry wrappers, transactions, tasks).
+#[derive(Clone)]
+pub struct Settler {
+    tag: DeliveryTag,
+    link: Arc<Link>,
+}
+
+impl fmt::Debug for Settler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settler")
+            .field("queue", &self.link.queue_name)
+            .field("tag", &self.tag)
+            .finish()
+    }
+}
+
+impl Settler {
+    /// The delivery tag it settles.
+    pub fn tag(&self) -> DeliveryTag {
+        self.tag
+    }
+
+    /// Settles with the given outcome (and, with `multiple`, every earlier
+    /// delivery this consumer holds); returns how many deliveries were settled.
+    ///
+    /// Returns once the settlement is recorded; the queue applies recorded
+    /// settlements in order, in batches. If the queue's mailbox is full this waits
+    /// for room, like a publish.
+    pub async fn settle(&self, outcome: Outcome, multiple: bool) -> Result<usize, AckError> {
+        let (n, notify) = self.link.claim(self.tag, multiple, outcome)?;
+        if notify {
+            self.link.notify().await;
+        }
+        Ok(n)
     }
 }
 
@@ -289,17 +337,31 @@ impl Delivery {
         self.nack(false).await
     }
 
-    /// Settles with the given outcome; returns how many deliveries were settled.
-    ///
-    /// Returns once the settlement is recorded; the queue applies recorded
-    /// settlements in order, in batches. If the queue's mailbox is full this waits
-    /// for room, like a publish.
+    /// Nacks with requeue after `delay`: the message comes back at its original
+    /// position once the delay has passed, not before (delayed redelivery).
+    pub async fn nack_after(&self, delay: std::time::Duration) -> Result<(), AckError> {
+        self.settle(Outcome::RequeueAfter(delay), false)
+            .await
+            .map(|_| ())
+    }
+
+    /// Settles with the given outcome; see [`Settler::settle`].
     pub async fn settle(&self, outcome: Outcome, multiple: bool) -> Result<usize, AckError> {
-        let (n, notify) = self.link.claim(self.tag, multiple, outcome)?;
-        if notify {
-            // If the queue is gone it cannot redeliver either: nothing to undo.
-            let _ = self.link.queue.send(Settle(self.link.consumer)).await;
+        self.settler().settle(outcome, multiple).await
+    }
+
+    /// A cloneable handle that settles this delivery.
+    pub fn settler(&self) -> Settler {
+        Settler {
+            tag: self.tag,
+            link: self.link.clone(),
         }
-        Ok(n)
+    }
+
+    /// A second handle to this same delivery (same tag, same registration), for
+    /// the test kit's duplicate-delivery fault: the first settlement of either
+    /// applies, and settling the other fails with `AlreadySettled`.
+    pub(crate) fn duplicate(&self) -> Delivery {
+        Delivery::new(self.message.clone(), self.tag, self.link.clone())
     }
 }

@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::codec::{Codec, CodecError, Json};
+use crate::queue::state::DeathReason;
 
 /// A message's unique id.
 ///
@@ -223,6 +224,28 @@ struct Properties {
     reply_to: Option<ByteString>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     expiration: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    deaths: Vec<Death>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    first_death: Option<Death>,
+}
+
+/// One entry of a message's death history: it left `queue` for `reason`,
+/// `count` times (RabbitMQ's `x-death`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Death {
+    /// The queue it left.
+    pub queue: ByteString,
+    /// Why.
+    pub reason: DeathReason,
+    /// How many times it left this queue for this reason.
+    pub count: u64,
+    /// When it first did (epoch ms).
+    pub time_ms: u64,
+    /// The exchange it had been published to.
+    pub exchange: ByteString,
+    /// The routing keys it had been published with.
+    pub routing_keys: Vec<ByteString>,
 }
 
 /// A message: payload, routing key and metadata.
@@ -262,6 +285,9 @@ pub struct Envelope {
     priority: u8,
     delivery_count: u32,
     redelivered: bool,
+    /// The exchange it was last published to (empty: the default exchange).
+    #[serde(default, skip_serializing_if = "str_is_empty")]
+    exchange: ByteString,
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -287,6 +313,7 @@ impl Envelope {
             priority: 0,
             delivery_count: 0,
             redelivered: false,
+            exchange: ByteString::new(),
             properties: None,
         }
     }
@@ -430,6 +457,69 @@ impl Envelope {
         self.redelivered = redelivered;
     }
 
+    /// Sets the exchange it is published to; the broker does this when routing.
+    #[must_use]
+    pub fn with_exchange(mut self, exchange: impl Into<ByteString>) -> Self {
+        self.exchange = exchange.into();
+        self
+    }
+
+    /// The exchange it was last published to (`""`: the default exchange).
+    pub fn exchange(&self) -> &str {
+        &self.exchange
+    }
+
+    /// Its death history, most recent first: one entry per (queue, reason).
+    pub fn deaths(&self) -> &[Death] {
+        self.properties.as_deref().map_or(&[], |p| &p.deaths)
+    }
+
+    /// The first time it was dead-lettered; never changed afterwards.
+    pub fn first_death(&self) -> Option<&Death> {
+        self.properties
+            .as_deref()
+            .and_then(|p| p.first_death.as_ref())
+    }
+
+    /// Records that it left `queue` for `reason` at `now_ms`, as RabbitMQ does on
+    /// dead-lettering: the (queue, reason) entry's count goes up and it moves to
+    /// the front (or a new entry is put there). The message is then ready to be
+    /// republished: its own expiration is removed (so it does not expire again
+    /// wherever it goes) and its delivery count starts over.
+    pub fn record_death(&mut self, queue: &str, reason: DeathReason, now_ms: u64) {
+        let exchange = self.exchange.clone();
+        let routing_key = self.routing_key.clone();
+        let props = self.properties_mut();
+        props.expiration = None;
+        match props
+            .deaths
+            .iter()
+            .position(|d| d.queue == queue && d.reason == reason)
+        {
+            Some(i) => {
+                let mut death = props.deaths.remove(i);
+                death.count += 1;
+                props.deaths.insert(0, death);
+            }
+            None => {
+                let death = Death {
+                    queue: ByteString::from(queue),
+                    reason,
+                    count: 1,
+                    time_ms: now_ms,
+                    exchange,
+                    routing_keys: vec![routing_key],
+                };
+                if props.first_death.is_none() {
+                    props.first_death = Some(death.clone());
+                }
+                props.deaths.insert(0, death);
+            }
+        }
+        self.delivery_count = 0;
+        self.redelivered = false;
+    }
+
     /// The message id.
     #[must_use]
     pub const fn id(&self) -> MessageId {
@@ -543,6 +633,10 @@ impl fmt::Debug for Envelope {
         }
         s.finish()
     }
+}
+
+fn str_is_empty(s: &ByteString) -> bool {
+    s.is_empty()
 }
 
 /// Milliseconds since the UNIX epoch, on tokio's clock so that TTLs and deadlines

@@ -81,6 +81,9 @@ pub enum BrokerError {
     /// The default exchange `""` cannot be declared, deleted or bound.
     #[error("the default exchange cannot be {0}")]
     DefaultExchange(&'static str),
+    /// The queue is at its length limit and its overflow is reject-publish.
+    #[error("queue {0:?} is full and refuses new messages")]
+    QueueFull(String),
     /// The payload is larger than the queue accepts.
     #[error("a message of {size} bytes exceeds the {limit}-byte limit of queue {queue:?}")]
     MessageTooLarge {

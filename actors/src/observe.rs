@@ -28,7 +28,7 @@ use parking_lot::RwLock;
 
 use crate::delivery::Outcome;
 use crate::envelope::Envelope;
-use crate::queue::state::{ConsumerId, DeliveryTag};
+use crate::queue::state::{ConsumerId, DeathReason, DeliveryTag};
 
 /// Callbacks for broker traffic; every method has an empty default.
 pub trait Observer: Send + Sync + 'static {
@@ -41,6 +41,12 @@ pub trait Observer: Send + Sync + 'static {
     /// and redelivered flag of this delivery).
     fn delivered(&self, queue: &str, consumer: ConsumerId, tag: DeliveryTag, message: &Envelope) {
         let _ = (queue, consumer, tag, message);
+    }
+
+    /// A message left `queue` for `reason`; `routed` tells whether the
+    /// dead-letter exchange took it (false: dropped).
+    fn dead_lettered(&self, queue: &str, message: &Envelope, reason: DeathReason, routed: bool) {
+        let _ = (queue, message, reason, routed);
     }
 
     /// A consumer settled a delivery (`multiple`: and every earlier one it held).

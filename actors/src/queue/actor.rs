@@ -11,21 +11,29 @@
 //! Consumers are watched: when a consumer's incarnation ends (stop, error or
 //! panic), its registration ends and every delivery it had not settled is
 //! requeued at its original position.
+//!
+//! After every event the actor makes progress in one place
+//! ([`QueueActor::progress`]): it moves the state machine's clock to now, sends
+//! the messages the state removed (rejected, expired, overflowed, over the
+//! delivery limit) to the dead-letter exchange with their death history, or
+//! drops and counts them, dispatches, and sets a timer for the next expiry or
+//! delayed requeue. Dead letters never block the queue: they go into the target
+//! queues' mailboxes with `try_send`, or through a task when one is full.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytestring::ByteString;
-use postbox::{
-    Actor, ActorId, AnyAddr, Context, Failure, Handler, Message, Recipient, TrySendError,
-};
+use postbox::{Actor, AnyAddr, Context, Failure, Handler, Message, Recipient, TrySendError};
 
+use crate::broker::BrokerRef;
 use crate::delivery::{Delivery, Link, Outcome, PendingSettle};
 use crate::envelope::Envelope;
 use crate::observe::Observers;
 use crate::queue::state::{
-    AckMode, ConsumerId, ConsumerStats, DeliveryTag, QueueState, QueueStats,
+    AckMode, ConsumerId, ConsumerStats, DeadLetter, DeathReason, DeliveryTag, Publish as Published,
+    QueuePolicy, QueueState, QueueStats,
 };
 
 /// A queue's counters and consumers at one moment.
@@ -37,6 +45,24 @@ pub struct QueueSnapshot {
     pub stats: QueueStats,
     /// One entry per registered consumer.
     pub consumers: Vec<ConsumerStats>,
+    /// Messages sent to the dead-letter exchange (and reaching a queue there).
+    pub dead_lettered: u64,
+    /// Messages removed for a dead-letter reason but dropped: no dead-letter
+    /// exchange, it routed nowhere, or it would have cycled.
+    pub dead_letters_dropped: u64,
+}
+
+/// Where a queue sends its dead letters.
+#[derive(Clone, Debug)]
+pub(crate) struct DeadLetterTarget {
+    pub(crate) exchange: ByteString,
+    pub(crate) routing_key: Option<ByteString>,
+}
+
+/// What a queue actor is created with.
+pub(crate) struct QueueConfig {
+    pub(crate) policy: QueuePolicy,
+    pub(crate) dead_letter: Option<DeadLetterTarget>,
 }
 
 struct Registered {
@@ -52,34 +78,125 @@ pub struct QueueActor {
     consumers: HashMap<ConsumerId, Registered>,
     next_consumer: u64,
     observers: Observers,
-    on_stop: Option<OnStop>,
+    broker: BrokerRef,
     consumer_count: Arc<AtomicUsize>,
+    dead_letter: Option<DeadLetterTarget>,
+    /// When the pending timer fires (epoch ms), if one is set.
+    timer_at: Option<u64>,
+    dead_lettered: u64,
+    dead_letters_dropped: u64,
 }
-
-/// Called once when the queue actor stops: removes it from the topology.
-pub(crate) type OnStop = Box<dyn FnOnce(&str, ActorId) + Send>;
 
 impl QueueActor {
     pub(crate) fn new(
         name: ByteString,
+        config: QueueConfig,
         observers: Observers,
-        on_stop: OnStop,
+        broker: BrokerRef,
         consumer_count: Arc<AtomicUsize>,
     ) -> Self {
         QueueActor {
             name,
-            state: QueueState::new(),
+            state: QueueState::with_policy(config.policy),
             consumers: HashMap::new(),
             next_consumer: 1,
             observers,
-            on_stop: Some(on_stop),
+            broker,
             consumer_count,
+            dead_letter: config.dead_letter,
+            timer_at: None,
+            dead_lettered: 0,
+            dead_letters_dropped: 0,
         }
     }
 
-    fn publish(&mut self, message: Envelope) {
+    /// Enqueues a message; hands it back if the queue is full (reject-publish).
+    fn publish(&mut self, message: Envelope) -> Result<(), Envelope> {
         self.observers.each(|o| o.published(&self.name, &message));
-        self.state.publish(message);
+        match self.state.publish(message) {
+            Published::Enqueued => Ok(()),
+            Published::Refused(message) => {
+                tracing::debug!(queue = %self.name, message_id = %message.id(), "publish refused: queue full");
+                Err(message)
+            }
+        }
+    }
+
+    /// Brings the state up to now, then dead-letters, dispatches and re-arms the
+    /// timer: called after every event.
+    fn progress(&mut self, ctx: &mut Context<Self>) {
+        self.state.advance_to(postbox::clock::now_ms());
+        self.dead_letters(ctx);
+        self.dispatch(ctx);
+        // Dispatching expires heads too.
+        self.dead_letters(ctx);
+        self.arm_timer(ctx);
+    }
+
+    fn arm_timer(&mut self, ctx: &mut Context<Self>) {
+        let Some(due) = self.state.next_deadline() else {
+            return;
+        };
+        if self.timer_at.is_some_and(|t| t <= due) {
+            return; // an earlier or equal timer is already set
+        }
+        self.timer_at = Some(due);
+        ctx.notify_later(Tick, postbox::clock::until(due));
+    }
+
+    fn dead_letters(&mut self, ctx: &mut Context<Self>) {
+        if !self.state.has_dead() {
+            return;
+        }
+        let dead: Vec<DeadLetter> = self.state.drain_dead().collect();
+        for DeadLetter { message, reason } in dead {
+            self.dead_letter(ctx, message, reason);
+        }
+    }
+
+    fn dead_letter(&mut self, ctx: &mut Context<Self>, mut message: Envelope, reason: DeathReason) {
+        let Some(target) = self.dead_letter.clone() else {
+            self.dead_letters_dropped += 1;
+            self.observers
+                .each(|o| o.dead_lettered(&self.name, &message, reason, false));
+            return;
+        };
+        message.record_death(&self.name, reason, postbox::clock::now_ms());
+        let key = target
+            .routing_key
+            .clone()
+            .unwrap_or_else(|| ByteString::from(message.routing_key()));
+        let message = message
+            .with_routing_key(key.clone())
+            .with_exchange(target.exchange.clone());
+        let mut targets = self.broker.route(&target.exchange, &key, &message);
+        // As in RabbitMQ: a message that would come back to a queue it already died
+        // in, with no rejection anywhere in its history, is in a cycle: drop it there.
+        let rejected = message
+            .deaths()
+            .iter()
+            .any(|d| d.reason == DeathReason::Rejected);
+        if !rejected {
+            targets.retain(|q| !message.deaths().iter().any(|d| d.queue == q.name));
+        }
+        let routed = !targets.is_empty();
+        self.observers
+            .each(|o| o.dead_lettered(&self.name, &message, reason, routed));
+        if !routed {
+            self.dead_letters_dropped += 1;
+            tracing::debug!(queue = %self.name, message_id = %message.id(), %reason, "dead letter dropped");
+            return;
+        }
+        self.dead_lettered += 1;
+        tracing::debug!(queue = %self.name, message_id = %message.id(), %reason, exchange = %target.exchange, "dead-lettered");
+        for queue in targets {
+            if let Err(TrySendError::Full(publish)) = queue.addr.try_send(Publish(message.clone()))
+            {
+                ctx.spawn(async move {
+                    let _ = queue.addr.send(publish).await;
+                });
+            }
+        }
     }
 
     /// Hands ready messages to eligible consumers until one of the two runs out.
@@ -154,6 +271,10 @@ impl QueueActor {
                 Outcome::Ack => self.state.ack(consumer, p.tag, p.multiple),
                 Outcome::Requeue => self.state.nack(consumer, p.tag, p.multiple, true),
                 Outcome::Discard => self.state.nack(consumer, p.tag, p.multiple, false),
+                Outcome::RequeueAfter(delay) => {
+                    let until = postbox::clock::after(delay);
+                    self.state.nack_delayed(consumer, p.tag, p.multiple, until)
+                }
             };
             if let Err(err) = result {
                 // The link validated it; a mismatch here is a bug, not a user error.
@@ -167,6 +288,8 @@ impl QueueActor {
             name: self.name.clone(),
             stats: self.state.stats(),
             consumers: self.state.consumers().collect(),
+            dead_lettered: self.dead_lettered,
+            dead_letters_dropped: self.dead_letters_dropped,
         }
     }
 }
@@ -178,9 +301,7 @@ impl Actor for QueueActor {
             reg.link.close();
         }
         self.consumer_count.store(0, Ordering::Relaxed);
-        if let Some(on_stop) = self.on_stop.take() {
-            on_stop(&self.name, ctx.id());
-        }
+        self.broker.remove_queue(&self.name, ctx.id());
     }
 }
 
@@ -225,8 +346,41 @@ impl Handler<Publish> for QueueActor {
         ctx: &mut Context<Self>,
     ) -> Result<(), Failure> {
         tracing::trace!(queue = %self.name, message_id = %message.id(), correlation_id = message.correlation_id(), "enqueue");
-        self.publish(message);
-        self.dispatch(ctx);
+        self.state.advance_to(postbox::clock::now_ms());
+        let _ = self.publish(message);
+        self.progress(ctx);
+        Ok(())
+    }
+}
+
+/// Enqueue one message and say whether the queue took it (reject-publish
+/// queues refuse when full).
+pub(crate) struct PublishConfirmed(pub(crate) Envelope);
+impl Message for PublishConfirmed {
+    type Reply = bool;
+}
+impl Handler<PublishConfirmed> for QueueActor {
+    async fn handle(
+        &mut self,
+        PublishConfirmed(message): PublishConfirmed,
+        ctx: &mut Context<Self>,
+    ) -> Result<bool, Failure> {
+        self.state.advance_to(postbox::clock::now_ms());
+        let accepted = self.publish(message).is_ok();
+        self.progress(ctx);
+        Ok(accepted)
+    }
+}
+
+/// The timer for the next expiry or delayed requeue.
+struct Tick;
+impl Message for Tick {
+    type Reply = ();
+}
+impl Handler<Tick> for QueueActor {
+    async fn handle(&mut self, _: Tick, ctx: &mut Context<Self>) -> Result<(), Failure> {
+        self.timer_at = None;
+        self.progress(ctx);
         Ok(())
     }
 }
@@ -242,10 +396,11 @@ impl Handler<PublishBatch> for QueueActor {
         PublishBatch(batch): PublishBatch,
         ctx: &mut Context<Self>,
     ) -> Result<(), Failure> {
+        self.state.advance_to(postbox::clock::now_ms());
         for message in batch {
-            self.publish(message);
+            let _ = self.publish(message);
         }
-        self.dispatch(ctx);
+        self.progress(ctx);
         Ok(())
     }
 }
@@ -291,7 +446,7 @@ impl Handler<Subscribe> for QueueActor {
         self.consumer_count
             .store(self.consumers.len(), Ordering::Relaxed);
         tracing::debug!(queue = %self.name, consumer = %id, mode = ?msg.mode, prefetch, "consumer registered");
-        self.dispatch(ctx);
+        self.progress(ctx);
         Ok(Some(link))
     }
 }
@@ -308,7 +463,7 @@ impl Handler<Unsubscribe> for QueueActor {
         ctx: &mut Context<Self>,
     ) -> Result<(), Failure> {
         self.remove(id);
-        self.dispatch(ctx);
+        self.progress(ctx);
         Ok(())
     }
 }
@@ -325,7 +480,7 @@ impl Handler<Settle> for QueueActor {
         };
         let pending = reg.link.drain();
         self.apply(id, pending);
-        self.dispatch(ctx);
+        self.progress(ctx);
         Ok(())
     }
 }
@@ -352,7 +507,7 @@ impl Handler<Handoff> for QueueActor {
             }
             let _ = self.state.set_blocked(msg.consumer, false);
         }
-        self.dispatch(ctx);
+        self.progress(ctx);
         Ok(())
     }
 }

@@ -11,7 +11,8 @@ use crate::delivery::Delivery;
 use crate::envelope::Envelope;
 use crate::error::{BrokerError, TryPublishError};
 use crate::queue::actor::{
-    Publish, PublishBatch, QueueActor, QueueSnapshot, Snapshot, Subscribe, TieTo, Unsubscribe,
+    Publish, PublishBatch, PublishConfirmed, QueueActor, QueueSnapshot, Snapshot, Subscribe, TieTo,
+    Unsubscribe,
 };
 use crate::queue::state::{AckMode, ConsumerId};
 
@@ -25,6 +26,8 @@ pub struct QueueHandle {
     pub(crate) max_message_bytes: usize,
     /// Kept up to date by the queue actor, for checks that must not wait on it.
     pub(crate) consumers: Arc<AtomicUsize>,
+    /// Publishes must wait for the queue's answer (reject-publish overflow).
+    pub(crate) confirm: bool,
 }
 
 impl QueueHandle {
@@ -53,9 +56,18 @@ impl QueueHandle {
         BrokerError::QueueNotFound(self.name.to_string())
     }
 
-    /// Enqueues a message, waiting while the queue's mailbox is full.
+    /// Enqueues a message, waiting while the queue's mailbox is full. A queue
+    /// with reject-publish overflow is asked, and a full one answers
+    /// [`BrokerError::QueueFull`].
     pub async fn publish(&self, message: Envelope) -> Result<(), BrokerError> {
         self.check(&message)?;
+        if self.confirm {
+            return match self.addr.ask(PublishConfirmed(message)).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(BrokerError::QueueFull(self.name.to_string())),
+                Err(_) => Err(self.gone()),
+            };
+        }
         self.addr
             .send(Publish(message))
             .await

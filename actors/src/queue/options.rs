@@ -4,14 +4,22 @@
 //! is [`BrokerError::QueueMismatch`](crate::BrokerError::QueueMismatch), as in
 //! RabbitMQ.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
+
+use crate::queue::state::{Overflow, QueuePolicy};
 
 /// How a queue is declared.
 ///
 /// ```
+/// use std::time::Duration;
 /// use postbox_actors::QueueOptions;
-/// let options = QueueOptions::default().max_message_bytes(64 * 1024).mailbox(4096);
-/// assert_eq!(options.max_message_bytes, Some(64 * 1024));
+/// let orders = QueueOptions::default()
+///     .message_ttl(Duration::from_secs(60))
+///     .delivery_limit(5)
+///     .dead_letter_exchange("orders.dlx");
+/// assert_eq!(orders.delivery_limit, Some(5));
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -21,6 +29,22 @@ pub struct QueueOptions {
     /// Capacity of the queue actor's mailbox: how many publishes and
     /// acknowledgements may wait before publishers are slowed down.
     pub mailbox: usize,
+    /// Time to live of each message, counted from enqueueing (a message's own
+    /// shorter expiration wins).
+    pub message_ttl: Option<Duration>,
+    /// Deliveries after which a returned message is dead-lettered instead of requeued.
+    pub delivery_limit: Option<u32>,
+    /// Most ready messages.
+    pub max_length: Option<usize>,
+    /// Most payload bytes of ready messages.
+    pub max_length_bytes: Option<usize>,
+    /// What happens when a length limit is reached.
+    pub overflow: Overflow,
+    /// Where rejected, expired, overflowed and over-delivered messages go; `None`
+    /// drops (and counts) them. `""` is the default exchange.
+    pub dead_letter_exchange: Option<String>,
+    /// The routing key dead letters are published with; `None` keeps their own.
+    pub dead_letter_routing_key: Option<String>,
 }
 
 impl Default for QueueOptions {
@@ -28,6 +52,13 @@ impl Default for QueueOptions {
         QueueOptions {
             max_message_bytes: None,
             mailbox: 1024,
+            message_ttl: None,
+            delivery_limit: None,
+            max_length: None,
+            max_length_bytes: None,
+            overflow: Overflow::DropHead,
+            dead_letter_exchange: None,
+            dead_letter_routing_key: None,
         }
     }
 }
@@ -43,6 +74,61 @@ impl QueueOptions {
     pub fn mailbox(mut self, capacity: usize) -> Self {
         self.mailbox = capacity.max(1);
         self
+    }
+
+    /// Sets [`message_ttl`](Self::message_ttl).
+    pub fn message_ttl(mut self, ttl: Duration) -> Self {
+        self.message_ttl = Some(ttl);
+        self
+    }
+
+    /// Sets [`delivery_limit`](Self::delivery_limit).
+    pub fn delivery_limit(mut self, deliveries: u32) -> Self {
+        self.delivery_limit = Some(deliveries);
+        self
+    }
+
+    /// Sets [`max_length`](Self::max_length).
+    pub fn max_length(mut self, messages: usize) -> Self {
+        self.max_length = Some(messages);
+        self
+    }
+
+    /// Sets [`max_length_bytes`](Self::max_length_bytes).
+    pub fn max_length_bytes(mut self, bytes: usize) -> Self {
+        self.max_length_bytes = Some(bytes);
+        self
+    }
+
+    /// Sets [`overflow`](Self::overflow).
+    pub fn overflow(mut self, overflow: Overflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
+
+    /// Sets [`dead_letter_exchange`](Self::dead_letter_exchange).
+    pub fn dead_letter_exchange(mut self, exchange: impl Into<String>) -> Self {
+        self.dead_letter_exchange = Some(exchange.into());
+        self
+    }
+
+    /// Sets [`dead_letter_routing_key`](Self::dead_letter_routing_key).
+    pub fn dead_letter_routing_key(mut self, key: impl Into<String>) -> Self {
+        self.dead_letter_routing_key = Some(key.into());
+        self
+    }
+
+    /// The limits the queue's state machine enforces.
+    pub fn policy(&self) -> QueuePolicy {
+        QueuePolicy {
+            message_ttl_ms: self
+                .message_ttl
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            delivery_limit: self.delivery_limit,
+            max_length: self.max_length,
+            max_length_bytes: self.max_length_bytes,
+            overflow: self.overflow,
+        }
     }
 }
 

@@ -18,6 +18,15 @@
 //!   count goes up.
 //! - Settling an unknown or already settled delivery is a [`SettleError`] for the caller
 //!   and leaves the state untouched.
+//! - Limits ([`QueuePolicy`]): a message TTL (the smaller of the queue's and the
+//!   message's; counted from enqueueing; not reset by a requeue; an expired message is
+//!   removed when it reaches the head and never delivered), a delivery limit, and
+//!   length limits in messages and bytes with drop-head or reject-publish overflow.
+//! - Messages removed for one of those reasons, or nacked without requeue, wait in an
+//!   outbox ([`QueueState::drain_dead`]) with their [`DeathReason`], for the driver to
+//!   dead-letter or drop.
+//! - Time is whatever the driver says it is ([`QueueState::advance_to`]), so tests can
+//!   step it and replays are deterministic.
 //!
 //! ```
 //! use postbox_actors::envelope::Envelope;
@@ -101,7 +110,7 @@ pub struct Dispatch {
 
 /// A snapshot of a queue's size and lifetime counters.
 ///
-/// At all times `published == ready + unacked + acknowledged + rejected + purged`
+/// At all times `published == ready + unacked + delayed + acknowledged + rejected + purged + expired + maxlen + delivery_limit`
 /// (auto-acknowledged deliveries count as acknowledged; requeued messages are back in
 /// `ready` or `unacked`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +135,101 @@ pub struct QueueStats {
     pub requeued: u64,
     /// Ready messages dropped by [`QueueState::purge`].
     pub purged: u64,
+    /// Messages nacked with a delay, waiting to come back.
+    pub delayed: usize,
+    /// Payload bytes of the ready messages.
+    pub ready_bytes: usize,
+    /// Messages removed because their TTL ran out.
+    pub expired: u64,
+    /// Messages removed from the head to respect a length limit.
+    pub maxlen: u64,
+    /// Messages removed because they used up the delivery limit.
+    pub delivery_limit: u64,
+    /// Publishes refused because the queue was full (reject-publish).
+    pub refused: u64,
+}
+
+/// What happens when a publish would pass a length limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overflow {
+    /// Drop (or dead-letter, reason `maxlen`) the oldest ready messages.
+    #[default]
+    DropHead,
+    /// Refuse the new message; the publisher is told.
+    RejectPublish,
+}
+
+/// The limits a queue enforces. All default to "none".
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct QueuePolicy {
+    /// Per-queue message TTL in milliseconds (the smaller of it and a message's
+    /// own expiration applies), counted from enqueueing.
+    pub message_ttl_ms: Option<u64>,
+    /// A message delivered this many times and returned again is dead-lettered
+    /// (reason `delivery_limit`) instead of requeued.
+    pub delivery_limit: Option<u32>,
+    /// Most ready messages.
+    pub max_length: Option<usize>,
+    /// Most payload bytes of ready messages.
+    pub max_length_bytes: Option<usize>,
+    /// What a full queue does with a new message.
+    pub overflow: Overflow,
+}
+
+/// Why a message left a queue other than by being consumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeathReason {
+    /// Nacked or rejected without requeue.
+    Rejected,
+    /// Its TTL ran out.
+    Expired,
+    /// Dropped from the head for a length limit.
+    MaxLen,
+    /// Returned once too often.
+    DeliveryLimit,
+}
+
+impl DeathReason {
+    /// RabbitMQ's name for the reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeathReason::Rejected => "rejected",
+            DeathReason::Expired => "expired",
+            DeathReason::MaxLen => "maxlen",
+            DeathReason::DeliveryLimit => "delivery_limit",
+        }
+    }
+}
+
+impl fmt::Display for DeathReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message removed from a queue for a [`DeathReason`].
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    /// The message, as it was in the queue.
+    pub message: Envelope,
+    /// Why it was removed.
+    pub reason: DeathReason,
+}
+
+/// The outcome of [`QueueState::publish`].
+#[derive(Debug)]
+pub enum Publish {
+    /// The message is in the queue.
+    Enqueued,
+    /// The queue is full and its overflow is reject-publish: the message, back.
+    Refused(Envelope),
+}
+
+/// Milliseconds of a duration, saturating.
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A snapshot of one consumer's state.
@@ -192,6 +296,9 @@ pub enum ConsumerError {
 struct Entry {
     seq: u64,
     message: Envelope,
+    /// When it expires (epoch ms on the driver's clock); set at enqueue from the
+    /// smaller of the queue's and the message's TTL, and kept across requeues.
+    expires_at: Option<u64>,
 }
 
 /// The ready messages, ordered by publish sequence number.
@@ -201,6 +308,8 @@ struct Entry {
 struct Ready {
     // Invariant: sorted by strictly increasing `seq`.
     entries: VecDeque<Entry>,
+    /// Sum of the payload sizes, for byte length limits.
+    bytes: usize,
 }
 
 impl Ready {
@@ -214,17 +323,26 @@ impl Ready {
 
     /// Appends a newly published message (its seq is the highest so far).
     fn push(&mut self, entry: Entry) {
+        self.bytes += entry.message.size();
         self.entries.push_back(entry);
+    }
+
+    /// The message to deliver next.
+    fn head(&self) -> Option<&Entry> {
+        self.entries.front()
     }
 
     /// Takes the message to deliver next.
     fn pop(&mut self) -> Option<Entry> {
-        self.entries.pop_front()
+        let entry = self.entries.pop_front()?;
+        self.bytes -= entry.message.size();
+        Some(entry)
     }
 
     /// Puts a previously delivered message back at its original position. Requeued
     /// messages are old, so the position is near the head and the insert cheap.
     fn requeue(&mut self, entry: Entry) {
+        self.bytes += entry.message.size();
         let at = self.entries.partition_point(|e| e.seq < entry.seq);
         self.entries.insert(at, entry);
     }
@@ -233,6 +351,7 @@ impl Ready {
     fn clear(&mut self) -> usize {
         let n = self.entries.len();
         self.entries.clear();
+        self.bytes = 0;
         n
     }
 }
@@ -285,6 +404,10 @@ struct Counters {
     rejected: u64,
     requeued: u64,
     purged: u64,
+    expired: u64,
+    maxlen: u64,
+    delivery_limit: u64,
+    refused: u64,
 }
 
 /// A queue's complete state: ready messages, consumers, and outstanding deliveries.
@@ -308,6 +431,13 @@ pub struct QueueState {
     /// Outstanding deliveries across all consumers.
     unacked: usize,
     counters: Counters,
+    policy: QueuePolicy,
+    /// The driver's clock (epoch ms), as last told by [`QueueState::advance_to`].
+    now_ms: u64,
+    /// Nacked-with-delay messages, by (due time, seq).
+    delayed: BTreeMap<(u64, u64), Entry>,
+    /// Messages removed for a dead-letter reason, waiting for the driver.
+    dead: Vec<DeadLetter>,
 }
 
 impl QueueState {
@@ -317,12 +447,120 @@ impl QueueState {
         Self::default()
     }
 
-    /// Appends `message` to the ready queue.
-    pub fn publish(&mut self, message: Envelope) {
+    /// An empty queue with limits.
+    #[must_use]
+    pub fn with_policy(policy: QueuePolicy) -> Self {
+        QueueState {
+            policy,
+            ..Self::default()
+        }
+    }
+
+    /// The queue's limits.
+    #[must_use]
+    pub fn policy(&self) -> &QueuePolicy {
+        &self.policy
+    }
+
+    /// Appends `message` to the ready queue, applying the length limits: with
+    /// [`Overflow::DropHead`] the oldest ready messages make room (dead-lettered
+    /// with [`DeathReason::MaxLen`]); with [`Overflow::RejectPublish`] a full queue
+    /// refuses the new message and hands it back.
+    pub fn publish(&mut self, message: Envelope) -> Publish {
+        let (max_len, max_bytes) = (self.policy.max_length, self.policy.max_length_bytes);
+        if self.policy.overflow == Overflow::RejectPublish {
+            let full_len = max_len.is_some_and(|max| self.ready.len() >= max);
+            let full_bytes = max_bytes.is_some_and(|max| self.ready.bytes + message.size() > max);
+            if full_len || full_bytes {
+                self.counters.refused += 1;
+                return Publish::Refused(message);
+            }
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         self.counters.published += 1;
-        self.ready.push(Entry { seq, message });
+        let ttl = match (self.policy.message_ttl_ms, message.expiration()) {
+            (Some(q), Some(m)) => Some(q.min(millis(m))),
+            (q, m) => q.or(m.map(millis)),
+        };
+        let expires_at = ttl.map(|ttl| self.now_ms.saturating_add(ttl));
+        self.ready.push(Entry {
+            seq,
+            message,
+            expires_at,
+        });
+        // Drop-head: the oldest make room (the new message itself, if it alone is too big).
+        while max_len.is_some_and(|max| self.ready.len() > max)
+            || max_bytes.is_some_and(|max| self.ready.bytes > max)
+        {
+            let Some(head) = self.ready.pop() else { break };
+            self.counters.maxlen += 1;
+            self.dead.push(DeadLetter {
+                message: head.message,
+                reason: DeathReason::MaxLen,
+            });
+        }
+        Publish::Enqueued
+    }
+
+    /// Moves the driver's clock forward (it never goes back), returns delayed
+    /// messages that are due to the ready queue, and expires the head.
+    pub fn advance_to(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > self.now_ms {
+                break;
+            }
+            let entry = entry.remove();
+            self.counters.requeued += 1;
+            self.ready.requeue(entry);
+        }
+        self.expire();
+    }
+
+    /// Removes expired messages at the head of the ready queue (dead-lettered with
+    /// [`DeathReason::Expired`]); returns how many. As in RabbitMQ, a message behind
+    /// the head is removed when it reaches the head, and never delivered expired.
+    pub fn expire(&mut self) -> usize {
+        let mut n = 0;
+        while self
+            .ready
+            .head()
+            .is_some_and(|e| e.expires_at.is_some_and(|t| t <= self.now_ms))
+        {
+            let Some(entry) = self.ready.pop() else { break };
+            n += 1;
+            self.counters.expired += 1;
+            self.dead.push(DeadLetter {
+                message: entry.message,
+                reason: DeathReason::Expired,
+            });
+        }
+        n
+    }
+
+    /// When the driver should next call [`advance_to`](Self::advance_to): the
+    /// earliest of the head's expiry and the next delayed message's due time.
+    #[must_use]
+    pub fn next_deadline(&self) -> Option<u64> {
+        let head = self.ready.head().and_then(|e| e.expires_at);
+        let delayed = self.delayed.keys().next().map(|(due, _)| *due);
+        match (head, delayed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Takes the messages removed for a dead-letter reason since the last call,
+    /// oldest first, for the driver to dead-letter or drop.
+    pub fn drain_dead(&mut self) -> std::vec::Drain<'_, DeadLetter> {
+        self.dead.drain(..)
+    }
+
+    /// Whether dead letters are waiting to be drained.
+    #[must_use]
+    pub fn has_dead(&self) -> bool {
+        !self.dead.is_empty()
     }
 
     /// Registers a consumer, last in the round-robin order.
@@ -407,6 +645,7 @@ impl QueueState {
     /// most one pass over the consumers. Call it until it returns `None` after anything
     /// that may enable a delivery (publish, settle, new or unblocked consumer).
     pub fn next_delivery(&mut self) -> Option<Dispatch> {
+        self.expire();
         if self.ready.is_empty() {
             return None;
         }
@@ -483,7 +722,38 @@ impl QueueState {
         multiple: bool,
         requeue: bool,
     ) -> Result<usize, SettleError> {
-        self.nack_with(consumer, tag, multiple, requeue, drop)
+        if requeue {
+            return self.settle(consumer, tag, multiple, Self::requeue);
+        }
+        self.settle(consumer, tag, multiple, |queue, entry| {
+            queue.counters.rejected += 1;
+            queue.dead.push(DeadLetter {
+                message: entry.message,
+                reason: DeathReason::Rejected,
+            });
+        })
+    }
+
+    /// Like a requeueing [`nack`](Self::nack), but the messages come back to the
+    /// ready queue (at their original positions) only once the clock reaches
+    /// `until_ms`. Until then they count as [`QueueStats::delayed`].
+    ///
+    /// # Errors
+    /// As for [`ack`](Self::ack).
+    pub fn nack_delayed(
+        &mut self,
+        consumer: ConsumerId,
+        tag: DeliveryTag,
+        multiple: bool,
+        until_ms: u64,
+    ) -> Result<usize, SettleError> {
+        self.settle(consumer, tag, multiple, |queue, entry| {
+            if queue.over_delivery_limit(&entry) {
+                queue.dead_letter_over_limit(entry);
+            } else {
+                queue.delayed.insert((until_ms, entry.seq), entry);
+            }
+        })
     }
 
     /// [`nack`](Self::nack), handing each discarded message to `discarded` (called only
@@ -564,6 +834,12 @@ impl QueueState {
             rejected: c.rejected,
             requeued: c.requeued,
             purged: c.purged,
+            delayed: self.delayed.len(),
+            ready_bytes: self.ready.bytes,
+            expired: c.expired,
+            maxlen: c.maxlen,
+            delivery_limit: c.delivery_limit,
+            refused: c.refused,
         }
     }
 
@@ -591,10 +867,10 @@ impl QueueState {
         self.unacked
     }
 
-    /// Whether the queue holds no message at all: none ready and none unsettled.
+    /// Whether the queue holds no message at all: none ready, delayed or unsettled.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.ready.is_empty() && self.unacked == 0
+        self.ready.is_empty() && self.unacked == 0 && self.delayed.is_empty()
     }
 
     /// Whether any consumer is registered.
@@ -622,10 +898,29 @@ impl QueueState {
             .map(|offset| (start + offset) % n)
     }
 
-    /// Returns a settled delivery to the ready queue.
+    /// Returns a settled delivery to the ready queue, unless it has used up the
+    /// queue's delivery limit: then it is dead-lettered instead.
     fn requeue(&mut self, entry: Entry) {
+        if self.over_delivery_limit(&entry) {
+            self.dead_letter_over_limit(entry);
+            return;
+        }
         self.counters.requeued += 1;
         self.ready.requeue(entry);
+    }
+
+    fn over_delivery_limit(&self, entry: &Entry) -> bool {
+        self.policy
+            .delivery_limit
+            .is_some_and(|limit| entry.message.delivery_count() >= limit)
+    }
+
+    fn dead_letter_over_limit(&mut self, entry: Entry) {
+        self.counters.delivery_limit += 1;
+        self.dead.push(DeadLetter {
+            message: entry.message,
+            reason: DeathReason::DeliveryLimit,
+        });
     }
 
     /// Checks a settle request without changing anything; returns the consumer's position.
@@ -1703,7 +1998,13 @@ mod tests {
                 // (a) Conservation.
                 assert_eq!(
                     s.published,
-                    (s.ready + s.unacked) as u64 + s.acknowledged + s.rejected + s.purged,
+                    (s.ready + s.unacked + s.delayed) as u64
+                        + s.acknowledged
+                        + s.rejected
+                        + s.purged
+                        + s.expired
+                        + s.maxlen
+                        + s.delivery_limit,
                     "{s:?}"
                 );
                 // Counters and sizes agree with the model.
@@ -1712,6 +2013,8 @@ mod tests {
                     ready: self.model.ready.len(),
                     unacked: live.iter().map(|c| c.held.len()).sum(),
                     consumers: live.len(),
+                    // Every model message has the 1-byte payload "m".
+                    ready_bytes: self.model.ready.len(),
                     ..self.model.stats
                 };
                 assert_eq!(s, expected);
@@ -1832,5 +2135,163 @@ mod tests {
                 prop_assert_eq!(positions, (0..delivered.len()).collect::<Vec<_>>());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const C: ConsumerId = ConsumerId(1);
+
+    fn payload(m: &Envelope) -> &[u8] {
+        m.payload().as_ref()
+    }
+
+    fn dead(q: &mut QueueState) -> Vec<(String, DeathReason)> {
+        q.drain_dead()
+            .map(|d| {
+                (
+                    String::from_utf8_lossy(payload(&d.message)).into_owned(),
+                    d.reason,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ttl_smaller_of_queue_and_message_expires_at_head_and_survives_requeue() {
+        let mut q = QueueState::with_policy(QueuePolicy {
+            message_ttl_ms: Some(1000),
+            ..Default::default()
+        });
+        q.advance_to(10_000);
+        q.publish(Envelope::new("long"));
+        q.publish(Envelope::new("short").with_expiration(Duration::from_millis(100)));
+        q.publish(Envelope::new("capped").with_expiration(Duration::from_secs(60)));
+        assert_eq!(q.next_deadline(), Some(11_000), "the head's expiry");
+        // At 10_500 "short" has expired but is not at the head: it stays (as in RabbitMQ).
+        q.advance_to(10_500);
+        assert_eq!(q.stats().ready, 3);
+        // A consumer takes "long"; nacking it back does not reset its clock.
+        q.add_consumer(C, AckMode::Manual, 1).unwrap();
+        let long = q.next_delivery().unwrap();
+        assert_eq!(payload(&long.message), b"long");
+        // Now "short" is the head and expired: removed, never delivered.
+        q.advance_to(10_600);
+        assert_eq!(dead(&mut q), vec![("short".into(), DeathReason::Expired)]);
+        q.nack(C, long.tag, false, true).unwrap();
+        q.advance_to(11_000);
+        // "long" (1 s from 10_000) and "capped" (queue TTL 1 s beats 60 s) are both gone.
+        assert_eq!(q.next_delivery().map(|d| d.tag), None);
+        assert_eq!(
+            dead(&mut q),
+            vec![
+                ("long".into(), DeathReason::Expired),
+                ("capped".into(), DeathReason::Expired)
+            ]
+        );
+        let s = q.stats();
+        assert_eq!((s.expired, s.ready, s.delivered), (3, 0, 1));
+    }
+
+    #[test]
+    fn drop_head_and_reject_publish() {
+        let mut q = QueueState::with_policy(QueuePolicy {
+            max_length: Some(2),
+            ..Default::default()
+        });
+        for m in ["a", "b", "c"] {
+            assert!(matches!(q.publish(Envelope::new(m)), Publish::Enqueued));
+        }
+        assert_eq!(dead(&mut q), vec![("a".into(), DeathReason::MaxLen)]);
+        assert_eq!((q.stats().ready, q.stats().maxlen), (2, 1));
+
+        let mut q = QueueState::with_policy(QueuePolicy {
+            max_length_bytes: Some(5),
+            overflow: Overflow::RejectPublish,
+            ..Default::default()
+        });
+        assert!(matches!(q.publish(Envelope::new("abc")), Publish::Enqueued));
+        match q.publish(Envelope::new("def")) {
+            Publish::Refused(m) => assert_eq!(payload(&m), b"def"),
+            Publish::Enqueued => panic!("6 bytes > 5"),
+        }
+        assert!(matches!(q.publish(Envelope::new("de")), Publish::Enqueued));
+        let s = q.stats();
+        assert_eq!(
+            (s.ready, s.ready_bytes, s.refused, s.published),
+            (2, 5, 1, 2)
+        );
+        assert!(
+            !q.has_dead(),
+            "a refused message is handed back, not dead-lettered"
+        );
+    }
+
+    #[test]
+    fn delivery_limit_dead_letters_instead_of_requeueing() {
+        let mut q = QueueState::with_policy(QueuePolicy {
+            delivery_limit: Some(2),
+            ..Default::default()
+        });
+        q.add_consumer(C, AckMode::Manual, 0).unwrap();
+        q.publish(Envelope::new("poison"));
+        let first = q.next_delivery().unwrap();
+        q.nack(C, first.tag, false, true).unwrap();
+        let second = q.next_delivery().unwrap();
+        assert_eq!(second.message.delivery_count(), 2);
+        // Returned after its 2nd delivery: over the limit.
+        q.remove_consumer(C).unwrap();
+        assert_eq!(
+            dead(&mut q),
+            vec![("poison".into(), DeathReason::DeliveryLimit)]
+        );
+        let s = q.stats();
+        assert_eq!((s.ready, s.requeued, s.delivery_limit), (0, 1, 1));
+    }
+
+    #[test]
+    fn rejected_messages_go_to_the_outbox() {
+        let mut q = QueueState::new();
+        q.add_consumer(C, AckMode::Manual, 0).unwrap();
+        q.publish(Envelope::new("x"));
+        q.publish(Envelope::new("y"));
+        let _x = q.next_delivery().unwrap();
+        let y = q.next_delivery().unwrap();
+        q.nack(C, y.tag, true, false).unwrap();
+        assert_eq!(
+            dead(&mut q),
+            vec![
+                ("x".into(), DeathReason::Rejected),
+                ("y".into(), DeathReason::Rejected)
+            ]
+        );
+        assert!(!q.has_dead());
+    }
+
+    #[test]
+    fn delayed_nack_comes_back_at_its_position_only_when_due() {
+        let mut q = QueueState::new();
+        q.add_consumer(C, AckMode::Manual, 0).unwrap();
+        q.advance_to(1000);
+        q.publish(Envelope::new("first"));
+        q.publish(Envelope::new("second"));
+        let first = q.next_delivery().unwrap();
+        q.nack_delayed(C, first.tag, false, 1500).unwrap();
+        assert_eq!((q.stats().delayed, q.stats().ready), (1, 1));
+        assert_eq!(q.next_deadline(), Some(1500));
+        let second = q.next_delivery().unwrap();
+        assert_eq!(payload(&second.message), b"second");
+        q.advance_to(1499);
+        assert!(q.next_delivery().is_none(), "not before it is due");
+        q.advance_to(1500);
+        let again = q.next_delivery().unwrap();
+        assert_eq!(payload(&again.message), b"first");
+        assert!(again.message.redelivered());
+        assert_eq!(q.stats().delayed, 0);
+        assert!(!q.is_empty());
     }
 }
