@@ -79,8 +79,8 @@ pub(crate) struct Link {
     state: Mutex<LinkState>,
 }
 
-#[derive(Default)]
-struct LinkState {
+#[derive(Clone, Default)]
+pub(crate) struct LinkState {
     closed: bool,
     /// Tags delivered to this consumer and not yet settled (manual mode only).
     outstanding: BTreeSet<u64>,
@@ -150,6 +150,19 @@ impl Link {
         multiple: bool,
         outcome: Outcome,
     ) -> Result<(usize, bool), AckError> {
+        let mut state = self.state.lock();
+        self.claim_locked(&mut state, tag, multiple, outcome)
+    }
+
+    /// [`claim`](Self::claim) with the lock already held (transactions hold the
+    /// locks of every link they settle on).
+    pub(crate) fn claim_locked(
+        &self,
+        state: &mut LinkState,
+        tag: DeliveryTag,
+        multiple: bool,
+        outcome: Outcome,
+    ) -> Result<(usize, bool), AckError> {
         let queue = || self.queue_name.clone();
         if self.mode == AckMode::Auto {
             return Err(AckError::AutoAck {
@@ -157,7 +170,6 @@ impl Link {
                 queue: queue(),
             });
         }
-        let mut state = self.state.lock();
         if state.closed {
             return Err(AckError::ConsumerGone {
                 tag,
@@ -186,14 +198,19 @@ impl Link {
         });
         Ok((n, state.pending.len() == 1))
     }
+
+    /// Locks the link's settlement state.
+    pub(crate) fn lock(&self) -> parking_lot::MutexGuard<'_, LinkState> {
+        self.state.lock()
+    }
 }
 
 /// A cloneable handle that settles one delivery, for code that passes the
 /// [`Delivery`] itself on (retry wrappers, transactions, tasks).
 #[derive(Clone)]
 pub struct Settler {
-    tag: DeliveryTag,
-    link: Arc<Link>,
+    pub(crate) tag: DeliveryTag,
+    pub(crate) link: Arc<Link>,
 }
 
 impl fmt::Debug for Settler {
