@@ -42,11 +42,15 @@ fn anchor() -> &'static Anchor {
 pub fn now_ms() -> u64 {
     let anchor = anchor();
     // tokio's Instant is std's, shifted by however far a paused clock was advanced.
-    let elapsed = Instant::now()
-        .into_std()
-        .checked_duration_since(anchor.at)
-        .unwrap_or_default();
-    anchor.epoch_ms.saturating_add(elapsed.as_millis() as u64)
+    // It can be earlier than the anchor (a runtime paused before the anchor was
+    // taken), so the offset is signed.
+    let now = Instant::now().into_std();
+    match now.checked_duration_since(anchor.at) {
+        Some(ahead) => anchor.epoch_ms.saturating_add(ahead.as_millis() as u64),
+        None => anchor
+            .epoch_ms
+            .saturating_sub(anchor.at.duration_since(now).as_millis() as u64),
+    }
 }
 
 /// How long until the epoch-millisecond `deadline_ms`; zero if it has passed.

@@ -106,8 +106,10 @@ impl<A: Actor> Context<A> {
     {
         let weak = self.weak.clone();
         let shared = self.shared.clone();
+        // The deadline is fixed now, not when the task first runs.
+        let at = tokio::time::Instant::now() + delay;
         self.spawn(async move {
-            tokio::time::sleep(delay).await;
+            tokio::time::sleep_until(at).await;
             if let Some(tx) = weak.upgrade() {
                 let _ = Addr { tx, shared }.send(msg).await;
             }

@@ -21,6 +21,8 @@
 //! - **Works from any runtime.** A [`Runtime`] runs on threads of its own, so it
 //!   is usable from `#[tokio::main]` (where actix actors cannot start) as well as
 //!   from `#[actix::main]`.
+//! - **A test kit.** [`testkit`] has probes that record what they receive,
+//!   virtual time and a deterministic single-threaded mode.
 //!
 //! ```
 //! use postbox::{Actor, Context, Failure, Handler, Message, Runtime};
@@ -59,6 +61,7 @@ mod envelope;
 mod failure;
 mod runtime;
 mod supervisor;
+pub mod testkit;
 
 pub use actor::{Actor, Handler, Message};
 pub use addr::{ActorId, ActorStats, Addr, AnyAddr, Recipient, SendError, TrySendError, WeakAddr};

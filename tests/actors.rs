@@ -4,16 +4,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use postbox::testkit::local;
 use postbox::{
     Actor, AskError, Backoff, ChildSpec, Context, ExitReason, Failure, FailureKind, Handler,
     Message, Restart, Runtime, RuntimeHandle, Strategy, SupervisorSpec, TrySendError,
 };
 use tokio::sync::Semaphore;
-
-/// Runs `f` on a single-threaded LocalSet, where local-mode actors live.
-async fn local<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::LocalSet::new().run_until(f).await
-}
 
 /// Records messages; each `Work` waits for a permit from `gate` first.
 struct Worker {

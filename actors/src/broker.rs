@@ -177,10 +177,13 @@ impl Broker {
         }
         let name = ByteString::from(name);
         let actor_name = name.clone();
-        if let Some(dlx) = &options.dead_letter_exchange {
-            if !dlx.is_empty() {
-                validate_name(NameKind::Exchange, dlx)?;
-            }
+        // "" is the default exchange: dead letters straight to a queue by key.
+        if let Some(dlx) = options
+            .dead_letter_exchange
+            .as_deref()
+            .filter(|x| !x.is_empty())
+        {
+            validate_name(NameKind::Exchange, dlx)?;
         }
         if let Some(key) = &options.dead_letter_routing_key {
             validate_key(NameKind::RoutingKey, key)?;
@@ -592,12 +595,11 @@ impl Broker {
                 message.clone()
             };
             if let Some(copy) = copy {
-                match target.publish(copy).await {
-                    // A queue that refuses (reject-publish) is reported, after every
-                    // other target has had its copy.
-                    Err(err @ BrokerError::QueueFull(_)) => refused = Some(err),
-                    // A queue deleted since routing simply does not get its copy.
-                    _ => {}
+                // A queue that refuses (reject-publish) is reported after every other
+                // target has had its copy; a queue deleted since routing simply
+                // does not get one.
+                if let Err(err @ BrokerError::QueueFull(_)) = target.publish(copy).await {
+                    refused = Some(err);
                 }
             }
         }

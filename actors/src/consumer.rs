@@ -231,9 +231,10 @@ impl Message for Drain {
 impl<C: Consumer> Handler<Drain> for ConsumerActor<C> {
     async fn handle(&mut self, _: Drain, ctx: &mut Context<Self>) -> Result<(), Failure> {
         if let Some(link) = self.link.take() {
-            let _ = self.queue.addr.send(Unsubscribe(link.consumer)).await;
+            // Wait until the queue has processed it: every delivery it made to us
+            // is then in our mailbox, ahead of the stop below.
+            let _ = self.queue.addr.ask(Unsubscribe(link.consumer)).await;
         }
-        // Queued behind every delivery handed over before the unsubscribe.
         ctx.notify_later(StopNow, Duration::ZERO);
         Ok(())
     }

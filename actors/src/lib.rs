@@ -32,6 +32,7 @@ pub mod queue;
 pub mod retry;
 pub mod rpc;
 pub mod subscription;
+pub mod testkit;
 mod topology;
 pub mod transaction;
 

@@ -81,6 +81,12 @@ impl Observers {
         }
     }
 
+    /// Whether any observer is registered.
+    #[inline]
+    pub(crate) fn is_active(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
     #[cold]
     fn call(&self, mut f: impl FnMut(&dyn Observer)) {
         for (_, observer) in self.list.read().iter() {

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use postbox::testkit::local;
 use postbox::{Failure, RuntimeHandle};
 use postbox_actors::queue::state::{DeathReason, Overflow};
 use postbox_actors::{
@@ -14,10 +15,6 @@ use postbox_actors::{
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-
-async fn local<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::LocalSet::new().run_until(f).await
-}
 
 fn text(s: &str) -> Envelope {
     Envelope::encode(s).unwrap()

@@ -3,15 +3,12 @@
 use std::time::Duration;
 
 use postbox::RuntimeHandle;
+use postbox::testkit::local;
 use postbox_actors::{
     Broker, BrokerError, ConsumeOptions, Delivery, Destination, Envelope, ExchangeKind,
     ExchangeOptions, HeadersMatch, NameError, PublishError, QueueOptions,
 };
 use tokio::sync::mpsc;
-
-async fn local<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::LocalSet::new().run_until(f).await
-}
 
 fn msg(n: u32) -> Envelope {
     Envelope::encode(&n).unwrap()

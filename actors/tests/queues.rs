@@ -3,20 +3,21 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use postbox::{Failure, Runtime, RuntimeHandle};
+use postbox::testkit::{TestProbe, local};
+use postbox::{Failure, Message, Runtime, RuntimeHandle};
+use postbox_actors::testkit::DeliveryProbe;
 use postbox_actors::{
     AckError, Broker, BrokerError, ConsumeOptions, Consumer, DeleteOptions, Delivery, Envelope,
     NameError, QueueOptions, TryPublishError,
 };
 use tokio::sync::mpsc;
 
-async fn local<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::LocalSet::new().run_until(f).await
-}
+/// Long enough for anything in these tests to happen, in virtual time.
+const WAIT: Duration = Duration::from_secs(5);
 
 fn msg(n: u32) -> Envelope {
     Envelope::encode(&n).unwrap()
@@ -154,19 +155,6 @@ fn competing_consumers_across_arbiters() {
     driver.block_on(competing_consumers(rt.handle()));
 }
 
-type Forwarder = Box<dyn FnMut(Delivery) -> std::future::Ready<Result<(), Failure>>>;
-
-/// A consumer factory whose consumers hand every delivery to the test.
-fn forward(tx: mpsc::UnboundedSender<Delivery>) -> impl Fn() -> Forwarder + Send + Sync {
-    move || {
-        let tx = tx.clone();
-        Box::new(move |d| {
-            let _ = tx.send(d);
-            std::future::ready(Ok(()))
-        })
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_requeued_message_comes_back_first_flagged_and_counted() {
     local(async {
@@ -178,13 +166,13 @@ async fn a_requeued_message_comes_back_first_flagged_and_counted() {
         for n in 1..=3 {
             broker.publish("q", msg(n)).await.unwrap();
         }
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut probe = DeliveryProbe::new(&RuntimeHandle::local());
         let _c = broker
-            .consume("q", ConsumeOptions::manual(2), forward(tx))
+            .consume("q", ConsumeOptions::manual(2), probe.consumer())
             .await
             .unwrap();
-        let m1 = rx.recv().await.unwrap();
-        let m2 = rx.recv().await.unwrap();
+        let m1 = probe.expect_delivery(WAIT).await;
+        let m2 = probe.expect_delivery(WAIT).await;
         assert_eq!(
             (m1.decode::<u32>().unwrap(), m2.decode::<u32>().unwrap()),
             (1, 2)
@@ -192,20 +180,20 @@ async fn a_requeued_message_comes_back_first_flagged_and_counted() {
         assert!(!m1.redelivered());
         assert_eq!(m1.delivery_count(), 1);
         m1.nack(true).await.unwrap();
-        let again = rx.recv().await.unwrap();
+        let again = probe.expect_delivery(WAIT).await;
         assert_eq!(again.decode::<u32>().unwrap(), 1);
         assert!(again.redelivered());
         assert_eq!(again.delivery_count(), 2);
         assert_eq!(again.id(), m1.id());
         again.ack().await.unwrap();
-        let m3 = rx.recv().await.unwrap();
+        let m3 = probe.expect_delivery(WAIT).await;
         assert_eq!(m3.decode::<u32>().unwrap(), 3);
         assert!(!m3.redelivered());
         // multiple: settles m2 and m3 at once.
         assert_eq!(m3.ack_multiple().await.unwrap(), 2);
         // reject discards.
         broker.publish("q", msg(4)).await.unwrap();
-        rx.recv().await.unwrap().reject().await.unwrap();
+        probe.expect_delivery(WAIT).await.reject().await.unwrap();
         let stats = broker.queue_stats("q").await.unwrap().stats;
         assert_eq!(
             (
@@ -319,10 +307,10 @@ async fn bad_settlements_and_unknown_queues_are_typed_errors() {
             broker.publish("nope", msg(1)).await,
             Err(BrokerError::QueueNotFound("nope".into()))
         );
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut probe = DeliveryProbe::new(&RuntimeHandle::local());
         assert!(matches!(
             broker
-                .consume("nope", ConsumeOptions::manual(1), forward(tx.clone()))
+                .consume("nope", ConsumeOptions::manual(1), probe.consumer())
                 .await,
             Err(BrokerError::QueueNotFound(_))
         ));
@@ -332,11 +320,11 @@ async fn bad_settlements_and_unknown_queues_are_typed_errors() {
         ));
         // Double ack.
         let consumer = broker
-            .consume("q", ConsumeOptions::manual(4), forward(tx))
+            .consume("q", ConsumeOptions::manual(4), probe.consumer())
             .await
             .unwrap();
         broker.publish("q", msg(1)).await.unwrap();
-        let d = rx.recv().await.unwrap();
+        let d = probe.expect_delivery(WAIT).await;
         d.ack().await.unwrap();
         assert!(matches!(
             d.ack().await,
@@ -348,7 +336,7 @@ async fn bad_settlements_and_unknown_queues_are_typed_errors() {
         ));
         // Ack after the consumer died: its delivery was requeued.
         broker.publish("q", msg(2)).await.unwrap();
-        let held = rx.recv().await.unwrap();
+        let held = probe.expect_delivery(WAIT).await;
         consumer.cancel().await;
         assert!(!held.is_live());
         assert!(matches!(
@@ -366,19 +354,22 @@ async fn bad_settlements_and_unknown_queues_are_typed_errors() {
             (1, 0, 1, 0)
         );
         // Auto-ack deliveries have nothing to settle.
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut probe = DeliveryProbe::new(&RuntimeHandle::local());
         let _auto = broker
-            .consume("q", ConsumeOptions::auto(), forward(tx))
+            .consume("q", ConsumeOptions::auto(), probe.consumer())
             .await
             .unwrap();
-        let d = rx.recv().await.unwrap();
+        let d = probe.expect_delivery(WAIT).await;
         assert_eq!(d.decode::<u32>().unwrap(), 2);
         assert!(matches!(d.ack().await, Err(AckError::AutoAck { .. })));
         let stats = broker.queue_stats("q").await.unwrap().stats;
         assert_eq!((stats.ready, stats.unacked, stats.acknowledged), (0, 0, 2));
         // The queue survived all of it.
         broker.publish("q", msg(3)).await.unwrap();
-        assert_eq!(rx.recv().await.unwrap().decode::<u32>().unwrap(), 3);
+        assert_eq!(
+            probe.expect_delivery(WAIT).await.decode::<u32>().unwrap(),
+            3
+        );
     })
     .await;
 }
@@ -440,9 +431,9 @@ async fn declare_delete_purge_and_validation() {
             Err(BrokerError::QueueNotEmpty { messages: 3, .. })
         ));
         assert_eq!(broker.purge_queue("q").await.unwrap(), 3);
-        let (tx, _rx) = mpsc::unbounded_channel();
+        let probe = DeliveryProbe::new(&RuntimeHandle::local());
         let consumer = broker
-            .consume("q", ConsumeOptions::manual(1), forward(tx))
+            .consume("q", ConsumeOptions::manual(1), probe.consumer())
             .await
             .unwrap();
         assert!(matches!(
@@ -504,6 +495,12 @@ async fn a_saturated_queue_slows_its_publisher_down() {
     .await;
 }
 
+#[derive(Debug, PartialEq)]
+struct Got(u32);
+impl Message for Got {
+    type Reply = ();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_slow_consumer_with_a_small_mailbox_still_gets_everything_in_order() {
     local(async {
@@ -512,31 +509,31 @@ async fn a_slow_consumer_with_a_small_mailbox_still_gets_everything_in_order() {
             .declare_queue("q", QueueOptions::default())
             .await
             .unwrap();
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let r = received.clone();
-        let calls = Arc::new(AtomicUsize::new(0));
+        let mut got = TestProbe::<Got>::new(&RuntimeHandle::local());
+        let out = got.recipient();
         let _c = broker
             .consume("q", ConsumeOptions::auto().mailbox(2), move || {
-                let (r, calls) = (r.clone(), calls.clone());
+                let out = out.clone();
                 move |d: Delivery| {
-                    let (r, calls) = (r.clone(), calls.clone());
+                    let out = out.clone();
                     async move {
                         tokio::time::sleep(Duration::from_millis(10)).await;
-                        r.lock().push(d.decode::<u32>()?);
-                        calls.fetch_add(1, Ordering::Relaxed);
+                        let _ = out.send(Got(d.decode::<u32>()?)).await;
                         Ok(())
                     }
                 }
             })
             .await
             .unwrap();
+        let start = tokio::time::Instant::now();
         for n in 0..50 {
             broker.publish("q", msg(n)).await.unwrap();
         }
-        while received.lock().len() < 50 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert_eq!(*received.lock(), (0..50).collect::<Vec<u32>>());
+        let all = got.receive_n(50, WAIT).await;
+        assert_eq!(all, (0..50).map(Got).collect::<Vec<_>>());
+        // One at a time, 10 ms each, with no gaps while the mailbox refills.
+        assert_eq!(start.elapsed(), Duration::from_millis(500));
+        got.expect_no_msg(WAIT).await;
         let stats = broker.queue_stats("q").await.unwrap().stats;
         assert_eq!(
             (stats.delivered, stats.acknowledged, stats.unacked),

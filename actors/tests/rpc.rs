@@ -6,14 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use postbox::testkit::local;
 use postbox::{Actor, Context, Failure, Handler, Runtime, RuntimeHandle};
 use postbox_actors::rpc::{RemoteError, ReplyEvent, Request, RequestError, Target};
 use postbox_actors::{Broker, ConsumeOptions, Envelope, ExchangeOptions, QueueOptions};
 use tokio::time::Instant;
-
-async fn local<F: std::future::Future>(f: F) -> F::Output {
-    tokio::task::LocalSet::new().run_until(f).await
-}
 
 fn text(s: &str) -> Envelope {
     Envelope::encode(s).unwrap()

@@ -12,8 +12,7 @@
 //! panic), its registration ends and every delivery it had not settled is
 //! requeued at its original position.
 //!
-//! After every event the actor makes progress in one place
-//! ([`QueueActor::progress`]): it moves the state machine's clock to now, sends
+//! After every event the actor makes progress in one place: it moves the state machine's clock to now, sends
 //! the messages the state removed (rejected, expired, overflowed, over the
 //! delivery limit) to the dead-letter exchange with their death history, or
 //! drops and counts them, dispatches, and sets a timer for the next expiry or
@@ -111,13 +110,19 @@ impl QueueActor {
     }
 
     /// Enqueues a message; hands it back if the queue is full (reject-publish).
-    fn publish(&mut self, message: Envelope) -> Result<(), Envelope> {
-        self.observers.each(|o| o.published(&self.name, &message));
+    fn publish(&mut self, message: Envelope) -> bool {
+        // Observers hear of enqueued messages only; a clone is a few refcounts.
+        let observed = self.observers.is_active().then(|| message.clone());
         match self.state.publish(message) {
-            Published::Enqueued => Ok(()),
+            Published::Enqueued => {
+                if let Some(message) = observed {
+                    self.observers.each(|o| o.published(&self.name, &message));
+                }
+                true
+            }
             Published::Refused(message) => {
                 tracing::debug!(queue = %self.name, message_id = %message.id(), "publish refused: queue full");
-                Err(message)
+                false
             }
         }
     }
@@ -347,7 +352,7 @@ impl Handler<Publish> for QueueActor {
     ) -> Result<(), Failure> {
         tracing::trace!(queue = %self.name, message_id = %message.id(), correlation_id = message.correlation_id(), "enqueue");
         self.state.advance_to(postbox::clock::now_ms());
-        let _ = self.publish(message);
+        self.publish(message);
         self.progress(ctx);
         Ok(())
     }
@@ -366,7 +371,7 @@ impl Handler<PublishConfirmed> for QueueActor {
         ctx: &mut Context<Self>,
     ) -> Result<bool, Failure> {
         self.state.advance_to(postbox::clock::now_ms());
-        let accepted = self.publish(message).is_ok();
+        let accepted = self.publish(message);
         self.progress(ctx);
         Ok(accepted)
     }
@@ -398,7 +403,7 @@ impl Handler<PublishBatch> for QueueActor {
     ) -> Result<(), Failure> {
         self.state.advance_to(postbox::clock::now_ms());
         for message in batch {
-            let _ = self.publish(message);
+            self.publish(message);
         }
         self.progress(ctx);
         Ok(())
