@@ -1,6 +1,10 @@
-//! A narrated tour of postbox: point-to-point queues with competing consumers,
-//! manual acknowledgements, a consumer crash and the redelivery of what it held,
-//! backpressure, and typed errors.
+//! A narrated tour of postbox:
+//! - point-to-point queues with competing consumers and manual acknowledgements;
+//! - a consumer crash, and the redelivery of what it held;
+//! - backpressure, and typed errors;
+//! - topic routing to subscribers;
+//! - request-reply;
+//! - retries that end in a dead-letter queue.
 //!
 //! Run it with `cargo run --release --example tour`.
 
@@ -10,8 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use postbox::{Failure, Runtime};
+use postbox_actors::rpc::{RemoteError, Request};
 use postbox_actors::{
-    Broker, ConsumeOptions, Consumer, Delivery, Envelope, QueueOptions, TryPublishError,
+    Broker, ConsumeOptions, Consumer, Delivery, Envelope, ExchangeOptions, QueueOptions,
+    RetryPolicy, TryPublishError,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -197,6 +203,141 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await
     {
         println!("   a queue name with a control character -> {err}");
+    }
+
+    println!("\n6. Publish/subscribe through a topic exchange: each subscriber gets its own");
+    println!("   queue, and the patterns decide who hears what (`*` one word, `#` any number).");
+    broker
+        .declare_exchange("shop.events", ExchangeOptions::topic())
+        .await?;
+    let (heard_tx, mut heard) = mpsc::unbounded_channel::<(String, String)>();
+    let mut subscriptions = Vec::new();
+    for (who, pattern) in [
+        ("email", "user.registered"),
+        ("audit", "#"),
+        ("stock", "order.*.created"),
+    ] {
+        let tx = heard_tx.clone();
+        subscriptions.push(
+            broker
+                .subscribe("shop.events", pattern, ConsumeOptions::auto(), move || {
+                    let tx = tx.clone();
+                    move |d: Delivery| {
+                        let _ = tx.send((who.to_string(), d.routing_key().to_string()));
+                        async { Ok(()) }
+                    }
+                })
+                .await?,
+        );
+    }
+    for key in ["user.registered", "order.eu.created", "order.eu.paid"] {
+        let reached = broker
+            .publish_to("shop.events", key, Envelope::new("event"))
+            .await?;
+        println!("   published {key:<17} -> {reached} subscriber queue(s)");
+    }
+    let mut heard_by = BTreeMap::<String, Vec<String>>::new();
+    for _ in 0..5 {
+        let (who, key) = tokio::time::timeout(Duration::from_secs(5), heard.recv())
+            .await?
+            .ok_or("stopped")?;
+        heard_by.entry(who).or_default().push(key);
+    }
+    for (who, keys) in &heard_by {
+        println!("   {who:<5} heard {keys:?}");
+    }
+
+    println!("\n7. Request-reply: a report service answers on a queue; the client's request");
+    println!("   carries a correlation id, a reply-to queue and its deadline.");
+    broker
+        .declare_queue("reports", QueueOptions::default())
+        .await?;
+    let _reports = broker
+        .respond("reports", ConsumeOptions::manual(4), || {
+            |req: Request| async move {
+                let month: String = req.decode()?;
+                if month.is_empty() {
+                    return Err(RemoteError::new("which month?"));
+                }
+                Ok(Envelope::encode(&format!(
+                    "sales report for {month}: 42 orders"
+                ))?)
+            }
+        })
+        .await?;
+    let client = broker.requester().await?;
+    let reply = client
+        .request("reports", Envelope::encode("2026-11")?)
+        .timeout(Duration::from_secs(2))
+        .await?;
+    println!("   reply: {:?}", reply.decode::<String>()?);
+    if let Err(err) = client.request("reports", Envelope::encode("")?).await {
+        println!("   a handler error comes back typed: {err}");
+    }
+    broker
+        .declare_queue("nobody.listens", QueueOptions::default())
+        .await?;
+    if let Err(err) = client.request("nobody.listens", Envelope::new("?")).await {
+        println!("   no consumer: fails at once instead of waiting 30 s: {err}");
+    }
+
+    println!("\n8. Retries and dead letters: a payment consumer fails; a retry policy tries 3");
+    println!("   times with exponential backoff, then the message goes to the dead-letter");
+    println!("   exchange with its death history.");
+    broker
+        .declare_exchange("payments.dlx", ExchangeOptions::fanout())
+        .await?;
+    broker
+        .declare_queue("payments.dead", QueueOptions::default())
+        .await?;
+    broker
+        .bind_queue("payments.dead", "payments.dlx", "")
+        .await?;
+    broker
+        .declare_queue(
+            "payments",
+            QueueOptions::default().dead_letter_exchange("payments.dlx"),
+        )
+        .await?;
+    let started = tokio::time::Instant::now();
+    let policy = RetryPolicy::exponential(Duration::from_millis(50), Duration::from_secs(1), 3);
+    let _payments = broker
+        .consume(
+            "payments",
+            ConsumeOptions::manual(8),
+            policy.wrap(move || {
+                move |d: Delivery| {
+                    println!(
+                        "   attempt {} at {:>4} ms: payment gateway down",
+                        d.delivery_count(),
+                        started.elapsed().as_millis()
+                    );
+                    async { Err::<(), _>(Failure::msg("payment gateway down")) }
+                }
+            }),
+        )
+        .await?;
+    let (dead_tx, mut dead) = mpsc::unbounded_channel();
+    let _dead = broker
+        .consume("payments.dead", ConsumeOptions::auto(), move || {
+            let tx = dead_tx.clone();
+            move |d: Delivery| {
+                let _ = tx.send(d.into_message());
+                async { Ok(()) }
+            }
+        })
+        .await?;
+    broker
+        .publish("payments", Envelope::new("charge 10 EUR"))
+        .await?;
+    let dead_letter = tokio::time::timeout(Duration::from_secs(10), dead.recv())
+        .await?
+        .ok_or("stopped")?;
+    for death in dead_letter.deaths() {
+        println!(
+            "   dead-lettered from {:?}, reason {}, {} time(s)",
+            death.queue, death.reason, death.count
+        );
     }
 
     println!("\nDone.");
