@@ -42,7 +42,9 @@ use parking_lot::RwLock;
 use postbox::{ChildSpec, Restart, RuntimeHandle, SupervisorSpec};
 use serde::Serialize;
 
-use crate::consumer::{ConsumeOptions, Consumer, ConsumerActor, ConsumerHandle, Registration};
+use crate::consumer::{
+    ConsumeOptions, Consumer, ConsumerActor, ConsumerFactory, ConsumerHandle, Registration,
+};
 use crate::envelope::Envelope;
 use crate::error::{BrokerError, PublishError};
 use crate::exchange::headers::HeadersMatch;
@@ -616,7 +618,7 @@ impl Broker {
     ) -> Result<ConsumerHandle<C>, BrokerError>
     where
         C: Consumer,
-        F: Fn() -> C + Send + Sync + 'static,
+        F: ConsumerFactory<C>,
     {
         let handle = self.queue(queue)?;
         let n = self.inner.consumers.fetch_add(1, Ordering::Relaxed);

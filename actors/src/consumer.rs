@@ -59,6 +59,13 @@ where
     }
 }
 
+/// Builds a consumer, at start and again after each crash: any
+/// `Fn() -> C + Send + Sync + 'static` (it is sent to the consumer's thread and
+/// kept by its supervisor).
+pub trait ConsumerFactory<C: Consumer>: Fn() -> C + Send + Sync + 'static {}
+
+impl<C: Consumer, F: Fn() -> C + Send + Sync + 'static> ConsumerFactory<C> for F {}
+
 /// How a consumer receives and is supervised.
 ///
 /// ```

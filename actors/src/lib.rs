@@ -38,7 +38,7 @@ pub mod transaction;
 
 pub use broker::{Broker, BrokerConfig};
 pub use codec::{Codec, CodecError, Json};
-pub use consumer::{ConsumeOptions, Consumer, ConsumerActor, ConsumerHandle};
+pub use consumer::{ConsumeOptions, Consumer, ConsumerActor, ConsumerFactory, ConsumerHandle};
 pub use delivery::Settler;
 pub use delivery::{AckError, Delivery, Outcome};
 pub use envelope::{Envelope, HeaderValue, Headers, MessageId};

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use postbox::Failure;
 
-use crate::consumer::Consumer;
+use crate::consumer::{Consumer, ConsumerFactory};
 use crate::delivery::{AckError, Delivery, Outcome};
 use crate::queue::state::AckMode;
 
@@ -109,10 +109,10 @@ impl RetryPolicy {
     }
 
     /// Wraps a consumer factory so that its consumers retry by this policy.
-    pub fn wrap<C, F>(self, factory: F) -> impl Fn() -> Retrying<C> + Send + Sync + 'static
+    pub fn wrap<C, F>(self, factory: F) -> impl ConsumerFactory<Retrying<C>>
     where
         C: Consumer,
-        F: Fn() -> C + Send + Sync + 'static,
+        F: ConsumerFactory<C>,
     {
         move || Retrying {
             inner: factory(),

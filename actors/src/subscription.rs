@@ -39,7 +39,7 @@
 use bytestring::ByteString;
 
 use crate::broker::Broker;
-use crate::consumer::{ConsumeOptions, Consumer, ConsumerHandle};
+use crate::consumer::{ConsumeOptions, Consumer, ConsumerFactory, ConsumerHandle};
 use crate::error::BrokerError;
 use crate::queue::options::{DeleteOptions, QueueOptions};
 
@@ -96,7 +96,7 @@ impl Broker {
     ) -> Result<Subscription<C>, BrokerError>
     where
         C: Consumer,
-        F: Fn() -> C + Send + Sync + 'static,
+        F: ConsumerFactory<C>,
     {
         let name = format!("sub.{}", uuid::Uuid::new_v4().simple());
         let queue = self.declare_queue(&name, QueueOptions::default()).await?;
@@ -133,7 +133,7 @@ impl Broker {
     ) -> Result<Subscription<C>, BrokerError>
     where
         C: Consumer,
-        F: Fn() -> C + Send + Sync + 'static,
+        F: ConsumerFactory<C>,
     {
         if self.queue(queue).is_err() {
             self.declare_queue(queue, QueueOptions::default()).await?;

@@ -46,6 +46,11 @@ async fn drain(rx: &mut mpsc::UnboundedReceiver<Got>) -> Vec<Got> {
     out
 }
 
+/// Publishes through `exchange` and returns how many queues the message reached.
+async fn reach(broker: &Broker, exchange: &str, key: &str, message: Envelope) -> usize {
+    broker.publish_to(exchange, key, message).await.unwrap()
+}
+
 fn of(got: &[Got], label: &str) -> Vec<u32> {
     got.iter()
         .filter(|(l, _)| l == label)
@@ -132,10 +137,7 @@ async fn unsubscribe_late_subscribers_and_durable_subscriptions() {
         email.cancel().await;
         // Nobody consumes now; only the durable queue keeps messages.
         assert_eq!(
-            broker
-                .publish_to("user.events", "user.registered", msg(2))
-                .await
-                .unwrap(),
+            reach(&broker, "user.events", "user.registered", msg(2)).await,
             1
         );
         let late = broker
@@ -353,13 +355,7 @@ async fn direct_headers_default_alternate_and_mandatory() {
         );
         // default exchange: routes to the queue named by the key
         assert_eq!(broker.publish_to("", "any", msg(6)).await.unwrap(), 1);
-        assert_eq!(
-            broker
-                .publish_to("", "no-such-queue", msg(7))
-                .await
-                .unwrap(),
-            0
-        );
+        assert_eq!(reach(&broker, "", "no-such-queue", msg(7)).await, 0);
         // mandatory: an unroutable message comes back
         match broker
             .publish_mandatory("docs", "", msg(8).with_header("format", "txt"))
@@ -441,26 +437,11 @@ async fn topic_routing_bindings_at_run_time_and_exchange_to_exchange() {
             .await
             .unwrap();
         assert_eq!(
-            broker
-                .publish_to("events", "order.eu.created", msg(1))
-                .await
-                .unwrap(),
+            reach(&broker, "events", "order.eu.created", msg(1)).await,
             3
         );
-        assert_eq!(
-            broker
-                .publish_to("events", "order.us.paid", msg(2))
-                .await
-                .unwrap(),
-            2
-        );
-        assert_eq!(
-            broker
-                .publish_to("events", "user.created", msg(3))
-                .await
-                .unwrap(),
-            2
-        );
+        assert_eq!(reach(&broker, "events", "order.us.paid", msg(2)).await, 2);
+        assert_eq!(reach(&broker, "events", "user.created", msg(3)).await, 2);
         assert_eq!(
             broker.publish_to("events", "", msg(4)).await.unwrap(),
             1,
@@ -486,10 +467,7 @@ async fn topic_routing_bindings_at_run_time_and_exchange_to_exchange() {
                 .unwrap()
         );
         assert_eq!(
-            broker
-                .publish_to("events", "order.eu.created", msg(5))
-                .await
-                .unwrap(),
+            reach(&broker, "events", "order.eu.created", msg(5)).await,
             2
         );
         let published = |q: &'static str| {
@@ -508,10 +486,7 @@ async fn topic_routing_bindings_at_run_time_and_exchange_to_exchange() {
         broker.bind_exchange("orders", "events", "#").await.unwrap();
         broker.bind_exchange("events", "orders", "#").await.unwrap();
         assert_eq!(
-            broker
-                .publish_to("events", "order.eu.created", msg(6))
-                .await
-                .unwrap(),
+            reach(&broker, "events", "order.eu.created", msg(6)).await,
             3
         );
         // deleting a queue removes its bindings
@@ -568,34 +543,10 @@ async fn ten_thousand_bindings_route_exactly() {
         broker.bind_queue("q3", "t", "region7.#").await.unwrap();
         assert_eq!(broker.bindings("t").unwrap().len(), 10_001);
         // region7.shop42.* was bound by i = 4207 -> q7; region7.# -> q3
-        assert_eq!(
-            broker
-                .publish_to("t", "region7.shop42.sale", msg(1))
-                .await
-                .unwrap(),
-            2
-        );
-        assert_eq!(
-            broker
-                .publish_to("t", "region7.shop42", msg(2))
-                .await
-                .unwrap(),
-            1
-        );
-        assert_eq!(
-            broker
-                .publish_to("t", "region8.shop42.sale", msg(3))
-                .await
-                .unwrap(),
-            1
-        );
-        assert_eq!(
-            broker
-                .publish_to("t", "region8.nope.sale", msg(4))
-                .await
-                .unwrap(),
-            0
-        );
+        assert_eq!(reach(&broker, "t", "region7.shop42.sale", msg(1)).await, 2);
+        assert_eq!(reach(&broker, "t", "region7.shop42", msg(2)).await, 1);
+        assert_eq!(reach(&broker, "t", "region8.shop42.sale", msg(3)).await, 1);
+        assert_eq!(reach(&broker, "t", "region8.nope.sale", msg(4)).await, 0);
         assert_eq!(broker.queue_stats("q7").await.unwrap().stats.published, 1);
         assert_eq!(broker.queue_stats("q3").await.unwrap().stats.published, 2);
         assert_eq!(broker.queue_stats("q8").await.unwrap().stats.published, 1);

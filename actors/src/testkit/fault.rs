@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use postbox::Failure;
 
-use crate::consumer::Consumer;
+use crate::consumer::{Consumer, ConsumerFactory};
 use crate::delivery::Delivery;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,10 +196,10 @@ impl FaultPlan {
     /// Every consumer the factory builds, first or rebuilt, shares this plan's
     /// numbering and counters (so do consumers of other factories wrapped with
     /// the same plan or its clones).
-    pub fn wrap<C, F>(&self, factory: F) -> impl Fn() -> Faulty<C> + Send + Sync + 'static
+    pub fn wrap<C, F>(&self, factory: F) -> impl ConsumerFactory<Faulty<C>>
     where
         C: Consumer,
-        F: Fn() -> C + Send + Sync + 'static,
+        F: ConsumerFactory<C>,
     {
         let plan = Arc::new(self.clone());
         move || Faulty {
