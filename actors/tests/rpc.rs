@@ -419,3 +419,63 @@ async fn a_responder_that_crashes_mid_request_has_it_redelivered_and_one_reply_a
     })
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn late_replies_can_be_forwarded_to_a_dead_letter_queue() {
+    local(async {
+        let broker = Broker::new(&RuntimeHandle::local());
+        broker
+            .declare_queue("slow", QueueOptions::default())
+            .await
+            .unwrap();
+        broker
+            .declare_queue("late.replies", QueueOptions::default())
+            .await
+            .unwrap();
+        let _r = broker
+            .respond("slow", ConsumeOptions::manual(1), || {
+                |req: Request| async move {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    Ok(req.message().clone())
+                }
+            })
+            .await
+            .unwrap();
+        let client = broker
+            .requester_with(
+                postbox_actors::rpc::RequesterOptions::default()
+                    .late_replies_to("", "late.replies"),
+            )
+            .await
+            .unwrap();
+        let err = client
+            .request("slow", text("too slow"))
+            .timeout(Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        let RequestError::Timeout { correlation_id, .. } = err else {
+            panic!("{err:?}")
+        };
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let _c = broker
+            .consume("late.replies", ConsumeOptions::auto(), move || {
+                let tx = tx.clone();
+                move |d: postbox_actors::Delivery| {
+                    let _ = tx.send(d.into_message());
+                    async { Ok(()) }
+                }
+            })
+            .await
+            .unwrap();
+        let late = rx.recv().await.unwrap();
+        assert_eq!(late.correlation_id(), Some(correlation_id.as_str()));
+        assert_eq!(
+            late.header(postbox_actors::rpc::LATE_HEADER),
+            Some(&true.into())
+        );
+        assert_eq!(late.decode::<String>().unwrap(), "too slow");
+        assert_eq!(client.stats().late, 1);
+    })
+    .await;
+}

@@ -23,8 +23,10 @@
 //! A request that nobody can answer (no queue, or no consumer on any queue it
 //! reaches) fails at once with [`RequestError::NoResponders`] instead of waiting
 //! out its timeout. Replies that arrive after their requester gave up are not
-//! dropped silently: they are counted, logged with their correlation id, and
-//! listed by [`Requester::late_replies`].
+//! dropped silently: they are counted, logged with their correlation id, listed
+//! by [`Requester::late_replies`], and, if the requester was built with
+//! [`RequesterOptions::late_replies_to`], published to an exchange of your choice
+//! (the dead-letter path for replies).
 //!
 //! ```
 //! use std::time::Duration;
@@ -54,8 +56,8 @@ mod requester;
 mod responder;
 
 pub use requester::{
-    PendingReply, ReplyEvent, RequestBuilder, RequestError, RequestId, Requester, RequesterStats,
-    Target,
+    LATE_HEADER, PendingReply, ReplyEvent, ReplyRouter, RequestBuilder, RequestError, RequestId,
+    Requester, RequesterOptions, RequesterStats, Target,
 };
 pub use responder::{RemoteError, Request, Respond, Responder, ResponderHandle, ResponderStats};
 

@@ -149,43 +149,41 @@ struct Pending {
 }
 
 impl Pending {
-    /// Routes one reply to its waiter; false when nobody waits for it.
-    fn route(&mut self, reply: Envelope) -> bool {
-        let Some(cid) = reply.correlation_id().map(ByteString::from) else {
-            return self.late(String::new());
+    /// Routes one reply to its waiter; hands it back when nobody waits for it
+    /// any more (a late reply, recorded as such).
+    fn route(&mut self, reply: Envelope) -> Option<Envelope> {
+        let cid = ByteString::from(reply.correlation_id().unwrap_or_default());
+        let reply = match self.waiting.get(&cid) {
+            Some(Waiter::Many(tx)) => match tx.send(reply) {
+                Ok(()) => None,
+                Err(mpsc::error::SendError(reply)) => Some(reply),
+            },
+            Some(Waiter::One(_)) => match self.waiting.remove(&cid) {
+                Some(Waiter::One(tx)) => tx.send(reply).err(),
+                _ => Some(reply),
+            },
+            None => Some(reply),
         };
-        match self.waiting.get(&cid) {
-            Some(Waiter::Many(tx)) if tx.send(reply.clone()).is_ok() => {
+        match reply {
+            None => {
                 self.replies += 1;
-                true
+                None
             }
-            Some(Waiter::One(_)) => {
-                let delivered = match self.waiting.remove(&cid) {
-                    Some(Waiter::One(tx)) => tx.send(reply).is_ok(),
-                    _ => false,
-                };
-                if delivered {
-                    self.replies += 1;
-                    true
-                } else {
-                    self.late(cid.to_string())
-                }
-            }
-            _ => {
+            Some(reply) => {
                 self.waiting.remove(&cid);
-                self.late(cid.to_string())
+                self.late(cid.to_string());
+                Some(reply)
             }
         }
     }
 
-    fn late(&mut self, cid: String) -> bool {
+    fn late(&mut self, cid: String) {
         self.late += 1;
         tracing::warn!(correlation_id = %cid, "late reply: its requester stopped waiting");
         if self.recent_late.len() == LATE_KEPT {
             self.recent_late.pop_front();
         }
         self.recent_late.push_back(cid);
-        false
     }
 }
 
@@ -199,12 +197,43 @@ struct Inner {
 /// Consumes a requester's reply queue and hands each reply to its waiter.
 pub struct ReplyRouter {
     pending: Arc<Mutex<Pending>>,
+    late_replies: Option<(Broker, String, String)>,
 }
 
 impl Consumer for ReplyRouter {
     async fn handle(&mut self, delivery: Delivery) -> Result<(), Failure> {
-        self.pending.lock().route(delivery.into_message());
+        let late = self.pending.lock().route(delivery.into_message());
+        if let (Some(reply), Some((broker, exchange, key))) = (late, &self.late_replies) {
+            // The dead-letter path for replies nobody waits for any more.
+            let reply = reply.with_header(LATE_HEADER, true);
+            if let Err(err) = broker.publish_to(exchange, key, reply).await {
+                tracing::warn!(%err, exchange, "late reply not forwarded");
+            }
+        }
         Ok(())
+    }
+}
+
+/// Header set on late replies forwarded by [`RequesterOptions::late_replies_to`].
+pub const LATE_HEADER: &str = "x-late-reply";
+
+/// How a [`Requester`] is set up.
+#[derive(Clone, Debug, Default)]
+pub struct RequesterOptions {
+    late_replies: Option<(String, String)>,
+}
+
+impl RequesterOptions {
+    /// Publishes replies that arrive after their request gave up to `exchange`
+    /// with `routing_key` (`""` and a queue name: straight to that queue),
+    /// flagged with the `x-late-reply` header, besides counting them.
+    pub fn late_replies_to(
+        mut self,
+        exchange: impl Into<String>,
+        routing_key: impl Into<String>,
+    ) -> Self {
+        self.late_replies = Some((exchange.into(), routing_key.into()));
+        self
     }
 }
 
@@ -233,13 +262,25 @@ impl fmt::Debug for Requester {
 impl Broker {
     /// A new request-reply client with its own reply queue.
     pub async fn requester(&self) -> Result<Requester, BrokerError> {
+        self.requester_with(RequesterOptions::default()).await
+    }
+
+    /// A new request-reply client, configured.
+    pub async fn requester_with(
+        &self,
+        options: RequesterOptions,
+    ) -> Result<Requester, BrokerError> {
         let name = format!("reply.{}", uuid::Uuid::new_v4().simple());
         let queue = self.declare_queue(&name, QueueOptions::default()).await?;
         let pending = Arc::new(Mutex::new(Pending::default()));
         let p = pending.clone();
+        let late_replies = options
+            .late_replies
+            .map(|(ex, key)| (self.clone(), ex, key));
         let router = self
             .consume(&name, ConsumeOptions::auto(), move || ReplyRouter {
                 pending: p.clone(),
+                late_replies: late_replies.clone(),
             })
             .await?;
         queue.tie_to(router.addr().any()).await?;
