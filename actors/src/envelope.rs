@@ -62,7 +62,21 @@ impl MessageId {
     /// A fresh, time-ordered (version 7) UUID.
     #[must_use]
     pub fn new() -> Self {
-        Self(Uuid::now_v7())
+        Self::at(now_ms())
+    }
+
+    /// A fresh version 7 UUID for the epoch-millisecond time `ms`. Ids made on
+    /// one thread are strictly increasing (a counter orders ids of the same
+    /// millisecond); across threads they are ordered to the millisecond.
+    #[must_use]
+    pub fn at(ms: u64) -> Self {
+        use uuid::timestamp::context::ContextV7;
+        thread_local! {
+            static CONTEXT: ContextV7 = ContextV7::new();
+        }
+        let (secs, nanos) = (ms / 1000, (ms % 1000) as u32 * 1_000_000);
+        let ts = CONTEXT.with(|ctx| uuid::Timestamp::from_unix(ctx, secs, nanos));
+        Self(Uuid::new_v7(ts))
     }
 
     /// The underlying UUID.
@@ -305,11 +319,13 @@ impl Envelope {
     /// without copying.
     #[must_use]
     pub fn new(payload: impl Into<Bytes>) -> Self {
+        // One clock read serves the id and the timestamp.
+        let now = now_ms();
         Self {
-            id: MessageId::new(),
+            id: MessageId::at(now),
             routing_key: ByteString::new(),
             payload: payload.into(),
-            timestamp_ms: now_ms(),
+            timestamp_ms: now,
             priority: 0,
             delivery_count: 0,
             redelivered: false,

@@ -131,6 +131,11 @@ impl QueueActor {
     /// timer: called after every event.
     fn progress(&mut self, ctx: &mut Context<Self>) {
         self.state.advance_to(postbox::clock::now_ms());
+        self.progressed(ctx);
+    }
+
+    /// [`progress`](Self::progress) for handlers that just advanced the clock.
+    fn progressed(&mut self, ctx: &mut Context<Self>) {
         self.dead_letters(ctx);
         self.dispatch(ctx);
         // Dispatching expires heads too.
@@ -353,7 +358,7 @@ impl Handler<Publish> for QueueActor {
         tracing::trace!(queue = %self.name, message_id = %message.id(), correlation_id = message.correlation_id(), "enqueue");
         self.state.advance_to(postbox::clock::now_ms());
         self.publish(message);
-        self.progress(ctx);
+        self.progressed(ctx);
         Ok(())
     }
 }
@@ -372,7 +377,7 @@ impl Handler<PublishConfirmed> for QueueActor {
     ) -> Result<bool, Failure> {
         self.state.advance_to(postbox::clock::now_ms());
         let accepted = self.publish(message);
-        self.progress(ctx);
+        self.progressed(ctx);
         Ok(accepted)
     }
 }
@@ -405,7 +410,7 @@ impl Handler<PublishBatch> for QueueActor {
         for message in batch {
             self.publish(message);
         }
-        self.progress(ctx);
+        self.progressed(ctx);
         Ok(())
     }
 }
