@@ -39,6 +39,15 @@ pub trait Actor: Sized + 'static {
         async { Ok(()) }
     }
 
+    /// Called after a message is handled when no other message is waiting. An
+    /// actor that coalesces work (a queue dispatching many publishes at once) does
+    /// it here, so that it batches under load and stays prompt when idle. An error
+    /// fails the incarnation like a failing handler does.
+    fn drained(&mut self, ctx: &mut Context<Self>) -> impl Future<Output = Result<(), Failure>> {
+        let _ = ctx;
+        async { Ok(()) }
+    }
+
     /// Called when an incarnation ends for any reason, including after a failure
     /// (a panic inside `stopped` is caught and logged).
     fn stopped(&mut self, ctx: &mut Context<Self>) -> impl Future<Output = ()> {

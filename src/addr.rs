@@ -219,6 +219,14 @@ impl<M> TrySendError<M> {
     pub fn is_full(&self) -> bool {
         matches!(self, TrySendError::Full(_))
     }
+
+    /// Converts the message handed back, keeping the variant.
+    pub fn map<N>(self, f: impl FnOnce(M) -> N) -> TrySendError<N> {
+        match self {
+            TrySendError::Full(m) => TrySendError::Full(f(m)),
+            TrySendError::Closed(m) => TrySendError::Closed(f(m)),
+        }
+    }
 }
 
 impl<M> fmt::Debug for TrySendError<M> {

@@ -172,6 +172,13 @@ async fn live<A: Actor>(
                         Ok(Err(failure)) => break End::Exit(ExitReason::Failed(failure)),
                         Err(panic) => break End::Exit(ExitReason::Failed(Failure::from_panic(panic))),
                     }
+                    if rx.is_empty() {
+                        match AssertUnwindSafe(actor.drained(ctx)).catch_unwind().await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(failure)) => break End::Exit(ExitReason::Failed(failure)),
+                            Err(panic) => break End::Exit(ExitReason::Failed(Failure::from_panic(panic))),
+                        }
+                    }
                 }
             }
         },

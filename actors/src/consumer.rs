@@ -34,7 +34,7 @@ use postbox::{Actor, Addr, Backoff, Context, ExitReason, Failure, Handler, Messa
 use tracing::Instrument;
 
 use crate::delivery::{Delivery, Link};
-use crate::queue::actor::Unsubscribe;
+use crate::queue::actor::{DeliveryBatch, Sink, Unsubscribe};
 use crate::queue::handle::QueueHandle;
 use crate::queue::state::{AckMode, ConsumerId};
 
@@ -181,7 +181,7 @@ impl<C: Consumer> Actor for ConsumerActor<C> {
         let link = self
             .queue
             .subscribe_as(
-                me.recipient(),
+                Sink::Batch(me.recipient()),
                 self.mode,
                 self.prefetch,
                 Some(ctx.incarnation()),
@@ -205,12 +205,8 @@ impl<C: Consumer> Actor for ConsumerActor<C> {
     }
 }
 
-impl<C: Consumer> Handler<Delivery> for ConsumerActor<C> {
-    async fn handle(
-        &mut self,
-        delivery: Delivery,
-        _ctx: &mut Context<Self>,
-    ) -> Result<(), Failure> {
+impl<C: Consumer> ConsumerActor<C> {
+    async fn handle_one(&mut self, delivery: Delivery) -> Result<(), Failure> {
         let current = self.link.as_ref().map(|l| l.consumer);
         if delivery.ack_mode() == AckMode::Manual && Some(delivery.consumer()) != current {
             // Made to an earlier registration of this actor: the queue requeues it.
@@ -226,6 +222,33 @@ impl<C: Consumer> Handler<Delivery> for ConsumerActor<C> {
             redelivered = delivery.redelivered(),
         );
         self.consumer.handle(delivery).instrument(span).await
+    }
+}
+
+impl<C: Consumer> Handler<Delivery> for ConsumerActor<C> {
+    async fn handle(
+        &mut self,
+        delivery: Delivery,
+        _ctx: &mut Context<Self>,
+    ) -> Result<(), Failure> {
+        self.handle_one(delivery).await
+    }
+}
+
+/// Deliveries come in batches from the queue (one mailbox slot for up to 64);
+/// each is handled in order, one at a time. If the consumer fails, the rest of
+/// the batch goes with it: manual-ack deliveries are requeued, auto-ack ones
+/// (settled when handed over) are lost, as in RabbitMQ's auto-ack mode.
+impl<C: Consumer> Handler<DeliveryBatch> for ConsumerActor<C> {
+    async fn handle(
+        &mut self,
+        DeliveryBatch(batch): DeliveryBatch,
+        _ctx: &mut Context<Self>,
+    ) -> Result<(), Failure> {
+        for delivery in batch {
+            self.handle_one(delivery).await?;
+        }
+        Ok(())
     }
 }
 

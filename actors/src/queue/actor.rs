@@ -65,9 +65,35 @@ pub(crate) struct QueueConfig {
 }
 
 struct Registered {
-    sink: Recipient<Delivery>,
+    sink: Sink,
     link: Arc<Link>,
 }
+
+/// Where a consumer's deliveries go: one at a time to any actor that handles
+/// [`Delivery`], or in batches to a [`ConsumerActor`](crate::ConsumerActor).
+#[derive(Clone)]
+pub(crate) enum Sink {
+    One(Recipient<Delivery>),
+    Batch(Recipient<DeliveryBatch>),
+}
+
+impl Sink {
+    fn any(&self) -> AnyAddr {
+        match self {
+            Sink::One(r) => r.any(),
+            Sink::Batch(r) => r.any(),
+        }
+    }
+}
+
+/// Deliveries handed to one consumer in one mailbox slot.
+pub(crate) struct DeliveryBatch(pub(crate) Vec<Delivery>);
+impl Message for DeliveryBatch {
+    type Reply = ();
+}
+
+/// Most deliveries in one batch: bounds what a consumer's mailbox slot holds.
+const MAX_BATCH: usize = 64;
 
 /// The actor that owns one queue. Reach it through the
 /// [`Broker`](crate::Broker) or a [`QueueHandle`](crate::QueueHandle).
@@ -84,7 +110,16 @@ pub struct QueueActor {
     timer_at: Option<u64>,
     dead_lettered: u64,
     dead_letters_dropped: u64,
+    /// Events handled since the last progress (see [`QueueActor::touch`]).
+    unprogressed: u32,
+    /// Whether progress may wait for the mailbox to drain: not with length
+    /// limits, which must see dispatches as they happen.
+    coalesce: bool,
 }
+
+/// Most events handled before the queue makes progress even though more are
+/// waiting: bounds how long consumers wait under a flood of publishes.
+const PROGRESS_EVERY: u32 = 128;
 
 impl QueueActor {
     pub(crate) fn new(
@@ -94,6 +129,8 @@ impl QueueActor {
         broker: BrokerRef,
         consumer_count: Arc<AtomicUsize>,
     ) -> Self {
+        let coalesce =
+            config.policy.max_length.is_none() && config.policy.max_length_bytes.is_none();
         QueueActor {
             name,
             state: QueueState::with_policy(config.policy),
@@ -106,6 +143,18 @@ impl QueueActor {
             timer_at: None,
             dead_lettered: 0,
             dead_letters_dropped: 0,
+            unprogressed: 0,
+            coalesce,
+        }
+    }
+
+    /// Notes an event that may enable deliveries. Progress happens when the
+    /// mailbox drains ([`Actor::drained`]) or every [`PROGRESS_EVERY`] events, so
+    /// that a burst of publishes is dispatched in batches.
+    fn touch(&mut self, ctx: &mut Context<Self>) {
+        self.unprogressed += 1;
+        if !self.coalesce || self.unprogressed >= PROGRESS_EVERY {
+            self.progressed(ctx);
         }
     }
 
@@ -136,6 +185,7 @@ impl QueueActor {
 
     /// [`progress`](Self::progress) for handlers that just advanced the clock.
     fn progressed(&mut self, ctx: &mut Context<Self>) {
+        self.unprogressed = 0;
         self.dead_letters(ctx);
         self.dispatch(ctx);
         // Dispatching expires heads too.
@@ -211,6 +261,8 @@ impl QueueActor {
 
     /// Hands ready messages to eligible consumers until one of the two runs out.
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
+        // Deliveries for batch consumers are gathered and sent per consumer.
+        let mut batches: Vec<(ConsumerId, Vec<Delivery>)> = Vec::new();
         while let Some(d) = self.state.next_delivery() {
             let Some(reg) = self.consumers.get(&d.consumer) else {
                 // Unreachable by construction (registrations mirror the state);
@@ -221,37 +273,83 @@ impl QueueActor {
             };
             self.observers
                 .each(|o| o.delivered(&self.name, d.consumer, d.tag, &d.message));
-            let auto = reg.link.mode == AckMode::Auto;
-            if !auto {
+            if reg.link.mode == AckMode::Manual {
                 reg.link.track(d.tag);
             }
             let delivery = Delivery::new(d.message, d.tag, reg.link.clone());
-            match reg.sink.try_send(delivery) {
-                Ok(()) => {
-                    if auto {
-                        let _ = self.state.ack(d.consumer, d.tag, false);
+            match reg.sink {
+                Sink::One(_) => self.hand_over(ctx, d.consumer, vec![delivery]),
+                Sink::Batch(_) => {
+                    let i = match batches.iter().position(|(c, _)| *c == d.consumer) {
+                        Some(i) => i,
+                        None => {
+                            batches.push((d.consumer, Vec::with_capacity(8)));
+                            batches.len() - 1
+                        }
+                    };
+                    batches[i].1.push(delivery);
+                    if batches[i].1.len() >= MAX_BATCH {
+                        let (consumer, batch) = batches.swap_remove(i);
+                        self.hand_over(ctx, consumer, batch);
                     }
                 }
-                Err(TrySendError::Full(delivery)) => {
-                    let _ = self.state.set_blocked(d.consumer, true);
-                    let sink = reg.sink.clone();
-                    let me = ctx.addr();
-                    let (consumer, tag) = (d.consumer, d.tag);
-                    ctx.spawn(async move {
-                        let delivered = sink.send(delivery).await.is_ok();
-                        if let Some(me) = me {
-                            let _ = me
-                                .send(Handoff {
-                                    consumer,
-                                    tag,
-                                    delivered,
-                                })
-                                .await;
-                        }
-                    });
-                }
-                Err(TrySendError::Closed(_)) => self.remove(d.consumer),
             }
+        }
+        for (consumer, batch) in batches {
+            self.hand_over(ctx, consumer, batch);
+        }
+    }
+
+    /// Puts deliveries into a consumer's mailbox. If it is full, the consumer is
+    /// blocked and a task waits for room; auto-ack deliveries settle once handed
+    /// over; a consumer whose mailbox closed is removed (its deliveries requeued).
+    fn hand_over(
+        &mut self,
+        ctx: &mut Context<Self>,
+        consumer: ConsumerId,
+        mut batch: Vec<Delivery>,
+    ) {
+        let Some(reg) = self.consumers.get(&consumer) else {
+            // Removed while this batch was gathered: its deliveries were requeued.
+            return;
+        };
+        let tags: Vec<DeliveryTag> = batch.iter().map(Delivery::tag).collect();
+        let sent = match &reg.sink {
+            Sink::One(r) => match batch.pop() {
+                Some(one) => r
+                    .try_send(one)
+                    .map_err(|e| e.map(|d| Pending::One(r.clone(), d))),
+                None => Ok(()),
+            },
+            Sink::Batch(r) => r
+                .try_send(DeliveryBatch(batch))
+                .map_err(|e| e.map(|DeliveryBatch(b)| Pending::Batch(r.clone(), b))),
+        };
+        match sent {
+            Ok(()) => {
+                if reg.link.mode == AckMode::Auto {
+                    for tag in tags {
+                        let _ = self.state.ack(consumer, tag, false);
+                    }
+                }
+            }
+            Err(TrySendError::Full(pending)) => {
+                let _ = self.state.set_blocked(consumer, true);
+                let me = ctx.addr();
+                ctx.spawn(async move {
+                    let delivered = pending.send().await;
+                    if let Some(me) = me {
+                        let _ = me
+                            .send(Handoff {
+                                consumer,
+                                tags,
+                                delivered,
+                            })
+                            .await;
+                    }
+                });
+            }
+            Err(TrySendError::Closed(_)) => self.remove(consumer),
         }
     }
 
@@ -305,6 +403,13 @@ impl QueueActor {
 }
 
 impl Actor for QueueActor {
+    async fn drained(&mut self, ctx: &mut Context<Self>) -> Result<(), Failure> {
+        if self.unprogressed > 0 {
+            self.progress(ctx);
+        }
+        Ok(())
+    }
+
     async fn stopped(&mut self, ctx: &mut Context<Self>) {
         // Consumers learn that their registrations ended (settling now fails).
         for (_, reg) in self.consumers.drain() {
@@ -358,7 +463,7 @@ impl Handler<Publish> for QueueActor {
         tracing::trace!(queue = %self.name, message_id = %message.id(), correlation_id = message.correlation_id(), "enqueue");
         self.state.advance_to(postbox::clock::now_ms());
         self.publish(message);
-        self.progressed(ctx);
+        self.touch(ctx);
         Ok(())
     }
 }
@@ -410,14 +515,14 @@ impl Handler<PublishBatch> for QueueActor {
         for message in batch {
             self.publish(message);
         }
-        self.progressed(ctx);
+        self.touch(ctx);
         Ok(())
     }
 }
 
 /// Register a consumer; replies with its link.
 pub(crate) struct Subscribe {
-    pub(crate) sink: Recipient<Delivery>,
+    pub(crate) sink: Sink,
     pub(crate) mode: AckMode,
     pub(crate) prefetch: u32,
     /// The consumer actor's incarnation the registration is tied to.
@@ -490,7 +595,8 @@ impl Handler<Settle> for QueueActor {
         };
         let pending = reg.link.drain();
         self.apply(id, pending);
-        self.progress(ctx);
+        self.state.advance_to(postbox::clock::now_ms());
+        self.touch(ctx);
         Ok(())
     }
 }
@@ -498,8 +604,24 @@ impl Handler<Settle> for QueueActor {
 /// A delayed hand-off to a full consumer mailbox finished.
 struct Handoff {
     consumer: ConsumerId,
-    tag: DeliveryTag,
+    tags: Vec<DeliveryTag>,
     delivered: bool,
+}
+
+/// Deliveries waiting for room in a full consumer mailbox.
+enum Pending {
+    One(Recipient<Delivery>, Delivery),
+    Batch(Recipient<DeliveryBatch>, Vec<Delivery>),
+}
+
+impl Pending {
+    /// Waits for room; false if the consumer's mailbox closed.
+    async fn send(self) -> bool {
+        match self {
+            Pending::One(r, d) => r.send(d).await.is_ok(),
+            Pending::Batch(r, b) => r.send(DeliveryBatch(b)).await.is_ok(),
+        }
+    }
 }
 impl Message for Handoff {
     type Reply = ();
@@ -513,7 +635,9 @@ impl Handler<Handoff> for QueueActor {
             self.remove(msg.consumer);
         } else {
             if reg.link.mode == AckMode::Auto {
-                let _ = self.state.ack(msg.consumer, msg.tag, false);
+                for tag in msg.tags {
+                    let _ = self.state.ack(msg.consumer, tag, false);
+                }
             }
             let _ = self.state.set_blocked(msg.consumer, false);
         }
@@ -528,7 +652,8 @@ impl Message for Purge {
     type Reply = usize;
 }
 impl Handler<Purge> for QueueActor {
-    async fn handle(&mut self, _: Purge, _: &mut Context<Self>) -> Result<usize, Failure> {
+    async fn handle(&mut self, _: Purge, ctx: &mut Context<Self>) -> Result<usize, Failure> {
+        self.progress(ctx);
         Ok(self.state.purge())
     }
 }
@@ -542,8 +667,10 @@ impl Handler<Snapshot> for QueueActor {
     async fn handle(
         &mut self,
         _: Snapshot,
-        _: &mut Context<Self>,
+        ctx: &mut Context<Self>,
     ) -> Result<QueueSnapshot, Failure> {
+        // Report the state after pending dispatches, not before them.
+        self.progress(ctx);
         Ok(self.snapshot())
     }
 }
@@ -563,6 +690,7 @@ impl Handler<Delete> for QueueActor {
         msg: Delete,
         ctx: &mut Context<Self>,
     ) -> Result<Result<QueueSnapshot, QueueSnapshot>, Failure> {
+        self.progress(ctx);
         let snapshot = self.snapshot();
         if (msg.if_unused && !self.consumers.is_empty()) || (msg.if_empty && !self.state.is_empty())
         {

@@ -11,8 +11,8 @@ use crate::delivery::Delivery;
 use crate::envelope::Envelope;
 use crate::error::{BrokerError, TryPublishError};
 use crate::queue::actor::{
-    Publish, PublishBatch, PublishConfirmed, QueueActor, QueueSnapshot, Snapshot, Subscribe, TieTo,
-    Unsubscribe,
+    Publish, PublishBatch, PublishConfirmed, QueueActor, QueueSnapshot, Sink, Snapshot, Subscribe,
+    TieTo, Unsubscribe,
 };
 use crate::queue::state::{AckMode, ConsumerId};
 
@@ -113,14 +113,14 @@ impl QueueHandle {
         mode: AckMode,
         prefetch: u32,
     ) -> Result<ConsumerId, BrokerError> {
-        self.subscribe_as(sink, mode, prefetch, None)
+        self.subscribe_as(Sink::One(sink), mode, prefetch, None)
             .await
             .map(|link| link.consumer)
     }
 
     pub(crate) async fn subscribe_as(
         &self,
-        sink: Recipient<Delivery>,
+        sink: Sink,
         mode: AckMode,
         prefetch: u32,
         incarnation: Option<u64>,
