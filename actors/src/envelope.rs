@@ -72,7 +72,7 @@ impl MessageId {
     pub fn at(ms: u64) -> Self {
         use uuid::timestamp::context::ContextV7;
         thread_local! {
-            static CONTEXT: ContextV7 = ContextV7::new();
+            static CONTEXT: ContextV7 = const { ContextV7::new() };
         }
         let (secs, nanos) = (ms / 1000, (ms % 1000) as u32 * 1_000_000);
         let ts = CONTEXT.with(|ctx| uuid::Timestamp::from_unix(ctx, secs, nanos));
