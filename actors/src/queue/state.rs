@@ -54,7 +54,6 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
-use std::mem;
 
 use serde::{Deserialize, Serialize};
 
@@ -366,7 +365,80 @@ struct Consumer {
     delivered: u64,
     /// Outstanding deliveries by tag (always empty in auto mode). Per consumer, so that
     /// `multiple` settles and removal touch only this consumer's deliveries.
-    unacked: BTreeMap<DeliveryTag, Entry>,
+    unacked: Unacked,
+}
+
+/// One consumer's outstanding deliveries, by tag. Tags only grow, so a deque with
+/// tombstones gives O(1) inserts and (amortized) removals that never move
+/// entries; a B-tree would shift its large values inside nodes on every settle.
+#[derive(Clone, Debug, Default)]
+struct Unacked {
+    // Invariant: strictly increasing tags; no tombstone at either end.
+    slots: VecDeque<(DeliveryTag, Option<Entry>)>,
+    live: usize,
+}
+
+impl Unacked {
+    fn len(&self) -> usize {
+        self.live
+    }
+
+    fn insert(&mut self, tag: DeliveryTag, entry: Entry) {
+        debug_assert!(self.slots.back().is_none_or(|(t, _)| *t < tag));
+        self.slots.push_back((tag, Some(entry)));
+        self.live += 1;
+    }
+
+    fn position(&self, tag: &DeliveryTag) -> Option<usize> {
+        let i = self.slots.binary_search_by_key(tag, |(t, _)| *t).ok()?;
+        self.slots[i].1.is_some().then_some(i)
+    }
+
+    fn contains_key(&self, tag: &DeliveryTag) -> bool {
+        self.position(tag).is_some()
+    }
+
+    fn remove(&mut self, tag: &DeliveryTag) -> Option<Entry> {
+        let i = self.position(tag)?;
+        let entry = self.slots[i].1.take();
+        self.live -= 1;
+        self.trim();
+        entry
+    }
+
+    /// Removes every delivery with a tag up to and including `tag`, oldest first.
+    fn take_through(&mut self, tag: DeliveryTag) -> Vec<Entry> {
+        let end = self.slots.partition_point(|(t, _)| *t <= tag);
+        let taken: Vec<Entry> = self.slots.drain(..end).filter_map(|(_, e)| e).collect();
+        self.live -= taken.len();
+        self.trim();
+        taken
+    }
+
+    fn trim(&mut self) {
+        while self.slots.front().is_some_and(|(_, e)| e.is_none()) {
+            self.slots.pop_front();
+        }
+        while self.slots.back().is_some_and(|(_, e)| e.is_none()) {
+            self.slots.pop_back();
+        }
+    }
+
+    fn into_values(self) -> impl Iterator<Item = Entry> {
+        self.slots.into_iter().filter_map(|(_, e)| e)
+    }
+
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = (&DeliveryTag, &Entry)> {
+        self.slots
+            .iter()
+            .filter_map(|(t, e)| e.as_ref().map(|e| (t, e)))
+    }
+
+    #[cfg(test)]
+    fn values(&self) -> impl Iterator<Item = &Entry> {
+        self.iter().map(|(_, e)| e)
+    }
 }
 
 impl Consumer {
@@ -586,7 +658,7 @@ impl QueueState {
             prefetch,
             blocked: false,
             delivered: 0,
-            unacked: BTreeMap::new(),
+            unacked: Unacked::default(),
         });
         Ok(())
     }
@@ -972,17 +1044,11 @@ impl QueueState {
             apply(self, entry);
             return Ok(1);
         }
-        // Split the consumer's deliveries at `tag`: everything up to it is settled.
-        let settled = match tag.0.checked_add(1) {
-            Some(next) => {
-                let kept = holder.unacked.split_off(&DeliveryTag(next));
-                mem::replace(&mut holder.unacked, kept)
-            }
-            None => mem::take(&mut holder.unacked),
-        };
+        // Everything this consumer holds up to `tag` is settled.
+        let settled = holder.unacked.take_through(tag);
         let count = settled.len();
         self.unacked -= count;
-        for entry in settled.into_values() {
+        for entry in settled {
             apply(self, entry);
         }
         Ok(count)
