@@ -293,15 +293,17 @@ pub struct Death {
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Envelope {
     id: MessageId,
-    routing_key: ByteString,
+    /// `None` is the empty key: no allocation for the common default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    routing_key: Option<Arc<str>>,
     payload: Bytes,
     timestamp_ms: u64,
     priority: u8,
     delivery_count: u32,
     redelivered: bool,
-    /// The exchange it was last published to (empty: the default exchange).
-    #[serde(default, skip_serializing_if = "str_is_empty")]
-    exchange: ByteString,
+    /// The exchange it was last published to (`None`: the default exchange).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exchange: Option<Arc<str>>,
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -323,13 +325,13 @@ impl Envelope {
         let now = now_ms();
         Self {
             id: MessageId::at(now),
-            routing_key: ByteString::new(),
+            routing_key: None,
             payload: payload.into(),
             timestamp_ms: now,
             priority: 0,
             delivery_count: 0,
             redelivered: false,
-            exchange: ByteString::new(),
+            exchange: None,
             properties: None,
         }
     }
@@ -395,8 +397,8 @@ impl Envelope {
 
     /// Sets the routing key, which exchanges match against their bindings.
     #[must_use]
-    pub fn with_routing_key(mut self, routing_key: impl Into<ByteString>) -> Self {
-        self.routing_key = routing_key.into();
+    pub fn with_routing_key(mut self, routing_key: impl Into<Arc<str>>) -> Self {
+        self.routing_key = non_empty(routing_key.into());
         self
     }
 
@@ -475,14 +477,14 @@ impl Envelope {
 
     /// Sets the exchange it is published to; the broker does this when routing.
     #[must_use]
-    pub fn with_exchange(mut self, exchange: impl Into<ByteString>) -> Self {
-        self.exchange = exchange.into();
+    pub fn with_exchange(mut self, exchange: impl Into<Arc<str>>) -> Self {
+        self.exchange = non_empty(exchange.into());
         self
     }
 
     /// The exchange it was last published to (`""`: the default exchange).
     pub fn exchange(&self) -> &str {
-        &self.exchange
+        self.exchange.as_deref().unwrap_or("")
     }
 
     /// Its death history, most recent first: one entry per (queue, reason).
@@ -503,8 +505,8 @@ impl Envelope {
     /// republished: its own expiration is removed (so it does not expire again
     /// wherever it goes) and its delivery count starts over.
     pub fn record_death(&mut self, queue: &str, reason: DeathReason, now_ms: u64) {
-        let exchange = self.exchange.clone();
-        let routing_key = self.routing_key.clone();
+        let exchange = ByteString::from(self.exchange());
+        let routing_key = ByteString::from(self.routing_key());
         let props = self.properties_mut();
         props.expiration = None;
         match props
@@ -545,7 +547,7 @@ impl Envelope {
     /// The routing key (empty unless set).
     #[must_use]
     pub fn routing_key(&self) -> &str {
-        &self.routing_key
+        self.routing_key.as_deref().unwrap_or("")
     }
 
     /// The payload bytes. Clone the returned [`Bytes`] to keep them without copying.
@@ -651,8 +653,9 @@ impl fmt::Debug for Envelope {
     }
 }
 
-fn str_is_empty(s: &ByteString) -> bool {
-    s.is_empty()
+/// The empty string is stored as `None`, so that it costs nothing.
+fn non_empty(s: Arc<str>) -> Option<Arc<str>> {
+    (!s.is_empty()).then_some(s)
 }
 
 /// Milliseconds since the UNIX epoch, on tokio's clock so that TTLs and deadlines

@@ -227,8 +227,8 @@ impl QueueActor {
             .clone()
             .unwrap_or_else(|| ByteString::from(message.routing_key()));
         let message = message
-            .with_routing_key(key.clone())
-            .with_exchange(target.exchange.clone());
+            .with_routing_key(&*key)
+            .with_exchange(&*target.exchange);
         let mut targets = self.broker.route(&target.exchange, &key, &message);
         // As in RabbitMQ: a message that would come back to a queue it already died
         // in, with no rejection anywhere in its history, is in a cycle: drop it there.

@@ -297,8 +297,13 @@ struct Entry {
     message: Envelope,
     /// When it expires (epoch ms on the driver's clock); set at enqueue from the
     /// smaller of the queue's and the message's TTL, and kept across requeues.
-    expires_at: Option<u64>,
+    /// [`NEVER`] when it has no TTL (a sentinel: 8 bytes less per queued message
+    /// than an `Option`).
+    expires_at: u64,
 }
+
+/// The expiry of a message without TTL.
+const NEVER: u64 = u64::MAX;
 
 /// The ready messages, ordered by publish sequence number.
 ///
@@ -555,7 +560,8 @@ impl QueueState {
             (Some(q), Some(m)) => Some(q.min(millis(m))),
             (q, m) => q.or(m.map(millis)),
         };
-        let expires_at = ttl.map(|ttl| self.now_ms.saturating_add(ttl));
+        // Saturating: a TTL reaching past the end of time never expires.
+        let expires_at = ttl.map_or(NEVER, |ttl| self.now_ms.saturating_add(ttl));
         self.ready.push(Entry {
             seq,
             message,
@@ -598,7 +604,7 @@ impl QueueState {
         while self
             .ready
             .head()
-            .is_some_and(|e| e.expires_at.is_some_and(|t| t <= self.now_ms))
+            .is_some_and(|e| e.expires_at != NEVER && e.expires_at <= self.now_ms)
         {
             let Some(entry) = self.ready.pop() else { break };
             n += 1;
@@ -615,7 +621,11 @@ impl QueueState {
     /// earliest of the head's expiry and the next delayed message's due time.
     #[must_use]
     pub fn next_deadline(&self) -> Option<u64> {
-        let head = self.ready.head().and_then(|e| e.expires_at);
+        let head = self
+            .ready
+            .head()
+            .map(|e| e.expires_at)
+            .filter(|t| *t != NEVER);
         let delayed = self.delayed.keys().next().map(|(due, _)| *due);
         match (head, delayed) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -1,0 +1,275 @@
+//! postbox against what a user would pick instead, in one run on one machine:
+//! `cargo bench --bench peers [-- [--quick] [--only 1,4] [--filter text]]`.
+//!
+//! Set `AMQP_URL` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`) to add
+//! RabbitMQ, through `lapin`, as a peer in scenarios 1, 3, 4 and 5.
+//!
+//! # What is measured
+//!
+//! Every message carries a 64-byte payload unless a scenario says otherwise.
+//!
+//! 1. Point-to-point, one producer, one auto-ack consumer. Baselines: a bounded
+//!    `tokio::sync::mpsc` channel and a raw actix actor (`do_send`).
+//! 2. Point-to-point with manual acks, prefetch 256 and two competing consumers;
+//!    compared with scenario 1.
+//! 3. Fan-out from one producer to 10 subscribers (a fanout exchange). Baseline:
+//!    `tokio::sync::broadcast`, paced so that no receiver lags.
+//! 4. Request-reply round trips, requester and responder on the same arbiter and
+//!    on different arbiters: postbox `Addr::ask` and postbox `rpc`
+//!    (request/reply queues). Baseline: actix `send().await`.
+//! 5. Durable publish with confirms. postbox has no persistence yet, so its rows
+//!    are empty; the disk's ceiling (append + `fdatasync` per batch) is measured.
+//! 6. Routing through a topic exchange with 10,000 bindings, against the same
+//!    exchange with 10.
+//! 7. Memory: resident bytes per queued message with 1,000,000 queued, and per
+//!    queue (with one consumer) with 100,000 queues, plus the creation rate.
+//!
+//! # How
+//!
+//! - Throughput: each row is the median of `reps` trials (5; 1 with
+//!   `--quick`). A trial starts the system afresh (new threads, so the OS
+//!   places them anew), runs a warm-up round of a tenth of the count, then one
+//!   measured round of a fixed count: messages / elapsed, where the round ends
+//!   when the consumers have seen every message. All systems signal
+//!   completion the same way (an atomic counter and a `Notify`).
+//! - Latency: one sample per round trip after a warm-up; p50 and p99 of the
+//!   sorted samples. `msgs/s` is round trips per second. "Across arbiters"
+//!   pins the two threads to different cores, and a floor row shows what two
+//!   plain threads pay for the same two wake-ups.
+//! - Memory: each case runs in a fresh child process (this binary, with
+//!   `--memory-child`), so nothing earlier in the run is cached by the
+//!   allocator. Resident size (`VmRSS`) is read after `malloc_trim(0)` before
+//!   filling and after, and the difference is divided by the count.
+//! - The producer runs on the driver thread, consumers on worker threads: for
+//!   postbox the arbiters of a `Runtime` (one per core), for tokio a
+//!   multi-threaded runtime with one worker per core, for actix one arbiter per
+//!   core. Only public APIs are used.
+//!
+//! Options: `--quick` (small counts, one trial: the CI smoke test), `--only
+//! 1,4` (scenarios), `--filter text` (rows whose system contains `text`;
+//! `=name` for exactly that row; for profiling).
+//!
+//! Output: a Markdown table with ratios on stdout, a goals check, and
+//! `target/bench/peers.json` (an array of `{scenario, system, msgs_per_sec,
+//! p50_us, p99_us, bytes_per_msg}`).
+
+#[path = "peers/actix_threads.rs"]
+mod actix_threads;
+#[path = "peers/durable.rs"]
+mod durable;
+#[path = "peers/fanout.rs"]
+mod fanout;
+#[path = "peers/goals.rs"]
+mod goals;
+#[path = "peers/memory.rs"]
+mod memory;
+#[path = "peers/p2p.rs"]
+mod p2p;
+#[path = "peers/rabbit.rs"]
+mod rabbit;
+#[path = "peers/report.rs"]
+mod report;
+#[path = "peers/rpc.rs"]
+mod rpc;
+#[path = "peers/topic.rs"]
+mod topic;
+#[path = "peers/util.rs"]
+mod util;
+
+use report::Report;
+
+/// What to run and how much of it.
+pub struct Config {
+    /// Small counts: a smoke test.
+    pub quick: bool,
+    /// Measured rounds per throughput row.
+    pub reps: usize,
+    /// Scenarios to run (all when empty).
+    pub only: Vec<u32>,
+    /// Only rows whose system contains this text (`--filter`, for profiling).
+    pub filter: Option<String>,
+    /// RabbitMQ, when `AMQP_URL` is set.
+    pub amqp: Option<String>,
+}
+
+impl Config {
+    fn from_args(args: &[String]) -> Config {
+        let quick = args.iter().any(|a| a == "--quick");
+        let only = args
+            .iter()
+            .position(|a| a == "--only")
+            .and_then(|i| args.get(i + 1))
+            .map(|list| {
+                list.split(',')
+                    .map(|s| {
+                        s.trim()
+                            .parse()
+                            .expect("--only takes scenario numbers: 1,3")
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let filter = args
+            .iter()
+            .position(|a| a == "--filter")
+            .and_then(|i| args.get(i + 1))
+            .cloned();
+        Config {
+            quick,
+            reps: if quick { 1 } else { 5 },
+            only,
+            filter,
+            amqp: std::env::var("AMQP_URL").ok().filter(|u| !u.is_empty()),
+        }
+    }
+
+    /// `full`, or `quick` with `--quick`.
+    pub fn count(&self, full: u64, quick: u64) -> u64 {
+        if self.quick { quick } else { full }
+    }
+
+    /// Whether to run the row of `system`: `--filter text` runs the rows whose
+    /// system contains `text`, `--filter =name` only the row called `name`.
+    pub fn wants(&self, system: &str) -> bool {
+        self.filter
+            .as_ref()
+            .is_none_or(|f| match f.strip_prefix('=') {
+                Some(exact) => system == exact,
+                None => system.contains(f.as_str()),
+            })
+    }
+
+    fn runs(&self, scenario: u32) -> bool {
+        self.only.is_empty() || self.only.contains(&scenario)
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--memory-child") {
+        memory::child(&args[i + 1..]);
+        return;
+    }
+    let cfg = Config::from_args(&args);
+    let machine = machine();
+    println!(
+        "postbox peers benchmark{}",
+        if cfg.quick { " (--quick)" } else { "" }
+    );
+    println!("{machine}");
+    let start = std::time::Instant::now();
+
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let driver = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .expect("the driver's tokio runtime");
+    let mut report = Report::default();
+    let mut notes: Vec<String> = Vec::new();
+    driver.block_on(async {
+        let rabbit = match &cfg.amqp {
+            None => {
+                notes.push(
+                    "RabbitMQ rows skipped: AMQP_URL is not set \
+                     (e.g. AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f)."
+                        .to_string(),
+                );
+                None
+            }
+            Some(url) => match rabbit::Rabbit::connect(url).await {
+                Ok(r) => Some(r),
+                Err(err) => {
+                    notes.push(format!(
+                        "RabbitMQ rows skipped: cannot connect to AMQP_URL: {err}"
+                    ));
+                    None
+                }
+            },
+        };
+        // In-process systems first: RabbitMQ runs on this machine too, and
+        // keeps working (flushing, collecting garbage) for a while after its
+        // rows, which would disturb whatever ran next.
+        if cfg.runs(1) {
+            p2p::scenario1(&cfg, &mut report).await;
+        }
+        if cfg.runs(2) {
+            p2p::scenario2(&cfg, &mut report).await;
+        }
+        if cfg.runs(3) {
+            fanout::scenario3(&cfg, &mut report).await;
+        }
+        if cfg.runs(4) {
+            rpc::scenario4(&cfg, &mut report).await;
+        }
+        if cfg.runs(5) {
+            durable::scenario5(&cfg, &mut report).await;
+        }
+        if cfg.runs(6) {
+            topic::scenario6(&cfg, &mut report).await;
+        }
+        if cfg.runs(7) {
+            memory::scenario7(&cfg, &mut report);
+        }
+        if let Some(r) = &rabbit {
+            println!("\n== RabbitMQ");
+            if cfg.runs(1) {
+                r.scenario1(&cfg, &mut report).await;
+            }
+            if cfg.runs(3) {
+                r.scenario3(&cfg, &mut report).await;
+            }
+            if cfg.runs(4) {
+                r.scenario4(&cfg, &mut report).await;
+            }
+            if cfg.runs(5) {
+                r.scenario5(&cfg, &mut report).await;
+            }
+        }
+        if let Some(r) = rabbit {
+            r.close().await;
+        }
+    });
+    driver.shutdown_timeout(std::time::Duration::from_secs(1));
+
+    println!("\n## Results\n\n{machine}");
+    print!("{}", report.table());
+    println!("\n## Goals\n");
+    print!("{}", goals::check(&report));
+    for note in &notes {
+        println!("\nNote: {note}");
+    }
+    match report.write_json() {
+        Ok(path) => println!("\nWrote {}", path.display()),
+        Err(err) => {
+            eprintln!("cannot write peers.json: {err}");
+            std::process::exit(1);
+        }
+    }
+    println!("Total time: {:.0} s", start.elapsed().as_secs_f64());
+}
+
+/// One line about the machine: CPU model, cores, memory, kernel.
+fn machine() -> String {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let kernel = read("/proc/sys/kernel/osrelease");
+    // Anything else running skews the numbers: say how busy the machine was.
+    let load = read("/proc/loadavg");
+    let load = load.split_whitespace().next().unwrap_or("?");
+    format!(
+        "Machine: {cpu}, {cores} cores, {mem_gib:.0} GiB RAM, Linux {}; load average {load} at start",
+        kernel.trim()
+    )
+}
