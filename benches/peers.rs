@@ -43,11 +43,17 @@
 //! - The producer runs on the driver thread, consumers on worker threads: for
 //!   postbox the arbiters of a `Runtime` (one per core), for tokio a
 //!   multi-threaded runtime with one worker per core, for actix one arbiter per
-//!   core. Only public APIs are used.
+//!   core. The OS places the threads; `--pin` puts the producer on core 0 and
+//!   every consuming thread on core 1 instead, for all systems alike (see
+//!   `peers/place.rs`). Only public APIs are used.
+//! - RabbitMQ rows run after every in-process row (the broker shares the
+//!   machine and stays busy for a while after heavy traffic), 256 publishes in
+//!   flight; see `peers/rabbit.rs`.
 //!
 //! Options: `--quick` (small counts, one trial: the CI smoke test), `--only
 //! 1,4` (scenarios), `--filter text` (rows whose system contains `text`;
-//! `=name` for exactly that row; for profiling).
+//! `=name` for exactly that row; for profiling), `--pin` (fixed placement:
+//! stable run to run, for comparing commits).
 //!
 //! Output: a Markdown table with ratios on stdout, a goals check, and
 //! `target/bench/peers.json` (an array of `{scenario, system, msgs_per_sec,
@@ -65,6 +71,8 @@ mod goals;
 mod memory;
 #[path = "peers/p2p.rs"]
 mod p2p;
+#[path = "peers/place.rs"]
+mod place;
 #[path = "peers/rabbit.rs"]
 mod rabbit;
 #[path = "peers/report.rs"]
@@ -82,12 +90,14 @@ use report::Report;
 pub struct Config {
     /// Small counts: a smoke test.
     pub quick: bool,
-    /// Measured rounds per throughput row.
+    /// Trials per throughput row (RabbitMQ: rounds, at most 3).
     pub reps: usize,
     /// Scenarios to run (all when empty).
     pub only: Vec<u32>,
     /// Only rows whose system contains this text (`--filter`, for profiling).
     pub filter: Option<String>,
+    /// Fixed thread placement for throughput trials (`--pin`).
+    pub pin: bool,
     /// RabbitMQ, when `AMQP_URL` is set.
     pub amqp: Option<String>,
 }
@@ -119,6 +129,7 @@ impl Config {
             reps: if quick { 1 } else { 5 },
             only,
             filter,
+            pin: args.iter().any(|a| a == "--pin"),
             amqp: std::env::var("AMQP_URL").ok().filter(|u| !u.is_empty()),
         }
     }
@@ -165,28 +176,15 @@ fn main() {
         .enable_all()
         .build()
         .expect("the driver's tokio runtime");
+    // After the driver's workers exist, so that they (and RabbitMQ's client
+    // tasks on them) are not confined to the producer's core.
+    if cfg.pin {
+        place::enable();
+        place::producer();
+    }
     let mut report = Report::default();
     let mut notes: Vec<String> = Vec::new();
     driver.block_on(async {
-        let rabbit = match &cfg.amqp {
-            None => {
-                notes.push(
-                    "RabbitMQ rows skipped: AMQP_URL is not set \
-                     (e.g. AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f)."
-                        .to_string(),
-                );
-                None
-            }
-            Some(url) => match rabbit::Rabbit::connect(url).await {
-                Ok(r) => Some(r),
-                Err(err) => {
-                    notes.push(format!(
-                        "RabbitMQ rows skipped: cannot connect to AMQP_URL: {err}"
-                    ));
-                    None
-                }
-            },
-        };
         // In-process systems first: RabbitMQ runs on this machine too, and
         // keeps working (flushing, collecting garbage) for a while after its
         // rows, which would disturb whatever ran next.
@@ -211,7 +209,28 @@ fn main() {
         if cfg.runs(7) {
             memory::scenario7(&cfg, &mut report);
         }
-        if let Some(r) = &rabbit {
+        // RabbitMQ's rows: the publisher may run anywhere, like its client's tasks.
+        util::unpin_current_thread();
+        let rabbit = match &cfg.amqp {
+            None => {
+                notes.push(
+                    "RabbitMQ rows skipped: AMQP_URL is not set \
+                     (e.g. AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f)."
+                        .to_string(),
+                );
+                None
+            }
+            Some(url) => match rabbit::Rabbit::connect(url).await {
+                Ok(r) => Some(r),
+                Err(err) => {
+                    notes.push(format!(
+                        "RabbitMQ rows skipped: cannot connect to AMQP_URL: {err}"
+                    ));
+                    None
+                }
+            },
+        };
+        if let Some(r) = rabbit {
             println!("\n== RabbitMQ");
             if cfg.runs(1) {
                 r.scenario1(&cfg, &mut report).await;
@@ -225,8 +244,6 @@ fn main() {
             if cfg.runs(5) {
                 r.scenario5(&cfg, &mut report).await;
             }
-        }
-        if let Some(r) = rabbit {
             r.close().await;
         }
     });

@@ -13,11 +13,12 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use postbox::{Failure, Runtime};
+use postbox::Failure;
 use postbox_actors::{Broker, ConsumeOptions, Delivery, Envelope, ExchangeOptions};
 use tokio::sync::{Notify, broadcast};
 
 use crate::Config;
+use crate::place;
 use crate::report::{Metric, Report, Row};
 use crate::util::{FanIn, leak, payload, throughput, timed, trials, worker_runtime};
 
@@ -139,7 +140,7 @@ async fn tokio_broadcast(n: u64) -> f64 {
 }
 
 async fn postbox_fanout(n: u64) -> f64 {
-    let rt = Runtime::new().expect("postbox runtime");
+    let rt = place::postbox_runtime().await;
     let broker = Broker::new(&rt);
     broker
         .declare_exchange("fan", ExchangeOptions::fanout())

@@ -164,6 +164,8 @@ fn run_child(case: &str, n: u64) -> Measured {
 
 /// Entry point of a child process: `--memory-child <case> <count>`.
 pub fn child(args: &[String]) {
+    // The parent's placement is inherited; memory cases use every core.
+    crate::util::unpin_current_thread();
     let case = args.first().map(String::as_str).unwrap_or_default();
     let n: u64 = args
         .get(1)

@@ -13,12 +13,12 @@
 //! each trial.
 
 use bytes::Bytes;
-use postbox::{Actor, Context, Failure, Handler, Message, Runtime};
+use postbox::{Actor, Context, Failure, Handler, Message};
 use postbox_actors::{Broker, ConsumeOptions, Delivery, Envelope, QueueHandle, QueueOptions};
 use tokio::sync::mpsc;
 
 use crate::Config;
-use crate::actix_threads::ActixThreads;
+use crate::place;
 use crate::report::{Metric, Report, Row};
 use crate::util::{Done, leak, payload, throughput, timed, trials, worker_runtime};
 
@@ -189,7 +189,7 @@ impl actix::Handler<ActixMessage> for ActixSink {
 }
 
 async fn actix_do_send(n: u64) -> f64 {
-    let threads = ActixThreads::start(2);
+    let threads = place::actix_threads();
     let done = leak(Done::new());
     let addr = <ActixSink as actix::Actor>::start_in_arbiter(&threads.arbiters[0], move |_| {
         ActixSink { done }
@@ -229,7 +229,7 @@ impl Handler<Push> for Sink {
 }
 
 async fn postbox_actor(n: u64) -> f64 {
-    let rt = Runtime::new().expect("postbox runtime");
+    let rt = place::postbox_runtime().await;
     let done = leak(Done::new());
     let addr = rt
         .build(move || Some(Sink { done }))
@@ -343,7 +343,7 @@ pub async fn postbox_queue(
     ack: Ack,
     batch: usize,
 ) -> f64 {
-    let rt = Runtime::new().expect("postbox runtime");
+    let rt = place::postbox_runtime().await;
     let broker = Broker::new(&rt);
     let queue = broker
         .declare_queue("bench", QueueOptions::default())

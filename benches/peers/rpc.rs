@@ -27,6 +27,7 @@ use postbox_actors::{Broker, ConsumeOptions, Envelope, QueueOptions};
 
 use crate::Config;
 use crate::actix_threads::ActixThreads;
+use crate::place;
 use crate::report::{Metric, Report, Row};
 use crate::util::{Latencies, Samples, payload, pin_current_thread, sample};
 
@@ -209,7 +210,7 @@ impl Handler<RequestLoop> for Pinger {
 async fn ask(warmup: usize, n: usize, across: bool) -> Latencies {
     let rt = Runtime::with_arbiters(2).expect("postbox runtime");
     if across {
-        pin_arbiters(&rt);
+        place::pin_arbiters(&rt, |i| i).await;
     }
     let echo = rt.build(|| Some(Echo)).arbiter(usize::from(across)).spawn();
     let pinger = rt.build(|| Some(Pinger)).arbiter(0).spawn();
@@ -224,7 +225,7 @@ async fn ask(warmup: usize, n: usize, across: bool) -> Latencies {
 async fn rpc(warmup: usize, n: usize, across: bool) -> Latencies {
     let rt = Runtime::with_arbiters(if across { 2 } else { 1 }).expect("postbox runtime");
     if across {
-        pin_arbiters(&rt);
+        place::pin_arbiters(&rt, |i| i).await;
     }
     let broker = Broker::new(&rt);
     broker
@@ -249,23 +250,6 @@ async fn rpc(warmup: usize, n: usize, across: bool) -> Latencies {
         .expect("the pinger finished");
     rt.shutdown();
     Latencies::new(samples, elapsed)
-}
-
-/// Pins arbiter `i` of `rt` to core `i`, from an actor started there.
-fn pin_arbiters(rt: &Runtime) {
-    for i in 0..rt.arbiters() {
-        rt.build(move || Some(PinThread(i))).arbiter(i).spawn();
-    }
-}
-
-struct PinThread(usize);
-
-impl Actor for PinThread {
-    async fn started(&mut self, ctx: &mut Context<Self>) -> Result<(), Failure> {
-        pin_current_thread(self.0);
-        ctx.stop();
-        Ok(())
-    }
 }
 
 /// Two OS threads on different cores passing a 64-byte payload back and forth.

@@ -9,10 +9,11 @@
 
 use std::cell::Cell;
 
-use postbox::{Failure, Runtime};
+use postbox::Failure;
 use postbox_actors::{Broker, ConsumeOptions, Delivery, Envelope, ExchangeOptions, QueueOptions};
 
 use crate::Config;
+use crate::place;
 use crate::report::{Metric, Report, Row};
 use crate::util::{FanIn, leak, payload, thousands, throughput, timed, trials};
 
@@ -45,7 +46,7 @@ pub async fn scenario6(cfg: &Config, report: &mut Report) {
 }
 
 async fn postbox_topic(n: u64, bindings: usize) -> f64 {
-    let rt = Runtime::new().expect("postbox runtime");
+    let rt = place::postbox_runtime().await;
     let broker = Broker::new(&rt);
     broker
         .declare_exchange("events", ExchangeOptions::topic())

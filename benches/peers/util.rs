@@ -148,6 +148,7 @@ pub fn worker_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
         .thread_name("tokio-baseline")
+        .on_thread_start(crate::place::worker_thread)
         .enable_all()
         .build()
         .expect("a tokio runtime for the baseline")
@@ -266,6 +267,24 @@ pub fn trim_heap() {
 pub fn live_rss() -> u64 {
     trim_heap();
     rss_bytes()
+}
+
+/// Lets the calling thread run on every core again (undoes
+/// [`pin_current_thread`]; threads and child processes inherit affinity).
+pub fn unpin_current_thread() {
+    #[cfg(target_os = "linux")]
+    {
+        unsafe extern "C" {
+            fn sched_setaffinity(pid: i32, cpusetsize: usize, mask: *const u64) -> i32;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut mask = [0u64; 16];
+        for cpu in 0..cores.min(1024) {
+            mask[cpu / 64] |= 1 << (cpu % 64);
+        }
+        // SAFETY: `mask` is a valid cpu_set_t of the size passed; pid 0 is this thread.
+        unsafe { sched_setaffinity(0, std::mem::size_of_val(&mask), mask.as_ptr()) };
+    }
 }
 
 /// Pins the calling thread to one CPU (Linux; elsewhere, or if the CPU does
