@@ -106,8 +106,8 @@ impl ConsumeOptions {
         }
     }
 
-    /// Automatic acknowledgement: a delivery is settled once it is in the
-    /// consumer's mailbox (at-most-once if the consumer then crashes).
+    /// Automatic acknowledgement: a delivery is settled when the queue dispatches
+    /// it (at-most-once: what a consumer has not handled when it crashes is lost).
     pub fn auto() -> Self {
         ConsumeOptions {
             mode: AckMode::Auto,

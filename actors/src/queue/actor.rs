@@ -6,7 +6,8 @@
 //! and a consumer whose mailbox is full is marked blocked (no more dispatches to
 //! it) while a small task waits for room and then unblocks it. A manual-ack
 //! consumer is further bounded by its prefetch; an auto-ack consumer by its
-//! mailbox only, and its deliveries are settled once they are in that mailbox.
+//! mailbox only, and its deliveries are settled when dispatched (the queue keeps
+//! no copy: auto-ack is at-most-once, as in RabbitMQ).
 //!
 //! Consumers are watched: when a consumer's incarnation ends (stop, error or
 //! panic), its registration ends and every delivery it had not settled is
@@ -31,8 +32,8 @@ use crate::delivery::{Delivery, Link, Outcome, PendingSettle};
 use crate::envelope::Envelope;
 use crate::observe::Observers;
 use crate::queue::state::{
-    AckMode, ConsumerId, ConsumerStats, DeadLetter, DeathReason, DeliveryTag, Publish as Published,
-    QueuePolicy, QueueState, QueueStats,
+    AckMode, ConsumerId, ConsumerStats, DeadLetter, DeathReason, Publish as Published, QueuePolicy,
+    QueueState, QueueStats,
 };
 
 /// A queue's counters and consumers at one moment.
@@ -49,6 +50,9 @@ pub struct QueueSnapshot {
     /// Messages removed for a dead-letter reason but dropped: no dead-letter
     /// exchange, it routed nowhere, or it would have cycled.
     pub dead_letters_dropped: u64,
+    /// Auto-ack deliveries lost because their consumer died before they reached
+    /// its mailbox (auto-ack is at-most-once, as in RabbitMQ).
+    pub auto_ack_lost: u64,
 }
 
 /// Where a queue sends its dead letters.
@@ -110,6 +114,7 @@ pub struct QueueActor {
     timer_at: Option<u64>,
     dead_lettered: u64,
     dead_letters_dropped: u64,
+    auto_ack_lost: u64,
     /// Events handled since the last progress (see [`QueueActor::touch`]).
     unprogressed: u32,
     /// Whether progress may wait for the mailbox to drain: not with length
@@ -143,6 +148,7 @@ impl QueueActor {
             timer_at: None,
             dead_lettered: 0,
             dead_letters_dropped: 0,
+            auto_ack_lost: 0,
             unprogressed: 0,
             coalesce,
         }
@@ -301,8 +307,8 @@ impl QueueActor {
     }
 
     /// Puts deliveries into a consumer's mailbox. If it is full, the consumer is
-    /// blocked and a task waits for room; auto-ack deliveries settle once handed
-    /// over; a consumer whose mailbox closed is removed (its deliveries requeued).
+    /// blocked and a task waits for room; a consumer whose mailbox closed is
+    /// removed (see [`QueueActor::consumer_closed`]).
     fn hand_over(
         &mut self,
         ctx: &mut Context<Self>,
@@ -313,7 +319,8 @@ impl QueueActor {
             // Removed while this batch was gathered: its deliveries were requeued.
             return;
         };
-        let tags: Vec<DeliveryTag> = batch.iter().map(Delivery::tag).collect();
+        let count = batch.len() as u64;
+        let auto = reg.link.mode == AckMode::Auto;
         let sent = match &reg.sink {
             Sink::One(r) => match batch.pop() {
                 Some(one) => r
@@ -326,13 +333,7 @@ impl QueueActor {
                 .map_err(|e| e.map(|DeliveryBatch(b)| Pending::Batch(r.clone(), b))),
         };
         match sent {
-            Ok(()) => {
-                if reg.link.mode == AckMode::Auto {
-                    for tag in tags {
-                        let _ = self.state.ack(consumer, tag, false);
-                    }
-                }
-            }
+            Ok(()) => {}
             Err(TrySendError::Full(pending)) => {
                 let _ = self.state.set_blocked(consumer, true);
                 let me = ctx.addr();
@@ -342,15 +343,25 @@ impl QueueActor {
                         let _ = me
                             .send(Handoff {
                                 consumer,
-                                tags,
+                                count,
                                 delivered,
                             })
                             .await;
                     }
                 });
             }
-            Err(TrySendError::Closed(_)) => self.remove(consumer),
+            Err(TrySendError::Closed(_)) => self.consumer_closed(consumer, auto, count),
         }
+    }
+
+    /// A consumer's mailbox closed under us: it died before its watch fired.
+    /// Manual-ack deliveries are requeued with the rest of what it held; auto-ack
+    /// ones were settled when dispatched and are lost, as in RabbitMQ.
+    fn consumer_closed(&mut self, consumer: ConsumerId, auto: bool, count: u64) {
+        if auto {
+            self.auto_ack_lost += count;
+        }
+        self.remove(consumer);
     }
 
     /// Ends a registration: applies the settlements it recorded, then requeues
@@ -398,6 +409,7 @@ impl QueueActor {
             consumers: self.state.consumers().collect(),
             dead_lettered: self.dead_lettered,
             dead_letters_dropped: self.dead_letters_dropped,
+            auto_ack_lost: self.auto_ack_lost,
         }
     }
 }
@@ -542,13 +554,7 @@ impl Handler<Subscribe> for QueueActor {
         };
         let id = ConsumerId(self.next_consumer);
         self.next_consumer += 1;
-        // The state always tracks deliveries; auto-ack ones are settled on hand-off.
-        let prefetch = if msg.mode == AckMode::Auto {
-            0
-        } else {
-            msg.prefetch
-        };
-        self.state.add_consumer(id, AckMode::Manual, prefetch)?;
+        self.state.add_consumer(id, msg.mode, msg.prefetch)?;
         let link = Arc::new(Link::new(id, self.name.clone(), me, msg.mode));
         ctx.watch(&msg.sink.any(), msg.incarnation, move |_| Unsubscribe(id));
         self.consumers.insert(
@@ -560,7 +566,7 @@ impl Handler<Subscribe> for QueueActor {
         );
         self.consumer_count
             .store(self.consumers.len(), Ordering::Relaxed);
-        tracing::debug!(queue = %self.name, consumer = %id, mode = ?msg.mode, prefetch, "consumer registered");
+        tracing::debug!(queue = %self.name, consumer = %id, mode = ?msg.mode, prefetch = msg.prefetch, "consumer registered");
         self.progress(ctx);
         Ok(Some(link))
     }
@@ -604,7 +610,7 @@ impl Handler<Settle> for QueueActor {
 /// A delayed hand-off to a full consumer mailbox finished.
 struct Handoff {
     consumer: ConsumerId,
-    tags: Vec<DeliveryTag>,
+    count: u64,
     delivered: bool,
 }
 
@@ -631,15 +637,11 @@ impl Handler<Handoff> for QueueActor {
         let Some(reg) = self.consumers.get(&msg.consumer) else {
             return Ok(());
         };
-        if !msg.delivered {
-            self.remove(msg.consumer);
-        } else {
-            if reg.link.mode == AckMode::Auto {
-                for tag in msg.tags {
-                    let _ = self.state.ack(msg.consumer, tag, false);
-                }
-            }
+        if msg.delivered {
             let _ = self.state.set_blocked(msg.consumer, false);
+        } else {
+            let auto = reg.link.mode == AckMode::Auto;
+            self.consumer_closed(msg.consumer, auto, msg.count);
         }
         self.progress(ctx);
         Ok(())
