@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::actor::Actor;
 use crate::addr::{Control, Shared};
+use crate::busy_poll;
 use crate::context::Context;
 use crate::envelope::Envelope;
 use crate::failure::{ExitReason, Failure};
@@ -167,6 +168,7 @@ async fn live<A: Actor>(
                     }
                     let outcome = AssertUnwindSafe(envelope.handle(&mut actor, ctx)).catch_unwind().await;
                     shared.handled.fetch_add(1, Ordering::Relaxed);
+                    busy_poll::note_handled();
                     match outcome {
                         Ok(Ok(())) => {}
                         Ok(Err(failure)) => break End::Exit(ExitReason::Failed(failure)),

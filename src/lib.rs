@@ -54,6 +54,7 @@
 mod actor;
 mod addr;
 mod ask;
+pub mod busy_poll;
 mod cell;
 pub mod clock;
 mod context;
@@ -68,7 +69,7 @@ pub use addr::{ActorId, ActorStats, Addr, AnyAddr, Recipient, SendError, TrySend
 pub use ask::{Ask, AskError};
 pub use context::Context;
 pub use failure::{ExitReason, Failure, FailureKind};
-pub use runtime::{Builder, DEFAULT_MAILBOX, Runtime, RuntimeHandle};
+pub use runtime::{Builder, DEFAULT_MAILBOX, Runtime, RuntimeBuilder, RuntimeHandle};
 pub use supervisor::{
     Backoff, ChildInfo, ChildSpec, Restart, Strategy, Supervisor, SupervisorActor, SupervisorError,
     SupervisorSpec,

@@ -398,6 +398,50 @@ fn works_from_a_plain_tokio_main_across_arbiters() {
     rt.shutdown();
 }
 
+/// Sleeps for the given time in its handler (a timer on the actor's arbiter).
+struct Napper;
+impl Actor for Napper {}
+struct Nap(Duration);
+impl Message for Nap {
+    type Reply = u32;
+}
+impl Handler<Nap> for Napper {
+    async fn handle(&mut self, Nap(d): Nap, _: &mut Context<Self>) -> Result<u32, Failure> {
+        tokio::time::sleep(d).await;
+        Ok(7)
+    }
+}
+
+#[test]
+fn busy_polling_arbiters_serve_asks_timers_and_wake_after_going_quiet() {
+    let rt = Runtime::builder()
+        .arbiters(2)
+        .busy_poll(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    let tokio_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio_rt.block_on(async {
+        let a = rt.build(|| Some(Fragile::default())).arbiter(0).spawn();
+        let napper = rt.build(|| Some(Napper)).arbiter(1).spawn();
+        for i in 1..=100 {
+            assert_eq!(a.ask(Inc).await.unwrap(), i);
+        }
+        // Timers and I/O still run while the poller spins.
+        let nap = napper.ask(Nap(Duration::from_millis(3)));
+        assert_eq!(nap.timeout(Duration::from_secs(10)).await.unwrap(), 7);
+        // Quiet for longer than the window: the arbiters park, and the next
+        // message wakes them the usual way.
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(a.ask(Inc).await.unwrap(), 101);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(napper.ask(Nap(Duration::ZERO)).await.unwrap(), 7);
+    });
+    rt.shutdown();
+}
+
 #[actix_rt::test]
 async fn works_inside_an_actix_system() {
     let rt = Runtime::with_arbiters(1).unwrap();

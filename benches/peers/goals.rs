@@ -8,7 +8,9 @@ use crate::memory::{OVERHEAD_GOAL, S7};
 use crate::p2p::{POSTBOX_BATCH, POSTBOX_PUBLISH, S1, S2, S2_BATCHED, S2_EACH, TOKIO_MPSC};
 use crate::rabbit::{RABBIT_FANOUT, RABBIT_P2P};
 use crate::report::{Report, Row};
-use crate::rpc::{ACTIX_SAME, ASK_ACROSS, ASK_SAME, RPC_ACROSS, RPC_SAME, S4};
+use crate::rpc::{
+    ACTIX_SAME, ASK_ACROSS, ASK_ACROSS_BUSY, ASK_SAME, RPC_ACROSS, RPC_ACROSS_BUSY, RPC_SAME, S4,
+};
 use crate::util::PAYLOAD;
 
 /// One line per goal: what was measured, the target, met or missed.
@@ -82,7 +84,12 @@ pub fn check(report: &Report) -> String {
             at_most(r, 2.0),
         );
     }
-    for (system, what) in [(ASK_ACROSS, "Addr::ask"), (RPC_ACROSS, "rpc")] {
+    for (system, what) in [
+        (ASK_ACROSS, "Addr::ask"),
+        (RPC_ACROSS, "rpc"),
+        (ASK_ACROSS_BUSY, "Addr::ask (busy_poll)"),
+        (RPC_ACROSS_BUSY, "rpc (busy_poll)"),
+    ] {
         let v = p50(S4, system);
         line(
             &format!("4: {what} p50 across arbiters"),

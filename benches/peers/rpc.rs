@@ -38,6 +38,8 @@ pub const ASK_SAME: &str = "postbox Addr::ask, same arbiter";
 pub const ASK_ACROSS: &str = "postbox Addr::ask, across arbiters";
 pub const RPC_SAME: &str = "postbox rpc Requester→Responder, same arbiter";
 pub const RPC_ACROSS: &str = "postbox rpc Requester→Responder, across arbiters";
+pub const ASK_ACROSS_BUSY: &str = "postbox Addr::ask, across arbiters, busy_poll";
+pub const RPC_ACROSS_BUSY: &str = "postbox rpc Requester→Responder, across arbiters, busy_poll";
 pub const FLOOR: &str = "floor: 2 threads ping-pong (std mpsc), across cores";
 
 pub async fn scenario4(cfg: &Config, report: &mut Report) {
@@ -62,24 +64,48 @@ pub async fn scenario4(cfg: &Config, report: &mut Report) {
         report.push(row(ACTIX_ACROSS, actix(warmup, n, true).await).vs(FLOOR, Metric::P50));
     }
     if cfg.wants(ASK_SAME) {
-        report.push(row(ASK_SAME, ask(warmup, n, false).await).vs(ACTIX_SAME, Metric::P50));
+        report.push(row(ASK_SAME, ask(warmup, n, false, None).await).vs(ACTIX_SAME, Metric::P50));
     }
     if cfg.wants(ASK_ACROSS) {
-        report.push(row(ASK_ACROSS, ask(warmup, n, true).await).vs(ACTIX_ACROSS, Metric::P50));
+        report
+            .push(row(ASK_ACROSS, ask(warmup, n, true, None).await).vs(ACTIX_ACROSS, Metric::P50));
+    }
+    if cfg.wants(ASK_ACROSS_BUSY) {
+        report.push(
+            row(ASK_ACROSS_BUSY, ask(warmup, n, true, BUSY_POLL).await)
+                .vs(ACTIX_ACROSS, Metric::P50)
+                .note("Runtime::builder().busy_poll(1 ms)"),
+        );
     }
     let n_rpc = cfg.count(50_000, 2_000) as usize;
     if cfg.wants(RPC_SAME) {
         report.push(
-            row(RPC_SAME, rpc(warmup.min(n_rpc / 10), n_rpc, false).await)
-                .vs(ACTIX_SAME, Metric::P50)
-                .note("1-arbiter runtime"),
+            row(
+                RPC_SAME,
+                rpc(warmup.min(n_rpc / 10), n_rpc, false, None).await,
+            )
+            .vs(ACTIX_SAME, Metric::P50)
+            .note("1-arbiter runtime"),
         );
     }
     if cfg.wants(RPC_ACROSS) {
         report.push(
-            row(RPC_ACROSS, rpc(warmup.min(n_rpc / 10), n_rpc, true).await)
-                .vs(ACTIX_ACROSS, Metric::P50)
-                .note("2 arbiters, round-robin placement"),
+            row(
+                RPC_ACROSS,
+                rpc(warmup.min(n_rpc / 10), n_rpc, true, None).await,
+            )
+            .vs(ACTIX_ACROSS, Metric::P50)
+            .note("2 arbiters, round-robin placement"),
+        );
+    }
+    if cfg.wants(RPC_ACROSS_BUSY) {
+        report.push(
+            row(
+                RPC_ACROSS_BUSY,
+                rpc(warmup.min(n_rpc / 10), n_rpc, true, BUSY_POLL).await,
+            )
+            .vs(ACTIX_ACROSS, Metric::P50)
+            .note("2 arbiters, round-robin placement, busy_poll(1 ms)"),
         );
     }
 }
@@ -207,8 +233,22 @@ impl Handler<RequestLoop> for Pinger {
     }
 }
 
-async fn ask(warmup: usize, n: usize, across: bool) -> Latencies {
-    let rt = Runtime::with_arbiters(2).expect("postbox runtime");
+/// The busy-polling window of the `busy_poll` rows.
+const BUSY_POLL: Option<Duration> = Some(Duration::from_millis(1));
+
+/// A postbox runtime with `arbiters` arbiters, busy-polling if asked to.
+fn runtime(arbiters: usize, busy_poll: Option<Duration>) -> Runtime {
+    let builder = Runtime::builder().arbiters(arbiters);
+    match busy_poll {
+        Some(window) => builder.busy_poll(window),
+        None => builder,
+    }
+    .build()
+    .expect("postbox runtime")
+}
+
+async fn ask(warmup: usize, n: usize, across: bool, busy_poll: Option<Duration>) -> Latencies {
+    let rt = runtime(2, busy_poll);
     if across {
         place::pin_arbiters(&rt, |i| i).await;
     }
@@ -222,8 +262,8 @@ async fn ask(warmup: usize, n: usize, across: bool) -> Latencies {
     Latencies::new(samples, elapsed)
 }
 
-async fn rpc(warmup: usize, n: usize, across: bool) -> Latencies {
-    let rt = Runtime::with_arbiters(if across { 2 } else { 1 }).expect("postbox runtime");
+async fn rpc(warmup: usize, n: usize, across: bool, busy_poll: Option<Duration>) -> Latencies {
+    let rt = runtime(if across { 2 } else { 1 }, busy_poll);
     if across {
         place::pin_arbiters(&rt, |i| i).await;
     }
