@@ -238,6 +238,29 @@ impl<M> fmt::Debug for TrySendError<M> {
     }
 }
 
+/// Room for one message in an actor's mailbox, from [`Addr::reserve`] or
+/// [`Addr::try_reserve`]. Dropping it gives the room back.
+pub struct Permit<'a, A: Actor> {
+    inner: mpsc::Permit<'a, Envelope<A>>,
+}
+
+impl<A: Actor> Permit<'_, A> {
+    /// Puts `msg` into the reserved room.
+    pub fn send<M>(self, msg: M)
+    where
+        A: Handler<M>,
+        M: Message,
+    {
+        self.inner.send(Box::new(Tell(msg)));
+    }
+}
+
+impl<A: Actor> fmt::Debug for Permit<'_, A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Permit")
+    }
+}
+
 /// The address of an actor of type `A`: send it any message it handles.
 ///
 /// Cloning is cheap. The actor stops when every address to it is dropped (once its
@@ -294,6 +317,40 @@ impl<A: Actor> Addr<A> {
             }
             Err(mpsc::error::TrySendError::Full(())) => Err(TrySendError::Full(msg)),
             Err(mpsc::error::TrySendError::Closed(())) => Err(TrySendError::Closed(msg)),
+        }
+    }
+
+    /// Waits for room in the mailbox and reserves it: sending through the
+    /// [`Permit`] then neither waits nor fails. For senders that decide what to
+    /// send only once room is certain. Fails if the actor has stopped for good.
+    ///
+    /// ```
+    /// # use postbox::{Actor, Context, Failure, Handler, Message, Runtime};
+    /// # struct Echo; impl Actor for Echo {}
+    /// # struct Hi; impl Message for Hi { type Reply = (); }
+    /// # impl Handler<Hi> for Echo {
+    /// #     async fn handle(&mut self, _: Hi, _: &mut Context<Self>) -> Result<(), Failure> { Ok(()) }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let rt = Runtime::new().unwrap();
+    /// let addr = rt.spawn(Echo);
+    /// let permit = addr.reserve().await.expect("running");
+    /// permit.send(Hi);
+    /// # }
+    /// ```
+    pub async fn reserve(&self) -> Result<Permit<'_, A>, SendError<()>> {
+        match self.tx.reserve().await {
+            Ok(inner) => Ok(Permit { inner }),
+            Err(_) => Err(SendError(())),
+        }
+    }
+
+    /// Reserves room in the mailbox if there is some now.
+    pub fn try_reserve(&self) -> Result<Permit<'_, A>, TrySendError<()>> {
+        match self.tx.try_reserve() {
+            Ok(inner) => Ok(Permit { inner }),
+            Err(mpsc::error::TrySendError::Full(())) => Err(TrySendError::Full(())),
+            Err(mpsc::error::TrySendError::Closed(())) => Err(TrySendError::Closed(())),
         }
     }
 

@@ -65,7 +65,9 @@ mod supervisor;
 pub mod testkit;
 
 pub use actor::{Actor, Handler, Message};
-pub use addr::{ActorId, ActorStats, Addr, AnyAddr, Recipient, SendError, TrySendError, WeakAddr};
+pub use addr::{
+    ActorId, ActorStats, Addr, AnyAddr, Permit, Recipient, SendError, TrySendError, WeakAddr,
+};
 pub use ask::{Ask, AskError};
 pub use context::Context;
 pub use failure::{ExitReason, Failure, FailureKind};

@@ -55,6 +55,7 @@ use crate::queue::actor::{
     DeadLetterTarget, Delete, Purge, QueueActor, QueueConfig, QueueSnapshot,
 };
 use crate::queue::handle::QueueHandle;
+use crate::queue::inbox::Inbox;
 use crate::queue::options::{DeleteOptions, QueueOptions};
 use crate::queue::state::Overflow;
 use crate::topology::{QueueEntry, Topology};
@@ -191,6 +192,7 @@ impl Broker {
             validate_key(NameKind::RoutingKey, key)?;
         }
         let consumers = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let inbox = Arc::new(Inbox::new(options.mailbox));
         let config = QueueConfig {
             policy: options.policy(),
             dead_letter: options
@@ -210,6 +212,7 @@ impl Broker {
             self.inner.observers.clone(),
             BrokerRef(Arc::downgrade(&self.inner)),
             consumers.clone(),
+            inbox.clone(),
         ));
         let addr = self
             .inner
@@ -226,6 +229,7 @@ impl Broker {
                 .unwrap_or(self.inner.config.max_message_bytes),
             consumers,
             confirm: options.overflow == Overflow::RejectPublish,
+            inbox,
         };
         tracing::debug!(queue = %name, ?options, "queue declared");
         topology.queues.insert(

@@ -542,3 +542,98 @@ async fn a_slow_consumer_with_a_small_mailbox_still_gets_everything_in_order() {
     })
     .await;
 }
+
+/// Publishes share mailbox entries while the queue is busy; that must not change
+/// what each publisher sees: its messages arrive in the order it sent them,
+/// whether they went one by one, in `publish_batch`es, or between other
+/// requests, and none is lost.
+#[test]
+fn concurrent_publishers_keep_their_own_order_through_the_batching_inbox() {
+    let rt = Runtime::with_arbiters(2).unwrap();
+    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio_rt.block_on(async {
+        let broker = Broker::new(&rt);
+        let queue = broker
+            .declare_queue("ordered", QueueOptions::default().mailbox(16))
+            .await
+            .unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let _consumer = broker
+            .consume("ordered", ConsumeOptions::auto(), move || {
+                let tx = tx.clone();
+                move |d: Delivery| {
+                    let _ = tx.send(d.decode::<(u32, u32)>().unwrap());
+                    async { Ok(()) }
+                }
+            })
+            .await
+            .unwrap();
+        const PUBLISHERS: u32 = 4;
+        const EACH: u32 = 3_000;
+        let mut tasks = Vec::new();
+        for p in 0..PUBLISHERS {
+            let queue = queue.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut i = 0;
+                while i < EACH {
+                    match i % 500 {
+                        // A batch of 70: larger than one inbox batch.
+                        0 => {
+                            let batch = (i..(i + 70).min(EACH))
+                                .map(|k| Envelope::encode(&(p, k)).unwrap())
+                                .collect::<Vec<_>>();
+                            i += batch.len() as u32;
+                            queue.publish_batch(batch).await.unwrap();
+                        }
+                        // Another request between publishes.
+                        250 => {
+                            queue.snapshot().await.unwrap();
+                            queue
+                                .publish(Envelope::encode(&(p, i)).unwrap())
+                                .await
+                                .unwrap();
+                            i += 1;
+                        }
+                        _ => {
+                            if i % 7 == 0 {
+                                match queue.try_publish(Envelope::encode(&(p, i)).unwrap()) {
+                                    Ok(()) => {}
+                                    Err(TryPublishError::Full { message, .. }) => {
+                                        queue.publish(*message).await.unwrap()
+                                    }
+                                    Err(other) => panic!("{other}"),
+                                }
+                            } else {
+                                queue
+                                    .publish(Envelope::encode(&(p, i)).unwrap())
+                                    .await
+                                    .unwrap();
+                            }
+                            i += 1;
+                        }
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let mut next = vec![0u32; PUBLISHERS as usize];
+        for _ in 0..PUBLISHERS * EACH {
+            let (p, k) = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+                .await
+                .expect("every message arrives")
+                .unwrap();
+            assert_eq!(k, next[p as usize], "publisher {p} out of order");
+            next[p as usize] += 1;
+        }
+        assert!(next.iter().all(|&n| n == EACH));
+        let stats = queue.snapshot().await.unwrap().stats;
+        assert_eq!(stats.published, u64::from(PUBLISHERS * EACH));
+    });
+    rt.shutdown();
+}

@@ -31,6 +31,7 @@ use crate::broker::BrokerRef;
 use crate::delivery::{Delivery, Link, Outcome, PendingSettle};
 use crate::envelope::Envelope;
 use crate::observe::Observers;
+use crate::queue::inbox::{Collect, Inbox};
 use crate::queue::state::{
     AckMode, ConsumerId, ConsumerStats, DeadLetter, DeathReason, Publish as Published, QueuePolicy,
     QueueState, QueueStats,
@@ -109,6 +110,7 @@ pub struct QueueActor {
     observers: Observers,
     broker: BrokerRef,
     consumer_count: Arc<AtomicUsize>,
+    inbox: Arc<Inbox>,
     dead_letter: Option<DeadLetterTarget>,
     /// When the pending timer fires (epoch ms), if one is set.
     timer_at: Option<u64>,
@@ -133,6 +135,7 @@ impl QueueActor {
         observers: Observers,
         broker: BrokerRef,
         consumer_count: Arc<AtomicUsize>,
+        inbox: Arc<Inbox>,
     ) -> Self {
         let coalesce =
             config.policy.max_length.is_none() && config.policy.max_length_bytes.is_none();
@@ -144,6 +147,7 @@ impl QueueActor {
             observers,
             broker,
             consumer_count,
+            inbox,
             dead_letter: config.dead_letter,
             timer_at: None,
             dead_lettered: 0,
@@ -157,8 +161,8 @@ impl QueueActor {
     /// Notes an event that may enable deliveries. Progress happens when the
     /// mailbox drains ([`Actor::drained`]) or every [`PROGRESS_EVERY`] events, so
     /// that a burst of publishes is dispatched in batches.
-    fn touch(&mut self, ctx: &mut Context<Self>) {
-        self.unprogressed += 1;
+    fn touch(&mut self, ctx: &mut Context<Self>, events: u32) {
+        self.unprogressed = self.unprogressed.saturating_add(events);
         if !self.coalesce || self.unprogressed >= PROGRESS_EVERY {
             self.progressed(ctx);
         }
@@ -256,10 +260,9 @@ impl QueueActor {
         self.dead_lettered += 1;
         tracing::debug!(queue = %self.name, message_id = %message.id(), %reason, exchange = %target.exchange, "dead-lettered");
         for queue in targets {
-            if let Err(TrySendError::Full(publish)) = queue.addr.try_send(Publish(message.clone()))
-            {
+            if let Err(TrySendError::Full(message)) = queue.try_enqueue(message.clone()) {
                 ctx.spawn(async move {
-                    let _ = queue.addr.send(publish).await;
+                    let _ = queue.publish(message).await;
                 });
             }
         }
@@ -428,6 +431,7 @@ impl Actor for QueueActor {
             reg.link.close();
         }
         self.consumer_count.store(0, Ordering::Relaxed);
+        self.inbox.shut();
         self.broker.remove_queue(&self.name, ctx.id());
     }
 }
@@ -461,21 +465,29 @@ impl Handler<OwnerGone> for QueueActor {
     }
 }
 
-/// Enqueue one message.
-pub(crate) struct Publish(pub(crate) Envelope);
-impl Message for Publish {
-    type Reply = ();
-}
-impl Handler<Publish> for QueueActor {
+/// Publishes wait in the inbox; this takes them, batch by batch.
+impl Handler<Collect> for QueueActor {
     async fn handle(
         &mut self,
-        Publish(message): Publish,
+        Collect(through): Collect,
         ctx: &mut Context<Self>,
     ) -> Result<(), Failure> {
-        tracing::trace!(queue = %self.name, message_id = %message.id(), correlation_id = message.correlation_id(), "enqueue");
         self.state.advance_to(postbox::clock::now_ms());
-        self.publish(message);
-        self.touch(ctx);
+        let mut taken = 0;
+        while let Some(batch) = self.inbox.collect(through) {
+            taken += batch.len();
+            for message in batch {
+                tracing::trace!(queue = %self.name, message_id = %message.id(), correlation_id = message.correlation_id(), "enqueue");
+                self.publish(message);
+                if !self.coalesce {
+                    // Length limits must see each dispatch as it happens.
+                    self.progressed(ctx);
+                }
+            }
+        }
+        if self.coalesce && taken > 0 {
+            self.touch(ctx, taken as u32);
+        }
         Ok(())
     }
 }
@@ -508,26 +520,6 @@ impl Handler<Tick> for QueueActor {
     async fn handle(&mut self, _: Tick, ctx: &mut Context<Self>) -> Result<(), Failure> {
         self.timer_at = None;
         self.progress(ctx);
-        Ok(())
-    }
-}
-
-/// Enqueue several messages with one mailbox slot.
-pub(crate) struct PublishBatch(pub(crate) Vec<Envelope>);
-impl Message for PublishBatch {
-    type Reply = ();
-}
-impl Handler<PublishBatch> for QueueActor {
-    async fn handle(
-        &mut self,
-        PublishBatch(batch): PublishBatch,
-        ctx: &mut Context<Self>,
-    ) -> Result<(), Failure> {
-        self.state.advance_to(postbox::clock::now_ms());
-        for message in batch {
-            self.publish(message);
-        }
-        self.touch(ctx);
         Ok(())
     }
 }
@@ -602,7 +594,7 @@ impl Handler<Settle> for QueueActor {
         let pending = reg.link.drain();
         self.apply(id, pending);
         self.state.advance_to(postbox::clock::now_ms());
-        self.touch(ctx);
+        self.touch(ctx, 1);
         Ok(())
     }
 }

@@ -11,9 +11,9 @@ use crate::delivery::Delivery;
 use crate::envelope::Envelope;
 use crate::error::{BrokerError, TryPublishError};
 use crate::queue::actor::{
-    Publish, PublishBatch, PublishConfirmed, QueueActor, QueueSnapshot, Sink, Snapshot, Subscribe,
-    TieTo, Unsubscribe,
+    PublishConfirmed, QueueActor, QueueSnapshot, Sink, Snapshot, Subscribe, TieTo, Unsubscribe,
 };
+use crate::queue::inbox::{Collect, Inbox, NoRoom};
 use crate::queue::state::{AckMode, ConsumerId};
 
 /// A handle to one queue; cheap to clone. Obtained from
@@ -28,6 +28,8 @@ pub struct QueueHandle {
     pub(crate) consumers: Arc<AtomicUsize>,
     /// Publishes must wait for the queue's answer (reject-publish overflow).
     pub(crate) confirm: bool,
+    /// Where publishes wait for the queue, batched (see [`crate::queue::inbox`]).
+    pub(crate) inbox: Arc<Inbox>,
 }
 
 impl QueueHandle {
@@ -59,6 +61,10 @@ impl QueueHandle {
     /// Enqueues a message, waiting while the queue's mailbox is full. A queue
     /// with reject-publish overflow is asked, and a full one answers
     /// [`BrokerError::QueueFull`].
+    ///
+    /// While the queue is busy, consecutive publishes share a mailbox entry (up
+    /// to 64 of them), so a publish usually costs a short lock and a push; the
+    /// messages of one publisher are enqueued in the order it published them.
     pub async fn publish(&self, message: Envelope) -> Result<(), BrokerError> {
         self.check(&message)?;
         if self.confirm {
@@ -68,38 +74,81 @@ impl QueueHandle {
                 Err(_) => Err(self.gone()),
             };
         }
-        self.addr
-            .send(Publish(message))
-            .await
-            .map_err(|_| self.gone())
+        if self.addr.is_closed() {
+            return Err(self.gone());
+        }
+        let room = self.inbox.room().await.map_err(|_| self.gone())?;
+        let Err((room, message)) = self.inbox.join(room, message) else {
+            return Ok(());
+        };
+        let permit = self.addr.reserve().await.map_err(|_| self.gone())?;
+        if let Some(batch) = self.inbox.open(room, message) {
+            permit.send(Collect(batch));
+        }
+        Ok(())
     }
 
-    /// Enqueues several messages in order, as one mailbox message.
+    /// Enqueues several messages in order, as one mailbox entry.
     pub async fn publish_batch(&self, messages: Vec<Envelope>) -> Result<(), BrokerError> {
         for message in &messages {
             self.check(message)?;
         }
-        self.addr
-            .send(PublishBatch(messages))
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let permit = self.addr.reserve().await.map_err(|_| self.gone())?;
+        let batch = self
+            .inbox
+            .open_with(messages)
             .await
-            .map_err(|_| self.gone())
+            .map_err(|_| self.gone())?;
+        permit.send(Collect(batch));
+        Ok(())
     }
 
     /// Enqueues a message if the queue's mailbox has room now.
     pub fn try_publish(&self, message: Envelope) -> Result<(), TryPublishError> {
         self.check(&message)?;
-        match self.addr.try_send(Publish(message)) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(Publish(message))) => Err(TryPublishError::Full {
+        self.try_enqueue(message).map_err(|err| match err {
+            TrySendError::Full(message) => TryPublishError::Full {
                 queue: self.name.to_string(),
                 message: Box::new(message),
-            }),
-            Err(TrySendError::Closed(_)) => Err(self.gone().into()),
+            },
+            TrySendError::Closed(_) => self.gone().into(),
+        })
+    }
+
+    /// Enqueues without waiting and without the size check (dead letters were
+    /// checked when first published); hands the message back if there is no room.
+    pub(crate) fn try_enqueue(&self, message: Envelope) -> Result<(), TrySendError<Envelope>> {
+        let room = match self.inbox.try_room() {
+            Ok(room) if !self.addr.is_closed() => room,
+            Err(NoRoom::Full) => return Err(TrySendError::Full(message)),
+            Ok(_) | Err(NoRoom::Closed) => return Err(TrySendError::Closed(message)),
+        };
+        let Err((room, message)) = self.inbox.join(room, message) else {
+            return Ok(());
+        };
+        match self.addr.try_reserve() {
+            Ok(permit) => {
+                if let Some(batch) = self.inbox.open(room, message) {
+                    permit.send(Collect(batch));
+                }
+                Ok(())
+            }
+            Err(TrySendError::Full(())) => Err(TrySendError::Full(message)),
+            Err(TrySendError::Closed(())) => Err(TrySendError::Closed(message)),
         }
+    }
+
+    /// Ends the open batch, so that publishes after a request cannot overtake it.
+    fn before_request(&self) {
+        self.inbox.close();
     }
 
     /// Counters and consumers.
     pub async fn snapshot(&self) -> Result<QueueSnapshot, BrokerError> {
+        self.before_request();
         self.addr.ask(Snapshot).await.map_err(|_| self.gone())
     }
 
@@ -125,6 +174,7 @@ impl QueueHandle {
         prefetch: u32,
         incarnation: Option<u64>,
     ) -> Result<Arc<crate::delivery::Link>, BrokerError> {
+        self.before_request();
         let subscribe = Subscribe {
             sink,
             mode,
@@ -142,11 +192,13 @@ impl QueueHandle {
     /// Ties the queue's life to an actor: when that actor stops for good, the
     /// queue deletes itself (an exclusive queue, as subscriptions use).
     pub async fn tie_to(&self, owner: AnyAddr) -> Result<(), BrokerError> {
+        self.before_request();
         self.addr.send(TieTo(owner)).await.map_err(|_| self.gone())
     }
 
     /// Ends a registration; its unsettled deliveries are requeued.
     pub async fn unsubscribe(&self, consumer: ConsumerId) -> Result<(), BrokerError> {
+        self.before_request();
         self.addr
             .send(Unsubscribe(consumer))
             .await

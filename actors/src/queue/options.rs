@@ -26,8 +26,8 @@ use crate::queue::state::{Overflow, QueuePolicy};
 pub struct QueueOptions {
     /// Largest payload accepted, in bytes; `None` uses the broker's limit.
     pub max_message_bytes: Option<usize>,
-    /// Capacity of the queue actor's mailbox: how many publishes and
-    /// acknowledgements may wait before publishers are slowed down.
+    /// Capacity of the queue actor's mailbox: how many publishes (and, apart,
+    /// how many other requests) may wait before senders are slowed down.
     pub mailbox: usize,
     /// Time to live of each message, counted from enqueueing (a message's own
     /// shorter expiration wins).

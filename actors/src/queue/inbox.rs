@@ -1,0 +1,316 @@
+//! The queue's inbox: consecutive publishes share one mailbox entry.
+//!
+//! Publishing is the one thing a queue is asked to do at a high rate, and a
+//! mailbox entry per message costs an allocation, a mailbox permit, a wake-up
+//! and a handler call each. So publishes go into the queue's *open batch*
+//! instead: the newest batch whose [`Collect`] entry is in the mailbox and not
+//! yet handled. Joining it costs a short lock and a push. When no batch is open
+//! (the queue took it, it is full, or it was closed), the publisher waits for
+//! room in the mailbox like any sender, opens a new batch and sends its
+//! `Collect`. A busy queue therefore takes its publishes in batches, while an
+//! idle one still gets each publish at once.
+//!
+//! Order: batches are numbered, and the queue collects every batch up to the
+//! one it is told to, oldest first, so a publisher's messages are enqueued in
+//! the order it published them even when two `Collect`s land out of order.
+//! [`QueueHandle`](crate::QueueHandle)'s other requests close the open batch
+//! before they are sent, so nothing published after them can overtake them.
+//!
+//! Backpressure is counted in messages, as before batching: at most the queue's
+//! `mailbox` capacity of publishes wait in the inbox, and a publisher waits
+//! (fairly, first come first served) for the queue to collect some. A batch
+//! holds at most [`BATCH_CAPACITY`] messages.
+
+use std::collections::VecDeque;
+
+use parking_lot::Mutex;
+use postbox::Message;
+use tokio::sync::{Semaphore, SemaphorePermit, TryAcquireError};
+
+use crate::envelope::Envelope;
+
+/// Most messages in one batch: with the mailbox's capacity, bounds how many
+/// publishes wait for the queue.
+pub(crate) const BATCH_CAPACITY: usize = 64;
+
+/// The publishes waiting for a queue, in numbered batches.
+pub(crate) struct Inbox {
+    state: Mutex<State>,
+    /// One permit per message that may still wait; closed when the queue stops.
+    room: Semaphore,
+    /// The number of permits `room` started with.
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct State {
+    /// Whether the newest batch takes more messages.
+    open: bool,
+    /// Number of the next batch.
+    next: u64,
+    /// Batches not yet collected, oldest first.
+    batches: VecDeque<Batch>,
+}
+
+struct Batch {
+    number: u64,
+    messages: Vec<Envelope>,
+    /// Permits of `room` the batch holds (fewer than its messages only for a
+    /// `publish_batch` larger than the whole inbox).
+    permits: usize,
+}
+
+/// Room for one message in the inbox; given back if dropped unused.
+pub(crate) struct Room<'a>(SemaphorePermit<'a>);
+
+/// Why there is no room: the inbox is full, or the queue has stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum NoRoom {
+    Full,
+    Closed,
+}
+
+/// The mailbox entry telling the queue to collect every batch up to this number.
+pub(crate) struct Collect(pub(crate) u64);
+impl Message for Collect {
+    type Reply = ();
+}
+
+impl Inbox {
+    /// An inbox where at most `capacity` messages wait.
+    pub(crate) fn new(capacity: usize) -> Self {
+        let capacity = capacity.clamp(1, Semaphore::MAX_PERMITS);
+        Inbox {
+            state: Mutex::default(),
+            room: Semaphore::new(capacity),
+            capacity,
+        }
+    }
+
+    /// Waits for room for one message; fails once the queue has stopped.
+    pub(crate) async fn room(&self) -> Result<Room<'_>, NoRoom> {
+        self.room
+            .acquire()
+            .await
+            .map(Room)
+            .map_err(|_| NoRoom::Closed)
+    }
+
+    /// Room for one message if there is some now.
+    pub(crate) fn try_room(&self) -> Result<Room<'_>, NoRoom> {
+        match self.room.try_acquire() {
+            Ok(permit) => Ok(Room(permit)),
+            Err(TryAcquireError::NoPermits) => Err(NoRoom::Full),
+            Err(TryAcquireError::Closed) => Err(NoRoom::Closed),
+        }
+    }
+
+    /// Adds `message` to the open batch, or gives it back (with its room) if
+    /// none is open.
+    pub(crate) fn join<'a>(
+        &'a self,
+        room: Room<'a>,
+        message: Envelope,
+    ) -> Result<(), (Room<'a>, Envelope)> {
+        let mut state = self.state.lock();
+        if !state.open {
+            return Err((room, message));
+        }
+        let Some(batch) = state.batches.back_mut() else {
+            state.open = false;
+            return Err((room, message));
+        };
+        room.0.forget();
+        batch.messages.push(message);
+        batch.permits += 1;
+        if batch.messages.len() >= BATCH_CAPACITY {
+            state.open = false;
+        }
+        Ok(())
+    }
+
+    /// Adds `message` to the open batch if there is one (`None`), or else opens
+    /// a new batch with it and returns its number: the caller then sends
+    /// `Collect(number)` through the mailbox room it reserved.
+    pub(crate) fn open(&self, room: Room<'_>, message: Envelope) -> Option<u64> {
+        let (room, message) = self.join(room, message).err()?;
+        room.0.forget();
+        let mut messages = Vec::with_capacity(8);
+        messages.push(message);
+        Some(self.push(messages, 1))
+    }
+
+    /// Opens a new batch holding `messages` (closing any open one) and returns
+    /// its number, for the caller to send `Collect(number)`. Waits for room for
+    /// all of them (or for the whole inbox, if they are more).
+    pub(crate) async fn open_with(&self, messages: Vec<Envelope>) -> Result<u64, NoRoom> {
+        let wanted = messages.len().min(self.capacity);
+        let wanted = u32::try_from(wanted).unwrap_or(u32::MAX);
+        let permits = self
+            .room
+            .acquire_many(wanted)
+            .await
+            .map_err(|_| NoRoom::Closed)?;
+        permits.forget();
+        Ok(self.push(messages, wanted as usize))
+    }
+
+    fn push(&self, messages: Vec<Envelope>, permits: usize) -> u64 {
+        let mut state = self.state.lock();
+        let number = state.next;
+        state.next += 1;
+        state.open = messages.len() < BATCH_CAPACITY;
+        state.batches.push_back(Batch {
+            number,
+            messages,
+            permits,
+        });
+        number
+    }
+
+    /// Closes the open batch: later publishes start a new one.
+    pub(crate) fn close(&self) {
+        self.state.lock().open = false;
+    }
+
+    /// Takes the oldest batch if its number is at most `through`, and gives its
+    /// room back.
+    pub(crate) fn collect(&self, through: u64) -> Option<Vec<Envelope>> {
+        let batch = {
+            let mut state = self.state.lock();
+            if state.batches.front().is_none_or(|b| b.number > through) {
+                return None;
+            }
+            let batch = state.batches.pop_front()?;
+            if state.batches.is_empty() {
+                // That was the newest batch.
+                state.open = false;
+            }
+            batch
+        };
+        self.room.add_permits(batch.permits);
+        Some(batch.messages)
+    }
+
+    /// The queue stopped: publishers waiting for room fail, and so do later ones.
+    pub(crate) fn shut(&self) {
+        self.room.close();
+    }
+
+    /// Messages waiting to be collected.
+    pub(crate) fn waiting(&self) -> usize {
+        self.state
+            .lock()
+            .batches
+            .iter()
+            .map(|b| b.messages.len())
+            .sum()
+    }
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("waiting", &self.waiting())
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(s: &'static str) -> Envelope {
+        Envelope::new(s)
+    }
+
+    fn texts(batch: Vec<Envelope>) -> Vec<String> {
+        batch
+            .iter()
+            .map(|m| String::from_utf8_lossy(m.payload()).into_owned())
+            .collect()
+    }
+
+    fn join(inbox: &Inbox, m: Envelope) -> bool {
+        let room = inbox.try_room().expect("room");
+        inbox.join(room, m).is_ok()
+    }
+
+    fn open(inbox: &Inbox, m: Envelope) -> Option<u64> {
+        let room = inbox.try_room().expect("room");
+        inbox.open(room, m)
+    }
+
+    #[test]
+    fn publishes_join_the_open_batch_until_it_is_collected() {
+        let inbox = Inbox::new(100);
+        assert!(!join(&inbox, msg("a")), "nothing is open yet");
+        assert_eq!(open(&inbox, msg("a")), Some(0));
+        assert!(join(&inbox, msg("b")));
+        assert_eq!(open(&inbox, msg("c")), None, "joined the open batch");
+        assert_eq!(texts(inbox.collect(0).unwrap()), ["a", "b", "c"]);
+        assert!(!join(&inbox, msg("d")), "the collected batch is closed");
+        assert!(inbox.collect(0).is_none());
+        assert_eq!(inbox.room.available_permits(), 100, "room given back");
+    }
+
+    #[test]
+    fn closing_or_filling_a_batch_starts_the_next_one_and_order_is_kept() {
+        let inbox = Inbox::new(1000);
+        assert_eq!(open(&inbox, msg("a")), Some(0));
+        inbox.close();
+        assert!(!join(&inbox, msg("b")));
+        assert_eq!(open(&inbox, msg("b")), Some(1));
+        for _ in 1..BATCH_CAPACITY {
+            assert!(join(&inbox, msg("x")));
+        }
+        assert!(!join(&inbox, msg("c")), "batch 1 is full");
+        assert_eq!(open(&inbox, msg("c")), Some(2));
+        assert_eq!(inbox.waiting(), 2 + BATCH_CAPACITY);
+        // Collect(2) arriving first takes every batch through 2, oldest first.
+        assert_eq!(texts(inbox.collect(2).unwrap()), ["a"]);
+        assert_eq!(inbox.collect(2).unwrap().len(), BATCH_CAPACITY);
+        assert_eq!(texts(inbox.collect(2).unwrap()), ["c"]);
+        assert!(inbox.collect(2).is_none());
+        // The late Collect(0) and Collect(1) find nothing.
+        assert!(inbox.collect(0).is_none());
+        assert!(inbox.collect(1).is_none());
+        assert_eq!(inbox.waiting(), 0);
+        assert_eq!(inbox.room.available_permits(), 1000);
+    }
+
+    #[test]
+    fn a_collect_does_not_take_newer_batches() {
+        let inbox = Inbox::new(10);
+        assert_eq!(open(&inbox, msg("a")), Some(0));
+        inbox.close();
+        assert_eq!(open(&inbox, msg("b")), Some(1));
+        assert_eq!(texts(inbox.collect(0).unwrap()), ["a"]);
+        assert!(inbox.collect(0).is_none());
+        // Batch 1 is still open and still takes publishes.
+        assert!(join(&inbox, msg("c")));
+        assert_eq!(texts(inbox.collect(1).unwrap()), ["b", "c"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn room_is_counted_in_messages_and_comes_back_when_collected() {
+        let inbox = Inbox::new(3);
+        assert_eq!(open(&inbox, msg("a")), Some(0));
+        assert!(join(&inbox, msg("b")));
+        assert!(join(&inbox, msg("c")));
+        assert_eq!(inbox.try_room().err(), Some(NoRoom::Full));
+        // A room left unused is given back.
+        inbox.collect(0).unwrap();
+        drop(inbox.try_room().unwrap());
+        assert_eq!(inbox.room.available_permits(), 3);
+        // A batch larger than the inbox takes all of its room, and gives it back.
+        let n = inbox.open_with(vec![msg("x"); 5]).await.unwrap();
+        assert_eq!(inbox.try_room().err(), Some(NoRoom::Full));
+        assert_eq!(inbox.collect(n).unwrap().len(), 5);
+        assert_eq!(inbox.room.available_permits(), 3);
+        inbox.shut();
+        assert_eq!(inbox.try_room().err(), Some(NoRoom::Closed));
+        assert_eq!(inbox.room().await.err(), Some(NoRoom::Closed));
+    }
+}
