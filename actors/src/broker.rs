@@ -86,6 +86,8 @@ struct Inner {
     /// Every running consumer's supervisor: a consumer lives until it is
     /// cancelled or gives up, whether or not its handle is kept.
     live: parking_lot::Mutex<std::collections::HashMap<postbox::ActorId, postbox::Supervisor>>,
+    /// The streams (see `stream::broker_api`).
+    streams: crate::stream::broker_api::StreamRegistry,
 }
 
 /// A weak reference to a broker, for its queues: they route dead letters
@@ -151,8 +153,21 @@ impl Broker {
                 consumers: AtomicU64::new(1),
                 observers: Observers::default(),
                 live: Default::default(),
+                streams: Default::default(),
             }),
         }
+    }
+
+    pub(crate) fn stream_registry(&self) -> &crate::stream::broker_api::StreamRegistry {
+        &self.inner.streams
+    }
+
+    pub(crate) fn runtime(&self) -> &RuntimeHandle {
+        &self.inner.runtime
+    }
+
+    pub(crate) fn config(&self) -> &BrokerConfig {
+        &self.inner.config
     }
 
     /// Declares a queue: creates it, or checks that the existing one has the

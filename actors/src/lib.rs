@@ -9,6 +9,9 @@
 //!   without requeue, reject, `multiple`), requeue to the original position;
 //! - [`ConsumerActor`]s with bounded mailboxes, supervised: a consumer that
 //!   crashes has its unacknowledged deliveries requeued and is rebuilt fresh;
+//! - [`stream`]s: shared, non-destructive, in-memory logs (RabbitMQ streams,
+//!   Kafka topics) read by any number of supervised subscribers, each from
+//!   its own position, with retention and backpressure;
 //! - an [`Envelope`] with ids, routing key, headers, correlation id, reply-to,
 //!   priority and expiration, and typed payloads through a pluggable [`Codec`].
 //!
@@ -31,6 +34,7 @@ pub mod observe;
 pub mod queue;
 pub mod retry;
 pub mod rpc;
+pub mod stream;
 pub mod subscription;
 pub mod testkit;
 mod topology;
@@ -52,5 +56,10 @@ pub use queue::handle::QueueHandle;
 pub use queue::options::{DeleteOptions, QueueOptions};
 pub use queue::state::{AckMode, ConsumerId, ConsumerStats, DeliveryTag, QueueStats};
 pub use retry::{RetryPolicy, Retrying};
+pub use stream::{
+    StreamConsumer, StreamDelivery, StreamError, StreamHandle, StreamOptions, StreamOverflow,
+    StreamStart, StreamStats, StreamSubscription, SubscribeOptions, SubscriberStats,
+    TryStreamPublishError,
+};
 pub use subscription::Subscription;
 pub use transaction::{Committed, Transaction, TxError};

@@ -35,6 +35,8 @@ pub enum NameKind {
     RoutingKey,
     /// A binding key or topic pattern.
     BindingKey,
+    /// A stream name.
+    Stream,
 }
 
 impl fmt::Display for NameKind {
@@ -44,6 +46,7 @@ impl fmt::Display for NameKind {
             Self::Exchange => "exchange",
             Self::RoutingKey => "routing key",
             Self::BindingKey => "binding key",
+            Self::Stream => "stream",
         })
     }
 }

@@ -3,7 +3,10 @@
 //! times).
 //!
 //! postbox: a fanout exchange and 10 `Broker::subscribe` subscriptions
-//! (auto-ack), published to with `publish_to`. Baseline: a
+//! (auto-ack), published to with `publish_to`; and a stream (one shared log,
+//! block overflow with 1024 records retained, so the producer is paced by the
+//! slowest subscriber as broadcast's is) with 10 subscribers starting at
+//! `StreamStart::Next`, published to with `StreamHandle::publish`. Baseline: a
 //! `tokio::sync::broadcast` channel of capacity 1024 with 10 receiver tasks.
 //! broadcast never makes its sender wait (a slow receiver loses messages
 //! instead), so the producer is paced by the slowest receiver: it waits while
@@ -14,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use postbox::Failure;
+use postbox_actors::stream::{StreamDelivery, StreamOptions, StreamStart, SubscribeOptions};
 use postbox_actors::{Broker, ConsumeOptions, Delivery, Envelope, ExchangeOptions};
 use tokio::sync::{Notify, broadcast};
 
@@ -25,6 +29,7 @@ use crate::util::{FanIn, leak, payload, throughput, timed, trials, worker_runtim
 pub const S3: &str = "3 fan-out 1→10";
 pub const BROADCAST: &str = "tokio broadcast(1024)";
 pub const POSTBOX_FANOUT: &str = "postbox fanout exchange, publish_to";
+pub const POSTBOX_STREAM: &str = "postbox stream, publish";
 pub const SUBSCRIBERS: usize = 10;
 
 const CAPACITY: usize = 1024;
@@ -47,6 +52,15 @@ pub async fn scenario3(cfg: &Config, report: &mut Report) {
                 .trials(rate)
                 .vs(BROADCAST, Metric::Throughput)
                 .note("10 subscriptions, auto-ack"),
+        );
+    }
+    if cfg.wants(POSTBOX_STREAM) {
+        let rate = trials(cfg.reps, || postbox_stream(n)).await;
+        report.push(
+            Row::new(S3, POSTBOX_STREAM)
+                .trials(rate)
+                .vs(BROADCAST, Metric::Throughput)
+                .note("one shared log of 1024, block overflow, 10 subscribers"),
         );
     }
 }
@@ -176,6 +190,52 @@ async fn postbox_fanout(n: u64) -> f64 {
                     .await
                     .expect("publish_to");
                 debug_assert_eq!(reached, SUBSCRIBERS);
+            }
+            fan.wait().await;
+        })
+    })
+    .await;
+    drop(subscriptions);
+    rt.shutdown();
+    rate
+}
+
+async fn postbox_stream(n: u64) -> f64 {
+    let rt = place::postbox_runtime().await;
+    let broker = Broker::new(&rt);
+    let stream = broker
+        .declare_stream("fan", StreamOptions::default().max_len(CAPACITY))
+        .await
+        .expect("declare the stream");
+    let fan = leak(FanIn::new());
+    let mut subscriptions = Vec::new();
+    for _ in 0..SUBSCRIBERS {
+        let subscription = stream
+            .subscribe(StreamStart::Next, SubscribeOptions::default(), move || {
+                let mut seen = 0u64;
+                move |delivery: StreamDelivery| {
+                    drop(delivery);
+                    seen += 1;
+                    fan.seen(seen);
+                    async { Ok::<(), Failure>(()) }
+                }
+            })
+            .await
+            .expect("subscribe");
+        subscriptions.push(subscription);
+    }
+    let p = payload();
+    let total = Cell::new(0u64);
+    let rate = throughput(n / 10, n, 1, |k| {
+        let (stream, p, total) = (&stream, &p, &total);
+        timed(async move {
+            total.set(total.get() + k);
+            fan.arm(total.get(), SUBSCRIBERS as u64);
+            for _ in 0..k {
+                stream
+                    .publish(Envelope::new(p.clone()))
+                    .await
+                    .expect("publish");
             }
             fan.wait().await;
         })

@@ -1,0 +1,78 @@
+//! [`StreamError`] and [`TryStreamPublishError`]: everything the stream API can
+//! refuse. A refused call changes nothing.
+
+use crate::envelope::Envelope;
+use crate::name::NameError;
+use crate::stream::options::StreamOptions;
+
+/// Why a stream operation was refused.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum StreamError {
+    /// The name is not a valid stream name.
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    /// No stream has that name (or it was deleted).
+    #[error("stream {0:?} not found")]
+    NotFound(String),
+    /// The stream exists with other options.
+    #[error(
+        "stream {name:?} exists with different options (existing {existing:?}, requested {requested:?})"
+    )]
+    Mismatch {
+        /// The stream.
+        name: String,
+        /// Its options.
+        existing: Box<StreamOptions>,
+        /// The options asked for.
+        requested: Box<StreamOptions>,
+    },
+    /// The payload is larger than the stream accepts (its
+    /// `max_message_bytes`, or its `max_bytes` retention if smaller).
+    #[error("a message of {size} bytes exceeds the {limit}-byte limit of stream {stream:?}")]
+    MessageTooLarge {
+        /// The stream.
+        stream: String,
+        /// The payload's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A named subscriber with this name is already live on the stream.
+    #[error("stream {stream:?} already has a live subscriber named {name:?}")]
+    SubscriberExists {
+        /// The stream.
+        stream: String,
+        /// The subscriber name.
+        name: String,
+    },
+    /// The runtime the broker runs on has stopped.
+    #[error("the broker has stopped")]
+    Stopped,
+}
+
+/// The error of [`StreamHandle::try_publish`](crate::stream::StreamHandle::try_publish).
+#[derive(Debug, thiserror::Error)]
+pub enum TryStreamPublishError {
+    /// Block overflow, and the slowest subscriber has not read the record that
+    /// retention would trim: try again later, or use the waiting publish.
+    #[error("stream {stream:?} is full: its slowest subscriber is behind")]
+    Full {
+        /// The stream.
+        stream: String,
+        /// The message, unchanged.
+        message: Box<Envelope>,
+    },
+    /// Refused for another reason.
+    #[error(transparent)]
+    Refused(#[from] StreamError),
+}
+
+impl TryStreamPublishError {
+    /// The message handed back by [`Full`](Self::Full).
+    pub fn into_message(self) -> Option<Envelope> {
+        match self {
+            TryStreamPublishError::Full { message, .. } => Some(*message),
+            TryStreamPublishError::Refused(_) => None,
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! [`StreamHandle`]: typed access to one stream, to publish to it, subscribe to
+//! it and read its counters; and the state that handle, the broker's registry
+//! and the subscribers share.
+//!
+//! Publishing appends under the log's lock (a `parking_lot` mutex held for a
+//! push and, at the length limit, a pop) and, only if some subscriber is parked
+//! at the tail, wakes it afterwards with one small message into its mailbox. A
+//! publisher that block-mode retention refuses waits on a `Notify` that a
+//! subscriber fires when its progress makes room; it registers for it while
+//! still holding the lock, so no wake-up can be lost in between.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytestring::ByteString;
+use parking_lot::Mutex;
+use postbox::{ChildSpec, Recipient, Restart, RuntimeHandle, Supervisor, SupervisorSpec};
+use tokio::sync::Notify;
+
+use crate::envelope::Envelope;
+use crate::stream::error::{StreamError, TryStreamPublishError};
+use crate::stream::log::{LogState, ReaderId, Refusal, StreamStats, SubscriberStats};
+use crate::stream::options::{StreamOptions, StreamStart, SubscribeOptions};
+use crate::stream::subscriber::{
+    Pump, StreamConsumer, StreamConsumerFactory, StreamSubscriber, StreamSubscription,
+};
+
+/// How a parked subscriber is woken: its mailbox.
+pub(crate) type Waker = Recipient<Pump>;
+
+/// One stream: its log, its subscribers' supervisors, and its settings.
+pub(crate) struct StreamCore {
+    pub(crate) name: ByteString,
+    pub(crate) options: StreamOptions,
+    /// Largest payload accepted.
+    pub(crate) limit: usize,
+    pub(crate) log: Mutex<LogState<Waker>>,
+    /// Fired when a blocked publisher may have room, and when the stream closes.
+    pub(crate) space: Notify,
+    pub(crate) subscribers: Mutex<HashMap<ReaderId, Supervisor>>,
+    pub(crate) runtime: RuntimeHandle,
+    seq: AtomicU64,
+}
+
+impl StreamCore {
+    pub(crate) fn new(
+        name: ByteString,
+        options: StreamOptions,
+        limit: usize,
+        runtime: RuntimeHandle,
+    ) -> Self {
+        StreamCore {
+            log: Mutex::new(LogState::new(crate::stream::log::Limits::of(&options))),
+            name,
+            options,
+            limit,
+            space: Notify::new(),
+            subscribers: Mutex::new(HashMap::new()),
+            runtime,
+            seq: AtomicU64::new(1),
+        }
+    }
+
+    /// Wakes subscribers parked at the tail (outside the log's lock).
+    pub(crate) fn wake(wake: Vec<Waker>) {
+        for waker in wake {
+            if let Err(postbox::TrySendError::Full(pump)) = waker.try_send(Pump) {
+                // Its mailbox is full of other messages; it must not miss this one.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        let _ = waker.send(pump).await;
+                    });
+                }
+            }
+        }
+    }
+
+    /// Wakes every blocked publisher (to retry, or to see the stream closed).
+    pub(crate) fn release_publishers(&self) {
+        self.space.notify_waiters();
+    }
+
+    /// Removes a subscriber's reader (storing a named one's position); wakes
+    /// the publishers it may have been holding back.
+    pub(crate) fn remove_reader(&self, id: ReaderId) -> Option<SubscriberStats> {
+        let removed = self.log.lock().remove_reader(id);
+        self.subscribers.lock().remove(&id);
+        let (stats, notify) = removed?;
+        if notify {
+            self.release_publishers();
+        }
+        Some(stats)
+    }
+
+    /// Closes the stream and stops its subscribers; returns its last stats.
+    pub(crate) async fn close(&self) -> StreamStats {
+        let stats = {
+            let mut log = self.log.lock();
+            log.close();
+            log.stats(postbox::clock::now_ms())
+        };
+        // Waiting publishers see the stream closed.
+        self.release_publishers();
+        let supervisors: Vec<(ReaderId, Supervisor)> = self.subscribers.lock().drain().collect();
+        for (id, supervisor) in supervisors {
+            supervisor.stop();
+            supervisor.terminated().await;
+            self.log.lock().remove_reader(id);
+        }
+        stats
+    }
+}
+
+/// A handle to one stream; cheap to clone, usable from any thread. Obtained
+/// from [`Broker::declare_stream`](crate::Broker::declare_stream) or
+/// [`Broker::stream`](crate::Broker::stream).
+#[derive(Clone)]
+pub struct StreamHandle {
+    pub(crate) core: Arc<StreamCore>,
+}
+
+impl std::fmt::Debug for StreamHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamHandle")
+            .field("name", &self.core.name)
+            .field("options", &self.core.options)
+            .finish()
+    }
+}
+
+impl StreamHandle {
+    /// The stream's name.
+    pub fn name(&self) -> &str {
+        &self.core.name
+    }
+
+    /// The options it was declared with.
+    pub fn options(&self) -> &StreamOptions {
+        &self.core.options
+    }
+
+    fn check(&self, message: &Envelope) -> Result<(), StreamError> {
+        if message.size() > self.core.limit {
+            return Err(StreamError::MessageTooLarge {
+                stream: self.core.name.to_string(),
+                size: message.size(),
+                limit: self.core.limit,
+            });
+        }
+        Ok(())
+    }
+
+    fn gone(&self) -> StreamError {
+        StreamError::NotFound(self.core.name.to_string())
+    }
+
+    /// Appends a message and returns its offset. With block overflow, waits
+    /// while the slowest live subscriber has not read the record retention
+    /// would trim.
+    pub async fn publish(&self, message: Envelope) -> Result<u64, StreamError> {
+        self.check(&message)?;
+        let mut message = message;
+        let mut wake = Vec::new();
+        loop {
+            let mut room = pin!(self.core.space.notified());
+            let now = postbox::clock::now_ms();
+            {
+                let mut log = self.core.log.lock();
+                match log.append(message, now, &mut wake) {
+                    Ok(offset) => {
+                        drop(log);
+                        StreamCore::wake(wake);
+                        return Ok(offset);
+                    }
+                    Err(Refusal::Full(back)) => {
+                        message = back;
+                        // Registered under the lock: a subscriber that makes room
+                        // after this point finds us waiting.
+                        room.as_mut().enable();
+                    }
+                    Err(Refusal::Closed) => return Err(self.gone()),
+                }
+            }
+            room.await;
+        }
+    }
+
+    /// Appends messages in order and returns their offsets. Size checks come
+    /// first: one oversize message refuses the whole batch. With block
+    /// overflow, appends what fits and waits for room for the rest.
+    pub async fn publish_batch(&self, messages: Vec<Envelope>) -> Result<Range<u64>, StreamError> {
+        for message in &messages {
+            self.check(message)?;
+        }
+        let mut rest = messages.into_iter();
+        let mut pending = rest.next();
+        let mut start = None;
+        let mut end = None;
+        let mut wake = Vec::new();
+        loop {
+            let mut room = pin!(self.core.space.notified());
+            let now = postbox::clock::now_ms();
+            {
+                let mut log = self.core.log.lock();
+                while let Some(message) = pending.take() {
+                    match log.append(message, now, &mut wake) {
+                        Ok(offset) => {
+                            start.get_or_insert(offset);
+                            end = Some(offset + 1);
+                            pending = rest.next();
+                        }
+                        Err(Refusal::Full(back)) => {
+                            pending = Some(back);
+                            room.as_mut().enable();
+                            break;
+                        }
+                        Err(Refusal::Closed) => return Err(self.gone()),
+                    }
+                }
+                if pending.is_none() {
+                    let next = log.next();
+                    drop(log);
+                    StreamCore::wake(wake);
+                    return Ok(start.unwrap_or(next)..end.unwrap_or(next));
+                }
+            }
+            StreamCore::wake(std::mem::take(&mut wake));
+            room.await;
+        }
+    }
+
+    /// Appends a message if that needs no waiting; a block-mode stream whose
+    /// slowest subscriber is behind refuses with
+    /// [`TryStreamPublishError::Full`], which hands the message back.
+    pub fn try_publish(&self, message: Envelope) -> Result<u64, TryStreamPublishError> {
+        self.check(&message)?;
+        let mut wake = Vec::new();
+        let now = postbox::clock::now_ms();
+        let appended = self.core.log.lock().append(message, now, &mut wake);
+        match appended {
+            Ok(offset) => {
+                StreamCore::wake(wake);
+                Ok(offset)
+            }
+            Err(Refusal::Full(message)) => Err(TryStreamPublishError::Full {
+                stream: self.core.name.to_string(),
+                message: Box::new(message),
+            }),
+            Err(Refusal::Closed) => Err(self.gone().into()),
+        }
+    }
+
+    /// Counters and positions (age retention is applied first).
+    pub fn stats(&self) -> StreamStats {
+        let now = postbox::clock::now_ms();
+        self.core.log.lock().stats(now)
+    }
+
+    /// The position stored for the named subscriber `name` when it last
+    /// stopped; `None` if it never did (or is live).
+    pub fn stored_offset(&self, name: &str) -> Option<u64> {
+        self.core.log.lock().stored_offset(name)
+    }
+
+    /// True once the stream has been deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.core.log.lock().is_closed()
+    }
+
+    /// Starts a supervised subscriber reading from `start` (a named one resumes
+    /// at its stored position instead). `factory` builds the handler, and
+    /// builds it again after each crash. Returns once the subscriber is
+    /// registered: every record appended after this returns reaches it.
+    pub async fn subscribe<C, F>(
+        &self,
+        start: StreamStart,
+        options: SubscribeOptions,
+        factory: F,
+    ) -> Result<StreamSubscription<C>, StreamError>
+    where
+        C: StreamConsumer,
+        F: StreamConsumerFactory<C>,
+    {
+        let core = self.core.clone();
+        let now = postbox::clock::now_ms();
+        let reader = {
+            let mut log = core.log.lock();
+            if log.is_closed() {
+                return Err(self.gone());
+            }
+            log.add_reader(start, options.name.clone(), now)
+                .map_err(|()| StreamError::SubscriberExists {
+                    stream: core.name.to_string(),
+                    name: options.name.clone().unwrap_or_default(),
+                })?
+        };
+        let n = core.seq.fetch_add(1, Ordering::Relaxed);
+        let label = match &options.name {
+            Some(name) => format!("stream:{}:{name}", core.name),
+            None => format!("stream:{}:{n}", core.name),
+        };
+        let child_core = core.clone();
+        let batch = options.batch;
+        let child = ChildSpec::new("subscriber", move || {
+            StreamSubscriber::new(child_core.clone(), reader, batch, factory())
+        })
+        .restart(Restart::Transient)
+        .mailbox(options.mailbox);
+        let supervisor = SupervisorSpec::new(label)
+            .intensity(options.max_restarts, options.window)
+            .backoff(options.backoff)
+            .child(child)
+            .spawn(&core.runtime);
+        core.subscribers.lock().insert(reader, supervisor.clone());
+        // When the subscriber is down for good, its position stops counting.
+        let weak = Arc::downgrade(&core);
+        supervisor.addr().any().on_exit(Some(u64::MAX), move |_| {
+            if let Some(core) = weak.upgrade() {
+                core.remove_reader(reader);
+            }
+        });
+        match supervisor.child::<StreamSubscriber<C>>("subscriber").await {
+            Ok(addr) => Ok(StreamSubscription {
+                core,
+                reader,
+                addr,
+                supervisor,
+            }),
+            Err(_) => {
+                supervisor.stop();
+                core.remove_reader(reader);
+                Err(StreamError::Stopped)
+            }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! What a stream is declared with ([`StreamOptions`], [`StreamOverflow`]), where
+//! a subscriber starts reading ([`StreamStart`]), and how a subscriber runs
+//! ([`SubscribeOptions`]).
+//!
+//! Redeclaring a stream with equal options is a no-op; with different options it
+//! is [`StreamError::Mismatch`](crate::stream::StreamError::Mismatch), as for
+//! queues.
+
+use std::time::Duration;
+
+use postbox::Backoff;
+
+/// What happens when retention would trim a record that a live subscriber has
+/// not read yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum StreamOverflow {
+    /// Backpressure: the publisher waits until the slowest live subscriber has
+    /// moved past the record that must go ([`try_publish`] fails with `Full`
+    /// and hands the message back). Nothing a live subscriber has not read is
+    /// ever trimmed, by length, bytes or age.
+    ///
+    /// [`try_publish`]: crate::stream::StreamHandle::try_publish
+    #[default]
+    Block,
+    /// Kafka's way: trim anyway. A subscriber that fell behind skips to the
+    /// oldest retained record; the first delivery after the gap says how many
+    /// it missed ([`StreamDelivery::skipped`]), and its stats count them.
+    ///
+    /// [`StreamDelivery::skipped`]: crate::stream::StreamDelivery::skipped
+    DropOldest,
+}
+
+/// How a stream is declared.
+///
+/// ```
+/// use std::time::Duration;
+/// use postbox_actors::stream::{StreamOptions, StreamOverflow};
+/// let events = StreamOptions::default()
+///     .max_len(100_000)
+///     .max_bytes(64 << 20)
+///     .max_age(Duration::from_secs(3600))
+///     .overflow(StreamOverflow::DropOldest);
+/// assert_eq!(events.max_len, Some(100_000));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct StreamOptions {
+    /// Most records retained (at least 1); `None`: no limit by count.
+    pub max_len: Option<usize>,
+    /// Most payload bytes retained (at least 1); `None`: no limit by size. A
+    /// message larger than this is refused as too large.
+    pub max_bytes: Option<usize>,
+    /// Records older than this (since they were appended, on
+    /// [`postbox::clock`]) are trimmed; `None`: kept regardless of age.
+    pub max_age: Option<Duration>,
+    /// What retention does to records a live subscriber has not read.
+    pub overflow: StreamOverflow,
+    /// Largest payload accepted, in bytes; `None` uses the broker's limit
+    /// ([`BrokerConfig::max_message_bytes`](crate::BrokerConfig)).
+    pub max_message_bytes: Option<usize>,
+}
+
+impl Default for StreamOptions {
+    /// 1024 records, no byte or age limit, [`StreamOverflow::Block`].
+    fn default() -> Self {
+        StreamOptions {
+            max_len: Some(1024),
+            max_bytes: None,
+            max_age: None,
+            overflow: StreamOverflow::Block,
+            max_message_bytes: None,
+        }
+    }
+}
+
+impl StreamOptions {
+    /// No retention limit: records are never trimmed, and memory grows with
+    /// every publish. Add limits with the setters.
+    pub fn unbounded() -> Self {
+        StreamOptions {
+            max_len: None,
+            ..StreamOptions::default()
+        }
+    }
+
+    /// Sets [`max_len`](Self::max_len) (at least 1).
+    pub fn max_len(mut self, records: usize) -> Self {
+        self.max_len = Some(records.max(1));
+        self
+    }
+
+    /// Sets [`max_bytes`](Self::max_bytes) (at least 1).
+    pub fn max_bytes(mut self, bytes: usize) -> Self {
+        self.max_bytes = Some(bytes.max(1));
+        self
+    }
+
+    /// Sets [`max_age`](Self::max_age).
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.max_age = Some(age);
+        self
+    }
+
+    /// Sets [`overflow`](Self::overflow).
+    pub fn overflow(mut self, overflow: StreamOverflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
+
+    /// Sets [`max_message_bytes`](Self::max_message_bytes).
+    pub fn max_message_bytes(mut self, limit: usize) -> Self {
+        self.max_message_bytes = Some(limit);
+        self
+    }
+}
+
+/// Where a new subscriber starts reading. Positions outside the retained
+/// records are clamped to them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum StreamStart {
+    /// The oldest retained record.
+    First,
+    /// The newest record (or the next one, if the stream is empty).
+    Last,
+    /// Only records appended from now on.
+    #[default]
+    Next,
+    /// This offset, clamped to `[oldest retained, next]`.
+    Offset(u64),
+    /// The first record appended at or after this epoch-millisecond time (on
+    /// [`postbox::clock`]); the next one if there is none yet.
+    Timestamp(u64),
+}
+
+/// How a subscriber receives and is supervised.
+///
+/// ```
+/// use std::time::Duration;
+/// use postbox_actors::stream::SubscribeOptions;
+/// let options = SubscribeOptions::default()
+///     .batch(128)
+///     .restarts(10, Duration::from_secs(60))
+///     .named("billing");
+/// # let _ = options;
+/// ```
+#[derive(Clone, Debug)]
+pub struct SubscribeOptions {
+    pub(crate) mailbox: usize,
+    pub(crate) batch: usize,
+    pub(crate) max_restarts: usize,
+    pub(crate) window: Duration,
+    pub(crate) backoff: Backoff,
+    pub(crate) name: Option<String>,
+}
+
+impl Default for SubscribeOptions {
+    /// Batches of 64, mailbox of 16, 5 restarts in 10 s, backoff 10 ms to 1 s,
+    /// anonymous.
+    fn default() -> Self {
+        SubscribeOptions {
+            mailbox: 16,
+            batch: 64,
+            max_restarts: 5,
+            window: Duration::from_secs(10),
+            backoff: Backoff::exponential(Duration::from_millis(10), Duration::from_secs(1)),
+            name: None,
+        }
+    }
+}
+
+impl SubscribeOptions {
+    /// The subscriber actor's mailbox capacity (at least 4). It only ever holds
+    /// wake-ups (at most two or three) and control messages: records are read
+    /// from the log.
+    pub fn mailbox(mut self, capacity: usize) -> Self {
+        self.mailbox = capacity.max(4);
+        self
+    }
+
+    /// Most records read from the log per lock, and handled per mailbox
+    /// message (at least 1).
+    pub fn batch(mut self, records: usize) -> Self {
+        self.batch = records.max(1);
+        self
+    }
+
+    /// At most `max` restarts within `window`; past that the subscriber stays
+    /// down and its position is released.
+    pub fn restarts(mut self, max: usize, window: Duration) -> Self {
+        self.max_restarts = max;
+        self.window = window;
+        self
+    }
+
+    /// Delay between restarts.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// A named subscriber: the stream stores its position when it stops, and a
+    /// later subscriber with the same name resumes there (RabbitMQ's offset
+    /// tracking), whatever [`StreamStart`] it asks for. At most one live
+    /// subscriber per name.
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+}
