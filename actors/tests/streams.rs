@@ -862,3 +862,75 @@ fn subscribers_on_real_arbiters_get_everything_in_order() {
     });
     rt.shutdown();
 }
+
+#[test]
+fn drop_oldest_on_real_arbiters_skips_only_what_it_reports() {
+    let rt = Runtime::with_arbiters(2).unwrap();
+    let tokio_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio_rt.block_on(async {
+        let broker = Broker::new(&rt);
+        let stream = broker
+            .declare_stream(
+                "lossy",
+                StreamOptions::default()
+                    .max_len(16)
+                    .overflow(StreamOverflow::DropOldest),
+            )
+            .await
+            .unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let labels = ["a", "b", "c", "d"];
+        let mut subs = Vec::new();
+        for label in labels {
+            subs.push(
+                stream
+                    .subscribe(
+                        StreamStart::First,
+                        SubscribeOptions::default().batch(8),
+                        recorder(label, &tx, None),
+                    )
+                    .await
+                    .unwrap(),
+            );
+        }
+        let n = 20_000u32;
+        for i in 0..n {
+            stream.publish(msg(i)).await.unwrap();
+        }
+        // Every subscriber ends with the last record, which is never trimmed.
+        let mut got = Vec::new();
+        let mut finished = HashSet::new();
+        while finished.len() < labels.len() {
+            let next = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await
+                .expect("the last record arrives")
+                .unwrap();
+            if next.offset == u64::from(n - 1) {
+                finished.insert(next.label);
+            }
+            got.push(next);
+        }
+        for (label, sub) in labels.into_iter().zip(&subs) {
+            let mine: Vec<&Got> = got.iter().filter(|g| g.label == label).collect();
+            let mut expect = 0u64;
+            let mut reported = 0u64;
+            for g in &mine {
+                assert_eq!(
+                    g.offset,
+                    expect + g.skipped,
+                    "{label}: a gap it was not told about"
+                );
+                assert_eq!(u64::from(g.value), g.offset);
+                reported += g.skipped;
+                expect = g.offset + 1;
+            }
+            assert_eq!(expect, u64::from(n));
+            assert_eq!(mine.len() as u64 + reported, u64::from(n), "{label}");
+            assert_eq!(sub.stats().unwrap().skipped, reported, "{label}");
+        }
+    });
+    rt.shutdown();
+}
