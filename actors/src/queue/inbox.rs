@@ -89,11 +89,17 @@ impl Inbox {
 
     /// Waits for room for one message; fails once the queue has stopped.
     pub(crate) async fn room(&self) -> Result<Room<'_>, NoRoom> {
-        self.room
-            .acquire()
-            .await
-            .map(Room)
-            .map_err(|_| NoRoom::Closed)
+        // The synchronous attempt skips the acquire future's set-up: usually
+        // there is room.
+        match self.try_room() {
+            Err(NoRoom::Full) => self
+                .room
+                .acquire()
+                .await
+                .map(Room)
+                .map_err(|_| NoRoom::Closed),
+            ready => ready,
+        }
     }
 
     /// Room for one message if there is some now.
