@@ -474,9 +474,9 @@ impl Handler<Collect> for QueueActor {
     ) -> Result<(), Failure> {
         self.state.advance_to(postbox::clock::now_ms());
         let mut taken = 0;
-        while let Some(batch) = self.inbox.collect(through) {
+        while let Some(mut batch) = self.inbox.collect(through) {
             taken += batch.len();
-            for message in batch {
+            for message in batch.drain(..) {
                 tracing::trace!(queue = %self.name, message_id = %message.id(), correlation_id = message.correlation_id(), "enqueue");
                 self.publish(message);
                 if !self.coalesce {
@@ -484,6 +484,7 @@ impl Handler<Collect> for QueueActor {
                     self.progressed(ctx);
                 }
             }
+            self.inbox.recycle(batch);
         }
         if self.coalesce && taken > 0 {
             self.touch(ctx, taken as u32);

@@ -50,7 +50,14 @@ struct State {
     next: u64,
     /// Batches not yet collected, oldest first.
     batches: VecDeque<Batch>,
+    /// Emptied batch buffers given back by the queue, reused so that pushes
+    /// under the lock do not reallocate.
+    spare: Vec<Vec<Envelope>>,
 }
+
+/// Most spare buffers kept: a busy queue alternates between the batch it
+/// handles and the one filling up.
+const SPARE_BUFFERS: usize = 2;
 
 struct Batch {
     number: u64,
@@ -141,7 +148,12 @@ impl Inbox {
     pub(crate) fn open(&self, room: Room<'_>, message: Envelope) -> Option<u64> {
         let (room, message) = self.join(room, message).err()?;
         room.0.forget();
-        let mut messages = Vec::with_capacity(8);
+        let mut messages = self
+            .state
+            .lock()
+            .spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(8));
         messages.push(message);
         Some(self.push(messages, 1))
     }
@@ -196,6 +208,19 @@ impl Inbox {
         };
         self.room.add_permits(batch.permits);
         Some(batch.messages)
+    }
+
+    /// Gives back a collected batch's buffer, emptied, for reuse. A quiet
+    /// queue keeps a small one; a busy one, a buffer that has grown to a full
+    /// batch.
+    pub(crate) fn recycle(&self, mut buffer: Vec<Envelope>) {
+        buffer.clear();
+        if buffer.capacity() <= BATCH_CAPACITY {
+            let mut state = self.state.lock();
+            if state.spare.len() < SPARE_BUFFERS {
+                state.spare.push(buffer);
+            }
+        }
     }
 
     /// The queue stopped: publishers waiting for room fail, and so do later ones.
@@ -318,5 +343,24 @@ mod tests {
         inbox.shut();
         assert_eq!(inbox.try_room().err(), Some(NoRoom::Closed));
         assert_eq!(inbox.room().await.err(), Some(NoRoom::Closed));
+    }
+
+    #[test]
+    fn collected_buffers_are_reused_up_to_a_full_batch() {
+        let inbox = Inbox::new(1000);
+        assert_eq!(open(&inbox, msg("a")), Some(0));
+        for _ in 1..BATCH_CAPACITY {
+            assert!(join(&inbox, msg("x")));
+        }
+        let full = inbox.collect(0).unwrap();
+        let capacity = full.capacity();
+        inbox.recycle(full);
+        assert_eq!(open(&inbox, msg("b")), Some(1));
+        let reused = inbox.collect(1).unwrap();
+        assert_eq!(texts(reused.clone()), ["b"]);
+        assert_eq!(reused.capacity(), capacity, "the grown buffer was reused");
+        // A caller's oversized publish_batch buffer is not kept.
+        inbox.recycle(Vec::with_capacity(10 * BATCH_CAPACITY));
+        assert!(inbox.state.lock().spare.is_empty());
     }
 }
