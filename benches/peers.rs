@@ -12,11 +12,13 @@
 //!    `tokio::sync::mpsc` channel and a raw actix actor (`do_send`).
 //! 2. Point-to-point with manual acks, prefetch 256 and two competing consumers;
 //!    compared with scenario 1.
-//! 3. Fan-out from one producer to 10 subscribers (a fanout exchange). Baseline:
+//! 3. Fan-out from one producer to 10 subscribers: a stream (one shared log)
+//!    and a fanout exchange (a queue per subscriber). Baseline:
 //!    `tokio::sync::broadcast`, paced so that no receiver lags.
 //! 4. Request-reply round trips, requester and responder on the same arbiter and
-//!    on different arbiters: postbox `Addr::ask` and postbox `rpc`
-//!    (request/reply queues). Baseline: actix `send().await`.
+//!    on different arbiters (also with busy-polling arbiters): postbox
+//!    `Addr::ask` and postbox `rpc` (request/reply queues). Baseline: actix
+//!    `send().await`.
 //! 5. Durable publish with confirms. postbox has no persistence yet, so its rows
 //!    are empty; the disk's ceiling (append + `fdatasync` per batch) is measured.
 //! 6. Routing through a topic exchange with 10,000 bindings, against the same
