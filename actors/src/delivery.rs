@@ -7,7 +7,7 @@
 //! crashed, and its deliveries were requeued) is a typed [`AckError`] returned at
 //! once, and the queue never sees the bad request.
 
-use std::collections::BTreeSet;
+use std::collections::VecDeque;
 use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
@@ -83,9 +83,52 @@ pub(crate) struct Link {
 pub(crate) struct LinkState {
     closed: bool,
     /// Tags delivered to this consumer and not yet settled (manual mode only).
-    outstanding: BTreeSet<u64>,
+    outstanding: Tags,
     /// Settlements the queue has not applied yet, in order.
     pending: Vec<PendingSettle>,
+}
+
+/// A consumer's unsettled delivery tags, in order. The queue issues tags in
+/// increasing order, so inserting is a push at the back and settling in order
+/// (the common case) a pop at the front.
+#[derive(Clone, Default, Debug)]
+pub(crate) struct Tags(VecDeque<u64>);
+
+impl Tags {
+    fn insert(&mut self, tag: u64) {
+        match self.0.back() {
+            Some(&last) if last >= tag => {
+                // Out of order (not issued by a queue today): keep it sorted.
+                if let Err(i) = self.0.binary_search(&tag) {
+                    self.0.insert(i, tag);
+                }
+            }
+            _ => self.0.push_back(tag),
+        }
+    }
+
+    fn contains(&self, tag: u64) -> bool {
+        self.0.binary_search(&tag).is_ok()
+    }
+
+    fn remove(&mut self, tag: u64) {
+        if self.0.front() == Some(&tag) {
+            self.0.pop_front();
+        } else if let Ok(i) = self.0.binary_search(&tag) {
+            self.0.remove(i);
+        }
+    }
+
+    /// Removes every tag up to and including `tag`; returns how many.
+    fn remove_through(&mut self, tag: u64) -> usize {
+        let n = self.0.partition_point(|&t| t <= tag);
+        self.0.drain(..n);
+        n
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
 }
 
 /// A settlement waiting for the queue.
@@ -176,19 +219,16 @@ impl Link {
                 queue: queue(),
             });
         }
-        if !state.outstanding.contains(&tag.0) {
+        if !state.outstanding.contains(tag.0) {
             return Err(AckError::AlreadySettled {
                 tag,
                 queue: queue(),
             });
         }
         let n = if multiple {
-            let rest = state.outstanding.split_off(&(tag.0 + 1));
-            let n = state.outstanding.len();
-            state.outstanding = rest;
-            n
+            state.outstanding.remove_through(tag.0)
         } else {
-            state.outstanding.remove(&tag.0);
+            state.outstanding.remove(tag.0);
             1
         };
         state.pending.push(PendingSettle {
@@ -380,5 +420,78 @@ impl Delivery {
     /// applies, and settling the other fails with `AlreadySettled`.
     pub(crate) fn duplicate(&self) -> Delivery {
         Delivery::new(self.message.clone(), self.tag, self.link.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::Tags;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Issue the next tag, `skip` past the last one.
+        Issue(u64),
+        /// Settle the i-th held tag (modulo how many are held).
+        Settle(usize),
+        /// Settle everything through the i-th held tag.
+        SettleMultiple(usize),
+        /// Check a tag that may or may not be held.
+        Probe(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (1u64..4).prop_map(Op::Issue),
+            2 => (0usize..64).prop_map(Op::Settle),
+            1 => (0usize..64).prop_map(Op::SettleMultiple),
+            1 => (0u64..200).prop_map(Op::Probe),
+        ]
+    }
+
+    proptest! {
+        /// The deque agrees with an ordered set under any mix of in-order issuing
+        /// and out-of-order settling.
+        #[test]
+        fn tags_behave_like_an_ordered_set(ops in proptest::collection::vec(op(), 0..200)) {
+            let (mut tags, mut model, mut last) = (Tags::default(), BTreeSet::new(), 0u64);
+            for op in ops {
+                match op {
+                    Op::Issue(skip) => {
+                        last += skip;
+                        tags.insert(last);
+                        model.insert(last);
+                    }
+                    Op::Settle(i) if !model.is_empty() => {
+                        let tag = *model.iter().nth(i % model.len()).unwrap();
+                        tags.remove(tag);
+                        model.remove(&tag);
+                    }
+                    Op::SettleMultiple(i) if !model.is_empty() => {
+                        let tag = *model.iter().nth(i % model.len()).unwrap();
+                        let rest = model.split_off(&(tag + 1));
+                        prop_assert_eq!(tags.remove_through(tag), model.len());
+                        model = rest;
+                    }
+                    Op::Probe(tag) => prop_assert_eq!(tags.contains(tag), model.contains(&tag)),
+                    _ => {}
+                }
+                prop_assert!(tags.0.iter().copied().eq(model.iter().copied()));
+            }
+        }
+    }
+
+    #[test]
+    fn an_out_of_order_tag_is_kept_sorted() {
+        let mut tags = Tags::default();
+        for t in [1, 5, 3, 5, 2] {
+            tags.insert(t);
+        }
+        assert_eq!(tags.0, [1, 2, 3, 5]);
+        assert_eq!(tags.remove_through(3), 3);
+        assert!(tags.contains(5) && !tags.contains(3));
     }
 }

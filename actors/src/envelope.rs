@@ -65,24 +65,66 @@ impl MessageId {
         Self::at(now_ms())
     }
 
-    /// A fresh version 7 UUID for the epoch-millisecond time `ms`. Ids made on
-    /// one thread are strictly increasing (a counter orders ids of the same
-    /// millisecond); across threads they are ordered to the millisecond.
+    /// A fresh version 7 UUID for the epoch-millisecond time `ms`.
+    ///
+    /// Ids made on one thread are strictly increasing: within a millisecond a
+    /// 42-bit counter, started at a random value, orders them (RFC 9562,
+    /// method 1), and an id's time is never earlier than the previous one's on
+    /// that thread. Across threads they are ordered to the millisecond. The
+    /// remaining 32 bits come from a fast per-thread generator: ids are unique,
+    /// not secret (do not use them as capabilities).
+    ///
+    /// ```
+    /// use postbox_actors::envelope::MessageId;
+    ///
+    /// let a = MessageId::at(1_700_000_000_000);
+    /// let b = MessageId::at(1_700_000_000_000);
+    /// assert!(a < b);
+    /// assert_eq!(a.as_uuid().get_version_num(), 7);
+    /// ```
     #[must_use]
     pub fn at(ms: u64) -> Self {
-        use uuid::timestamp::context::ContextV7;
         thread_local! {
-            static CONTEXT: ContextV7 = const { ContextV7::new() };
+            /// The millisecond and counter of this thread's last id.
+            static LAST: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
         }
-        let (secs, nanos) = (ms / 1000, (ms % 1000) as u32 * 1_000_000);
-        let ts = CONTEXT.with(|ctx| uuid::Timestamp::from_unix(ctx, secs, nanos));
-        Self(Uuid::new_v7(ts))
+        // A new millisecond starts the counter at a random value below half its
+        // range, leaving at least 2^41 increments.
+        let fresh = || fastrand::u64(..) >> (64 - ID_COUNTER_BITS + 1);
+        let (ms, counter) = LAST.with(|last| {
+            let next = next_id_time(last.get(), ms, fresh);
+            last.set(next);
+            next
+        });
+        // The builder sets the version over the top 4 bits of the first two
+        // bytes and the variant over the top 2 bits of the third.
+        let mut bytes = [0u8; 10];
+        bytes[..2].copy_from_slice(&((counter >> 30) as u16 & 0x0fff).to_be_bytes());
+        bytes[2..6].copy_from_slice(&((counter & 0x3fff_ffff) as u32).to_be_bytes());
+        bytes[6..].copy_from_slice(&fastrand::u32(..).to_be_bytes());
+        Self(uuid::Builder::from_unix_timestamp_millis(ms, &bytes).into_uuid())
     }
 
     /// The underlying UUID.
     #[must_use]
     pub const fn as_uuid(&self) -> &Uuid {
         &self.0
+    }
+}
+
+/// Bits of the per-millisecond counter in a [`MessageId`].
+const ID_COUNTER_BITS: u32 = 42;
+
+/// The (millisecond, counter) of the next id, after `last`, for the time `ms`.
+fn next_id_time(last: (u64, u64), ms: u64, fresh: impl FnOnce() -> u64) -> (u64, u64) {
+    let (last_ms, last_counter) = last;
+    if ms > last_ms {
+        (ms, fresh())
+    } else if last_counter + 1 < 1 << ID_COUNTER_BITS {
+        // Same millisecond, or a clock behind this thread's last id.
+        (last_ms, last_counter + 1)
+    } else {
+        (last_ms + 1, fresh())
     }
 }
 
@@ -691,6 +733,34 @@ mod shared_properties {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn ids_of_one_thread_strictly_increase_and_are_version_7() {
+        let base = 1_700_000_000_000;
+        let mut last = MessageId::at(base);
+        // Same millisecond, later ones, and a clock that went back.
+        for ms in (0..50_000)
+            .map(|i| base + i / 1000)
+            .chain([base - 5, base + 100, base])
+        {
+            let id = MessageId::at(ms);
+            assert!(id > last, "{id} after {last}");
+            assert_eq!(id.as_uuid().get_version_num(), 7);
+            assert_eq!(id.as_uuid().get_variant(), uuid::Variant::RFC4122);
+            let (secs, nanos) = id.as_uuid().get_timestamp().unwrap().to_unix();
+            assert!(secs * 1000 + u64::from(nanos / 1_000_000) >= ms.min(base + 100));
+            last = id;
+        }
+    }
+
+    #[test]
+    fn a_full_counter_moves_to_the_next_millisecond() {
+        let full = (1u64 << ID_COUNTER_BITS) - 1;
+        assert_eq!(next_id_time((5, 7), 6, || 1), (6, 1));
+        assert_eq!(next_id_time((5, 7), 5, || 1), (5, 8));
+        assert_eq!(next_id_time((5, 7), 3, || 1), (5, 8));
+        assert_eq!(next_id_time((5, full), 5, || 1), (6, 1));
+    }
     use super::*;
 
     #[test]
