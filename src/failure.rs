@@ -61,8 +61,17 @@ impl Failure {
         }
     }
 
-    /// Builds a failure from a caught panic payload.
-    pub(crate) fn from_panic(payload: Box<dyn Any + Send>) -> Self {
+    /// Builds a failure from a caught panic payload (as from
+    /// `std::panic::catch_unwind`), keeping its message.
+    ///
+    /// ```
+    /// use postbox::{Failure, FailureKind};
+    /// let caught = std::panic::catch_unwind(|| panic!("boom")).unwrap_err();
+    /// let failure = Failure::from_panic(caught);
+    /// assert_eq!(failure.kind(), FailureKind::Panic);
+    /// assert!(failure.to_string().contains("boom"));
+    /// ```
+    pub fn from_panic(payload: Box<dyn Any + Send>) -> Self {
         let message = if let Some(s) = payload.downcast_ref::<&'static str>() {
             (*s).to_string()
         } else if let Some(s) = payload.downcast_ref::<String>() {

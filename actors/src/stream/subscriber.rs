@@ -23,9 +23,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use futures::FutureExt;
-use postbox::{
-    Actor, Addr, Context, ExitReason, Failure, FailureKind, Handler, Message, Supervisor,
-};
+use postbox::{Actor, Addr, Context, ExitReason, Failure, Handler, Message, Supervisor};
 use tracing::Instrument;
 
 use crate::envelope::Envelope;
@@ -236,16 +234,6 @@ async fn deliver<C: StreamConsumer>(
     Ok(())
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&'static str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic with a non-string payload".to_string()
-    }
-}
-
 impl<C: StreamConsumer> Handler<Pump> for StreamSubscriber<C> {
     async fn handle(&mut self, _: Pump, ctx: &mut Context<Self>) -> Result<(), Failure> {
         if self.batch.is_empty() {
@@ -288,7 +276,7 @@ impl<C: StreamConsumer> Handler<Pump> for StreamSubscriber<C> {
                 return Ok(());
             }
             Ok(Err(failure)) => failure,
-            Err(panic) => Failure::with_kind(FailureKind::Panic, panic_message(&*panic)),
+            Err(panic) => Failure::from_panic(panic),
         };
         // At least once: the next incarnation starts at the record that failed.
         let notify = self.core.log.lock().fail(self.reader, at.get());
