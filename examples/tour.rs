@@ -4,7 +4,8 @@
 //! - backpressure, and typed errors;
 //! - topic routing to subscribers;
 //! - request-reply;
-//! - retries that end in a dead-letter queue.
+//! - retries that end in a dead-letter queue;
+//! - streams: fan-out from one shared log, and backpressure from its slowest reader.
 //!
 //! Run it with `cargo run --release --example tour`.
 
@@ -15,6 +16,9 @@ use std::time::Duration;
 
 use postbox::{Failure, Runtime};
 use postbox_actors::rpc::{RemoteError, Request};
+use postbox_actors::stream::{
+    StreamDelivery, StreamOptions, StreamStart, SubscribeOptions, TryStreamPublishError,
+};
 use postbox_actors::{
     Broker, ConsumeOptions, Consumer, Delivery, Envelope, ExchangeOptions, QueueOptions,
     RetryPolicy, TryPublishError,
@@ -339,6 +343,84 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             death.queue, death.reason, death.count
         );
     }
+
+    println!("\n9. Streams: one shared log that every reader reads from its own position,");
+    println!("   instead of a queue per subscriber. A reader that joins late can start from");
+    println!("   the first record still kept.");
+    let prices = broker
+        .declare_stream("prices", StreamOptions::default().max_len(4))
+        .await?;
+    let (seen_tx, mut seen) = mpsc::unbounded_channel::<(&'static str, u64, u32)>();
+    let (release_tx, release) = tokio::sync::watch::channel(false);
+    let mut readers = Vec::new();
+    for (who, start) in [("chart", StreamStart::Next), ("slow", StreamStart::Next)] {
+        let (tx, release) = (seen_tx.clone(), release.clone());
+        readers.push(
+            prices
+                .subscribe(start, SubscribeOptions::default(), move || {
+                    let (tx, mut release) = (tx.clone(), release.clone());
+                    move |d: StreamDelivery| {
+                        let _ = tx.send((who, d.offset(), d.decode::<u32>().unwrap_or(0)));
+                        let mut release = release.clone();
+                        async move {
+                            // "slow" is stuck on its first record until released.
+                            if who == "slow" {
+                                release.wait_for(|go| *go).await.map_err(Failure::from)?;
+                            }
+                            Ok(())
+                        }
+                    }
+                })
+                .await?,
+        );
+    }
+    let mut published = Vec::new();
+    for price in [101u32, 102, 103, 104, 105, 106] {
+        match prices.try_publish(Envelope::encode(&price)?) {
+            Ok(offset) => published.push(format!("{price}@{offset}")),
+            Err(TryStreamPublishError::Full { .. }) => {
+                println!(
+                    "   published {}; then {price} refused with Full: the log keeps 4 records",
+                    published.join(" ")
+                );
+                println!("   and \"slow\" has not finished the first one (block overflow)");
+                break;
+            }
+            Err(other) => return Err(other.into()),
+        }
+    }
+    release_tx.send(true)?;
+    prices.publish(Envelope::encode(&105u32)?).await?;
+    let late = prices
+        .subscribe(StreamStart::First, SubscribeOptions::default(), {
+            let tx = seen_tx.clone();
+            move || {
+                let tx = tx.clone();
+                move |d: StreamDelivery| {
+                    let _ = tx.send(("late", d.offset(), d.decode::<u32>().unwrap_or(0)));
+                    async { Ok(()) }
+                }
+            }
+        })
+        .await?;
+    let mut by_reader = BTreeMap::<&str, Vec<String>>::new();
+    // chart and slow see 5 records each; late sees the 4 still kept.
+    for _ in 0..14 {
+        let (who, offset, price) = tokio::time::timeout(Duration::from_secs(5), seen.recv())
+            .await?
+            .ok_or("stopped")?;
+        by_reader
+            .entry(who)
+            .or_default()
+            .push(format!("{price}@{offset}"));
+    }
+    for (who, got) in &by_reader {
+        println!("   {who:<5} read {}", got.join(" "));
+    }
+    for reader in readers {
+        reader.cancel().await;
+    }
+    late.cancel().await;
 
     println!("\nDone.");
     rt.shutdown();
