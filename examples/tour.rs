@@ -358,7 +358,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         readers.push(
             prices
                 .subscribe(start, SubscribeOptions::default(), move || {
-                    let (tx, mut release) = (tx.clone(), release.clone());
+                    let (tx, release) = (tx.clone(), release.clone());
                     move |d: StreamDelivery| {
                         let _ = tx.send((who, d.offset(), d.decode::<u32>().unwrap_or(0)));
                         let mut release = release.clone();

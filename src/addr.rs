@@ -24,13 +24,16 @@
 //! # }
 //! ```
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
+use futures::task::AtomicWaker;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::actor::{Actor, Handler, Message};
@@ -65,6 +68,49 @@ pub(crate) enum Control {
     Restart { incarnation: u64, delay: Duration },
 }
 
+/// An actor's control inbox: a queue and a wake-up for its cell (the only
+/// reader). Lighter than a channel: nothing is allocated until a command is
+/// sent, and most actors never get one. The cell polls it before every
+/// message, so the empty case is one atomic load (and a waker registration
+/// when the cell is about to sleep).
+#[derive(Default)]
+pub(crate) struct ControlBox {
+    /// Commands queued and not yet taken.
+    pending: AtomicUsize,
+    queue: Mutex<VecDeque<Control>>,
+    cell: AtomicWaker,
+}
+
+impl ControlBox {
+    /// Queues a command for the cell.
+    pub(crate) fn send(&self, command: Control) {
+        self.queue.lock().push_back(command);
+        self.pending.fetch_add(1, Ordering::Release);
+        self.cell.wake();
+    }
+
+    /// The next command, waiting for one. Cancel-safe: a command is only
+    /// taken when this resolves.
+    pub(crate) fn recv(&self) -> impl Future<Output = Control> + '_ {
+        std::future::poll_fn(|cx| {
+            if self.pending.load(Ordering::Acquire) == 0 {
+                self.cell.register(cx.waker());
+                if self.pending.load(Ordering::Acquire) == 0 {
+                    return Poll::Pending;
+                }
+            }
+            // Queued before `pending` was raised, so it is there.
+            match self.queue.lock().pop_front() {
+                Some(command) => {
+                    self.pending.fetch_sub(1, Ordering::AcqRel);
+                    Poll::Ready(command)
+                }
+                None => Poll::Pending,
+            }
+        })
+    }
+}
+
 type Watcher = Box<dyn FnOnce(ExitReason) + Send>;
 
 struct Life {
@@ -79,7 +125,7 @@ struct Life {
 pub(crate) struct Shared {
     pub(crate) id: ActorId,
     pub(crate) name: Option<Arc<str>>,
-    pub(crate) control: mpsc::UnboundedSender<Control>,
+    pub(crate) control: ControlBox,
     pub(crate) handled: AtomicU64,
     pub(crate) skipped: AtomicU64,
     pub(crate) failures: AtomicU64,
@@ -88,11 +134,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(name: Option<Arc<str>>, control: mpsc::UnboundedSender<Control>) -> Self {
+    pub(crate) fn new(name: Option<Arc<str>>) -> Self {
         Shared {
             id: ActorId::next(),
             name,
-            control,
+            control: ControlBox::default(),
             handled: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -408,7 +454,7 @@ impl<A: Actor> Addr<A> {
     /// Asks the actor to stop after the message it is handling (out of band: a full
     /// mailbox does not delay it). Queued messages are dropped.
     pub fn stop(&self) {
-        let _ = self.shared.control.send(Control::Stop { report: true });
+        self.shared.control.send(Control::Stop { report: true });
     }
 
     /// The actor's counters.
@@ -492,7 +538,7 @@ impl AnyAddr {
 
     /// See [`Addr::stop`].
     pub fn stop(&self) {
-        let _ = self.shared.control.send(Control::Stop { report: true });
+        self.shared.control.send(Control::Stop { report: true });
     }
 
     /// True once the actor has stopped for good.
@@ -599,5 +645,64 @@ impl<A: Handler<M>, M: Message> ErasedAddr<M> for Addr<A> {
 
     fn is_closed(&self) -> bool {
         Addr::is_closed(self)
+    }
+}
+
+#[cfg(test)]
+mod control_tests {
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use futures::task::noop_waker;
+
+    use super::{Control, ControlBox};
+
+    #[tokio::test]
+    async fn commands_arrive_in_order_and_a_dropped_wait_loses_nothing() {
+        let control = ControlBox::default();
+        // Waiting with nothing queued, then giving up.
+        {
+            let mut wait = std::pin::pin!(control.recv());
+            let waker = noop_waker();
+            assert!(
+                wait.as_mut()
+                    .poll(&mut Context::from_waker(&waker))
+                    .is_pending()
+            );
+        }
+        control.send(Control::Stop { report: true });
+        control.send(Control::Restart {
+            incarnation: 2,
+            delay: Duration::from_millis(5),
+        });
+        assert!(matches!(
+            control.recv().await,
+            Control::Stop { report: true }
+        ));
+        assert!(matches!(
+            control.recv().await,
+            Control::Restart { incarnation: 2, .. }
+        ));
+        let waker = noop_waker();
+        let mut wait = std::pin::pin!(control.recv());
+        assert_eq!(
+            wait.as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .map(|_| ()),
+            Poll::Pending
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_cell_is_woken_by_a_command_from_another_thread() {
+        let control = std::sync::Arc::new(ControlBox::default());
+        let sender = control.clone();
+        let thread = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(10));
+            sender.send(Control::Stop { report: false });
+        });
+        let got = tokio::time::timeout(Duration::from_secs(30), control.recv()).await;
+        assert!(matches!(got, Ok(Control::Stop { report: false })));
+        thread.join().unwrap();
     }
 }

@@ -5,7 +5,7 @@
 //! messages one at a time with panics caught, and runs `stopped`. When an
 //! incarnation ends, the cell fires its death watchers and, if the actor is
 //! supervised, reports to the parent and waits for its decision (restart after a
-//! delay, or stop) on the out-of-band control channel.
+//! delay, or stop) in its out-of-band control inbox.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use crate::actor::Actor;
-use crate::addr::{Control, Shared};
+use crate::addr::{Control, ControlBox, Shared};
 use crate::busy_poll;
 use crate::context::Context;
 use crate::envelope::Envelope;
@@ -33,7 +33,6 @@ pub(crate) type Parent = Box<dyn FnMut(u64, ExitReason) -> BoxFuture<'static, bo
 pub(crate) struct Cell<A: Actor> {
     pub(crate) factory: Factory<A>,
     pub(crate) rx: mpsc::Receiver<Envelope<A>>,
-    pub(crate) control: mpsc::UnboundedReceiver<Control>,
     pub(crate) weak: mpsc::WeakSender<Envelope<A>>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) runtime: RuntimeHandle,
@@ -72,7 +71,7 @@ pub(crate) async fn run<A: Actor>(mut cell: Cell<A>) {
         );
         let built = std::panic::catch_unwind(AssertUnwindSafe(&mut cell.factory));
         let end = match built {
-            Ok(Some(actor)) => live(actor, &mut ctx, &mut cell.rx, &mut cell.control).await,
+            Ok(Some(actor)) => live(actor, &mut ctx, &mut cell.rx, &cell.shared.control).await,
             Ok(None) => End::Stop { report: false },
             Err(panic) => End::Exit(ExitReason::Failed(Failure::from_panic(panic))),
         };
@@ -104,7 +103,7 @@ pub(crate) async fn run<A: Actor>(mut cell: Cell<A>) {
             last = reason;
             break;
         }
-        match decision(&mut cell.control, incarnation).await {
+        match decision(&cell.shared.control, incarnation).await {
             Decision::Restart(delay) => tokio::time::sleep(delay).await,
             Decision::Stop => {
                 last = reason;
@@ -119,15 +118,15 @@ pub(crate) async fn run<A: Actor>(mut cell: Cell<A>) {
     span.in_scope(|| tracing::debug!(reason = %last, "actor terminated"));
 }
 
-async fn decision(control: &mut mpsc::UnboundedReceiver<Control>, incarnation: u64) -> Decision {
+async fn decision(control: &ControlBox, incarnation: u64) -> Decision {
     loop {
         match control.recv().await {
-            Some(Control::Restart {
+            Control::Restart {
                 incarnation: target,
                 delay,
-            }) if target >= incarnation => return Decision::Restart(delay),
-            Some(Control::Restart { .. }) => continue,
-            Some(Control::Stop { .. }) | None => return Decision::Stop,
+            } if target >= incarnation => return Decision::Restart(delay),
+            Control::Restart { .. } => continue,
+            Control::Stop { .. } => return Decision::Stop,
         }
     }
 }
@@ -136,7 +135,7 @@ async fn live<A: Actor>(
     mut actor: A,
     ctx: &mut Context<A>,
     rx: &mut mpsc::Receiver<Envelope<A>>,
-    control: &mut mpsc::UnboundedReceiver<Control>,
+    control: &ControlBox,
 ) -> End {
     let shared = ctx.any().shared;
     let end = match AssertUnwindSafe(actor.started(ctx)).catch_unwind().await {
@@ -153,12 +152,11 @@ async fn live<A: Actor>(
             tokio::select! {
                 biased;
                 cmd = control.recv() => match cmd {
-                    Some(Control::Stop { report }) => break End::Stop { report },
-                    Some(Control::Restart { incarnation, delay }) if incarnation >= ctx.incarnation() => {
+                    Control::Stop { report } => break End::Stop { report },
+                    Control::Restart { incarnation, delay } if incarnation >= ctx.incarnation() => {
                         break End::Restart(delay)
                     }
-                    Some(Control::Restart { .. }) => {}
-                    None => break End::Stop { report: false },
+                    Control::Restart { .. } => {}
                 },
                 envelope = rx.recv() => {
                     let Some(envelope) = envelope else { break End::Exit(ExitReason::Normal) };

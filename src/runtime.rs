@@ -327,8 +327,7 @@ impl<A: Actor> Builder<A> {
     /// Starts the actor and returns its address at once.
     pub fn spawn(self) -> Addr<A> {
         let (tx, rx) = mpsc::channel(self.mailbox);
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared::new(self.name, control_tx));
+        let shared = Arc::new(Shared::new(self.name));
         let addr = Addr {
             tx,
             shared: shared.clone(),
@@ -336,7 +335,6 @@ impl<A: Actor> Builder<A> {
         let cell = Cell {
             factory: self.factory,
             rx,
-            control: control_rx,
             weak: addr.tx.downgrade(),
             shared: shared.clone(),
             runtime: self.runtime.clone(),

@@ -410,7 +410,7 @@ impl SupervisorActor {
     }
 
     fn restart_slot(slot: &mut Slot, delay: Duration) {
-        let _ = slot.started.any.shared.control.send(Control::Restart {
+        slot.started.any.shared.control.send(Control::Restart {
             incarnation: slot.incarnation,
             delay,
         });
@@ -418,8 +418,7 @@ impl SupervisorActor {
     }
 
     fn stop_slot(slot: &Slot) {
-        let _ = slot
-            .started
+        slot.started
             .any
             .shared
             .control
