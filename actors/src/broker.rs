@@ -58,7 +58,7 @@ use crate::queue::handle::QueueHandle;
 use crate::queue::inbox::Inbox;
 use crate::queue::options::{DeleteOptions, QueueOptions};
 use crate::queue::state::Overflow;
-use crate::topology::{QueueEntry, Topology};
+use crate::topology::{QueueEntry, Target, Topology};
 
 /// Broker-wide settings.
 #[derive(Clone, Debug)]
@@ -86,8 +86,6 @@ struct Inner {
     /// Every running consumer's supervisor: a consumer lives until it is
     /// cancelled or gives up, whether or not its handle is kept.
     live: parking_lot::Mutex<std::collections::HashMap<postbox::ActorId, postbox::Supervisor>>,
-    /// The streams (see `stream::broker_api`).
-    streams: crate::stream::broker_api::StreamRegistry,
 }
 
 /// A weak reference to a broker, for its queues: they route dead letters
@@ -96,14 +94,14 @@ struct Inner {
 pub(crate) struct BrokerRef(Weak<Inner>);
 
 impl BrokerRef {
-    /// The queues `message` reaches through `exchange` with `routing_key`; empty
-    /// if the broker is gone or the exchange does not exist.
+    /// The queues and streams `message` reaches through `exchange` with
+    /// `routing_key`; empty if the broker is gone or the exchange does not exist.
     pub(crate) fn route(
         &self,
         exchange: &str,
         routing_key: &str,
         message: &Envelope,
-    ) -> Vec<QueueHandle> {
+    ) -> Vec<Target> {
         let Some(inner) = self.0.upgrade() else {
             return Vec::new();
         };
@@ -153,13 +151,14 @@ impl Broker {
                 consumers: AtomicU64::new(1),
                 observers: Observers::default(),
                 live: Default::default(),
-                streams: Default::default(),
             }),
         }
     }
 
-    pub(crate) fn stream_registry(&self) -> &crate::stream::broker_api::StreamRegistry {
-        &self.inner.streams
+    /// Queues, streams, exchanges and bindings (streams are declared and
+    /// deleted by `stream::broker_api`).
+    pub(crate) fn topology(&self) -> &RwLock<Topology> {
+        &self.inner.topology
     }
 
     pub(crate) fn runtime(&self) -> &RuntimeHandle {
@@ -498,7 +497,7 @@ impl Broker {
         })
     }
 
-    fn bind(
+    pub(crate) fn bind(
         &self,
         exchange: &str,
         destination: Destination,
@@ -513,7 +512,7 @@ impl Broker {
             .map(|_| ())
     }
 
-    fn unbind(
+    pub(crate) fn unbind(
         &self,
         exchange: &str,
         destination: Destination,
@@ -525,9 +524,10 @@ impl Broker {
     }
 
     /// Publishes through an exchange (`""`: the default exchange) with a routing
-    /// key. Returns how many queues it reached; a message that reaches none is
-    /// dropped (see [`publish_mandatory`](Self::publish_mandatory)). Waits while a
-    /// target queue is saturated.
+    /// key. Returns how many queues and streams it reached; a message that
+    /// reaches none is dropped (see [`publish_mandatory`](Self::publish_mandatory)).
+    /// Waits while a target queue is saturated, or a target stream with block
+    /// overflow is full.
     pub async fn publish_to(
         &self,
         exchange: &str,
@@ -539,7 +539,7 @@ impl Broker {
     }
 
     /// Like [`publish_to`](Self::publish_to), but a message that reaches no queue
-    /// comes back as [`PublishError::Unroutable`].
+    /// and no stream comes back as [`PublishError::Unroutable`].
     pub async fn publish_mandatory(
         &self,
         exchange: &str,
@@ -567,7 +567,7 @@ impl Broker {
         } else {
             message.with_exchange(exchange.to_string())
         };
-        let targets = self.route(exchange, routing_key, &message)?;
+        let targets = self.route_targets(exchange, routing_key, &message)?;
         if targets.is_empty() {
             tracing::debug!(exchange, routing_key, message_id = %message.id(), "unroutable");
             if mandatory {
@@ -579,16 +579,17 @@ impl Broker {
             }
             return Ok(0);
         }
-        Ok(Self::deliver(&targets, message).await?)
+        Ok(Self::deliver_targets(&targets, message).await?)
     }
 
-    /// The queues a message published to `exchange` with `routing_key` reaches.
-    pub(crate) fn route(
+    /// The queues and streams a message published to `exchange` with
+    /// `routing_key` reaches.
+    pub(crate) fn route_targets(
         &self,
         exchange: &str,
         routing_key: &str,
         message: &Envelope,
-    ) -> Result<Vec<QueueHandle>, BrokerError> {
+    ) -> Result<Vec<Target>, BrokerError> {
         validate_key(NameKind::RoutingKey, routing_key)?;
         self.inner
             .topology
@@ -596,11 +597,40 @@ impl Broker {
             .route(exchange, routing_key, message.headers())
     }
 
-    /// Enqueues `message` on every target, or on none if it is too large for any.
-    /// Returns how many targets there were, or [`BrokerError::QueueFull`] if one of
-    /// them refused it (the others have their copy).
+    /// The queues (not the streams) a message published to `exchange` with
+    /// `routing_key` reaches: for request-reply, where only queues answer.
+    pub(crate) fn route(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &Envelope,
+    ) -> Result<Vec<QueueHandle>, BrokerError> {
+        let targets = self.route_targets(exchange, routing_key, message)?;
+        Ok(targets
+            .into_iter()
+            .filter_map(|t| match t {
+                Target::Queue(q) => Some(q),
+                Target::Stream(_) => None,
+            })
+            .collect())
+    }
+
+    /// [`deliver_targets`](Self::deliver_targets) for queues only.
     pub(crate) async fn deliver(
         targets: &[QueueHandle],
+        message: Envelope,
+    ) -> Result<usize, BrokerError> {
+        let targets: Vec<Target> = targets.iter().cloned().map(Target::Queue).collect();
+        Self::deliver_targets(&targets, message).await
+    }
+
+    /// Enqueues `message` on every target queue and appends it to every target
+    /// stream, or does neither if it is too large for any. Returns how many
+    /// targets there were, or [`BrokerError::QueueFull`] if a queue refused it
+    /// (the others have their copy). Waits for room in full queues and in full
+    /// block-mode streams.
+    pub(crate) async fn deliver_targets(
+        targets: &[Target],
         message: Envelope,
     ) -> Result<usize, BrokerError> {
         for target in targets {
@@ -615,12 +645,19 @@ impl Broker {
             } else {
                 message.clone()
             };
-            if let Some(copy) = copy {
+            let Some(copy) = copy else { continue };
+            match target {
                 // A queue that refuses (reject-publish) is reported after every other
                 // target has had its copy; a queue deleted since routing simply
                 // does not get one.
-                if let Err(err @ BrokerError::QueueFull(_)) = target.publish(copy).await {
-                    refused = Some(err);
+                Target::Queue(queue) => {
+                    if let Err(err @ BrokerError::QueueFull(_)) = queue.publish(copy).await {
+                        refused = Some(err);
+                    }
+                }
+                // Nor does a stream deleted since routing (the size was checked).
+                Target::Stream(stream) => {
+                    let _ = stream.publish(copy).await;
                 }
             }
         }

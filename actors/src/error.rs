@@ -44,6 +44,19 @@ pub enum BrokerError {
         /// Ready plus unacknowledged messages.
         messages: usize,
     },
+    /// No stream has that name (binding a stream to an exchange).
+    #[error("stream {0:?} not found")]
+    StreamNotFound(String),
+    /// The payload is larger than a stream the message was routed to accepts.
+    #[error("a message of {size} bytes exceeds the {limit}-byte limit of stream {stream:?}")]
+    StreamMessageTooLarge {
+        /// The stream.
+        stream: String,
+        /// The payload's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// No exchange has that name.
     #[error("exchange {0:?} not found")]
     ExchangeNotFound(String),
@@ -125,7 +138,8 @@ pub enum PublishError {
     /// Refused before anything was enqueued.
     #[error(transparent)]
     Refused(#[from] BrokerError),
-    /// `mandatory` was set and no queue matched: the message is handed back.
+    /// `mandatory` was set and no queue or stream matched: the message is
+    /// handed back.
     #[error("message to exchange {exchange:?} with routing key {routing_key:?} is unroutable")]
     Unroutable {
         /// The exchange it was published to.

@@ -1,10 +1,13 @@
-//! The broker's topology: queues, exchanges and the bindings between them, and
-//! routing through that graph.
+//! The broker's topology: queues, streams, exchanges and the bindings between
+//! them, and routing through that graph.
 //!
 //! Routing follows exchange-to-exchange bindings (each exchange visited at most
-//! once, so cycles are harmless), gives each queue at most one copy however
-//! many paths reach it, and sends what an exchange cannot route to its
-//! alternate exchange, if it names one.
+//! once, so cycles are harmless), gives each queue and each stream at most one
+//! copy however many paths reach it, and sends what an exchange cannot route to
+//! its alternate exchange, if it names one.
+//!
+//! Streams live here too (not in a registry of their own) so that binding to a
+//! stream, deleting one and routing see one consistent graph under one lock.
 
 use std::collections::HashMap;
 
@@ -15,16 +18,52 @@ use crate::error::BrokerError;
 use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeOptions};
 use crate::queue::handle::QueueHandle;
 use crate::queue::options::QueueOptions;
+use crate::stream::handle::StreamHandle;
 
 pub(crate) struct QueueEntry {
     pub(crate) handle: QueueHandle,
     pub(crate) options: QueueOptions,
 }
 
+/// Where a routed message goes: a queue's inbox or a stream's log.
+#[derive(Clone)]
+pub(crate) enum Target {
+    Queue(QueueHandle),
+    Stream(StreamHandle),
+}
+
+impl Target {
+    /// The queue, if it is one.
+    pub(crate) fn queue(&self) -> Option<&QueueHandle> {
+        match self {
+            Target::Queue(q) => Some(q),
+            Target::Stream(_) => None,
+        }
+    }
+
+    /// True if both are the same queue or the same stream.
+    fn same(&self, other: &Target) -> bool {
+        match (self, other) {
+            (Target::Queue(a), Target::Queue(b)) => a.addr.id() == b.addr.id(),
+            (Target::Stream(a), Target::Stream(b)) => std::sync::Arc::ptr_eq(&a.core, &b.core),
+            _ => false,
+        }
+    }
+
+    /// Refuses a message this target would refuse for its size.
+    pub(crate) fn check(&self, message: &crate::envelope::Envelope) -> Result<(), BrokerError> {
+        match self {
+            Target::Queue(q) => q.check(message),
+            Target::Stream(s) => s.check_routed(message),
+        }
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Topology {
     pub(crate) queues: HashMap<ByteString, QueueEntry>,
     pub(crate) exchanges: HashMap<ByteString, Exchange>,
+    pub(crate) streams: HashMap<ByteString, StreamHandle>,
 }
 
 impl Topology {
@@ -49,6 +88,16 @@ impl Topology {
                 exchange.unbind_destination(&dest);
             }
         }
+    }
+
+    /// Forgets a stream and every binding to it; returns its handle.
+    pub(crate) fn remove_stream(&mut self, name: &str) -> Option<StreamHandle> {
+        let handle = self.streams.remove(name)?;
+        let dest = Destination::Stream(ByteString::from(name));
+        for exchange in self.exchanges.values_mut() {
+            exchange.unbind_destination(&dest);
+        }
+        Some(handle)
     }
 
     pub(crate) fn declare_exchange(
@@ -102,6 +151,9 @@ impl Topology {
             Destination::Exchange(e) if !self.exchanges.contains_key(e) => {
                 Err(BrokerError::ExchangeNotFound(e.to_string()))
             }
+            Destination::Stream(s) if !self.streams.contains_key(s) => {
+                Err(BrokerError::StreamNotFound(s.to_string()))
+            }
             _ => Ok(()),
         }
     }
@@ -136,17 +188,17 @@ impl Topology {
         Ok(source.unbind(binding))
     }
 
-    /// The queues a message published to `exchange` reaches, each once. The
-    /// default exchange `""` routes to the queue named by the key.
+    /// The queues and streams a message published to `exchange` reaches, each
+    /// once. The default exchange `""` routes to the queue named by the key.
     pub(crate) fn route(
         &self,
         exchange: &str,
         key: &str,
         headers: &Headers,
-    ) -> Result<Vec<QueueHandle>, BrokerError> {
+    ) -> Result<Vec<Target>, BrokerError> {
         let mut out = Vec::new();
         if exchange.is_empty() {
-            out.extend(self.queue(key).cloned());
+            out.extend(self.queue(key).cloned().map(Target::Queue));
             return Ok(out);
         }
         if !self.exchanges.contains_key(exchange) {
@@ -157,15 +209,15 @@ impl Topology {
         Ok(out)
     }
 
-    /// Routes through `name`; returns whether it reached any queue (a queue
-    /// already reached by another path counts).
+    /// Routes through `name`; returns whether it reached any queue or stream
+    /// (one already reached by another path counts).
     fn route_into<'a>(
         &'a self,
         name: &'a str,
         key: &str,
         headers: &Headers,
         visited: &mut Vec<&'a str>,
-        out: &mut Vec<QueueHandle>,
+        out: &mut Vec<Target>,
     ) -> bool {
         if visited.contains(&name) {
             return false;
@@ -178,17 +230,18 @@ impl Topology {
         exchange.route(key, headers, &mut dests);
         let mut routed = false;
         for dest in dests {
-            match dest {
-                Destination::Queue(q) => {
-                    if let Some(handle) = self.queue(q) {
-                        routed = true;
-                        if !out.iter().any(|h| h.addr.id() == handle.addr.id()) {
-                            out.push(handle.clone());
-                        }
-                    }
-                }
+            let target = match dest {
+                Destination::Queue(q) => self.queue(q).cloned().map(Target::Queue),
+                Destination::Stream(s) => self.streams.get(s).cloned().map(Target::Stream),
                 Destination::Exchange(e) => {
-                    routed |= self.route_into(e, key, headers, visited, out)
+                    routed |= self.route_into(e, key, headers, visited, out);
+                    continue;
+                }
+            };
+            if let Some(target) = target {
+                routed = true;
+                if !out.iter().any(|t| t.same(&target)) {
+                    out.push(target);
                 }
             }
         }

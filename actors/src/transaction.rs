@@ -10,11 +10,21 @@
 //! crashed consumer's deliveries are then requeued as usual).
 //!
 //! Commit validates everything before changing anything: each publish is routed
-//! and checked (exchange, key, size), then the links of every consumer whose
-//! deliveries are settled are locked together and every settlement is checked
-//! and recorded under those locks, with all of them undone if one fails. Only
-//! then are the messages enqueued, which cannot fail. (A queue deleted in
+//! and checked (exchange, key, size against every queue and stream it
+//! reaches), then the links of every consumer whose deliveries are settled are
+//! locked together and every settlement is checked and recorded under those
+//! locks, with all of them undone if one fails. Only then are the messages
+//! enqueued and appended, which cannot fail. (A queue or stream deleted in
 //! between simply does not get its copy, as with any publish.)
+//!
+//! Streams reached through an exchange get their records at commit, after the
+//! settlements are recorded, in publish order. Appending cannot fail, but it
+//! can wait: a block-mode stream that is full makes the commit wait for room
+//! (as a full queue's mailbox does), and the transaction's messages become
+//! visible to subscribers one by one, not at a single instant. A commit that is
+//! dropped while it waits has recorded its settlements and published only
+//! part of its messages, so await commits to the end. A stream's readers
+//! cannot see a rollback: nothing reaches the stream before commit.
 //!
 //! ```
 //! use postbox::Runtime;
@@ -55,7 +65,7 @@ use crate::broker::Broker;
 use crate::delivery::{AckError, Delivery, Link, LinkState, Outcome, Settler};
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
-use crate::queue::handle::QueueHandle;
+use crate::topology::Target;
 
 /// Why a commit was refused. Nothing was published or settled.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -63,7 +73,8 @@ pub enum TxError {
     /// A settlement was invalid (already settled, consumer gone, auto-ack).
     #[error(transparent)]
     Settle(#[from] AckError),
-    /// A publish was invalid (unknown exchange, bad key, too large).
+    /// A publish was invalid (unknown exchange, bad key, too large for a queue
+    /// or a stream it reaches).
     #[error(transparent)]
     Publish(#[from] BrokerError),
     /// A publish reaches a queue with reject-publish overflow, which could refuse
@@ -77,7 +88,8 @@ pub enum TxError {
 pub struct Committed {
     /// Messages published (one per publish call).
     pub published: usize,
-    /// Copies enqueued (a publish can reach several queues, or none).
+    /// Copies enqueued or appended (a publish can reach several queues and
+    /// streams, or none).
     pub enqueued: usize,
     /// Deliveries settled (a `multiple` settlement can cover several).
     pub settled: usize,
@@ -173,30 +185,34 @@ impl Transaction {
     /// Applies everything, or nothing (see the [module docs](self)).
     pub async fn commit(self) -> Result<Committed, TxError> {
         // 1. Route and check every publish; nothing has changed yet.
-        let mut routed: Vec<(Vec<QueueHandle>, Envelope)> =
-            Vec::with_capacity(self.publications.len());
+        let mut routed: Vec<(Vec<Target>, Envelope)> = Vec::with_capacity(self.publications.len());
         for p in self.publications {
             let message = p
                 .message
                 .with_routing_key(p.routing_key.clone())
                 .with_exchange(p.exchange.clone());
-            let targets = self.broker.route(&p.exchange, &p.routing_key, &message)?;
+            let targets = self
+                .broker
+                .route_targets(&p.exchange, &p.routing_key, &message)?;
             for target in &targets {
                 target.check(&message)?;
-                if target.confirm {
-                    return Err(TxError::RejectPublishQueue(target.name().to_string()));
+                if let Some(queue) = target.queue().filter(|q| q.confirm) {
+                    return Err(TxError::RejectPublishQueue(queue.name().to_string()));
                 }
             }
             routed.push((targets, message));
         }
         // 2. Record every settlement under the locks of all the links involved.
         let (settled, notify) = settle_all(&self.settlements)?;
-        // 3. Enqueue: cannot fail now.
+        // 3. Enqueue and append: cannot fail now (a full block-mode stream
+        // makes this wait, see the module docs).
         let published = routed.len();
         let mut enqueued = 0;
         for (targets, message) in routed {
             if !targets.is_empty() {
-                enqueued += Broker::deliver(&targets, message).await.unwrap_or(0);
+                enqueued += Broker::deliver_targets(&targets, message)
+                    .await
+                    .unwrap_or(0);
             }
         }
         for link in notify {

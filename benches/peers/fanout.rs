@@ -6,7 +6,9 @@
 //! (auto-ack), published to with `publish_to`; and a stream (one shared log,
 //! block overflow with 1024 records retained, so the producer is paced by the
 //! slowest subscriber as broadcast's is) with 10 subscribers starting at
-//! `StreamStart::Next`, published to with `StreamHandle::publish`. Baseline: a
+//! `StreamStart::Next`, published to with `StreamHandle::publish`; and the same
+//! stream bound to a fanout exchange, published to with `publish_to` (what
+//! routing adds to the stream's fan-out). Baseline: a
 //! `tokio::sync::broadcast` channel of capacity 1024 with 10 receiver tasks.
 //! broadcast never makes its sender wait (a slow receiver loses messages
 //! instead), so the producer is paced by the slowest receiver: it waits while
@@ -30,6 +32,7 @@ pub const S3: &str = "3 fan-out 1→10";
 pub const BROADCAST: &str = "tokio broadcast(1024)";
 pub const POSTBOX_FANOUT: &str = "postbox fanout exchange, publish_to";
 pub const POSTBOX_STREAM: &str = "postbox stream, publish";
+pub const POSTBOX_EXCHANGE_STREAM: &str = "postbox fanout exchange → stream, publish_to";
 pub const SUBSCRIBERS: usize = 10;
 
 const CAPACITY: usize = 1024;
@@ -61,6 +64,15 @@ pub async fn scenario3(cfg: &Config, report: &mut Report) {
                 .trials(rate)
                 .vs(BROADCAST, Metric::Throughput)
                 .note("one shared log of 1024, block overflow, 10 subscribers"),
+        );
+    }
+    if cfg.wants(POSTBOX_EXCHANGE_STREAM) {
+        let rate = trials(cfg.reps, || postbox_exchange_stream(n)).await;
+        report.push(
+            Row::new(S3, POSTBOX_EXCHANGE_STREAM)
+                .trials(rate)
+                .vs(BROADCAST, Metric::Throughput)
+                .note("the same stream, bound to a fanout exchange"),
         );
     }
 }
@@ -201,12 +213,32 @@ async fn postbox_fanout(n: u64) -> f64 {
 }
 
 async fn postbox_stream(n: u64) -> f64 {
+    stream_with(n, false).await
+}
+
+async fn postbox_exchange_stream(n: u64) -> f64 {
+    stream_with(n, true).await
+}
+
+/// One stream with 10 subscribers, published to directly or, `through_exchange`,
+/// through a fanout exchange it is bound to.
+async fn stream_with(n: u64, through_exchange: bool) -> f64 {
     let rt = place::postbox_runtime().await;
     let broker = Broker::new(&rt);
     let stream = broker
         .declare_stream("fan", StreamOptions::default().max_len(CAPACITY))
         .await
         .expect("declare the stream");
+    if through_exchange {
+        broker
+            .declare_exchange("fan", ExchangeOptions::fanout())
+            .await
+            .expect("declare the exchange");
+        broker
+            .bind_stream("fan", "fan", "")
+            .await
+            .expect("bind the stream");
+    }
     let fan = leak(FanIn::new());
     let mut subscriptions = Vec::new();
     for _ in 0..SUBSCRIBERS {
@@ -227,15 +259,23 @@ async fn postbox_stream(n: u64) -> f64 {
     let p = payload();
     let total = Cell::new(0u64);
     let rate = throughput(n / 10, n, 1, |k| {
-        let (stream, p, total) = (&stream, &p, &total);
+        let (broker, stream, p, total) = (&broker, &stream, &p, &total);
         timed(async move {
             total.set(total.get() + k);
             fan.arm(total.get(), SUBSCRIBERS as u64);
             for _ in 0..k {
-                stream
-                    .publish(Envelope::new(p.clone()))
-                    .await
-                    .expect("publish");
+                if through_exchange {
+                    let reached = broker
+                        .publish_to("fan", "", Envelope::new(p.clone()))
+                        .await
+                        .expect("publish_to");
+                    debug_assert_eq!(reached, 1);
+                } else {
+                    stream
+                        .publish(Envelope::new(p.clone()))
+                        .await
+                        .expect("publish");
+                }
             }
             fan.wait().await;
         })

@@ -1,5 +1,5 @@
-//! Exchanges: where publishers send messages, and bindings decide which queues
-//! (or further exchanges) get a copy.
+//! Exchanges: where publishers send messages, and bindings decide which queues,
+//! streams (or further exchanges) get a copy.
 //!
 //! Kinds, as in RabbitMQ:
 //! - **direct**: the routing key equals the binding key;
@@ -8,7 +8,8 @@
 //! - **headers**: match on message headers, `x-match` all or any ([`headers`]).
 //!
 //! The default exchange `""` is a direct exchange to which every queue is bound
-//! by its own name. An exchange may name an alternate exchange that receives
+//! by its own name (streams have a namespace of their own, and are reached only
+//! through explicit bindings). An exchange may name an alternate exchange that receives
 //! the messages it cannot route, and exchanges can be bound to exchanges.
 //!
 //! Exchanges are routing tables, not actors. A publish is routed in the
@@ -103,6 +104,8 @@ pub enum Destination {
     Queue(ByteString),
     /// Another exchange, by name (exchange-to-exchange binding).
     Exchange(ByteString),
+    /// A stream, by name: each message routed to it is appended once.
+    Stream(ByteString),
 }
 
 /// One binding of an exchange, as listed by the broker.

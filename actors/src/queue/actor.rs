@@ -18,7 +18,8 @@
 //! delivery limit) to the dead-letter exchange with their death history, or
 //! drops and counts them, dispatches, and sets a timer for the next expiry or
 //! delayed requeue. Dead letters never block the queue: they go into the target
-//! queues' mailboxes with `try_send`, or through a task when one is full.
+//! queues' mailboxes with `try_send` (and onto target streams with
+//! `try_publish`), or through a task when one is full.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -36,6 +37,8 @@ use crate::queue::state::{
     AckMode, ConsumerId, ConsumerStats, DeadLetter, DeathReason, Publish as Published, QueuePolicy,
     QueueState, QueueStats,
 };
+use crate::stream::error::TryStreamPublishError;
+use crate::topology::Target;
 
 /// A queue's counters and consumers at one moment.
 #[derive(Clone, Debug)]
@@ -46,7 +49,8 @@ pub struct QueueSnapshot {
     pub stats: QueueStats,
     /// One entry per registered consumer.
     pub consumers: Vec<ConsumerStats>,
-    /// Messages sent to the dead-letter exchange (and reaching a queue there).
+    /// Messages sent to the dead-letter exchange (and reaching a queue or a
+    /// stream there).
     pub dead_lettered: u64,
     /// Messages removed for a dead-letter reason but dropped: no dead-letter
     /// exchange, it routed nowhere, or it would have cycled.
@@ -246,8 +250,12 @@ impl QueueActor {
             .deaths()
             .iter()
             .any(|d| d.reason == DeathReason::Rejected);
+        // (Streams never dead-letter, so a stream cannot close a cycle.)
         if !rejected {
-            targets.retain(|q| !message.deaths().iter().any(|d| d.queue == q.name));
+            targets.retain(|t| {
+                t.queue()
+                    .is_none_or(|q| !message.deaths().iter().any(|d| d.queue == q.name))
+            });
         }
         let routed = !targets.is_empty();
         self.observers
@@ -259,11 +267,29 @@ impl QueueActor {
         }
         self.dead_lettered += 1;
         tracing::debug!(queue = %self.name, message_id = %message.id(), %reason, exchange = %target.exchange, "dead-lettered");
-        for queue in targets {
-            if let Err(TrySendError::Full(message)) = queue.try_enqueue(message.clone()) {
-                ctx.spawn(async move {
-                    let _ = queue.publish(message).await;
-                });
+        // The queue never waits on a dead letter: a full target gets it from a
+        // task of its own.
+        for target in targets {
+            match target {
+                Target::Queue(queue) => {
+                    if let Err(TrySendError::Full(message)) = queue.try_enqueue(message.clone()) {
+                        ctx.spawn(async move {
+                            let _ = queue.publish(message).await;
+                        });
+                    }
+                }
+                Target::Stream(stream) => match stream.try_publish(message.clone()) {
+                    Ok(_) => {}
+                    Err(TryStreamPublishError::Full { message, .. }) => {
+                        ctx.spawn(async move {
+                            let _ = stream.publish(*message).await;
+                        });
+                    }
+                    // Deleted since routing, or too large for it: it gets no copy.
+                    Err(TryStreamPublishError::Refused(err)) => {
+                        tracing::debug!(queue = %self.name, message_id = %message.id(), %err, "dead letter not appended to stream");
+                    }
+                },
             }
         }
     }

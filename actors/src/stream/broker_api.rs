@@ -1,28 +1,26 @@
-//! The broker's stream registry and its API: [`Broker::declare_stream`],
-//! [`Broker::stream`], [`Broker::delete_stream`], [`Broker::stream_names`].
+//! The broker's stream API: [`Broker::declare_stream`], [`Broker::stream`],
+//! [`Broker::delete_stream`], [`Broker::stream_names`], and binding streams to
+//! exchanges ([`Broker::bind_stream`], [`Broker::bind_stream_headers`],
+//! [`Broker::unbind_stream`], [`Broker::unbind_stream_headers`]).
 //!
 //! Streams have a namespace of their own (a queue and a stream may share a
-//! name). The registry is read under a lock only on lookups: publishers on a
-//! hot path keep a [`StreamHandle`].
+//! name). They are kept in the broker's topology, with its queues and
+//! exchanges, read under its lock only on lookups: publishers on a hot path
+//! keep a [`StreamHandle`].
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytestring::ByteString;
-use parking_lot::RwLock;
 
 use crate::broker::Broker;
+use crate::error::BrokerError;
+use crate::exchange::Destination;
+use crate::exchange::headers::HeadersMatch;
 use crate::name::{NameKind, validate_name};
 use crate::stream::error::StreamError;
 use crate::stream::handle::{StreamCore, StreamHandle};
 use crate::stream::log::StreamStats;
 use crate::stream::options::StreamOptions;
-
-/// The streams of one broker, by name.
-#[derive(Default)]
-pub(crate) struct StreamRegistry {
-    streams: RwLock<HashMap<ByteString, StreamHandle>>,
-}
 
 impl Broker {
     /// Declares a stream: creates it, or checks that the existing one has the
@@ -33,8 +31,8 @@ impl Broker {
         options: StreamOptions,
     ) -> Result<StreamHandle, StreamError> {
         validate_name(NameKind::Stream, name)?;
-        let mut streams = self.stream_registry().streams.write();
-        if let Some(existing) = streams.get(name) {
+        let mut topology = self.topology().write();
+        if let Some(existing) = topology.streams.get(name) {
             if existing.core.options != options {
                 return Err(StreamError::Mismatch {
                     name: name.to_string(),
@@ -58,15 +56,15 @@ impl Broker {
                 self.runtime().clone(),
             )),
         };
-        streams.insert(name, handle.clone());
+        topology.streams.insert(name, handle.clone());
         Ok(handle)
     }
 
     /// A handle to an existing stream.
     pub fn stream(&self, name: &str) -> Result<StreamHandle, StreamError> {
-        self.stream_registry()
-            .streams
+        self.topology()
             .read()
+            .streams
             .get(name)
             .cloned()
             .ok_or_else(|| StreamError::NotFound(name.to_string()))
@@ -75,9 +73,9 @@ impl Broker {
     /// The names of all streams.
     pub fn stream_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
-            .stream_registry()
-            .streams
+            .topology()
             .read()
+            .streams
             .keys()
             .map(|k| k.to_string())
             .collect();
@@ -85,18 +83,80 @@ impl Broker {
         names
     }
 
-    /// Deletes a stream and its records, and stops its subscribers (each
-    /// finishes the batch in hand). Publishers waiting on it, and later calls
-    /// through its handles, get [`StreamError::NotFound`]. Returns its last
-    /// stats.
+    /// Deletes a stream, its records and every binding to it, and stops its
+    /// subscribers (each finishes the batch in hand). Publishers waiting on it,
+    /// and later calls through its handles, get [`StreamError::NotFound`].
+    /// Returns its last stats.
     pub async fn delete_stream(&self, name: &str) -> Result<StreamStats, StreamError> {
         let handle = self
-            .stream_registry()
-            .streams
+            .topology()
             .write()
-            .remove(name)
+            .remove_stream(name)
             .ok_or_else(|| StreamError::NotFound(name.to_string()))?;
         tracing::debug!(stream = %name, "stream deleted");
         Ok(handle.core.close().await)
+    }
+
+    /// Binds a stream to an exchange with a binding key (a pattern for topic
+    /// exchanges): what the exchange routes with this key is appended to the
+    /// stream, once per message however many bindings match. Binding twice is
+    /// a no-op.
+    pub async fn bind_stream(
+        &self,
+        exchange: &str,
+        stream: &str,
+        key: &str,
+    ) -> Result<(), BrokerError> {
+        self.bind(
+            exchange,
+            Destination::Stream(ByteString::from(stream)),
+            key,
+            None,
+        )
+    }
+
+    /// Binds a stream to a headers exchange.
+    pub async fn bind_stream_headers(
+        &self,
+        exchange: &str,
+        stream: &str,
+        headers: HeadersMatch,
+    ) -> Result<(), BrokerError> {
+        self.bind(
+            exchange,
+            Destination::Stream(ByteString::from(stream)),
+            "",
+            Some(headers),
+        )
+    }
+
+    /// Removes a stream binding; false if there was none.
+    pub async fn unbind_stream(
+        &self,
+        exchange: &str,
+        stream: &str,
+        key: &str,
+    ) -> Result<bool, BrokerError> {
+        self.unbind(
+            exchange,
+            Destination::Stream(ByteString::from(stream)),
+            key,
+            None,
+        )
+    }
+
+    /// Removes a headers binding of a stream; false if there was none.
+    pub async fn unbind_stream_headers(
+        &self,
+        exchange: &str,
+        stream: &str,
+        headers: HeadersMatch,
+    ) -> Result<bool, BrokerError> {
+        self.unbind(
+            exchange,
+            Destination::Stream(ByteString::from(stream)),
+            "",
+            Some(headers),
+        )
     }
 }

@@ -153,6 +153,19 @@ impl StreamHandle {
         Ok(())
     }
 
+    /// The size check of [`check`](Self::check), as a [`BrokerError`], for
+    /// messages routed here through an exchange.
+    pub(crate) fn check_routed(&self, message: &Envelope) -> Result<(), crate::error::BrokerError> {
+        if message.size() > self.core.limit {
+            return Err(crate::error::BrokerError::StreamMessageTooLarge {
+                stream: self.core.name.to_string(),
+                size: message.size(),
+                limit: self.core.limit,
+            });
+        }
+        Ok(())
+    }
+
     fn gone(&self) -> StreamError {
         StreamError::NotFound(self.core.name.to_string())
     }

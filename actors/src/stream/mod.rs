@@ -11,8 +11,8 @@
 //!   subscribe, stats;
 //! - [`subscriber`]: the supervised [`StreamSubscriber`] actor, the
 //!   [`StreamConsumer`] trait, [`StreamDelivery`] and [`StreamSubscription`];
-//! - [`broker_api`]: the broker's stream registry, and
-//!   `Broker::declare_stream`, `Broker::stream`, `Broker::delete_stream`;
+//! - [`broker_api`]: `Broker::declare_stream`, `Broker::stream`,
+//!   `Broker::delete_stream`, and binding streams to exchanges;
 //! - [`error`]: [`StreamError`], [`TryStreamPublishError`].
 //!
 //! # Semantics
@@ -74,7 +74,17 @@
 //! Each delivery runs inside a `stream` tracing span with the stream, offset,
 //! message id, correlation id and redelivered flag.
 //!
-//! Exchanges do not route to streams yet: publish through a [`StreamHandle`].
+//! - **Exchanges** route to streams as to queues
+//!   ([`Broker::bind_stream`](crate::Broker::bind_stream),
+//!   [`Broker::bind_stream_headers`](crate::Broker::bind_stream_headers),
+//!   [`Broker::unbind_stream`](crate::Broker::unbind_stream)): each message
+//!   appends one record per stream it reaches, however many bindings match;
+//!   streams count in `publish_to`'s result and make a `mandatory` publish
+//!   routed; a full block-mode stream makes `publish_to` wait. Dead letters
+//!   reach streams without ever making their queue wait (a full stream gets
+//!   them from a task), and transactions append at commit, after checking
+//!   sizes with everything else. Deleting a stream removes its bindings.
+//!   Publishing through a [`StreamHandle`] skips routing.
 //!
 //! ```
 //! use postbox::Runtime;
