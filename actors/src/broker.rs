@@ -58,7 +58,7 @@ use crate::queue::handle::QueueHandle;
 use crate::queue::inbox::Inbox;
 use crate::queue::options::{DeleteOptions, QueueOptions};
 use crate::queue::state::Overflow;
-use crate::topology::{QueueEntry, Target, Topology};
+use crate::topology::{QueueEntry, Routed, Target, Topology};
 
 /// Broker-wide settings.
 #[derive(Clone, Debug)]
@@ -96,20 +96,17 @@ pub(crate) struct BrokerRef(Weak<Inner>);
 impl BrokerRef {
     /// The queues and streams `message` reaches through `exchange` with
     /// `routing_key`; empty if the broker is gone or the exchange does not exist.
-    pub(crate) fn route(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        message: &Envelope,
-    ) -> Vec<Target> {
-        let Some(inner) = self.0.upgrade() else {
-            return Vec::new();
-        };
-        let routed = inner
-            .topology
-            .read()
-            .route(exchange, routing_key, message.headers());
-        routed.unwrap_or_default()
+    pub(crate) fn route(&self, exchange: &str, routing_key: &str, message: &Envelope) -> Routed {
+        let mut routed = Routed::default();
+        if let Some(inner) = self.0.upgrade() {
+            // An unknown exchange routes nowhere.
+            let _ =
+                inner
+                    .topology
+                    .read()
+                    .route(exchange, routing_key, message.headers(), &mut routed);
+        }
+        routed
     }
 
     /// Forgets a queue that stopped (if it is still the same actor).
@@ -190,7 +187,7 @@ impl Broker {
                     requested: Box::new(options),
                 });
             }
-            return Ok(entry.handle.clone());
+            return Ok(QueueHandle::clone(&entry.handle));
         }
         let name = ByteString::from(name);
         let actor_name = name.clone();
@@ -246,10 +243,10 @@ impl Broker {
             inbox,
         };
         tracing::debug!(queue = %name, ?options, "queue declared");
-        topology.queues.insert(
+        topology.insert_queue(
             name,
             QueueEntry {
-                handle: handle.clone(),
+                handle: Arc::new(handle.clone()),
                 options,
             },
         );
@@ -268,7 +265,7 @@ impl Broker {
             .topology
             .read()
             .queue(name)
-            .cloned()
+            .map(|h| QueueHandle::clone(h))
             .ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))
     }
 
@@ -557,17 +554,19 @@ impl Broker {
         message: Envelope,
         mandatory: bool,
     ) -> Result<usize, PublishError> {
+        let routed = self.route_targets(exchange, routing_key, &message)?;
         let message = if message.routing_key() == routing_key {
             message
         } else {
-            message.with_routing_key(routing_key.to_string())
+            message.with_routing_key(routing_key)
         };
-        let message = if message.exchange() == exchange {
-            message
-        } else {
-            message.with_exchange(exchange.to_string())
+        let message = match routed.exchange {
+            // The exchange's own name, shared: no allocation per publish.
+            Some(name) => message.with_exchange(name),
+            None if message.exchange().is_empty() => message,
+            None => message.with_exchange(""),
         };
-        let targets = self.route_targets(exchange, routing_key, &message)?;
+        let targets = routed.targets;
         if targets.is_empty() {
             tracing::debug!(exchange, routing_key, message_id = %message.id(), "unroutable");
             if mandatory {
@@ -579,7 +578,7 @@ impl Broker {
             }
             return Ok(0);
         }
-        Ok(Self::deliver_targets(&targets, message).await?)
+        Ok(Self::deliver_to(&targets, message).await?)
     }
 
     /// The queues and streams a message published to `exchange` with
@@ -589,12 +588,14 @@ impl Broker {
         exchange: &str,
         routing_key: &str,
         message: &Envelope,
-    ) -> Result<Vec<Target>, BrokerError> {
+    ) -> Result<Routed, BrokerError> {
         validate_key(NameKind::RoutingKey, routing_key)?;
+        let mut routed = Routed::default();
         self.inner
             .topology
             .read()
-            .route(exchange, routing_key, message.headers())
+            .route(exchange, routing_key, message.headers(), &mut routed)?;
+        Ok(routed)
     }
 
     /// The queues (not the streams) a message published to `exchange` with
@@ -605,23 +606,20 @@ impl Broker {
         routing_key: &str,
         message: &Envelope,
     ) -> Result<Vec<QueueHandle>, BrokerError> {
-        let targets = self.route_targets(exchange, routing_key, message)?;
-        Ok(targets
-            .into_iter()
-            .filter_map(|t| match t {
-                Target::Queue(q) => Some(q),
-                Target::Stream(_) => None,
-            })
+        let routed = self.route_targets(exchange, routing_key, message)?;
+        Ok(routed
+            .targets
+            .iter()
+            .filter_map(|t| t.queue().cloned())
             .collect())
     }
 
-    /// [`deliver_targets`](Self::deliver_targets) for queues only.
+    /// [`deliver_to`](Self::deliver_to) for queues only.
     pub(crate) async fn deliver(
         targets: &[QueueHandle],
         message: Envelope,
     ) -> Result<usize, BrokerError> {
-        let targets: Vec<Target> = targets.iter().cloned().map(Target::Queue).collect();
-        Self::deliver_targets(&targets, message).await
+        Self::deliver_to(targets, message).await
     }
 
     /// Enqueues `message` on every target queue and appends it to every target
@@ -629,8 +627,8 @@ impl Broker {
     /// targets there were, or [`BrokerError::QueueFull`] if a queue refused it
     /// (the others have their copy). Waits for room in full queues and in full
     /// block-mode streams.
-    pub(crate) async fn deliver_targets(
-        targets: &[Target],
+    pub(crate) async fn deliver_to<T: Deliver>(
+        targets: &[T],
         message: Envelope,
     ) -> Result<usize, BrokerError> {
         for target in targets {
@@ -645,20 +643,10 @@ impl Broker {
             } else {
                 message.clone()
             };
-            let Some(copy) = copy else { continue };
-            match target {
-                // A queue that refuses (reject-publish) is reported after every other
-                // target has had its copy; a queue deleted since routing simply
-                // does not get one.
-                Target::Queue(queue) => {
-                    if let Err(err @ BrokerError::QueueFull(_)) = queue.publish(copy).await {
-                        refused = Some(err);
-                    }
-                }
-                // Nor does a stream deleted since routing (the size was checked).
-                Target::Stream(stream) => {
-                    let _ = stream.publish(copy).await;
-                }
+            if let Some(copy) = copy
+                && let Err(err) = target.deliver(copy).await
+            {
+                refused = Some(err);
             }
         }
         refused.map_or(Ok(n), Err)
@@ -714,6 +702,47 @@ impl Broker {
             _ => {
                 supervisor.stop();
                 Err(BrokerError::QueueNotFound(queue.to_string()))
+            }
+        }
+    }
+}
+
+/// Something [`Broker::deliver_to`] hands a routed message to.
+pub(crate) trait Deliver {
+    /// Refuses a message this target would refuse for its size.
+    fn check(&self, message: &Envelope) -> Result<(), BrokerError>;
+    /// Hands one copy over, waiting for room; an error is a refusal to report
+    /// after every other target has had its copy.
+    async fn deliver(&self, message: Envelope) -> Result<(), BrokerError>;
+}
+
+impl Deliver for QueueHandle {
+    fn check(&self, message: &Envelope) -> Result<(), BrokerError> {
+        QueueHandle::check(self, message)
+    }
+
+    async fn deliver(&self, message: Envelope) -> Result<(), BrokerError> {
+        // A queue that refuses (reject-publish) is reported; a queue deleted
+        // since routing simply does not get its copy.
+        match self.publish(message).await {
+            Err(err @ BrokerError::QueueFull(_)) => Err(err),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Deliver for Target {
+    fn check(&self, message: &Envelope) -> Result<(), BrokerError> {
+        Target::check(self, message)
+    }
+
+    async fn deliver(&self, message: Envelope) -> Result<(), BrokerError> {
+        match self {
+            Target::Queue(queue) => queue.deliver(message).await,
+            // Nor does a stream deleted since routing (the size was checked).
+            Target::Stream(stream) => {
+                let _ = stream.publish(message).await;
+                Ok(())
             }
         }
     }

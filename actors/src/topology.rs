@@ -8,27 +8,48 @@
 //!
 //! Streams live here too (not in a registry of their own) so that binding to a
 //! stream, deleting one and routing see one consistent graph under one lock.
+//!
+//! Routing is on every publish's path, so it does no per-destination name
+//! lookups: bindings hold their target's handle, resolved at bind time
+//! ([`crate::exchange::Bound`]), and the topology keeps those current. It is
+//! changed only under its write lock, by bind and unbind, queue declaration
+//! (a queue declared again under a stopped one's name takes over its
+//! bindings, which are re-pointed at it), and the deletion of queues, streams
+//! and exchanges (which removes every binding to them). A route is collected
+//! into a [`Routed`] that holds up to 16 targets inline, so a publish
+//! allocates nothing for routing in the common case, and each target costs one
+//! refcount: queues are kept as `Arc<QueueHandle>`. Only exchange-to-exchange
+//! hops and alternate exchanges are looked up by name.
+//!
+//! The name maps use FxHash rather than SipHash. Names come from users, but
+//! this broker lives inside one process and takes names from that process's
+//! own code: whoever could feed it colliding names could run code here anyway,
+//! so HashDoS resistance buys nothing, and SipHash was a visible share of
+//! every publish.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytestring::ByteString;
+use rustc_hash::{FxHashMap, FxHashSet};
+use smallvec::SmallVec;
 
-use crate::envelope::Headers;
+use crate::envelope::{Envelope, Headers};
 use crate::error::BrokerError;
-use crate::exchange::{Binding, Destination, Exchange, ExchangeKind, ExchangeOptions};
+use crate::exchange::{Binding, Bound, Destination, Exchange, ExchangeKind, ExchangeOptions};
 use crate::queue::handle::QueueHandle;
 use crate::queue::options::QueueOptions;
 use crate::stream::handle::StreamHandle;
 
 pub(crate) struct QueueEntry {
-    pub(crate) handle: QueueHandle,
+    pub(crate) handle: Arc<QueueHandle>,
     pub(crate) options: QueueOptions,
 }
 
-/// Where a routed message goes: a queue's inbox or a stream's log.
+/// Where a routed message goes: a queue's inbox or a stream's log. Cloning
+/// one is a single refcount.
 #[derive(Clone)]
 pub(crate) enum Target {
-    Queue(QueueHandle),
+    Queue(Arc<QueueHandle>),
     Stream(StreamHandle),
 }
 
@@ -41,17 +62,27 @@ impl Target {
         }
     }
 
-    /// True if both are the same queue or the same stream.
-    fn same(&self, other: &Target) -> bool {
-        match (self, other) {
-            (Target::Queue(a), Target::Queue(b)) => a.addr.id() == b.addr.id(),
-            (Target::Stream(a), Target::Stream(b)) => std::sync::Arc::ptr_eq(&a.core, &b.core),
-            _ => false,
+    /// Identity: the address of the shared handle (one per queue or stream in
+    /// the topology).
+    fn id(&self) -> usize {
+        match self {
+            Target::Queue(q) => Arc::as_ptr(q) as *const () as usize,
+            Target::Stream(s) => Arc::as_ptr(&s.core) as *const () as usize,
+        }
+    }
+
+    /// Whether it can still take messages: a queue whose actor stopped is
+    /// skipped until the topology forgets it. (A deleted stream leaves the
+    /// topology at once.)
+    fn is_live(&self) -> bool {
+        match self {
+            Target::Queue(q) => !q.addr.is_closed(),
+            Target::Stream(_) => true,
         }
     }
 
     /// Refuses a message this target would refuse for its size.
-    pub(crate) fn check(&self, message: &crate::envelope::Envelope) -> Result<(), BrokerError> {
+    pub(crate) fn check(&self, message: &Envelope) -> Result<(), BrokerError> {
         match self {
             Target::Queue(q) => q.check(message),
             Target::Stream(s) => s.check_routed(message),
@@ -59,20 +90,42 @@ impl Target {
     }
 }
 
+/// The targets of one publish, each once, and the name of the exchange it was
+/// published to (shared, for its envelope; `None` for the default exchange).
+#[derive(Default)]
+pub(crate) struct Routed {
+    pub(crate) targets: SmallVec<[Target; 16]>,
+    pub(crate) exchange: Option<Arc<str>>,
+}
+
 #[derive(Default)]
 pub(crate) struct Topology {
-    pub(crate) queues: HashMap<ByteString, QueueEntry>,
-    pub(crate) exchanges: HashMap<ByteString, Exchange>,
-    pub(crate) streams: HashMap<ByteString, StreamHandle>,
+    pub(crate) queues: FxHashMap<ByteString, QueueEntry>,
+    pub(crate) exchanges: FxHashMap<ByteString, Exchange>,
+    pub(crate) streams: FxHashMap<ByteString, StreamHandle>,
 }
 
 impl Topology {
     /// The live queue of that name.
-    pub(crate) fn queue(&self, name: &str) -> Option<&QueueHandle> {
+    pub(crate) fn queue(&self, name: &str) -> Option<&Arc<QueueHandle>> {
         self.queues
             .get(name)
             .map(|e| &e.handle)
             .filter(|h| !h.addr.is_closed())
+    }
+
+    /// Registers a queue. A stopped queue's entry of that name is replaced,
+    /// and bindings to that name now lead to the new queue (they used to be
+    /// resolved by name on each publish; they are resolved once here).
+    pub(crate) fn insert_queue(&mut self, name: ByteString, entry: QueueEntry) {
+        let target = Target::Queue(entry.handle.clone());
+        let replaced = self.queues.insert(name.clone(), entry).is_some();
+        if replaced {
+            let dest = Destination::Queue(name);
+            for exchange in self.exchanges.values_mut() {
+                exchange.retarget(&dest, &target);
+            }
+        }
     }
 
     /// Forgets a queue (if it is still the same actor) and every binding to it.
@@ -116,7 +169,7 @@ impl Topology {
             return Ok(());
         }
         self.exchanges
-            .insert(ByteString::from(name), Exchange::new(options));
+            .insert(ByteString::from(name), Exchange::new(name, options));
         Ok(())
     }
 
@@ -143,24 +196,28 @@ impl Topology {
         Ok(())
     }
 
-    fn check_destination(&self, destination: &Destination) -> Result<(), BrokerError> {
+    /// What a binding to `destination` holds: the queue's or stream's handle.
+    fn resolve(&self, destination: &Destination) -> Result<Option<Target>, BrokerError> {
         match destination {
-            Destination::Queue(q) if self.queue(q).is_none() => {
-                Err(BrokerError::QueueNotFound(q.to_string()))
-            }
+            Destination::Queue(q) => self
+                .queue(q)
+                .map(|h| Some(Target::Queue(h.clone())))
+                .ok_or_else(|| BrokerError::QueueNotFound(q.to_string())),
+            Destination::Stream(s) => self
+                .streams
+                .get(s)
+                .map(|h| Some(Target::Stream(h.clone())))
+                .ok_or_else(|| BrokerError::StreamNotFound(s.to_string())),
             Destination::Exchange(e) if !self.exchanges.contains_key(e) => {
                 Err(BrokerError::ExchangeNotFound(e.to_string()))
             }
-            Destination::Stream(s) if !self.streams.contains_key(s) => {
-                Err(BrokerError::StreamNotFound(s.to_string()))
-            }
-            _ => Ok(()),
+            Destination::Exchange(_) => Ok(None),
         }
     }
 
     /// Adds a binding to `exchange`; Ok(false) if it existed already.
     pub(crate) fn bind(&mut self, exchange: &str, binding: Binding) -> Result<bool, BrokerError> {
-        self.check_destination(&binding.destination)?;
+        let target = self.resolve(&binding.destination)?;
         let source = self
             .exchanges
             .get_mut(exchange)
@@ -172,7 +229,7 @@ impl Topology {
                 expected: ExchangeKind::Headers,
             });
         }
-        Ok(source.bind(binding))
+        Ok(source.bind(binding, target))
     }
 
     /// Removes a binding from `exchange`; Ok(false) if there was none.
@@ -188,61 +245,68 @@ impl Topology {
         Ok(source.unbind(binding))
     }
 
-    /// The queues and streams a message published to `exchange` reaches, each
-    /// once. The default exchange `""` routes to the queue named by the key.
+    /// Collects into `out` the queues and streams a message published to
+    /// `exchange` reaches, each once. The default exchange `""` routes to the
+    /// queue named by the key.
     pub(crate) fn route(
         &self,
         exchange: &str,
         key: &str,
         headers: &Headers,
-    ) -> Result<Vec<Target>, BrokerError> {
-        let mut out = Vec::new();
+        out: &mut Routed,
+    ) -> Result<(), BrokerError> {
         if exchange.is_empty() {
-            out.extend(self.queue(key).cloned().map(Target::Queue));
-            return Ok(out);
+            out.targets
+                .extend(self.queue(key).map(|h| Target::Queue(h.clone())));
+            return Ok(());
         }
-        if !self.exchanges.contains_key(exchange) {
+        let Some((name, source)) = self.exchanges.get_key_value(exchange) else {
             return Err(BrokerError::ExchangeNotFound(exchange.to_string()));
-        }
-        let mut visited = Vec::new();
-        self.route_into(exchange, key, headers, &mut visited, &mut out);
-        Ok(out)
+        };
+        out.exchange = Some(source.name.clone());
+        let mut visited = SmallVec::new();
+        self.route_into(name, source, key, headers, &mut visited, &mut out.targets);
+        Ok(())
     }
 
-    /// Routes through `name`; returns whether it reached any queue or stream
-    /// (one already reached by another path counts).
+    /// Routes through exchange `name`; returns whether it reached any queue or
+    /// stream (one already reached by another path counts).
     fn route_into<'a>(
         &'a self,
         name: &'a str,
+        exchange: &'a Exchange,
         key: &str,
         headers: &Headers,
-        visited: &mut Vec<&'a str>,
-        out: &mut Vec<Target>,
+        visited: &mut SmallVec<[&'a str; 4]>,
+        out: &mut SmallVec<[Target; 16]>,
     ) -> bool {
         if visited.contains(&name) {
             return false;
         }
         visited.push(name);
-        let Some(exchange) = self.exchanges.get(name) else {
-            return false;
-        };
-        let mut dests = Vec::new();
-        exchange.route(key, headers, &mut dests);
+        let start = out.len();
         let mut routed = false;
-        for dest in dests {
-            let target = match dest {
-                Destination::Queue(q) => self.queue(q).cloned().map(Target::Queue),
-                Destination::Stream(s) => self.streams.get(s).cloned().map(Target::Stream),
-                Destination::Exchange(e) => {
-                    routed |= self.route_into(e, key, headers, visited, out);
-                    continue;
-                }
-            };
-            if let Some(target) = target {
+        let mut hops: SmallVec<[&'a ByteString; 2]> = SmallVec::new();
+        let repeats = exchange.route(key, headers, |bound: &'a Bound| match &bound.target {
+            Some(target) if target.is_live() => {
                 routed = true;
-                if !out.iter().any(|t| t.same(&target)) {
-                    out.push(target);
+                out.push(target.clone());
+            }
+            Some(_) => {}
+            None => {
+                if let Destination::Exchange(next) = &bound.dest {
+                    hops.push(next);
                 }
+            }
+        });
+        // One copy per target: needed when this exchange may name one twice,
+        // or when earlier exchanges on the path already reached some.
+        if repeats || start > 0 {
+            dedup_tail(out, start);
+        }
+        for next in hops {
+            if let Some((next, exchange)) = self.exchanges.get_key_value(&**next) {
+                routed |= self.route_into(next, exchange, key, headers, visited, out);
             }
         }
         if let Some(alternate) = exchange
@@ -250,9 +314,92 @@ impl Topology {
             .alternate_exchange
             .as_deref()
             .filter(|_| !routed)
+            && let Some((alternate, exchange)) = self.exchanges.get_key_value(alternate)
         {
-            routed = self.route_into(alternate, key, headers, visited, out);
+            routed = self.route_into(alternate, exchange, key, headers, visited, out);
         }
         routed
+    }
+}
+
+/// Removes from `out[start..]` every target already present earlier in `out`,
+/// keeping the first of each.
+fn dedup_tail(out: &mut SmallVec<[Target; 16]>, start: usize) {
+    if out.len() - start == 0 {
+        return;
+    }
+    if out.len() <= 32 {
+        let mut i = start.max(1);
+        while i < out.len() {
+            let id = out[i].id();
+            if out[..i].iter().any(|t| t.id() == id) {
+                out.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        return;
+    }
+    let mut seen: FxHashSet<usize> = out[..start].iter().map(Target::id).collect();
+    let mut i = 0;
+    out.retain(|t| {
+        i += 1;
+        i <= start || seen.insert(t.id())
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use postbox::RuntimeHandle;
+    use postbox::testkit::local;
+
+    use crate::{Broker, Envelope, ExchangeOptions, QueueOptions};
+
+    use super::*;
+
+    /// A queue declared again under a stopped queue's name (before the
+    /// stopped one left the topology) takes over its bindings, as it did when
+    /// bindings were resolved by name on each publish.
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_that_replaces_a_stopped_one_takes_over_its_bindings() {
+        local(async {
+            let broker = Broker::new(&RuntimeHandle::local());
+            broker
+                .declare_exchange("x", ExchangeOptions::direct())
+                .await
+                .unwrap();
+            let old = broker
+                .declare_queue("q", QueueOptions::default())
+                .await
+                .unwrap();
+            broker.bind_queue("q", "x", "k").await.unwrap();
+            let other = broker
+                .declare_queue("other", QueueOptions::default())
+                .await
+                .unwrap();
+            let route = |broker: &Broker| {
+                let routed = broker.route_targets("x", "k", &Envelope::new("")).unwrap();
+                routed
+                    .targets
+                    .iter()
+                    .map(|t| t.queue().unwrap().addr.id())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(route(&broker), [old.addr.id()]);
+            // Stand-in for a new incarnation under the same name.
+            broker.topology().write().insert_queue(
+                ByteString::from("q"),
+                QueueEntry {
+                    handle: Arc::new(other.clone()),
+                    options: QueueOptions::default(),
+                },
+            );
+            assert_eq!(route(&broker), [other.addr.id()]);
+            // The binding is still listed once, and unbinding removes it.
+            assert_eq!(broker.bindings("x").unwrap().len(), 1);
+            assert!(broker.unbind_queue("q", "x", "k").await.unwrap());
+            assert!(route(&broker).is_empty());
+        })
+        .await;
     }
 }

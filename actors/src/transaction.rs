@@ -61,6 +61,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use crate::broker::Broker;
 use crate::delivery::{AckError, Delivery, Link, LinkState, Outcome, Settler};
 use crate::envelope::Envelope;
@@ -185,7 +187,8 @@ impl Transaction {
     /// Applies everything, or nothing (see the [module docs](self)).
     pub async fn commit(self) -> Result<Committed, TxError> {
         // 1. Route and check every publish; nothing has changed yet.
-        let mut routed: Vec<(Vec<Target>, Envelope)> = Vec::with_capacity(self.publications.len());
+        let mut routed: Vec<(SmallVec<[Target; 16]>, Envelope)> =
+            Vec::with_capacity(self.publications.len());
         for p in self.publications {
             let message = p
                 .message
@@ -193,7 +196,8 @@ impl Transaction {
                 .with_exchange(p.exchange.clone());
             let targets = self
                 .broker
-                .route_targets(&p.exchange, &p.routing_key, &message)?;
+                .route_targets(&p.exchange, &p.routing_key, &message)?
+                .targets;
             for target in &targets {
                 target.check(&message)?;
                 if let Some(queue) = target.queue().filter(|q| q.confirm) {
@@ -210,9 +214,7 @@ impl Transaction {
         let mut enqueued = 0;
         for (targets, message) in routed {
             if !targets.is_empty() {
-                enqueued += Broker::deliver_targets(&targets, message)
-                    .await
-                    .unwrap_or(0);
+                enqueued += Broker::deliver_to(&targets, message).await.unwrap_or(0);
             }
         }
         for link in notify {

@@ -668,3 +668,66 @@ async fn bad_stream_bindings_are_typed_errors() {
     })
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn many_paths_to_many_targets_still_make_one_copy_each() {
+    local(async {
+        // More targets than a route holds inline, reached through several
+        // exchanges and bindings each.
+        let broker = Broker::new(&RuntimeHandle::local());
+        for (name, options) in [
+            ("front", ExchangeOptions::fanout()),
+            ("fan", ExchangeOptions::fanout()),
+            ("hdr", ExchangeOptions::headers()),
+            ("topic", ExchangeOptions::topic()),
+        ] {
+            broker.declare_exchange(name, options).await.unwrap();
+        }
+        for x in ["fan", "hdr", "topic"] {
+            broker.bind_exchange(x, "front", "").await.unwrap();
+        }
+        let mut queues = Vec::new();
+        for i in 0..40 {
+            let name = format!("q{i}");
+            queues.push(queue(&broker, &name).await);
+            broker.bind_queue(&name, "fan", "").await.unwrap();
+            broker.bind_queue(&name, "fan", "other").await.unwrap();
+            broker
+                .bind_queue_headers(&name, "hdr", HeadersMatch::any([("a", "1")]))
+                .await
+                .unwrap();
+            broker
+                .bind_queue_headers(&name, "hdr", HeadersMatch::any([("b", "2")]))
+                .await
+                .unwrap();
+            broker.bind_queue(&name, "topic", "#").await.unwrap();
+            broker.bind_queue(&name, "topic", "k.*").await.unwrap();
+        }
+        let s = broker
+            .declare_stream("s", StreamOptions::default())
+            .await
+            .unwrap();
+        broker.bind_stream("fan", "s", "").await.unwrap();
+        broker.bind_stream("topic", "s", "#").await.unwrap();
+        let m = msg(7).with_header("a", "1").with_header("b", "2");
+        assert_eq!(broker.publish_to("front", "k.x", m).await.unwrap(), 41);
+        assert_eq!(
+            broker
+                .publish_to(
+                    "hdr",
+                    "",
+                    msg(8).with_header("a", "1").with_header("b", "2")
+                )
+                .await
+                .unwrap(),
+            40
+        );
+        assert_eq!(broker.publish_to("topic", "k.x", msg(9)).await.unwrap(), 41);
+        settle().await;
+        for q in &mut queues {
+            assert_eq!(drain(q), [7, 8, 9]);
+        }
+        assert_eq!(records(&s).await, [7, 9]);
+    })
+    .await;
+}

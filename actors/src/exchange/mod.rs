@@ -18,16 +18,26 @@
 //! one thread, and a full queue slows down exactly the publishers that target it.
 //! (RabbitMQ routes in the publishing channel for the same reasons.) Queues,
 //! consumers and subscriptions are actors.
+//!
+//! Each binding is resolved when it is made: the table holds the target queue's
+//! or stream's handle next to its name ([`Bound`]), so routing a message hashes
+//! and compares no destination names and copies no handles beyond one refcount
+//! per target. The topology keeps the resolved handles current (see
+//! `topology`). Fanout and direct tables hold each destination once, so their
+//! routes need no deduplication.
 
 pub mod headers;
 pub mod topic;
 
-use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use bytestring::ByteString;
+use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::Headers;
+use crate::topology::Target;
 use headers::HeadersMatch;
 use topic::TopicTrie;
 
@@ -119,29 +129,57 @@ pub struct Binding {
     pub headers: Option<HeadersMatch>,
 }
 
+/// A binding's destination as the routing table holds it: the name, and the
+/// queue or stream it named when it was bound (`None` for an exchange, which
+/// routing looks up by name). Equal, and hashed, by destination only.
+#[derive(Clone)]
+pub(crate) struct Bound {
+    pub(crate) dest: Destination,
+    pub(crate) target: Option<Target>,
+}
+
+impl PartialEq for Bound {
+    fn eq(&self, other: &Self) -> bool {
+        self.dest == other.dest
+    }
+}
+
+impl Eq for Bound {}
+
+impl Hash for Bound {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.dest.hash(state);
+    }
+}
+
 enum Table {
-    Direct(HashMap<ByteString, Vec<Destination>>),
-    Fanout(Vec<Destination>),
-    Topic(TopicTrie<Destination>),
-    Headers(Vec<(HeadersMatch, Destination)>),
+    /// Each key's destinations, each once (equal bindings are refused).
+    Direct(FxHashMap<ByteString, Vec<Bound>>),
+    /// Each destination once, with how many bindings (keys) lead to it.
+    Fanout(Vec<(Bound, usize)>),
+    Topic(TopicTrie<Bound>),
+    Headers(Vec<(HeadersMatch, Bound)>),
 }
 
 /// One exchange: its options and its compiled bindings.
 pub(crate) struct Exchange {
+    /// Its name, shared with the envelopes published through it.
+    pub(crate) name: Arc<str>,
     pub(crate) options: ExchangeOptions,
     bindings: Vec<Binding>,
     table: Table,
 }
 
 impl Exchange {
-    pub(crate) fn new(options: ExchangeOptions) -> Self {
+    pub(crate) fn new(name: &str, options: ExchangeOptions) -> Self {
         let table = match options.kind {
-            ExchangeKind::Direct => Table::Direct(HashMap::new()),
+            ExchangeKind::Direct => Table::Direct(FxHashMap::default()),
             ExchangeKind::Fanout => Table::Fanout(Vec::new()),
             ExchangeKind::Topic => Table::Topic(TopicTrie::new()),
             ExchangeKind::Headers => Table::Headers(Vec::new()),
         };
         Exchange {
+            name: Arc::from(name),
             options,
             bindings: Vec::new(),
             table,
@@ -152,15 +190,22 @@ impl Exchange {
         &self.bindings
     }
 
-    /// Adds a binding; false if an identical one exists.
-    pub(crate) fn bind(&mut self, binding: Binding) -> bool {
+    /// Adds a binding whose destination resolved to `target`; false if an
+    /// identical one exists.
+    pub(crate) fn bind(&mut self, binding: Binding, target: Option<Target>) -> bool {
         if self.bindings.contains(&binding) {
             return false;
         }
-        let dest = binding.destination.clone();
+        let dest = Bound {
+            dest: binding.destination.clone(),
+            target,
+        };
         match &mut self.table {
             Table::Direct(map) => map.entry(binding.key.clone()).or_default().push(dest),
-            Table::Fanout(list) => list.push(dest),
+            Table::Fanout(list) => match list.iter_mut().find(|(b, _)| *b == dest) {
+                Some((_, n)) => *n += 1,
+                None => list.push((dest, 1)),
+            },
             Table::Topic(trie) => {
                 trie.insert(&binding.key, dest);
             }
@@ -187,25 +232,53 @@ impl Exchange {
         match &mut self.table {
             Table::Direct(map) => {
                 if let Some(list) = map.get_mut(&binding.key) {
-                    remove_one(list, |d| d == dest);
+                    remove_one(list, |d| d.dest == *dest);
                     if list.is_empty() {
                         map.remove(&binding.key);
                     }
                 }
             }
-            Table::Fanout(list) => remove_one(list, |d| d == dest),
+            Table::Fanout(list) => {
+                if let Some(i) = list.iter().position(|(b, _)| b.dest == *dest) {
+                    list[i].1 -= 1;
+                    if list[i].1 == 0 {
+                        list.remove(i);
+                    }
+                }
+            }
             Table::Topic(trie) => {
-                trie.remove(&binding.key, dest);
+                // Equality is by destination: the target does not matter here.
+                let probe = Bound {
+                    dest: dest.clone(),
+                    target: None,
+                };
+                trie.remove(&binding.key, &probe);
             }
             Table::Headers(list) => {
                 let m = binding
                     .headers
                     .clone()
                     .unwrap_or_else(|| HeadersMatch::all(Vec::<(&str, &str)>::new()));
-                remove_one(list, |(hm, d)| d == dest && *hm == m);
+                remove_one(list, |(hm, d)| d.dest == *dest && *hm == m);
             }
         }
         true
+    }
+
+    /// Points every binding to `destination` at `target` (a queue declared
+    /// again under the same name after its actor stopped).
+    pub(crate) fn retarget(&mut self, destination: &Destination, target: &Target) {
+        let update = |b: &mut Bound| {
+            if b.dest == *destination {
+                b.target = Some(target.clone());
+            }
+        };
+        match &mut self.table {
+            Table::Direct(map) => map.values_mut().flatten().for_each(update),
+            Table::Fanout(list) => list.iter_mut().for_each(|(b, _)| update(b)),
+            Table::Topic(trie) => trie.for_each_value_mut(update),
+            Table::Headers(list) => list.iter_mut().for_each(|(_, b)| update(b)),
+        }
     }
 
     /// Removes every binding to `destination`; returns how many.
@@ -222,39 +295,40 @@ impl Exchange {
         doomed.len()
     }
 
-    /// The destinations this exchange itself routes a message to (not following
-    /// exchange-to-exchange bindings), each once.
+    /// Calls `each` with the destinations this exchange itself routes a message
+    /// to (not following exchange-to-exchange bindings). Returns true if one
+    /// destination may have come more than once (several topic patterns or
+    /// header matches leading to it): the caller then removes repeats.
     pub(crate) fn route<'a>(
         &'a self,
         key: &str,
         headers: &Headers,
-        out: &mut Vec<&'a Destination>,
-    ) {
-        let start = out.len();
+        mut each: impl FnMut(&'a Bound),
+    ) -> bool {
         match &self.table {
             Table::Direct(map) => {
-                if let Some(list) = map.get(key) {
-                    out.extend(list.iter());
-                }
+                map.get(key).into_iter().flatten().for_each(each);
+                false
             }
-            Table::Fanout(list) => out.extend(list.iter()),
-            Table::Topic(trie) => out.extend(trie.matches(key)),
-            Table::Headers(list) => out.extend(
-                list.iter()
-                    .filter(|(m, _)| m.matches(headers))
-                    .map(|(_, d)| d),
-            ),
-        }
-        // Several bindings to one destination still make one copy.
-        if out.len() - start > 1 {
-            let mut seen = HashSet::new();
-            let mut i = start;
-            while i < out.len() {
-                if seen.insert(out[i]) {
-                    i += 1;
-                } else {
-                    out.swap_remove(i);
+            Table::Fanout(list) => {
+                list.iter().for_each(|(b, _)| each(b));
+                false
+            }
+            Table::Topic(trie) => {
+                let mut n = 0;
+                trie.for_each_match(key, |b| {
+                    n += 1;
+                    each(b)
+                });
+                n > 1
+            }
+            Table::Headers(list) => {
+                let mut n = 0;
+                for (_, b) in list.iter().filter(|(m, _)| m.matches(headers)) {
+                    n += 1;
+                    each(b);
                 }
+                n > 1
             }
         }
     }

@@ -243,7 +243,7 @@ impl QueueActor {
         let message = message
             .with_routing_key(&*key)
             .with_exchange(&*target.exchange);
-        let mut targets = self.broker.route(&target.exchange, &key, &message);
+        let mut targets = self.broker.route(&target.exchange, &key, &message).targets;
         // As in RabbitMQ: a message that would come back to a queue it already died
         // in, with no rejection anywhere in its history, is in a cycle: drop it there.
         let rejected = message
