@@ -113,13 +113,13 @@ async fn fanout_to_a_stream_and_queues_at_once() {
         let mut qb = queue(&broker, "qb").await;
         broker.bind_queue("qa", "fan", "").await.unwrap();
         broker.bind_queue("qb", "fan", "").await.unwrap();
-        broker.bind_stream("fan", "log", "").await.unwrap();
+        broker.bind_stream("log", "fan", "").await.unwrap();
         // Two more bindings to the same stream (fanout ignores the key): still
         // one record per message.
-        broker.bind_stream("fan", "log", "other").await.unwrap();
-        broker.bind_stream("fan", "log", "third").await.unwrap();
+        broker.bind_stream("log", "fan", "other").await.unwrap();
+        broker.bind_stream("log", "fan", "third").await.unwrap();
         // Binding twice is a no-op.
-        broker.bind_stream("fan", "log", "").await.unwrap();
+        broker.bind_stream("log", "fan", "").await.unwrap();
         assert_eq!(broker.bindings("fan").unwrap().len(), 5);
 
         for i in 0..3 {
@@ -167,14 +167,14 @@ async fn topic_to_streams_and_queues_one_copy_each() {
             .await
             .unwrap();
         let mut orders = queue(&broker, "orders").await;
-        broker.bind_stream("events", "all", "#").await.unwrap();
+        broker.bind_stream("all", "events", "#").await.unwrap();
         // Several patterns that all match one key: one record.
         broker
-            .bind_stream("events", "all", "order.#")
+            .bind_stream("all", "events", "order.#")
             .await
             .unwrap();
-        broker.bind_stream("events", "all", "*.*.*").await.unwrap();
-        broker.bind_stream("events", "eu", "*.eu.*").await.unwrap();
+        broker.bind_stream("all", "events", "*.*.*").await.unwrap();
+        broker.bind_stream("eu", "events", "*.eu.*").await.unwrap();
         broker
             .bind_queue("orders", "events", "order.#")
             .await
@@ -233,9 +233,9 @@ async fn direct_headers_and_exchange_to_exchange_reach_streams() {
             .declare_stream("s", StreamOptions::default())
             .await
             .unwrap();
-        broker.bind_stream("direct", "s", "k").await.unwrap();
+        broker.bind_stream("s", "direct", "k").await.unwrap();
         broker
-            .bind_stream_headers("hdr", "s", HeadersMatch::all([("kind", "pdf")]))
+            .bind_stream_headers("s", "hdr", HeadersMatch::all([("kind", "pdf")]))
             .await
             .unwrap();
         // Two paths from "front" to the stream: one record.
@@ -252,7 +252,7 @@ async fn direct_headers_and_exchange_to_exchange_reach_streams() {
         assert_eq!(records(&s).await, [1, 2, 3]);
         assert!(
             broker
-                .unbind_stream_headers("hdr", "s", HeadersMatch::all([("kind", "pdf")]))
+                .unbind_stream_headers("s", "hdr", HeadersMatch::all([("kind", "pdf")]))
                 .await
                 .unwrap()
         );
@@ -273,7 +273,7 @@ async fn mandatory_with_only_a_stream_bound_is_routed() {
             .declare_stream("s", StreamOptions::default())
             .await
             .unwrap();
-        broker.bind_stream("x", "s", "k").await.unwrap();
+        broker.bind_stream("s", "x", "k").await.unwrap();
         assert_eq!(broker.publish_mandatory("x", "k", msg(1)).await.unwrap(), 1);
         match broker.publish_mandatory("x", "other", msg(2)).await {
             Err(PublishError::Unroutable { message, .. }) => {
@@ -294,8 +294,8 @@ async fn mandatory_with_only_a_stream_bound_is_routed() {
             .declare_stream("lost", StreamOptions::default())
             .await
             .unwrap();
-        broker.bind_stream("alt", "lost", "").await.unwrap();
-        broker.bind_stream("y", "s", "k").await.unwrap();
+        broker.bind_stream("lost", "alt", "").await.unwrap();
+        broker.bind_stream("s", "y", "k").await.unwrap();
         assert_eq!(broker.publish_mandatory("y", "k", msg(3)).await.unwrap(), 1);
         assert_eq!(broker.publish_mandatory("y", "z", msg(4)).await.unwrap(), 1);
         settle().await;
@@ -321,8 +321,8 @@ async fn unbind_and_delete_stream_remove_bindings() {
             .declare_stream("s", StreamOptions::default())
             .await
             .unwrap();
-        broker.bind_stream("fan", "s", "").await.unwrap();
-        broker.bind_stream("topic", "s", "a.*").await.unwrap();
+        broker.bind_stream("s", "fan", "").await.unwrap();
+        broker.bind_stream("s", "topic", "a.*").await.unwrap();
         assert_eq!(
             broker.bindings("fan").unwrap(),
             vec![Binding {
@@ -332,8 +332,8 @@ async fn unbind_and_delete_stream_remove_bindings() {
             }]
         );
         assert_eq!(broker.publish_to("fan", "", msg(1)).await.unwrap(), 1);
-        assert!(broker.unbind_stream("fan", "s", "").await.unwrap());
-        assert!(!broker.unbind_stream("fan", "s", "").await.unwrap());
+        assert!(broker.unbind_stream("s", "fan", "").await.unwrap());
+        assert!(!broker.unbind_stream("s", "fan", "").await.unwrap());
         assert_eq!(broker.publish_to("fan", "", msg(2)).await.unwrap(), 0);
         assert_eq!(broker.publish_to("topic", "a.b", msg(3)).await.unwrap(), 1);
         settle().await;
@@ -382,7 +382,7 @@ async fn a_dead_letter_exchange_routes_to_a_stream() {
             .declare_stream("dead", StreamOptions::default().max_len(2))
             .await
             .unwrap();
-        broker.bind_stream("dlx", "dead", "").await.unwrap();
+        broker.bind_stream("dead", "dlx", "").await.unwrap();
         let gate = Arc::new(Semaphore::new(0));
         let (tx, mut rx) = mpsc::unbounded_channel();
         let reader = {
@@ -470,7 +470,7 @@ async fn transactions_publish_to_streams_on_commit_only() {
             .await
             .unwrap();
         let mut out = queue(&broker, "out").await;
-        broker.bind_stream("fan", "s", "").await.unwrap();
+        broker.bind_stream("s", "fan", "").await.unwrap();
         broker.bind_queue("out", "fan", "").await.unwrap();
         broker
             .declare_queue("in", QueueOptions::default())
@@ -560,7 +560,7 @@ async fn a_full_block_mode_stream_makes_publish_to_wait() {
             .declare_stream("s", StreamOptions::default().max_len(2))
             .await
             .unwrap();
-        broker.bind_stream("fan", "s", "").await.unwrap();
+        broker.bind_stream("s", "fan", "").await.unwrap();
         let gate = Arc::new(Semaphore::new(0));
         let (tx, mut rx) = mpsc::unbounded_channel();
         let _slow = {
@@ -610,19 +610,19 @@ async fn bad_stream_bindings_are_typed_errors() {
             .await
             .unwrap();
         assert_eq!(
-            broker.bind_stream("x", "nope", "a").await.unwrap_err(),
+            broker.bind_stream("nope", "x", "a").await.unwrap_err(),
             BrokerError::StreamNotFound("nope".into())
         );
         assert_eq!(
-            broker.bind_stream("nope", "s", "a").await.unwrap_err(),
+            broker.bind_stream("s", "nope", "a").await.unwrap_err(),
             BrokerError::ExchangeNotFound("nope".into())
         );
         assert_eq!(
-            broker.bind_stream("", "s", "a").await.unwrap_err(),
+            broker.bind_stream("s", "", "a").await.unwrap_err(),
             BrokerError::DefaultExchange("bound to")
         );
         assert!(matches!(
-            broker.bind_stream("x", "s", "a\nb").await,
+            broker.bind_stream("s", "x", "a\nb").await,
             Err(BrokerError::InvalidName(NameError::ControlChar {
                 kind: NameKind::BindingKey,
                 ..
@@ -630,12 +630,12 @@ async fn bad_stream_bindings_are_typed_errors() {
         ));
         assert!(matches!(
             broker
-                .bind_stream_headers("x", "s", HeadersMatch::all([("k", "v")]))
+                .bind_stream_headers("s", "x", HeadersMatch::all([("k", "v")]))
                 .await,
             Err(BrokerError::WrongExchangeKind { .. })
         ));
         assert_eq!(
-            broker.unbind_stream("nope", "s", "a").await.unwrap_err(),
+            broker.unbind_stream("s", "nope", "a").await.unwrap_err(),
             BrokerError::ExchangeNotFound("nope".into())
         );
         // A queue of that name is not a stream.
@@ -644,12 +644,12 @@ async fn bad_stream_bindings_are_typed_errors() {
             .await
             .unwrap();
         assert_eq!(
-            broker.bind_stream("x", "q", "a").await.unwrap_err(),
+            broker.bind_stream("q", "x", "a").await.unwrap_err(),
             BrokerError::StreamNotFound("q".into())
         );
         assert!(broker.bindings("x").unwrap().is_empty());
         // Too large for a stream it reaches: refused, nothing appended anywhere.
-        broker.bind_stream("x", "s", "a").await.unwrap();
+        broker.bind_stream("s", "x", "a").await.unwrap();
         broker.bind_queue("q", "x", "a").await.unwrap();
         match broker
             .publish_to("x", "a", Envelope::new("123456789"))
@@ -707,8 +707,8 @@ async fn many_paths_to_many_targets_still_make_one_copy_each() {
             .declare_stream("s", StreamOptions::default())
             .await
             .unwrap();
-        broker.bind_stream("fan", "s", "").await.unwrap();
-        broker.bind_stream("topic", "s", "#").await.unwrap();
+        broker.bind_stream("s", "fan", "").await.unwrap();
+        broker.bind_stream("s", "topic", "#").await.unwrap();
         let m = msg(7).with_header("a", "1").with_header("b", "2");
         assert_eq!(broker.publish_to("front", "k.x", m).await.unwrap(), 41);
         assert_eq!(

@@ -100,11 +100,12 @@ impl Broker {
     /// Binds a stream to an exchange with a binding key (a pattern for topic
     /// exchanges): what the exchange routes with this key is appended to the
     /// stream, once per message however many bindings match. Binding twice is
-    /// a no-op.
+    /// a no-op. Arguments in the order of [`Broker::bind_queue`]: what is bound,
+    /// then to which exchange.
     pub async fn bind_stream(
         &self,
-        exchange: &str,
         stream: &str,
+        exchange: &str,
         key: &str,
     ) -> Result<(), BrokerError> {
         self.bind(
@@ -118,8 +119,8 @@ impl Broker {
     /// Binds a stream to a headers exchange.
     pub async fn bind_stream_headers(
         &self,
-        exchange: &str,
         stream: &str,
+        exchange: &str,
         headers: HeadersMatch,
     ) -> Result<(), BrokerError> {
         self.bind(
@@ -133,8 +134,8 @@ impl Broker {
     /// Removes a stream binding; false if there was none.
     pub async fn unbind_stream(
         &self,
-        exchange: &str,
         stream: &str,
+        exchange: &str,
         key: &str,
     ) -> Result<bool, BrokerError> {
         self.unbind(
@@ -148,8 +149,8 @@ impl Broker {
     /// Removes a headers binding of a stream; false if there was none.
     pub async fn unbind_stream_headers(
         &self,
-        exchange: &str,
         stream: &str,
+        exchange: &str,
         headers: HeadersMatch,
     ) -> Result<bool, BrokerError> {
         self.unbind(
