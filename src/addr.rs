@@ -32,8 +32,8 @@ use std::task::Poll;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use parking_lot::Mutex;
 use futures::task::AtomicWaker;
+use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::actor::{Actor, Handler, Message};
