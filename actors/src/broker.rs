@@ -86,6 +86,8 @@ struct Inner {
     /// Every running consumer's supervisor: a consumer lives until it is
     /// cancelled or gives up, whether or not its handle is kept.
     live: parking_lot::Mutex<std::collections::HashMap<postbox::ActorId, postbox::Supervisor>>,
+    /// Requesters that take direct replies (see `rpc::direct`).
+    direct_replies: crate::rpc::direct::DirectReplies,
 }
 
 /// A weak reference to a broker, for its queues: they route dead letters
@@ -148,6 +150,7 @@ impl Broker {
                 consumers: AtomicU64::new(1),
                 observers: Observers::default(),
                 live: Default::default(),
+                direct_replies: Default::default(),
             }),
         }
     }
@@ -156,6 +159,10 @@ impl Broker {
     /// deleted by `stream::broker_api`).
     pub(crate) fn topology(&self) -> &RwLock<Topology> {
         &self.inner.topology
+    }
+
+    pub(crate) fn direct_replies(&self) -> &crate::rpc::direct::DirectReplies {
+        &self.inner.direct_replies
     }
 
     pub(crate) fn runtime(&self) -> &RuntimeHandle {

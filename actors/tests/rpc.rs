@@ -479,3 +479,129 @@ async fn late_replies_can_be_forwarded_to_a_dead_letter_queue() {
     })
     .await;
 }
+
+/// Direct replies skip the reply queue: replies, remote errors and late replies
+/// all reach the requester, and the reply queue never sees a message.
+#[tokio::test(start_paused = true)]
+async fn direct_replies_bypass_the_reply_queue() {
+    local(async {
+        let broker = echo_service(&RuntimeHandle::local(), 1).await;
+        broker
+            .declare_queue("late.replies", QueueOptions::default())
+            .await
+            .unwrap();
+        broker
+            .declare_queue("slow", QueueOptions::default())
+            .await
+            .unwrap();
+        let _slow = broker
+            .respond("slow", ConsumeOptions::manual(1), || {
+                |req: Request| async move {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    if req.decode::<String>()? == "fail" {
+                        return Err(RemoteError::new("refused"));
+                    }
+                    Ok(req.message().clone())
+                }
+            })
+            .await
+            .unwrap();
+        let client = broker
+            .requester_with(
+                postbox_actors::rpc::RequesterOptions::default()
+                    .direct_replies()
+                    .late_replies_to("", "late.replies"),
+            )
+            .await
+            .unwrap();
+        for i in 0..10 {
+            let reply = client
+                .request("svc", text(&format!("n{i}")))
+                .timeout(Duration::from_secs(1))
+                .await
+                .unwrap();
+            assert_eq!(reply.decode::<String>().unwrap(), format!("r0:n{i}"));
+        }
+        let err = client
+            .request("slow", text("fail"))
+            .timeout(Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, RequestError::Remote { message, .. } if message == "refused"),
+            "{err:?}"
+        );
+        // Late: the requester gave up after 1 s, the reply comes at 3 s.
+        let err = client
+            .request("slow", text("too slow"))
+            .timeout(Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RequestError::Timeout { .. }), "{err:?}");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(client.stats().replies, 11);
+        assert_eq!(client.stats().late, 1);
+        let forwarded = broker.queue_stats("late.replies").await.unwrap();
+        assert_eq!(forwarded.stats.ready, 1, "the late reply was forwarded");
+        let reply_queue = broker.queue_stats(client.reply_queue()).await.unwrap();
+        assert_eq!(
+            reply_queue.stats.published, 0,
+            "nothing went through the queue"
+        );
+    })
+    .await;
+}
+
+/// Once a direct-reply requester is gone, replies for it take the ordinary
+/// path (and find no queue): nothing is delivered to a dead requester.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_direct_requester_is_forgotten() {
+    local(async {
+        let broker = Broker::new(&RuntimeHandle::local());
+        broker
+            .declare_queue("svc", QueueOptions::default())
+            .await
+            .unwrap();
+        let responder = broker
+            .respond("svc", ConsumeOptions::manual(8), || {
+                |req: Request| async move { Ok(req.message().clone()) }
+            })
+            .await
+            .unwrap();
+        let direct = broker
+            .requester_with(postbox_actors::rpc::RequesterOptions::default().direct_replies())
+            .await
+            .unwrap();
+        let queued = broker.requester().await.unwrap();
+        let reply = direct.request("svc", text("a")).await.unwrap();
+        assert_eq!(reply.decode::<String>().unwrap(), "a");
+        // An ordinary requester on the same broker still uses its queue.
+        let reply = queued.request("svc", text("b")).await.unwrap();
+        assert_eq!(reply.decode::<String>().unwrap(), "b");
+        let via_queue = broker.queue_stats(queued.reply_queue()).await.unwrap();
+        assert_eq!(via_queue.stats.published, 1);
+        let name = direct.reply_queue().to_string();
+        drop(direct);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            broker.queue_stats(&name).await.is_err(),
+            "its reply queue went with it"
+        );
+        // A request carrying the dropped requester's reply_to gets its reply
+        // published, which reaches no queue: counted as undeliverable.
+        assert_eq!(responder.stats().undeliverable, 0);
+        broker
+            .publish(
+                "svc",
+                text("orphan")
+                    .with_reply_to(name.clone())
+                    .with_correlation_id("x"),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(responder.stats().undeliverable, 1);
+        assert_eq!(responder.stats().replied, 3);
+    })
+    .await;
+}

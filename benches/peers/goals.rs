@@ -9,7 +9,8 @@ use crate::p2p::{POSTBOX_BATCH, POSTBOX_PUBLISH, S1, S2, S2_BATCHED, S2_EACH, TO
 use crate::rabbit::{RABBIT_FANOUT, RABBIT_P2P};
 use crate::report::{Report, Row};
 use crate::rpc::{
-    ACTIX_SAME, ASK_ACROSS, ASK_ACROSS_BUSY, ASK_SAME, RPC_ACROSS, RPC_ACROSS_BUSY, RPC_SAME, S4,
+    ACTIX_SAME, ASK_ACROSS, ASK_ACROSS_BUSY, ASK_SAME, RPC_ACROSS, RPC_ACROSS_BUSY,
+    RPC_ACROSS_DIRECT_BUSY, RPC_SAME, RPC_SAME_DIRECT, S4,
 };
 use crate::util::PAYLOAD;
 
@@ -83,7 +84,11 @@ pub fn check(report: &Report) -> String {
             at_least(r, 0.5),
         );
     }
-    for (system, what) in [(ASK_SAME, "Addr::ask"), (RPC_SAME, "rpc")] {
+    for (system, what) in [
+        (ASK_SAME, "Addr::ask"),
+        (RPC_SAME, "rpc"),
+        (RPC_SAME_DIRECT, "rpc, direct replies"),
+    ] {
         let r = ratio(p50(S4, system), p50(S4, ACTIX_SAME));
         line(
             &format!("4: {what} p50 same arbiter vs actix"),
@@ -98,6 +103,7 @@ pub fn check(report: &Report) -> String {
         (RPC_ACROSS, "rpc"),
         (ASK_ACROSS_BUSY, "Addr::ask (busy_poll)"),
         (RPC_ACROSS_BUSY, "rpc (busy_poll)"),
+        (RPC_ACROSS_DIRECT_BUSY, "rpc, direct replies (busy_poll)"),
     ] {
         let v = p50(S4, system);
         line(

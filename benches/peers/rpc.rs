@@ -17,6 +17,9 @@
 //!   reply queue. "Same arbiter" runs everything on a one-arbiter runtime;
 //!   "across arbiters" uses a two-arbiter runtime, where the broker spreads the
 //!   queues and consumers round-robin, as in production.
+//! - the `direct replies` rows: the rpc with
+//!   `RequesterOptions::direct_replies()`, where the responder hands the reply
+//!   to the waiting request instead of publishing it to the reply queue;
 //! - the `busy_poll` rows: the same across arbiters on a runtime built with
 //!   `Runtime::builder().busy_poll(1 ms)`, whose arbiters keep polling instead
 //!   of sleeping for 1 ms after their last message.
@@ -25,7 +28,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use postbox::{Actor, Addr, Context, Failure, Handler, Message, Runtime};
-use postbox_actors::rpc::{Request, Requester};
+use postbox_actors::rpc::{Request, Requester, RequesterOptions};
 use postbox_actors::{Broker, ConsumeOptions, Envelope, QueueOptions};
 
 use crate::Config;
@@ -43,6 +46,8 @@ pub const RPC_SAME: &str = "postbox rpc Requester→Responder, same arbiter";
 pub const RPC_ACROSS: &str = "postbox rpc Requester→Responder, across arbiters";
 pub const ASK_ACROSS_BUSY: &str = "postbox Addr::ask, across arbiters, busy_poll";
 pub const RPC_ACROSS_BUSY: &str = "postbox rpc Requester→Responder, across arbiters, busy_poll";
+pub const RPC_SAME_DIRECT: &str = "postbox rpc, direct replies, same arbiter";
+pub const RPC_ACROSS_DIRECT_BUSY: &str = "postbox rpc, direct replies, across arbiters, busy_poll";
 pub const FLOOR: &str = "floor: 2 threads ping-pong (std mpsc), across cores";
 
 pub async fn scenario4(cfg: &Config, report: &mut Report) {
@@ -85,7 +90,7 @@ pub async fn scenario4(cfg: &Config, report: &mut Report) {
         report.push(
             row(
                 RPC_SAME,
-                rpc(warmup.min(n_rpc / 10), n_rpc, false, None).await,
+                rpc(warmup.min(n_rpc / 10), n_rpc, false, None, false).await,
             )
             .vs(ACTIX_SAME, Metric::P50)
             .note("1-arbiter runtime"),
@@ -95,7 +100,7 @@ pub async fn scenario4(cfg: &Config, report: &mut Report) {
         report.push(
             row(
                 RPC_ACROSS,
-                rpc(warmup.min(n_rpc / 10), n_rpc, true, None).await,
+                rpc(warmup.min(n_rpc / 10), n_rpc, true, None, false).await,
             )
             .vs(ACTIX_ACROSS, Metric::P50)
             .note("2 arbiters, round-robin placement"),
@@ -105,10 +110,30 @@ pub async fn scenario4(cfg: &Config, report: &mut Report) {
         report.push(
             row(
                 RPC_ACROSS_BUSY,
-                rpc(warmup.min(n_rpc / 10), n_rpc, true, BUSY_POLL).await,
+                rpc(warmup.min(n_rpc / 10), n_rpc, true, BUSY_POLL, false).await,
             )
             .vs(ACTIX_ACROSS, Metric::P50)
             .note("2 arbiters, round-robin placement, busy_poll(1 ms)"),
+        );
+    }
+    if cfg.wants(RPC_SAME_DIRECT) {
+        report.push(
+            row(
+                RPC_SAME_DIRECT,
+                rpc(warmup.min(n_rpc / 10), n_rpc, false, None, true).await,
+            )
+            .vs(ACTIX_SAME, Metric::P50)
+            .note("RequesterOptions::direct_replies(), 1-arbiter runtime"),
+        );
+    }
+    if cfg.wants(RPC_ACROSS_DIRECT_BUSY) {
+        report.push(
+            row(
+                RPC_ACROSS_DIRECT_BUSY,
+                rpc(warmup.min(n_rpc / 10), n_rpc, true, BUSY_POLL, true).await,
+            )
+            .vs(ACTIX_ACROSS, Metric::P50)
+            .note("direct replies, 2 arbiters, busy_poll(1 ms)"),
         );
     }
 }
@@ -265,7 +290,13 @@ async fn ask(warmup: usize, n: usize, across: bool, busy_poll: Option<Duration>)
     Latencies::new(samples, elapsed)
 }
 
-async fn rpc(warmup: usize, n: usize, across: bool, busy_poll: Option<Duration>) -> Latencies {
+async fn rpc(
+    warmup: usize,
+    n: usize,
+    across: bool,
+    busy_poll: Option<Duration>,
+    direct: bool,
+) -> Latencies {
     let rt = runtime(if across { 2 } else { 1 }, busy_poll);
     if across {
         place::pin_arbiters(&rt, |i| i).await;
@@ -281,7 +312,12 @@ async fn rpc(warmup: usize, n: usize, across: bool, busy_poll: Option<Duration>)
         })
         .await
         .expect("respond");
-    let requester = broker.requester().await.expect("requester");
+    let options = if direct {
+        RequesterOptions::default().direct_replies()
+    } else {
+        RequesterOptions::default()
+    };
+    let requester = broker.requester_with(options).await.expect("requester");
     let pinger = rt.build(|| Some(Pinger)).spawn();
     let (samples, elapsed) = pinger
         .ask(RequestLoop {

@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use postbox::{Failure, Recipient};
 use tokio::sync::{mpsc, oneshot};
 
+use super::direct::DirectSink;
 use super::{DEADLINE_HEADER, ERROR_HEADER};
 use crate::broker::Broker;
 use crate::consumer::{ConsumeOptions, Consumer, ConsumerHandle};
@@ -141,7 +142,7 @@ enum Waiter {
 const LATE_KEPT: usize = 1024;
 
 #[derive(Default)]
-struct Pending {
+pub(crate) struct Pending {
     waiting: HashMap<ByteString, Waiter>,
     replies: u64,
     late: u64,
@@ -151,7 +152,7 @@ struct Pending {
 impl Pending {
     /// Routes one reply to its waiter; hands it back when nobody waits for it
     /// any more (a late reply, recorded as such).
-    fn route(&mut self, reply: Envelope) -> Option<Envelope> {
+    pub(crate) fn route(&mut self, reply: Envelope) -> Option<Envelope> {
         let cid = ByteString::from(reply.correlation_id().unwrap_or_default());
         let reply = match self.waiting.get(&cid) {
             Some(Waiter::Many(tx)) => match tx.send(reply) {
@@ -192,6 +193,9 @@ struct Inner {
     reply_queue: ByteString,
     pending: Arc<Mutex<Pending>>,
     router: ConsumerHandle<ReplyRouter>,
+    /// Registered with the broker while this requester lives, if it takes
+    /// direct replies.
+    direct: Option<Arc<DirectSink>>,
 }
 
 /// Consumes a requester's reply queue and hands each reply to its waiter.
@@ -203,14 +207,21 @@ pub struct ReplyRouter {
 impl Consumer for ReplyRouter {
     async fn handle(&mut self, delivery: Delivery) -> Result<(), Failure> {
         let late = self.pending.lock().route(delivery.into_message());
-        if let (Some(reply), Some((broker, exchange, key))) = (late, &self.late_replies) {
-            // The dead-letter path for replies nobody waits for any more.
-            let reply = reply.with_header(LATE_HEADER, true);
-            if let Err(err) = broker.publish_to(exchange, key, reply).await {
-                tracing::warn!(%err, exchange, "late reply not forwarded");
-            }
+        if let Some(reply) = late {
+            forward_late(self.late_replies.as_ref(), reply).await;
         }
         Ok(())
+    }
+}
+
+/// The dead-letter path for replies nobody waits for any more, if the
+/// requester was given one.
+pub(crate) async fn forward_late(to: Option<&(Broker, String, String)>, reply: Envelope) {
+    if let Some((broker, exchange, key)) = to {
+        let reply = reply.with_header(LATE_HEADER, true);
+        if let Err(err) = broker.publish_to(exchange, key, reply).await {
+            tracing::warn!(%err, exchange, "late reply not forwarded");
+        }
     }
 }
 
@@ -221,9 +232,20 @@ pub const LATE_HEADER: &str = "x-late-reply";
 #[derive(Clone, Debug, Default)]
 pub struct RequesterOptions {
     late_replies: Option<(String, String)>,
+    direct: bool,
 }
 
 impl RequesterOptions {
+    /// Lets responders of this broker hand replies straight to the waiting
+    /// request instead of publishing them to the reply queue (RabbitMQ's direct
+    /// reply-to): two hops fewer per round trip. Such replies are not seen by
+    /// the reply queue's counters or the broker's observers. See
+    /// [`rpc`](crate::rpc)'s docs.
+    pub fn direct_replies(mut self) -> Self {
+        self.direct = true;
+        self
+    }
+
     /// Publishes replies that arrive after their request gave up to `exchange`
     /// with `routing_key` (`""` and a queue name: straight to that queue),
     /// flagged with the `x-late-reply` header, besides counting them.
@@ -239,6 +261,9 @@ impl RequesterOptions {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        if self.direct.is_some() {
+            self.broker.direct_replies().unregister(&self.reply_queue);
+        }
         // The reply queue is tied to the router: stopping it deletes the queue.
         self.router.supervisor.stop();
     }
@@ -277,19 +302,30 @@ impl Broker {
         let late_replies = options
             .late_replies
             .map(|(ex, key)| (self.clone(), ex, key));
+        let routed_late = late_replies.clone();
         let router = self
             .consume(&name, ConsumeOptions::auto(), move || ReplyRouter {
                 pending: p.clone(),
-                late_replies: late_replies.clone(),
+                late_replies: routed_late.clone(),
             })
             .await?;
         queue.tie_to(router.addr().any()).await?;
+        let reply_queue = ByteString::from(name);
+        let direct = options.direct.then(|| {
+            let sink = Arc::new(DirectSink {
+                pending: pending.clone(),
+                late_replies,
+            });
+            self.direct_replies().register(reply_queue.clone(), &sink);
+            sink
+        });
         Ok(Requester {
             inner: Arc::new(Inner {
                 broker: self.clone(),
-                reply_queue: ByteString::from(name),
+                reply_queue,
                 pending,
                 router,
+                direct,
             }),
         })
     }

@@ -168,7 +168,27 @@ impl<R: Respond> Consumer for Responder<R> {
             Some(cid) => reply.with_correlation_id(cid.to_owned()),
             None => reply,
         };
-        match self.broker.publish_to("", &reply_to, reply).await {
+        if let Some(requester) = self.broker.direct_replies().find(&reply_to) {
+            tracing::trace!(
+                correlation_id = reply.correlation_id(),
+                reply_to,
+                "direct reply"
+            );
+            requester.deliver(reply).await;
+        } else {
+            self.publish_reply(&reply_to, reply).await;
+        }
+        if manual {
+            delivery.ack().await?;
+        }
+        Ok(())
+    }
+}
+
+impl<R: Respond> Responder<R> {
+    /// Publishes a reply to its requester's reply queue.
+    async fn publish_reply(&self, reply_to: &str, reply: Envelope) {
+        match self.broker.publish_to("", reply_to, reply).await {
             Ok(0) => {
                 self.counters.undeliverable.fetch_add(1, Ordering::Relaxed);
             }
@@ -178,10 +198,6 @@ impl<R: Respond> Consumer for Responder<R> {
                 tracing::warn!(%err, reply_to, "reply not sent");
             }
         }
-        if manual {
-            delivery.ack().await?;
-        }
-        Ok(())
     }
 }
 
