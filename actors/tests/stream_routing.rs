@@ -13,7 +13,8 @@ use postbox::testkit::local;
 use postbox::{Failure, RuntimeHandle};
 use postbox_actors::name::NameKind;
 use postbox_actors::stream::{
-    StreamConsumer, StreamDelivery, StreamHandle, StreamOptions, StreamStart, SubscribeOptions,
+    StreamConsumer, StreamDelivery, StreamHandle, StreamOptions, StreamStart, StreamSubscription,
+    SubscribeOptions,
 };
 use postbox_actors::{
     AckError, Binding, Broker, BrokerConfig, BrokerError, ConsumeOptions, Delivery, Destination,
@@ -45,6 +46,31 @@ impl StreamConsumer for Reader {
         let _ = self.tx.send(d.decode()?);
         Ok(())
     }
+}
+
+/// A subscriber of `stream` from the next record that waits for a permit of
+/// the returned gate before reporting each record: a test-controlled slow
+/// reader, holding back block-mode retention.
+async fn gated(
+    stream: &StreamHandle,
+) -> (
+    Arc<Semaphore>,
+    mpsc::UnboundedReceiver<u32>,
+    StreamSubscription<Reader>,
+) {
+    let gate = Arc::new(Semaphore::new(0));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let g = gate.clone();
+    let sub = stream
+        .subscribe(StreamStart::Next, SubscribeOptions::default(), move || {
+            Reader {
+                tx: tx.clone(),
+                gate: Some(g.clone()),
+            }
+        })
+        .await
+        .unwrap();
+    (gate, rx, sub)
 }
 
 /// Every record of `stream`, in offset order, read from the start by a fresh
@@ -383,19 +409,7 @@ async fn a_dead_letter_exchange_routes_to_a_stream() {
             .await
             .unwrap();
         broker.bind_stream("dead", "dlx", "").await.unwrap();
-        let gate = Arc::new(Semaphore::new(0));
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let reader = {
-            let gate = gate.clone();
-            dead.subscribe(StreamStart::Next, SubscribeOptions::default(), move || {
-                Reader {
-                    tx: tx.clone(),
-                    gate: Some(gate.clone()),
-                }
-            })
-            .await
-            .unwrap()
-        };
+        let (gate, mut rx, reader) = gated(&dead).await;
         broker
             .declare_queue("work", QueueOptions::default().dead_letter_exchange("dlx"))
             .await
@@ -561,19 +575,7 @@ async fn a_full_block_mode_stream_makes_publish_to_wait() {
             .await
             .unwrap();
         broker.bind_stream("s", "fan", "").await.unwrap();
-        let gate = Arc::new(Semaphore::new(0));
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let _slow = {
-            let gate = gate.clone();
-            s.subscribe(StreamStart::Next, SubscribeOptions::default(), move || {
-                Reader {
-                    tx: tx.clone(),
-                    gate: Some(gate.clone()),
-                }
-            })
-            .await
-            .unwrap()
-        };
+        let (gate, mut rx, _slow) = gated(&s).await;
         // The reader takes record 0 and waits: two records fit.
         for i in 0..2 {
             assert_eq!(broker.publish_to("fan", "", msg(i)).await.unwrap(), 1);
