@@ -20,7 +20,7 @@
 //! consumers and subscriptions are actors.
 //!
 //! Each binding is resolved when it is made: the table holds the target queue's
-//! or stream's handle next to its name ([`Bound`]), so routing a message hashes
+//! or stream's handle next to its name (`Bound`), so routing a message hashes
 //! and compares no destination names and copies no handles beyond one refcount
 //! per target. The topology keeps the resolved handles current (see
 //! `topology`). Fanout and direct tables hold each destination once, so their

@@ -10,7 +10,7 @@
 //!   commit when a batch is handled (or at the record that failed).
 //! - Retention (`max_len`, `max_bytes`, `max_age`) trims the oldest records. In
 //!   block mode it never trims a record at or after the lowest live cursor: an
-//!   append that would have to fails with [`Refusal::Full`] and the publisher
+//!   append that would have to fails with `Refusal::Full` and the publisher
 //!   waits. In drop-oldest mode it trims anyway, and a reader whose cursor fell
 //!   behind the oldest record skips to it on its next read, which reports how
 //!   many records it missed.
