@@ -108,7 +108,8 @@ impl Tags {
     }
 
     fn contains(&self, tag: u64) -> bool {
-        self.0.binary_search(&tag).is_ok()
+        // Settling in delivery order is the common case: the oldest tag.
+        self.0.front() == Some(&tag) || self.0.binary_search(&tag).is_ok()
     }
 
     fn remove(&mut self, tag: u64) {
@@ -159,9 +160,12 @@ impl Link {
         !self.state.lock().closed
     }
 
-    /// Records a delivery as held by this consumer.
-    pub(crate) fn track(&self, tag: DeliveryTag) {
-        self.state.lock().outstanding.insert(tag.0);
+    /// Records deliveries as held by this consumer.
+    pub(crate) fn track(&self, tags: impl IntoIterator<Item = DeliveryTag>) {
+        let mut state = self.state.lock();
+        for tag in tags {
+            state.outstanding.insert(tag.0);
+        }
     }
 
     /// Takes the settlements recorded so far, for the queue to apply.

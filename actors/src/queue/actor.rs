@@ -308,9 +308,6 @@ impl QueueActor {
             };
             self.observers
                 .each(|o| o.delivered(&self.name, d.consumer, d.tag, &d.message));
-            if reg.link.mode == AckMode::Manual {
-                reg.link.track(d.tag);
-            }
             let delivery = Delivery::new(d.message, d.tag, reg.link.clone());
             match reg.sink {
                 Sink::One(_) => self.hand_over(ctx, d.consumer, vec![delivery]),
@@ -350,6 +347,10 @@ impl QueueActor {
         };
         let count = batch.len() as u64;
         let auto = reg.link.mode == AckMode::Auto;
+        if !auto {
+            // Before the consumer can see them: one lock for the whole batch.
+            reg.link.track(batch.iter().map(Delivery::tag));
+        }
         let sent = match &reg.sink {
             Sink::One(r) => match batch.pop() {
                 Some(one) => r

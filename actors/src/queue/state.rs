@@ -395,7 +395,11 @@ impl Unacked {
     }
 
     fn position(&self, tag: &DeliveryTag) -> Option<usize> {
-        let i = self.slots.binary_search_by_key(tag, |(t, _)| *t).ok()?;
+        // Settling in delivery order is the common case: the oldest entry.
+        let i = match self.slots.front() {
+            Some((front, _)) if front == tag => 0,
+            _ => self.slots.binary_search_by_key(tag, |(t, _)| *t).ok()?,
+        };
         self.slots[i].1.is_some().then_some(i)
     }
 
