@@ -107,6 +107,11 @@ impl QueueHandle {
     }
 
     /// Enqueues a message if the queue's mailbox has room now.
+    ///
+    /// This does not wait for the queue's answer: on a queue with
+    /// reject-publish overflow, a message the queue then refuses is only
+    /// counted (`QueueStats::refused`). Use [`publish`](Self::publish) to be
+    /// told.
     pub fn try_publish(&self, message: Envelope) -> Result<(), TryPublishError> {
         self.check(&message)?;
         self.try_enqueue(message).map_err(|err| match err {
