@@ -39,7 +39,7 @@ use std::sync::{Arc, Weak};
 
 use bytestring::ByteString;
 use parking_lot::RwLock;
-use postbox::{ChildSpec, Restart, RuntimeHandle, SupervisorSpec};
+use postbox::{ChildSpec, Restart, RuntimeHandle};
 use serde::Serialize;
 
 use crate::consumer::{
@@ -682,9 +682,9 @@ impl Broker {
         })
         .restart(Restart::Transient)
         .mailbox(mailbox);
-        let supervisor = SupervisorSpec::new(name)
-            .intensity(options.max_restarts, options.window)
-            .backoff(options.backoff)
+        let supervisor = options
+            .supervision
+            .spec(name)
             .child(child)
             .spawn(&self.inner.runtime);
         let id = supervisor.addr().id();

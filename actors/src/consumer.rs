@@ -30,7 +30,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytestring::ByteString;
-use postbox::{Actor, Addr, Backoff, Context, ExitReason, Failure, Handler, Message, Supervisor};
+use postbox::{
+    Actor, Addr, Backoff, Context, ExitReason, Failure, Handler, Message, Supervisor,
+    SupervisorSpec,
+};
 use tracing::Instrument;
 
 use crate::delivery::{Delivery, Link};
@@ -80,9 +83,36 @@ pub struct ConsumeOptions {
     pub(crate) mode: AckMode,
     pub(crate) prefetch: u32,
     pub(crate) mailbox: Option<usize>,
+    pub(crate) supervision: Supervision,
+}
+
+/// How a consumer, or a stream subscriber, is restarted after it fails: at
+/// most `max_restarts` within `window`, `backoff` apart (default: 5 in 10 s,
+/// 10 ms to 1 s). Each gets a supervisor of its own built from this.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Supervision {
     pub(crate) max_restarts: usize,
     pub(crate) window: Duration,
     pub(crate) backoff: Backoff,
+}
+
+impl Default for Supervision {
+    fn default() -> Self {
+        Supervision {
+            max_restarts: 5,
+            window: Duration::from_secs(10),
+            backoff: Backoff::exponential(Duration::from_millis(10), Duration::from_secs(1)),
+        }
+    }
+}
+
+impl Supervision {
+    /// A supervisor named `name` with these limits; add the child and spawn it.
+    pub(crate) fn spec(&self, name: impl Into<Arc<str>>) -> SupervisorSpec {
+        SupervisorSpec::new(name)
+            .intensity(self.max_restarts, self.window)
+            .backoff(self.backoff)
+    }
 }
 
 impl Default for ConsumeOptions {
@@ -100,9 +130,7 @@ impl ConsumeOptions {
             mode: AckMode::Manual,
             prefetch,
             mailbox: None,
-            max_restarts: 5,
-            window: Duration::from_secs(10),
-            backoff: Backoff::exponential(Duration::from_millis(10), Duration::from_secs(1)),
+            supervision: Supervision::default(),
         }
     }
 
@@ -124,14 +152,14 @@ impl ConsumeOptions {
 
     /// At most `max` restarts within `window`; past that the consumer stays down.
     pub fn restarts(mut self, max: usize, window: Duration) -> Self {
-        self.max_restarts = max;
-        self.window = window;
+        self.supervision.max_restarts = max;
+        self.supervision.window = window;
         self
     }
 
     /// Delay between restarts.
     pub fn backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
+        self.supervision.backoff = backoff;
         self
     }
 

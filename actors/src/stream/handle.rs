@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytestring::ByteString;
 use parking_lot::Mutex;
-use postbox::{ChildSpec, Recipient, Restart, RuntimeHandle, Supervisor, SupervisorSpec};
+use postbox::{ChildSpec, Recipient, Restart, RuntimeHandle, Supervisor};
 use tokio::sync::Notify;
 
 use crate::envelope::Envelope;
@@ -322,9 +322,9 @@ impl StreamHandle {
         })
         .restart(Restart::Transient)
         .mailbox(options.mailbox);
-        let supervisor = SupervisorSpec::new(label)
-            .intensity(options.max_restarts, options.window)
-            .backoff(options.backoff)
+        let supervisor = options
+            .supervision
+            .spec(label)
             .child(child)
             .spawn(&core.runtime);
         core.subscribers.lock().insert(reader, supervisor.clone());

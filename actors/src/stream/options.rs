@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use postbox::Backoff;
 
+use crate::consumer::Supervision;
+
 /// What happens when retention would trim a record that a live subscriber has
 /// not read yet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -147,9 +149,7 @@ pub enum StreamStart {
 pub struct SubscribeOptions {
     pub(crate) mailbox: usize,
     pub(crate) batch: usize,
-    pub(crate) max_restarts: usize,
-    pub(crate) window: Duration,
-    pub(crate) backoff: Backoff,
+    pub(crate) supervision: Supervision,
     pub(crate) name: Option<String>,
 }
 
@@ -160,9 +160,7 @@ impl Default for SubscribeOptions {
         SubscribeOptions {
             mailbox: 16,
             batch: 64,
-            max_restarts: 5,
-            window: Duration::from_secs(10),
-            backoff: Backoff::exponential(Duration::from_millis(10), Duration::from_secs(1)),
+            supervision: Supervision::default(),
             name: None,
         }
     }
@@ -187,14 +185,14 @@ impl SubscribeOptions {
     /// At most `max` restarts within `window`; past that the subscriber stays
     /// down and its position is released.
     pub fn restarts(mut self, max: usize, window: Duration) -> Self {
-        self.max_restarts = max;
-        self.window = window;
+        self.supervision.max_restarts = max;
+        self.supervision.window = window;
         self
     }
 
     /// Delay between restarts.
     pub fn backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
+        self.supervision.backoff = backoff;
         self
     }
 
