@@ -420,27 +420,35 @@ async fn a_responder_that_crashes_mid_request_has_it_redelivered_and_one_reply_a
     .await;
 }
 
+/// Adds to `broker` a queue "slow" whose responder answers after 3 s (an echo,
+/// or a remote error for "fail"), and an empty queue "late.replies". Dropping
+/// the responder's handle does not stop it.
+async fn slow_service(broker: &Broker) {
+    for queue in ["slow", "late.replies"] {
+        broker
+            .declare_queue(queue, QueueOptions::default())
+            .await
+            .unwrap();
+    }
+    broker
+        .respond("slow", ConsumeOptions::manual(1), || {
+            |req: Request| async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                if req.decode::<String>()? == "fail" {
+                    return Err(RemoteError::new("refused"));
+                }
+                Ok(req.message().clone())
+            }
+        })
+        .await
+        .unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn late_replies_can_be_forwarded_to_a_dead_letter_queue() {
     local(async {
         let broker = Broker::new(&RuntimeHandle::local());
-        broker
-            .declare_queue("slow", QueueOptions::default())
-            .await
-            .unwrap();
-        broker
-            .declare_queue("late.replies", QueueOptions::default())
-            .await
-            .unwrap();
-        let _r = broker
-            .respond("slow", ConsumeOptions::manual(1), || {
-                |req: Request| async move {
-                    tokio::time::sleep(Duration::from_secs(3)).await;
-                    Ok(req.message().clone())
-                }
-            })
-            .await
-            .unwrap();
+        slow_service(&broker).await;
         let client = broker
             .requester_with(
                 postbox_actors::rpc::RequesterOptions::default()
@@ -486,26 +494,7 @@ async fn late_replies_can_be_forwarded_to_a_dead_letter_queue() {
 async fn direct_replies_bypass_the_reply_queue() {
     local(async {
         let broker = echo_service(&RuntimeHandle::local(), 1).await;
-        broker
-            .declare_queue("late.replies", QueueOptions::default())
-            .await
-            .unwrap();
-        broker
-            .declare_queue("slow", QueueOptions::default())
-            .await
-            .unwrap();
-        let _slow = broker
-            .respond("slow", ConsumeOptions::manual(1), || {
-                |req: Request| async move {
-                    tokio::time::sleep(Duration::from_secs(3)).await;
-                    if req.decode::<String>()? == "fail" {
-                        return Err(RemoteError::new("refused"));
-                    }
-                    Ok(req.message().clone())
-                }
-            })
-            .await
-            .unwrap();
+        slow_service(&broker).await;
         let client = broker
             .requester_with(
                 postbox_actors::rpc::RequesterOptions::default()

@@ -59,6 +59,35 @@ struct State {
 /// handles and the one filling up.
 const SPARE_BUFFERS: usize = 2;
 
+impl State {
+    /// Adds `message` to the open batch, or gives it back.
+    fn join(&mut self, message: Envelope) -> Result<(), Envelope> {
+        let Some(batch) = self.batches.back_mut().filter(|_| self.open) else {
+            self.open = false;
+            return Err(message);
+        };
+        batch.messages.push(message);
+        batch.permits += 1;
+        if batch.messages.len() >= BATCH_CAPACITY {
+            self.open = false;
+        }
+        Ok(())
+    }
+
+    /// Appends a new batch, open if it has room; returns its number.
+    fn push(&mut self, messages: Vec<Envelope>, permits: usize) -> u64 {
+        let number = self.next;
+        self.next += 1;
+        self.open = messages.len() < BATCH_CAPACITY;
+        self.batches.push_back(Batch {
+            number,
+            messages,
+            permits,
+        });
+        number
+    }
+}
+
 struct Batch {
     number: u64,
     messages: Vec<Envelope>,
@@ -125,37 +154,25 @@ impl Inbox {
         room: Room<'a>,
         message: Envelope,
     ) -> Result<(), (Room<'a>, Envelope)> {
-        let mut state = self.state.lock();
-        if !state.open {
-            return Err((room, message));
+        match self.state.lock().join(message) {
+            Ok(()) => {
+                room.0.forget();
+                Ok(())
+            }
+            Err(message) => Err((room, message)),
         }
-        let Some(batch) = state.batches.back_mut() else {
-            state.open = false;
-            return Err((room, message));
-        };
-        room.0.forget();
-        batch.messages.push(message);
-        batch.permits += 1;
-        if batch.messages.len() >= BATCH_CAPACITY {
-            state.open = false;
-        }
-        Ok(())
     }
 
     /// Adds `message` to the open batch if there is one (`None`), or else opens
     /// a new batch with it and returns its number: the caller then sends
     /// `Collect(number)` through the mailbox room it reserved.
     pub(crate) fn open(&self, room: Room<'_>, message: Envelope) -> Option<u64> {
-        let (room, message) = self.join(room, message).err()?;
         room.0.forget();
-        let mut messages = self
-            .state
-            .lock()
-            .spare
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(8));
+        let mut state = self.state.lock();
+        let message = state.join(message).err()?;
+        let mut messages = state.spare.pop().unwrap_or_else(|| Vec::with_capacity(8));
         messages.push(message);
-        Some(self.push(messages, 1))
+        Some(state.push(messages, 1))
     }
 
     /// Opens a new batch holding `messages` (closing any open one) and returns
@@ -170,20 +187,7 @@ impl Inbox {
             .await
             .map_err(|_| NoRoom::Closed)?;
         permits.forget();
-        Ok(self.push(messages, wanted as usize))
-    }
-
-    fn push(&self, messages: Vec<Envelope>, permits: usize) -> u64 {
-        let mut state = self.state.lock();
-        let number = state.next;
-        state.next += 1;
-        state.open = messages.len() < BATCH_CAPACITY;
-        state.batches.push_back(Batch {
-            number,
-            messages,
-            permits,
-        });
-        number
+        Ok(self.state.lock().push(messages, wanted as usize))
     }
 
     /// Closes the open batch: later publishes start a new one.
