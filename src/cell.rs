@@ -37,6 +37,25 @@ pub(crate) struct Cell<A: Actor> {
     pub(crate) shared: Arc<Shared>,
     pub(crate) runtime: RuntimeHandle,
     pub(crate) parent: Option<Parent>,
+    pub(crate) ended: Ended,
+}
+
+/// Ends the actor for good if its cell is dropped before it finished: when
+/// its runtime shuts down (the arbiter drops its tasks), or when it could not
+/// be started at all. Its death watchers fire and `terminated()` resolves; the
+/// mailbox closes with the cell, so senders and askers get `Closed`.
+pub(crate) struct Ended {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) done: bool,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        if !self.done {
+            self.shared
+                .end_incarnation(u64::MAX, &ExitReason::Stopped, true);
+        }
+    }
 }
 
 /// How one incarnation ended, from the cell's point of view.
@@ -115,6 +134,7 @@ pub(crate) async fn run<A: Actor>(mut cell: Cell<A>) {
     cell.rx.close();
     while cell.rx.try_recv().is_ok() {}
     cell.shared.end_incarnation(u64::MAX, &last, true);
+    cell.ended.done = true;
     span.in_scope(|| tracing::debug!(reason = %last, "actor terminated"));
 }
 

@@ -58,6 +58,26 @@ pub fn until(deadline_ms: u64) -> Duration {
     Duration::from_millis(deadline_ms.saturating_sub(now_ms()))
 }
 
+/// The tokio [`Instant`] `d` from now. Any duration works: one reaching past
+/// what an `Instant` can hold (`Duration::MAX`, say) gives a deadline about 30
+/// years away, which never comes, instead of overflowing.
+///
+/// ```
+/// use std::time::Duration;
+/// let never = postbox::clock::deadline(Duration::MAX);
+/// assert!(never > tokio::time::Instant::now() + Duration::from_secs(86_400 * 365));
+/// ```
+pub fn deadline(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
+}
+
+/// What [`deadline`] gives for durations too long to represent (tokio's own
+/// "far future").
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
 /// The epoch-millisecond time `d` from now.
 pub fn after(d: Duration) -> u64 {
     now_ms().saturating_add(d.as_millis().min(u64::MAX as u128) as u64)

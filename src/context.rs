@@ -107,7 +107,7 @@ impl<A: Actor> Context<A> {
         let weak = self.weak.clone();
         let shared = self.shared.clone();
         // The deadline is fixed now, not when the task first runs.
-        let at = tokio::time::Instant::now() + delay;
+        let at = crate::clock::deadline(delay);
         self.spawn(async move {
             tokio::time::sleep_until(at).await;
             if let Some(tx) = weak.upgrade() {

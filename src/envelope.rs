@@ -63,12 +63,6 @@ impl<A: Handler<M>, M: Message> Handle<A> for Request<M> {
     ) -> LocalBoxFuture<'a, Result<(), Failure>> {
         let Request { msg, mut reply } = *self;
         Box::pin(async move {
-            // If the handler panics this guard is dropped while unwinding and tells
-            // the asker that the actor failed, rather than that it went away.
-            reply.on_drop = AskError::Failed(Failure::with_kind(
-                crate::FailureKind::Panic,
-                "the actor panicked while handling the request",
-            ));
             match actor.handle(msg, ctx).await {
                 Ok(value) => {
                     reply.send(Ok(value));
@@ -84,18 +78,17 @@ impl<A: Handler<M>, M: Message> Handle<A> for Request<M> {
 }
 
 /// A reply channel that always answers: if it is dropped unanswered, the asker
-/// gets `on_drop` instead of a bare "channel closed".
+/// learns why instead of getting a bare "channel closed": dropped while a
+/// handler panics, the actor failed; dropped otherwise (the request was
+/// dropped unhandled, or its handler was dropped mid-way because the runtime
+/// shut down), the actor is gone.
 pub(crate) struct ReplyGuard<R> {
     tx: Option<oneshot::Sender<Result<R, AskError>>>,
-    on_drop: AskError,
 }
 
 impl<R> ReplyGuard<R> {
     pub(crate) fn new(tx: oneshot::Sender<Result<R, AskError>>) -> Self {
-        ReplyGuard {
-            tx: Some(tx),
-            on_drop: AskError::Closed,
-        }
+        ReplyGuard { tx: Some(tx) }
     }
 
     fn is_closed(&self) -> bool {
@@ -113,7 +106,15 @@ impl<R> ReplyGuard<R> {
 impl<R> Drop for ReplyGuard<R> {
     fn drop(&mut self) {
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Err(self.on_drop.clone()));
+            let err = if std::thread::panicking() {
+                AskError::Failed(Failure::with_kind(
+                    crate::FailureKind::Panic,
+                    "the actor panicked while handling the request",
+                ))
+            } else {
+                AskError::Closed
+            };
+            let _ = tx.send(Err(err));
         }
     }
 }

@@ -71,7 +71,7 @@ pub use addr::{
 pub use ask::{Ask, AskError};
 pub use context::Context;
 pub use failure::{ExitReason, Failure, FailureKind};
-pub use runtime::{Builder, DEFAULT_MAILBOX, Runtime, RuntimeBuilder, RuntimeHandle};
+pub use runtime::{Builder, DEFAULT_MAILBOX, Runtime, RuntimeBuilder, RuntimeHandle, ShutdownHook};
 pub use supervisor::{
     Backoff, ChildInfo, ChildSpec, Restart, Strategy, Supervisor, SupervisorActor, SupervisorError,
     SupervisorSpec,

@@ -26,18 +26,18 @@
 use std::fmt;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use actix_rt::{Arbiter, ArbiterHandle, System};
-use tokio::sync::mpsc;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, mpsc};
 
 use crate::actor::Actor;
 use crate::addr::{Addr, Shared};
 use crate::busy_poll;
 use crate::cell::{self, Cell, Factory, Parent};
-use crate::failure::ExitReason;
 
 /// Default mailbox capacity of spawned actors.
 pub const DEFAULT_MAILBOX: usize = 256;
@@ -116,9 +116,12 @@ impl Runtime {
             .map_err(|_| io::Error::other("the postbox system thread died while starting"))??;
         Ok(Runtime {
             handle: RuntimeHandle {
-                inner: Arc::new(Placement::Arbiters {
-                    arbiters,
-                    next: AtomicUsize::new(0),
+                inner: Arc::new(Inner {
+                    placement: Placement::Arbiters {
+                        arbiters,
+                        next: AtomicUsize::new(0),
+                    },
+                    lifecycle: Lifecycle::default(),
                 }),
             },
             system: Some(system),
@@ -133,11 +136,17 @@ impl Runtime {
 
     /// Stops every arbiter and waits for their threads. Actors are dropped without
     /// their `stopped` hooks. Do not call it from an actor of this runtime.
+    ///
+    /// Nothing is left hanging: the [`on_shutdown`](RuntimeHandle::on_shutdown)
+    /// hooks run first, then every actor ends for good, so that its
+    /// [`terminated`](crate::Addr::terminated) resolves, and senders and askers
+    /// still waiting on its mailbox get `Closed`, as does anything sent later.
     pub fn shutdown(mut self) {
         self.stop();
     }
 
     fn stop(&mut self) {
+        self.handle.inner.lifecycle.shut_down();
         if let Some(system) = self.system.take() {
             system.stop();
         }
@@ -205,15 +214,88 @@ enum Placement {
     Local,
 }
 
+struct Inner {
+    placement: Placement,
+    lifecycle: Lifecycle,
+}
+
+type Hook = Box<dyn FnOnce() + Send>;
+
+/// Whether a runtime has shut down, and who wants to know.
+struct Lifecycle {
+    down: AtomicBool,
+    /// Wakes every [`RuntimeHandle::shut_down`] future.
+    notify: Notify,
+    /// [`RuntimeHandle::on_shutdown`] hooks by key; `None` once they have run.
+    hooks: Mutex<Option<Vec<(u64, Hook)>>>,
+    next_hook: AtomicU64,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle {
+            down: AtomicBool::new(false),
+            notify: Notify::new(),
+            hooks: Mutex::new(Some(Vec::new())),
+            next_hook: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Lifecycle {
+    fn is_down(&self) -> bool {
+        self.down.load(Ordering::Acquire)
+    }
+
+    /// Marks the runtime down, wakes the waiters and runs the hooks (once).
+    fn shut_down(&self) {
+        if self.down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.notify.notify_waiters();
+        // Taken, and so marked as run: a hook registered from now on runs at once.
+        let hooks = self.hooks.lock().take().unwrap_or_default();
+        for (_, hook) in hooks {
+            if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(hook)) {
+                tracing::warn!(failure = %crate::Failure::from_panic(panic), "panic in a shutdown hook");
+            }
+        }
+    }
+}
+
+/// Keeps an [`on_shutdown`](RuntimeHandle::on_shutdown) hook registered;
+/// dropping it unregisters the hook.
+#[must_use = "the hook is unregistered when this guard is dropped"]
+pub struct ShutdownHook {
+    runtime: Arc<Inner>,
+    key: u64,
+}
+
+impl fmt::Debug for ShutdownHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShutdownHook")
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl Drop for ShutdownHook {
+    fn drop(&mut self) {
+        if let Some(hooks) = self.runtime.lifecycle.hooks.lock().as_mut() {
+            hooks.retain(|(key, _)| *key != self.key);
+        }
+    }
+}
+
 /// Spawns actors onto a [`Runtime`]'s arbiters, or onto the current thread.
 #[derive(Clone)]
 pub struct RuntimeHandle {
-    inner: Arc<Placement>,
+    inner: Arc<Inner>,
 }
 
 impl fmt::Debug for RuntimeHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &*self.inner {
+        match &self.inner.placement {
             Placement::Arbiters { arbiters, .. } => {
                 write!(f, "RuntimeHandle({} arbiters)", arbiters.len())
             }
@@ -227,13 +309,74 @@ impl RuntimeHandle {
     /// `#[actix_rt::test]`, or a tokio `LocalSet`). Spawning outside one panics.
     pub fn local() -> RuntimeHandle {
         RuntimeHandle {
-            inner: Arc::new(Placement::Local),
+            inner: Arc::new(Inner {
+                placement: Placement::Local,
+                lifecycle: Lifecycle::default(),
+            }),
+        }
+    }
+
+    /// True once the [`Runtime`] has shut down (never for a local handle).
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.lifecycle.is_down()
+    }
+
+    /// Resolves when the [`Runtime`] shuts down (at once if it has; never for a
+    /// local handle). For code outside actors that waits on them and must not
+    /// be left hanging: race it against the wait.
+    ///
+    /// ```
+    /// # use postbox::Runtime;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let rt = Runtime::with_arbiters(1).unwrap();
+    /// let handle = rt.handle();
+    /// let waiter = tokio::spawn(async move { handle.shut_down().await });
+    /// rt.shutdown();
+    /// waiter.await.unwrap();
+    /// # }
+    /// ```
+    pub async fn shut_down(&self) {
+        let lifecycle = &self.inner.lifecycle;
+        if matches!(self.inner.placement, Placement::Local) {
+            return std::future::pending().await;
+        }
+        loop {
+            let notified = lifecycle.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the flag is read: a shutdown in between wakes it.
+            notified.as_mut().enable();
+            if lifecycle.is_down() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Runs `hook` once when the [`Runtime`] shuts down, before its actors
+    /// stop (at once if it has already shut down), until the returned guard is
+    /// dropped. Hooks run on the thread that shuts the runtime down and must
+    /// not block; a local handle never runs them. The broker uses this to fail
+    /// publishers waiting on its queues and streams.
+    pub fn on_shutdown(&self, hook: impl FnOnce() + Send + 'static) -> ShutdownHook {
+        let lifecycle = &self.inner.lifecycle;
+        let key = lifecycle.next_hook.fetch_add(1, Ordering::Relaxed);
+        let mut hooks = lifecycle.hooks.lock();
+        match hooks.as_mut() {
+            Some(hooks) => hooks.push((key, Box::new(hook))),
+            None => {
+                drop(hooks);
+                hook();
+            }
+        }
+        ShutdownHook {
+            runtime: self.inner.clone(),
+            key,
         }
     }
 
     /// How many arbiters actors are spread over (1 for a local handle).
     pub fn arbiters(&self) -> usize {
-        match &*self.inner {
+        match &self.inner.placement {
             Placement::Arbiters { arbiters, .. } => arbiters.len(),
             Placement::Local => 1,
         }
@@ -275,14 +418,14 @@ impl RuntimeHandle {
         shared: &Arc<Shared>,
         start: impl FnOnce() + Send + 'static,
     ) {
-        match &*self.inner {
+        match &self.inner.placement {
             Placement::Local => start(),
             Placement::Arbiters { arbiters, next } => {
                 let i = arbiter.unwrap_or_else(|| next.fetch_add(1, Ordering::Relaxed))
                     % arbiters.len();
-                if !arbiters[i].spawn_fn(start) {
+                if self.is_shut_down() || !arbiters[i].spawn_fn(start) {
+                    // The cell is dropped unstarted, which ends the actor for good.
                     tracing::warn!(actor = %shared.id, "spawn on a stopped runtime: the actor is closed");
-                    shared.end_incarnation(u64::MAX, &ExitReason::Stopped, true);
                 }
             }
         }
@@ -339,6 +482,10 @@ impl<A: Actor> Builder<A> {
             shared: shared.clone(),
             runtime: self.runtime.clone(),
             parent: self.parent,
+            ended: cell::Ended {
+                shared: shared.clone(),
+                done: false,
+            },
         };
         self.runtime.place(self.arbiter, &shared, move || {
             tokio::task::spawn_local(cell::run(cell));

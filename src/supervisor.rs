@@ -256,6 +256,7 @@ pub struct SupervisorSpec {
     max_restarts: usize,
     window: Duration,
     backoff: Backoff,
+    auto_shutdown: bool,
     children: Vec<Arc<dyn ErasedSpec>>,
 }
 
@@ -267,6 +268,7 @@ impl fmt::Debug for SupervisorSpec {
             .field("max_restarts", &self.max_restarts)
             .field("window", &self.window)
             .field("backoff", &self.backoff)
+            .field("auto_shutdown", &self.auto_shutdown)
             .field(
                 "children",
                 &self
@@ -288,6 +290,7 @@ impl SupervisorSpec {
             max_restarts: 5,
             window: Duration::from_secs(10),
             backoff: Backoff::NONE,
+            auto_shutdown: false,
             children: Vec::new(),
         }
     }
@@ -308,6 +311,16 @@ impl SupervisorSpec {
     /// Delay between restarts.
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
+        self
+    }
+
+    /// Stops the supervisor, normally, once its last child has exited and is
+    /// not restarted (OTP's `auto_shutdown`): a supervisor that exists only
+    /// to look after one child goes with it, and whoever waits for the
+    /// supervisor to terminate learns of it. Off by default. A child removed
+    /// with [`Supervisor::terminate_child`] does not count.
+    pub fn auto_shutdown(mut self, on: bool) -> Self {
+        self.auto_shutdown = on;
         self
     }
 
@@ -456,7 +469,7 @@ impl Message for ChildExited {
 }
 
 impl Handler<ChildExited> for SupervisorActor {
-    async fn handle(&mut self, msg: ChildExited, _ctx: &mut Context<Self>) -> Result<(), Failure> {
+    async fn handle(&mut self, msg: ChildExited, ctx: &mut Context<Self>) -> Result<(), Failure> {
         let Some(i) = self.children.iter().position(|s| s.key == msg.key) else {
             return Ok(());
         };
@@ -472,6 +485,10 @@ impl Handler<ChildExited> for SupervisorActor {
         if !restart {
             let slot = self.children.remove(i);
             Self::stop_slot(&slot);
+            if self.spec.auto_shutdown && self.children.is_empty() {
+                tracing::debug!(supervisor = %self.spec.name, child = %name, "last child exited: supervisor stops");
+                ctx.stop();
+            }
             return Ok(());
         }
         if !self.allow_restart() {

@@ -501,3 +501,178 @@ async fn death_watch_reports_each_incarnation() {
     })
     .await;
 }
+
+/// Runtime shutdown with work in flight: a busy actor, a full mailbox, askers
+/// and senders waiting on it, death watchers and a supervised child. Every
+/// waiting call resolves promptly, with `Closed`, and later calls fail at once.
+#[test]
+fn shutdown_leaves_no_call_hanging() {
+    let rt = Runtime::with_arbiters(2).unwrap();
+    let client = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    let busy = rt
+        .build(move || {
+            Some(Worker {
+                gate: g.clone(),
+                seen: vec![],
+            })
+        })
+        .mailbox(2)
+        .spawn();
+    let sup = SupervisorSpec::new("sup")
+        .child(ChildSpec::new("w", || Worker {
+            gate: Arc::new(Semaphore::new(0)),
+            seen: vec![],
+        }))
+        .spawn(&rt);
+    let handle = rt.handle();
+    let tasks = client.block_on(async {
+        let mut tasks = Vec::new();
+        // The handler blocks on the gate; the mailbox fills; more wait for room.
+        for n in 0..6 {
+            let busy = busy.clone();
+            tasks.push(tokio::spawn(async move {
+                match busy.ask(Work(n)).timeout(Duration::from_secs(3600)).await {
+                    Err(AskError::Closed) => "closed",
+                    other => panic!("ask {n}: {other:?}"),
+                }
+            }));
+        }
+        for n in 10..14 {
+            let busy = busy.clone();
+            tasks.push(tokio::spawn(async move {
+                match busy.send(Work(n)).await {
+                    Err(_) => "closed",
+                    Ok(()) => "queued",
+                }
+            }));
+        }
+        let watched = busy.any();
+        tasks.push(tokio::spawn(async move {
+            let _ = watched.terminated().await;
+            "terminated"
+        }));
+        let s = sup.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = s.terminated().await;
+            "terminated"
+        }));
+        let h = handle.clone();
+        tasks.push(tokio::spawn(async move {
+            h.shut_down().await;
+            "shut down"
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tasks
+    });
+    assert!(!handle.is_shut_down());
+    rt.shutdown();
+    assert!(handle.is_shut_down());
+    client.block_on(async {
+        for task in tasks {
+            let outcome = tokio::time::timeout(Duration::from_secs(1), task)
+                .await
+                .expect("a call was left hanging after shutdown")
+                .unwrap();
+            assert_ne!(outcome, "", "{outcome}");
+        }
+        // Later calls fail at once.
+        assert!(matches!(busy.ask(Work(99)).await, Err(AskError::Closed)));
+        assert!(busy.send(Work(99)).await.is_err());
+        assert!(matches!(
+            busy.try_send(Work(99)),
+            Err(TrySendError::Closed(_))
+        ));
+        let late = tokio::time::timeout(Duration::from_secs(1), busy.terminated()).await;
+        assert!(matches!(late, Ok(ExitReason::Stopped)), "{late:?}");
+        assert!(busy.any().is_terminated());
+        // Spawning on a stopped runtime gives a closed actor, not a hang.
+        let fresh = handle.spawn(Worker {
+            gate: Arc::new(Semaphore::new(1)),
+            seen: vec![],
+        });
+        assert!(matches!(fresh.ask(Work(1)).await, Err(AskError::Closed)));
+        // A hook registered after shutdown runs at once.
+        let ran = Arc::new(AtomicUsize::new(0));
+        let r = ran.clone();
+        let _hook = handle.on_shutdown(move || {
+            r.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(ran.load(Ordering::SeqCst), 1);
+    });
+    drop(gate);
+}
+
+/// Shutdown hooks run once, when the runtime shuts down; a dropped guard
+/// unregisters its hook.
+#[test]
+fn shutdown_hooks_run_once_unless_unregistered() {
+    let rt = Runtime::with_arbiters(1).unwrap();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let (a, b) = (ran.clone(), ran.clone());
+    let kept = rt.on_shutdown(move || {
+        a.fetch_add(1, Ordering::SeqCst);
+    });
+    let dropped = rt.on_shutdown(move || {
+        b.fetch_add(10, Ordering::SeqCst);
+    });
+    drop(dropped);
+    assert_eq!(ran.load(Ordering::SeqCst), 0);
+    drop(rt);
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+    drop(kept);
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+}
+
+/// Arms a timer for whatever delay it is given.
+struct Timer;
+impl Actor for Timer {}
+
+struct Arm(Duration);
+impl Message for Arm {
+    type Reply = ();
+}
+impl Handler<Arm> for Timer {
+    async fn handle(&mut self, Arm(d): Arm, ctx: &mut Context<Self>) -> Result<(), Failure> {
+        ctx.notify_later(Ping, d);
+        Ok(())
+    }
+}
+
+struct Ping;
+impl Message for Ping {
+    type Reply = &'static str;
+}
+impl Handler<Ping> for Timer {
+    async fn handle(&mut self, _: Ping, _: &mut Context<Self>) -> Result<&'static str, Failure> {
+        Ok("pong")
+    }
+}
+
+/// `Duration::MAX` means "never" wherever a duration is taken: no overflow
+/// panic in the caller or the actor. (`notify_later` used to add it to an
+/// `Instant` and panic.)
+#[tokio::test(start_paused = true)]
+async fn any_duration_works_even_the_longest() {
+    local(async {
+        let timer = RuntimeHandle::local().spawn(Timer);
+        timer
+            .ask(Arm(Duration::MAX))
+            .timeout(Duration::MAX)
+            .await
+            .unwrap();
+        assert_eq!(
+            timer.ask(Ping).timeout(Duration::MAX).await.unwrap(),
+            "pong"
+        );
+        assert_eq!(timer.stats().failures, 0);
+        let never = postbox::clock::deadline(Duration::MAX);
+        assert!(never > tokio::time::Instant::now() + Duration::from_secs(86_400 * 365 * 10));
+    })
+    .await;
+}

@@ -49,13 +49,13 @@ use crate::envelope::Envelope;
 use crate::error::{BrokerError, PublishError};
 use crate::exchange::headers::HeadersMatch;
 use crate::exchange::{Binding, Destination, ExchangeOptions};
-use crate::name::{NameKind, validate_key, validate_name};
+use crate::name::{NameKind, validate_declared, validate_key, validate_name};
 use crate::observe::{Observer, ObserverGuard, Observers};
 use crate::queue::actor::{
     DeadLetterTarget, Delete, Purge, QueueActor, QueueConfig, QueueSnapshot,
 };
 use crate::queue::handle::QueueHandle;
-use crate::queue::inbox::Inbox;
+use crate::queue::inbox::{Inbox, Shut};
 use crate::queue::options::{DeleteOptions, QueueOptions};
 use crate::queue::state::Overflow;
 use crate::topology::{QueueEntry, Routed, Target, Topology};
@@ -64,7 +64,8 @@ use crate::topology::{QueueEntry, Routed, Target, Topology};
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct BrokerConfig {
-    /// Largest payload accepted by queues that set no limit of their own.
+    /// Largest message ([`Envelope::total_size`]: payload, headers and
+    /// properties) accepted by queues and streams that set no limit of their own.
     pub max_message_bytes: usize,
 }
 
@@ -88,6 +89,24 @@ struct Inner {
     live: parking_lot::Mutex<std::collections::HashMap<postbox::ActorId, postbox::Supervisor>>,
     /// Requesters that take direct replies (see `rpc::direct`).
     direct_replies: crate::rpc::direct::DirectReplies,
+    /// Fails what waits on this broker's queues and streams when the runtime
+    /// shuts down.
+    _shutdown: postbox::ShutdownHook,
+}
+
+impl Inner {
+    /// The runtime shut down: publishers waiting for room in a queue or a
+    /// stream, and later ones, fail with `Stopped` (the actors themselves are
+    /// dropped as their arbiters stop).
+    fn shut_down(&self) {
+        let topology = self.topology.read();
+        for entry in topology.queues.values() {
+            entry.handle.inbox.shut(Shut::Stopped);
+        }
+        for stream in topology.streams.values() {
+            stream.core.stop();
+        }
+    }
 }
 
 /// A weak reference to a broker, for its queues: they route dead letters
@@ -143,16 +162,33 @@ impl Broker {
     /// A broker with explicit settings.
     pub fn with_config(runtime: &RuntimeHandle, config: BrokerConfig) -> Broker {
         Broker {
-            inner: Arc::new(Inner {
-                runtime: runtime.clone(),
-                config,
-                topology: RwLock::new(Topology::default()),
-                consumers: AtomicU64::new(1),
-                observers: Observers::default(),
-                live: Default::default(),
-                direct_replies: Default::default(),
+            inner: Arc::new_cyclic(|weak: &Weak<Inner>| {
+                let weak = weak.clone();
+                Inner {
+                    runtime: runtime.clone(),
+                    config,
+                    topology: RwLock::new(Topology::default()),
+                    consumers: AtomicU64::new(1),
+                    observers: Observers::default(),
+                    live: Default::default(),
+                    direct_replies: Default::default(),
+                    _shutdown: runtime.on_shutdown(move || {
+                        if let Some(inner) = weak.upgrade() {
+                            inner.shut_down();
+                        }
+                    }),
+                }
             }),
         }
+    }
+
+    /// Fails with [`BrokerError::Stopped`] once the runtime has shut down:
+    /// every call after that is refused, none hangs.
+    pub(crate) fn alive(&self) -> Result<(), BrokerError> {
+        if self.inner.runtime.is_shut_down() {
+            return Err(BrokerError::Stopped);
+        }
+        Ok(())
     }
 
     /// Queues, streams, exchanges and bindings (streams are declared and
@@ -180,7 +216,8 @@ impl Broker {
         name: &str,
         options: QueueOptions,
     ) -> Result<QueueHandle, BrokerError> {
-        validate_name(NameKind::Queue, name)?;
+        validate_declared(NameKind::Queue, name)?;
+        self.alive()?;
         let mut topology = self.inner.topology.write();
         if let Some(entry) = topology
             .queues
@@ -239,6 +276,10 @@ impl Broker {
             .mailbox(options.mailbox)
             .name(format!("queue:{actor_name}"))
             .spawn();
+        if addr.is_closed() {
+            // The runtime stopped under us: the actor could not start.
+            return Err(BrokerError::Stopped);
+        }
         let handle = QueueHandle {
             name: name.clone(),
             addr,
@@ -297,6 +338,7 @@ impl Broker {
         name: &str,
         options: DeleteOptions,
     ) -> Result<QueueSnapshot, BrokerError> {
+        self.alive()?;
         let handle = self.queue(name)?;
         let outcome = handle
             .addr
@@ -305,7 +347,7 @@ impl Broker {
                 if_empty: options.if_empty,
             })
             .await
-            .map_err(|_| BrokerError::QueueNotFound(name.to_string()))?;
+            .map_err(|_| handle.gone())?;
         match outcome {
             Ok(snapshot) => {
                 self.inner
@@ -322,19 +364,16 @@ impl Broker {
             }
             Err(snapshot) => Err(BrokerError::QueueNotEmpty {
                 name: name.to_string(),
-                messages: snapshot.stats.ready + snapshot.stats.unacked,
+                messages: snapshot.stats.ready,
             }),
         }
     }
 
     /// Drops a queue's ready messages (not the unacknowledged ones); returns how many.
     pub async fn purge_queue(&self, name: &str) -> Result<usize, BrokerError> {
+        self.alive()?;
         let handle = self.queue(name)?;
-        handle
-            .addr
-            .ask(Purge)
-            .await
-            .map_err(|_| BrokerError::QueueNotFound(name.to_string()))
+        handle.addr.ask(Purge).await.map_err(|_| handle.gone())
     }
 
     /// Publishes to a queue, waiting while it is saturated.
@@ -366,7 +405,8 @@ impl Broker {
         if name.is_empty() {
             return Err(BrokerError::DefaultExchange("declared"));
         }
-        validate_name(NameKind::Exchange, name)?;
+        validate_declared(NameKind::Exchange, name)?;
+        self.alive()?;
         if let Some(alternate) = &options.alternate_exchange {
             validate_name(NameKind::Exchange, alternate)?;
         }
@@ -378,6 +418,7 @@ impl Broker {
         if name.is_empty() {
             return Err(BrokerError::DefaultExchange("deleted"));
         }
+        self.alive()?;
         self.inner.topology.write().delete_exchange(name, if_unused)
     }
 
@@ -509,6 +550,7 @@ impl Broker {
         headers: Option<HeadersMatch>,
     ) -> Result<(), BrokerError> {
         let binding = Self::binding(exchange, destination, key, headers)?;
+        self.alive()?;
         self.inner
             .topology
             .write()
@@ -524,6 +566,7 @@ impl Broker {
         headers: Option<HeadersMatch>,
     ) -> Result<bool, BrokerError> {
         let binding = Self::binding(exchange, destination, key, headers)?;
+        self.alive()?;
         self.inner.topology.write().unbind(exchange, &binding)
     }
 
@@ -561,6 +604,7 @@ impl Broker {
         message: Envelope,
         mandatory: bool,
     ) -> Result<usize, PublishError> {
+        self.alive()?;
         let routed = self.route_targets(exchange, routing_key, &message)?;
         let message = if message.routing_key() == routing_key {
             message
@@ -671,14 +715,21 @@ impl Broker {
         C: Consumer,
         F: ConsumerFactory<C>,
     {
+        self.alive()?;
         let handle = self.queue(queue)?;
         let n = self.inner.consumers.fetch_add(1, Ordering::Relaxed);
         let name = format!("consumer:{queue}:{n}");
         let mailbox = options.mailbox_capacity();
         let child_options = options.clone();
         let child_queue = handle.clone();
+        let backlog = Arc::default();
         let child = ChildSpec::new("consumer", move || {
-            ConsumerActor::new(child_queue.clone(), &child_options, factory())
+            ConsumerActor::with_backlog(
+                child_queue.clone(),
+                &child_options,
+                factory(),
+                Arc::clone(&backlog),
+            )
         })
         .restart(Restart::Transient)
         .mailbox(mailbox);
@@ -708,7 +759,8 @@ impl Broker {
             }),
             _ => {
                 supervisor.stop();
-                Err(BrokerError::QueueNotFound(queue.to_string()))
+                self.alive()?;
+                Err(handle.gone())
             }
         }
     }

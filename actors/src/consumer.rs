@@ -25,6 +25,7 @@
 //! }
 //! ```
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +38,7 @@ use postbox::{
 use tracing::Instrument;
 
 use crate::delivery::{Delivery, Link};
-use crate::queue::actor::{DeliveryBatch, Sink, Unsubscribe};
+use crate::queue::actor::{Cancelled, DeliveryBatch, Sink, Unsubscribe};
 use crate::queue::handle::QueueHandle;
 use crate::queue::state::{AckMode, ConsumerId};
 
@@ -50,6 +51,17 @@ pub trait Consumer: 'static {
     /// Handles one delivery. In manual-ack mode, settle it (`ack`, `nack`,
     /// `reject`) here or later; until then it counts against the prefetch.
     fn handle(&mut self, delivery: Delivery) -> impl Future<Output = Result<(), Failure>>;
+
+    /// Called when the broker cancels this consumer because its queue went
+    /// away (deleted, or its exclusive owner stopped): RabbitMQ's
+    /// `basic.cancel` from the broker. Deliveries already in the consumer's
+    /// mailbox have been handled (manual-ack ones that can no longer be
+    /// settled are skipped); after this the consumer stops for good and its
+    /// handle's [`terminated`](ConsumerHandle::terminated) resolves.
+    /// The default does nothing.
+    fn cancelled(&mut self) -> impl Future<Output = ()> {
+        async {}
+    }
 }
 
 impl<F, Fut> Consumer for F
@@ -112,6 +124,9 @@ impl Supervision {
         SupervisorSpec::new(name)
             .intensity(self.max_restarts, self.window)
             .backoff(self.backoff)
+            // It exists for its one child: when that stops for good (cancelled,
+            // or its queue or stream went away), so does the supervisor.
+            .auto_shutdown(true)
     }
 }
 
@@ -179,24 +194,106 @@ impl ConsumeOptions {
 /// The actor that hosts a [`Consumer`]: registers with the queue when it
 /// starts, unregisters when it stops, and drops deliveries made to an earlier
 /// registration (the queue has requeued those).
+///
+/// Auto-ack deliveries come in batches, already settled. If the handler fails
+/// on one, that one is lost (at-most-once, and counted), and the rest of its
+/// batch waits in a backlog that outlives the incarnation: the restarted
+/// consumer handles it first, in order. What is still waiting when the
+/// consumer stops for good is counted as lost.
 pub struct ConsumerActor<C: Consumer> {
     consumer: C,
     queue: QueueHandle,
     mode: AckMode,
     prefetch: u32,
     link: Option<Arc<Link>>,
+    backlog: Arc<parking_lot::Mutex<Backlog>>,
+}
+
+/// Auto-ack deliveries a consumer took from its mailbox and did not get to
+/// handle before its incarnation ended; shared by its incarnations.
+#[derive(Default)]
+pub(crate) struct Backlog(VecDeque<Delivery>);
+
+impl Drop for Backlog {
+    /// The consumer stopped for good: nobody will handle these.
+    fn drop(&mut self) {
+        for delivery in self.0.drain(..) {
+            delivery.lost();
+        }
+    }
+}
+
+/// The auto-ack deliveries one handler call works through. Whatever way the
+/// call ends (returns, fails, panics, or is dropped), what it did not reach
+/// goes back to the backlog, ahead of anything there, and a delivery whose
+/// handler did not return is counted as lost.
+struct InHand<'a> {
+    backlog: &'a parking_lot::Mutex<Backlog>,
+    rest: VecDeque<Delivery>,
+    handling: Option<Arc<Link>>,
+}
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        if let Some(link) = self.handling.take() {
+            link.lose_one();
+        }
+        if !self.rest.is_empty() {
+            let mut backlog = self.backlog.lock();
+            let mut rest = std::mem::take(&mut self.rest);
+            rest.append(&mut backlog.0);
+            backlog.0 = rest;
+        }
+    }
 }
 
 impl<C: Consumer> ConsumerActor<C> {
     /// Wraps `consumer` for `queue`; spawn it under any supervisor.
     pub fn new(queue: QueueHandle, options: &ConsumeOptions, consumer: C) -> Self {
+        Self::with_backlog(queue, options, consumer, Arc::default())
+    }
+
+    /// As [`new`](Self::new), sharing `backlog` with the other incarnations of
+    /// the same consumer.
+    pub(crate) fn with_backlog(
+        queue: QueueHandle,
+        options: &ConsumeOptions,
+        consumer: C,
+        backlog: Arc<parking_lot::Mutex<Backlog>>,
+    ) -> Self {
         ConsumerActor {
             consumer,
             queue,
             mode: options.mode,
             prefetch: options.prefetch,
             link: None,
+            backlog,
         }
+    }
+
+    /// Handles auto-ack deliveries in order, the backlog's first.
+    async fn handle_auto(&mut self, batch: Vec<Delivery>) -> Result<(), Failure> {
+        let backlog = self.backlog.clone();
+        let mut rest = std::mem::take(&mut backlog.lock().0);
+        rest.extend(batch);
+        let mut hand = InHand {
+            backlog: &backlog,
+            rest,
+            handling: None,
+        };
+        while let Some(delivery) = hand.rest.pop_front() {
+            hand.handling = Some(delivery.link().clone());
+            let result = self.handle_one(delivery).await;
+            let link = hand.handling.take();
+            if let Err(failure) = result {
+                // At most once: this one is lost; the rest wait for the next incarnation.
+                if let Some(link) = link {
+                    link.lose_one();
+                }
+                return Err(failure);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -209,7 +306,10 @@ impl<C: Consumer> Actor for ConsumerActor<C> {
         let link = self
             .queue
             .subscribe_as(
-                Sink::Batch(me.recipient()),
+                Sink::Batch {
+                    deliveries: me.recipient(),
+                    cancelled: me.recipient(),
+                },
                 self.mode,
                 self.prefetch,
                 Some(ctx.incarnation()),
@@ -220,8 +320,14 @@ impl<C: Consumer> Actor for ConsumerActor<C> {
             Err(err) => {
                 // The queue is gone: nothing to consume, and restarting will not help.
                 tracing::warn!(queue = %self.queue.name(), %err, "consumer stops: queue unavailable");
+                self.consumer.cancelled().await;
                 ctx.stop();
+                return Ok(());
             }
+        }
+        // What an earlier incarnation left unhandled comes first.
+        if !self.backlog.lock().0.is_empty() {
+            self.handle_auto(Vec::new()).await?;
         }
         Ok(())
     }
@@ -236,8 +342,11 @@ impl<C: Consumer> Actor for ConsumerActor<C> {
 impl<C: Consumer> ConsumerActor<C> {
     async fn handle_one(&mut self, delivery: Delivery) -> Result<(), Failure> {
         let current = self.link.as_ref().map(|l| l.consumer);
-        if delivery.ack_mode() == AckMode::Manual && Some(delivery.consumer()) != current {
-            // Made to an earlier registration of this actor: the queue requeues it.
+        if delivery.ack_mode() == AckMode::Manual
+            && (Some(delivery.consumer()) != current || !delivery.is_live())
+        {
+            // Made to an earlier registration of this actor, or one that has
+            // ended: the queue requeued it (or was deleted with it).
             tracing::trace!(queue = %delivery.queue(), tag = %delivery.tag(), "stale delivery skipped");
             return Ok(());
         }
@@ -265,17 +374,33 @@ impl<C: Consumer> Handler<Delivery> for ConsumerActor<C> {
 
 /// Deliveries come in batches from the queue (one mailbox slot for up to 64);
 /// each is handled in order, one at a time. If the consumer fails, the rest of
-/// the batch goes with it: manual-ack deliveries are requeued, auto-ack ones
-/// (settled when handed over) are lost, as in RabbitMQ's auto-ack mode.
+/// a manual-ack batch is requeued by the queue (the registration ends with the
+/// incarnation); the rest of an auto-ack batch waits in the backlog for the
+/// restarted incarnation.
 impl<C: Consumer> Handler<DeliveryBatch> for ConsumerActor<C> {
     async fn handle(
         &mut self,
-        DeliveryBatch(batch): DeliveryBatch,
+        mut batch: DeliveryBatch,
         _ctx: &mut Context<Self>,
     ) -> Result<(), Failure> {
+        let batch = std::mem::take(&mut batch.0);
+        if batch.first().is_some_and(|d| d.ack_mode() == AckMode::Auto) {
+            return self.handle_auto(batch).await;
+        }
         for delivery in batch {
             self.handle_one(delivery).await?;
         }
+        Ok(())
+    }
+}
+
+/// The queue cancelled this consumer (it was deleted): tell the consumer, and
+/// stop for good (the supervisor goes too).
+impl<C: Consumer> Handler<Cancelled> for ConsumerActor<C> {
+    async fn handle(&mut self, _: Cancelled, ctx: &mut Context<Self>) -> Result<(), Failure> {
+        self.link = None;
+        self.consumer.cancelled().await;
+        ctx.stop();
         Ok(())
     }
 }

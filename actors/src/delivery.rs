@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytestring::ByteString;
 use parking_lot::Mutex;
@@ -35,6 +36,13 @@ pub enum Outcome {
     RequeueAfter(std::time::Duration),
 }
 
+/// The longest delay [`Delivery::nack_after`] accepts: 2^32 - 1 milliseconds,
+/// about 49.7 days (the limit of RabbitMQ's delayed-message exchange). A
+/// longer one is refused with [`AckError::DelayTooLong`] rather than parking
+/// the message for good.
+pub const MAX_REQUEUE_DELAY: std::time::Duration =
+    std::time::Duration::from_millis(u32::MAX as u64);
+
 /// Why a settlement was refused. The queue is unaffected.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AckError {
@@ -51,6 +59,17 @@ pub enum AckError {
     AlreadySettled {
         /// The delivery tag.
         tag: DeliveryTag,
+        /// The queue.
+        queue: ByteString,
+    },
+    /// A delayed requeue longer than [`MAX_REQUEUE_DELAY`]; the delivery is
+    /// still held, unsettled.
+    #[error(
+        "a requeue delay of {delay:?} on queue {queue:?} exceeds the limit of {MAX_REQUEUE_DELAY:?}"
+    )]
+    DelayTooLong {
+        /// The delay asked for.
+        delay: std::time::Duration,
         /// The queue.
         queue: ByteString,
     },
@@ -77,6 +96,8 @@ pub(crate) struct Link {
     pub(crate) queue: Addr<QueueActor>,
     pub(crate) mode: AckMode,
     state: Mutex<LinkState>,
+    /// The queue's count of lost auto-ack deliveries.
+    lost: Arc<AtomicU64>,
 }
 
 #[derive(Clone, Default)]
@@ -146,6 +167,7 @@ impl Link {
         queue_name: ByteString,
         queue: Addr<QueueActor>,
         mode: AckMode,
+        lost: Arc<AtomicU64>,
     ) -> Self {
         Link {
             consumer,
@@ -153,11 +175,19 @@ impl Link {
             queue,
             mode,
             state: Mutex::new(LinkState::default()),
+            lost,
         }
     }
 
     pub(crate) fn is_active(&self) -> bool {
         !self.state.lock().closed
+    }
+
+    /// Counts one auto-ack delivery of this registration as lost.
+    pub(crate) fn lose_one(&self) {
+        if self.mode == AckMode::Auto {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Records deliveries as held by this consumer.
@@ -211,6 +241,14 @@ impl Link {
         outcome: Outcome,
     ) -> Result<(usize, bool), AckError> {
         let queue = || self.queue_name.clone();
+        if let Outcome::RequeueAfter(delay) = outcome
+            && delay > MAX_REQUEUE_DELAY
+        {
+            return Err(AckError::DelayTooLong {
+                delay,
+                queue: queue(),
+            });
+        }
         if self.mode == AckMode::Auto {
             return Err(AckError::AutoAck {
                 tag,
@@ -400,6 +438,8 @@ impl Delivery {
 
     /// Nacks with requeue after `delay`: the message comes back at its original
     /// position once the delay has passed, not before (delayed redelivery).
+    /// A delay over [`MAX_REQUEUE_DELAY`] (about 49.7 days) is refused with
+    /// [`AckError::DelayTooLong`], and the delivery stays unsettled.
     pub async fn nack_after(&self, delay: std::time::Duration) -> Result<(), AckError> {
         self.settle(Outcome::RequeueAfter(delay), false)
             .await
@@ -417,6 +457,21 @@ impl Delivery {
             tag: self.tag,
             link: self.link.clone(),
         }
+    }
+
+    /// Records that this delivery will never be handled: an auto-ack one (the
+    /// queue kept no copy) counts in its queue's `auto_ack_lost`. Manual-ack
+    /// deliveries are requeued when their consumer goes, so they are not lost.
+    pub(crate) fn lost(self) {
+        if self.link.mode == AckMode::Auto {
+            tracing::debug!(queue = %self.link.queue_name, message_id = %self.message.id(), "auto-ack delivery lost");
+        }
+        self.link.lose_one();
+    }
+
+    /// The registration it was delivered on.
+    pub(crate) fn link(&self) -> &Arc<Link> {
+        &self.link
     }
 
     /// A second handle to this same delivery (same tag, same registration), for

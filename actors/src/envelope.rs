@@ -259,6 +259,16 @@ impl From<f64> for HeaderValue {
     }
 }
 
+/// The bytes a header value takes, for [`Envelope::total_size`].
+fn header_value_size(value: &HeaderValue) -> usize {
+    match value {
+        HeaderValue::Str(s) => s.len(),
+        HeaderValue::Bytes(b) => b.len(),
+        HeaderValue::Int(_) | HeaderValue::Float(_) => 8,
+        HeaderValue::Bool(_) => 1,
+    }
+}
+
 /// Message headers, ordered by name so that their iteration (and serialization) order is
 /// deterministic.
 pub type Headers = BTreeMap<ByteString, HeaderValue>;
@@ -662,11 +672,58 @@ impl Envelope {
         self.properties.as_deref()?.expiration
     }
 
-    /// The payload length in bytes: what max-message-size checks and byte-based queue
-    /// limits count.
+    /// The payload length in bytes: what byte-based queue and stream limits
+    /// (`max_length_bytes`, `max_bytes`) count, as RabbitMQ counts bodies.
     #[must_use]
     pub fn size(&self) -> usize {
         self.payload.len()
+    }
+
+    /// The whole message's size in bytes, as a message size limit
+    /// (`max_message_bytes`) counts it: the payload plus the routing key, the
+    /// exchange, every header (name and value), the content type, correlation
+    /// id and reply-to, the death history, and 48 bytes for the fixed fields.
+    /// A header can hold as much memory as a payload, so a limit that ignored
+    /// them would not limit anything.
+    ///
+    /// ```
+    /// use postbox_actors::envelope::Envelope;
+    /// let small = Envelope::new("x");
+    /// let padded = Envelope::new("x").with_header("pad", "y".repeat(1000));
+    /// assert_eq!(small.size(), padded.size());
+    /// assert!(padded.total_size() > small.total_size() + 1000);
+    /// ```
+    #[must_use]
+    pub fn total_size(&self) -> usize {
+        /// Id, timestamp, priority, delivery count and flags, rounded up.
+        const FIXED: usize = 48;
+        let mut size = FIXED
+            .saturating_add(self.payload.len())
+            .saturating_add(self.routing_key.as_deref().map_or(0, str::len))
+            .saturating_add(self.exchange.as_deref().map_or(0, str::len));
+        let Some(p) = self.properties.as_deref() else {
+            return size;
+        };
+        let text = |s: &Option<ByteString>| s.as_deref().map_or(0, str::len);
+        for (name, value) in &p.headers {
+            size = size
+                .saturating_add(name.len())
+                .saturating_add(header_value_size(value));
+        }
+        size = size
+            .saturating_add(text(&p.content_type))
+            .saturating_add(text(&p.correlation_id))
+            .saturating_add(text(&p.reply_to));
+        for death in p.deaths.iter().chain(&p.first_death) {
+            size = size
+                .saturating_add(death.queue.len())
+                .saturating_add(death.exchange.len())
+                .saturating_add(24);
+            for key in &death.routing_keys {
+                size = size.saturating_add(key.len());
+            }
+        }
+        size
     }
 
     /// The properties block, created on first use and un-shared (copied) if a clone

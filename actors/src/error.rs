@@ -47,12 +47,12 @@ pub enum BrokerError {
     /// No stream has that name (binding a stream to an exchange).
     #[error("stream {0:?} not found")]
     StreamNotFound(String),
-    /// The payload is larger than a stream the message was routed to accepts.
+    /// The message is larger than a stream it was routed to accepts.
     #[error("a message of {size} bytes exceeds the {limit}-byte limit of stream {stream:?}")]
     StreamMessageTooLarge {
         /// The stream.
         stream: String,
-        /// The payload's size.
+        /// The message's size (see [`Envelope::total_size`]).
         size: usize,
         /// The limit.
         limit: usize,
@@ -97,12 +97,13 @@ pub enum BrokerError {
     /// The queue is at its length limit and its overflow is reject-publish.
     #[error("queue {0:?} is full and refuses new messages")]
     QueueFull(String),
-    /// The payload is larger than the queue accepts.
+    /// The message (payload, headers and properties) is larger than the queue
+    /// accepts.
     #[error("a message of {size} bytes exceeds the {limit}-byte limit of queue {queue:?}")]
     MessageTooLarge {
         /// The queue.
         queue: String,
-        /// The payload's size.
+        /// The message's size (see [`Envelope::total_size`]).
         size: usize,
         /// The limit.
         limit: usize,

@@ -19,8 +19,10 @@
 //! with no actors in it, so that they can be tested exhaustively and persisted;
 //! [`QueueActor`] only drives it.
 //!
-//! Flow control is end to end: a queue whose mailbox is full slows its publishers
-//! down, and a consumer whose mailbox is full stops receiving until it drains.
+//! Flow control: a queue whose inbox is full slows its publishers down, and a
+//! consumer whose mailbox is full stops receiving until it drains. A queue's
+//! backlog of ready messages is bounded only by its length limits
+//! ([`QueueOptions::max_length`]), if set.
 
 pub mod broker;
 pub mod codec;
@@ -34,6 +36,7 @@ pub mod observe;
 pub mod queue;
 pub mod retry;
 pub mod rpc;
+mod spare;
 pub mod stream;
 pub mod subscription;
 pub mod testkit;

@@ -78,6 +78,44 @@ pub enum NameError {
         /// Byte offset of the first control character.
         index: usize,
     },
+    /// The name starts with `amq.`, a prefix RabbitMQ reserves for the broker
+    /// (its built-in exchanges, server-named queues); declaring one is refused.
+    #[error("{kind} name {name:?} contains reserved prefix 'amq.'")]
+    Reserved {
+        /// What the name was for.
+        kind: NameKind,
+        /// The refused name.
+        name: String,
+    },
+}
+
+/// The prefix RabbitMQ reserves for the broker's own queues and exchanges.
+pub const RESERVED_PREFIX: &str = "amq.";
+
+/// Checks a name a user declares a queue, exchange or stream with: a valid
+/// name ([`validate_name`]) that does not start with [`RESERVED_PREFIX`]
+/// (RabbitMQ refuses those with `ACCESS_REFUSED`).
+///
+/// # Errors
+/// Those of [`validate_name`], or [`NameError::Reserved`].
+///
+/// ```
+/// use postbox_actors::name::{NameError, NameKind, validate_declared};
+/// assert!(validate_declared(NameKind::Queue, "orders").is_ok());
+/// assert!(matches!(
+///     validate_declared(NameKind::Exchange, "amq.orders"),
+///     Err(NameError::Reserved { .. })
+/// ));
+/// ```
+pub fn validate_declared(kind: NameKind, name: &str) -> Result<(), NameError> {
+    validate_name(kind, name)?;
+    if name.starts_with(RESERVED_PREFIX) {
+        return Err(NameError::Reserved {
+            kind,
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// Checks that `name` is acceptable as a queue or exchange name.
@@ -187,6 +225,34 @@ mod tests {
         for (kind, name, expected) in cases {
             assert_eq!(validate_name(kind, name), expected, "{kind} {name:?}");
         }
+    }
+
+    #[test]
+    fn the_amq_prefix_is_reserved_for_declarations_only() {
+        for kind in [NameKind::Queue, NameKind::Exchange, NameKind::Stream] {
+            assert_eq!(
+                validate_declared(kind, "amq.gen-1"),
+                Err(NameError::Reserved {
+                    kind,
+                    name: "amq.gen-1".into()
+                })
+            );
+            assert!(validate_declared(kind, "amq").is_ok());
+            assert!(validate_declared(kind, "xamq.y").is_ok());
+            assert!(
+                validate_declared(kind, "AMQ.y").is_ok(),
+                "case-sensitive, as RabbitMQ"
+            );
+        }
+        // Keys may use it, and names are otherwise valid.
+        assert!(validate_key(NameKind::RoutingKey, "amq.x").is_ok());
+        assert!(validate_name(NameKind::Exchange, "amq.topic").is_ok());
+        assert_eq!(
+            validate_declared(NameKind::Queue, "amq.q")
+                .unwrap_err()
+                .to_string(),
+            "queue name \"amq.q\" contains reserved prefix 'amq.'"
+        );
     }
 
     #[test]

@@ -49,6 +49,13 @@ pub trait Observer: Send + Sync + 'static {
         let _ = (queue, message, reason, routed);
     }
 
+    /// The queue cancelled a consumer's registration because the queue is
+    /// going away (deleted, or its exclusive owner stopped): RabbitMQ's
+    /// `basic.cancel` from the broker. The consumer stops for good.
+    fn consumer_cancelled(&self, queue: &str, consumer: ConsumerId) {
+        let _ = (queue, consumer);
+    }
+
     /// A consumer settled a delivery (`multiple`: and every earlier one it held).
     fn settled(
         &self,

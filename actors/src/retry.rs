@@ -29,7 +29,7 @@ use std::time::Duration;
 use postbox::Failure;
 
 use crate::consumer::{Consumer, ConsumerFactory};
-use crate::delivery::{AckError, Delivery, Outcome};
+use crate::delivery::{AckError, Delivery, MAX_REQUEUE_DELAY, Outcome};
 use crate::queue::state::AckMode;
 
 /// How long to wait between attempts, and how many to make.
@@ -44,7 +44,9 @@ pub struct RetryPolicy {
 
 impl RetryPolicy {
     /// The same delay before every retry; `max_attempts` counts the first try.
+    /// Delays are capped at [`MAX_REQUEUE_DELAY`].
     pub fn fixed(delay: Duration, max_attempts: u32) -> Self {
+        let delay = delay.min(MAX_REQUEUE_DELAY);
         RetryPolicy {
             max_attempts: max_attempts.max(1),
             initial: delay,
@@ -54,8 +56,11 @@ impl RetryPolicy {
         }
     }
 
-    /// Delays of `initial`, doubling each attempt, capped at `max`.
+    /// Delays of `initial`, doubling each attempt, capped at `max` (and at
+    /// [`MAX_REQUEUE_DELAY`]).
     pub fn exponential(initial: Duration, max: Duration, max_attempts: u32) -> Self {
+        let initial = initial.min(MAX_REQUEUE_DELAY);
+        let max = max.min(MAX_REQUEUE_DELAY);
         RetryPolicy {
             max_attempts: max_attempts.max(1),
             initial,
@@ -166,6 +171,8 @@ mod tests {
         let delays: Vec<u128> = (1..=6).map(|a| p.base_delay(a).as_millis()).collect();
         assert_eq!(delays, vec![100, 200, 400, 800, 1000, 1000]);
         assert_eq!(p.base_delay(u32::MAX), Duration::from_secs(1));
+        let huge = RetryPolicy::exponential(Duration::MAX, Duration::MAX, 3);
+        assert_eq!(huge.base_delay(2), MAX_REQUEUE_DELAY);
         let f = RetryPolicy::fixed(Duration::from_millis(250), 3);
         assert_eq!(f.base_delay(1), f.base_delay(3));
         let j = p.jitter(0.5);

@@ -378,7 +378,8 @@ async fn bad_settlements_and_unknown_queues_are_typed_errors() {
 async fn declare_delete_purge_and_validation() {
     local(async {
         let broker = Broker::with_config(&RuntimeHandle::local(), Default::default());
-        let opts = QueueOptions::default().max_message_bytes(8);
+        // A message's size counts its fixed fields (48 bytes) and payload.
+        let opts = QueueOptions::default().max_message_bytes(64);
         broker.declare_queue("q", opts.clone()).await.unwrap();
         broker.declare_queue("q", opts.clone()).await.unwrap(); // same settings: fine
         assert!(matches!(
@@ -405,11 +406,11 @@ async fn declare_delete_purge_and_validation() {
             Err(BrokerError::InvalidName(NameError::ControlChar { .. }))
         ));
         assert_eq!(
-            broker.publish("q", Envelope::new(vec![0u8; 9])).await,
+            broker.publish("q", Envelope::new(vec![0u8; 20])).await,
             Err(BrokerError::MessageTooLarge {
                 queue: "q".into(),
-                size: 9,
-                limit: 8
+                size: 68,
+                limit: 64
             })
         );
         for n in 0..3 {

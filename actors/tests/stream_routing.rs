@@ -480,7 +480,9 @@ async fn transactions_publish_to_streams_on_commit_only() {
             .await
             .unwrap();
         let s = broker
-            .declare_stream("s", StreamOptions::default().max_message_bytes(16))
+            // 48 bytes of fixed fields, the exchange's name, the content type
+            // and a small payload fit.
+            .declare_stream("s", StreamOptions::default().max_message_bytes(80))
             .await
             .unwrap();
         let mut out = queue(&broker, "out").await;
@@ -537,14 +539,14 @@ async fn transactions_publish_to_streams_on_commit_only() {
         tx.ack(&d1).publish_to("fan", "", msg(13)).publish_to(
             "fan",
             "",
-            Envelope::new(vec![0u8; 17]),
+            Envelope::new(vec![0u8; 40]),
         );
         assert_eq!(
             tx.commit().await.unwrap_err(),
             TxError::Publish(BrokerError::StreamMessageTooLarge {
                 stream: "s".into(),
-                size: 17,
-                limit: 16,
+                size: 91,
+                limit: 80,
             })
         );
         settle().await;
@@ -601,7 +603,8 @@ async fn a_full_block_mode_stream_makes_publish_to_wait() {
 async fn bad_stream_bindings_are_typed_errors() {
     local(async {
         let mut config = BrokerConfig::default();
-        config.max_message_bytes = 8;
+        // 48 bytes of fixed fields, the exchange and the key, 8 of payload.
+        config.max_message_bytes = 58;
         let broker = Broker::with_config(&RuntimeHandle::local(), config);
         broker
             .declare_exchange("x", ExchangeOptions::topic())
@@ -659,8 +662,8 @@ async fn bad_stream_bindings_are_typed_errors() {
         {
             Err(PublishError::Refused(BrokerError::StreamMessageTooLarge {
                 stream,
-                size: 9,
-                limit: 8,
+                size: 59,
+                limit: 58,
             })) => assert_eq!(stream, "s"),
             Err(PublishError::Refused(BrokerError::MessageTooLarge { .. })) => {}
             other => panic!("expected a size refusal, got {other:?}"),

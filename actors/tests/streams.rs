@@ -748,7 +748,8 @@ async fn delete_stream_stops_its_subscribers_and_fails_its_publishers() {
 async fn bad_input_is_a_typed_error() {
     local(async {
         let mut config = BrokerConfig::default();
-        config.max_message_bytes = 8;
+        // 48 bytes of fixed fields, 8 of payload.
+        config.max_message_bytes = 56;
         let broker = Broker::with_config(&RuntimeHandle::local(), config);
         assert_eq!(
             broker
@@ -792,8 +793,8 @@ async fn bad_input_is_a_typed_error() {
         // The broker's message size limit applies, unless the stream sets its own.
         let too_large = StreamError::MessageTooLarge {
             stream: "s".into(),
-            size: 9,
-            limit: 8,
+            size: 57,
+            limit: 56,
         };
         assert_eq!(
             s.publish(Envelope::new("123456789")).await,

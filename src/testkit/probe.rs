@@ -281,7 +281,7 @@ impl<M: Message> TestProbe<M> {
     where
         M: Debug,
     {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::clock::deadline(timeout);
         let mut got = Vec::with_capacity(n);
         while got.len() < n {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {
@@ -335,7 +335,7 @@ impl<M: Message> TestProbe<M> {
     where
         M: Debug,
     {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::clock::deadline(timeout);
         let mut skipped = Vec::new();
         loop {
             match tokio::time::timeout_at(deadline, self.rx.recv()).await {

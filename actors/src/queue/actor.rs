@@ -1,7 +1,8 @@
 //! The queue actor: drives a [`QueueState`] from messages and pushes its
 //! dispatches to consumer actors.
 //!
-//! Flow control is end to end. Publishers wait when the queue's mailbox is full.
+//! Flow control: publishers wait when the queue's inbox is full (its backlog
+//! of ready messages is bounded only by its length limits).
 //! The queue never waits on a consumer: it hands deliveries over with `try_send`,
 //! and a consumer whose mailbox is full is marked blocked (no more dispatches to
 //! it) while a small task waits for room and then unblocks it. A manual-ack
@@ -23,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytestring::ByteString;
 use postbox::{Actor, AnyAddr, Context, Failure, Handler, Message, Recipient, TrySendError};
@@ -32,7 +33,7 @@ use crate::broker::BrokerRef;
 use crate::delivery::{Delivery, Link, Outcome, PendingSettle};
 use crate::envelope::Envelope;
 use crate::observe::Observers;
-use crate::queue::inbox::{Collect, Inbox};
+use crate::queue::inbox::{Collect, Inbox, Shut};
 use crate::queue::state::{
     AckMode, ConsumerId, ConsumerStats, DeadLetter, DeathReason, Publish as Published, QueuePolicy,
     QueueState, QueueStats,
@@ -55,8 +56,11 @@ pub struct QueueSnapshot {
     /// Messages removed for a dead-letter reason but dropped: no dead-letter
     /// exchange, it routed nowhere, or it would have cycled.
     pub dead_letters_dropped: u64,
-    /// Auto-ack deliveries lost because their consumer died before they reached
-    /// its mailbox (auto-ack is at-most-once, as in RabbitMQ).
+    /// Auto-ack deliveries that no handler completed: their consumer failed
+    /// while handling them, or stopped for good (or never got them) while
+    /// they waited for it. Auto-ack is at-most-once, as in RabbitMQ; this
+    /// counts every loss, so that handled + lost accounts for every auto-ack
+    /// delivery.
     pub auto_ack_lost: u64,
 }
 
@@ -79,25 +83,46 @@ struct Registered {
 }
 
 /// Where a consumer's deliveries go: one at a time to any actor that handles
-/// [`Delivery`], or in batches to a [`ConsumerActor`](crate::ConsumerActor).
+/// [`Delivery`], or in batches to a [`ConsumerActor`](crate::ConsumerActor),
+/// which is also told when the queue cancels it.
 #[derive(Clone)]
 pub(crate) enum Sink {
     One(Recipient<Delivery>),
-    Batch(Recipient<DeliveryBatch>),
+    Batch {
+        deliveries: Recipient<DeliveryBatch>,
+        cancelled: Recipient<Cancelled>,
+    },
 }
 
 impl Sink {
     fn any(&self) -> AnyAddr {
         match self {
             Sink::One(r) => r.any(),
-            Sink::Batch(r) => r.any(),
+            Sink::Batch { deliveries, .. } => deliveries.any(),
         }
     }
 }
 
-/// Deliveries handed to one consumer in one mailbox slot.
+/// Deliveries handed to one consumer in one mailbox slot. Auto-ack
+/// deliveries still in a batch when it is dropped (the consumer stopped
+/// before taking them) are counted as lost.
 pub(crate) struct DeliveryBatch(pub(crate) Vec<Delivery>);
 impl Message for DeliveryBatch {
+    type Reply = ();
+}
+
+impl Drop for DeliveryBatch {
+    fn drop(&mut self) {
+        for delivery in self.0.drain(..) {
+            delivery.lost();
+        }
+    }
+}
+
+/// The queue cancelled the registration: it was deleted (RabbitMQ's
+/// `basic.cancel` from the broker).
+pub(crate) struct Cancelled;
+impl Message for Cancelled {
     type Reply = ();
 }
 
@@ -120,7 +145,8 @@ pub struct QueueActor {
     timer_at: Option<u64>,
     dead_lettered: u64,
     dead_letters_dropped: u64,
-    auto_ack_lost: u64,
+    /// Shared with every registration's link: deliveries lose themselves.
+    auto_ack_lost: Arc<AtomicU64>,
     /// Events handled since the last progress (see [`QueueActor::touch`]).
     unprogressed: u32,
     /// Whether progress may wait for the mailbox to drain: not with length
@@ -156,7 +182,7 @@ impl QueueActor {
             timer_at: None,
             dead_lettered: 0,
             dead_letters_dropped: 0,
-            auto_ack_lost: 0,
+            auto_ack_lost: Arc::default(),
             unprogressed: 0,
             coalesce,
         }
@@ -222,8 +248,7 @@ impl QueueActor {
         if !self.state.has_dead() {
             return;
         }
-        let dead: Vec<DeadLetter> = self.state.drain_dead().collect();
-        for DeadLetter { message, reason } in dead {
+        for DeadLetter { message, reason } in self.state.drain_dead() {
             self.dead_letter(ctx, message, reason);
         }
     }
@@ -311,7 +336,7 @@ impl QueueActor {
             let delivery = Delivery::new(d.message, d.tag, reg.link.clone());
             match reg.sink {
                 Sink::One(_) => self.hand_over(ctx, d.consumer, vec![delivery]),
-                Sink::Batch(_) => {
+                Sink::Batch { .. } => {
                     let i = match batches.iter().position(|(c, _)| *c == d.consumer) {
                         Some(i) => i,
                         None => {
@@ -345,9 +370,7 @@ impl QueueActor {
             // Removed while this batch was gathered: its deliveries were requeued.
             return;
         };
-        let count = batch.len() as u64;
-        let auto = reg.link.mode == AckMode::Auto;
-        if !auto {
+        if reg.link.mode == AckMode::Manual {
             // Before the consumer can see them: one lock for the whole batch.
             reg.link.track(batch.iter().map(Delivery::tag));
         }
@@ -355,12 +378,12 @@ impl QueueActor {
             Sink::One(r) => match batch.pop() {
                 Some(one) => r
                     .try_send(one)
-                    .map_err(|e| e.map(|d| Pending::One(r.clone(), d))),
+                    .map_err(|e| e.map(|d| Pending::One(r.clone(), DeliveryBatch(vec![d])))),
                 None => Ok(()),
             },
-            Sink::Batch(r) => r
+            Sink::Batch { deliveries, .. } => deliveries
                 .try_send(DeliveryBatch(batch))
-                .map_err(|e| e.map(|DeliveryBatch(b)| Pending::Batch(r.clone(), b))),
+                .map_err(|e| e.map(|b| Pending::Batch(deliveries.clone(), b))),
         };
         match sent {
             Ok(()) => {}
@@ -373,25 +396,21 @@ impl QueueActor {
                         let _ = me
                             .send(Handoff {
                                 consumer,
-                                count,
                                 delivered,
                             })
                             .await;
                     }
                 });
             }
-            Err(TrySendError::Closed(_)) => self.consumer_closed(consumer, auto, count),
+            // It died before its watch fired: manual-ack deliveries are
+            // requeued with the rest of what it held; auto-ack ones were
+            // settled when dispatched, and are lost (and counted, when the
+            // undelivered batch is dropped), as in RabbitMQ.
+            Err(TrySendError::Closed(pending)) => {
+                drop(pending);
+                self.remove(consumer);
+            }
         }
-    }
-
-    /// A consumer's mailbox closed under us: it died before its watch fired.
-    /// Manual-ack deliveries are requeued with the rest of what it held; auto-ack
-    /// ones were settled when dispatched and are lost, as in RabbitMQ.
-    fn consumer_closed(&mut self, consumer: ConsumerId, auto: bool, count: u64) {
-        if auto {
-            self.auto_ack_lost += count;
-        }
-        self.remove(consumer);
     }
 
     /// Ends a registration: applies the settlements it recorded, then requeues
@@ -439,7 +458,49 @@ impl QueueActor {
             consumers: self.state.consumers().collect(),
             dead_lettered: self.dead_lettered,
             dead_letters_dropped: self.dead_letters_dropped,
-            auto_ack_lost: self.auto_ack_lost,
+            auto_ack_lost: self.auto_ack_lost.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes every publish waiting in the inbox into the queue.
+    fn collect_all(&mut self) {
+        while let Some(mut batch) = self.inbox.collect(u64::MAX) {
+            for message in batch.drain(..) {
+                self.publish(message);
+            }
+            self.inbox.recycle(batch);
+        }
+    }
+
+    /// Ends every registration and tells the consumers: the queue is going
+    /// away (RabbitMQ cancels the consumers of a deleted queue).
+    fn cancel_consumers(&mut self) {
+        for (id, reg) in self.consumers.drain() {
+            reg.link.close();
+            self.observers
+                .each(|o| o.consumer_cancelled(&self.name, id));
+            tracing::info!(queue = %self.name, consumer = %id, "consumer cancelled: queue deleted");
+            if let Sink::Batch { cancelled, .. } = reg.sink
+                && let Err(TrySendError::Full(msg)) = cancelled.try_send(Cancelled)
+                && let Ok(rt) = tokio::runtime::Handle::try_current()
+            {
+                // Not tied to this (ending) incarnation: it must arrive.
+                rt.spawn(async move {
+                    let _ = cancelled.send(msg).await;
+                });
+            }
+        }
+        self.consumer_count.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Drop for QueueActor {
+    /// Dropped without `stopped`: the runtime shut down. Publishers waiting
+    /// for room, and later ones, get `Stopped`; settling fails.
+    fn drop(&mut self) {
+        self.inbox.shut(Shut::Stopped);
+        for reg in self.consumers.values() {
+            reg.link.close();
         }
     }
 }
@@ -453,12 +514,10 @@ impl Actor for QueueActor {
     }
 
     async fn stopped(&mut self, ctx: &mut Context<Self>) {
-        // Consumers learn that their registrations ended (settling now fails).
-        for (_, reg) in self.consumers.drain() {
-            reg.link.close();
-        }
-        self.consumer_count.store(0, Ordering::Relaxed);
-        self.inbox.shut();
+        // Nothing is accepted from now on; what got in before is dropped with
+        // the queue (a deletion counted it in its snapshot).
+        self.inbox.shut(Shut::Deleted);
+        self.cancel_consumers();
         self.broker.remove_queue(&self.name, ctx.id());
     }
 }
@@ -575,7 +634,13 @@ impl Handler<Subscribe> for QueueActor {
         let id = ConsumerId(self.next_consumer);
         self.next_consumer += 1;
         self.state.add_consumer(id, msg.mode, msg.prefetch)?;
-        let link = Arc::new(Link::new(id, self.name.clone(), me, msg.mode));
+        let link = Arc::new(Link::new(
+            id,
+            self.name.clone(),
+            me,
+            msg.mode,
+            self.auto_ack_lost.clone(),
+        ));
         ctx.watch(&msg.sink.any(), msg.incarnation, move |_| Unsubscribe(id));
         self.consumers.insert(
             id,
@@ -630,22 +695,33 @@ impl Handler<Settle> for QueueActor {
 /// A delayed hand-off to a full consumer mailbox finished.
 struct Handoff {
     consumer: ConsumerId,
-    count: u64,
     delivered: bool,
 }
 
-/// Deliveries waiting for room in a full consumer mailbox.
+/// Deliveries waiting for room in a full consumer mailbox. They are held in
+/// a [`DeliveryBatch`] (one delivery, for a [`Sink::One`]) until they are in
+/// the mailbox, so that auto-ack deliveries dropped on the way (the consumer
+/// closed, or the queue stopped and aborted the hand-off) are counted as lost.
 enum Pending {
-    One(Recipient<Delivery>, Delivery),
-    Batch(Recipient<DeliveryBatch>, Vec<Delivery>),
+    One(Recipient<Delivery>, DeliveryBatch),
+    Batch(Recipient<DeliveryBatch>, DeliveryBatch),
 }
 
 impl Pending {
     /// Waits for room; false if the consumer's mailbox closed.
     async fn send(self) -> bool {
         match self {
-            Pending::One(r, d) => r.send(d).await.is_ok(),
-            Pending::Batch(r, b) => r.send(DeliveryBatch(b)).await.is_ok(),
+            Pending::One(r, mut held) => match held.0.pop() {
+                Some(d) => match r.send(d).await {
+                    Ok(()) => true,
+                    Err(postbox::SendError(d)) => {
+                        d.lost();
+                        false
+                    }
+                },
+                None => true,
+            },
+            Pending::Batch(r, b) => r.send(b).await.is_ok(),
         }
     }
 }
@@ -657,11 +733,11 @@ impl Handler<Handoff> for QueueActor {
         let Some(reg) = self.consumers.get(&msg.consumer) else {
             return Ok(());
         };
+        let _ = reg;
         if msg.delivered {
             let _ = self.state.set_blocked(msg.consumer, false);
         } else {
-            let auto = reg.link.mode == AckMode::Auto;
-            self.consumer_closed(msg.consumer, auto, msg.count);
+            self.remove(msg.consumer);
         }
         self.progress(ctx);
         Ok(())
@@ -712,12 +788,27 @@ impl Handler<Delete> for QueueActor {
         msg: Delete,
         ctx: &mut Context<Self>,
     ) -> Result<Result<QueueSnapshot, QueueSnapshot>, Failure> {
-        self.progress(ctx);
+        // Publishes still waiting in the inbox happened before the delete.
+        self.state.advance_to(postbox::clock::now_ms());
+        self.collect_all();
+        self.progressed(ctx);
         let snapshot = self.snapshot();
-        if (msg.if_unused && !self.consumers.is_empty()) || (msg.if_empty && !self.state.is_empty())
+        if (msg.if_unused && !self.consumers.is_empty())
+            || (msg.if_empty && self.state.ready_len() > 0)
         {
             return Ok(Err(snapshot));
         }
+        // The point of no return, under the inbox's lock: a publish that got
+        // in before is collected and deleted with the queue (and counted in
+        // the snapshot); every later one fails.
+        if !self
+            .inbox
+            .shut_unless(Shut::Deleted, |waiting| msg.if_empty && waiting > 0)
+        {
+            return Ok(Err(self.snapshot()));
+        }
+        self.collect_all();
+        let snapshot = self.snapshot();
         ctx.stop();
         Ok(Ok(snapshot))
     }

@@ -13,7 +13,7 @@ use crate::error::{BrokerError, TryPublishError};
 use crate::queue::actor::{
     PublishConfirmed, QueueActor, QueueSnapshot, Sink, Snapshot, Subscribe, TieTo, Unsubscribe,
 };
-use crate::queue::inbox::{Collect, Inbox, NoRoom};
+use crate::queue::inbox::{Collect, Inbox, NoRoom, Shut};
 use crate::queue::state::{AckMode, ConsumerId};
 
 /// A handle to one queue; cheap to clone. Obtained from
@@ -44,18 +44,24 @@ impl QueueHandle {
     }
 
     pub(crate) fn check(&self, message: &Envelope) -> Result<(), BrokerError> {
-        if message.size() > self.max_message_bytes {
+        let size = message.total_size();
+        if size > self.max_message_bytes {
             return Err(BrokerError::MessageTooLarge {
                 queue: self.name.to_string(),
-                size: message.size(),
+                size,
                 limit: self.max_message_bytes,
             });
         }
         Ok(())
     }
 
-    fn gone(&self) -> BrokerError {
-        BrokerError::QueueNotFound(self.name.to_string())
+    /// What a publish to a queue that no longer takes messages is told: the
+    /// runtime stopped, or the queue is gone.
+    pub(crate) fn gone(&self) -> BrokerError {
+        match self.inbox.shut_reason() {
+            Some(Shut::Stopped) => BrokerError::Stopped,
+            _ => BrokerError::QueueNotFound(self.name.to_string()),
+        }
     }
 
     /// Enqueues a message, waiting while the queue's mailbox is full. A queue
@@ -65,8 +71,14 @@ impl QueueHandle {
     /// While the queue is busy, consecutive publishes share a mailbox entry (up
     /// to 64 of them), so a publish usually costs a short lock and a push; the
     /// messages of one publisher are enqueued in the order it published them.
+    ///
+    /// Once the queue is deleted (or the runtime stopped), every publish fails:
+    /// with [`BrokerError::QueueNotFound`] (or [`BrokerError::Stopped`]).
     pub async fn publish(&self, message: Envelope) -> Result<(), BrokerError> {
         self.check(&message)?;
+        if self.inbox.shut_reason().is_some() || self.addr.is_closed() {
+            return Err(self.gone());
+        }
         if self.confirm {
             return match self.addr.ask(PublishConfirmed(message)).await {
                 Ok(true) => Ok(()),
@@ -74,15 +86,12 @@ impl QueueHandle {
                 Err(_) => Err(self.gone()),
             };
         }
-        if self.addr.is_closed() {
-            return Err(self.gone());
-        }
         let room = self.inbox.room().await.map_err(|_| self.gone())?;
         let Err((room, message)) = self.inbox.join(room, message) else {
             return Ok(());
         };
         let permit = self.addr.reserve().await.map_err(|_| self.gone())?;
-        if let Some(batch) = self.inbox.open(room, message) {
+        if let Some(batch) = self.inbox.open(room, message).map_err(|_| self.gone())? {
             permit.send(Collect(batch));
         }
         Ok(())
@@ -95,6 +104,9 @@ impl QueueHandle {
         }
         if messages.is_empty() {
             return Ok(());
+        }
+        if self.inbox.shut_reason().is_some() {
+            return Err(self.gone());
         }
         let permit = self.addr.reserve().await.map_err(|_| self.gone())?;
         let batch = self
@@ -135,12 +147,14 @@ impl QueueHandle {
             return Ok(());
         };
         match self.addr.try_reserve() {
-            Ok(permit) => {
-                if let Some(batch) = self.inbox.open(room, message) {
+            Ok(permit) => match self.inbox.open(room, message) {
+                Ok(Some(batch)) => {
                     permit.send(Collect(batch));
+                    Ok(())
                 }
-                Ok(())
-            }
+                Ok(None) => Ok(()),
+                Err(message) => Err(TrySendError::Closed(message)),
+            },
             Err(TrySendError::Full(())) => Err(TrySendError::Full(message)),
             Err(TrySendError::Closed(())) => Err(TrySendError::Closed(message)),
         }

@@ -20,8 +20,14 @@
 //! `mailbox` capacity of publishes wait in the inbox, and a publisher waits
 //! (fairly, first come first served) for the queue to collect some. A batch
 //! holds at most [`BATCH_CAPACITY`] messages.
+//!
+//! Shutting the inbox ([`Inbox::shut`]) is the queue's point of no return: it
+//! happens under the same lock as every join, so a publish either joined
+//! before (and the queue still collects it) or fails, with the reason the
+//! inbox was shut for ([`Shut`]).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use parking_lot::Mutex;
 use postbox::Message;
@@ -40,10 +46,24 @@ pub(crate) struct Inbox {
     room: Semaphore,
     /// The number of permits `room` started with.
     capacity: usize,
+    /// Why the inbox was shut ([`Shut`] as a number; 0 while open), readable
+    /// without the lock.
+    shut: AtomicU8,
+}
+
+/// Why a queue's inbox was shut: what a publisher refused by it is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Shut {
+    /// The queue was deleted (or stopped on its own).
+    Deleted = 1,
+    /// The runtime shut down.
+    Stopped = 2,
 }
 
 #[derive(Default)]
 struct State {
+    /// Set once the inbox is shut: nothing joins any more.
+    shut: bool,
     /// Whether the newest batch takes more messages.
     open: bool,
     /// Number of the next batch.
@@ -62,7 +82,7 @@ const SPARE_BUFFERS: usize = 2;
 impl State {
     /// Adds `message` to the open batch, or gives it back.
     fn join(&mut self, message: Envelope) -> Result<(), Envelope> {
-        let Some(batch) = self.batches.back_mut().filter(|_| self.open) else {
+        let Some(batch) = self.batches.back_mut().filter(|_| self.open && !self.shut) else {
             self.open = false;
             return Err(message);
         };
@@ -120,6 +140,7 @@ impl Inbox {
             state: Mutex::default(),
             room: Semaphore::new(capacity),
             capacity,
+            shut: AtomicU8::new(0),
         }
     }
 
@@ -163,16 +184,22 @@ impl Inbox {
         }
     }
 
-    /// Adds `message` to the open batch if there is one (`None`), or else opens
-    /// a new batch with it and returns its number: the caller then sends
-    /// `Collect(number)` through the mailbox room it reserved.
-    pub(crate) fn open(&self, room: Room<'_>, message: Envelope) -> Option<u64> {
-        room.0.forget();
+    /// Adds `message` to the open batch if there is one (`Ok(None)`), or else
+    /// opens a new batch with it and returns its number: the caller then sends
+    /// `Collect(number)` through the mailbox room it reserved. Hands the
+    /// message back if the inbox was shut meanwhile.
+    pub(crate) fn open(&self, room: Room<'_>, message: Envelope) -> Result<Option<u64>, Envelope> {
         let mut state = self.state.lock();
-        let message = state.join(message).err()?;
+        if state.shut {
+            return Err(message);
+        }
+        room.0.forget();
+        let Err(message) = state.join(message) else {
+            return Ok(None);
+        };
         let mut messages = state.spare.pop().unwrap_or_else(|| Vec::with_capacity(8));
         messages.push(message);
-        Some(state.push(messages, 1))
+        Ok(Some(state.push(messages, 1)))
     }
 
     /// Opens a new batch holding `messages` (closing any open one) and returns
@@ -186,8 +213,12 @@ impl Inbox {
             .acquire_many(wanted)
             .await
             .map_err(|_| NoRoom::Closed)?;
+        let mut state = self.state.lock();
+        if state.shut {
+            return Err(NoRoom::Closed);
+        }
         permits.forget();
-        Ok(self.state.lock().push(messages, wanted as usize))
+        Ok(state.push(messages, wanted as usize))
     }
 
     /// Closes the open batch: later publishes start a new one.
@@ -227,9 +258,46 @@ impl Inbox {
         }
     }
 
-    /// The queue stopped: publishers waiting for room fail, and so do later ones.
-    pub(crate) fn shut(&self) {
+    /// Shuts the inbox for `reason` (the first reason given stays): publishers
+    /// waiting for room fail, and so do later ones. What joined before is
+    /// still collected.
+    pub(crate) fn shut(&self, reason: Shut) {
+        self.shut_unless(reason, |_| false);
+    }
+
+    /// Shuts the inbox unless `refuse` says otherwise, given the number of
+    /// messages waiting in it, under the lock every publish takes: so nothing
+    /// can join between the check and the shutting. Returns whether it is
+    /// shut (also if it was already).
+    pub(crate) fn shut_unless(&self, reason: Shut, refuse: impl FnOnce(usize) -> bool) -> bool {
+        {
+            let mut state = self.state.lock();
+            if !state.shut {
+                let waiting = state.batches.iter().map(|b| b.messages.len()).sum();
+                if refuse(waiting) {
+                    return false;
+                }
+                state.shut = true;
+                state.open = false;
+                let _ = self.shut.compare_exchange(
+                    0,
+                    reason as u8,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+        }
         self.room.close();
+        true
+    }
+
+    /// Why the inbox was shut, if it was.
+    pub(crate) fn shut_reason(&self) -> Option<Shut> {
+        match self.shut.load(Ordering::Acquire) {
+            0 => None,
+            1 => Some(Shut::Deleted),
+            _ => Some(Shut::Stopped),
+        }
     }
 
     /// Messages waiting to be collected.
@@ -274,7 +342,7 @@ mod tests {
 
     fn open(inbox: &Inbox, m: Envelope) -> Option<u64> {
         let room = inbox.try_room().expect("room");
-        inbox.open(room, m)
+        inbox.open(room, m).expect("not shut")
     }
 
     #[test]
@@ -344,9 +412,32 @@ mod tests {
         assert_eq!(inbox.try_room().err(), Some(NoRoom::Full));
         assert_eq!(inbox.collect(n).unwrap().len(), 5);
         assert_eq!(inbox.room.available_permits(), 3);
-        inbox.shut();
+        inbox.shut(Shut::Stopped);
         assert_eq!(inbox.try_room().err(), Some(NoRoom::Closed));
         assert_eq!(inbox.room().await.err(), Some(NoRoom::Closed));
+        assert_eq!(inbox.shut_reason(), Some(Shut::Stopped));
+    }
+
+    /// A publisher that got its room before the inbox was shut does not get
+    /// in after: its join and its open both fail, and so does a batch.
+    #[tokio::test(start_paused = true)]
+    async fn nothing_joins_or_opens_after_the_inbox_is_shut() {
+        let inbox = Inbox::new(10);
+        assert_eq!(open(&inbox, msg("a")), Some(0));
+        let early = inbox.try_room().unwrap();
+        let late = inbox.try_room().unwrap();
+        // Something waits: a refusing check leaves the inbox open.
+        assert!(!inbox.shut_unless(Shut::Deleted, |waiting| waiting > 0));
+        assert!(inbox.shut_reason().is_none());
+        assert!(inbox.shut_unless(Shut::Deleted, |_| false));
+        assert!(inbox.join(early, msg("b")).is_err());
+        assert!(inbox.open(late, msg("c")).is_err());
+        assert_eq!(inbox.open_with(vec![msg("d")]).await, Err(NoRoom::Closed));
+        // What joined before is still collected; the first reason stays.
+        inbox.shut(Shut::Stopped);
+        assert_eq!(inbox.shut_reason(), Some(Shut::Deleted));
+        assert_eq!(texts(inbox.collect(u64::MAX).unwrap()), ["a"]);
+        assert!(inbox.collect(u64::MAX).is_none());
     }
 
     #[test]

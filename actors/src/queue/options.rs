@@ -24,7 +24,9 @@ use crate::queue::state::{Overflow, QueuePolicy};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct QueueOptions {
-    /// Largest payload accepted, in bytes; `None` uses the broker's limit.
+    /// Largest message accepted, in bytes, counting its payload, headers and
+    /// properties ([`Envelope::total_size`](crate::Envelope::total_size));
+    /// `None` uses the broker's limit.
     pub max_message_bytes: Option<usize>,
     /// Capacity of the queue actor's mailbox: how many publishes (and, apart,
     /// how many other requests) may wait before senders are slowed down.
@@ -137,6 +139,7 @@ impl QueueOptions {
 pub struct DeleteOptions {
     /// Refuse if the queue has consumers.
     pub if_unused: bool,
-    /// Refuse if the queue holds messages (ready or unacknowledged).
+    /// Refuse if the queue holds ready messages (as RabbitMQ: deliveries
+    /// waiting for their acknowledgement, and delayed requeues, do not count).
     pub if_empty: bool,
 }

@@ -340,6 +340,7 @@ impl Ready {
     fn pop(&mut self) -> Option<Entry> {
         let entry = self.entries.pop_front()?;
         self.bytes -= entry.message.size();
+        crate::spare::release(&mut self.entries);
         Some(entry)
     }
 
@@ -355,6 +356,7 @@ impl Ready {
     fn clear(&mut self) -> usize {
         let n = self.entries.len();
         self.entries.clear();
+        crate::spare::release(&mut self.entries);
         self.bytes = 0;
         n
     }
@@ -431,6 +433,7 @@ impl Unacked {
         while self.slots.back().is_some_and(|(_, e)| e.is_none()) {
             self.slots.pop_back();
         }
+        crate::spare::release(&mut self.slots);
     }
 
     fn into_values(self) -> impl Iterator<Item = Entry> {
@@ -639,8 +642,10 @@ impl QueueState {
 
     /// Takes the messages removed for a dead-letter reason since the last call,
     /// oldest first, for the driver to dead-letter or drop.
-    pub fn drain_dead(&mut self) -> std::vec::Drain<'_, DeadLetter> {
-        self.dead.drain(..)
+    pub fn drain_dead(&mut self) -> std::vec::IntoIter<DeadLetter> {
+        // Taken, not drained: a burst of dead letters does not leave its
+        // buffer behind.
+        std::mem::take(&mut self.dead).into_iter()
     }
 
     /// Whether dead letters are waiting to be drained.
@@ -1092,6 +1097,47 @@ mod tests {
         for n in names {
             queue.publish(msg(n));
         }
+    }
+
+    /// A purged backlog, a drained one and settled deliveries give their
+    /// buffers back (they used to keep them until the queue was deleted).
+    #[test]
+    fn memory_is_given_back_when_the_backlog_shrinks() {
+        const N: usize = 200_000;
+        let mut q = QueueState::new();
+        for _ in 0..N {
+            q.publish(Envelope::new(""));
+        }
+        assert!(q.ready.entries.capacity() >= N);
+        assert_eq!(q.purge(), N);
+        assert!(
+            q.ready.entries.capacity() <= 1024,
+            "{}",
+            q.ready.entries.capacity()
+        );
+
+        for _ in 0..N {
+            q.publish(Envelope::new(""));
+        }
+        q.add_consumer(A, AckMode::Manual, 0).unwrap();
+        let mut tags = Vec::with_capacity(N);
+        while let Some(d) = q.next_delivery() {
+            tags.push(d.tag);
+        }
+        assert_eq!(tags.len(), N);
+        assert!(
+            q.ready.entries.capacity() <= 1024,
+            "{}",
+            q.ready.entries.capacity()
+        );
+        let held = &q.consumers[0].unacked.slots;
+        assert!(held.capacity() >= N);
+        for tag in tags {
+            q.ack(A, tag, false).unwrap();
+        }
+        let held = &q.consumers[0].unacked.slots;
+        assert!(held.capacity() <= 1024, "{}", held.capacity());
+        assert!(q.is_empty());
     }
 
     fn ready_names(queue: &QueueState) -> Vec<String> {

@@ -481,7 +481,7 @@ impl<'a> RequestBuilder<'a> {
         Ok(PendingReply {
             id,
             rx,
-            deadline: tokio::time::Instant::now() + self.timeout,
+            deadline: postbox::clock::deadline(self.timeout),
             timeout: self.timeout,
             requester: self.requester.clone(),
         })
@@ -520,11 +520,19 @@ impl<'a> RequestBuilder<'a> {
             )
             .await?;
         let mut replies = Vec::new();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = postbox::clock::deadline(timeout);
+        let runtime = self.requester.inner.broker.runtime().clone();
+        let mut stopped = std::pin::pin!(runtime.shut_down());
         while replies.len() < max {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(reply)) => replies.push(into_result(&id, reply)),
-                Ok(None) | Err(_) => break,
+            tokio::select! {
+                reply = tokio::time::timeout_at(deadline, rx.recv()) => match reply {
+                    Ok(Some(reply)) => replies.push(into_result(&id, reply)),
+                    Ok(None) | Err(_) => break,
+                },
+                () = &mut stopped => {
+                    self.requester.forget(&id);
+                    return Err(BrokerError::Stopped.into());
+                }
             }
         }
         self.requester.forget(&id);
@@ -596,13 +604,21 @@ impl IntoFuture for PendingReply {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
             let mut this = self;
-            match tokio::time::timeout_at(this.deadline, &mut this.rx).await {
-                Ok(Ok(reply)) => into_result(&this.id, reply),
-                Ok(Err(_)) => Err(RequestError::Closed),
-                Err(_) => {
-                    // From now on a reply for this id is late, and counted as such.
+            let runtime = this.requester.inner.broker.runtime().clone();
+            tokio::select! {
+                reply = tokio::time::timeout_at(this.deadline, &mut this.rx) => match reply {
+                    Ok(Ok(reply)) => into_result(&this.id, reply),
+                    Ok(Err(_)) => Err(RequestError::Closed),
+                    Err(_) => {
+                        // From now on a reply for this id is late, and counted as such.
+                        this.requester.forget(&this.id);
+                        Err(this.timed_out())
+                    }
+                },
+                // Nobody can answer any more: not left waiting for the timeout.
+                () = runtime.shut_down() => {
                     this.requester.forget(&this.id);
-                    Err(this.timed_out())
+                    Err(BrokerError::Stopped.into())
                 }
             }
         })

@@ -16,7 +16,7 @@ use crate::broker::Broker;
 use crate::error::BrokerError;
 use crate::exchange::Destination;
 use crate::exchange::headers::HeadersMatch;
-use crate::name::{NameKind, validate_name};
+use crate::name::{NameKind, validate_declared};
 use crate::stream::error::StreamError;
 use crate::stream::handle::{StreamCore, StreamHandle};
 use crate::stream::log::StreamStats;
@@ -30,7 +30,8 @@ impl Broker {
         name: &str,
         options: StreamOptions,
     ) -> Result<StreamHandle, StreamError> {
-        validate_name(NameKind::Stream, name)?;
+        validate_declared(NameKind::Stream, name)?;
+        self.alive().map_err(|_| StreamError::Stopped)?;
         let mut topology = self.topology().write();
         if let Some(existing) = topology.streams.get(name) {
             if existing.core.options != options {
@@ -44,8 +45,7 @@ impl Broker {
         }
         let limit = options
             .max_message_bytes
-            .unwrap_or(self.config().max_message_bytes)
-            .min(options.max_bytes.unwrap_or(usize::MAX));
+            .unwrap_or(self.config().max_message_bytes);
         let name = ByteString::from(name);
         tracing::debug!(stream = %name, ?options, "stream declared");
         let handle = StreamHandle {
@@ -88,6 +88,7 @@ impl Broker {
     /// and later calls through its handles, get [`StreamError::NotFound`].
     /// Returns its last stats.
     pub async fn delete_stream(&self, name: &str) -> Result<StreamStats, StreamError> {
+        self.alive().map_err(|_| StreamError::Stopped)?;
         let handle = self
             .topology()
             .write()

@@ -26,13 +26,14 @@ pub enum StreamError {
         /// The options asked for.
         requested: Box<StreamOptions>,
     },
-    /// The payload is larger than the stream accepts (its
-    /// `max_message_bytes`, or its `max_bytes` retention if smaller).
+    /// The message is larger than the stream accepts: the whole message
+    /// against its `max_message_bytes`, or the payload against its `max_bytes`
+    /// retention.
     #[error("a message of {size} bytes exceeds the {limit}-byte limit of stream {stream:?}")]
     MessageTooLarge {
         /// The stream.
         stream: String,
-        /// The payload's size.
+        /// The size that broke the limit.
         size: usize,
         /// The limit.
         limit: usize,

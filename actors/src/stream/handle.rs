@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::pin::pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytestring::ByteString;
 use parking_lot::Mutex;
@@ -35,7 +35,7 @@ pub(crate) type Waker = Recipient<Pump>;
 pub(crate) struct StreamCore {
     pub(crate) name: ByteString,
     pub(crate) options: StreamOptions,
-    /// Largest payload accepted.
+    /// Largest message accepted ([`Envelope::total_size`]).
     pub(crate) limit: usize,
     pub(crate) log: Mutex<LogState<Waker>>,
     /// Fired when a blocked publisher may have room, and when the stream closes.
@@ -43,6 +43,8 @@ pub(crate) struct StreamCore {
     pub(crate) subscribers: Mutex<HashMap<ReaderId, Supervisor>>,
     pub(crate) runtime: RuntimeHandle,
     seq: AtomicU64,
+    /// Set when the runtime shut down: calls fail with `Stopped`, not `NotFound`.
+    stopped: AtomicBool,
 }
 
 impl StreamCore {
@@ -61,6 +63,24 @@ impl StreamCore {
             subscribers: Mutex::new(HashMap::new()),
             runtime,
             seq: AtomicU64::new(1),
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    /// The runtime shut down: the stream takes nothing more, and publishers
+    /// waiting for room, and later ones, fail with [`StreamError::Stopped`].
+    pub(crate) fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.log.lock().close();
+        self.release_publishers();
+    }
+
+    /// Why the stream refuses calls: deleted, or the runtime stopped.
+    pub(crate) fn gone(&self) -> StreamError {
+        if self.stopped.load(Ordering::Acquire) {
+            StreamError::Stopped
+        } else {
+            StreamError::NotFound(self.name.to_string())
         }
     }
 
@@ -142,32 +162,46 @@ impl StreamHandle {
         &self.core.options
     }
 
-    fn check(&self, message: &Envelope) -> Result<(), StreamError> {
-        if message.size() > self.core.limit {
-            return Err(StreamError::MessageTooLarge {
-                stream: self.core.name.to_string(),
-                size: message.size(),
-                limit: self.core.limit,
-            });
+    /// The size and the limit it breaks, if `message` is too large: the whole
+    /// message against `max_message_bytes`, or its payload against the
+    /// `max_bytes` retention (a record that alone breaks retention).
+    fn too_large(&self, message: &Envelope) -> Option<(usize, usize)> {
+        let total = message.total_size();
+        if total > self.core.limit {
+            return Some((total, self.core.limit));
         }
-        Ok(())
+        match self.core.options.max_bytes {
+            Some(max) if message.size() > max => Some((message.size(), max)),
+            _ => None,
+        }
+    }
+
+    fn check(&self, message: &Envelope) -> Result<(), StreamError> {
+        match self.too_large(message) {
+            Some((size, limit)) => Err(StreamError::MessageTooLarge {
+                stream: self.core.name.to_string(),
+                size,
+                limit,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The size check of [`check`](Self::check), as a [`BrokerError`], for
     /// messages routed here through an exchange.
     pub(crate) fn check_routed(&self, message: &Envelope) -> Result<(), crate::error::BrokerError> {
-        if message.size() > self.core.limit {
-            return Err(crate::error::BrokerError::StreamMessageTooLarge {
+        match self.too_large(message) {
+            Some((size, limit)) => Err(crate::error::BrokerError::StreamMessageTooLarge {
                 stream: self.core.name.to_string(),
-                size: message.size(),
-                limit: self.core.limit,
-            });
+                size,
+                limit,
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn gone(&self) -> StreamError {
-        StreamError::NotFound(self.core.name.to_string())
+        self.core.gone()
     }
 
     /// Appends a message and returns its offset. With block overflow, waits

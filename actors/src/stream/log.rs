@@ -250,6 +250,7 @@ impl<W: Clone> LogState<W> {
             self.bytes -= record.envelope.size();
             self.first += 1;
             self.trimmed += 1;
+            crate::spare::release(&mut self.records);
         }
     }
 

@@ -57,7 +57,8 @@ pub struct StreamOptions {
     pub max_age: Option<Duration>,
     /// What retention does to records a live subscriber has not read.
     pub overflow: StreamOverflow,
-    /// Largest payload accepted, in bytes; `None` uses the broker's limit
+    /// Largest message accepted, in bytes, payload, headers and properties
+    /// counted; `None` uses the broker's limit
     /// ([`BrokerConfig::max_message_bytes`](crate::BrokerConfig)).
     pub max_message_bytes: Option<usize>,
 }

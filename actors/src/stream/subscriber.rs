@@ -288,15 +288,20 @@ impl<C: StreamConsumer> Handler<Pump> for StreamSubscriber<C> {
     }
 }
 
-/// Graceful cancel: stop between batches (the position is committed).
+/// Graceful cancel: stop between batches (the position is committed); replies
+/// with the final stats.
 pub(crate) struct StopSubscriber;
 impl Message for StopSubscriber {
-    type Reply = ();
+    type Reply = Option<SubscriberStats>;
 }
 impl<C: StreamConsumer> Handler<StopSubscriber> for StreamSubscriber<C> {
-    async fn handle(&mut self, _: StopSubscriber, ctx: &mut Context<Self>) -> Result<(), Failure> {
+    async fn handle(
+        &mut self,
+        _: StopSubscriber,
+        ctx: &mut Context<Self>,
+    ) -> Result<Option<SubscriberStats>, Failure> {
         ctx.stop();
-        Ok(())
+        Ok(self.core.log.lock().reader_stats(self.reader))
     }
 }
 
@@ -332,10 +337,13 @@ impl<C: StreamConsumer> StreamSubscription<C> {
     /// its position (stored, for a named subscriber), and stops without being
     /// restarted. Returns its final stats (`None` if it had already stopped).
     pub async fn cancel(self) -> Option<SubscriberStats> {
-        if self.addr.ask(StopSubscriber).await.is_ok() {
-            self.addr.terminated().await;
-        }
-        let stats = self.stats();
+        let stats = match self.addr.ask(StopSubscriber).await {
+            Ok(stats) => {
+                self.addr.terminated().await;
+                stats
+            }
+            Err(_) => self.stats(),
+        };
         self.supervisor.stop();
         self.supervisor.terminated().await;
         // Normally done already, when the supervisor stopped.

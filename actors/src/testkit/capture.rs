@@ -459,7 +459,7 @@ impl TestBroker {
         queue: &str,
         timeout: Duration,
     ) -> Result<Envelope, ProbeError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = postbox::clock::deadline(timeout);
         let found = self
             .recorder
             .wait(deadline, |state| {
@@ -514,7 +514,7 @@ impl TestBroker {
         mut condition: impl FnMut(&Events) -> bool,
         timeout: Duration,
     ) -> Result<(), ProbeError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = postbox::clock::deadline(timeout);
         let met = self
             .recorder
             .wait(deadline, |state| condition(&state.events).then_some(()))

@@ -1,0 +1,60 @@
+//! Giving memory back: a queue that held millions of messages and drained (or
+//! was purged) should not keep the buffers it needed then.
+//!
+//! `VecDeque` and `Vec` never shrink on their own. [`release`] shrinks a
+//! deque once three quarters of its capacity stand empty, to twice what it
+//! holds: each shrink costs a copy of what is left, and a quarter of the old
+//! capacity had to be removed since the last one, so the cost is amortized
+//! constant per removal, and a queue that keeps its size never reallocates.
+
+use std::collections::VecDeque;
+
+/// Capacity below which nothing is given back: small buffers are cheap to
+/// keep, and a queue bouncing around a few hundred messages should not
+/// reallocate.
+const KEEP: usize = 1024;
+
+/// Shrinks `deque` if most of its capacity is unused (see the module docs).
+#[inline]
+pub(crate) fn release<T>(deque: &mut VecDeque<T>) {
+    let capacity = deque.capacity();
+    if capacity > KEEP && deque.len() < capacity / 4 {
+        shrink(deque);
+    }
+}
+
+#[cold]
+fn shrink<T>(deque: &mut VecDeque<T>) {
+    let target = (deque.len() * 2).max(KEEP / 2);
+    deque.shrink_to(target);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drained_deque_gives_its_memory_back_and_a_steady_one_keeps_it() {
+        let mut d: VecDeque<u64> = (0..1_000_000).collect();
+        let big = d.capacity();
+        while d.len() > 10 {
+            d.pop_front();
+            release(&mut d);
+        }
+        assert!(d.capacity() <= KEEP, "{} of {big}", d.capacity());
+        // Steady at 10,000: pushing and popping never shrinks below what it holds.
+        let mut d: VecDeque<u64> = (0..10_000).collect();
+        d.push_back(0);
+        d.pop_front();
+        let cap = d.capacity();
+        for i in 0..100_000 {
+            d.push_back(i);
+            d.pop_front();
+            release(&mut d);
+        }
+        assert_eq!(d.capacity(), cap);
+        d.clear();
+        release(&mut d);
+        assert!(d.capacity() <= KEEP);
+    }
+}
