@@ -230,12 +230,17 @@ impl Drop for Backlog {
 struct InHand<'a> {
     backlog: &'a parking_lot::Mutex<Backlog>,
     rest: VecDeque<Delivery>,
-    handling: Option<Arc<Link>>,
+    /// The registration of the deliveries (their queue's loss counter).
+    link: Option<Arc<Link>>,
+    /// A delivery is in its handler.
+    handling: bool,
 }
 
 impl Drop for InHand<'_> {
     fn drop(&mut self) {
-        if let Some(link) = self.handling.take() {
+        if self.handling
+            && let Some(link) = &self.link
+        {
             link.lose_one();
         }
         if !self.rest.is_empty() {
@@ -278,20 +283,19 @@ impl<C: Consumer> ConsumerActor<C> {
         rest.extend(batch);
         let mut hand = InHand {
             backlog: &backlog,
+            link: rest.front().map(|d| d.link().clone()),
             rest,
-            handling: None,
+            handling: false,
         };
         while let Some(delivery) = hand.rest.pop_front() {
-            hand.handling = Some(delivery.link().clone());
+            hand.handling = true;
             let result = self.handle_one(delivery).await;
-            let link = hand.handling.take();
             if let Err(failure) = result {
-                // At most once: this one is lost; the rest wait for the next incarnation.
-                if let Some(link) = link {
-                    link.lose_one();
-                }
+                // At most once: this one is lost (counted when `hand` drops);
+                // the rest wait for the next incarnation.
                 return Err(failure);
             }
+            hand.handling = false;
         }
         Ok(())
     }
