@@ -61,6 +61,10 @@
 //! `target/bench/peers.json` (an array of `{scenario, system, msgs_per_sec,
 //! p50_us, p99_us, bytes_per_msg}`).
 
+// A benchmark program: its modules share items with each other, not with
+// users, so the library's API lints do not apply.
+#![allow(unreachable_pub, missing_docs, missing_debug_implementations)]
+
 #[path = "peers/actix_threads.rs"]
 mod actix_threads;
 #[path = "peers/durable.rs"]

@@ -16,12 +16,12 @@ use std::time::Duration;
 
 use postbox::{Failure, Runtime};
 use postbox_actors::rpc::{RemoteError, Request};
-use postbox_actors::stream::{
-    StreamDelivery, StreamOptions, StreamStart, SubscribeOptions, TryStreamPublishError,
-};
 use postbox_actors::{
     Broker, ConsumeOptions, Consumer, Delivery, Envelope, ExchangeOptions, QueueOptions,
     RetryPolicy, TryPublishError,
+};
+use postbox_actors::{
+    LayerExt, StreamDelivery, StreamOptions, StreamStart, SubscribeOptions, TryStreamPublishError,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -309,7 +309,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .consume(
             "payments",
             ConsumeOptions::manual(8),
-            policy.wrap(move || {
+            (move || {
                 move |d: Delivery| {
                     println!(
                         "   attempt {} at {:>4} ms: payment gateway down",
@@ -318,7 +318,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     );
                     async { Err::<(), _>(Failure::msg("payment gateway down")) }
                 }
-            }),
+            })
+            .layer(policy),
         )
         .await?;
     let (dead_tx, mut dead) = mpsc::unbounded_channel();

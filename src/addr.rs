@@ -131,11 +131,19 @@ pub(crate) struct Shared {
     pub(crate) failures: AtomicU64,
     pub(crate) restarts: AtomicU64,
     life: Mutex<Life>,
+    /// Reads the mailbox's (queued, capacity) for untyped handles; `None`
+    /// once the mailbox is closed.
+    mailbox: Box<dyn Fn() -> Option<(usize, usize)> + Send + Sync>,
 }
 
 impl Shared {
-    pub(crate) fn new(name: Option<Arc<str>>) -> Self {
+    pub(crate) fn new<M: Send + 'static>(name: Option<Arc<str>>, tx: &mpsc::Sender<M>) -> Self {
+        let weak = tx.downgrade();
         Shared {
+            mailbox: Box::new(move || {
+                weak.upgrade()
+                    .map(|tx| (tx.max_capacity() - tx.capacity(), tx.max_capacity()))
+            }),
             id: ActorId::next(),
             name,
             control: ControlBox::default(),
@@ -496,6 +504,14 @@ impl<A: Actor> Clone for WeakAddr<A> {
     }
 }
 
+impl<A: Actor> fmt::Debug for WeakAddr<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WeakAddr")
+            .field("id", &self.shared.id)
+            .finish()
+    }
+}
+
 impl<A: Actor> WeakAddr<A> {
     /// The address, if the actor can still be reached.
     pub fn upgrade(&self) -> Option<Addr<A>> {
@@ -544,6 +560,13 @@ impl AnyAddr {
     /// True once the actor has stopped for good.
     pub fn is_terminated(&self) -> bool {
         self.shared.is_terminated()
+    }
+
+    /// The actor's counters (see [`Addr::stats`]); `queued` and `capacity`
+    /// read 0 once its mailbox has closed.
+    pub fn stats(&self) -> ActorStats {
+        let (queued, capacity) = (self.shared.mailbox)().unwrap_or((0, 0));
+        stats_of(&self.shared, queued, capacity)
     }
 
     /// Resolves when the actor has stopped for good.

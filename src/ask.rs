@@ -40,6 +40,15 @@ pub struct Ask<'a, A: Handler<M>, M: Message> {
     timeout: Option<Duration>,
 }
 
+impl<A: Handler<M>, M: Message> std::fmt::Debug for Ask<'_, A, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ask")
+            .field("to", &self.addr.id())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
 impl<'a, A: Handler<M>, M: Message> Ask<'a, A, M> {
     pub(crate) fn new(addr: &'a Addr<A>, msg: M) -> Self {
         Ask {

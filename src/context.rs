@@ -25,6 +25,15 @@ pub struct Context<A: Actor> {
     tasks: Vec<AbortHandle>,
 }
 
+impl<A: Actor> std::fmt::Debug for Context<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("id", &self.shared.id)
+            .field("incarnation", &self.incarnation)
+            .finish()
+    }
+}
+
 impl<A: Actor> Context<A> {
     pub(crate) fn new(
         weak: mpsc::WeakSender<Envelope<A>>,

@@ -21,7 +21,7 @@
 //! - **Works from any runtime.** A [`Runtime`] runs on threads of its own, so it
 //!   is usable from `#[tokio::main]` (where actix actors cannot start) as well as
 //!   from `#[actix::main]`.
-//! - **A test kit.** [`testkit`] has probes that record what they receive,
+//! - **A test kit** (feature `testkit`). `testkit` has probes that record what they receive,
 //!   virtual time and a deterministic single-threaded mode.
 //!
 //! ```
@@ -62,6 +62,8 @@ mod envelope;
 mod failure;
 mod runtime;
 mod supervisor;
+#[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
 
 pub use actor::{Actor, Handler, Message};

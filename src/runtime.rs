@@ -443,6 +443,16 @@ pub struct Builder<A: Actor> {
     parent: Option<Parent>,
 }
 
+impl<A: Actor> fmt::Debug for Builder<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("mailbox", &self.mailbox)
+            .field("name", &self.name)
+            .field("arbiter", &self.arbiter)
+            .finish()
+    }
+}
+
 impl<A: Actor> Builder<A> {
     /// Mailbox capacity (at least 1). A full mailbox makes `send` wait.
     pub fn mailbox(mut self, capacity: usize) -> Self {
@@ -470,7 +480,7 @@ impl<A: Actor> Builder<A> {
     /// Starts the actor and returns its address at once.
     pub fn spawn(self) -> Addr<A> {
         let (tx, rx) = mpsc::channel(self.mailbox);
-        let shared = Arc::new(Shared::new(self.name));
+        let shared = Arc::new(Shared::new(self.name, &tx));
         let addr = Addr {
             tx,
             shared: shared.clone(),

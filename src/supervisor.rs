@@ -154,6 +154,16 @@ impl<A: Actor> Clone for ChildSpec<A> {
     }
 }
 
+impl<A: Actor> fmt::Debug for ChildSpec<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChildSpec")
+            .field("name", &self.name)
+            .field("restart", &self.restart)
+            .field("mailbox", &self.mailbox)
+            .finish()
+    }
+}
+
 impl<A: Actor> ChildSpec<A> {
     /// A permanent child named `name`, built by `factory` at each (re)start.
     pub fn new(name: impl Into<Arc<str>>, factory: impl Fn() -> A + Send + Sync + 'static) -> Self {
@@ -357,6 +367,15 @@ pub struct SupervisorActor {
     spec: SupervisorSpec,
     children: Vec<Slot>,
     restarts: VecDeque<Instant>,
+}
+
+impl fmt::Debug for SupervisorActor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SupervisorActor")
+            .field("spec", &self.spec)
+            .field("children", &self.children.len())
+            .finish()
+    }
 }
 
 impl SupervisorActor {

@@ -11,9 +11,11 @@ use postbox::{
     Actor, AskError, Backoff, ChildSpec, Context, Failure, Handler, Message, Recipient,
     RuntimeHandle, SupervisorSpec,
 };
-use postbox_actors::queue::state::DeathReason;
+use postbox_actors::DeathReason;
 use postbox_actors::testkit::{DeliveryProbe, Event, FaultPlan, FaultStats, TestBroker};
-use postbox_actors::{AckError, Broker, ConsumeOptions, Consumer, Delivery, Outcome, QueueOptions};
+use postbox_actors::{
+    AckError, Broker, ConsumeOptions, Consumer, Delivery, LayerExt, Outcome, QueueOptions,
+};
 use tokio::time::Instant;
 
 const SEC: Duration = Duration::from_secs(1);
@@ -337,7 +339,7 @@ async fn scenario() -> Vec<(u64, u32, bool, Duration)> {
             .consume(
                 "jobs",
                 ConsumeOptions::manual(2),
-                plan.wrap(move || {
+                (move || {
                     let trace = trace.clone();
                     move |d: Delivery| {
                         let trace = trace.clone();
@@ -354,7 +356,8 @@ async fn scenario() -> Vec<(u64, u32, bool, Duration)> {
                             Ok(())
                         }
                     }
-                }),
+                })
+                .layer(plan.clone()),
             )
             .await
             .unwrap();
@@ -700,7 +703,7 @@ async fn crash_before_ack_requeues_and_redelivers_flagged() {
             .consume(
                 "q",
                 ConsumeOptions::manual(8),
-                plan.wrap(reporter(&seen, true)),
+                reporter(&seen, true).layer(plan.clone()),
             )
             .await
             .unwrap();
@@ -762,7 +765,7 @@ async fn crash_after_ack_is_not_redelivered() {
             .consume(
                 "q",
                 ConsumeOptions::manual(8),
-                plan.wrap(reporter(&seen, true)),
+                reporter(&seen, true).layer(plan.clone()),
             )
             .await
             .unwrap();
@@ -814,7 +817,7 @@ async fn a_duplicate_reaches_the_consumer_twice_and_its_second_ack_is_refused() 
             .consume(
                 "q",
                 ConsumeOptions::manual(8),
-                plan.wrap(reporter(&seen, false)),
+                reporter(&seen, false).layer(plan.clone()),
             )
             .await
             .unwrap();
@@ -850,7 +853,7 @@ async fn a_consumer_that_propagates_the_duplicate_ack_error_crashes() {
             .consume(
                 "q",
                 ConsumeOptions::manual(8),
-                plan.wrap(reporter(&seen, true)),
+                reporter(&seen, true).layer(plan.clone()),
             )
             .await
             .unwrap();
@@ -876,7 +879,7 @@ async fn a_delayed_delivery_holds_up_the_ones_behind_it() {
             .consume(
                 "q",
                 ConsumeOptions::manual(8),
-                plan.wrap(reporter(&seen, true)),
+                reporter(&seen, true).layer(plan.clone()),
             )
             .await
             .unwrap();
@@ -901,7 +904,7 @@ async fn a_slow_consumer_is_observed_in_virtual_time() {
             .consume(
                 "q",
                 ConsumeOptions::manual(8),
-                plan.wrap(reporter(&seen, true)),
+                reporter(&seen, true).layer(plan.clone()),
             )
             .await
             .unwrap();

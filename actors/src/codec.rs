@@ -1,43 +1,4 @@
 //! Pluggable payload codecs.
-//!
-//! The runtime moves payloads around as opaque [`Bytes`]; a [`Codec`] is what turns a
-//! typed value into those bytes and back. [`Json`] is the default and is what
-//! [`Envelope::encode`](crate::envelope::Envelope::encode) and
-//! [`Envelope::decode`](crate::envelope::Envelope::decode) use. Any other format can be
-//! plugged in by implementing [`Codec`] and passing it to
-//! [`Envelope::encode_with`](crate::envelope::Envelope::encode_with) /
-//! [`Envelope::decode_with`](crate::envelope::Envelope::decode_with):
-//!
-//! ```
-//! use bytes::Bytes;
-//! use postbox_actors::codec::{Codec, CodecError};
-//! use postbox_actors::envelope::Envelope;
-//! use serde::{Serialize, de::DeserializeOwned};
-//!
-//! /// JSON, indented for humans reading a queue dump.
-//! struct PrettyJson;
-//!
-//! impl Codec for PrettyJson {
-//!     const CONTENT_TYPE: &'static str = "application/json";
-//!
-//!     fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Bytes, CodecError> {
-//!         serde_json::to_vec_pretty(value)
-//!             .map(Bytes::from)
-//!             .map_err(|e| CodecError::Encode(e.to_string()))
-//!     }
-//!
-//!     fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, CodecError> {
-//!         serde_json::from_slice(bytes).map_err(|e| CodecError::Decode(e.to_string()))
-//!     }
-//! }
-//!
-//! let envelope = Envelope::encode_with(&PrettyJson, &vec![1, 2, 3])?;
-//! assert_eq!(envelope.content_type(), Some("application/json"));
-//! assert_eq!(envelope.payload().as_ref(), b"[\n  1,\n  2,\n  3\n]");
-//! let back: Vec<i32> = envelope.decode_with(&PrettyJson)?;
-//! assert_eq!(back, [1, 2, 3]);
-//! # Ok::<(), CodecError>(())
-//! ```
 
 use bytes::Bytes;
 use serde::{Serialize, de::DeserializeOwned};
@@ -46,6 +7,45 @@ use serde::{Serialize, de::DeserializeOwned};
 ///
 /// Implementations are usually zero-sized marker types; the methods take `&self` so that
 /// a codec may also carry configuration (a schema registry handle, compression level...).
+///
+/// The runtime moves payloads around as opaque [`Bytes`]; a [`Codec`] is what turns a
+/// typed value into those bytes and back. [`Json`] is the default and is what
+/// [`Envelope::encode`](crate::envelope::Envelope::encode) and
+/// [`Envelope::decode`](crate::envelope::Envelope::decode) use. Any other format can be
+/// plugged in by implementing [`Codec`] and passing it to
+/// [`Envelope::encode_with`](crate::envelope::Envelope::encode_with) /
+/// [`Envelope::decode_with`](crate::envelope::Envelope::decode_with):
+///
+/// ```
+/// use bytes::Bytes;
+/// use postbox_actors::{Codec, CodecError};
+/// use postbox_actors::Envelope;
+/// use serde::{Serialize, de::DeserializeOwned};
+///
+/// /// JSON, indented for humans reading a queue dump.
+/// struct PrettyJson;
+///
+/// impl Codec for PrettyJson {
+///     const CONTENT_TYPE: &'static str = "application/json";
+///
+///     fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Bytes, CodecError> {
+///         serde_json::to_vec_pretty(value)
+///             .map(Bytes::from)
+///             .map_err(|e| CodecError::Encode(e.to_string()))
+///     }
+///
+///     fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, CodecError> {
+///         serde_json::from_slice(bytes).map_err(|e| CodecError::Decode(e.to_string()))
+///     }
+/// }
+///
+/// let envelope = Envelope::encode_with(&PrettyJson, &vec![1, 2, 3])?;
+/// assert_eq!(envelope.content_type(), Some("application/json"));
+/// assert_eq!(envelope.payload().as_ref(), b"[\n  1,\n  2,\n  3\n]");
+/// let back: Vec<i32> = envelope.decode_with(&PrettyJson)?;
+/// assert_eq!(back, [1, 2, 3]);
+/// # Ok::<(), CodecError>(())
+/// ```
 pub trait Codec {
     /// The MIME type written to an envelope's content type when this codec encodes it.
     const CONTENT_TYPE: &'static str;
@@ -66,13 +66,13 @@ pub trait Codec {
 /// The default codec: compact JSON through `serde_json`, content type `application/json`.
 ///
 /// ```
-/// use postbox_actors::codec::{Codec, Json};
+/// use postbox_actors::{Codec, Json};
 ///
 /// let bytes = Json.encode(&("ping", 1))?;
 /// assert_eq!(bytes.as_ref(), br#"["ping",1]"#);
 /// let (word, n): (String, u32) = Json.decode(&bytes)?;
 /// assert_eq!((word.as_str(), n), ("ping", 1));
-/// # Ok::<(), postbox_actors::codec::CodecError>(())
+/// # Ok::<(), postbox_actors::CodecError>(())
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Json;

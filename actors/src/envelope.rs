@@ -1,30 +1,4 @@
 //! The message envelope: a payload plus the metadata that routing, queues and consumers need.
-//!
-//! An [`Envelope`] is what publishers hand to the broker, what queues store and what
-//! consumers receive. It is passed around by value and cloned freely (a queue keeps a copy
-//! of every unacknowledged delivery so that it can redeliver it), so it is built to be
-//! cheap to clone: the payload and strings are reference-counted [`Bytes`] /
-//! [`ByteString`]s, and the rarely-used AMQP-style properties (headers, content type,
-//! correlation id, reply-to, expiration) sit behind a single shared, copy-on-write
-//! pointer, so that an envelope which does not use them stays small.
-//!
-//! ```
-//! use postbox_actors::envelope::{Envelope, HeaderValue};
-//!
-//! let envelope = Envelope::new("hello")
-//!     .with_routing_key("greetings.en")
-//!     .with_header("attempt", 1) // integer literals become `HeaderValue::Int`
-//!     .with_priority(5);
-//! assert_eq!(envelope.routing_key(), "greetings.en");
-//! assert_eq!(envelope.payload().as_ref(), b"hello");
-//! assert_eq!(envelope.header("attempt"), Some(&HeaderValue::Int(1)));
-//!
-//! // Typed payloads go through a codec (JSON by default).
-//! let order = Envelope::encode(&("order-17", 3))?;
-//! let (id, quantity): (String, u32) = order.decode()?;
-//! assert_eq!((id.as_str(), quantity), ("order-17", 3));
-//! # Ok::<(), postbox_actors::codec::CodecError>(())
-//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -38,7 +12,6 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::codec::{Codec, CodecError, Json};
-use crate::queue::state::DeathReason;
 
 /// A message's unique id.
 ///
@@ -47,7 +20,7 @@ use crate::queue::state::DeathReason;
 /// through [`Envelope::with_id`].
 ///
 /// ```
-/// use postbox_actors::envelope::MessageId;
+/// use postbox_actors::MessageId;
 ///
 /// let a = MessageId::new();
 /// let b = MessageId::new();
@@ -75,7 +48,7 @@ impl MessageId {
     /// not secret (do not use them as capabilities).
     ///
     /// ```
-    /// use postbox_actors::envelope::MessageId;
+    /// use postbox_actors::MessageId;
     ///
     /// let a = MessageId::at(1_700_000_000_000);
     /// let b = MessageId::at(1_700_000_000_000);
@@ -150,7 +123,7 @@ impl fmt::Display for MessageId {
 /// The value of a message header.
 ///
 /// ```
-/// use postbox_actors::envelope::HeaderValue;
+/// use postbox_actors::HeaderValue;
 ///
 /// assert_eq!(HeaderValue::from("eu-west"), HeaderValue::Str("eu-west".into()));
 /// assert_eq!(HeaderValue::from(3_i64).as_int(), Some(3));
@@ -296,6 +269,38 @@ struct Properties {
     first_death: Option<Death>,
 }
 
+/// Why a message left a queue other than by being consumed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeathReason {
+    /// Nacked or rejected without requeue.
+    Rejected,
+    /// Its TTL ran out.
+    Expired,
+    /// Dropped from the head for a length limit.
+    MaxLen,
+    /// Returned once too often.
+    DeliveryLimit,
+}
+
+impl DeathReason {
+    /// RabbitMQ's name for the reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeathReason::Rejected => "rejected",
+            DeathReason::Expired => "expired",
+            DeathReason::MaxLen => "maxlen",
+            DeathReason::DeliveryLimit => "delivery_limit",
+        }
+    }
+}
+
+impl fmt::Display for DeathReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One entry of a message's death history: it left `queue` for `reason`,
 /// `count` times (RabbitMQ's `x-death`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -328,7 +333,7 @@ pub struct Death {
 ///
 /// ```
 /// use std::time::Duration;
-/// use postbox_actors::envelope::Envelope;
+/// use postbox_actors::Envelope;
 ///
 /// let request = Envelope::new(&b"\x01\x02"[..])
 ///     .with_routing_key("rpc.sum")
@@ -341,6 +346,32 @@ pub struct Death {
 /// assert_eq!(copy.expiration(), Some(Duration::from_secs(5)));
 /// assert_eq!(copy.size(), 2);
 /// assert_eq!(copy.delivery_count(), 0);
+/// ```
+///
+/// An [`Envelope`] is what publishers hand to the broker, what queues store and what
+/// consumers receive. It is passed around by value and cloned freely (a queue keeps a copy
+/// of every unacknowledged delivery so that it can redeliver it), so it is built to be
+/// cheap to clone: the payload and strings are reference-counted [`Bytes`] /
+/// [`ByteString`]s, and the rarely-used AMQP-style properties (headers, content type,
+/// correlation id, reply-to, expiration) sit behind a single shared, copy-on-write
+/// pointer, so that an envelope which does not use them stays small.
+///
+/// ```
+/// use postbox_actors::{Envelope, HeaderValue};
+///
+/// let envelope = Envelope::new("hello")
+///     .with_routing_key("greetings.en")
+///     .with_header("attempt", 1) // integer literals become `HeaderValue::Int`
+///     .with_priority(5);
+/// assert_eq!(envelope.routing_key(), "greetings.en");
+/// assert_eq!(envelope.payload().as_ref(), b"hello");
+/// assert_eq!(envelope.header("attempt"), Some(&HeaderValue::Int(1)));
+///
+/// // Typed payloads go through a codec (JSON by default).
+/// let order = Envelope::encode(&("order-17", 3))?;
+/// let (id, quantity): (String, u32) = order.decode()?;
+/// assert_eq!((id.as_str(), quantity), ("order-17", 3));
+/// # Ok::<(), postbox_actors::CodecError>(())
 /// ```
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Envelope {
@@ -395,20 +426,20 @@ impl Envelope {
     /// [`CodecError::Encode`] if `value` cannot be represented as JSON.
     ///
     /// ```
-    /// use postbox_actors::envelope::Envelope;
+    /// use postbox_actors::Envelope;
     ///
     /// let envelope = Envelope::encode(&[1, 2])?;
     /// assert_eq!(envelope.payload().as_ref(), b"[1,2]");
     /// assert_eq!(envelope.content_type(), Some("application/json"));
-    /// # Ok::<(), postbox_actors::codec::CodecError>(())
+    /// # Ok::<(), postbox_actors::CodecError>(())
     /// ```
     pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Self, CodecError> {
         Self::encode_with(&Json, value)
     }
 
     /// Serializes `value` with `codec` into a new envelope whose content type is the
-    /// codec's [`Codec::CONTENT_TYPE`]. See the [`codec`](crate::codec) module for an example
-    /// of a custom codec.
+    /// codec's [`Codec::CONTENT_TYPE`]. See [`Codec`] for an example of a custom
+    /// codec.
     ///
     /// # Errors
     /// [`CodecError::Encode`] if the codec cannot serialize `value`.
@@ -430,7 +461,7 @@ impl Envelope {
     /// [`CodecError::Decode`] if the payload is not JSON or does not describe a `T`.
     ///
     /// ```
-    /// use postbox_actors::{codec::CodecError, envelope::Envelope};
+    /// use postbox_actors::{CodecError, Envelope};
     ///
     /// let envelope = Envelope::new("not json");
     /// assert!(matches!(envelope.decode::<u32>(), Err(CodecError::Decode(_))));
@@ -687,7 +718,7 @@ impl Envelope {
     /// them would not limit anything.
     ///
     /// ```
-    /// use postbox_actors::envelope::Envelope;
+    /// use postbox_actors::Envelope;
     /// let small = Envelope::new("x");
     /// let padded = Envelope::new("x").with_header("pad", "y".repeat(1000));
     /// assert_eq!(small.size(), padded.size());

@@ -2,67 +2,90 @@
 //!
 //! RabbitMQ's model, in process, as actors on [`postbox`]:
 //!
-//! - a [`Broker`] facade that declares, deletes and purges queues, publishes and
-//!   consumes;
-//! - one [`QueueActor`] per queue: FIFO, competing consumers served round-robin
-//!   within each one's prefetch, acknowledgements (auto; manual ack, nack with or
-//!   without requeue, reject, `multiple`), requeue to the original position;
-//! - [`ConsumerActor`]s with bounded mailboxes, supervised: a consumer that
-//!   crashes has its unacknowledged deliveries requeued and is rebuilt fresh;
-//! - [`stream`]s: shared, non-destructive, in-memory logs (RabbitMQ streams,
-//!   Kafka topics) read by any number of supervised subscribers, each from
-//!   its own position, with retention and backpressure;
+//! - a [`Broker`] that declares, deletes and purges queues, exchanges and
+//!   streams, binds them, publishes and consumes;
+//! - queues: FIFO, competing consumers served round-robin within each one's
+//!   prefetch, acknowledgements (auto; manual ack, nack with or without requeue,
+//!   reject, `multiple`), requeue to the original position, TTL, length and
+//!   delivery limits, dead-letter exchanges;
+//! - consumers ([`Consumer`]) hosted by supervised actors with bounded
+//!   mailboxes: one that crashes has its unacknowledged deliveries requeued and
+//!   is rebuilt fresh; [layers](Layer) add retries and more around them;
+//! - streams ([`StreamHandle`]): shared, non-destructive, in-memory logs
+//!   (RabbitMQ streams, Kafka topics) read by any number of supervised
+//!   subscribers, each from its own position;
+//! - request-reply ([`rpc`]), publish/subscribe ([`Subscription`]) and
+//!   transactions ([`Transaction`]) built on the broker;
 //! - an [`Envelope`] with ids, routing key, headers, correlation id, reply-to,
 //!   priority and expiration, and typed payloads through a pluggable [`Codec`].
 //!
+//! # Where things live
+//!
+//! Dependencies point one way, from the bottom of this list to the top:
+//!
+//! | layer | modules | holds |
+//! |---|---|---|
+//! | messages | `envelope`, `codec`, `name`, `error` | the message, payload codecs, name rules, errors |
+//! | queues, streams, exchanges | `queue/` (public: [`queue::state`]), `stream/`, `exchange/` | dispatch and acknowledgements (`queue::state`, `queue::actor`, `queue::delivery`), the stream log, routing tables (topic trie, headers match) |
+//! | consumers | `consumer/`, `supervision` | the [`Consumer`] trait, its actor, [`Layer`]s, restart policies |
+//! | broker | `broker/` | the [`Broker`] API and the topology: routing through exchanges happens in `broker::topology` |
+//! | patterns | `subscription`, `transaction`, `retry`, `rpc/` | publish/subscribe, transactions, retry layers, request-reply |
+//! | testing | `testkit/` (feature `testkit`) | a capturing broker, a delivery probe, fault injection |
+//!
 //! The queue's rules live in [`queue::state::QueueState`], a plain state machine
 //! with no actors in it, so that they can be tested exhaustively and persisted;
-//! [`QueueActor`] only drives it.
+//! the queue actor only drives it.
 //!
 //! Flow control: a queue whose inbox is full slows its publishers down, and a
 //! consumer whose mailbox is full stops receiving until it drains. A queue's
 //! backlog of ready messages is bounded only by its length limits
 //! ([`QueueOptions::max_length`]), if set.
 
-pub mod broker;
-pub mod codec;
-pub mod consumer;
-pub mod delivery;
-pub mod envelope;
-pub mod error;
-pub mod exchange;
-pub mod name;
-pub mod observe;
+mod broker;
+mod codec;
+mod consumer;
+mod envelope;
+mod error;
+mod exchange;
+mod name;
+mod observe;
 pub mod queue;
-pub mod retry;
+mod retry;
 pub mod rpc;
 mod spare;
-pub mod stream;
-pub mod subscription;
+mod stream;
+mod subscription;
+mod supervision;
+#[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
-mod topology;
-pub mod transaction;
+mod transaction;
 
-pub use broker::{Broker, BrokerConfig};
+pub use broker::{Broker, BrokerConfig, PublishOptions};
 pub use codec::{Codec, CodecError, Json};
-pub use consumer::{ConsumeOptions, Consumer, ConsumerActor, ConsumerFactory, ConsumerHandle};
-pub use delivery::Settler;
-pub use delivery::{AckError, Delivery, Outcome};
-pub use envelope::{Envelope, HeaderValue, Headers, MessageId};
+pub use consumer::{
+    ConsumeOptions, Consumer, ConsumerFactory, ConsumerHandle, Layer, LayerExt, Layered,
+};
+pub use envelope::{Death, DeathReason, Envelope, HeaderValue, Headers, MessageId};
 pub use error::{BrokerError, PublishError, TryPublishError};
-pub use exchange::headers::{HeadersMatch, XMatch};
-pub use exchange::{Binding, Destination, ExchangeKind, ExchangeOptions};
-pub use name::{NameError, NameKind};
+pub use exchange::{
+    Binding, BindingKey, Destination, ExchangeKind, ExchangeOptions, HeadersBindingError,
+    HeadersMatch, XMatch,
+};
+pub use name::{MAX_NAME_LEN, NameError, NameKind, RESERVED_PREFIX};
 pub use observe::{Observer, ObserverGuard};
-pub use queue::actor::{QueueActor, QueueSnapshot};
+pub use queue::ack::{AckMode, ConsumerId, DeliveryTag};
+pub use queue::actor::QueueSnapshot;
+pub use queue::delivery::{AckError, Delivery, MAX_REQUEUE_DELAY, Outcome, Settler};
 pub use queue::handle::QueueHandle;
 pub use queue::options::{DeleteOptions, QueueOptions};
-pub use queue::state::{AckMode, ConsumerId, ConsumerStats, DeliveryTag, QueueStats};
+pub use queue::policy::{Overflow, QueuePolicy};
+pub use queue::stats::{ConsumerStats, QueueStats};
 pub use retry::{RetryPolicy, Retrying};
 pub use stream::{
-    StreamConsumer, StreamDelivery, StreamError, StreamHandle, StreamOptions, StreamOverflow,
-    StreamStart, StreamStats, StreamSubscription, SubscribeOptions, SubscriberStats,
-    TryStreamPublishError,
+    StreamConsumer, StreamConsumerFactory, StreamDelivery, StreamError, StreamHandle,
+    StreamOptions, StreamOverflow, StreamStart, StreamStats, StreamSubscription, SubscribeOptions,
+    SubscriberStats, TryStreamPublishError,
 };
 pub use subscription::Subscription;
 pub use transaction::{Committed, Transaction, TxError};

@@ -1,23 +1,5 @@
 //! Validation of user-chosen queue and exchange names, routing keys and binding
 //! patterns.
-//!
-//! Names end up in logs, metrics labels, error messages and (later) on disk and on the
-//! wire to RabbitMQ, whose own limit is 255 bytes. Checking them once, when a queue or
-//! exchange is declared, keeps every later consumer of the name free of these concerns.
-//!
-//! The rules are deliberately few: a name must be non-empty, at most [`MAX_NAME_LEN`]
-//! bytes of UTF-8, and free of ASCII control characters. The default exchange `""` is
-//! built in and is never declared, so it does not go through this check.
-//!
-//! ```
-//! use postbox_actors::name::{NameError, NameKind, validate_name};
-//!
-//! assert!(validate_name(NameKind::Queue, "orders.created").is_ok());
-//! assert_eq!(
-//!     validate_name(NameKind::Exchange, ""),
-//!     Err(NameError::Empty { kind: NameKind::Exchange }),
-//! );
-//! ```
 
 use std::fmt;
 
@@ -52,6 +34,26 @@ impl fmt::Display for NameKind {
 }
 
 /// Why a name was refused.
+///
+/// Names end up in logs, metrics labels, error messages and (later) on disk and on the
+/// wire to RabbitMQ, whose own limit is 255 bytes. Checking them once, when a queue or
+/// exchange is declared, keeps every later consumer of the name free of these concerns.
+///
+/// The rules are deliberately few: a name must be non-empty, at most [`MAX_NAME_LEN`]
+/// bytes of UTF-8, and free of ASCII control characters. The default exchange `""` is
+/// built in and is never declared, so it does not go through this check.
+///
+/// ```
+/// use postbox_actors::{Broker, BrokerError, NameError, NameKind, QueueOptions};
+/// # postbox::testkit::run(async {
+/// let broker = Broker::new(&postbox::RuntimeHandle::local());
+/// assert!(broker.declare_queue("orders.created", QueueOptions::default()).await.is_ok());
+/// assert_eq!(
+///     broker.declare_queue("", QueueOptions::default()).await.unwrap_err(),
+///     BrokerError::InvalidName(NameError::Empty { kind: NameKind::Queue }),
+/// );
+/// # });
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
     /// The name is the empty string.
@@ -99,15 +101,7 @@ pub const RESERVED_PREFIX: &str = "amq.";
 /// # Errors
 /// Those of [`validate_name`], or [`NameError::Reserved`].
 ///
-/// ```
-/// use postbox_actors::name::{NameError, NameKind, validate_declared};
-/// assert!(validate_declared(NameKind::Queue, "orders").is_ok());
-/// assert!(matches!(
-///     validate_declared(NameKind::Exchange, "amq.orders"),
-///     Err(NameError::Reserved { .. })
-/// ));
-/// ```
-pub fn validate_declared(kind: NameKind, name: &str) -> Result<(), NameError> {
+pub(crate) fn validate_declared(kind: NameKind, name: &str) -> Result<(), NameError> {
     validate_name(kind, name)?;
     if name.starts_with(RESERVED_PREFIX) {
         return Err(NameError::Reserved {
@@ -126,14 +120,7 @@ pub fn validate_declared(kind: NameKind, name: &str) -> Result<(), NameError> {
 ///
 /// # Errors
 /// [`NameError::Empty`], [`NameError::TooLong`] or [`NameError::ControlChar`].
-///
-/// ```
-/// use postbox_actors::name::{NameKind, validate_name};
-///
-/// let err = validate_name(NameKind::Queue, &"q".repeat(300)).unwrap_err();
-/// assert_eq!(err.to_string(), "queue name is 300 bytes long; the limit is 255");
-/// ```
-pub fn validate_name(kind: NameKind, name: &str) -> Result<(), NameError> {
+pub(crate) fn validate_name(kind: NameKind, name: &str) -> Result<(), NameError> {
     if name.is_empty() {
         return Err(NameError::Empty { kind });
     }
@@ -160,13 +147,7 @@ pub fn validate_name(kind: NameKind, name: &str) -> Result<(), NameError> {
 ///
 /// # Errors
 /// [`NameError::TooLong`] or [`NameError::ControlChar`].
-///
-/// ```
-/// use postbox_actors::name::{NameKind, validate_key};
-/// assert!(validate_key(NameKind::BindingKey, "").is_ok());
-/// assert!(validate_key(NameKind::RoutingKey, "a\tb").is_err());
-/// ```
-pub fn validate_key(kind: NameKind, key: &str) -> Result<(), NameError> {
+pub(crate) fn validate_key(kind: NameKind, key: &str) -> Result<(), NameError> {
     if key.is_empty() {
         return Ok(());
     }

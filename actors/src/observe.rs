@@ -1,36 +1,37 @@
 //! Observing a broker: an [`Observer`] sees every publish, delivery and
 //! settlement on every queue. It is how the test kit captures traffic, and
 //! where metrics and monitoring hook in.
-//!
-//! Observers are called on the queue's own thread, in the queue's order of
-//! events, so they must be quick and must not block. With no observer
-//! registered, the cost is one relaxed atomic load per event.
-//!
-//! ```
-//! use std::sync::Arc;
-//! use std::sync::atomic::{AtomicU64, Ordering};
-//! use postbox_actors::{Envelope, Observer};
-//!
-//! #[derive(Default)]
-//! struct Count(AtomicU64);
-//! impl Observer for Count {
-//!     fn published(&self, _queue: &str, _message: &Envelope) {
-//!         self.0.fetch_add(1, Ordering::Relaxed);
-//!     }
-//! }
-//! # let _ = Arc::new(Count::default());
-//! ```
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 
-use crate::delivery::Outcome;
+use crate::envelope::DeathReason;
 use crate::envelope::Envelope;
-use crate::queue::state::{ConsumerId, DeathReason, DeliveryTag};
+use crate::queue::ack::{ConsumerId, DeliveryTag};
+use crate::queue::delivery::Outcome;
 
 /// Callbacks for broker traffic; every method has an empty default.
+///
+/// Observers are called on the queue's own thread, in the queue's order of
+/// events, so they must be quick and must not block. With no observer
+/// registered, the cost is one relaxed atomic load per event.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use postbox_actors::{Envelope, Observer};
+///
+/// #[derive(Default)]
+/// struct Count(AtomicU64);
+/// impl Observer for Count {
+///     fn published(&self, _queue: &str, _message: &Envelope) {
+///         self.0.fetch_add(1, Ordering::Relaxed);
+///     }
+/// }
+/// # let _ = Arc::new(Count::default());
+/// ```
 pub trait Observer: Send + Sync + 'static {
     /// A message was enqueued on `queue`.
     fn published(&self, queue: &str, message: &Envelope) {
@@ -118,6 +119,14 @@ impl Observers {
 pub struct ObserverGuard {
     observers: Observers,
     id: u64,
+}
+
+impl std::fmt::Debug for ObserverGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObserverGuard")
+            .field("id", &self.id)
+            .finish()
+    }
 }
 
 impl Drop for ObserverGuard {

@@ -2,37 +2,40 @@
 //! with fixed or exponential backoff and jitter, up to a number of attempts;
 //! then reject it, so it goes to the queue's dead-letter exchange. This is what
 //! MassTransit's and Spring's retry interceptors do.
-//!
-//! Retries are delayed redeliveries ([`Delivery::nack_after`]): the message
-//! leaves its consumer, waits in the queue (as `delayed`), and comes back at its
-//! original position, to this consumer or another. An attempt is a delivery, so
-//! the count survives consumer restarts and is the message's delivery count.
-//! Only handler *errors* are retried. A panic crashes the consumer as usual, and
-//! the message is requeued at once; bound those with the queue's delivery limit.
-//!
-//! ```
-//! use std::time::Duration;
-//! use postbox_actors::{Delivery, RetryPolicy};
-//!
-//! let policy = RetryPolicy::exponential(Duration::from_millis(100), Duration::from_secs(10), 5)
-//!     .jitter(0.2);
-//! let factory = policy.wrap(|| |d: Delivery| async move {
-//!     let _order: String = d.decode()?;
-//!     d.ack().await?;
-//!     Ok(())
-//! });
-//! # let _ = factory;
-//! ```
 
 use std::time::Duration;
 
 use postbox::Failure;
 
-use crate::consumer::{Consumer, ConsumerFactory};
-use crate::delivery::{AckError, Delivery, MAX_REQUEUE_DELAY, Outcome};
-use crate::queue::state::AckMode;
+use crate::consumer::{Consumer, Layer};
+use crate::queue::ack::AckMode;
+use crate::queue::delivery::{AckError, Delivery, MAX_REQUEUE_DELAY, Outcome};
 
 /// How long to wait between attempts, and how many to make.
+///
+/// Retries are delayed redeliveries ([`Delivery::nack_after`]): the message
+/// leaves its consumer, waits in the queue (as `delayed`), and comes back at its
+/// original position, to this consumer or another. An attempt is a delivery, so
+/// the count survives consumer restarts and is the message's delivery count.
+/// Only handler *errors* are retried. A panic crashes the consumer as usual, and
+/// the message is requeued at once; bound those with the queue's delivery limit.
+///
+/// A policy is a consumer [`Layer`]: stack it on any consumer factory.
+///
+/// ```
+/// use std::time::Duration;
+/// use postbox_actors::{Delivery, LayerExt, RetryPolicy};
+///
+/// let policy = RetryPolicy::exponential(Duration::from_millis(100), Duration::from_secs(10), 5)
+///     .jitter(0.2);
+/// let handler = || |d: Delivery| async move {
+///     let _order: String = d.decode()?;
+///     d.ack().await?;
+///     Ok(())
+/// };
+/// let factory = handler.layer(policy);
+/// # let _ = factory;
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RetryPolicy {
     max_attempts: u32,
@@ -112,21 +115,21 @@ impl RetryPolicy {
         }
         base.mul_f64(1.0 - self.jitter * fastrand::f64())
     }
+}
 
-    /// Wraps a consumer factory so that its consumers retry by this policy.
-    pub fn wrap<C, F>(self, factory: F) -> impl ConsumerFactory<Retrying<C>>
-    where
-        C: Consumer,
-        F: ConsumerFactory<C>,
-    {
-        move || Retrying {
-            inner: factory(),
-            policy: self,
+impl<C: Consumer> Layer<C> for RetryPolicy {
+    type Consumer = Retrying<C>;
+
+    fn layer(&self, inner: C) -> Retrying<C> {
+        Retrying {
+            inner,
+            policy: *self,
         }
     }
 }
 
 /// A consumer with a [`RetryPolicy`] (needs manual acknowledgements).
+#[derive(Debug)]
 pub struct Retrying<C> {
     inner: C,
     policy: RetryPolicy,
@@ -158,6 +161,10 @@ impl<C: Consumer> Consumer for Retrying<C> {
             Ok(_) | Err(AckError::AlreadySettled { .. }) => Ok(()),
             Err(err) => Err(err.into()),
         }
+    }
+
+    async fn cancelled(&mut self) {
+        self.inner.cancelled().await
     }
 }
 

@@ -1,40 +1,5 @@
 //! Publish/subscribe: a [`Subscription`] is a queue bound to an exchange with
 //! a consumer on it.
-//!
-//! - [`Broker::subscribe`] gives the subscriber a queue of its own, named
-//!   `sub.<uuid>`, exclusive to it: the queue is deleted when the subscriber
-//!   stops for good (cancelled, or past its restart limit). A subscriber that
-//!   crashes and restarts keeps its queue and what was published meanwhile. A
-//!   late subscriber gets nothing published before it subscribed.
-//! - [`Broker::subscribe_durable`] uses a named queue that outlives its
-//!   consumers, like the `email.user.registered` queue of a classic
-//!   user-registration fan-out: messages published while the subscriber is away
-//!   wait for it. Several consumers on one durable subscription share its work.
-//!
-//! ```
-//! use postbox::Runtime;
-//! use postbox_actors::{Broker, ConsumeOptions, Delivery, Envelope, ExchangeOptions};
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let rt = Runtime::new()?;
-//! let broker = Broker::new(&rt);
-//! broker.declare_exchange("user.events", ExchangeOptions::topic()).await?;
-//! let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-//! let welcome = broker
-//!     .subscribe_durable("user.events", "user.registered", "email.user.registered", ConsumeOptions::auto(), move || {
-//!         let tx = tx.clone();
-//!         move |d: Delivery| {
-//!             let _ = tx.send(d.decode::<String>());
-//!             async { Ok(()) }
-//!         }
-//!     })
-//!     .await?;
-//! let reached = broker.publish_to("user.events", "user.registered", Envelope::encode("ada")?).await?;
-//! assert_eq!(reached, 1);
-//! assert_eq!(rx.recv().await.unwrap()?, "ada");
-//! welcome.cancel().await; // the durable queue stays, and keeps collecting
-//! # Ok(()) }
-//! ```
 
 use bytestring::ByteString;
 
@@ -44,6 +9,42 @@ use crate::error::BrokerError;
 use crate::queue::options::{DeleteOptions, QueueOptions};
 
 /// A running subscription: its queue and its consumer.
+///
+/// - [`Broker::subscribe`] gives the subscriber a queue of its own, named
+///   `sub.<uuid>`, exclusive to it: the queue is deleted when the subscriber
+///   stops for good (cancelled, or past its restart limit). A subscriber that
+///   crashes and restarts keeps its queue and what was published meanwhile. A
+///   late subscriber gets nothing published before it subscribed.
+/// - [`Broker::subscribe_durable`] uses a named queue that outlives its
+///   consumers, like the `email.user.registered` queue of a classic
+///   user-registration fan-out: messages published while the subscriber is away
+///   wait for it. Several consumers on one durable subscription share its work.
+///
+/// ```
+/// use postbox::Runtime;
+/// use postbox_actors::{Broker, ConsumeOptions, Delivery, Envelope, ExchangeOptions};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let rt = Runtime::new()?;
+/// let broker = Broker::new(&rt);
+/// broker.declare_exchange("user.events", ExchangeOptions::topic()).await?;
+/// let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+/// let welcome = broker
+///     .subscribe_durable("user.events", "user.registered", "email.user.registered", ConsumeOptions::auto(), move || {
+///         let tx = tx.clone();
+///         move |d: Delivery| {
+///             let _ = tx.send(d.decode::<String>());
+///             async { Ok(()) }
+///         }
+///     })
+///     .await?;
+/// let reached = broker.publish_to("user.events", "user.registered", Envelope::encode("ada")?).await?;
+/// assert_eq!(reached, 1);
+/// assert_eq!(rx.recv().await.unwrap()?, "ada");
+/// welcome.cancel().await; // the durable queue stays, and keeps collecting
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
 pub struct Subscription<C: Consumer> {
     broker: Broker,
     queue: ByteString,
@@ -103,7 +104,7 @@ impl Broker {
         let started = async {
             self.bind_queue(&name, exchange, key).await?;
             let consumer = self.consume(&name, options, factory).await?;
-            queue.tie_to(consumer.addr().any()).await?;
+            queue.tie_to(consumer.addr()).await?;
             Ok(consumer)
         };
         match started.await {

@@ -1,62 +1,6 @@
 //! Transactions: settle deliveries (from any number of queues) and publish new
 //! messages as one unit. On commit all of it takes effect, on rollback none of
 //! it.
-//!
-//! This is stronger than RabbitMQ's `tx`, which covers one channel and commits
-//! per queue: it is the consume-transform-produce unit of Kafka's transactions.
-//! A [`Transaction`] only buffers until [`commit`](Transaction::commit), so a
-//! transaction that is rolled back, dropped, or abandoned by a panicking handler
-//! leaves no trace: nothing was published and the deliveries stay unsettled (a
-//! crashed consumer's deliveries are then requeued as usual).
-//!
-//! Commit validates everything before changing anything: each publish is routed
-//! and checked (exchange, key, size against every queue and stream it
-//! reaches), then the links of every consumer whose deliveries are settled are
-//! locked together and every settlement is checked and recorded under those
-//! locks, with all of them undone if one fails. Only then are the messages
-//! enqueued and appended, which cannot fail. (A queue or stream deleted in
-//! between simply does not get its copy, as with any publish.)
-//!
-//! Streams reached through an exchange get their records at commit, after the
-//! settlements are recorded, in publish order. Appending cannot fail, but it
-//! can wait: a block-mode stream that is full makes the commit wait for room
-//! (as a full queue's mailbox does), and the transaction's messages become
-//! visible to subscribers one by one, not at a single instant. A commit that is
-//! dropped while it waits has recorded its settlements and published only
-//! part of its messages, so await commits to the end. A stream's readers
-//! cannot see a rollback: nothing reaches the stream before commit.
-//!
-//! ```
-//! use postbox::Runtime;
-//! use postbox_actors::{Broker, ConsumeOptions, Delivery, Envelope, QueueOptions};
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let rt = Runtime::new()?;
-//! let broker = Broker::new(&rt);
-//! for q in ["orders", "invoices", "shipments"] {
-//!     broker.declare_queue(q, QueueOptions::default()).await?;
-//! }
-//! let b = broker.clone();
-//! let _billing = broker
-//!     .consume("orders", ConsumeOptions::manual(8), move || {
-//!         let b = b.clone();
-//!         move |order: Delivery| {
-//!             let b = b.clone();
-//!             async move {
-//!                 let mut tx = b.transaction();
-//!                 tx.publish("invoices", order.message().clone());
-//!                 tx.publish("shipments", order.message().clone());
-//!                 tx.ack(&order);
-//!                 tx.commit().await?; // both publishes and the ack, or nothing
-//!                 Ok(())
-//!             }
-//!         }
-//!     })
-//!     .await?;
-//! broker.publish("orders", Envelope::new("order 1")).await?;
-//! # tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-//! # Ok(()) }
-//! ```
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -64,10 +8,10 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 use crate::broker::Broker;
-use crate::delivery::{AckError, Delivery, Link, LinkState, Outcome, Settler};
+use crate::broker::{Target, deliver_to};
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
-use crate::topology::Target;
+use crate::queue::delivery::{AckError, Delivery, Link, LinkState, Outcome, Settler};
 
 /// Why a commit was refused. Nothing was published or settled.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -97,20 +41,79 @@ pub struct Committed {
     pub settled: usize,
 }
 
+#[derive(Debug)]
 struct Settlement {
     settler: Settler,
     multiple: bool,
     outcome: Outcome,
 }
 
+#[derive(Debug)]
 struct Publication {
     exchange: String,
     routing_key: String,
     message: Envelope,
 }
 
-/// A unit of settlements and publishes; see the [module docs](self).
+/// A unit of settlements and publishes, started by [`Broker::transaction`].
+///
+/// This is stronger than RabbitMQ's `tx`, which covers one channel and commits
+/// per queue: it is the consume-transform-produce unit of Kafka's transactions.
+/// A [`Transaction`] only buffers until [`commit`](Transaction::commit), so a
+/// transaction that is rolled back, dropped, or abandoned by a panicking handler
+/// leaves no trace: nothing was published and the deliveries stay unsettled (a
+/// crashed consumer's deliveries are then requeued as usual).
+///
+/// Commit validates everything before changing anything: each publish is routed
+/// and checked (exchange, key, size against every queue and stream it
+/// reaches), then the links of every consumer whose deliveries are settled are
+/// locked together and every settlement is checked and recorded under those
+/// locks, with all of them undone if one fails. Only then are the messages
+/// enqueued and appended, which cannot fail. (A queue or stream deleted in
+/// between simply does not get its copy, as with any publish.)
+///
+/// Streams reached through an exchange get their records at commit, after the
+/// settlements are recorded, in publish order. Appending cannot fail, but it
+/// can wait: a block-mode stream that is full makes the commit wait for room
+/// (as a full queue's mailbox does), and the transaction's messages become
+/// visible to subscribers one by one, not at a single instant. A commit that is
+/// dropped while it waits has recorded its settlements and published only
+/// part of its messages, so await commits to the end. A stream's readers
+/// cannot see a rollback: nothing reaches the stream before commit.
+///
+/// ```
+/// use postbox::Runtime;
+/// use postbox_actors::{Broker, ConsumeOptions, Delivery, Envelope, QueueOptions};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let rt = Runtime::new()?;
+/// let broker = Broker::new(&rt);
+/// for q in ["orders", "invoices", "shipments"] {
+///     broker.declare_queue(q, QueueOptions::default()).await?;
+/// }
+/// let b = broker.clone();
+/// let _billing = broker
+///     .consume("orders", ConsumeOptions::manual(8), move || {
+///         let b = b.clone();
+///         move |order: Delivery| {
+///             let b = b.clone();
+///             async move {
+///                 let mut tx = b.transaction();
+///                 tx.publish("invoices", order.message().clone());
+///                 tx.publish("shipments", order.message().clone());
+///                 tx.ack(&order);
+///                 tx.commit().await?; // both publishes and the ack, or nothing
+///                 Ok(())
+///             }
+///         }
+///     })
+///     .await?;
+/// broker.publish("orders", Envelope::new("order 1")).await?;
+/// # tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+/// # Ok(()) }
+/// ```
 #[must_use = "a transaction does nothing until committed"]
+#[derive(Debug)]
 pub struct Transaction {
     broker: Broker,
     settlements: Vec<Settlement>,
@@ -184,7 +187,7 @@ impl Transaction {
         self.settlements.is_empty() && self.publications.is_empty()
     }
 
-    /// Applies everything, or nothing (see the [module docs](self)).
+    /// Applies everything, or nothing (see [`Transaction`]).
     pub async fn commit(self) -> Result<Committed, TxError> {
         // 1. Route and check every publish; nothing has changed yet.
         let mut routed: Vec<(SmallVec<[Target; 16]>, Envelope)> =
@@ -214,7 +217,7 @@ impl Transaction {
         let mut enqueued = 0;
         for (targets, message) in routed {
             if !targets.is_empty() {
-                enqueued += Broker::deliver_to(&targets, message).await.unwrap_or(0);
+                enqueued += deliver_to(&targets, message).await.unwrap_or(0);
             }
         }
         for link in notify {

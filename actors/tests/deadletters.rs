@@ -8,11 +8,11 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use postbox::testkit::local;
 use postbox::{Failure, RuntimeHandle};
-use postbox_actors::queue::state::{DeathReason, Overflow};
 use postbox_actors::{
-    AckError, Broker, BrokerError, ConsumeOptions, Delivery, Envelope, ExchangeOptions,
+    AckError, Broker, BrokerError, ConsumeOptions, Delivery, Envelope, ExchangeOptions, LayerExt,
     QueueOptions, RetryPolicy, TxError,
 };
+use postbox_actors::{DeathReason, Overflow};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -346,13 +346,14 @@ async fn a_retry_policy_exhausts_into_the_dlq_after_exactly_n_attempts() {
             .consume(
                 "jobs",
                 ConsumeOptions::manual(8),
-                policy.wrap(move || {
+                (move || {
                     let a = a.clone();
                     move |d: Delivery| {
                         a.lock().push((d.delivery_count(), start.elapsed()));
                         async move { Err::<(), _>(Failure::msg("downstream unavailable")) }
                     }
-                }),
+                })
+                .layer(policy),
             )
             .await
             .unwrap();
@@ -389,7 +390,7 @@ async fn a_successful_retry_stops_retrying() {
             .consume(
                 "jobs",
                 ConsumeOptions::manual(8),
-                RetryPolicy::fixed(Duration::from_millis(100), 5).wrap(move || {
+                (move || {
                     let c = c.clone();
                     move |d: Delivery| {
                         let n = c.fetch_add(1, Ordering::SeqCst) + 1;
@@ -401,7 +402,8 @@ async fn a_successful_retry_stops_retrying() {
                             Ok(())
                         }
                     }
-                }),
+                })
+                .layer(RetryPolicy::fixed(Duration::from_millis(100), 5)),
             )
             .await
             .unwrap();

@@ -6,7 +6,7 @@ use postbox::RuntimeHandle;
 use postbox::testkit::local;
 use postbox_actors::{
     Broker, BrokerError, ConsumeOptions, Delivery, Destination, Envelope, ExchangeKind,
-    ExchangeOptions, HeadersMatch, NameError, PublishError, QueueOptions,
+    ExchangeOptions, HeadersMatch, NameError, PublishError, PublishOptions, QueueOptions,
 };
 use tokio::sync::mpsc;
 
@@ -323,7 +323,7 @@ async fn direct_headers_default_alternate_and_mandatory() {
             .await
             .unwrap();
         broker
-            .bind_queue_headers(
+            .bind_queue(
                 "pdf",
                 "docs",
                 HeadersMatch::any([("format", "pdf"), ("x-ignored", "1")]),
@@ -331,7 +331,7 @@ async fn direct_headers_default_alternate_and_mandatory() {
             .await
             .unwrap();
         broker
-            .bind_queue_headers(
+            .bind_queue(
                 "reports",
                 "docs",
                 HeadersMatch::all([("format", "pdf"), ("type", "report")]),
@@ -358,7 +358,12 @@ async fn direct_headers_default_alternate_and_mandatory() {
         assert_eq!(reach(&broker, "", "no-such-queue", msg(7)).await, 0);
         // mandatory: an unroutable message comes back
         match broker
-            .publish_mandatory("docs", "", msg(8).with_header("format", "txt"))
+            .publish_with(
+                "docs",
+                "",
+                msg(8).with_header("format", "txt"),
+                PublishOptions::default().mandatory(),
+            )
             .await
         {
             Err(PublishError::Unroutable {
@@ -370,13 +375,20 @@ async fn direct_headers_default_alternate_and_mandatory() {
             other => panic!("expected Unroutable, got {other:?}"),
         }
         assert!(matches!(
-            broker.publish_mandatory("", "nowhere", msg(9)).await,
+            broker
+                .publish_with("", "nowhere", msg(9), PublishOptions::default().mandatory())
+                .await,
             Err(PublishError::Unroutable { .. })
         ));
         // ...but a mandatory message that the alternate exchange routes is routed.
         assert_eq!(
             broker
-                .publish_mandatory("logs", "debug", msg(10))
+                .publish_with(
+                    "logs",
+                    "debug",
+                    msg(10),
+                    PublishOptions::default().mandatory()
+                )
                 .await
                 .unwrap(),
             1
@@ -384,7 +396,7 @@ async fn direct_headers_default_alternate_and_mandatory() {
         // a headers binding needs a headers exchange
         assert!(matches!(
             broker
-                .bind_queue_headers("pdf", "logs", HeadersMatch::all([("a", "b")]))
+                .bind_queue("pdf", "logs", HeadersMatch::all([("a", "b")]))
                 .await,
             Err(BrokerError::WrongExchangeKind {
                 expected: ExchangeKind::Headers,

@@ -9,12 +9,12 @@ use std::time::Duration;
 use postbox::testkit::local;
 use postbox::{Backoff, Failure, Runtime, RuntimeHandle};
 use postbox_actors::rpc::{RemoteError, Request, RequestError};
-use postbox_actors::stream::{StreamDelivery, StreamOptions, StreamStart, SubscribeOptions};
 use postbox_actors::testkit::DeliveryProbe;
 use postbox_actors::{
     AckError, Broker, BrokerError, ConsumeOptions, Consumer, ConsumerId, DeleteOptions, Delivery,
     Envelope, ExchangeOptions, NameError, Observer, QueueOptions, StreamError, TryPublishError,
 };
+use postbox_actors::{StreamDelivery, StreamOptions, StreamStart, SubscribeOptions};
 
 /// Long enough for anything in these tests to happen, in virtual time.
 const WAIT: Duration = Duration::from_secs(60);
@@ -619,11 +619,11 @@ async fn durations_saturate_or_are_refused() {
             d.nack_after(Duration::MAX).await,
             Err(AckError::DelayTooLong { .. })
         ));
-        d.nack_after(postbox_actors::delivery::MAX_REQUEUE_DELAY)
+        d.nack_after(postbox_actors::MAX_REQUEUE_DELAY)
             .await
             .unwrap();
         let again = probe
-            .expect_delivery(postbox_actors::delivery::MAX_REQUEUE_DELAY + WAIT)
+            .expect_delivery(postbox_actors::MAX_REQUEUE_DELAY + WAIT)
             .await;
         assert!(again.redelivered());
         again.ack().await.unwrap();

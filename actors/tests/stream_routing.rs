@@ -11,14 +11,14 @@ use std::time::Duration;
 
 use postbox::testkit::local;
 use postbox::{Failure, RuntimeHandle};
-use postbox_actors::name::NameKind;
-use postbox_actors::stream::{
-    StreamConsumer, StreamDelivery, StreamHandle, StreamOptions, StreamStart, StreamSubscription,
-    SubscribeOptions,
-};
+use postbox_actors::NameKind;
 use postbox_actors::{
     AckError, Binding, Broker, BrokerConfig, BrokerError, ConsumeOptions, Delivery, Destination,
     Envelope, ExchangeOptions, HeadersMatch, NameError, PublishError, QueueOptions, TxError,
+};
+use postbox_actors::{
+    PublishOptions, StreamConsumer, StreamDelivery, StreamHandle, StreamOptions, StreamStart,
+    StreamSubscription, SubscribeOptions,
 };
 use tokio::sync::{Semaphore, mpsc};
 
@@ -261,7 +261,7 @@ async fn direct_headers_and_exchange_to_exchange_reach_streams() {
             .unwrap();
         broker.bind_stream("s", "direct", "k").await.unwrap();
         broker
-            .bind_stream_headers("s", "hdr", HeadersMatch::all([("kind", "pdf")]))
+            .bind_stream("s", "hdr", HeadersMatch::all([("kind", "pdf")]))
             .await
             .unwrap();
         // Two paths from "front" to the stream: one record.
@@ -278,7 +278,7 @@ async fn direct_headers_and_exchange_to_exchange_reach_streams() {
         assert_eq!(records(&s).await, [1, 2, 3]);
         assert!(
             broker
-                .unbind_stream_headers("s", "hdr", HeadersMatch::all([("kind", "pdf")]))
+                .unbind_stream("s", "hdr", HeadersMatch::all([("kind", "pdf")]))
                 .await
                 .unwrap()
         );
@@ -300,8 +300,17 @@ async fn mandatory_with_only_a_stream_bound_is_routed() {
             .await
             .unwrap();
         broker.bind_stream("s", "x", "k").await.unwrap();
-        assert_eq!(broker.publish_mandatory("x", "k", msg(1)).await.unwrap(), 1);
-        match broker.publish_mandatory("x", "other", msg(2)).await {
+        assert_eq!(
+            broker
+                .publish_with("x", "k", msg(1), PublishOptions::default().mandatory())
+                .await
+                .unwrap(),
+            1
+        );
+        match broker
+            .publish_with("x", "other", msg(2), PublishOptions::default().mandatory())
+            .await
+        {
             Err(PublishError::Unroutable { message, .. }) => {
                 assert_eq!(message.decode::<u32>().unwrap(), 2)
             }
@@ -322,8 +331,20 @@ async fn mandatory_with_only_a_stream_bound_is_routed() {
             .unwrap();
         broker.bind_stream("lost", "alt", "").await.unwrap();
         broker.bind_stream("s", "y", "k").await.unwrap();
-        assert_eq!(broker.publish_mandatory("y", "k", msg(3)).await.unwrap(), 1);
-        assert_eq!(broker.publish_mandatory("y", "z", msg(4)).await.unwrap(), 1);
+        assert_eq!(
+            broker
+                .publish_with("y", "k", msg(3), PublishOptions::default().mandatory())
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            broker
+                .publish_with("y", "z", msg(4), PublishOptions::default().mandatory())
+                .await
+                .unwrap(),
+            1
+        );
         settle().await;
         assert_eq!(records(&s).await, [1, 3]);
         assert_eq!(records(&lost).await, [4]);
@@ -635,7 +656,7 @@ async fn bad_stream_bindings_are_typed_errors() {
         ));
         assert!(matches!(
             broker
-                .bind_stream_headers("s", "x", HeadersMatch::all([("k", "v")]))
+                .bind_stream("s", "x", HeadersMatch::all([("k", "v")]))
                 .await,
             Err(BrokerError::WrongExchangeKind { .. })
         ));
@@ -698,11 +719,11 @@ async fn many_paths_to_many_targets_still_make_one_copy_each() {
             broker.bind_queue(&name, "fan", "").await.unwrap();
             broker.bind_queue(&name, "fan", "other").await.unwrap();
             broker
-                .bind_queue_headers(&name, "hdr", HeadersMatch::any([("a", "1")]))
+                .bind_queue(&name, "hdr", HeadersMatch::any([("a", "1")]))
                 .await
                 .unwrap();
             broker
-                .bind_queue_headers(&name, "hdr", HeadersMatch::any([("b", "2")]))
+                .bind_queue(&name, "hdr", HeadersMatch::any([("b", "2")]))
                 .await
                 .unwrap();
             broker.bind_queue(&name, "topic", "#").await.unwrap();

@@ -11,12 +11,12 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use postbox::testkit::local;
 use postbox::{Backoff, Failure, Runtime, RuntimeHandle};
-use postbox_actors::name::NameKind;
-use postbox_actors::stream::{
+use postbox_actors::NameKind;
+use postbox_actors::{Broker, BrokerConfig, Envelope, NameError};
+use postbox_actors::{
     StreamConsumer, StreamDelivery, StreamError, StreamOptions, StreamOverflow, StreamStart,
     SubscribeOptions, TryStreamPublishError,
 };
-use postbox_actors::{Broker, BrokerConfig, Envelope, NameError};
 use tokio::sync::{Semaphore, mpsc};
 
 fn msg(n: u32) -> Envelope {

@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use postbox::Failure;
-use postbox_actors::stream::{StreamDelivery, StreamOptions, StreamStart, SubscribeOptions};
 use postbox_actors::{Broker, ConsumeOptions, Delivery, Envelope, ExchangeOptions};
+use postbox_actors::{StreamDelivery, StreamOptions, StreamStart, SubscribeOptions};
 use tokio::sync::{Notify, broadcast};
 
 use crate::Config;

@@ -120,6 +120,12 @@ pub struct ProbeActor<M: Message> {
     reply: Reply<M>,
 }
 
+impl<M: Message> std::fmt::Debug for ProbeActor<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProbeActor").finish_non_exhaustive()
+    }
+}
+
 impl<M: Message> Actor for ProbeActor<M> {}
 
 impl<M: Message> Handler<M> for ProbeActor<M> {

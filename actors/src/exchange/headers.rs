@@ -1,19 +1,5 @@
 //! Headers-exchange bindings: match on message headers instead of the routing
 //! key, as RabbitMQ's headers exchange does.
-//!
-//! A binding lists header values and an `x-match` mode: `all` (the default)
-//! needs every listed header present with an equal value; `any` needs at least
-//! one. Binding arguments whose names start with `x-` are not matched.
-//!
-//! ```
-//! use postbox_actors::exchange::headers::HeadersMatch;
-//! use postbox_actors::{Envelope, Headers};
-//!
-//! let reports = HeadersMatch::all([("format", "pdf"), ("type", "report")]);
-//! let msg = Envelope::new("..").with_header("format", "pdf").with_header("type", "report");
-//! assert!(reports.matches(msg.headers()));
-//! assert!(!reports.matches(Envelope::new("..").with_header("format", "pdf").headers()));
-//! ```
 
 use bytestring::ByteString;
 
@@ -38,6 +24,20 @@ pub enum HeadersBindingError {
 }
 
 /// The arguments of one headers-exchange binding.
+///
+/// A binding lists header values and an `x-match` mode: `all` (the default)
+/// needs every listed header present with an equal value; `any` needs at least
+/// one. Binding arguments whose names start with `x-` are not matched.
+///
+/// ```
+/// use postbox_actors::HeadersMatch;
+/// use postbox_actors::{Envelope, Headers};
+///
+/// let reports = HeadersMatch::all([("format", "pdf"), ("type", "report")]);
+/// let msg = Envelope::new("..").with_header("format", "pdf").with_header("type", "report");
+/// assert!(reports.matches(msg.headers()));
+/// assert!(!reports.matches(Envelope::new("..").with_header("format", "pdf").headers()));
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct HeadersMatch {
     mode: XMatch,

@@ -1,33 +1,8 @@
 //! Exchanges: where publishers send messages, and bindings decide which queues,
 //! streams (or further exchanges) get a copy.
-//!
-//! Kinds, as in RabbitMQ:
-//! - **direct**: the routing key equals the binding key;
-//! - **fanout**: every binding, whatever the key;
-//! - **topic**: the binding key is a pattern with `*` and `#` ([`topic`]);
-//! - **headers**: match on message headers, `x-match` all or any ([`headers`]).
-//!
-//! The default exchange `""` is a direct exchange to which every queue is bound
-//! by its own name (streams have a namespace of their own, and are reached only
-//! through explicit bindings). An exchange may name an alternate exchange that receives
-//! the messages it cannot route, and exchanges can be bound to exchanges.
-//!
-//! Exchanges are routing tables, not actors. A publish is routed in the
-//! publisher's own task and goes straight into each target queue's mailbox:
-//! routing adds no hop, a hot exchange does not funnel every publisher through
-//! one thread, and a full queue slows down exactly the publishers that target it.
-//! (RabbitMQ routes in the publishing channel for the same reasons.) Queues,
-//! consumers and subscriptions are actors.
-//!
-//! Each binding is resolved when it is made: the table holds the target queue's
-//! or stream's handle next to its name (`Bound`), so routing a message hashes
-//! and compares no destination names and copies no handles beyond one refcount
-//! per target. The topology keeps the resolved handles current (see
-//! `topology`). Fanout and direct tables hold each destination once, so their
-//! routes need no deduplication.
 
-pub mod headers;
-pub mod topic;
+mod headers;
+mod topic;
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -37,11 +12,38 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::Headers;
-use crate::topology::Target;
-use headers::HeadersMatch;
+pub use headers::{HeadersBindingError, HeadersMatch, XMatch};
 use topic::TopicTrie;
 
 /// The routing algorithm of an exchange.
+///
+/// Kinds, as in RabbitMQ:
+/// - **direct**: the routing key equals the binding key;
+/// - **fanout**: every binding, whatever the key;
+/// - **topic**: the binding key is a pattern with `*` and `#`, matched as
+///   RabbitMQ matches it (through a trie: the cost does not grow with the
+///   number of bindings);
+/// - **headers**: match on message headers, `x-match` all or any
+///   ([`HeadersMatch`]).
+///
+/// The default exchange `""` is a direct exchange to which every queue is bound
+/// by its own name (streams have a namespace of their own, and are reached only
+/// through explicit bindings). An exchange may name an alternate exchange that receives
+/// the messages it cannot route, and exchanges can be bound to exchanges.
+///
+/// Exchanges are routing tables, not actors. A publish is routed in the
+/// publisher's own task and goes straight into each target queue's mailbox:
+/// routing adds no hop, a hot exchange does not funnel every publisher through
+/// one thread, and a full queue slows down exactly the publishers that target it.
+/// (RabbitMQ routes in the publishing channel for the same reasons.) Queues,
+/// consumers and subscriptions are actors.
+///
+/// Each binding is resolved when it is made: the table holds the target queue's
+/// or stream's handle next to its name (`Bound`), so routing a message hashes
+/// and compares no destination names and copies no handles beyond one refcount
+/// per target. The topology keeps the resolved handles current (see
+/// `topology`). Fanout and direct tables hold each destination once, so their
+/// routes need no deduplication.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExchangeKind {
@@ -118,6 +120,80 @@ pub enum Destination {
     Stream(ByteString),
 }
 
+/// What a binding matches: a routing key (a pattern, for topic exchanges;
+/// ignored by fanout) or, for headers exchanges, a [`HeadersMatch`]. The one
+/// binding argument of [`Broker::bind_queue`](crate::Broker::bind_queue) and
+/// its siblings: a `&str` or a `HeadersMatch` converts into it.
+///
+/// ```
+/// use postbox_actors::{BindingKey, HeadersMatch};
+/// let by_key: BindingKey = "orders.*".into();
+/// let by_headers: BindingKey = HeadersMatch::all([("format", "pdf")]).into();
+/// assert_eq!(by_key.key(), "orders.*");
+/// assert!(by_headers.headers().is_some());
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct BindingKey {
+    key: ByteString,
+    headers: Option<HeadersMatch>,
+}
+
+impl BindingKey {
+    /// A routing key, or a topic pattern.
+    pub fn routing_key(key: impl Into<ByteString>) -> Self {
+        BindingKey {
+            key: key.into(),
+            headers: None,
+        }
+    }
+
+    /// A headers match.
+    pub fn headers_match(headers: HeadersMatch) -> Self {
+        BindingKey {
+            key: ByteString::new(),
+            headers: Some(headers),
+        }
+    }
+
+    /// The routing key or pattern (empty for a headers match).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The headers match, if this is one.
+    pub fn headers(&self) -> Option<&HeadersMatch> {
+        self.headers.as_ref()
+    }
+
+    pub(crate) fn into_parts(self) -> (ByteString, Option<HeadersMatch>) {
+        (self.key, self.headers)
+    }
+}
+
+impl From<&str> for BindingKey {
+    fn from(key: &str) -> Self {
+        BindingKey::routing_key(key)
+    }
+}
+
+impl From<String> for BindingKey {
+    fn from(key: String) -> Self {
+        BindingKey::routing_key(key)
+    }
+}
+
+impl From<&String> for BindingKey {
+    fn from(key: &String) -> Self {
+        BindingKey::routing_key(key.as_str())
+    }
+}
+
+impl From<HeadersMatch> for BindingKey {
+    fn from(headers: HeadersMatch) -> Self {
+        BindingKey::headers_match(headers)
+    }
+}
+
 /// One binding of an exchange, as listed by the broker.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Binding {
@@ -130,47 +206,49 @@ pub struct Binding {
 }
 
 /// A binding's destination as the routing table holds it: the name, and the
-/// queue or stream it named when it was bound (`None` for an exchange, which
-/// routing looks up by name). Equal, and hashed, by destination only.
+/// target (`T`: a queue's or stream's handle, chosen by whoever owns the
+/// exchange) it named when it was bound (`None` for an exchange, which routing
+/// looks up by name). Equal, and hashed, by destination only.
 #[derive(Clone)]
-pub(crate) struct Bound {
+pub(crate) struct Bound<T> {
     pub(crate) dest: Destination,
-    pub(crate) target: Option<Target>,
+    pub(crate) target: Option<T>,
 }
 
-impl PartialEq for Bound {
+impl<T> PartialEq for Bound<T> {
     fn eq(&self, other: &Self) -> bool {
         self.dest == other.dest
     }
 }
 
-impl Eq for Bound {}
+impl<T> Eq for Bound<T> {}
 
-impl Hash for Bound {
+impl<T> Hash for Bound<T> {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.dest.hash(state);
     }
 }
 
-enum Table {
+enum Table<T> {
     /// Each key's destinations, each once (equal bindings are refused).
-    Direct(FxHashMap<ByteString, Vec<Bound>>),
+    Direct(FxHashMap<ByteString, Vec<Bound<T>>>),
     /// Each destination once, with how many bindings (keys) lead to it.
-    Fanout(Vec<(Bound, usize)>),
-    Topic(TopicTrie<Bound>),
-    Headers(Vec<(HeadersMatch, Bound)>),
+    Fanout(Vec<(Bound<T>, usize)>),
+    Topic(TopicTrie<Bound<T>>),
+    Headers(Vec<(HeadersMatch, Bound<T>)>),
 }
 
-/// One exchange: its options and its compiled bindings.
-pub(crate) struct Exchange {
+/// One exchange: its options and its compiled bindings, whose resolved
+/// targets are `T`s.
+pub(crate) struct Exchange<T> {
     /// Its name, shared with the envelopes published through it.
     pub(crate) name: Arc<str>,
     pub(crate) options: ExchangeOptions,
     bindings: Vec<Binding>,
-    table: Table,
+    table: Table<T>,
 }
 
-impl Exchange {
+impl<T: Clone> Exchange<T> {
     pub(crate) fn new(name: &str, options: ExchangeOptions) -> Self {
         let table = match options.kind {
             ExchangeKind::Direct => Table::Direct(FxHashMap::default()),
@@ -192,7 +270,7 @@ impl Exchange {
 
     /// Adds a binding whose destination resolved to `target`; false if an
     /// identical one exists.
-    pub(crate) fn bind(&mut self, binding: Binding, target: Option<Target>) -> bool {
+    pub(crate) fn bind(&mut self, binding: Binding, target: Option<T>) -> bool {
         if self.bindings.contains(&binding) {
             return false;
         }
@@ -267,8 +345,8 @@ impl Exchange {
 
     /// Points every binding to `destination` at `target` (a queue declared
     /// again under the same name after its actor stopped).
-    pub(crate) fn retarget(&mut self, destination: &Destination, target: &Target) {
-        let update = |b: &mut Bound| {
+    pub(crate) fn retarget(&mut self, destination: &Destination, target: &T) {
+        let update = |b: &mut Bound<T>| {
             if b.dest == *destination {
                 b.target = Some(target.clone());
             }
@@ -303,7 +381,7 @@ impl Exchange {
         &'a self,
         key: &str,
         headers: &Headers,
-        mut each: impl FnMut(&'a Bound),
+        mut each: impl FnMut(&'a Bound<T>),
     ) -> bool {
         match &self.table {
             Table::Direct(map) => {

@@ -16,17 +16,6 @@
 //! every publish (the root of a trie with 10,000 bindings is a 10,000-entry
 //! map). Matching allocates nothing for keys of up to 16 words and patterns
 //! without `#`.
-//!
-//! ```
-//! use postbox_actors::exchange::topic::TopicTrie;
-//! let mut trie = TopicTrie::new();
-//! trie.insert("order.*.created", "audit");
-//! trie.insert("order.#", "billing");
-//! let mut hits = trie.matches("order.eu.created");
-//! hits.sort();
-//! assert_eq!(hits, vec![&"audit", &"billing"]);
-//! assert!(trie.matches("invoice.eu.created").is_empty());
-//! ```
 
 use std::hash::Hash;
 
@@ -34,7 +23,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use smallvec::SmallVec;
 
 /// Splits a key or pattern into words; `""` has none.
-pub fn words(key: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn words(key: &str) -> impl Iterator<Item = &str> {
     let mut split = if key.is_empty() {
         None
     } else {
@@ -43,14 +32,9 @@ pub fn words(key: &str) -> impl Iterator<Item = &str> {
     std::iter::from_fn(move || split.as_mut()?.next())
 }
 
-/// Does `pattern` match `key`? (A one-off check; for many patterns use a [`TopicTrie`].)
-///
-/// ```
-/// use postbox_actors::exchange::topic::matches;
-/// assert!(matches("a.#.b", "a..b"));
-/// assert!(!matches("a.*", "a"));
-/// ```
-pub fn matches(pattern: &str, key: &str) -> bool {
+/// Does `pattern` match `key`? (A one-off check, for tests.)
+#[cfg(test)]
+fn matches(pattern: &str, key: &str) -> bool {
     let mut trie = TopicTrie::new();
     trie.insert(pattern, ());
     !trie.matches(key).is_empty()
@@ -87,7 +71,7 @@ impl<T> Node<T> {
 
 /// A set of `(pattern, value)` bindings, matched against routing keys.
 #[derive(Debug)]
-pub struct TopicTrie<T> {
+pub(crate) struct TopicTrie<T> {
     root: Node<T>,
     len: usize,
 }
@@ -103,22 +87,24 @@ impl<T> Default for TopicTrie<T> {
 
 impl<T: Eq + Hash> TopicTrie<T> {
     /// An empty trie.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         TopicTrie::default()
     }
 
     /// Number of `(pattern, value)` bindings.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.len
     }
 
     /// True when there are no bindings.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// Adds a binding; returns false if it was already there.
-    pub fn insert(&mut self, pattern: &str, value: T) -> bool {
+    pub(crate) fn insert(&mut self, pattern: &str, value: T) -> bool {
         let mut node = &mut self.root;
         let mut previous_hash = false;
         for word in words(pattern) {
@@ -142,7 +128,7 @@ impl<T: Eq + Hash> TopicTrie<T> {
     }
 
     /// Removes a binding; returns false if it was not there. Empty branches are pruned.
-    pub fn remove(&mut self, pattern: &str, value: &T) -> bool {
+    pub(crate) fn remove(&mut self, pattern: &str, value: &T) -> bool {
         let mut path: Vec<&str> = Vec::new();
         for word in words(pattern) {
             if word == "#" && path.last() == Some(&"#") {
@@ -158,7 +144,8 @@ impl<T: Eq + Hash> TopicTrie<T> {
     }
 
     /// Every value whose pattern matches `key`, each once.
-    pub fn matches(&self, key: &str) -> Vec<&T> {
+    #[cfg(test)]
+    fn matches(&self, key: &str) -> Vec<&T> {
         let mut out = Vec::new();
         self.for_each_match(key, |v| out.push(v));
         // A value bound under several matching patterns is one destination.
@@ -189,7 +176,7 @@ impl<T: Eq + Hash> TopicTrie<T> {
 
     /// Calls `each` with every value whose pattern matches `key`; a value
     /// bound under several matching patterns comes once per pattern.
-    pub fn for_each_match<'t>(&'t self, key: &str, mut each: impl FnMut(&'t T)) {
+    pub(crate) fn for_each_match<'t>(&'t self, key: &str, mut each: impl FnMut(&'t T)) {
         let key_words: SmallVec<[&str; 16]> = words(key).collect();
         // Allocates only if the trie has a `#` on the way.
         let mut seen_hash = FxHashSet::default();

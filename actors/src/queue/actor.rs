@@ -14,32 +14,36 @@
 //! panic), its registration ends and every delivery it had not settled is
 //! requeued at its original position.
 //!
-//! After every event the actor makes progress in one place: it moves the state machine's clock to now, sends
-//! the messages the state removed (rejected, expired, overflowed, over the
-//! delivery limit) to the dead-letter exchange with their death history, or
-//! drops and counts them, dispatches, and sets a timer for the next expiry or
-//! delayed requeue. Dead letters never block the queue: they go into the target
-//! queues' mailboxes with `try_send` (and onto target streams with
-//! `try_publish`), or through a task when one is full.
+//! After every event the actor makes progress in one place: it moves the state
+//! machine's clock to now, hands the messages the state removed (rejected,
+//! expired, overflowed, over the delivery limit) to its dead-letter exchange
+//! with their death history, or drops and counts them, dispatches, and sets a
+//! timer for the next expiry or delayed requeue.
+//!
+//! The queue knows nothing of exchanges: dead letters go through the
+//! [`QueueHost`] it was created with (the broker), which routes them and never
+//! makes the queue wait.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytestring::ByteString;
-use postbox::{Actor, AnyAddr, Context, Failure, Handler, Message, Recipient, TrySendError};
-
-use crate::broker::BrokerRef;
-use crate::delivery::{Delivery, Link, Outcome, PendingSettle};
-use crate::envelope::Envelope;
-use crate::observe::Observers;
-use crate::queue::inbox::{Collect, Inbox, Shut};
-use crate::queue::state::{
-    AckMode, ConsumerId, ConsumerStats, DeadLetter, DeathReason, Publish as Published, QueuePolicy,
-    QueueState, QueueStats,
+use postbox::{
+    Actor, ActorId, AnyAddr, Context, Failure, Handler, Message, Recipient, RuntimeHandle,
+    TrySendError,
 };
-use crate::stream::error::TryStreamPublishError;
-use crate::topology::Target;
+
+use crate::envelope::{DeathReason, Envelope};
+use crate::observe::Observers;
+use crate::queue::ack::{AckMode, ConsumerId};
+use crate::queue::delivery::{Delivery, Link, Outcome, PendingSettle};
+use crate::queue::handle::QueueHandle;
+use crate::queue::inbox::{Collect, Inbox, Shut};
+use crate::queue::options::QueueOptions;
+use crate::queue::policy::{Overflow, QueuePolicy};
+use crate::queue::state::{DeadLetter, Publish as Published, QueueState};
+use crate::queue::stats::{ConsumerStats, QueueStats};
 
 /// A queue's counters and consumers at one moment.
 #[derive(Clone, Debug)]
@@ -64,17 +68,72 @@ pub struct QueueSnapshot {
     pub auto_ack_lost: u64,
 }
 
-/// Where a queue sends its dead letters.
-#[derive(Clone, Debug)]
-pub(crate) struct DeadLetterTarget {
-    pub(crate) exchange: ByteString,
-    pub(crate) routing_key: Option<ByteString>,
+/// What a queue needs from whoever runs it (the broker), handed to it when it
+/// is created: publishing its dead letters, and being forgotten when it stops.
+pub(crate) trait QueueHost: Send + Sync + 'static {
+    /// Publishes a dead letter through `exchange` with its own routing key,
+    /// never waiting, to every target but the queues `skip` names; returns
+    /// whether any queue or stream took it.
+    fn dead_letter(&self, exchange: &str, message: Envelope, skip: &dyn Fn(&str) -> bool) -> bool;
+
+    /// The queue `name` (actor `id`) stopped.
+    fn queue_stopped(&self, name: &str, id: ActorId);
 }
 
-/// What a queue actor is created with.
-pub(crate) struct QueueConfig {
-    pub(crate) policy: QueuePolicy,
-    pub(crate) dead_letter: Option<DeadLetterTarget>,
+/// Where a queue sends its dead letters.
+#[derive(Clone, Debug)]
+struct DeadLetterTarget {
+    exchange: ByteString,
+    routing_key: Option<ByteString>,
+}
+
+/// Starts a queue actor named `name` on `runtime` and returns its handle;
+/// `None` if the runtime has stopped.
+pub(crate) fn spawn_queue(
+    runtime: &RuntimeHandle,
+    name: ByteString,
+    options: &QueueOptions,
+    max_message_bytes: usize,
+    observers: Observers,
+    host: Arc<dyn QueueHost>,
+) -> Option<QueueHandle> {
+    let consumers = Arc::new(AtomicUsize::new(0));
+    let inbox = Arc::new(Inbox::new(options.mailbox));
+    let dead_letter = options
+        .dead_letter_exchange
+        .as_deref()
+        .map(|exchange| DeadLetterTarget {
+            exchange: ByteString::from(exchange),
+            routing_key: options
+                .dead_letter_routing_key
+                .as_deref()
+                .map(ByteString::from),
+        });
+    let mut actor = Some(QueueActor::new(
+        name.clone(),
+        options.policy(),
+        dead_letter,
+        observers,
+        host,
+        consumers.clone(),
+        inbox.clone(),
+    ));
+    let addr = runtime
+        .build(move || actor.take())
+        .mailbox(options.mailbox)
+        .name(format!("queue:{name}"))
+        .spawn();
+    if addr.is_closed() {
+        return None;
+    }
+    Some(QueueHandle {
+        name,
+        addr,
+        max_message_bytes,
+        consumers,
+        confirm: options.overflow == Overflow::RejectPublish,
+        inbox,
+    })
 }
 
 struct Registered {
@@ -129,15 +188,14 @@ impl Message for Cancelled {
 /// Most deliveries in one batch: bounds what a consumer's mailbox slot holds.
 const MAX_BATCH: usize = 64;
 
-/// The actor that owns one queue. Reach it through the
-/// [`Broker`](crate::Broker) or a [`QueueHandle`](crate::QueueHandle).
-pub struct QueueActor {
+/// The actor that owns one queue, reached through a [`QueueHandle`].
+pub(crate) struct QueueActor {
     name: ByteString,
     state: QueueState,
     consumers: HashMap<ConsumerId, Registered>,
     next_consumer: u64,
     observers: Observers,
-    broker: BrokerRef,
+    host: Arc<dyn QueueHost>,
     consumer_count: Arc<AtomicUsize>,
     inbox: Arc<Inbox>,
     dead_letter: Option<DeadLetterTarget>,
@@ -159,26 +217,26 @@ pub struct QueueActor {
 const PROGRESS_EVERY: u32 = 128;
 
 impl QueueActor {
-    pub(crate) fn new(
+    fn new(
         name: ByteString,
-        config: QueueConfig,
+        policy: QueuePolicy,
+        dead_letter: Option<DeadLetterTarget>,
         observers: Observers,
-        broker: BrokerRef,
+        host: Arc<dyn QueueHost>,
         consumer_count: Arc<AtomicUsize>,
         inbox: Arc<Inbox>,
     ) -> Self {
-        let coalesce =
-            config.policy.max_length.is_none() && config.policy.max_length_bytes.is_none();
+        let coalesce = policy.max_length.is_none() && policy.max_length_bytes.is_none();
         QueueActor {
             name,
-            state: QueueState::with_policy(config.policy),
+            state: QueueState::with_policy(policy),
             consumers: HashMap::new(),
             next_consumer: 1,
             observers,
-            broker,
+            host,
             consumer_count,
             inbox,
-            dead_letter: config.dead_letter,
+            dead_letter,
             timer_at: None,
             dead_lettered: 0,
             dead_letters_dropped: 0,
@@ -226,10 +284,10 @@ impl QueueActor {
     /// [`progress`](Self::progress) for handlers that just advanced the clock.
     fn progressed(&mut self, ctx: &mut Context<Self>) {
         self.unprogressed = 0;
-        self.dead_letters(ctx);
+        self.dead_letters();
         self.dispatch(ctx);
         // Dispatching expires heads too.
-        self.dead_letters(ctx);
+        self.dead_letters();
         self.arm_timer(ctx);
     }
 
@@ -244,17 +302,17 @@ impl QueueActor {
         ctx.notify_later(Tick, postbox::clock::until(due));
     }
 
-    fn dead_letters(&mut self, ctx: &mut Context<Self>) {
+    fn dead_letters(&mut self) {
         if !self.state.has_dead() {
             return;
         }
         for DeadLetter { message, reason } in self.state.drain_dead() {
-            self.dead_letter(ctx, message, reason);
+            self.dead_letter(message, reason);
         }
     }
 
-    fn dead_letter(&mut self, ctx: &mut Context<Self>, mut message: Envelope, reason: DeathReason) {
-        let Some(target) = self.dead_letter.clone() else {
+    fn dead_letter(&mut self, mut message: Envelope, reason: DeathReason) {
+        let Some(target) = &self.dead_letter else {
             self.dead_letters_dropped += 1;
             self.observers
                 .each(|o| o.dead_lettered(&self.name, &message, reason, false));
@@ -268,54 +326,28 @@ impl QueueActor {
         let message = message
             .with_routing_key(&*key)
             .with_exchange(&*target.exchange);
-        let mut targets = self.broker.route(&target.exchange, &key, &message).targets;
-        // As in RabbitMQ: a message that would come back to a queue it already died
-        // in, with no rejection anywhere in its history, is in a cycle: drop it there.
+        // As in RabbitMQ: a message that would come back to a queue it already
+        // died in, with no rejection anywhere in its history, is in a cycle:
+        // it is dropped there. (Streams never dead-letter, so they close no cycle.)
         let rejected = message
             .deaths()
             .iter()
             .any(|d| d.reason == DeathReason::Rejected);
-        // (Streams never dead-letter, so a stream cannot close a cycle.)
-        if !rejected {
-            targets.retain(|t| {
-                t.queue()
-                    .is_none_or(|q| !message.deaths().iter().any(|d| d.queue == q.name))
-            });
+        let deaths = message.deaths().to_vec();
+        let cycle = |queue: &str| !rejected && deaths.iter().any(|d| d.queue == queue);
+        let observed = self.observers.is_active().then(|| message.clone());
+        let id = message.id();
+        let routed = self.host.dead_letter(&target.exchange, message, &cycle);
+        if let Some(message) = observed {
+            self.observers
+                .each(|o| o.dead_lettered(&self.name, &message, reason, routed));
         }
-        let routed = !targets.is_empty();
-        self.observers
-            .each(|o| o.dead_lettered(&self.name, &message, reason, routed));
-        if !routed {
+        if routed {
+            self.dead_lettered += 1;
+            tracing::debug!(queue = %self.name, message_id = %id, %reason, exchange = %target.exchange, "dead-lettered");
+        } else {
             self.dead_letters_dropped += 1;
-            tracing::debug!(queue = %self.name, message_id = %message.id(), %reason, "dead letter dropped");
-            return;
-        }
-        self.dead_lettered += 1;
-        tracing::debug!(queue = %self.name, message_id = %message.id(), %reason, exchange = %target.exchange, "dead-lettered");
-        // The queue never waits on a dead letter: a full target gets it from a
-        // task of its own.
-        for target in targets {
-            match target {
-                Target::Queue(queue) => {
-                    if let Err(TrySendError::Full(message)) = queue.try_enqueue(message.clone()) {
-                        ctx.spawn(async move {
-                            let _ = queue.publish(message).await;
-                        });
-                    }
-                }
-                Target::Stream(stream) => match stream.try_publish(message.clone()) {
-                    Ok(_) => {}
-                    Err(TryStreamPublishError::Full { message, .. }) => {
-                        ctx.spawn(async move {
-                            let _ = stream.publish(*message).await;
-                        });
-                    }
-                    // Deleted since routing, or too large for it: it gets no copy.
-                    Err(TryStreamPublishError::Refused(err)) => {
-                        tracing::debug!(queue = %self.name, message_id = %message.id(), %err, "dead letter not appended to stream");
-                    }
-                },
-            }
+            tracing::debug!(queue = %self.name, message_id = %id, %reason, "dead letter dropped");
         }
     }
 
@@ -518,7 +550,7 @@ impl Actor for QueueActor {
         // the queue (a deletion counted it in its snapshot).
         self.inbox.shut(Shut::Deleted);
         self.cancel_consumers();
-        self.broker.remove_queue(&self.name, ctx.id());
+        self.host.queue_stopped(&self.name, ctx.id());
     }
 }
 

@@ -7,14 +7,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use bytestring::ByteString;
 use postbox::{Addr, AnyAddr, Recipient, TrySendError};
 
-use crate::delivery::Delivery;
 use crate::envelope::Envelope;
 use crate::error::{BrokerError, TryPublishError};
+use crate::queue::ack::{AckMode, ConsumerId};
 use crate::queue::actor::{
     PublishConfirmed, QueueActor, QueueSnapshot, Sink, Snapshot, Subscribe, TieTo, Unsubscribe,
 };
+use crate::queue::delivery::Delivery;
 use crate::queue::inbox::{Collect, Inbox, NoRoom, Shut};
-use crate::queue::state::{AckMode, ConsumerId};
 
 /// A handle to one queue; cheap to clone. Obtained from
 /// [`Broker::declare_queue`](crate::Broker::declare_queue) or
@@ -36,6 +36,11 @@ impl QueueHandle {
     /// The queue's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the queue still runs (not deleted, runtime not stopped).
+    pub fn is_live(&self) -> bool {
+        !self.addr.is_closed() && self.inbox.shut_reason().is_none()
     }
 
     /// How many consumers are registered right now (read without asking the queue).
@@ -74,6 +79,7 @@ impl QueueHandle {
     ///
     /// Once the queue is deleted (or the runtime stopped), every publish fails:
     /// with [`BrokerError::QueueNotFound`] (or [`BrokerError::Stopped`]).
+    #[doc(alias = "basic_publish")]
     pub async fn publish(&self, message: Envelope) -> Result<(), BrokerError> {
         self.check(&message)?;
         if self.inbox.shut_reason().is_some() || self.addr.is_closed() {
@@ -171,11 +177,14 @@ impl QueueHandle {
         self.addr.ask(Snapshot).await.map_err(|_| self.gone())
     }
 
-    /// Registers any actor that handles [`Delivery`] as a consumer. The
-    /// registration ends when that actor's current incarnation ends, or with
-    /// [`unsubscribe`](Self::unsubscribe); its unsettled deliveries are then
-    /// requeued.
-    pub async fn subscribe(
+    /// Registers any actor that handles [`Delivery`] as a consumer of this
+    /// queue, competing with its other consumers (for a supervised consumer
+    /// built from a factory, use [`Broker::consume`](crate::Broker::consume)).
+    /// The registration ends when that actor's current incarnation ends, when
+    /// the queue is deleted, or with [`cancel_consumer`](Self::cancel_consumer);
+    /// its unsettled deliveries are then requeued.
+    #[doc(alias = "basic_consume")]
+    pub async fn consume_with(
         &self,
         sink: Recipient<Delivery>,
         mode: AckMode,
@@ -192,7 +201,7 @@ impl QueueHandle {
         mode: AckMode,
         prefetch: u32,
         incarnation: Option<u64>,
-    ) -> Result<Arc<crate::delivery::Link>, BrokerError> {
+    ) -> Result<Arc<crate::queue::delivery::Link>, BrokerError> {
         self.before_request();
         let subscribe = Subscribe {
             sink,
@@ -215,8 +224,10 @@ impl QueueHandle {
         self.addr.send(TieTo(owner)).await.map_err(|_| self.gone())
     }
 
-    /// Ends a registration; its unsettled deliveries are requeued.
-    pub async fn unsubscribe(&self, consumer: ConsumerId) -> Result<(), BrokerError> {
+    /// Ends a registration made with [`consume_with`](Self::consume_with);
+    /// its unsettled deliveries are requeued.
+    #[doc(alias = "basic_cancel")]
+    pub async fn cancel_consumer(&self, consumer: ConsumerId) -> Result<(), BrokerError> {
         self.before_request();
         self.addr
             .send(Unsubscribe(consumer))

@@ -1,13 +1,26 @@
-//! Queues: ready messages waiting for consumers, and deliveries waiting to be settled.
+//! Queues: ready messages waiting for consumers, and deliveries waiting to be
+//! settled. Everything a queue does lives here; the broker above only creates
+//! queues, routes to them and hands them what they need (a `QueueHost`).
 //!
-//! - [`state`]: the queue itself, as a pure, deterministic state machine;
-//! - [`actor`]: the actor that owns a state machine and talks to consumers;
-//! - [`handle`]: typed access to one queue for publishers and consumers;
+//! - [`state`]: the queue itself, as a pure, deterministic state machine: FIFO
+//!   order, round-robin dispatch within prefetch, acknowledgements, requeues,
+//!   TTL, length and delivery limits. The documented entry point for using the
+//!   rules without actors (simulations, replays, other drivers);
+//! - `actor`: the actor that owns a state machine, dispatches to consumers and
+//!   hands dead letters to its host;
+//! - `delivery`: what a consumer receives and how it settles it, validated on
+//!   the consumer's link before the queue sees it;
+//! - `handle`: typed access to one queue for publishers and consumers;
 //! - `inbox`: where publishes wait for the queue, many to a mailbox entry;
-//! - [`options`]: what a queue is declared with.
+//! - `options`, `policy`, `ack`, `stats`: what a queue is declared with, the
+//!   limits it enforces, the ids of consumers and deliveries, what it reports.
 
-pub mod actor;
-pub mod handle;
+pub(crate) mod ack;
+pub(crate) mod actor;
+pub(crate) mod delivery;
+pub(crate) mod handle;
 pub(crate) mod inbox;
-pub mod options;
+pub(crate) mod options;
+pub(crate) mod policy;
 pub mod state;
+pub(crate) mod stats;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::queue::state::{Overflow, QueuePolicy};
+use crate::queue::policy::{Overflow, QueuePolicy};
 
 /// How a queue is declared.
 ///

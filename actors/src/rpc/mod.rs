@@ -61,8 +61,8 @@ mod requester;
 mod responder;
 
 pub use requester::{
-    LATE_HEADER, PendingReply, ReplyEvent, ReplyRouter, RequestBuilder, RequestError, RequestId,
-    Requester, RequesterOptions, RequesterStats, Target,
+    DEFAULT_TIMEOUT, LATE_HEADER, PendingReply, ReplyEvent, RequestBuilder, RequestError,
+    RequestId, Requester, RequesterOptions, RequesterStats, Target,
 };
 pub use responder::{RemoteError, Request, Respond, Responder, ResponderHandle, ResponderStats};
 

@@ -13,13 +13,13 @@ use parking_lot::Mutex;
 use postbox::{Failure, Recipient};
 use tokio::sync::{mpsc, oneshot};
 
-use super::direct::DirectSink;
+use super::direct::{DirectReplies, DirectSink};
 use super::{DEADLINE_HEADER, ERROR_HEADER};
-use crate::broker::Broker;
+use crate::broker::{Broker, deliver_to};
 use crate::consumer::{ConsumeOptions, Consumer, ConsumerHandle};
-use crate::delivery::Delivery;
 use crate::envelope::{Envelope, HeaderValue};
 use crate::error::BrokerError;
+use crate::queue::delivery::Delivery;
 use crate::queue::handle::QueueHandle;
 use crate::queue::options::QueueOptions;
 
@@ -199,7 +199,7 @@ struct Inner {
 }
 
 /// Consumes a requester's reply queue and hands each reply to its waiter.
-pub struct ReplyRouter {
+pub(crate) struct ReplyRouter {
     pending: Arc<Mutex<Pending>>,
     late_replies: Option<(Broker, String, String)>,
 }
@@ -262,7 +262,9 @@ impl RequesterOptions {
 impl Drop for Inner {
     fn drop(&mut self) {
         if self.direct.is_some() {
-            self.broker.direct_replies().unregister(&self.reply_queue);
+            self.broker
+                .extension::<DirectReplies>()
+                .unregister(&self.reply_queue);
         }
         // The reply queue is tied to the router: stopping it deletes the queue.
         self.router.supervisor.stop();
@@ -309,14 +311,15 @@ impl Broker {
                 late_replies: routed_late.clone(),
             })
             .await?;
-        queue.tie_to(router.addr().any()).await?;
+        queue.tie_to(router.addr()).await?;
         let reply_queue = ByteString::from(name);
         let direct = options.direct.then(|| {
             let sink = Arc::new(DirectSink {
                 pending: pending.clone(),
                 late_replies,
             });
-            self.direct_replies().register(reply_queue.clone(), &sink);
+            self.extension::<DirectReplies>()
+                .register(reply_queue.clone(), &sink);
             sink
         });
         Ok(Requester {
@@ -390,7 +393,7 @@ impl Requester {
             } => (exchange.as_str(), routing_key.as_str()),
         };
         let broker = &self.inner.broker;
-        let targets: Vec<QueueHandle> = broker.route(exchange, key, &message)?;
+        let targets: Vec<QueueHandle> = broker.route_queues(exchange, key, &message)?;
         let answerable = targets.iter().any(|q| q.consumer_count() > 0);
         if targets.is_empty() || (fail_fast && !answerable) {
             return Err(RequestError::NoResponders {
@@ -413,7 +416,7 @@ impl Requester {
             .waiting
             .insert(id.0.clone(), waiter);
         tracing::debug!(correlation_id = %id, %target, ?timeout, "request");
-        if let Err(err) = Broker::deliver(&targets, message).await {
+        if let Err(err) = deliver_to(&targets, message).await {
             self.forget(&id);
             return Err(err.into());
         }
@@ -440,6 +443,7 @@ fn into_result(id: &RequestId, reply: Envelope) -> Result<Envelope, RequestError
 
 /// A request being prepared; `.await` it, or [`send`](Self::send) it.
 #[must_use = "a request does nothing until awaited or sent"]
+#[derive(Debug)]
 pub struct RequestBuilder<'a> {
     requester: &'a Requester,
     target: Target,

@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use postbox::Failure;
 
+use super::direct::DirectReplies;
 use super::{DEADLINE_HEADER, ERROR_HEADER};
 use crate::broker::Broker;
 use crate::consumer::{ConsumeOptions, Consumer, ConsumerHandle};
-use crate::delivery::Delivery;
 use crate::envelope::{Envelope, HeaderValue};
 use crate::error::BrokerError;
-use crate::queue::state::AckMode;
+use crate::queue::ack::AckMode;
+use crate::queue::delivery::Delivery;
 
 /// An error to send back to the requester, who gets
 /// [`RequestError::Remote`](super::RequestError::Remote).
@@ -128,6 +129,12 @@ pub struct Responder<R: Respond> {
     counters: Arc<Counters>,
 }
 
+impl<R: Respond> std::fmt::Debug for Responder<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Responder").finish_non_exhaustive()
+    }
+}
+
 impl<R: Respond> Consumer for Responder<R> {
     async fn handle(&mut self, delivery: Delivery) -> Result<(), Failure> {
         let manual = delivery.ack_mode() == AckMode::Manual;
@@ -168,7 +175,7 @@ impl<R: Respond> Consumer for Responder<R> {
             Some(cid) => reply.with_correlation_id(cid.to_owned()),
             None => reply,
         };
-        if let Some(requester) = self.broker.direct_replies().find(&reply_to) {
+        if let Some(requester) = self.broker.extension::<DirectReplies>().find(&reply_to) {
             tracing::trace!(
                 correlation_id = reply.correlation_id(),
                 reply_to,
@@ -205,6 +212,15 @@ impl<R: Respond> Responder<R> {
 pub struct ResponderHandle<R: Respond> {
     consumer: ConsumerHandle<Responder<R>>,
     counters: Arc<Counters>,
+}
+
+impl<R: Respond> std::fmt::Debug for ResponderHandle<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponderHandle")
+            .field("consumer", &self.consumer)
+            .field("stats", &self.stats())
+            .finish()
+    }
 }
 
 impl<R: Respond> ResponderHandle<R> {

@@ -30,7 +30,7 @@ use crate::stream::options::{StreamOptions, StreamOverflow, StreamStart};
 
 /// One record of the log: a message and where and when it was appended.
 #[derive(Debug)]
-pub struct Record {
+pub(crate) struct Record {
     pub(crate) offset: u64,
     pub(crate) timestamp_ms: u64,
     pub(crate) envelope: Envelope,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use postbox::Backoff;
 
-use crate::consumer::Supervision;
+use crate::supervision::Supervision;
 
 /// What happens when retention would trim a record that a live subscriber has
 /// not read yet.
@@ -36,7 +36,7 @@ pub enum StreamOverflow {
 ///
 /// ```
 /// use std::time::Duration;
-/// use postbox_actors::stream::{StreamOptions, StreamOverflow};
+/// use postbox_actors::{StreamOptions, StreamOverflow};
 /// let events = StreamOptions::default()
 ///     .max_len(100_000)
 ///     .max_bytes(64 << 20)
@@ -139,7 +139,7 @@ pub enum StreamStart {
 ///
 /// ```
 /// use std::time::Duration;
-/// use postbox_actors::stream::SubscribeOptions;
+/// use postbox_actors::SubscribeOptions;
 /// let options = SubscribeOptions::default()
 ///     .batch(128)
 ///     .restarts(10, Duration::from_secs(60))

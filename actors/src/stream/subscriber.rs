@@ -23,7 +23,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use futures::FutureExt;
-use postbox::{Actor, Addr, Context, ExitReason, Failure, Handler, Message, Supervisor};
+use postbox::{Actor, Addr, AnyAddr, Context, ExitReason, Failure, Handler, Message, Supervisor};
 use tracing::Instrument;
 
 use crate::envelope::Envelope;
@@ -108,13 +108,13 @@ impl Deref for StreamDelivery {
 
 /// "Read the log": a wake-up for a parked subscriber, or the next batch.
 #[derive(Debug)]
-pub struct Pump;
+pub(crate) struct Pump;
 impl Message for Pump {
     type Reply = ();
 }
 
 /// The actor hosting a [`StreamConsumer`] on one stream.
-pub struct StreamSubscriber<C: StreamConsumer> {
+pub(crate) struct StreamSubscriber<C: StreamConsumer> {
     consumer: C,
     core: Arc<StreamCore>,
     reader: ReaderId,
@@ -317,15 +317,25 @@ pub struct StreamSubscription<C: StreamConsumer> {
     pub(crate) supervisor: Supervisor,
 }
 
+impl<C: StreamConsumer> std::fmt::Debug for StreamSubscription<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSubscription")
+            .field("stream", &self.core.name)
+            .field("actor", &self.addr.id())
+            .finish()
+    }
+}
+
 impl<C: StreamConsumer> StreamSubscription<C> {
     /// The stream it reads.
     pub fn stream(&self) -> &str {
         &self.core.name
     }
 
-    /// The subscriber actor's address (stable across its restarts).
-    pub fn addr(&self) -> &Addr<StreamSubscriber<C>> {
-        &self.addr
+    /// The subscriber actor (stable across its restarts): its identity,
+    /// stats and death watch.
+    pub fn addr(&self) -> AnyAddr {
+        self.addr.any()
     }
 
     /// Its position and counters; `None` once it has stopped for good.

@@ -20,10 +20,11 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::broker::Broker;
-use crate::delivery::Outcome;
+use crate::envelope::DeathReason;
 use crate::envelope::{Envelope, MessageId};
 use crate::observe::{Observer, ObserverGuard};
-use crate::queue::state::{ConsumerId, DeathReason, DeliveryTag};
+use crate::queue::ack::{ConsumerId, DeliveryTag};
+use crate::queue::delivery::Outcome;
 
 /// How many events a failure message lists before it abbreviates.
 const SHOWN: usize = 20;

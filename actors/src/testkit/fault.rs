@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use postbox::Failure;
 
-use crate::consumer::{Consumer, ConsumerFactory};
-use crate::delivery::Delivery;
+use crate::consumer::{Consumer, Layer};
+use crate::queue::delivery::Delivery;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fault {
@@ -60,7 +60,7 @@ pub struct FaultStats {
 }
 
 /// The faults to inject into a consumer, built up with one call per fault,
-/// then applied with [`wrap`](Self::wrap).
+/// then stacked on a consumer factory as a [`Layer`](crate::Layer).
 ///
 /// Cloning a plan shares its counters. A crash is a panic in the consumer's
 /// handler: the consumer's supervisor restarts it (after its backoff) and the
@@ -75,7 +75,7 @@ pub struct FaultStats {
 /// use std::time::Duration;
 /// use postbox::{RuntimeHandle, testkit::{self, TestProbe}};
 /// use postbox_actors::testkit::FaultPlan;
-/// use postbox_actors::{Broker, ConsumeOptions, Delivery, QueueOptions};
+/// use postbox_actors::{Broker, ConsumeOptions, Delivery, LayerExt, QueueOptions};
 ///
 /// #[derive(Debug, PartialEq)]
 /// struct Seen(u32, bool);
@@ -90,7 +90,7 @@ pub struct FaultStats {
 ///
 ///     let plan = FaultPlan::new().crash_before_ack(2);
 ///     let _c = broker
-///         .consume("q", ConsumeOptions::manual(1), plan.wrap(move || {
+///         .consume("q", ConsumeOptions::manual(1), (move || {
 ///             let out = out.clone();
 ///             move |d: Delivery| {
 ///                 let out = out.clone();
@@ -100,7 +100,7 @@ pub struct FaultStats {
 ///                     Ok(())
 ///                 }
 ///             }
-///         }))
+///         }).layer(plan.clone()))
 ///         .await
 ///         .unwrap();
 ///
@@ -178,36 +178,6 @@ impl FaultPlan {
         self
     }
 
-    /// Wraps a consumer factory, for [`Broker::consume`](crate::Broker::consume):
-    ///
-    /// ```
-    /// # use postbox::{RuntimeHandle, testkit};
-    /// # use postbox_actors::{Broker, ConsumeOptions, Delivery, QueueOptions, testkit::FaultPlan};
-    /// # testkit::run(async {
-    /// # let broker = Broker::new(&RuntimeHandle::local());
-    /// # broker.declare_queue("q", QueueOptions::default()).await.unwrap();
-    /// # let my_consumer = || |d: Delivery| async move { d.ack().await?; Ok(()) };
-    /// let plan = FaultPlan::new().crash_after_ack(3).slow(std::time::Duration::from_millis(5));
-    /// let consumer = broker.consume("q", ConsumeOptions::manual(8), plan.wrap(my_consumer)).await;
-    /// # assert!(consumer.is_ok());
-    /// # });
-    /// ```
-    ///
-    /// Every consumer the factory builds, first or rebuilt, shares this plan's
-    /// numbering and counters (so do consumers of other factories wrapped with
-    /// the same plan or its clones).
-    pub fn wrap<C, F>(&self, factory: F) -> impl ConsumerFactory<Faulty<C>>
-    where
-        C: Consumer,
-        F: ConsumerFactory<C>,
-    {
-        let plan = Arc::new(self.clone());
-        move || Faulty {
-            inner: factory(),
-            plan: plan.clone(),
-        }
-    }
-
     /// What the plan has done so far.
     pub fn stats(&self) -> FaultStats {
         let c = &self.counters;
@@ -221,11 +191,46 @@ impl FaultPlan {
     }
 }
 
-/// A consumer with faults injected by a [`FaultPlan`]; built by
-/// [`FaultPlan::wrap`].
+/// A plan is a consumer [`Layer`]: stack it on the factory of the consumer
+/// under test.
+///
+/// ```
+/// # use postbox::{RuntimeHandle, testkit};
+/// # use postbox_actors::{Broker, ConsumeOptions, Delivery, LayerExt, QueueOptions, testkit::FaultPlan};
+/// # testkit::run(async {
+/// # let broker = Broker::new(&RuntimeHandle::local());
+/// # broker.declare_queue("q", QueueOptions::default()).await.unwrap();
+/// # let my_consumer = || |d: Delivery| async move { d.ack().await?; Ok(()) };
+/// let plan = FaultPlan::new().crash_after_ack(3).slow(std::time::Duration::from_millis(5));
+/// let consumer = broker.consume("q", ConsumeOptions::manual(8), my_consumer.layer(plan.clone())).await;
+/// # assert!(consumer.is_ok());
+/// # });
+/// ```
+///
+/// Every consumer the layered factory builds, first or rebuilt, shares this
+/// plan's numbering and counters (so do consumers of other factories layered
+/// with the same plan or its clones).
+impl<C: Consumer> Layer<C> for FaultPlan {
+    type Consumer = Faulty<C>;
+
+    fn layer(&self, inner: C) -> Faulty<C> {
+        Faulty {
+            inner,
+            plan: Arc::new(self.clone()),
+        }
+    }
+}
+
+/// A consumer with faults injected by a [`FaultPlan`] (its [`Layer`]).
 pub struct Faulty<C: Consumer> {
     inner: C,
     plan: Arc<FaultPlan>,
+}
+
+impl<C: Consumer> std::fmt::Debug for Faulty<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Faulty").field("plan", &self.plan).finish()
+    }
 }
 
 impl<C: Consumer> Faulty<C> {
@@ -269,5 +274,9 @@ impl<C: Consumer> Consumer for Faulty<C> {
             panic!("postbox testkit: injected crash after handling {at}");
         }
         Ok(())
+    }
+
+    async fn cancelled(&mut self) {
+        self.inner.cancelled().await
     }
 }

@@ -25,14 +25,14 @@
 //! use std::time::Duration;
 //! use postbox::{RuntimeHandle, testkit};
 //! use postbox_actors::testkit::{FaultPlan, TestBroker};
-//! use postbox_actors::{ConsumeOptions, Delivery, QueueOptions};
+//! use postbox_actors::{LayerExt, ConsumeOptions, Delivery, QueueOptions};
 //!
 //! testkit::run(async {
 //!     let broker = TestBroker::new(&RuntimeHandle::local());
 //!     broker.declare_queue("q", QueueOptions::default()).await.unwrap();
 //!     let acking = || |d: Delivery| async move { d.ack().await?; Ok(()) };
 //!     let plan = FaultPlan::new().crash_after_ack(1);
-//!     let _c = broker.consume("q", ConsumeOptions::manual(1), plan.wrap(acking)).await.unwrap();
+//!     let _c = broker.consume("q", ConsumeOptions::manual(1), acking.layer(plan.clone())).await.unwrap();
 //!
 //!     broker.publish_json("q", "once").await.unwrap();
 //!     // Virtual time: this passes at once, and everything has happened by then.

@@ -14,10 +14,11 @@ use postbox::testkit::{ProbeError, TestProbe};
 use postbox::{Failure, Recipient, RuntimeHandle};
 
 use crate::consumer::Consumer;
-use crate::delivery::Delivery;
+use crate::queue::delivery::Delivery;
 
 /// The consumer built by [`DeliveryProbe::consumer`]: forwards each delivery to
 /// the probe.
+#[derive(Debug)]
 pub struct ProbeConsumer {
     sink: Recipient<Delivery>,
 }

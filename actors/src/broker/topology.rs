@@ -38,7 +38,7 @@ use crate::error::BrokerError;
 use crate::exchange::{Binding, Bound, Destination, Exchange, ExchangeKind, ExchangeOptions};
 use crate::queue::handle::QueueHandle;
 use crate::queue::options::QueueOptions;
-use crate::stream::handle::StreamHandle;
+use crate::stream::StreamHandle;
 
 pub(crate) struct QueueEntry {
     pub(crate) handle: Arc<QueueHandle>,
@@ -101,7 +101,7 @@ pub(crate) struct Routed {
 #[derive(Default)]
 pub(crate) struct Topology {
     pub(crate) queues: FxHashMap<ByteString, QueueEntry>,
-    pub(crate) exchanges: FxHashMap<ByteString, Exchange>,
+    pub(crate) exchanges: FxHashMap<ByteString, Exchange<Target>>,
     pub(crate) streams: FxHashMap<ByteString, StreamHandle>,
 }
 
@@ -274,7 +274,7 @@ impl Topology {
     fn route_into<'a>(
         &'a self,
         name: &'a str,
-        exchange: &'a Exchange,
+        exchange: &'a Exchange<Target>,
         key: &str,
         headers: &Headers,
         visited: &mut SmallVec<[&'a str; 4]>,
@@ -287,15 +287,17 @@ impl Topology {
         let start = out.len();
         let mut routed = false;
         let mut hops: SmallVec<[&'a ByteString; 2]> = SmallVec::new();
-        let repeats = exchange.route(key, headers, |bound: &'a Bound| match &bound.target {
-            Some(target) if target.is_live() => {
-                routed = true;
-                out.push(target.clone());
-            }
-            Some(_) => {}
-            None => {
-                if let Destination::Exchange(next) = &bound.dest {
-                    hops.push(next);
+        let repeats = exchange.route(key, headers, |bound: &'a Bound<Target>| {
+            match &bound.target {
+                Some(target) if target.is_live() => {
+                    routed = true;
+                    out.push(target.clone());
+                }
+                Some(_) => {}
+                None => {
+                    if let Destination::Exchange(next) = &bound.dest {
+                        hops.push(next);
+                    }
                 }
             }
         });
@@ -387,7 +389,7 @@ mod tests {
             };
             assert_eq!(route(&broker), [old.addr.id()]);
             // Stand-in for a new incarnation under the same name.
-            broker.topology().write().insert_queue(
+            broker.inner.topology.write().insert_queue(
                 ByteString::from("q"),
                 QueueEntry {
                     handle: Arc::new(other.clone()),

@@ -18,8 +18,8 @@ use parking_lot::Mutex;
 use postbox::{Addr, Message};
 
 use crate::envelope::Envelope;
+use crate::queue::ack::{AckMode, ConsumerId, DeliveryTag};
 use crate::queue::actor::{QueueActor, Settle};
-use crate::queue::state::{AckMode, ConsumerId, DeliveryTag};
 
 /// How a delivery is settled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -477,6 +477,7 @@ impl Delivery {
     /// A second handle to this same delivery (same tag, same registration), for
     /// the test kit's duplicate-delivery fault: the first settlement of either
     /// applies, and settling the other fails with `AlreadySettled`.
+    #[cfg(feature = "testkit")]
     pub(crate) fn duplicate(&self) -> Delivery {
         Delivery::new(self.message.clone(), self.tag, self.link.clone())
     }

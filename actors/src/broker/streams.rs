@@ -1,26 +1,18 @@
-//! The broker's stream API: [`Broker::declare_stream`], [`Broker::stream`],
-//! [`Broker::delete_stream`], [`Broker::stream_names`], and binding streams to
-//! exchanges ([`Broker::bind_stream`], [`Broker::bind_stream_headers`],
-//! [`Broker::unbind_stream`], [`Broker::unbind_stream_headers`]).
+//! Streams through the broker: declare, look up, delete, and bind them to
+//! exchanges.
 //!
 //! Streams have a namespace of their own (a queue and a stream may share a
 //! name). They are kept in the broker's topology, with its queues and
 //! exchanges, read under its lock only on lookups: publishers on a hot path
 //! keep a [`StreamHandle`].
 
-use std::sync::Arc;
-
 use bytestring::ByteString;
 
 use crate::broker::Broker;
 use crate::error::BrokerError;
-use crate::exchange::Destination;
-use crate::exchange::headers::HeadersMatch;
+use crate::exchange::{BindingKey, Destination};
 use crate::name::{NameKind, validate_declared};
-use crate::stream::error::StreamError;
-use crate::stream::handle::{StreamCore, StreamHandle};
-use crate::stream::log::StreamStats;
-use crate::stream::options::StreamOptions;
+use crate::stream::{StreamError, StreamHandle, StreamOptions, StreamStats};
 
 impl Broker {
     /// Declares a stream: creates it, or checks that the existing one has the
@@ -32,7 +24,7 @@ impl Broker {
     ) -> Result<StreamHandle, StreamError> {
         validate_declared(NameKind::Stream, name)?;
         self.alive().map_err(|_| StreamError::Stopped)?;
-        let mut topology = self.topology().write();
+        let mut topology = self.inner.topology.write();
         if let Some(existing) = topology.streams.get(name) {
             if existing.core.options != options {
                 return Err(StreamError::Mismatch {
@@ -45,24 +37,18 @@ impl Broker {
         }
         let limit = options
             .max_message_bytes
-            .unwrap_or(self.config().max_message_bytes);
+            .unwrap_or(self.inner.config.max_message_bytes);
         let name = ByteString::from(name);
         tracing::debug!(stream = %name, ?options, "stream declared");
-        let handle = StreamHandle {
-            core: Arc::new(StreamCore::new(
-                name.clone(),
-                options,
-                limit,
-                self.runtime().clone(),
-            )),
-        };
+        let handle = StreamHandle::new(name.clone(), options, limit, self.runtime().clone());
         topology.streams.insert(name, handle.clone());
         Ok(handle)
     }
 
     /// A handle to an existing stream.
     pub fn stream(&self, name: &str) -> Result<StreamHandle, StreamError> {
-        self.topology()
+        self.inner
+            .topology
             .read()
             .streams
             .get(name)
@@ -73,7 +59,8 @@ impl Broker {
     /// The names of all streams.
     pub fn stream_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self
-            .topology()
+            .inner
+            .topology
             .read()
             .streams
             .keys()
@@ -90,7 +77,8 @@ impl Broker {
     pub async fn delete_stream(&self, name: &str) -> Result<StreamStats, StreamError> {
         self.alive().map_err(|_| StreamError::Stopped)?;
         let handle = self
-            .topology()
+            .inner
+            .topology
             .write()
             .remove_stream(name)
             .ok_or_else(|| StreamError::NotFound(name.to_string()))?;
@@ -98,37 +86,21 @@ impl Broker {
         Ok(handle.core.close().await)
     }
 
-    /// Binds a stream to an exchange with a binding key (a pattern for topic
-    /// exchanges): what the exchange routes with this key is appended to the
-    /// stream, once per message however many bindings match. Binding twice is
-    /// a no-op. Arguments in the order of [`Broker::bind_queue`]: what is bound,
-    /// then to which exchange.
+    /// Binds a stream to an exchange, with a routing key (a pattern for topic
+    /// exchanges) or a headers match: what the exchange routes with it is
+    /// appended to the stream, once per message however many bindings match.
+    /// Binding twice is a no-op. Arguments in the order of
+    /// [`Broker::bind_queue`]: what is bound, then to which exchange.
     pub async fn bind_stream(
         &self,
         stream: &str,
         exchange: &str,
-        key: &str,
+        key: impl Into<BindingKey>,
     ) -> Result<(), BrokerError> {
         self.bind(
             exchange,
             Destination::Stream(ByteString::from(stream)),
-            key,
-            None,
-        )
-    }
-
-    /// Binds a stream to a headers exchange.
-    pub async fn bind_stream_headers(
-        &self,
-        stream: &str,
-        exchange: &str,
-        headers: HeadersMatch,
-    ) -> Result<(), BrokerError> {
-        self.bind(
-            exchange,
-            Destination::Stream(ByteString::from(stream)),
-            "",
-            Some(headers),
+            key.into(),
         )
     }
 
@@ -137,28 +109,12 @@ impl Broker {
         &self,
         stream: &str,
         exchange: &str,
-        key: &str,
+        key: impl Into<BindingKey>,
     ) -> Result<bool, BrokerError> {
         self.unbind(
             exchange,
             Destination::Stream(ByteString::from(stream)),
-            key,
-            None,
-        )
-    }
-
-    /// Removes a headers binding of a stream; false if there was none.
-    pub async fn unbind_stream_headers(
-        &self,
-        stream: &str,
-        exchange: &str,
-        headers: HeadersMatch,
-    ) -> Result<bool, BrokerError> {
-        self.unbind(
-            exchange,
-            Destination::Stream(ByteString::from(stream)),
-            "",
-            Some(headers),
+            key.into(),
         )
     }
 }

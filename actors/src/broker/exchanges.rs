@@ -1,0 +1,170 @@
+//! Exchanges through the broker: declare, delete, bind and unbind queues,
+//! streams and exchanges, list bindings. A binding takes one [`BindingKey`]:
+//! a routing key (a pattern, for topic exchanges) or a headers match.
+
+use bytestring::ByteString;
+
+use crate::broker::Broker;
+use crate::error::BrokerError;
+use crate::exchange::{Binding, BindingKey, Destination, ExchangeOptions};
+use crate::name::{NameKind, validate_declared, validate_key, validate_name};
+
+impl Broker {
+    /// Declares an exchange: creates it, or checks that the existing one has the
+    /// same options.
+    #[doc(alias = "exchange_declare")]
+    pub async fn declare_exchange(
+        &self,
+        name: &str,
+        options: ExchangeOptions,
+    ) -> Result<(), BrokerError> {
+        if name.is_empty() {
+            return Err(BrokerError::DefaultExchange("declared"));
+        }
+        validate_declared(NameKind::Exchange, name)?;
+        if let Some(alternate) = &options.alternate_exchange {
+            validate_name(NameKind::Exchange, alternate)?;
+        }
+        self.alive()?;
+        self.inner.topology.write().declare_exchange(name, options)
+    }
+
+    /// Deletes an exchange and every binding from or to it.
+    #[doc(alias = "exchange_delete")]
+    pub async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), BrokerError> {
+        if name.is_empty() {
+            return Err(BrokerError::DefaultExchange("deleted"));
+        }
+        self.alive()?;
+        self.inner.topology.write().delete_exchange(name, if_unused)
+    }
+
+    /// Binds a queue to an exchange, with a routing key (a pattern for topic
+    /// exchanges) or a headers match. Binding twice is a no-op.
+    ///
+    /// ```
+    /// # use postbox_actors::{Broker, ExchangeOptions, HeadersMatch, QueueOptions};
+    /// # postbox::testkit::run(async {
+    /// # let broker = Broker::new(&postbox::RuntimeHandle::local());
+    /// # broker.declare_queue("q", QueueOptions::default()).await.unwrap();
+    /// broker.declare_exchange("events", ExchangeOptions::topic()).await?;
+    /// broker.bind_queue("q", "events", "orders.#").await?;
+    /// broker.declare_exchange("docs", ExchangeOptions::headers()).await?;
+    /// broker.bind_queue("q", "docs", HeadersMatch::all([("format", "pdf")])).await?;
+    /// # Ok::<(), postbox_actors::BrokerError>(())
+    /// # }).unwrap();
+    /// ```
+    #[doc(alias = "queue_bind")]
+    pub async fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        key: impl Into<BindingKey>,
+    ) -> Result<(), BrokerError> {
+        self.bind(
+            exchange,
+            Destination::Queue(ByteString::from(queue)),
+            key.into(),
+        )
+    }
+
+    /// Removes a queue binding; false if there was none.
+    #[doc(alias = "queue_unbind")]
+    pub async fn unbind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        key: impl Into<BindingKey>,
+    ) -> Result<bool, BrokerError> {
+        self.unbind(
+            exchange,
+            Destination::Queue(ByteString::from(queue)),
+            key.into(),
+        )
+    }
+
+    /// Binds exchange `destination` to exchange `source`: what `source` routes
+    /// with this key also goes through `destination`.
+    #[doc(alias = "exchange_bind")]
+    pub async fn bind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        key: impl Into<BindingKey>,
+    ) -> Result<(), BrokerError> {
+        self.bind(
+            source,
+            Destination::Exchange(ByteString::from(destination)),
+            key.into(),
+        )
+    }
+
+    /// Removes an exchange-to-exchange binding; false if there was none.
+    #[doc(alias = "exchange_unbind")]
+    pub async fn unbind_exchange(
+        &self,
+        destination: &str,
+        source: &str,
+        key: impl Into<BindingKey>,
+    ) -> Result<bool, BrokerError> {
+        self.unbind(
+            source,
+            Destination::Exchange(ByteString::from(destination)),
+            key.into(),
+        )
+    }
+
+    /// The bindings whose source is `exchange`.
+    pub fn bindings(&self, exchange: &str) -> Result<Vec<Binding>, BrokerError> {
+        self.inner
+            .topology
+            .read()
+            .exchanges
+            .get(exchange)
+            .map(|e| e.bindings().to_vec())
+            .ok_or_else(|| BrokerError::ExchangeNotFound(exchange.to_string()))
+    }
+
+    fn binding(
+        exchange: &str,
+        destination: Destination,
+        key: BindingKey,
+    ) -> Result<Binding, BrokerError> {
+        if exchange.is_empty() {
+            return Err(BrokerError::DefaultExchange("bound to"));
+        }
+        let (key, headers) = key.into_parts();
+        validate_key(NameKind::BindingKey, &key)?;
+        Ok(Binding {
+            destination,
+            key,
+            headers,
+        })
+    }
+
+    pub(super) fn bind(
+        &self,
+        exchange: &str,
+        destination: Destination,
+        key: BindingKey,
+    ) -> Result<(), BrokerError> {
+        let binding = Self::binding(exchange, destination, key)?;
+        self.alive()?;
+        self.inner
+            .topology
+            .write()
+            .bind(exchange, binding)
+            .map(|_| ())
+    }
+
+    pub(super) fn unbind(
+        &self,
+        exchange: &str,
+        destination: Destination,
+        key: BindingKey,
+    ) -> Result<bool, BrokerError> {
+        let binding = Self::binding(exchange, destination, key)?;
+        self.alive()?;
+        self.inner.topology.write().unbind(exchange, &binding)
+    }
+}

@@ -1,0 +1,217 @@
+//! [`Broker`]: the facade applications use. Everything a broker does is here,
+//! one file per concern:
+//!
+//! - `queues`: declare, delete, purge, look up queues;
+//! - `exchanges`: declare and delete exchanges, bind and unbind;
+//! - `publish`: publish to a queue or through an exchange, and the one
+//!   fan-out that hands a routed message to its targets (also used for dead
+//!   letters, which the broker publishes for its queues);
+//! - `consume`: start supervised consumers;
+//! - `streams`: declare, delete, look up and bind streams;
+//! - `topology`: the graph of queues, streams, exchanges and bindings, and
+//!   routing through it.
+
+mod consume;
+mod exchanges;
+mod publish;
+mod queues;
+mod streams;
+mod topology;
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Weak};
+
+use parking_lot::{Mutex, RwLock};
+use postbox::{ActorId, RuntimeHandle, ShutdownHook, Supervisor};
+use rustc_hash::FxHashMap;
+
+pub use publish::PublishOptions;
+pub(crate) use publish::deliver_to;
+pub(crate) use topology::Target;
+
+use crate::error::BrokerError;
+use crate::observe::{Observer, ObserverGuard, Observers};
+use crate::queue::inbox::Shut;
+use topology::Topology;
+
+/// Broker-wide settings.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct BrokerConfig {
+    /// Largest message ([`Envelope::total_size`](crate::Envelope::total_size):
+    /// payload, headers and properties) accepted by queues and streams that
+    /// set no limit of their own.
+    pub max_message_bytes: usize,
+}
+
+impl Default for BrokerConfig {
+    /// 16 MiB messages.
+    fn default() -> Self {
+        BrokerConfig {
+            max_message_bytes: 16 << 20,
+        }
+    }
+}
+
+struct Inner {
+    runtime: RuntimeHandle,
+    config: BrokerConfig,
+    topology: RwLock<Topology>,
+    consumers: AtomicU64,
+    observers: Observers,
+    /// Every running consumer's supervisor: a consumer lives until it is
+    /// cancelled or gives up, whether or not its handle is kept.
+    live: Mutex<HashMap<ActorId, Supervisor>>,
+    /// State the layers above keep per broker, one value per type (see
+    /// [`Broker::extension`]).
+    extensions: RwLock<FxHashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
+    /// Fails what waits on this broker's queues and streams when the runtime
+    /// shuts down.
+    _shutdown: ShutdownHook,
+}
+
+impl Inner {
+    /// The runtime shut down: publishers waiting for room in a queue or a
+    /// stream, and later ones, fail with `Stopped` (the actors themselves are
+    /// dropped as their arbiters stop).
+    fn shut_down(&self) {
+        let topology = self.topology.read();
+        for entry in topology.queues.values() {
+            entry.handle.inbox.shut(Shut::Stopped);
+        }
+        for stream in topology.streams.values() {
+            stream.core.stop();
+        }
+    }
+}
+
+/// A weak reference to a broker: what its queues hold of it (see
+/// [`QueueHost`](crate::queue::actor::QueueHost)).
+#[derive(Clone)]
+pub(crate) struct BrokerRef(Weak<Inner>);
+
+/// An in-process message broker; cheap to clone, usable from any thread.
+///
+/// The API names queues, never actors, so the same calls can later be served by
+/// another backend (RabbitMQ) without changing applications. Queues live in a
+/// registry read under a lock only on lookups; publishers on a hot path take a
+/// [`QueueHandle`](crate::QueueHandle) once and skip the lookup.
+///
+/// ```
+/// use postbox::Runtime;
+/// use postbox_actors::{Broker, ConsumeOptions, Delivery, Envelope, QueueOptions};
+/// use std::time::Duration;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let rt = Runtime::new()?;
+/// let broker = Broker::new(&rt);
+/// broker.declare_queue("orders", QueueOptions::default()).await?;
+/// let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+/// let _consumer = broker
+///     .consume("orders", ConsumeOptions::manual(8), move || {
+///         let tx = tx.clone();
+///         move |d: Delivery| {
+///             let tx = tx.clone();
+///             async move {
+///                 tx.send(d.decode::<u32>()?).ok();
+///                 d.ack().await?;
+///                 Ok(())
+///             }
+///         }
+///     })
+///     .await?;
+/// broker.publish("orders", Envelope::encode(&42u32)?).await?;
+/// assert_eq!(tokio::time::timeout(Duration::from_secs(5), rx.recv()).await?, Some(42));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let topology = self.inner.topology.read();
+        f.debug_struct("Broker")
+            .field("queues", &topology.queues.len())
+            .field("exchanges", &topology.exchanges.len())
+            .field("streams", &topology.streams.len())
+            .finish()
+    }
+}
+
+impl Broker {
+    /// A broker whose queues and consumers run on `runtime`.
+    pub fn new(runtime: &RuntimeHandle) -> Broker {
+        Broker::with_config(runtime, BrokerConfig::default())
+    }
+
+    /// A broker with explicit settings.
+    pub fn with_config(runtime: &RuntimeHandle, config: BrokerConfig) -> Broker {
+        Broker {
+            inner: Arc::new_cyclic(|weak: &Weak<Inner>| {
+                let weak = weak.clone();
+                Inner {
+                    runtime: runtime.clone(),
+                    config,
+                    topology: RwLock::new(Topology::default()),
+                    consumers: AtomicU64::new(1),
+                    observers: Observers::default(),
+                    live: Mutex::default(),
+                    extensions: RwLock::default(),
+                    _shutdown: runtime.on_shutdown(move || {
+                        if let Some(inner) = weak.upgrade() {
+                            inner.shut_down();
+                        }
+                    }),
+                }
+            }),
+        }
+    }
+
+    /// Registers an observer of all traffic on this broker's queues, until the
+    /// returned guard is dropped.
+    pub fn observe(&self, observer: Arc<dyn Observer>) -> ObserverGuard {
+        self.inner.observers.add(observer)
+    }
+
+    /// Fails with [`BrokerError::Stopped`] once the runtime has shut down:
+    /// every call after that is refused, none hangs.
+    pub(crate) fn alive(&self) -> Result<(), BrokerError> {
+        if self.inner.runtime.is_shut_down() {
+            return Err(BrokerError::Stopped);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn runtime(&self) -> &RuntimeHandle {
+        &self.inner.runtime
+    }
+
+    /// The value of type `T` this broker keeps for a layer above it (the
+    /// requesters that take direct replies, say), created on first use. Layers
+    /// keep per-broker state here so that the broker does not know them.
+    pub(crate) fn extension<T: Default + Send + Sync + 'static>(&self) -> Arc<T> {
+        let id = TypeId::of::<T>();
+        if let Some(value) = self.inner.extensions.read().get(&id)
+            && let Ok(value) = value.clone().downcast::<T>()
+        {
+            return value;
+        }
+        let mut extensions = self.inner.extensions.write();
+        let value = extensions
+            .entry(id)
+            .or_insert_with(|| Arc::new(T::default()))
+            .clone();
+        // The entry for `T`'s id holds a `T`.
+        value
+            .downcast::<T>()
+            .unwrap_or_else(|_| Arc::new(T::default()))
+    }
+
+    fn weak(&self) -> BrokerRef {
+        BrokerRef(Arc::downgrade(&self.inner))
+    }
+}

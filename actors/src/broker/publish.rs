@@ -1,0 +1,294 @@
+//! Publishing: to a queue by name, or through an exchange with a routing key,
+//! and the fan-out that hands a routed message to each of its targets. The
+//! same fan-out serves publishers (who wait for room in full targets) and the
+//! queues' dead letters (which never wait: a full target gets its copy from a
+//! task), so it is written once.
+
+use serde::Serialize;
+
+use crate::broker::topology::{Routed, Target};
+use crate::broker::{Broker, BrokerRef};
+use crate::envelope::Envelope;
+use crate::error::{BrokerError, PublishError};
+use crate::name::{NameKind, validate_key};
+use crate::queue::actor::QueueHost;
+use crate::queue::handle::QueueHandle;
+use crate::stream::{StreamError, TryStreamPublishError};
+
+/// How a message is published through an exchange; see
+/// [`Broker::publish_with`].
+///
+/// ```
+/// use postbox_actors::PublishOptions;
+/// let options = PublishOptions::default().mandatory();
+/// assert!(options.mandatory);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PublishOptions {
+    /// A message that reaches no queue and no stream comes back as
+    /// [`PublishError::Unroutable`] instead of being dropped (AMQP's
+    /// `mandatory` flag).
+    pub mandatory: bool,
+}
+
+impl PublishOptions {
+    /// Sets [`mandatory`](Self::mandatory).
+    pub fn mandatory(mut self) -> Self {
+        self.mandatory = true;
+        self
+    }
+}
+
+impl Broker {
+    /// Publishes to a queue (through the default exchange), waiting while it
+    /// is saturated.
+    #[doc(alias = "basic_publish")]
+    pub async fn publish(&self, queue: &str, message: Envelope) -> Result<(), BrokerError> {
+        self.queue(queue)?.publish(message).await
+    }
+
+    /// Publishes a value encoded as JSON to a queue.
+    pub async fn publish_json<T: Serialize + ?Sized>(
+        &self,
+        queue: &str,
+        value: &T,
+    ) -> Result<(), BrokerError> {
+        self.publish(queue, Envelope::encode(value)?).await
+    }
+
+    /// Publishes through an exchange (`""`: the default exchange) with a routing
+    /// key; [`publish_with`](Self::publish_with) with the default options.
+    /// Returns how many queues and streams took it; a message that reaches
+    /// none is dropped. Waits while a target queue is saturated, or a target
+    /// stream with block overflow is full.
+    #[doc(alias = "basic_publish")]
+    pub async fn publish_to(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Envelope,
+    ) -> Result<usize, PublishError> {
+        self.publish_with(exchange, routing_key, message, PublishOptions::default())
+            .await
+    }
+
+    /// Publishes through an exchange with options: with
+    /// [`mandatory`](PublishOptions::mandatory), a message that reaches no
+    /// queue and no stream comes back as [`PublishError::Unroutable`].
+    #[doc(alias = "basic_publish")]
+    pub async fn publish_with(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Envelope,
+        options: PublishOptions,
+    ) -> Result<usize, PublishError> {
+        self.alive()?;
+        let routed = self.route_targets(exchange, routing_key, &message)?;
+        let message = if message.routing_key() == routing_key {
+            message
+        } else {
+            message.with_routing_key(routing_key)
+        };
+        let message = match routed.exchange {
+            // The exchange's own name, shared: no allocation per publish.
+            Some(name) => message.with_exchange(name),
+            None if message.exchange().is_empty() => message,
+            None => message.with_exchange(""),
+        };
+        let targets = routed.targets;
+        if targets.is_empty() {
+            tracing::debug!(exchange, routing_key, message_id = %message.id(), "unroutable");
+            if options.mandatory {
+                return Err(PublishError::Unroutable {
+                    exchange: exchange.to_string(),
+                    routing_key: routing_key.to_string(),
+                    message: Box::new(message),
+                });
+            }
+            return Ok(0);
+        }
+        Ok(deliver_to(&targets, message).await?)
+    }
+
+    /// The queues and streams a message published to `exchange` with
+    /// `routing_key` reaches.
+    pub(crate) fn route_targets(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &Envelope,
+    ) -> Result<Routed, BrokerError> {
+        validate_key(NameKind::RoutingKey, routing_key)?;
+        let mut routed = Routed::default();
+        self.inner
+            .topology
+            .read()
+            .route(exchange, routing_key, message.headers(), &mut routed)?;
+        Ok(routed)
+    }
+
+    /// The queues (not the streams) a message published to `exchange` with
+    /// `routing_key` reaches: for request-reply, where only queues answer.
+    pub(crate) fn route_queues(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &Envelope,
+    ) -> Result<Vec<QueueHandle>, BrokerError> {
+        let routed = self.route_targets(exchange, routing_key, message)?;
+        Ok(routed
+            .targets
+            .iter()
+            .filter_map(|t| t.queue().cloned())
+            .collect())
+    }
+}
+
+/// One copy of `message` per target: clones for all but the last, which gets
+/// the original.
+fn copies<T>(targets: &[T], message: Envelope) -> impl Iterator<Item = (&T, Envelope)> {
+    let n = targets.len();
+    let mut message = Some(message);
+    targets.iter().enumerate().filter_map(move |(i, target)| {
+        let copy = if i + 1 == n {
+            message.take()
+        } else {
+            message.clone()
+        };
+        copy.map(|copy| (target, copy))
+    })
+}
+
+/// Enqueues `message` on every target queue and appends it to every target
+/// stream, or does neither if it is too large for any. Returns how many took
+/// it (a target deleted since routing does not), or the refusal of a
+/// reject-publish queue that was full (the others have their copy). Waits for
+/// room in full queues and in full block-mode streams.
+pub(crate) async fn deliver_to<T: Deliver>(
+    targets: &[T],
+    message: Envelope,
+) -> Result<usize, BrokerError> {
+    for target in targets {
+        target.check(&message)?;
+    }
+    let mut taken = 0;
+    let mut refused = None;
+    for (target, copy) in copies(targets, message) {
+        match target.deliver(copy).await {
+            Ok(true) => taken += 1,
+            Ok(false) => {}
+            Err(err) => refused = Some(err),
+        }
+    }
+    refused.map_or(Ok(taken), Err)
+}
+
+/// [`deliver_to`] without waiting and without the size checks: a full target
+/// gets its copy from a task of its own. For the queues' dead letters (they
+/// were checked when first published, and a queue never waits on another).
+/// Returns how many targets there were.
+fn deliver_now(targets: &[Target], message: Envelope) -> usize {
+    for (target, copy) in copies(targets, message) {
+        if let Some(copy) = target.try_deliver(copy)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let target = target.clone();
+            runtime.spawn(async move {
+                let _ = target.deliver(copy).await;
+            });
+        }
+    }
+    targets.len()
+}
+
+/// Something [`deliver_to`] hands a routed message to: a queue or a stream.
+pub(crate) trait Deliver {
+    /// Refuses a message this target would refuse for its size.
+    fn check(&self, message: &Envelope) -> Result<(), BrokerError>;
+    /// Hands one copy over, waiting for room. `Ok(false)`: the target is gone
+    /// (deleted since routing) and did not take it; an error is a refusal to
+    /// report after every other target has had its copy.
+    async fn deliver(&self, message: Envelope) -> Result<bool, BrokerError>;
+}
+
+impl Deliver for QueueHandle {
+    fn check(&self, message: &Envelope) -> Result<(), BrokerError> {
+        QueueHandle::check(self, message)
+    }
+
+    async fn deliver(&self, message: Envelope) -> Result<bool, BrokerError> {
+        match self.publish(message).await {
+            Ok(()) => Ok(true),
+            // A queue that refuses (reject-publish) is reported, and so is a
+            // stopped runtime.
+            Err(err @ (BrokerError::QueueFull(_) | BrokerError::Stopped)) => Err(err),
+            Err(_) => Ok(false),
+        }
+    }
+}
+
+impl Deliver for Target {
+    fn check(&self, message: &Envelope) -> Result<(), BrokerError> {
+        Target::check(self, message)
+    }
+
+    async fn deliver(&self, message: Envelope) -> Result<bool, BrokerError> {
+        match self {
+            Target::Queue(queue) => queue.deliver(message).await,
+            Target::Stream(stream) => match stream.publish(message).await {
+                Ok(_) => Ok(true),
+                Err(StreamError::Stopped) => Err(BrokerError::Stopped),
+                // Deleted since routing (the size was checked).
+                Err(_) => Ok(false),
+            },
+        }
+    }
+}
+
+impl Target {
+    /// Hands a copy over if that needs no waiting; gives it back if the
+    /// target is full. A target gone since routing does not get it.
+    fn try_deliver(&self, message: Envelope) -> Option<Envelope> {
+        match self {
+            Target::Queue(queue) => match queue.try_enqueue(message) {
+                Err(postbox::TrySendError::Full(message)) => Some(message),
+                _ => None,
+            },
+            Target::Stream(stream) => match stream.try_publish(message) {
+                Err(TryStreamPublishError::Full { message, .. }) => Some(*message),
+                Err(TryStreamPublishError::Refused(err)) => {
+                    tracing::debug!(stream = %stream.name(), %err, "dead letter not appended");
+                    None
+                }
+                Ok(_) => None,
+            },
+        }
+    }
+}
+
+impl QueueHost for BrokerRef {
+    fn dead_letter(&self, exchange: &str, message: Envelope, skip: &dyn Fn(&str) -> bool) -> bool {
+        let Some(inner) = self.0.upgrade() else {
+            return false;
+        };
+        let mut routed = Routed::default();
+        // An exchange that does not exist (any more) routes nowhere.
+        let _ = inner.topology.read().route(
+            exchange,
+            message.routing_key(),
+            message.headers(),
+            &mut routed,
+        );
+        let mut targets = routed.targets;
+        targets.retain(|t| t.queue().is_none_or(|q| !skip(q.name())));
+        deliver_now(&targets, message) > 0
+    }
+
+    fn queue_stopped(&self, name: &str, id: postbox::ActorId) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.topology.write().remove_queue(name, id);
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Queues through the broker: declare, look up, delete, purge, read stats.
+
+use bytestring::ByteString;
+use std::sync::Arc;
+
+use crate::broker::Broker;
+use crate::broker::topology::QueueEntry;
+use crate::error::BrokerError;
+use crate::name::{NameKind, validate_declared, validate_key, validate_name};
+use crate::queue::actor::{Delete, Purge, QueueSnapshot, spawn_queue};
+use crate::queue::handle::QueueHandle;
+use crate::queue::options::{DeleteOptions, QueueOptions};
+
+impl Broker {
+    /// Declares a queue: creates it, or checks that the existing one has the
+    /// same options ([`BrokerError::QueueMismatch`] if not, as in RabbitMQ).
+    #[doc(alias = "queue_declare")]
+    pub async fn declare_queue(
+        &self,
+        name: &str,
+        options: QueueOptions,
+    ) -> Result<QueueHandle, BrokerError> {
+        validate_declared(NameKind::Queue, name)?;
+        // "" is the default exchange: dead letters straight to a queue by key.
+        if let Some(dlx) = options
+            .dead_letter_exchange
+            .as_deref()
+            .filter(|x| !x.is_empty())
+        {
+            validate_name(NameKind::Exchange, dlx)?;
+        }
+        if let Some(key) = &options.dead_letter_routing_key {
+            validate_key(NameKind::RoutingKey, key)?;
+        }
+        self.alive()?;
+        let mut topology = self.inner.topology.write();
+        if let Some(entry) = topology.queues.get(name).filter(|e| e.handle.is_live()) {
+            if entry.options != options {
+                return Err(BrokerError::QueueMismatch {
+                    name: name.to_string(),
+                    existing: Box::new(entry.options.clone()),
+                    requested: Box::new(options),
+                });
+            }
+            return Ok(QueueHandle::clone(&entry.handle));
+        }
+        let name = ByteString::from(name);
+        let limit = options
+            .max_message_bytes
+            .unwrap_or(self.inner.config.max_message_bytes);
+        let handle = spawn_queue(
+            &self.inner.runtime,
+            name.clone(),
+            &options,
+            limit,
+            self.inner.observers.clone(),
+            Arc::new(self.weak()),
+        )
+        // The runtime stopped under us: the actor could not start.
+        .ok_or(BrokerError::Stopped)?;
+        tracing::debug!(queue = %name, ?options, "queue declared");
+        topology.insert_queue(
+            name,
+            QueueEntry {
+                handle: Arc::new(handle.clone()),
+                options,
+            },
+        );
+        Ok(handle)
+    }
+
+    /// A handle to an existing queue.
+    pub fn queue(&self, name: &str) -> Result<QueueHandle, BrokerError> {
+        self.inner
+            .topology
+            .read()
+            .queue(name)
+            .map(|h| QueueHandle::clone(h))
+            .ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))
+    }
+
+    /// The names of all queues, sorted.
+    pub fn queue_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .inner
+            .topology
+            .read()
+            .queues
+            .keys()
+            .map(|k| k.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Deletes a queue, dropping its messages, and cancels its consumers.
+    /// Returns the queue's last snapshot, which counts every publish that got
+    /// in before; every publish after this returns fails.
+    #[doc(alias = "queue_delete")]
+    pub async fn delete_queue(
+        &self,
+        name: &str,
+        options: DeleteOptions,
+    ) -> Result<QueueSnapshot, BrokerError> {
+        self.alive()?;
+        let handle = self.queue(name)?;
+        let outcome = handle
+            .addr
+            .ask(Delete {
+                if_unused: options.if_unused,
+                if_empty: options.if_empty,
+            })
+            .await
+            .map_err(|_| handle.gone())?;
+        match outcome {
+            Ok(snapshot) => {
+                self.inner
+                    .topology
+                    .write()
+                    .remove_queue(name, handle.addr.id());
+                Ok(snapshot)
+            }
+            Err(snapshot) if options.if_unused && !snapshot.consumers.is_empty() => {
+                Err(BrokerError::QueueInUse {
+                    name: name.to_string(),
+                    consumers: snapshot.consumers.len(),
+                })
+            }
+            Err(snapshot) => Err(BrokerError::QueueNotEmpty {
+                name: name.to_string(),
+                messages: snapshot.stats.ready,
+            }),
+        }
+    }
+
+    /// Drops a queue's ready messages (not the unacknowledged ones); returns how many.
+    #[doc(alias = "queue_purge")]
+    pub async fn purge_queue(&self, name: &str) -> Result<usize, BrokerError> {
+        self.alive()?;
+        let handle = self.queue(name)?;
+        handle.addr.ask(Purge).await.map_err(|_| handle.gone())
+    }
+
+    /// A queue's counters and consumers.
+    pub async fn queue_stats(&self, name: &str) -> Result<QueueSnapshot, BrokerError> {
+        self.queue(name)?.snapshot().await
+    }
+}

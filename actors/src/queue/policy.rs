@@ -1,0 +1,32 @@
+//! The limits a queue enforces ([`QueuePolicy`]) and what it does when a
+//! length limit is reached ([`Overflow`]).
+
+use serde::{Deserialize, Serialize};
+
+/// What happens when a publish would pass a length limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overflow {
+    /// Drop (or dead-letter, reason `maxlen`) the oldest ready messages.
+    #[default]
+    DropHead,
+    /// Refuse the new message; the publisher is told.
+    RejectPublish,
+}
+
+/// The limits a queue enforces. All default to "none".
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct QueuePolicy {
+    /// Per-queue message TTL in milliseconds (the smaller of it and a message's
+    /// own expiration applies), counted from enqueueing.
+    pub message_ttl_ms: Option<u64>,
+    /// A message delivered this many times and returned again is dead-lettered
+    /// (reason `delivery_limit`) instead of requeued.
+    pub delivery_limit: Option<u32>,
+    /// Most ready messages.
+    pub max_length: Option<usize>,
+    /// Most payload bytes of ready messages.
+    pub max_length_bytes: Option<usize>,
+    /// What a full queue does with a new message.
+    pub overflow: Overflow,
+}

@@ -1,0 +1,927 @@
+//! The queue as a pure state machine.
+//!
+//! [`QueueState`] is everything a queue knows, with none of the machinery around it: no
+//! actors, no async, no I/O and no clocks. The queue actor feeds it events (a publish, a
+//! consumer joining or leaving, an ack) and asks it what to deliver next; because every
+//! transition is a plain, deterministic method call, the semantics can be tested
+//! exhaustively here and the state can later be snapshotted or replayed for persistence.
+//!
+//! Semantics (see the reference "Queues" and "Acknowledgements" sections):
+//! - Ready messages are delivered in FIFO order, each to exactly one consumer, the
+//!   consumers taking turns in registration order (fair round-robin).
+//! - A consumer in [`AckMode::Manual`] holds at most `prefetch` unsettled deliveries
+//!   (0 = no limit). A consumer in [`AckMode::Auto`] settles on delivery.
+//! - A consumer whose mailbox is full is [blocked](QueueState::set_blocked) and skipped.
+//! - A requeued delivery (nack with requeue, or its consumer going away) goes back to its
+//!   original position in the ready queue, so it is delivered before any message
+//!   published after it; its next delivery is flagged `redelivered` and its delivery
+//!   count goes up.
+//! - Settling an unknown or already settled delivery is a [`SettleError`] for the caller
+//!   and leaves the state untouched.
+//! - Limits ([`QueuePolicy`]): a message TTL (the smaller of the queue's and the
+//!   message's; counted from enqueueing; not reset by a requeue; an expired message is
+//!   removed when it reaches the head and never delivered), a delivery limit, and
+//!   length limits in messages and bytes with drop-head or reject-publish overflow.
+//! - Messages removed for one of those reasons, or nacked without requeue, wait in an
+//!   outbox ([`QueueState::drain_dead`]) with their [`DeathReason`], for the driver to
+//!   dead-letter or drop.
+//! - Time is whatever the driver says it is ([`QueueState::advance_to`]), so tests can
+//!   step it and replays are deterministic.
+//!
+//! ```
+//! use postbox_actors::Envelope;
+//! use postbox_actors::queue::state::QueueState;
+//! use postbox_actors::{AckMode, ConsumerId};
+//!
+//! let mut queue = QueueState::new();
+//! let worker = ConsumerId(1);
+//! queue.add_consumer(worker, AckMode::Manual, 10)?;
+//! queue.publish(Envelope::new("job"));
+//!
+//! let first = queue.next_delivery().expect("a ready message and a consumer");
+//! assert_eq!(first.consumer, worker);
+//! assert_eq!(first.message.delivery_count(), 1);
+//!
+//! // The worker gives up on it: it comes back, flagged as redelivered.
+//! queue.nack(worker, first.tag, false, true)?;
+//! let again = queue.next_delivery().expect("the requeued message");
+//! assert!(again.message.redelivered());
+//! assert_eq!(again.message.delivery_count(), 2);
+//!
+//! queue.ack(worker, again.tag, false)?;
+//! assert!(queue.is_empty());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use crate::envelope::{DeathReason, Envelope};
+use crate::queue::ack::{AckMode, ConsumerId, DeliveryTag};
+use crate::queue::policy::{Overflow, QueuePolicy};
+use crate::queue::stats::{ConsumerStats, QueueStats};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// One delivery decided by [`QueueState::next_delivery`]: send `message` to `consumer`,
+/// which settles it (in manual mode) by `tag`.
+#[derive(Clone, Debug)]
+pub struct Dispatch {
+    /// Who gets the message.
+    pub consumer: ConsumerId,
+    /// The delivery's tag, to settle it with.
+    pub tag: DeliveryTag,
+    /// The message, with its delivery count and redelivered flag already set.
+    pub message: Envelope,
+}
+
+/// A message removed from a queue for a [`DeathReason`].
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    /// The message, as it was in the queue.
+    pub message: Envelope,
+    /// Why it was removed.
+    pub reason: DeathReason,
+}
+
+/// The outcome of [`QueueState::publish`].
+#[derive(Debug)]
+pub enum Publish {
+    /// The message is in the queue.
+    Enqueued,
+    /// The queue is full and its overflow is reject-publish: the message, back.
+    Refused(Envelope),
+}
+
+/// Milliseconds of a duration, saturating.
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Why an ack, nack or reject (or a consumer operation) was refused. The queue's state is
+/// unchanged whenever one of these is returned.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SettleError {
+    /// The consumer is not registered: never was, or has been removed.
+    #[error("consumer {0} is not registered on this queue")]
+    UnknownConsumer(ConsumerId),
+    /// The tag was never issued by this queue (0, or above the last one issued).
+    #[error("delivery tag {tag} was never issued by this queue")]
+    UnknownTag {
+        /// The tag given.
+        tag: DeliveryTag,
+    },
+    /// The delivery was issued but is no longer outstanding: acked, nacked, requeued
+    /// (e.g. because its consumer went away), or settled automatically.
+    #[error("delivery tag {tag} is already settled")]
+    AlreadySettled {
+        /// The tag given.
+        tag: DeliveryTag,
+    },
+    /// The delivery is outstanding, but held by another consumer.
+    #[error("delivery tag {tag} belongs to consumer {owner}")]
+    WrongConsumer {
+        /// The tag given.
+        tag: DeliveryTag,
+        /// The consumer holding it.
+        owner: ConsumerId,
+    },
+    /// The consumer acknowledges automatically, so it has nothing to settle.
+    #[error("consumer {0} uses automatic acknowledgement; it has nothing to settle")]
+    AutoAckConsumer(ConsumerId),
+}
+
+/// Why a consumer could not be registered.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConsumerError {
+    /// A consumer with this id is already registered.
+    #[error("consumer {0} is already registered on this queue")]
+    Duplicate(ConsumerId),
+}
+
+/// A message held by the queue, with its publish sequence number: its original position,
+/// which a requeue restores.
+#[derive(Clone, Debug)]
+struct Entry {
+    seq: u64,
+    message: Envelope,
+    /// When it expires (epoch ms on the driver's clock); set at enqueue from the
+    /// smaller of the queue's and the message's TTL, and kept across requeues.
+    /// [`NEVER`] when it has no TTL (a sentinel: 8 bytes less per queued message
+    /// than an `Option`).
+    expires_at: u64,
+}
+
+/// The expiry of a message without TTL.
+const NEVER: u64 = u64::MAX;
+
+/// The ready messages, ordered by publish sequence number.
+///
+/// Kept behind these few methods so that a priority-ordered structure can replace it.
+#[derive(Clone, Debug, Default)]
+struct Ready {
+    // Invariant: sorted by strictly increasing `seq`.
+    entries: VecDeque<Entry>,
+    /// Sum of the payload sizes, for byte length limits.
+    bytes: usize,
+}
+
+impl Ready {
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Appends a newly published message (its seq is the highest so far).
+    fn push(&mut self, entry: Entry) {
+        self.bytes += entry.message.size();
+        self.entries.push_back(entry);
+    }
+
+    /// The message to deliver next.
+    fn head(&self) -> Option<&Entry> {
+        self.entries.front()
+    }
+
+    /// Takes the message to deliver next.
+    fn pop(&mut self) -> Option<Entry> {
+        let entry = self.entries.pop_front()?;
+        self.bytes -= entry.message.size();
+        crate::spare::release(&mut self.entries);
+        Some(entry)
+    }
+
+    /// Puts a previously delivered message back at its original position. Requeued
+    /// messages are old, so the position is near the head and the insert cheap.
+    fn requeue(&mut self, entry: Entry) {
+        self.bytes += entry.message.size();
+        let at = self.entries.partition_point(|e| e.seq < entry.seq);
+        self.entries.insert(at, entry);
+    }
+
+    /// Drops every ready message; returns how many there were.
+    fn clear(&mut self) -> usize {
+        let n = self.entries.len();
+        self.entries.clear();
+        crate::spare::release(&mut self.entries);
+        self.bytes = 0;
+        n
+    }
+}
+
+/// A registered consumer and the deliveries it holds.
+#[derive(Clone, Debug)]
+struct Consumer {
+    id: ConsumerId,
+    mode: AckMode,
+    prefetch: u32,
+    blocked: bool,
+    delivered: u64,
+    /// Outstanding deliveries by tag (always empty in auto mode). Per consumer, so that
+    /// `multiple` settles and removal touch only this consumer's deliveries.
+    unacked: Unacked,
+}
+
+/// One consumer's outstanding deliveries, by tag. Tags only grow, so a deque with
+/// tombstones gives O(1) inserts and (amortized) removals that never move
+/// entries; a B-tree would shift its large values inside nodes on every settle.
+#[derive(Clone, Debug, Default)]
+struct Unacked {
+    // Invariant: strictly increasing tags; no tombstone at either end.
+    slots: VecDeque<(DeliveryTag, Option<Entry>)>,
+    live: usize,
+}
+
+impl Unacked {
+    fn len(&self) -> usize {
+        self.live
+    }
+
+    fn insert(&mut self, tag: DeliveryTag, entry: Entry) {
+        debug_assert!(self.slots.back().is_none_or(|(t, _)| *t < tag));
+        self.slots.push_back((tag, Some(entry)));
+        self.live += 1;
+    }
+
+    fn position(&self, tag: &DeliveryTag) -> Option<usize> {
+        // Settling in delivery order is the common case: the oldest entry.
+        let i = match self.slots.front() {
+            Some((front, _)) if front == tag => 0,
+            _ => self.slots.binary_search_by_key(tag, |(t, _)| *t).ok()?,
+        };
+        self.slots[i].1.is_some().then_some(i)
+    }
+
+    fn contains_key(&self, tag: &DeliveryTag) -> bool {
+        self.position(tag).is_some()
+    }
+
+    fn remove(&mut self, tag: &DeliveryTag) -> Option<Entry> {
+        let i = self.position(tag)?;
+        let entry = self.slots[i].1.take();
+        self.live -= 1;
+        self.trim();
+        entry
+    }
+
+    /// Removes every delivery with a tag up to and including `tag`, oldest first.
+    fn take_through(&mut self, tag: DeliveryTag) -> Vec<Entry> {
+        let end = self.slots.partition_point(|(t, _)| *t <= tag);
+        let taken: Vec<Entry> = self.slots.drain(..end).filter_map(|(_, e)| e).collect();
+        self.live -= taken.len();
+        self.trim();
+        taken
+    }
+
+    fn trim(&mut self) {
+        while self.slots.front().is_some_and(|(_, e)| e.is_none()) {
+            self.slots.pop_front();
+        }
+        while self.slots.back().is_some_and(|(_, e)| e.is_none()) {
+            self.slots.pop_back();
+        }
+        crate::spare::release(&mut self.slots);
+    }
+
+    fn into_values(self) -> impl Iterator<Item = Entry> {
+        self.slots.into_iter().filter_map(|(_, e)| e)
+    }
+
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = (&DeliveryTag, &Entry)> {
+        self.slots
+            .iter()
+            .filter_map(|(t, e)| e.as_ref().map(|e| (t, e)))
+    }
+
+    #[cfg(test)]
+    fn values(&self) -> impl Iterator<Item = &Entry> {
+        self.iter().map(|(_, e)| e)
+    }
+}
+
+impl Consumer {
+    /// Whether the consumer may receive a delivery now.
+    fn can_take(&self) -> bool {
+        !self.blocked
+            && match self.mode {
+                AckMode::Auto => true,
+                // u32 -> usize is lossless on the 32- and 64-bit targets std runs on.
+                AckMode::Manual => {
+                    self.prefetch == 0 || self.unacked.len() < self.prefetch as usize
+                }
+            }
+    }
+
+    fn stats(&self) -> ConsumerStats {
+        ConsumerStats {
+            id: self.id,
+            mode: self.mode,
+            prefetch: self.prefetch,
+            unacked: self.unacked.len(),
+            blocked: self.blocked,
+            delivered: self.delivered,
+        }
+    }
+}
+
+/// Lifetime counters (the live sizes are computed on demand in [`QueueState::stats`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Counters {
+    published: u64,
+    delivered: u64,
+    redelivered: u64,
+    acknowledged: u64,
+    rejected: u64,
+    requeued: u64,
+    purged: u64,
+    expired: u64,
+    maxlen: u64,
+    delivery_limit: u64,
+    refused: u64,
+}
+
+/// A queue's complete state: ready messages, consumers, and outstanding deliveries.
+///
+/// See the [module documentation](self) for the semantics and an example.
+#[derive(Clone, Debug, Default)]
+pub struct QueueState {
+    ready: Ready,
+    /// In registration order, which is the round-robin order.
+    consumers: Vec<Consumer>,
+    /// Position of each consumer in `consumers`, for O(1) settles.
+    index: HashMap<ConsumerId, usize>,
+    /// Where the next round-robin scan starts: the position after the consumer served
+    /// last. May equal `consumers.len()`, so that a consumer registered after the last
+    /// one was served gets the next turn.
+    cursor: usize,
+    /// Sequence number of the next published message.
+    next_seq: u64,
+    /// The last delivery tag issued; 0 before the first delivery.
+    last_tag: u64,
+    /// Outstanding deliveries across all consumers.
+    unacked: usize,
+    counters: Counters,
+    policy: QueuePolicy,
+    /// The driver's clock (epoch ms), as last told by [`QueueState::advance_to`].
+    now_ms: u64,
+    /// Nacked-with-delay messages, by (due time, seq).
+    delayed: BTreeMap<(u64, u64), Entry>,
+    /// Messages removed for a dead-letter reason, waiting for the driver.
+    dead: Vec<DeadLetter>,
+}
+
+impl QueueState {
+    /// An empty queue with no consumers.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty queue with limits.
+    #[must_use]
+    pub fn with_policy(policy: QueuePolicy) -> Self {
+        QueueState {
+            policy,
+            ..Self::default()
+        }
+    }
+
+    /// The queue's limits.
+    #[must_use]
+    pub fn policy(&self) -> &QueuePolicy {
+        &self.policy
+    }
+
+    /// Appends `message` to the ready queue, applying the length limits: with
+    /// [`Overflow::DropHead`] the oldest ready messages make room (dead-lettered
+    /// with [`DeathReason::MaxLen`]); with [`Overflow::RejectPublish`] a full queue
+    /// refuses the new message and hands it back.
+    pub fn publish(&mut self, message: Envelope) -> Publish {
+        let (max_len, max_bytes) = (self.policy.max_length, self.policy.max_length_bytes);
+        if self.policy.overflow == Overflow::RejectPublish {
+            let full_len = max_len.is_some_and(|max| self.ready.len() >= max);
+            let full_bytes = max_bytes.is_some_and(|max| self.ready.bytes + message.size() > max);
+            if full_len || full_bytes {
+                self.counters.refused += 1;
+                return Publish::Refused(message);
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.counters.published += 1;
+        let ttl = match (self.policy.message_ttl_ms, message.expiration()) {
+            (Some(q), Some(m)) => Some(q.min(millis(m))),
+            (q, m) => q.or(m.map(millis)),
+        };
+        // Saturating: a TTL reaching past the end of time never expires.
+        let expires_at = ttl.map_or(NEVER, |ttl| self.now_ms.saturating_add(ttl));
+        self.ready.push(Entry {
+            seq,
+            message,
+            expires_at,
+        });
+        // Drop-head: the oldest make room (the new message itself, if it alone is too big).
+        while max_len.is_some_and(|max| self.ready.len() > max)
+            || max_bytes.is_some_and(|max| self.ready.bytes > max)
+        {
+            let Some(head) = self.ready.pop() else { break };
+            self.counters.maxlen += 1;
+            self.dead.push(DeadLetter {
+                message: head.message,
+                reason: DeathReason::MaxLen,
+            });
+        }
+        Publish::Enqueued
+    }
+
+    /// Moves the driver's clock forward (it never goes back), returns delayed
+    /// messages that are due to the ready queue, and expires the head.
+    pub fn advance_to(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > self.now_ms {
+                break;
+            }
+            let entry = entry.remove();
+            self.counters.requeued += 1;
+            self.ready.requeue(entry);
+        }
+        self.expire();
+    }
+
+    /// Removes expired messages at the head of the ready queue (dead-lettered with
+    /// [`DeathReason::Expired`]); returns how many. As in RabbitMQ, a message behind
+    /// the head is removed when it reaches the head, and never delivered expired.
+    pub fn expire(&mut self) -> usize {
+        let mut n = 0;
+        while self
+            .ready
+            .head()
+            .is_some_and(|e| e.expires_at != NEVER && e.expires_at <= self.now_ms)
+        {
+            let Some(entry) = self.ready.pop() else { break };
+            n += 1;
+            self.counters.expired += 1;
+            self.dead.push(DeadLetter {
+                message: entry.message,
+                reason: DeathReason::Expired,
+            });
+        }
+        n
+    }
+
+    /// When the driver should next call [`advance_to`](Self::advance_to): the
+    /// earliest of the head's expiry and the next delayed message's due time.
+    #[must_use]
+    pub fn next_deadline(&self) -> Option<u64> {
+        let head = self
+            .ready
+            .head()
+            .map(|e| e.expires_at)
+            .filter(|t| *t != NEVER);
+        let delayed = self.delayed.keys().next().map(|(due, _)| *due);
+        match (head, delayed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Takes the messages removed for a dead-letter reason since the last call,
+    /// oldest first, for the driver to dead-letter or drop.
+    pub fn drain_dead(&mut self) -> std::vec::IntoIter<DeadLetter> {
+        // Taken, not drained: a burst of dead letters does not leave its
+        // buffer behind.
+        std::mem::take(&mut self.dead).into_iter()
+    }
+
+    /// Whether dead letters are waiting to be drained.
+    #[must_use]
+    pub fn has_dead(&self) -> bool {
+        !self.dead.is_empty()
+    }
+
+    /// Registers a consumer, last in the round-robin order.
+    ///
+    /// `prefetch` is the most unsettled deliveries it may hold in manual mode; 0 means no
+    /// limit. It is ignored in auto mode, where deliveries settle immediately.
+    ///
+    /// # Errors
+    /// [`ConsumerError::Duplicate`] if `id` is already registered.
+    pub fn add_consumer(
+        &mut self,
+        id: ConsumerId,
+        mode: AckMode,
+        prefetch: u32,
+    ) -> Result<(), ConsumerError> {
+        if self.index.contains_key(&id) {
+            return Err(ConsumerError::Duplicate(id));
+        }
+        self.index.insert(id, self.consumers.len());
+        self.consumers.push(Consumer {
+            id,
+            mode,
+            prefetch,
+            blocked: false,
+            delivered: 0,
+            unacked: Unacked::default(),
+        });
+        Ok(())
+    }
+
+    /// Unregisters a consumer (it stopped, crashed or went away) and requeues every
+    /// delivery it still held, exactly as [`nack`](Self::nack) with requeue would: each
+    /// goes back to its original position and is redelivered to someone else.
+    ///
+    /// Returns how many deliveries were requeued.
+    ///
+    /// # Errors
+    /// [`SettleError::UnknownConsumer`] if `id` is not registered.
+    pub fn remove_consumer(&mut self, id: ConsumerId) -> Result<usize, SettleError> {
+        let index = self.position(id)?;
+        self.index.remove(&id);
+        let removed = self.consumers.remove(index);
+        for (position, consumer) in self.consumers.iter().enumerate().skip(index) {
+            self.index.insert(consumer.id, position);
+        }
+        // Keep the turn with the consumer that followed the removed one.
+        if index < self.cursor {
+            self.cursor -= 1;
+        }
+        let requeued = removed.unacked.len();
+        self.unacked -= requeued;
+        for entry in removed.unacked.into_values() {
+            self.requeue(entry);
+        }
+        Ok(requeued)
+    }
+
+    /// Blocks (`true`) or unblocks (`false`) a consumer. A blocked consumer, typically
+    /// one whose mailbox is full, gets no deliveries until unblocked; it keeps its turn
+    /// order and its outstanding deliveries.
+    ///
+    /// # Errors
+    /// [`SettleError::UnknownConsumer`] if `id` is not registered.
+    pub fn set_blocked(&mut self, id: ConsumerId, blocked: bool) -> Result<(), SettleError> {
+        let index = self.position(id)?;
+        if let Some(consumer) = self.consumers.get_mut(index) {
+            consumer.blocked = blocked;
+        }
+        Ok(())
+    }
+
+    /// Decides the next delivery: the head ready message, for the next eligible consumer
+    /// in round-robin order.
+    ///
+    /// A consumer is eligible when it is not blocked and, in manual mode with a prefetch,
+    /// holds fewer unsettled deliveries than its prefetch. The returned message carries
+    /// its new delivery count and `redelivered` flag. In manual mode the queue keeps a copy
+    /// until the delivery is settled; in auto mode the delivery is settled (acknowledged)
+    /// at once.
+    ///
+    /// Returns `None` when no message is ready or no consumer is eligible; that costs at
+    /// most one pass over the consumers. Call it until it returns `None` after anything
+    /// that may enable a delivery (publish, settle, new or unblocked consumer).
+    pub fn next_delivery(&mut self) -> Option<Dispatch> {
+        self.expire();
+        if self.ready.is_empty() {
+            return None;
+        }
+        let index = self.next_eligible()?;
+        let consumer = self.consumers.get_mut(index)?;
+        let mut entry = self.ready.pop()?;
+
+        let delivery_count = entry.message.delivery_count().saturating_add(1);
+        let redelivered = delivery_count > 1;
+        entry.message.set_delivery(delivery_count, redelivered);
+
+        // 2^64 deliveries cannot happen, so the tag cannot overflow.
+        self.last_tag += 1;
+        let tag = DeliveryTag(self.last_tag);
+        self.cursor = index + 1;
+        consumer.delivered += 1;
+        self.counters.delivered += 1;
+        if redelivered {
+            self.counters.redelivered += 1;
+        }
+
+        let message = match consumer.mode {
+            AckMode::Auto => {
+                self.counters.acknowledged += 1;
+                entry.message
+            }
+            AckMode::Manual => {
+                // Cheap: the envelope is reference-counted inside.
+                let message = entry.message.clone();
+                consumer.unacked.insert(tag, entry);
+                self.unacked += 1;
+                message
+            }
+        };
+        Some(Dispatch {
+            consumer: consumer.id,
+            tag,
+            message,
+        })
+    }
+
+    /// Acknowledges delivery `tag` held by `consumer`, or with `multiple` every delivery
+    /// that consumer holds up to and including `tag`. Returns how many were settled.
+    ///
+    /// # Errors
+    /// See [`SettleError`]; in order of precedence: the consumer is unknown, is in auto
+    /// mode, the tag was never issued, is held by another consumer, or is already settled.
+    /// With `multiple`, `tag` itself must be outstanding for `consumer`. On error nothing
+    /// is settled.
+    pub fn ack(
+        &mut self,
+        consumer: ConsumerId,
+        tag: DeliveryTag,
+        multiple: bool,
+    ) -> Result<usize, SettleError> {
+        self.settle(consumer, tag, multiple, |queue, _entry| {
+            queue.counters.acknowledged += 1;
+        })
+    }
+
+    /// Negatively acknowledges deliveries (selected as for [`ack`](Self::ack)).
+    ///
+    /// With `requeue`, each goes back to its original position in the ready queue, so it
+    /// is delivered before anything published after it. Without, it is discarded (counted
+    /// as rejected); use [`nack_with`](Self::nack_with) to receive discarded messages,
+    /// e.g. to dead-letter them. Returns how many were settled.
+    ///
+    /// # Errors
+    /// As for [`ack`](Self::ack).
+    pub fn nack(
+        &mut self,
+        consumer: ConsumerId,
+        tag: DeliveryTag,
+        multiple: bool,
+        requeue: bool,
+    ) -> Result<usize, SettleError> {
+        if requeue {
+            return self.settle(consumer, tag, multiple, Self::requeue);
+        }
+        self.settle(consumer, tag, multiple, |queue, entry| {
+            queue.counters.rejected += 1;
+            queue.dead.push(DeadLetter {
+                message: entry.message,
+                reason: DeathReason::Rejected,
+            });
+        })
+    }
+
+    /// Like a requeueing [`nack`](Self::nack), but the messages come back to the
+    /// ready queue (at their original positions) only once the clock reaches
+    /// `until_ms`. Until then they count as [`QueueStats::delayed`].
+    ///
+    /// # Errors
+    /// As for [`ack`](Self::ack).
+    pub fn nack_delayed(
+        &mut self,
+        consumer: ConsumerId,
+        tag: DeliveryTag,
+        multiple: bool,
+        until_ms: u64,
+    ) -> Result<usize, SettleError> {
+        self.settle(consumer, tag, multiple, |queue, entry| {
+            if queue.over_delivery_limit(&entry) {
+                queue.dead_letter_over_limit(entry);
+            } else {
+                queue.delayed.insert((until_ms, entry.seq), entry);
+            }
+        })
+    }
+
+    /// [`nack`](Self::nack), handing each discarded message to `discarded` (called only
+    /// when `requeue` is false, once per message, oldest delivery first). This is the hook
+    /// for dead-lettering; it allocates nothing itself.
+    ///
+    /// `discarded` should not panic: messages not yet handed over would be lost.
+    ///
+    /// # Errors
+    /// As for [`ack`](Self::ack); `discarded` is not called on error.
+    ///
+    /// ```
+    /// use postbox_actors::Envelope;
+    /// use postbox_actors::queue::state::QueueState;
+    /// use postbox_actors::{AckMode, ConsumerId};
+    ///
+    /// let mut queue = QueueState::new();
+    /// queue.add_consumer(ConsumerId(1), AckMode::Manual, 0)?;
+    /// queue.publish(Envelope::new("poison"));
+    /// let delivery = queue.next_delivery().expect("deliverable");
+    ///
+    /// let mut dead_letters = Vec::new();
+    /// queue.nack_with(ConsumerId(1), delivery.tag, false, false, |m| dead_letters.push(m))?;
+    /// assert_eq!(dead_letters[0].payload().as_ref(), b"poison");
+    /// assert_eq!(queue.stats().rejected, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn nack_with(
+        &mut self,
+        consumer: ConsumerId,
+        tag: DeliveryTag,
+        multiple: bool,
+        requeue: bool,
+        mut discarded: impl FnMut(Envelope),
+    ) -> Result<usize, SettleError> {
+        if requeue {
+            self.settle(consumer, tag, multiple, Self::requeue)
+        } else {
+            self.settle(consumer, tag, multiple, |queue, entry| {
+                queue.counters.rejected += 1;
+                discarded(entry.message);
+            })
+        }
+    }
+
+    /// Rejects one delivery: [`nack`](Self::nack) without `multiple`.
+    ///
+    /// # Errors
+    /// As for [`ack`](Self::ack).
+    pub fn reject(
+        &mut self,
+        consumer: ConsumerId,
+        tag: DeliveryTag,
+        requeue: bool,
+    ) -> Result<usize, SettleError> {
+        self.nack(consumer, tag, false, requeue)
+    }
+
+    /// Drops every ready message; outstanding deliveries are kept. Returns how many were
+    /// dropped.
+    pub fn purge(&mut self) -> usize {
+        let purged = self.ready.clear();
+        self.counters.purged += purged as u64;
+        purged
+    }
+
+    /// Current sizes and lifetime counters.
+    #[must_use]
+    pub fn stats(&self) -> QueueStats {
+        let c = self.counters;
+        QueueStats {
+            ready: self.ready.len(),
+            unacked: self.unacked,
+            consumers: self.consumers.len(),
+            published: c.published,
+            delivered: c.delivered,
+            redelivered: c.redelivered,
+            acknowledged: c.acknowledged,
+            rejected: c.rejected,
+            requeued: c.requeued,
+            purged: c.purged,
+            delayed: self.delayed.len(),
+            ready_bytes: self.ready.bytes,
+            expired: c.expired,
+            maxlen: c.maxlen,
+            delivery_limit: c.delivery_limit,
+            refused: c.refused,
+        }
+    }
+
+    /// One consumer's state, if it is registered.
+    #[must_use]
+    pub fn consumer_stats(&self, id: ConsumerId) -> Option<ConsumerStats> {
+        let index = *self.index.get(&id)?;
+        self.consumers.get(index).map(Consumer::stats)
+    }
+
+    /// Every registered consumer's state, in registration (round-robin) order.
+    pub fn consumers(&self) -> impl ExactSizeIterator<Item = ConsumerStats> {
+        self.consumers.iter().map(Consumer::stats)
+    }
+
+    /// Messages waiting for a consumer.
+    #[must_use]
+    pub fn ready_len(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Deliveries waiting to be settled, across all consumers.
+    #[must_use]
+    pub fn unacked_len(&self) -> usize {
+        self.unacked
+    }
+
+    /// Whether the queue holds no message at all: none ready, delayed or unsettled.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.ready.is_empty() && self.unacked == 0 && self.delayed.is_empty()
+    }
+
+    /// Whether any consumer is registered.
+    #[must_use]
+    pub fn has_consumers(&self) -> bool {
+        !self.consumers.is_empty()
+    }
+
+    /// The position of a registered consumer.
+    fn position(&self, id: ConsumerId) -> Result<usize, SettleError> {
+        self.index
+            .get(&id)
+            .copied()
+            .ok_or(SettleError::UnknownConsumer(id))
+    }
+
+    /// The first eligible consumer at or after the cursor, wrapping around.
+    fn next_eligible(&self) -> Option<usize> {
+        let n = self.consumers.len();
+        let start = if self.cursor < n { self.cursor } else { 0 };
+        let (before, from) = self.consumers.split_at(start);
+        from.iter()
+            .chain(before)
+            .position(Consumer::can_take)
+            .map(|offset| (start + offset) % n)
+    }
+
+    /// Returns a settled delivery to the ready queue, unless it has used up the
+    /// queue's delivery limit: then it is dead-lettered instead.
+    fn requeue(&mut self, entry: Entry) {
+        if self.over_delivery_limit(&entry) {
+            self.dead_letter_over_limit(entry);
+            return;
+        }
+        self.counters.requeued += 1;
+        self.ready.requeue(entry);
+    }
+
+    fn over_delivery_limit(&self, entry: &Entry) -> bool {
+        self.policy
+            .delivery_limit
+            .is_some_and(|limit| entry.message.delivery_count() >= limit)
+    }
+
+    fn dead_letter_over_limit(&mut self, entry: Entry) {
+        self.counters.delivery_limit += 1;
+        self.dead.push(DeadLetter {
+            message: entry.message,
+            reason: DeathReason::DeliveryLimit,
+        });
+    }
+
+    /// Checks a settle request without changing anything; returns the consumer's position.
+    fn check_settle(&self, consumer: ConsumerId, tag: DeliveryTag) -> Result<usize, SettleError> {
+        let index = self.position(consumer)?;
+        let holder = self
+            .consumers
+            .get(index)
+            .ok_or(SettleError::UnknownConsumer(consumer))?;
+        if holder.mode == AckMode::Auto {
+            return Err(SettleError::AutoAckConsumer(consumer));
+        }
+        if tag.0 == 0 || tag.0 > self.last_tag {
+            return Err(SettleError::UnknownTag { tag });
+        }
+        if holder.unacked.contains_key(&tag) {
+            return Ok(index);
+        }
+        // Error path only: find out whose it is, if anyone's.
+        match self.consumers.iter().find(|c| c.unacked.contains_key(&tag)) {
+            Some(owner) => Err(SettleError::WrongConsumer {
+                tag,
+                owner: owner.id,
+            }),
+            None => Err(SettleError::AlreadySettled { tag }),
+        }
+    }
+
+    /// Validates, then removes the selected deliveries from `consumer` and hands each to
+    /// `apply`, oldest first. Nothing changes on error.
+    fn settle(
+        &mut self,
+        consumer: ConsumerId,
+        tag: DeliveryTag,
+        multiple: bool,
+        mut apply: impl FnMut(&mut Self, Entry),
+    ) -> Result<usize, SettleError> {
+        let index = self.check_settle(consumer, tag)?;
+        let holder = self
+            .consumers
+            .get_mut(index)
+            .ok_or(SettleError::UnknownConsumer(consumer))?;
+        if !multiple {
+            let entry = holder
+                .unacked
+                .remove(&tag)
+                .ok_or(SettleError::AlreadySettled { tag })?;
+            self.unacked -= 1;
+            apply(self, entry);
+            return Ok(1);
+        }
+        // Everything this consumer holds up to `tag` is settled.
+        let settled = holder.unacked.take_through(tag);
+        let count = settled.len();
+        self.unacked -= count;
+        for entry in settled {
+            apply(self, entry);
+        }
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod model;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,496 @@
+//! Model-based property tests: random operation sequences run against the queue
+//! and a simple reference model, checking results and invariants after each step.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::envelope::MessageId;
+
+const A: ConsumerId = ConsumerId(1);
+
+#[derive(Clone, Copy, Debug)]
+enum TagPick {
+    /// One of the chosen consumer's outstanding tags (by index), if it has any.
+    Held(usize),
+    /// Any number, often invalid.
+    Raw(u64),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Settle {
+    Ack,
+    Requeue,
+    Discard,
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Publish,
+    Add {
+        manual: bool,
+        prefetch: u32,
+        reuse: Option<usize>,
+    },
+    Remove(usize),
+    Block(usize, bool),
+    Deliver,
+    Drain,
+    Settle {
+        consumer: usize,
+        tag: TagPick,
+        multiple: bool,
+        how: Settle,
+    },
+    Purge,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let tag = prop_oneof![
+        3 => any::<usize>().prop_map(TagPick::Held),
+        1 => (0u64..40).prop_map(TagPick::Raw),
+    ];
+    let how = prop_oneof![
+        Just(Settle::Ack),
+        Just(Settle::Requeue),
+        Just(Settle::Discard)
+    ];
+    prop_oneof![
+        6 => Just(Op::Publish),
+        2 => (any::<bool>(), 0u32..4, proptest::option::weighted(0.1, 0usize..8))
+            .prop_map(|(manual, prefetch, reuse)| Op::Add { manual, prefetch, reuse }),
+        1 => (0usize..8).prop_map(Op::Remove),
+        1 => (0usize..8, any::<bool>()).prop_map(|(c, b)| Op::Block(c, b)),
+        5 => Just(Op::Deliver),
+        1 => Just(Op::Drain),
+        6 => (0usize..8, tag, any::<bool>(), how).prop_map(
+            |(consumer, tag, multiple, how)| Op::Settle { consumer, tag, multiple, how }
+        ),
+        1 => Just(Op::Purge),
+    ]
+}
+
+struct MConsumer {
+    id: ConsumerId,
+    manual: bool,
+    prefetch: u32,
+    blocked: bool,
+    removed: bool,
+    /// Outstanding tags -> publish index.
+    held: BTreeMap<u64, u64>,
+}
+
+impl MConsumer {
+    fn eligible(&self) -> bool {
+        !self.removed
+            && !self.blocked
+            && (!self.manual || self.prefetch == 0 || self.held.len() < self.prefetch as usize)
+    }
+}
+
+/// The reference model. Consumers are never deleted, only marked removed, so that
+/// "the next one after the last served, in registration order" is well defined.
+#[derive(Default)]
+struct Model {
+    /// Publish index -> id, for ready messages.
+    ready: BTreeMap<u64, MessageId>,
+    ids: Vec<MessageId>,
+    deliveries: HashMap<MessageId, u32>,
+    consumers: Vec<MConsumer>,
+    last_served: Option<usize>,
+    last_tag: u64,
+    stats: QueueStats,
+}
+
+impl Model {
+    fn live(&self, id: ConsumerId) -> Option<usize> {
+        self.consumers.iter().position(|c| c.id == id && !c.removed)
+    }
+
+    fn expected_consumer(&self) -> Option<usize> {
+        let n = self.consumers.len();
+        let start = self.last_served.map_or(0, |p| p + 1);
+        (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&p| self.consumers[p].eligible())
+    }
+
+    fn check_settle(
+        &self,
+        id: ConsumerId,
+        tag: u64,
+        multiple: bool,
+    ) -> Result<Vec<u64>, SettleError> {
+        let Some(p) = self.live(id) else {
+            return Err(SettleError::UnknownConsumer(id));
+        };
+        let c = &self.consumers[p];
+        let t = DeliveryTag(tag);
+        if !c.manual {
+            return Err(SettleError::AutoAckConsumer(id));
+        }
+        if tag == 0 || tag > self.last_tag {
+            return Err(SettleError::UnknownTag { tag: t });
+        }
+        if !c.held.contains_key(&tag) {
+            return Err(
+                match self.consumers.iter().find(|o| o.held.contains_key(&tag)) {
+                    Some(o) => SettleError::WrongConsumer {
+                        tag: t,
+                        owner: o.id,
+                    },
+                    None => SettleError::AlreadySettled { tag: t },
+                },
+            );
+        }
+        Ok(if multiple {
+            c.held.range(..=tag).map(|(t, _)| *t).collect()
+        } else {
+            vec![tag]
+        })
+    }
+}
+
+struct Harness {
+    queue: QueueState,
+    model: Model,
+    next_consumer: u64,
+}
+
+impl Harness {
+    fn pick_consumer(&self, i: usize) -> ConsumerId {
+        // One slot past the end is a consumer that never existed.
+        self.model
+            .consumers
+            .get(i % (self.model.consumers.len() + 1))
+            .map_or(ConsumerId(u64::MAX), |c| c.id)
+    }
+
+    fn publish(&mut self) {
+        let m = Envelope::new("m");
+        let index = self.model.ids.len() as u64;
+        self.model.ids.push(m.id());
+        self.model.ready.insert(index, m.id());
+        self.model.stats.published += 1;
+        self.queue.publish(m);
+    }
+
+    fn deliver(&mut self) -> bool {
+        let result = self.queue.next_delivery();
+        let expected = if self.model.ready.is_empty() {
+            None
+        } else {
+            self.model.expected_consumer()
+        };
+        let (Some(d), Some(p)) = (result.as_ref(), expected) else {
+            assert!(
+                result.is_none() && expected.is_none(),
+                "{result:?} vs {expected:?}"
+            );
+            return false;
+        };
+        let m = &mut self.model;
+        // (d) and (e): the delivered message is the oldest ready one by original
+        // publish position, so a requeued message comes before later publishes.
+        let (index, id) = m.ready.pop_first().unwrap();
+        assert_eq!(d.message.id(), id);
+        let count = m.deliveries.entry(id).or_default();
+        *count += 1;
+        assert_eq!(d.message.delivery_count(), *count);
+        assert_eq!(d.message.redelivered(), *count > 1);
+        // Fair round-robin.
+        let consumer = &mut m.consumers[p];
+        assert_eq!(d.consumer, consumer.id);
+        m.last_tag += 1;
+        assert_eq!(d.tag, DeliveryTag(m.last_tag));
+        m.last_served = Some(p);
+        m.stats.delivered += 1;
+        if *count > 1 {
+            m.stats.redelivered += 1;
+        }
+        if consumer.manual {
+            consumer.held.insert(m.last_tag, index);
+        } else {
+            m.stats.acknowledged += 1;
+        }
+        true
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Publish => self.publish(),
+            Op::Add {
+                manual,
+                prefetch,
+                reuse,
+            } => {
+                let id = match reuse {
+                    Some(i) if !self.model.consumers.is_empty() => self.pick_consumer(i),
+                    _ => {
+                        self.next_consumer += 1;
+                        ConsumerId(self.next_consumer)
+                    }
+                };
+                let mode = if manual {
+                    AckMode::Manual
+                } else {
+                    AckMode::Auto
+                };
+                let result = self.queue.add_consumer(id, mode, prefetch);
+                if self.model.live(id).is_some() {
+                    assert_eq!(result, Err(ConsumerError::Duplicate(id)));
+                } else {
+                    assert_eq!(result, Ok(()));
+                    self.model.consumers.push(MConsumer {
+                        id,
+                        manual,
+                        prefetch,
+                        blocked: false,
+                        removed: false,
+                        held: BTreeMap::new(),
+                    });
+                }
+            }
+            Op::Remove(i) => {
+                let id = self.pick_consumer(i);
+                let result = self.queue.remove_consumer(id);
+                match self.model.live(id) {
+                    None => assert_eq!(result, Err(SettleError::UnknownConsumer(id))),
+                    Some(p) => {
+                        let c = &mut self.model.consumers[p];
+                        c.removed = true;
+                        let held = std::mem::take(&mut c.held);
+                        assert_eq!(result, Ok(held.len()));
+                        for index in held.into_values() {
+                            self.model
+                                .ready
+                                .insert(index, self.model.ids[index as usize]);
+                            self.model.stats.requeued += 1;
+                        }
+                    }
+                }
+            }
+            Op::Block(i, blocked) => {
+                let id = self.pick_consumer(i);
+                let result = self.queue.set_blocked(id, blocked);
+                match self.model.live(id) {
+                    None => assert_eq!(result, Err(SettleError::UnknownConsumer(id))),
+                    Some(p) => {
+                        assert_eq!(result, Ok(()));
+                        self.model.consumers[p].blocked = blocked;
+                    }
+                }
+            }
+            Op::Deliver => {
+                self.deliver();
+            }
+            Op::Drain => while self.deliver() {},
+            Op::Settle {
+                consumer,
+                tag,
+                multiple,
+                how,
+            } => {
+                let id = self.pick_consumer(consumer);
+                let tag = match tag {
+                    TagPick::Raw(t) => t,
+                    TagPick::Held(i) => self
+                        .model
+                        .live(id)
+                        .map(|p| &self.model.consumers[p].held)
+                        .filter(|h| !h.is_empty())
+                        .and_then(|h| h.keys().nth(i % h.len()).copied())
+                        .unwrap_or(i as u64 % 40),
+                };
+                let expected = self.model.check_settle(id, tag, multiple);
+                let mut discarded = Vec::new();
+                let result = match how {
+                    Settle::Ack => self.queue.ack(id, DeliveryTag(tag), multiple),
+                    Settle::Requeue => self.queue.nack(id, DeliveryTag(tag), multiple, true),
+                    Settle::Discard => {
+                        self.queue
+                            .nack_with(id, DeliveryTag(tag), multiple, false, |m| {
+                                discarded.push(m.id())
+                            })
+                    }
+                };
+                let tags = match expected {
+                    Err(e) => {
+                        assert_eq!(result, Err(e));
+                        return;
+                    }
+                    Ok(tags) => tags,
+                };
+                assert_eq!(result, Ok(tags.len()));
+                let p = self.model.live(id).unwrap();
+                let mut expected_discards = Vec::new();
+                for t in tags {
+                    let index = self.model.consumers[p].held.remove(&t).unwrap();
+                    let mid = self.model.ids[index as usize];
+                    match how {
+                        Settle::Ack => self.model.stats.acknowledged += 1,
+                        Settle::Requeue => {
+                            self.model.stats.requeued += 1;
+                            self.model.ready.insert(index, mid);
+                        }
+                        Settle::Discard => {
+                            self.model.stats.rejected += 1;
+                            expected_discards.push(mid);
+                        }
+                    }
+                }
+                assert_eq!(discarded, expected_discards);
+            }
+            Op::Purge => {
+                let n = self.model.ready.len();
+                self.model.ready.clear();
+                self.model.stats.purged += n as u64;
+                assert_eq!(self.queue.purge(), n);
+            }
+        }
+    }
+
+    fn check_invariants(&self) {
+        let q = &self.queue;
+        let s = q.stats();
+        // (a) Conservation.
+        assert_eq!(
+            s.published,
+            (s.ready + s.unacked + s.delayed) as u64
+                + s.acknowledged
+                + s.rejected
+                + s.purged
+                + s.expired
+                + s.maxlen
+                + s.delivery_limit,
+            "{s:?}"
+        );
+        // Counters and sizes agree with the model.
+        let live: Vec<_> = self.model.consumers.iter().filter(|c| !c.removed).collect();
+        let expected = QueueStats {
+            ready: self.model.ready.len(),
+            unacked: live.iter().map(|c| c.held.len()).sum(),
+            consumers: live.len(),
+            // Every model message has the 1-byte payload "m".
+            ready_bytes: self.model.ready.len(),
+            ..self.model.stats
+        };
+        assert_eq!(s, expected);
+        assert_eq!(q.ready_len(), s.ready);
+        assert_eq!(q.unacked_len(), s.unacked);
+        assert_eq!(q.is_empty(), s.ready == 0 && s.unacked == 0);
+        assert_eq!(q.has_consumers(), s.consumers > 0);
+        // Consumers, in registration order.
+        let stats: Vec<_> = q.consumers().collect();
+        assert_eq!(stats.len(), live.len());
+        for (stat, model) in stats.iter().zip(&live) {
+            assert_eq!(stat.id, model.id);
+            assert_eq!(stat.unacked, model.held.len());
+            assert_eq!(stat.blocked, model.blocked);
+            // (b) Prefetch is never exceeded.
+            if stat.mode == AckMode::Manual && stat.prefetch > 0 {
+                assert!(stat.unacked <= stat.prefetch as usize, "{stat:?}");
+            }
+            assert_eq!(q.consumer_stats(stat.id).as_ref(), Some(stat));
+        }
+        // (c) Every message is in at most one place, and where the model says.
+        let mut seen = HashSet::new();
+        let mut last_seq = None;
+        for e in &q.ready.entries {
+            assert!(
+                seen.insert(e.message.id()),
+                "duplicate {:?}",
+                e.message.id()
+            );
+            assert!(last_seq < Some(e.seq), "ready out of order");
+            last_seq = Some(e.seq);
+        }
+        for c in &q.consumers {
+            for e in c.unacked.values() {
+                assert!(
+                    seen.insert(e.message.id()),
+                    "duplicate {:?}",
+                    e.message.id()
+                );
+            }
+        }
+        assert_eq!(seen.len(), s.ready + s.unacked);
+        let ready_ids: Vec<_> = q.ready.entries.iter().map(|e| e.message.id()).collect();
+        let model_ids: Vec<_> = self.model.ready.values().copied().collect();
+        assert_eq!(ready_ids, model_ids);
+        // The position index is consistent.
+        assert_eq!(q.index.len(), q.consumers.len());
+        for (p, c) in q.consumers.iter().enumerate() {
+            assert_eq!(q.index.get(&c.id), Some(&p));
+        }
+        assert!(q.cursor <= q.consumers.len());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn random_operations_keep_the_invariants(ops in proptest::collection::vec(op(), 0..250)) {
+        let mut h = Harness { queue: QueueState::new(), model: Model::default(), next_consumer: 0 };
+        for op in &ops {
+            h.apply(op);
+            h.check_invariants();
+        }
+    }
+
+    /// (d) One consumer, no requeues: deliveries follow publish order exactly.
+    #[test]
+    fn single_consumer_without_requeue_delivers_in_publish_order(
+        prefetch in 0u32..5,
+        ops in proptest::collection::vec((0u8..6, any::<usize>(), any::<bool>()), 0..300),
+    ) {
+        let mut q = QueueState::new();
+        q.add_consumer(A, AckMode::Manual, prefetch).unwrap();
+        let mut published = Vec::new();
+        let mut delivered = Vec::new();
+        let mut held: Vec<DeliveryTag> = Vec::new();
+        for (kind, pick, flag) in ops {
+            match kind {
+                0 | 1 => {
+                    let m = Envelope::new("m");
+                    published.push(m.id());
+                    q.publish(m);
+                }
+                2 => {
+                    if let Some(d) = q.next_delivery() {
+                        prop_assert!(!d.message.redelivered());
+                        delivered.push(d.message.id());
+                        held.push(d.tag);
+                    }
+                }
+                3 if !held.is_empty() => {
+                    let i = pick % held.len();
+                    if flag {
+                        q.ack(A, held[i], true).unwrap();
+                        held.drain(..=i);
+                    } else {
+                        q.reject(A, held[i], false).unwrap();
+                        held.remove(i);
+                    }
+                }
+                4 => q.set_blocked(A, flag).unwrap(),
+                5 if pick % 8 == 0 => {
+                    // Purged messages are never delivered: drop them from the
+                    // expected order too.
+                    let n = q.purge();
+                    let start = published.len() - n;
+                    published.truncate(start);
+                }
+                _ => {}
+            }
+        }
+        // Everything delivered was delivered in publish order.
+        let order: HashMap<MessageId, usize> =
+            published.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        let positions: Vec<_> = delivered.iter().map(|id| order[id]).collect();
+        prop_assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+        prop_assert_eq!(positions, (0..delivered.len()).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,64 @@
+//! What a queue reports of itself: [`QueueStats`] (sizes and lifetime
+//! counters) and [`ConsumerStats`] (one consumer's share).
+
+use serde::{Deserialize, Serialize};
+
+use crate::queue::ack::{AckMode, ConsumerId};
+
+/// A snapshot of a queue's size and lifetime counters.
+///
+/// At all times `published == ready + unacked + delayed + acknowledged + rejected + purged + expired + maxlen + delivery_limit`
+/// (auto-acknowledged deliveries count as acknowledged; requeued messages are back in
+/// `ready` or `unacked`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStats {
+    /// Messages waiting for a consumer.
+    pub ready: usize,
+    /// Deliveries waiting to be settled.
+    pub unacked: usize,
+    /// Registered consumers.
+    pub consumers: usize,
+    /// Messages ever published to the queue.
+    pub published: u64,
+    /// Deliveries made (redeliveries included).
+    pub delivered: u64,
+    /// Deliveries that were redeliveries.
+    pub redelivered: u64,
+    /// Deliveries settled by ack, or automatically in auto mode.
+    pub acknowledged: u64,
+    /// Deliveries nacked without requeue (discarded or dead-lettered).
+    pub rejected: u64,
+    /// Deliveries returned to the ready queue, by nack or by their consumer going away.
+    pub requeued: u64,
+    /// Ready messages dropped by a purge.
+    pub purged: u64,
+    /// Messages nacked with a delay, waiting to come back.
+    pub delayed: usize,
+    /// Payload bytes of the ready messages.
+    pub ready_bytes: usize,
+    /// Messages removed because their TTL ran out.
+    pub expired: u64,
+    /// Messages removed from the head to respect a length limit.
+    pub maxlen: u64,
+    /// Messages removed because they used up the delivery limit.
+    pub delivery_limit: u64,
+    /// Publishes refused because the queue was full (reject-publish).
+    pub refused: u64,
+}
+
+/// A snapshot of one consumer's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsumerStats {
+    /// The consumer.
+    pub id: ConsumerId,
+    /// How its deliveries are settled.
+    pub mode: AckMode,
+    /// Its prefetch as registered (0 = no limit; ignored in auto mode).
+    pub prefetch: u32,
+    /// Deliveries it holds unsettled (always 0 in auto mode).
+    pub unacked: usize,
+    /// Whether it is blocked (its mailbox is full).
+    pub blocked: bool,
+    /// Deliveries it has received.
+    pub delivered: u64,
+}
