@@ -76,7 +76,13 @@ impl Consumer for Billing {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Keep the crash report to one line instead of a backtrace.
     std::panic::set_hook(Box::new(|info| {
-        println!("     (contained by postbox: {info})")
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("a panic");
+        println!("     (the panic, \"{message}\", is contained by postbox)")
     }));
 
     println!("postbox tour\n============\n");
@@ -149,14 +155,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "   queue stats: published {}, delivered {}, redelivered {}, acknowledged {}, ready {}, unacked {}",
         s.published, s.delivered, s.redelivered, s.acknowledged, s.ready, s.unacked
     );
+    println!("   Each consumer's registration with the queue has an id; a crash ends it");
+    println!("   (that is what requeues the deliveries it held) and the rebuilt consumer");
+    println!("   registers anew, under a new id:");
     for (i, c) in consumers.iter().enumerate() {
         let stats = c.addr().stats();
+        let id = c
+            .consumer_id()
+            .await
+            .map_or("none".to_string(), |id| format!("#{id}"));
         println!(
-            "   consumer {}: restarts {}, failures {}, current registration {:?}",
-            i,
-            stats.restarts,
-            stats.failures,
-            c.consumer_id().await
+            "   consumer {}: {} restart(s), {} failure(s), registered as {id}",
+            i, stats.restarts, stats.failures
         );
     }
 
@@ -391,7 +401,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     release_tx.send(true)?;
-    prices.publish(Envelope::encode(&105u32)?).await?;
+    // publish, unlike try_publish, waits for room instead of failing.
+    let offset = prices.publish(Envelope::encode(&105u32)?).await?;
+    println!(
+        "   \"slow\" is released; 105 is published again with publish(), which waits for\n   room instead of failing: appended at offset {offset}"
+    );
     let late = prices
         .subscribe(StreamStart::First, SubscribeOptions::default(), {
             let tx = seen_tx.clone();

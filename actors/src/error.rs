@@ -6,6 +6,7 @@ use crate::envelope::Envelope;
 use crate::exchange::{ExchangeKind, ExchangeOptions};
 use crate::name::NameError;
 use crate::queue::options::QueueOptions;
+use crate::stream::StreamError;
 
 /// Why a broker operation was refused. Nothing was changed.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -44,19 +45,10 @@ pub enum BrokerError {
         /// Ready plus unacknowledged messages.
         messages: usize,
     },
-    /// No stream has that name (binding a stream to an exchange).
-    #[error("stream {0:?} not found")]
-    StreamNotFound(String),
-    /// The message is larger than a stream it was routed to accepts.
-    #[error("a message of {size} bytes exceeds the {limit}-byte limit of stream {stream:?}")]
-    StreamMessageTooLarge {
-        /// The stream.
-        stream: String,
-        /// The message's size (see [`Envelope::total_size`]).
-        size: usize,
-        /// The limit.
-        limit: usize,
-    },
+    /// A stream refused: no stream has that name (binding one to an
+    /// exchange), or a message routed to it is too large for it.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
     /// No exchange has that name.
     #[error("exchange {0:?} not found")]
     ExchangeNotFound(String),

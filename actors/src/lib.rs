@@ -48,7 +48,6 @@ mod envelope;
 mod error;
 mod exchange;
 mod name;
-mod observe;
 pub mod queue;
 mod retry;
 pub mod rpc;
@@ -73,11 +72,11 @@ pub use exchange::{
     HeadersMatch, XMatch,
 };
 pub use name::{MAX_NAME_LEN, NameError, NameKind, RESERVED_PREFIX};
-pub use observe::{Observer, ObserverGuard};
 pub use queue::ack::{AckMode, ConsumerId, DeliveryTag};
 pub use queue::actor::QueueSnapshot;
 pub use queue::delivery::{AckError, Delivery, MAX_REQUEUE_DELAY, Outcome, Settler};
 pub use queue::handle::QueueHandle;
+pub use queue::observe::{Observer, ObserverGuard};
 pub use queue::options::{DeleteOptions, QueueOptions};
 pub use queue::policy::{Overflow, QueuePolicy};
 pub use queue::stats::{ConsumerStats, QueueStats};
@@ -89,3 +88,8 @@ pub use stream::{
 };
 pub use subscription::Subscription;
 pub use transaction::{Committed, Transaction, TxError};
+
+/// The README's code, compiled and run as doc tests.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

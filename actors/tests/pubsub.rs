@@ -10,9 +10,8 @@ use postbox_actors::{
 };
 use tokio::sync::mpsc;
 
-fn msg(n: u32) -> Envelope {
-    Envelope::encode(&n).unwrap()
-}
+mod common;
+use common::msg;
 
 type Got = (String, u32);
 

@@ -16,12 +16,8 @@ use postbox_actors::{
 };
 use tokio::sync::mpsc;
 
-/// Long enough for anything in these tests to happen, in virtual time.
-const WAIT: Duration = Duration::from_secs(5);
-
-fn msg(n: u32) -> Envelope {
-    Envelope::encode(&n).unwrap()
-}
+mod common;
+use common::{WAIT, msg};
 
 /// What a recording consumer saw of one delivery.
 #[derive(Clone, Debug, PartialEq)]

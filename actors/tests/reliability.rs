@@ -16,12 +16,11 @@ use postbox_actors::{
 };
 use postbox_actors::{StreamDelivery, StreamOptions, StreamStart, SubscribeOptions};
 
+mod common;
+use common::msg;
+
 /// Long enough for anything in these tests to happen, in virtual time.
 const WAIT: Duration = Duration::from_secs(60);
-
-fn msg(n: u32) -> Envelope {
-    Envelope::encode(&n).unwrap()
-}
 
 /// Publishes `n` messages to a queue with four auto-ack consumers whose
 /// handlers fail on some messages (`fails(n)`: an error, or a panic when

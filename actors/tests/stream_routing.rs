@@ -6,7 +6,6 @@
 //! Everything runs in local mode on tokio's paused clock (one thread,
 //! deterministic, no wall-clock waits).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use postbox::testkit::local;
@@ -14,86 +13,16 @@ use postbox::{Failure, RuntimeHandle};
 use postbox_actors::NameKind;
 use postbox_actors::{
     AckError, Binding, Broker, BrokerConfig, BrokerError, ConsumeOptions, Delivery, Destination,
-    Envelope, ExchangeOptions, HeadersMatch, NameError, PublishError, QueueOptions, TxError,
+    Envelope, ExchangeOptions, HeadersMatch, NameError, PublishError, QueueOptions, StreamError,
+    TxError,
 };
 use postbox_actors::{
-    PublishOptions, StreamConsumer, StreamDelivery, StreamHandle, StreamOptions, StreamStart,
-    StreamSubscription, SubscribeOptions,
+    PublishOptions, StreamDelivery, StreamOptions, StreamStart, SubscribeOptions,
 };
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 
-fn msg(n: u32) -> Envelope {
-    Envelope::encode(&n).unwrap()
-}
-
-/// Lets every actor run until idle (virtual time: free).
-async fn settle() {
-    tokio::time::sleep(Duration::from_millis(1)).await;
-}
-
-/// A stream subscriber that reports each record's value, optionally waiting
-/// for a permit of `gate` first (a test-controlled slow reader).
-struct Reader {
-    tx: mpsc::UnboundedSender<u32>,
-    gate: Option<Arc<Semaphore>>,
-}
-
-impl StreamConsumer for Reader {
-    async fn handle(&mut self, d: StreamDelivery) -> Result<(), Failure> {
-        if let Some(gate) = &self.gate {
-            gate.acquire().await?.forget();
-        }
-        let _ = self.tx.send(d.decode()?);
-        Ok(())
-    }
-}
-
-/// A subscriber of `stream` from the next record that waits for a permit of
-/// the returned gate before reporting each record: a test-controlled slow
-/// reader, holding back block-mode retention.
-async fn gated(
-    stream: &StreamHandle,
-) -> (
-    Arc<Semaphore>,
-    mpsc::UnboundedReceiver<u32>,
-    StreamSubscription<Reader>,
-) {
-    let gate = Arc::new(Semaphore::new(0));
-    let (tx, rx) = mpsc::unbounded_channel();
-    let g = gate.clone();
-    let sub = stream
-        .subscribe(StreamStart::Next, SubscribeOptions::default(), move || {
-            Reader {
-                tx: tx.clone(),
-                gate: Some(g.clone()),
-            }
-        })
-        .await
-        .unwrap();
-    (gate, rx, sub)
-}
-
-/// Every record of `stream`, in offset order, read from the start by a fresh
-/// subscriber.
-async fn records(stream: &StreamHandle) -> Vec<u32> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let sub = stream
-        .subscribe(StreamStart::First, SubscribeOptions::default(), move || {
-            Reader {
-                tx: tx.clone(),
-                gate: None,
-            }
-        })
-        .await
-        .unwrap();
-    settle().await;
-    sub.cancel().await;
-    let mut out = Vec::new();
-    while let Ok(v) = rx.try_recv() {
-        out.push(v);
-    }
-    out
-}
+mod common;
+use common::{drain, gated, msg, records, settle, values};
 
 /// A queue consumed by the test: every delivery's value goes to the channel.
 async fn queue(broker: &Broker, name: &str) -> mpsc::UnboundedReceiver<u32> {
@@ -113,14 +42,6 @@ async fn queue(broker: &Broker, name: &str) -> mpsc::UnboundedReceiver<u32> {
         .await
         .unwrap();
     rx
-}
-
-fn drain(rx: &mut mpsc::UnboundedReceiver<u32>) -> Vec<u32> {
-    let mut out = Vec::new();
-    while let Ok(v) = rx.try_recv() {
-        out.push(v);
-    }
-    out
 }
 
 #[tokio::test(start_paused = true)]
@@ -464,10 +385,7 @@ async fn a_dead_letter_exchange_routes_to_a_stream() {
         gate.add_permits(100);
         settle().await;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let mut got = Vec::new();
-        while let Ok(v) = rx.try_recv() {
-            got.push(v);
-        }
+        let mut got = values(drain(&mut rx));
         got.sort();
         assert_eq!(got, [0, 1, 2, 3]);
         let record = records(&dead).await;
@@ -564,11 +482,11 @@ async fn transactions_publish_to_streams_on_commit_only() {
         );
         assert_eq!(
             tx.commit().await.unwrap_err(),
-            TxError::Publish(BrokerError::StreamMessageTooLarge {
+            TxError::Publish(BrokerError::Stream(StreamError::MessageTooLarge {
                 stream: "s".into(),
                 size: 91,
                 limit: 80,
-            })
+            }))
         );
         settle().await;
         assert_eq!(s.stats().published, 2);
@@ -615,7 +533,7 @@ async fn a_full_block_mode_stream_makes_publish_to_wait() {
         gate.add_permits(100);
         assert_eq!(publisher.await.unwrap().unwrap(), 1);
         settle().await;
-        assert_eq!(drain(&mut rx), [0, 1, 2]);
+        assert_eq!(values(drain(&mut rx)), [0, 1, 2]);
     })
     .await;
 }
@@ -637,7 +555,7 @@ async fn bad_stream_bindings_are_typed_errors() {
             .unwrap();
         assert_eq!(
             broker.bind_stream("nope", "x", "a").await.unwrap_err(),
-            BrokerError::StreamNotFound("nope".into())
+            BrokerError::Stream(StreamError::NotFound("nope".into()))
         );
         assert_eq!(
             broker.bind_stream("s", "nope", "a").await.unwrap_err(),
@@ -671,7 +589,7 @@ async fn bad_stream_bindings_are_typed_errors() {
             .unwrap();
         assert_eq!(
             broker.bind_stream("q", "x", "a").await.unwrap_err(),
-            BrokerError::StreamNotFound("q".into())
+            BrokerError::Stream(StreamError::NotFound("q".into()))
         );
         assert!(broker.bindings("x").unwrap().is_empty());
         // Too large for a stream it reaches: refused, nothing appended anywhere.
@@ -681,11 +599,11 @@ async fn bad_stream_bindings_are_typed_errors() {
             .publish_to("x", "a", Envelope::new("123456789"))
             .await
         {
-            Err(PublishError::Refused(BrokerError::StreamMessageTooLarge {
+            Err(PublishError::Refused(BrokerError::Stream(StreamError::MessageTooLarge {
                 stream,
                 size: 59,
                 limit: 58,
-            })) => assert_eq!(stream, "s"),
+            }))) => assert_eq!(stream, "s"),
             Err(PublishError::Refused(BrokerError::MessageTooLarge { .. })) => {}
             other => panic!("expected a size refusal, got {other:?}"),
         }

@@ -19,70 +19,8 @@ use postbox_actors::{
 };
 use tokio::sync::{Semaphore, mpsc};
 
-fn msg(n: u32) -> Envelope {
-    Envelope::encode(&n).unwrap()
-}
-
-/// What a subscriber saw: (label, offset, value, attempt, skipped).
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Got {
-    label: &'static str,
-    offset: u64,
-    value: u32,
-    attempt: u32,
-    skipped: u64,
-}
-
-/// A subscriber that reports every delivery, optionally waiting for a permit
-/// of `gate` before each one (a test-controlled slow consumer).
-struct Recorder {
-    label: &'static str,
-    tx: mpsc::UnboundedSender<Got>,
-    gate: Option<Arc<Semaphore>>,
-}
-
-impl StreamConsumer for Recorder {
-    async fn handle(&mut self, d: StreamDelivery) -> Result<(), Failure> {
-        if let Some(gate) = &self.gate {
-            gate.acquire().await?.forget();
-        }
-        let _ = self.tx.send(Got {
-            label: self.label,
-            offset: d.offset(),
-            value: d.decode()?,
-            attempt: d.attempt(),
-            skipped: d.skipped(),
-        });
-        Ok(())
-    }
-}
-
-fn recorder(
-    label: &'static str,
-    tx: &mpsc::UnboundedSender<Got>,
-    gate: Option<&Arc<Semaphore>>,
-) -> impl Fn() -> Recorder + Send + Sync + 'static {
-    let (tx, gate) = (tx.clone(), gate.cloned());
-    move || Recorder {
-        label,
-        tx: tx.clone(),
-        gate: gate.clone(),
-    }
-}
-
-/// Lets every actor run until idle (virtual time: free).
-async fn settle() {
-    tokio::time::sleep(Duration::from_millis(1)).await;
-}
-
-async fn drain(rx: &mut mpsc::UnboundedReceiver<Got>) -> Vec<Got> {
-    settle().await;
-    let mut out = Vec::new();
-    while let Ok(x) = rx.try_recv() {
-        out.push(x);
-    }
-    out
-}
+mod common;
+use common::{Got, msg, reader, settle, settled};
 
 fn offsets(got: &[Got], label: &str) -> Vec<u64> {
     got.iter()
@@ -114,7 +52,7 @@ async fn every_subscriber_gets_every_record_in_order() {
                     .subscribe(
                         StreamStart::Next,
                         SubscribeOptions::default().batch(7),
-                        recorder(label, &tx, None),
+                        reader(label, &tx, None),
                     )
                     .await
                     .unwrap(),
@@ -131,7 +69,7 @@ async fn every_subscriber_gets_every_record_in_order() {
             .await
             .unwrap();
         assert_eq!(range, 300..310);
-        let got = drain(&mut rx).await;
+        let got = settled(&mut rx).await;
         for label in ["a", "b", "c"] {
             assert_eq!(values(&got, label), (0..310).collect::<Vec<_>>(), "{label}");
             assert_eq!(
@@ -185,17 +123,13 @@ async fn late_subscribers_start_where_asked() {
         for (label, start) in starts {
             subs.push(
                 stream
-                    .subscribe(
-                        start,
-                        SubscribeOptions::default(),
-                        recorder(label, &tx, None),
-                    )
+                    .subscribe(start, SubscribeOptions::default(), reader(label, &tx, None))
                     .await
                     .unwrap(),
             );
         }
         stream.publish(msg(10)).await.unwrap();
-        let got = drain(&mut rx).await;
+        let got = settled(&mut rx).await;
         let range = |a: u64, b: u64| (a..=b).collect::<Vec<_>>();
         assert_eq!(offsets(&got, "first"), range(2, 10));
         assert_eq!(offsets(&got, "last"), range(9, 10));
@@ -227,7 +161,7 @@ async fn block_overflow_parks_the_publisher_until_the_slowest_subscriber_advance
             .subscribe(
                 StreamStart::Next,
                 SubscribeOptions::default(),
-                recorder("fast", &tx, None),
+                reader("fast", &tx, None),
             )
             .await
             .unwrap();
@@ -235,7 +169,7 @@ async fn block_overflow_parks_the_publisher_until_the_slowest_subscriber_advance
             .subscribe(
                 StreamStart::Next,
                 SubscribeOptions::default(),
-                recorder("slow", &tx, Some(&gate)),
+                reader("slow", &tx, Some(&gate)),
             )
             .await
             .unwrap();
@@ -272,7 +206,7 @@ async fn block_overflow_parks_the_publisher_until_the_slowest_subscriber_advance
         // ...until the slow subscriber finishes the batch holding record 0.
         gate.add_permits(1_000);
         assert_eq!(publisher.await.unwrap().unwrap(), 4);
-        let got = drain(&mut rx).await;
+        let got = settled(&mut rx).await;
         assert_eq!(values(&got, "fast"), vec![0, 1, 2, 3, 4]);
         assert_eq!(values(&got, "slow"), vec![0, 1, 2, 3, 4]);
         // Nothing was trimmed that a subscriber had not read.
@@ -294,7 +228,7 @@ async fn publish_batch_waits_for_room_record_by_record() {
             .subscribe(
                 StreamStart::Next,
                 SubscribeOptions::default().batch(2),
-                recorder("s", &tx, None),
+                reader("s", &tx, None),
             )
             .await
             .unwrap();
@@ -303,7 +237,7 @@ async fn publish_batch_waits_for_room_record_by_record() {
             .await
             .unwrap();
         assert_eq!(range, 0..20);
-        let got = drain(&mut rx).await;
+        let got = settled(&mut rx).await;
         assert_eq!(values(&got, "s"), (0..20).collect::<Vec<_>>());
         assert!(stream.stats().blocked > 0);
     })
@@ -329,7 +263,7 @@ async fn drop_oldest_skips_a_lagging_subscriber_and_tells_it_how_many() {
             .subscribe(
                 StreamStart::Next,
                 SubscribeOptions::default(),
-                recorder("slow", &tx, Some(&gate)),
+                reader("slow", &tx, Some(&gate)),
             )
             .await
             .unwrap();
@@ -342,7 +276,7 @@ async fn drop_oldest_skips_a_lagging_subscriber_and_tells_it_how_many() {
         let stats = stream.stats();
         assert_eq!((stats.first_offset, stats.len, stats.trimmed), (6, 4, 6));
         gate.add_permits(1_000);
-        let got = drain(&mut rx).await;
+        let got = settled(&mut rx).await;
         assert_eq!(offsets(&got, "slow"), vec![0, 6, 7, 8, 9]);
         let skipped: Vec<u64> = got.iter().map(|g| g.skipped).collect();
         assert_eq!(
@@ -432,7 +366,7 @@ async fn retention_by_length_bytes_and_age() {
             .subscribe(
                 StreamStart::Next,
                 SubscribeOptions::default().batch(1),
-                recorder("held", &tx, Some(&gate)),
+                reader("held", &tx, Some(&gate)),
             )
             .await
             .unwrap();
@@ -442,7 +376,7 @@ async fn retention_by_length_bytes_and_age() {
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(held.stats().len, 3, "all unread: all kept");
         gate.add_permits(3);
-        let got = drain(&mut rx).await;
+        let got = settled(&mut rx).await;
         assert_eq!(values(&got, "held"), vec![0, 1, 2]);
         assert_eq!(held.stats().len, 0, "read, then expired");
     })
@@ -516,7 +450,7 @@ async fn a_crashed_subscriber_restarts_at_the_record_it_failed_on() {
         assert!(!publisher.is_finished());
         publisher.await.unwrap();
         tokio::time::sleep(Duration::from_secs(5)).await; // past the second restart
-        let got = drain(&mut rx).await;
+        let got = settled(&mut rx).await;
         // Every record handled successfully exactly once, in order.
         assert_eq!(values(&got, "flaky"), (0..10).collect::<Vec<_>>());
         let attempts: Vec<(u64, u32)> = got
@@ -640,19 +574,11 @@ async fn named_subscribers_resume_where_they_stopped() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let named = SubscribeOptions::default().named("auditor");
         let first = stream
-            .subscribe(
-                StreamStart::First,
-                named.clone(),
-                recorder("one", &tx, None),
-            )
+            .subscribe(StreamStart::First, named.clone(), reader("one", &tx, None))
             .await
             .unwrap();
         let dup = stream
-            .subscribe(
-                StreamStart::First,
-                named.clone(),
-                recorder("dup", &tx, None),
-            )
+            .subscribe(StreamStart::First, named.clone(), reader("dup", &tx, None))
             .await;
         assert!(matches!(dup, Err(StreamError::SubscriberExists { .. })));
         for i in 0..5 {
@@ -666,10 +592,10 @@ async fn named_subscribers_resume_where_they_stopped() {
         }
         // Asks for First, resumes at its stored position instead.
         let _again = stream
-            .subscribe(StreamStart::First, named, recorder("two", &tx, None))
+            .subscribe(StreamStart::First, named, reader("two", &tx, None))
             .await
             .unwrap();
-        let got = drain(&mut rx).await;
+        let got = settled(&mut rx).await;
         assert_eq!(values(&got, "one"), vec![0, 1, 2, 3, 4]);
         assert_eq!(values(&got, "two"), vec![5, 6, 7]);
     })
@@ -690,7 +616,7 @@ async fn delete_stream_stops_its_subscribers_and_fails_its_publishers() {
             .subscribe(
                 StreamStart::Next,
                 SubscribeOptions::default(),
-                recorder("parked", &tx, None),
+                reader("parked", &tx, None),
             )
             .await
             .unwrap();
@@ -698,7 +624,7 @@ async fn delete_stream_stops_its_subscribers_and_fails_its_publishers() {
             .subscribe(
                 StreamStart::Next,
                 SubscribeOptions::default().batch(1),
-                recorder("gated", &tx, Some(&gate)),
+                reader("gated", &tx, Some(&gate)),
             )
             .await
             .unwrap();
@@ -839,7 +765,7 @@ fn subscribers_on_real_arbiters_get_everything_in_order() {
                 .subscribe(
                     StreamStart::Next,
                     SubscribeOptions::default().batch(16),
-                    recorder(label, &tx, None),
+                    reader(label, &tx, None),
                 )
                 .await
                 .unwrap();
@@ -891,7 +817,7 @@ fn drop_oldest_on_real_arbiters_skips_only_what_it_reports() {
                     .subscribe(
                         StreamStart::First,
                         SubscribeOptions::default().batch(8),
-                        recorder(label, &tx, None),
+                        reader(label, &tx, None),
                     )
                     .await
                     .unwrap(),

@@ -32,8 +32,8 @@ pub(crate) use publish::deliver_to;
 pub(crate) use topology::Target;
 
 use crate::error::BrokerError;
-use crate::observe::{Observer, ObserverGuard, Observers};
 use crate::queue::inbox::Shut;
+use crate::queue::observe::{Observer, ObserverGuard, Observers};
 use topology::Topology;
 
 /// Broker-wide settings.

@@ -38,7 +38,7 @@ use crate::error::BrokerError;
 use crate::exchange::{Binding, Bound, Destination, Exchange, ExchangeKind, ExchangeOptions};
 use crate::queue::handle::QueueHandle;
 use crate::queue::options::QueueOptions;
-use crate::stream::StreamHandle;
+use crate::stream::{StreamError, StreamHandle};
 
 pub(crate) struct QueueEntry {
     pub(crate) handle: Arc<QueueHandle>,
@@ -207,7 +207,7 @@ impl Topology {
                 .streams
                 .get(s)
                 .map(|h| Some(Target::Stream(h.clone())))
-                .ok_or_else(|| BrokerError::StreamNotFound(s.to_string())),
+                .ok_or_else(|| StreamError::NotFound(s.to_string()).into()),
             Destination::Exchange(e) if !self.exchanges.contains_key(e) => {
                 Err(BrokerError::ExchangeNotFound(e.to_string()))
             }

@@ -35,11 +35,11 @@ use postbox::{
 };
 
 use crate::envelope::{DeathReason, Envelope};
-use crate::observe::Observers;
 use crate::queue::ack::{AckMode, ConsumerId};
 use crate::queue::delivery::{Delivery, Link, Outcome, PendingSettle};
 use crate::queue::handle::QueueHandle;
 use crate::queue::inbox::{Collect, Inbox, Shut};
+use crate::queue::observe::Observers;
 use crate::queue::options::QueueOptions;
 use crate::queue::policy::{Overflow, QueuePolicy};
 use crate::queue::state::{DeadLetter, Publish as Published, QueueState};

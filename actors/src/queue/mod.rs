@@ -12,6 +12,8 @@
 //!   the consumer's link before the queue sees it;
 //! - `handle`: typed access to one queue for publishers and consumers;
 //! - `inbox`: where publishes wait for the queue, many to a mailbox entry;
+//! - `observe`: observers of every queue's traffic (the test kit's capture,
+//!   metrics);
 //! - `options`, `policy`, `ack`, `stats`: what a queue is declared with, the
 //!   limits it enforces, the ids of consumers and deliveries, what it reports.
 
@@ -20,6 +22,7 @@ pub(crate) mod actor;
 pub(crate) mod delivery;
 pub(crate) mod handle;
 pub(crate) mod inbox;
+pub(crate) mod observe;
 pub(crate) mod options;
 pub(crate) mod policy;
 pub mod state;

@@ -316,17 +316,11 @@ impl StreamHandle {
         }
     }
 
-    /// The size check of [`check`](Self::check), as a [`BrokerError`], for
-    /// messages routed here through an exchange.
+    /// The size check of [`check`](Self::check), as a
+    /// [`BrokerError`](crate::BrokerError), for messages routed here through
+    /// an exchange.
     pub(crate) fn check_routed(&self, message: &Envelope) -> Result<(), crate::error::BrokerError> {
-        match self.too_large(message) {
-            Some((size, limit)) => Err(crate::error::BrokerError::StreamMessageTooLarge {
-                stream: self.core.name.to_string(),
-                size,
-                limit,
-            }),
-            None => Ok(()),
-        }
+        Ok(self.check(message)?)
     }
 
     fn gone(&self) -> StreamError {

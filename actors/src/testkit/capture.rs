@@ -22,9 +22,9 @@ use tokio::time::Instant;
 use crate::broker::Broker;
 use crate::envelope::DeathReason;
 use crate::envelope::{Envelope, MessageId};
-use crate::observe::{Observer, ObserverGuard};
 use crate::queue::ack::{ConsumerId, DeliveryTag};
 use crate::queue::delivery::Outcome;
+use crate::queue::observe::{Observer, ObserverGuard};
 
 /// How many events a failure message lists before it abbreviates.
 const SHOWN: usize = 20;

@@ -1,0 +1,136 @@
+//! Helpers shared by the messaging tests: messages that carry a number, a
+//! way to let every actor run, draining what a test channel received, and a
+//! stream reader that reports what it reads and can be held back.
+//!
+//! Each test file uses some of them.
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use postbox::Failure;
+use postbox_actors::{
+    Envelope, StreamConsumer, StreamDelivery, StreamHandle, StreamStart, StreamSubscription,
+    SubscribeOptions,
+};
+use tokio::sync::{Semaphore, mpsc};
+
+/// Long enough for anything in these tests to happen, in virtual time.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// A message carrying `n`, JSON-encoded.
+pub fn msg(n: u32) -> Envelope {
+    Envelope::encode(&n).unwrap()
+}
+
+/// Lets every actor run until idle (virtual time: free).
+pub async fn settle() {
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+/// What has arrived on `rx` so far.
+pub fn drain<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Vec<T> {
+    let mut out = Vec::new();
+    while let Ok(x) = rx.try_recv() {
+        out.push(x);
+    }
+    out
+}
+
+/// What has arrived on `rx` once every actor has run.
+pub async fn settled<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Vec<T> {
+    settle().await;
+    drain(rx)
+}
+
+/// One record as a [`Reader`] saw it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Got {
+    pub label: &'static str,
+    pub offset: u64,
+    pub value: u32,
+    pub attempt: u32,
+    pub skipped: u64,
+}
+
+/// A stream subscriber that reports every record it reads, optionally waiting
+/// for a permit of `gate` before each one (a test-controlled slow reader).
+pub struct Reader {
+    label: &'static str,
+    tx: mpsc::UnboundedSender<Got>,
+    gate: Option<Arc<Semaphore>>,
+}
+
+impl StreamConsumer for Reader {
+    async fn handle(&mut self, d: StreamDelivery) -> Result<(), Failure> {
+        if let Some(gate) = &self.gate {
+            gate.acquire().await?.forget();
+        }
+        let _ = self.tx.send(Got {
+            label: self.label,
+            offset: d.offset(),
+            value: d.decode()?,
+            attempt: d.attempt(),
+            skipped: d.skipped(),
+        });
+        Ok(())
+    }
+}
+
+/// A factory of [`Reader`]s.
+pub fn reader(
+    label: &'static str,
+    tx: &mpsc::UnboundedSender<Got>,
+    gate: Option<&Arc<Semaphore>>,
+) -> impl Fn() -> Reader + Send + Sync + 'static {
+    let (tx, gate) = (tx.clone(), gate.cloned());
+    move || Reader {
+        label,
+        tx: tx.clone(),
+        gate: gate.clone(),
+    }
+}
+
+/// A reader of `stream` from the next record that waits for a permit of the
+/// returned gate before each record: it holds back block-mode retention.
+pub async fn gated(
+    stream: &StreamHandle,
+) -> (
+    Arc<Semaphore>,
+    mpsc::UnboundedReceiver<Got>,
+    StreamSubscription<Reader>,
+) {
+    let gate = Arc::new(Semaphore::new(0));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let sub = stream
+        .subscribe(
+            StreamStart::Next,
+            SubscribeOptions::default(),
+            reader("gated", &tx, Some(&gate)),
+        )
+        .await
+        .unwrap();
+    (gate, rx, sub)
+}
+
+/// The values of what a reader reported.
+pub fn values(got: Vec<Got>) -> Vec<u32> {
+    got.into_iter().map(|g| g.value).collect()
+}
+
+/// Every record of `stream`, in offset order, read from the start by a fresh
+/// subscriber.
+pub async fn records(stream: &StreamHandle) -> Vec<u32> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let sub = stream
+        .subscribe(
+            StreamStart::First,
+            SubscribeOptions::default(),
+            reader("records", &tx, None),
+        )
+        .await
+        .unwrap();
+    settle().await;
+    sub.cancel().await;
+    values(drain(&mut rx))
+}
