@@ -86,8 +86,8 @@ pub enum Strategy {
 }
 
 /// Delay before a restart: `min * 2^(n-1)` for the n-th consecutive restart of a
-/// child, capped at `max`. A child that ran for a whole intensity window without
-/// failing starts again from `min`.
+/// child, capped at `max`. A child that ran for a whole intensity window (after
+/// its restart) without failing starts again from `min`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backoff {
     min: Duration,
@@ -437,8 +437,13 @@ impl SupervisorActor {
             slot.consecutive = 0;
         }
         slot.consecutive += 1;
-        slot.last_restart = Some(now);
-        self.spec.backoff.delay(slot.consecutive)
+        let delay = self.spec.backoff.delay(slot.consecutive);
+        // When the new incarnation starts: a child that then runs for a whole
+        // window without failing starts again from the smallest delay. (From
+        // the failure instead, a backoff longer than the window would reset
+        // itself at every crash.)
+        slot.last_restart = Some(now.checked_add(delay).unwrap_or(now));
+        delay
     }
 
     fn restart_slot(slot: &mut Slot, delay: Duration) {

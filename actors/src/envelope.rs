@@ -141,6 +141,9 @@ pub enum HeaderValue {
     Bytes(Bytes),
     /// A floating-point number.
     Float(f64),
+    /// No value (AMQP's void). In a headers-exchange binding: "present, with
+    /// any value".
+    Void,
 }
 
 impl HeaderValue {
@@ -238,6 +241,7 @@ fn header_value_size(value: &HeaderValue) -> usize {
         HeaderValue::Str(s) => s.len(),
         HeaderValue::Bytes(b) => b.len(),
         HeaderValue::Int(_) | HeaderValue::Float(_) => 8,
+        HeaderValue::Void => 0,
         HeaderValue::Bool(_) => 1,
     }
 }

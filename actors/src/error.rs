@@ -3,7 +3,7 @@
 
 use crate::codec::CodecError;
 use crate::envelope::Envelope;
-use crate::exchange::{ExchangeKind, ExchangeOptions};
+use crate::exchange::{ExchangeOptions, HeadersBindingError};
 use crate::name::NameError;
 use crate::queue::options::QueueOptions;
 use crate::stream::StreamError;
@@ -72,17 +72,10 @@ pub enum BrokerError {
         /// How many bindings it has.
         bindings: usize,
     },
-    /// The operation needs another kind of exchange (e.g. a headers binding on a
-    /// topic exchange).
-    #[error("exchange {exchange:?} is a {kind:?} exchange; this needs a {expected:?} exchange")]
-    WrongExchangeKind {
-        /// The exchange.
-        exchange: String,
-        /// Its kind.
-        kind: ExchangeKind,
-        /// The kind the operation needs.
-        expected: ExchangeKind,
-    },
+    /// A headers-exchange binding whose arguments do not make a match
+    /// (an unknown `x-match`).
+    #[error(transparent)]
+    InvalidBinding(#[from] HeadersBindingError),
     /// The default exchange `""` cannot be declared, deleted or bound.
     #[error("the default exchange cannot be {0}")]
     DefaultExchange(&'static str),

@@ -27,9 +27,9 @@
 //! |---|---|---|
 //! | messages | `envelope`, `codec`, `name`, `error` | the message, payload codecs, name rules, errors |
 //! | queues, streams, exchanges | `queue/` (public: [`queue::state`]), `stream/`, `exchange/` | dispatch and acknowledgements (`queue::state`, `queue::actor`, `queue::delivery`), the stream log, routing tables (topic trie, headers match) |
-//! | consumers | `consumer/`, `supervision` | the [`Consumer`] trait, its actor, [`Layer`]s, restart policies |
+//! | consumers | `consumer/`, `supervision` | the [`Consumer`] trait, its actor, [`Layer`]s (retries), error and restart policies |
 //! | broker | `broker/` | the [`Broker`] API and the topology: routing through exchanges happens in `broker::topology` |
-//! | patterns | `subscription`, `transaction`, `retry`, `rpc/` | publish/subscribe, transactions, retry layers, request-reply |
+//! | patterns | `subscription`, `transaction`, `rpc/` | publish/subscribe, transactions, request-reply |
 //! | testing | `testkit/` (feature `testkit`) | a capturing broker, a delivery probe, fault injection |
 //!
 //! The queue's rules live in [`queue::state::QueueState`], a plain state machine
@@ -49,7 +49,6 @@ mod error;
 mod exchange;
 mod name;
 pub mod queue;
-mod retry;
 pub mod rpc;
 mod spare;
 mod stream;
@@ -63,7 +62,8 @@ mod transaction;
 pub use broker::{Broker, BrokerConfig, PublishOptions};
 pub use codec::{Codec, CodecError, Json};
 pub use consumer::{
-    ConsumeOptions, Consumer, ConsumerFactory, ConsumerHandle, Layer, LayerExt, Layered,
+    ConsumeOptions, Consumer, ConsumerFactory, ConsumerHandle, ConsumerReport, Layer, LayerExt,
+    Layered, OnError, RetryPolicy, Retrying,
 };
 pub use envelope::{Death, DeathReason, Envelope, HeaderValue, Headers, MessageId};
 pub use error::{BrokerError, PublishError, TryPublishError};
@@ -80,7 +80,7 @@ pub use queue::observe::{Observer, ObserverGuard};
 pub use queue::options::{DeleteOptions, QueueOptions};
 pub use queue::policy::{Overflow, QueuePolicy};
 pub use queue::stats::{ConsumerStats, QueueStats};
-pub use retry::{RetryPolicy, Retrying};
+
 pub use stream::{
     StreamConsumer, StreamConsumerFactory, StreamDelivery, StreamError, StreamHandle,
     StreamOptions, StreamOverflow, StreamStart, StreamStats, StreamSubscription, SubscribeOptions,

@@ -9,8 +9,8 @@ use std::time::Duration;
 use postbox::{Backoff, SupervisorSpec};
 
 /// How a consumer, or a stream subscriber, is restarted after it fails: at
-/// most `max_restarts` within `window`, `backoff` apart (default: 5 in 10 s,
-/// 10 ms to 1 s). Each gets a supervisor of its own built from this.
+/// most `max_restarts` within `window`, `backoff` apart. Each gets a
+/// supervisor of its own built from this.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Supervision {
     pub(crate) max_restarts: usize,
@@ -19,11 +19,15 @@ pub(crate) struct Supervision {
 }
 
 impl Default for Supervision {
+    /// Never give up; back off from 10 ms, doubling with each consecutive
+    /// crash, to 30 s (a consumer that ran for a whole minute starts again
+    /// from 10 ms). A crash-looping consumer costs little and stays visible;
+    /// one that gave up would leave its queue without a consumer, silently.
     fn default() -> Self {
         Supervision {
-            max_restarts: 5,
-            window: Duration::from_secs(10),
-            backoff: Backoff::exponential(Duration::from_millis(10), Duration::from_secs(1)),
+            max_restarts: usize::MAX,
+            window: Duration::from_secs(60),
+            backoff: Backoff::exponential(Duration::from_millis(10), Duration::from_secs(30)),
         }
     }
 }

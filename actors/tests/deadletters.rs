@@ -92,7 +92,7 @@ async fn every_reason_dead_letters_with_its_history() {
             .await
             .unwrap();
         broker.publish_to("in", "rej", text("r")).await.unwrap();
-        rx.recv().await.unwrap().reject().await.unwrap();
+        rx.recv().await.unwrap().reject(false).await.unwrap();
         // expired
         broker.publish_to("in", "ttl", text("t")).await.unwrap();
         // maxlen: "l1" makes room for "l2"
@@ -189,9 +189,9 @@ async fn a_retry_loop_accumulates_history_and_without_a_dlx_messages_are_dropped
         broker.publish("work", text("job")).await.unwrap();
         let first = rx.recv().await.unwrap();
         assert!(first.deaths().is_empty());
-        first.reject().await.unwrap();
+        first.reject(false).await.unwrap();
         let second = rx.recv().await.unwrap();
-        second.reject().await.unwrap();
+        second.reject(false).await.unwrap();
         let third = rx.recv().await.unwrap();
         let deaths: Vec<_> = third
             .deaths()

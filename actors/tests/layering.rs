@@ -17,7 +17,7 @@ fn layer(top: &str) -> usize {
         "error" | "queue" | "stream" | "exchange" => 1,
         "consumer" => 2,
         "broker" => 3,
-        "subscription" | "transaction" | "retry" | "rpc" => 4,
+        "subscription" | "transaction" | "rpc" => 4,
         "testkit" => 5,
         "" => 6, // lib.rs
         other => panic!("module {other:?} has no layer: add it to this test"),

@@ -5,8 +5,8 @@ use std::time::Duration;
 use postbox::RuntimeHandle;
 use postbox::testkit::local;
 use postbox_actors::{
-    Broker, BrokerError, ConsumeOptions, Delivery, Destination, Envelope, ExchangeKind,
-    ExchangeOptions, HeadersMatch, NameError, PublishError, PublishOptions, QueueOptions,
+    Broker, BrokerError, ConsumeOptions, Delivery, Destination, Envelope, ExchangeOptions,
+    HeadersMatch, NameError, PublishError, PublishOptions, QueueOptions,
 };
 use tokio::sync::mpsc;
 
@@ -392,15 +392,17 @@ async fn direct_headers_default_alternate_and_mandatory() {
                 .unwrap(),
             1
         );
-        // a headers binding needs a headers exchange
+        // On another kind of exchange, a headers match is only arguments: part
+        // of the binding's identity, as in RabbitMQ, and not matched.
+        broker
+            .bind_queue("pdf", "logs", HeadersMatch::all([("a", "b")]))
+            .await
+            .unwrap();
+        // A bad x-match is refused.
+        let bad = postbox_actors::BindingKey::routing_key("").argument("x-match", "most");
         assert!(matches!(
-            broker
-                .bind_queue("pdf", "logs", HeadersMatch::all([("a", "b")]))
-                .await,
-            Err(BrokerError::WrongExchangeKind {
-                expected: ExchangeKind::Headers,
-                ..
-            })
+            broker.bind_queue("pdf", "docs", bad).await,
+            Err(BrokerError::InvalidBinding(_))
         ));
     })
     .await;

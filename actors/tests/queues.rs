@@ -189,7 +189,12 @@ async fn a_requeued_message_comes_back_first_flagged_and_counted() {
         assert_eq!(m3.ack_multiple().await.unwrap(), 2);
         // reject discards.
         broker.publish("q", msg(4)).await.unwrap();
-        probe.expect_delivery(WAIT).await.reject().await.unwrap();
+        probe
+            .expect_delivery(WAIT)
+            .await
+            .reject(false)
+            .await
+            .unwrap();
         let stats = broker.queue_stats("q").await.unwrap().stats;
         assert_eq!(
             (
@@ -330,10 +335,10 @@ async fn bad_settlements_and_unknown_queues_are_typed_errors() {
             d.nack(true).await,
             Err(AckError::AlreadySettled { .. })
         ));
-        // Ack after the consumer died: its delivery was requeued.
+        // Ack after the consumer was closed: its delivery was requeued.
         broker.publish("q", msg(2)).await.unwrap();
         let held = probe.expect_delivery(WAIT).await;
-        consumer.cancel().await;
+        consumer.close().await;
         assert!(!held.is_live());
         assert!(matches!(
             held.ack().await,

@@ -12,7 +12,8 @@ use postbox_actors::rpc::{RemoteError, Request, RequestError};
 use postbox_actors::testkit::DeliveryProbe;
 use postbox_actors::{
     AckError, Broker, BrokerError, ConsumeOptions, Consumer, ConsumerId, DeleteOptions, Delivery,
-    Envelope, ExchangeOptions, NameError, Observer, QueueOptions, StreamError, TryPublishError,
+    Envelope, ExchangeOptions, NameError, Observer, OnError, QueueOptions, StreamError,
+    TryPublishError,
 };
 use postbox_actors::{StreamDelivery, StreamOptions, StreamStart, SubscribeOptions};
 
@@ -146,7 +147,9 @@ async fn auto_ack_deliveries_dropped_with_a_consumer_are_counted() {
         let consumer = broker
             .consume(
                 "q",
-                ConsumeOptions::auto().restarts(0, Duration::from_secs(1)),
+                ConsumeOptions::auto()
+                    .on_error(OnError::Restart)
+                    .restarts(0, Duration::from_secs(1)),
                 move || {
                     let h = h.clone();
                     move |d: Delivery| {

@@ -11,7 +11,7 @@ use postbox::testkit::{self, ProbeErrorKind, TestProbe};
 use postbox::{Failure, Message, Recipient, RuntimeHandle};
 use postbox_actors::testkit::{DeliveryProbe, Event, FaultPlan, FaultStats, TestBroker};
 use postbox_actors::{
-    AckError, Broker, ConsumeOptions, Consumer, DeathReason, Delivery, LayerExt, Outcome,
+    AckError, Broker, ConsumeOptions, Consumer, DeathReason, Delivery, LayerExt, OnError, Outcome,
     QueueOptions,
 };
 use tokio::time::Instant;
@@ -150,7 +150,7 @@ async fn the_test_broker_records_publishes_deliveries_and_settlements() {
         d2.nack(true).await.unwrap();
         let d2again = probe.expect_delivery(SEC).await;
         assert_eq!((d2again.id(), d2again.redelivered()), (p2.id(), true));
-        d2again.reject().await.unwrap();
+        d2again.reject(false).await.unwrap();
         broker
             .wait_for(|e| e.settlements("a").len() == 3, SEC)
             .await;
@@ -306,7 +306,7 @@ fn message_ttls_run_on_virtual_time_and_dead_letters_are_recorded() {
             .unwrap();
         broker.publish_json("q", &2).await.unwrap();
         let d = probe.expect_delivery(SEC).await;
-        d.reject().await.unwrap();
+        d.reject(false).await.unwrap();
         broker
             .wait_for(|e| e.dead_letters("q").len() == 1, SEC)
             .await;
@@ -552,7 +552,9 @@ async fn a_consumer_that_propagates_the_duplicate_ack_error_crashes() {
         let consumer = broker
             .consume(
                 "q",
-                ConsumeOptions::manual(8),
+                // Errors crash the consumer (by default they only settle the
+                // failed delivery, and it was settled already).
+                ConsumeOptions::manual(8).on_error(OnError::Restart),
                 reporter(&seen, true).layer(plan.clone()),
             )
             .await

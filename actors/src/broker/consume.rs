@@ -8,7 +8,7 @@ use postbox::{ChildSpec, Restart};
 
 use crate::broker::Broker;
 use crate::consumer::{
-    ConsumeOptions, Consumer, ConsumerActor, ConsumerFactory, ConsumerHandle, Registration,
+    ConsumeOptions, Consumer, ConsumerActor, ConsumerFactory, ConsumerHandle, Registration, Shared,
 };
 use crate::error::BrokerError;
 
@@ -33,13 +33,14 @@ impl Broker {
         let mailbox = options.mailbox_capacity();
         let child_options = options.clone();
         let child_queue = handle.clone();
-        let backlog = Arc::default();
+        let shared = Arc::new(Shared::default());
+        let child_shared = shared.clone();
         let child = ChildSpec::new("consumer", move || {
-            ConsumerActor::with_backlog(
+            ConsumerActor::new(
                 child_queue.clone(),
                 &child_options,
                 factory.build(),
-                Arc::clone(&backlog),
+                Arc::clone(&child_shared),
             )
         })
         .restart(Restart::Transient)
@@ -52,7 +53,9 @@ impl Broker {
         let id = supervisor.addr().id();
         self.inner.live.lock().insert(id, supervisor.clone());
         let broker = Arc::downgrade(&self.inner);
+        let abandoned = shared.clone();
         supervisor.addr().any().on_exit(Some(u64::MAX), move |_| {
+            abandoned.abandon();
             if let Some(inner) = broker.upgrade() {
                 inner.live.lock().remove(&id);
             }
@@ -67,6 +70,7 @@ impl Broker {
                 queue: handle.name.clone(),
                 addr,
                 supervisor,
+                shared,
             }),
             _ => {
                 supervisor.stop();

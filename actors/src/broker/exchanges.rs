@@ -133,12 +133,12 @@ impl Broker {
         if exchange.is_empty() {
             return Err(BrokerError::DefaultExchange("bound to"));
         }
-        let (key, headers) = key.into_parts();
+        let (key, arguments) = key.into_parts();
         validate_key(NameKind::BindingKey, &key)?;
         Ok(Binding {
             destination,
             key,
-            headers,
+            arguments,
         })
     }
 

@@ -42,6 +42,8 @@ impl Broker {
                     requested: Box::new(options),
                 });
             }
+            // A redeclaration is a use: it renews an expiring queue.
+            entry.handle.renew();
             return Ok(QueueHandle::clone(&entry.handle));
         }
         let name = ByteString::from(name);
@@ -131,6 +133,18 @@ impl Broker {
                 messages: snapshot.stats.ready,
             }),
         }
+    }
+
+    /// Fetches the head ready message of a queue without a consumer:
+    /// RabbitMQ's `basic.get` (see [`QueueHandle::get`]).
+    #[doc(alias = "basic_get")]
+    pub async fn get(
+        &self,
+        queue: &str,
+        mode: crate::queue::ack::AckMode,
+    ) -> Result<Option<(crate::queue::delivery::Delivery, usize)>, BrokerError> {
+        self.alive()?;
+        self.queue(queue)?.get(mode).await
     }
 
     /// Drops a queue's ready messages (not the unacknowledged ones); returns how many.

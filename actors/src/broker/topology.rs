@@ -4,7 +4,9 @@
 //! Routing follows exchange-to-exchange bindings (each exchange visited at most
 //! once, so cycles are harmless), gives each queue and each stream at most one
 //! copy however many paths reach it, and sends what an exchange cannot route to
-//! its alternate exchange, if it names one.
+//! its alternate exchange, if it names one. As in RabbitMQ, an exchange that
+//! matched a binding to another exchange has routed the message, whatever that
+//! exchange does with it: its own alternate is not used.
 //!
 //! Streams live here too (not in a registry of their own) so that binding to a
 //! stream, deleting one and routing see one consistent graph under one lock.
@@ -35,7 +37,7 @@ use smallvec::SmallVec;
 
 use crate::envelope::{Envelope, Headers};
 use crate::error::BrokerError;
-use crate::exchange::{Binding, Bound, Destination, Exchange, ExchangeKind, ExchangeOptions};
+use crate::exchange::{Binding, Bound, Destination, Exchange, ExchangeOptions};
 use crate::queue::handle::QueueHandle;
 use crate::queue::options::QueueOptions;
 use crate::stream::{StreamError, StreamHandle};
@@ -222,14 +224,7 @@ impl Topology {
             .exchanges
             .get_mut(exchange)
             .ok_or_else(|| BrokerError::ExchangeNotFound(exchange.to_string()))?;
-        if binding.headers.is_some() && source.options.kind != ExchangeKind::Headers {
-            return Err(BrokerError::WrongExchangeKind {
-                exchange: exchange.to_string(),
-                kind: source.options.kind,
-                expected: ExchangeKind::Headers,
-            });
-        }
-        Ok(source.bind(binding, target))
+        Ok(source.bind(binding, target)?)
     }
 
     /// Removes a binding from `exchange`; Ok(false) if there was none.
@@ -269,8 +264,9 @@ impl Topology {
         Ok(())
     }
 
-    /// Routes through exchange `name`; returns whether it reached any queue or
-    /// stream (one already reached by another path counts).
+    /// Routes through exchange `name`; returns whether it routed the message:
+    /// matched a binding to a queue or stream (one already reached by another
+    /// path counts) or to another exchange.
     fn route_into<'a>(
         &'a self,
         name: &'a str,
@@ -296,6 +292,10 @@ impl Topology {
                 Some(_) => {}
                 None => {
                     if let Destination::Exchange(next) = &bound.dest {
+                        // As in RabbitMQ: a match on a binding to another
+                        // exchange counts as routed here, even if that exchange
+                        // then reaches nothing (this one's alternate is unused).
+                        routed = true;
                         hops.push(next);
                     }
                 }
@@ -308,7 +308,7 @@ impl Topology {
         }
         for next in hops {
             if let Some((next, exchange)) = self.exchanges.get_key_value(&**next) {
-                routed |= self.route_into(next, exchange, key, headers, visited, out);
+                self.route_into(next, exchange, key, headers, visited, out);
             }
         }
         if let Some(alternate) = exchange

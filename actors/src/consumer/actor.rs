@@ -1,49 +1,88 @@
 //! [`ConsumerActor`]: the supervised actor that hosts a [`Consumer`],
-//! registers it with its queue, feeds it deliveries in batches, and keeps
-//! what an auto-ack consumer had not handled across its restarts.
+//! registers it with its queue, feeds it deliveries in batches, settles a
+//! failed delivery by the consumer's [`OnError`] policy, and keeps what an
+//! auto-ack consumer had not handled across its restarts.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use parking_lot::Mutex;
 use postbox::{Actor, Context, Failure, Handler, Message};
 use tracing::Instrument;
 
-use crate::consumer::{ConsumeOptions, Consumer};
+use crate::consumer::retry::settle_failed;
+use crate::consumer::{ConsumeOptions, Consumer, OnError};
 use crate::queue::ack::{AckMode, ConsumerId};
-use crate::queue::actor::{Cancelled, DeliveryBatch, Sink, Unsubscribe};
-use crate::queue::delivery::{Delivery, Link};
+use crate::queue::actor::{Cancel, Cancelled, DeliveryBatch, Sink, Unsubscribe};
+use crate::queue::delivery::{Delivery, Link, Outcome, Settler};
 use crate::queue::handle::QueueHandle;
 
-/// The actor that hosts a [`Consumer`]: registers with the queue when it
-/// starts, unregisters when it stops, and drops deliveries made to an earlier
-/// registration (the queue has requeued those).
-///
-/// Auto-ack deliveries come in batches, already settled. If the handler fails
-/// on one, that one is lost (at-most-once, and counted), and the rest of its
-/// batch waits in a backlog that outlives the incarnation: the restarted
-/// consumer handles it first, in order. What is still waiting when the
-/// consumer stops for good is counted as lost.
-pub(crate) struct ConsumerActor<C: Consumer> {
-    consumer: C,
-    queue: QueueHandle,
-    mode: AckMode,
-    prefetch: u32,
-    link: Option<Arc<Link>>,
-    backlog: Arc<parking_lot::Mutex<Backlog>>,
+/// What the incarnations of one consumer share (it outlives each of them):
+/// the auto-ack deliveries taken from the mailbox and not handled yet, the
+/// counters, and whether the consumer was cancelled.
+#[derive(Default)]
+pub(crate) struct Shared {
+    backlog: Mutex<VecDeque<Delivery>>,
+    /// Cancelled or closed: a restarted incarnation does not register again.
+    cancelled: AtomicBool,
+    /// Deliveries whose handler returned `Ok`.
+    pub(crate) handled: AtomicU64,
+    /// Deliveries whose handler returned `Err` (settled by the `OnError` policy).
+    pub(crate) errors: AtomicU64,
+    /// Crashes: their number, when the recent ones happened, the last failure.
+    crashes: Mutex<Crashes>,
 }
 
-/// Auto-ack deliveries a consumer took from its mailbox and did not get to
-/// handle before its incarnation ended; shared by its incarnations.
 #[derive(Default)]
-pub(crate) struct Backlog(VecDeque<Delivery>);
+struct Crashes {
+    count: u64,
+    recent: VecDeque<tokio::time::Instant>,
+    last: Option<Failure>,
+}
 
-impl Drop for Backlog {
-    /// The consumer stopped for good: nobody will handle these.
-    fn drop(&mut self) {
-        for delivery in self.0.drain(..) {
+/// Crashes within this long make a consumer crash-looping, from the third.
+const CRASH_LOOP_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+const CRASH_LOOP_CRASHES: usize = 3;
+
+impl Shared {
+    fn record_crash(&self, failure: Failure) {
+        let now = tokio::time::Instant::now();
+        let mut crashes = self.crashes.lock();
+        crashes.count += 1;
+        crashes.recent.push_back(now);
+        while crashes.recent.len() > CRASH_LOOP_CRASHES {
+            crashes.recent.pop_front();
+        }
+        crashes.last = Some(failure);
+    }
+
+    /// (crashes, crash-looping, last failure).
+    pub(crate) fn crashes(&self) -> (u64, bool, Option<Failure>) {
+        let crashes = self.crashes.lock();
+        let looping = crashes.recent.len() >= CRASH_LOOP_CRASHES
+            && crashes
+                .recent
+                .front()
+                .is_some_and(|t| t.elapsed() < CRASH_LOOP_WINDOW);
+        (crashes.count, looping, crashes.last.clone())
+    }
+}
+
+impl Shared {
+    /// The consumer stopped for good: nobody will handle what is left in its
+    /// backlog, which counts as lost.
+    pub(crate) fn abandon(&self) {
+        let left = std::mem::take(&mut *self.backlog.lock());
+        for delivery in left {
             delivery.lost();
         }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.abandon();
     }
 }
 
@@ -52,10 +91,10 @@ impl Drop for Backlog {
 /// goes back to the backlog, ahead of anything there, and a delivery whose
 /// handler did not return is counted as lost.
 struct InHand<'a> {
-    backlog: &'a parking_lot::Mutex<Backlog>,
-    rest: VecDeque<Delivery>,
-    /// The registration of the deliveries (their queue's loss counter).
-    link: Option<Arc<Link>>,
+    backlog: &'a Mutex<VecDeque<Delivery>>,
+    rest: std::vec::IntoIter<Delivery>,
+    /// The queue's loss counter, through the current registration.
+    link: Option<&'a Arc<Link>>,
     /// A delivery is in its handler.
     handling: bool,
 }
@@ -63,66 +102,169 @@ struct InHand<'a> {
 impl Drop for InHand<'_> {
     fn drop(&mut self) {
         if self.handling
-            && let Some(link) = &self.link
+            && let Some(link) = self.link
         {
             link.lose_one();
         }
-        if !self.rest.is_empty() {
+        if self.rest.len() > 0 {
             let mut backlog = self.backlog.lock();
-            let mut rest = std::mem::take(&mut self.rest);
-            rest.append(&mut backlog.0);
-            backlog.0 = rest;
+            let mut rest: VecDeque<Delivery> = self.rest.by_ref().collect();
+            rest.append(&mut backlog);
+            *backlog = rest;
         }
     }
 }
 
+/// The actor that hosts a [`Consumer`]: registers with the queue when it
+/// starts, unregisters when it stops, and drops deliveries made to an earlier
+/// registration (the queue has requeued those).
+///
+/// A handler's `Err` settles that delivery by the consumer's [`OnError`]
+/// policy and the consumer keeps running; a panic fails it (its unsettled
+/// deliveries are requeued and it is restarted with fresh state). Auto-ack
+/// deliveries come in batches, already settled: one whose handler fails is
+/// lost (at most once, and counted), and after a panic the rest of its batch
+/// waits in the shared backlog for the restarted incarnation, which handles
+/// it first, in order.
+pub(crate) struct ConsumerActor<C: Consumer> {
+    consumer: C,
+    queue: QueueHandle,
+    mode: AckMode,
+    prefetch: u32,
+    on_error: OnError,
+    link: Option<Arc<Link>>,
+    shared: Arc<Shared>,
+}
+
 impl<C: Consumer> ConsumerActor<C> {
-    /// Wraps `consumer` for `queue`, sharing `backlog` with the other
+    /// Wraps `consumer` for `queue`, sharing `shared` with the other
     /// incarnations of the same consumer.
-    pub(crate) fn with_backlog(
+    pub(crate) fn new(
         queue: QueueHandle,
         options: &ConsumeOptions,
         consumer: C,
-        backlog: Arc<parking_lot::Mutex<Backlog>>,
+        shared: Arc<Shared>,
     ) -> Self {
         ConsumerActor {
             consumer,
             queue,
             mode: options.mode,
             prefetch: options.prefetch,
+            on_error: options.on_error,
             link: None,
-            backlog,
+            shared,
         }
     }
 
-    /// Handles auto-ack deliveries in order, the backlog's first.
+    /// Handles auto-ack deliveries in order, without locking anything unless
+    /// the handler fails (see [`InHand`]).
     async fn handle_auto(&mut self, batch: Vec<Delivery>) -> Result<(), Failure> {
-        let backlog = self.backlog.clone();
-        let mut rest = std::mem::take(&mut backlog.lock().0);
-        rest.extend(batch);
+        let ConsumerActor {
+            consumer,
+            link,
+            shared,
+            on_error,
+            ..
+        } = self;
         let mut hand = InHand {
-            backlog: &backlog,
-            link: rest.front().map(|d| d.link().clone()),
-            rest,
+            backlog: &shared.backlog,
+            rest: batch.into_iter(),
+            link: link.as_ref(),
             handling: false,
         };
-        while let Some(delivery) = hand.rest.pop_front() {
+        for delivery in hand.rest.by_ref() {
             hand.handling = true;
-            // On failure, at most once: this one is lost (counted when `hand`
-            // drops), and the rest wait for the next incarnation.
-            self.handle_one(delivery).await?;
+            let result = handle(consumer, delivery).await;
             hand.handling = false;
+            match result {
+                Ok(()) => {
+                    shared.handled.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(failure) => {
+                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                    // At most once: this one is lost, as RabbitMQ's auto-ack.
+                    if let Some(link) = hand.link {
+                        link.lose_one();
+                    }
+                    if *on_error == OnError::Restart {
+                        return Err(failure);
+                    }
+                    tracing::warn!(%failure, "auto-ack handler failed: the delivery is lost");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles manual-ack deliveries in order; a failed one is settled by the
+    /// `OnError` policy.
+    async fn handle_manual(&mut self, batch: Vec<Delivery>) -> Result<(), Failure> {
+        let Some(link) = self.link.clone() else {
+            return Ok(());
+        };
+        for delivery in batch {
+            if delivery.consumer() != link.consumer || !link.is_active() {
+                // Made to an earlier registration of this actor, or to one
+                // that has ended: the queue requeued it (or was deleted).
+                tracing::trace!(queue = %delivery.queue(), tag = %delivery.tag(), "stale delivery skipped");
+                continue;
+            }
+            let (tag, attempt, message_id) =
+                (delivery.tag(), delivery.delivery_count(), delivery.id());
+            match handle(&mut self.consumer, delivery).await {
+                Ok(()) => {
+                    self.shared.handled.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(failure) => {
+                    self.shared.errors.fetch_add(1, Ordering::Relaxed);
+                    let outcome = match self.on_error {
+                        OnError::Restart => return Err(failure),
+                        OnError::Requeue => Outcome::Requeue,
+                        OnError::DeadLetter => Outcome::Discard,
+                        OnError::Retry(policy) => policy.outcome(attempt),
+                    };
+                    let settler = Settler {
+                        tag,
+                        link: link.clone(),
+                    };
+                    settle_failed(&settler, outcome, attempt, message_id, &failure).await?;
+                }
+            }
         }
         Ok(())
     }
 }
 
+/// Runs the handler for one delivery inside a `consume` span.
+async fn handle<C: Consumer>(consumer: &mut C, delivery: Delivery) -> Result<(), Failure> {
+    let span = tracing::debug_span!(
+        "consume",
+        queue = %delivery.queue(),
+        message_id = %delivery.id(),
+        correlation_id = delivery.correlation_id(),
+        tag = %delivery.tag(),
+        redelivered = delivery.redelivered(),
+    );
+    consumer.handle(delivery).instrument(span).await
+}
+
 impl<C: Consumer> Actor for ConsumerActor<C> {
     async fn started(&mut self, ctx: &mut Context<Self>) -> Result<(), Failure> {
-        let Some(me) = ctx.addr() else {
+        let Some(me) = ctx
+            .addr()
+            .filter(|_| !self.shared.cancelled.load(Ordering::Acquire))
+        else {
+            // Cancelled (or closed) before this restart: stay down.
             ctx.stop();
             return Ok(());
         };
+        // This incarnation's crash, if it crashes, is recorded for reports.
+        let shared = self.shared.clone();
+        ctx.any().on_exit(Some(ctx.incarnation()), move |reason| {
+            if let postbox::ExitReason::Failed(failure) = reason {
+                shared.record_crash(failure);
+            }
+        });
         let link = self
             .queue
             .subscribe_as(
@@ -146,40 +288,15 @@ impl<C: Consumer> Actor for ConsumerActor<C> {
             }
         }
         // What an earlier incarnation left unhandled comes first.
-        if !self.backlog.lock().0.is_empty() {
-            self.handle_auto(Vec::new()).await?;
+        let left = std::mem::take(&mut *self.shared.backlog.lock());
+        if !left.is_empty() {
+            self.handle_auto(left.into()).await?;
         }
         Ok(())
     }
 
-    async fn stopped(&mut self, _ctx: &mut Context<Self>) {
-        if let Some(link) = self.link.take() {
-            let _ = self.queue.addr.send(Unsubscribe(link.consumer)).await;
-        }
-    }
-}
-
-impl<C: Consumer> ConsumerActor<C> {
-    async fn handle_one(&mut self, delivery: Delivery) -> Result<(), Failure> {
-        let current = self.link.as_ref().map(|l| l.consumer);
-        if delivery.ack_mode() == AckMode::Manual
-            && (Some(delivery.consumer()) != current || !delivery.is_live())
-        {
-            // Made to an earlier registration of this actor, or one that has
-            // ended: the queue requeued it (or was deleted with it).
-            tracing::trace!(queue = %delivery.queue(), tag = %delivery.tag(), "stale delivery skipped");
-            return Ok(());
-        }
-        let span = tracing::debug_span!(
-            "consume",
-            queue = %delivery.queue(),
-            message_id = %delivery.id(),
-            correlation_id = delivery.correlation_id(),
-            tag = %delivery.tag(),
-            redelivered = delivery.redelivered(),
-        );
-        self.consumer.handle(delivery).instrument(span).await
-    }
+    // No `stopped` hook: the queue watches this incarnation, and ends its
+    // registration when it ends, told whether it crashed.
 }
 
 impl<C: Consumer> Handler<Delivery> for ConsumerActor<C> {
@@ -188,15 +305,16 @@ impl<C: Consumer> Handler<Delivery> for ConsumerActor<C> {
         delivery: Delivery,
         _ctx: &mut Context<Self>,
     ) -> Result<(), Failure> {
-        self.handle_one(delivery).await
+        let batch = vec![delivery];
+        match self.mode {
+            AckMode::Auto => self.handle_auto(batch).await,
+            AckMode::Manual => self.handle_manual(batch).await,
+        }
     }
 }
 
 /// Deliveries come in batches from the queue (one mailbox slot for up to 64);
-/// each is handled in order, one at a time. If the consumer fails, the rest of
-/// a manual-ack batch is requeued by the queue (the registration ends with the
-/// incarnation); the rest of an auto-ack batch waits in the backlog for the
-/// restarted incarnation.
+/// each is handled in order, one at a time.
 impl<C: Consumer> Handler<DeliveryBatch> for ConsumerActor<C> {
     async fn handle(
         &mut self,
@@ -204,52 +322,78 @@ impl<C: Consumer> Handler<DeliveryBatch> for ConsumerActor<C> {
         _ctx: &mut Context<Self>,
     ) -> Result<(), Failure> {
         let batch = std::mem::take(&mut batch.0);
-        if batch.first().is_some_and(|d| d.ack_mode() == AckMode::Auto) {
-            return self.handle_auto(batch).await;
+        match batch.first().map(Delivery::ack_mode) {
+            Some(AckMode::Auto) => self.handle_auto(batch).await,
+            Some(AckMode::Manual) => self.handle_manual(batch).await,
+            None => Ok(()),
         }
-        for delivery in batch {
-            self.handle_one(delivery).await?;
-        }
-        Ok(())
     }
 }
 
-/// The queue cancelled this consumer (it was deleted): tell the consumer, and
-/// stop for good (the supervisor goes too).
+/// The queue ended this consumer's registration: the queue was deleted (the
+/// consumer is told), or the consumer was cancelled and has settled what it
+/// held. It stops for good (its supervisor goes too).
 impl<C: Consumer> Handler<Cancelled> for ConsumerActor<C> {
-    async fn handle(&mut self, _: Cancelled, ctx: &mut Context<Self>) -> Result<(), Failure> {
+    async fn handle(&mut self, msg: Cancelled, ctx: &mut Context<Self>) -> Result<(), Failure> {
         self.link = None;
-        self.consumer.cancelled().await;
+        self.shared.cancelled.store(true, Ordering::Release);
+        if msg.deleted {
+            self.consumer.cancelled().await;
+        }
         ctx.stop();
         Ok(())
     }
 }
 
-/// Graceful cancel, step 1: unregister (no more deliveries; unsettled manual
-/// ones are requeued), then stop once what is already in the mailbox is handled.
+/// Cancel, as RabbitMQ's `basic.cancel`: the queue delivers nothing more; the
+/// deliveries the consumer holds stay settleable, and the registration ends
+/// once they are settled. Replies with how many it holds.
 pub(crate) struct Drain;
 impl Message for Drain {
-    type Reply = ();
+    type Reply = usize;
 }
 impl<C: Consumer> Handler<Drain> for ConsumerActor<C> {
-    async fn handle(&mut self, _: Drain, ctx: &mut Context<Self>) -> Result<(), Failure> {
-        if let Some(link) = self.link.take() {
-            // Wait until the queue has processed it: every delivery it made to us
-            // is then in our mailbox, ahead of the stop below.
-            let _ = self.queue.addr.ask(Unsubscribe(link.consumer)).await;
+    async fn handle(&mut self, _: Drain, ctx: &mut Context<Self>) -> Result<usize, Failure> {
+        self.shared.cancelled.store(true, Ordering::Release);
+        let Some(link) = &self.link else {
+            ctx.stop();
+            return Ok(0);
+        };
+        // Once the queue has processed this, every delivery it made to us is
+        // in our mailbox, ahead of whatever is sent to us next.
+        match self.queue.addr.ask(Cancel(link.consumer)).await {
+            Ok(held) => Ok(held),
+            Err(_) => {
+                ctx.stop();
+                Ok(0)
+            }
         }
-        ctx.notify_later(StopNow, Duration::ZERO);
+    }
+}
+
+/// A marker: handled once everything sent before it was.
+pub(crate) struct Flush;
+impl Message for Flush {
+    type Reply = ();
+}
+impl<C: Consumer> Handler<Flush> for ConsumerActor<C> {
+    async fn handle(&mut self, _: Flush, _: &mut Context<Self>) -> Result<(), Failure> {
         Ok(())
     }
 }
 
-/// Graceful cancel, step 2.
-struct StopNow;
-impl Message for StopNow {
+/// Close: unregister now (the queue requeues what the consumer holds) and
+/// stop, without handling what is still in the mailbox.
+pub(crate) struct Close;
+impl Message for Close {
     type Reply = ();
 }
-impl<C: Consumer> Handler<StopNow> for ConsumerActor<C> {
-    async fn handle(&mut self, _: StopNow, ctx: &mut Context<Self>) -> Result<(), Failure> {
+impl<C: Consumer> Handler<Close> for ConsumerActor<C> {
+    async fn handle(&mut self, _: Close, ctx: &mut Context<Self>) -> Result<(), Failure> {
+        self.shared.cancelled.store(true, Ordering::Release);
+        if let Some(link) = self.link.take() {
+            let _ = self.queue.addr.ask(Unsubscribe::now(link.consumer)).await;
+        }
         ctx.stop();
         Ok(())
     }

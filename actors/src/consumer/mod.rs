@@ -1,34 +1,47 @@
-//! Consumers: the [`Consumer`] trait users implement, and [`ConsumerActor`], the
-//! supervised actor that registers it with a queue and feeds it deliveries.
+//! Consumers: the [`Consumer`] trait users implement, the supervised actor
+//! that registers it with a queue and feeds it deliveries (`actor`), what
+//! happens when a handler fails ([`OnError`], [`RetryPolicy`]), and layers
+//! around consumers ([`Layer`]).
 
 mod actor;
 mod layer;
+mod retry;
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytestring::ByteString;
 use postbox::{AnyAddr, Backoff, ExitReason, Failure, Supervisor};
 
-pub(crate) use actor::{ConsumerActor, Drain, Registration};
+pub(crate) use actor::{Close, ConsumerActor, Drain, Flush, Registration, Shared};
 pub use layer::{Layer, LayerExt, Layered};
+pub use retry::{RetryPolicy, Retrying};
 
 use crate::queue::ack::{AckMode, ConsumerId};
 use crate::queue::delivery::Delivery;
 use crate::supervision::Supervision;
 
-/// What a consumer does with each delivery.
-///
-/// Returning `Err` (or panicking) fails the consumer: its unsettled deliveries
-/// are requeued and it is restarted. Closures `FnMut(Delivery) -> impl Future`
-/// are consumers too.
+/// What a consumer does with each delivery. Closures
+/// `FnMut(Delivery) -> impl Future` are consumers too.
 ///
 /// A consumer is an actor with a bounded mailbox. [`Broker::consume`] puts it
-/// under a supervisor of its own: if its handler panics or returns an error,
-/// the queue requeues the deliveries it had not settled (flagged redelivered),
-/// and the supervisor rebuilds it from its factory with fresh state, within a
-/// restart limit. When the limit is passed, that consumer stays down, the queue
-/// keeps its messages for the other consumers, and the error is logged.
+/// under a supervisor of its own.
+///
+/// - **An `Err`** from `handle` is a failure of that delivery, not of the
+///   consumer: the delivery is settled by the consumer's [`OnError`] policy
+///   (default: requeued, as Spring AMQP does) and the consumer keeps running
+///   with its state. (In auto-ack mode the delivery was settled when it was
+///   handed over: it is lost, and counted.)
+/// - **A panic** crashes the consumer: the queue requeues every delivery it had
+///   not settled (flagged redelivered), and the supervisor rebuilds it from its
+///   factory with fresh state, after a backoff that grows with consecutive
+///   crashes (10 ms doubling to 30 s). By default it never gives up: a
+///   crash-looping consumer stays visible as such in its
+///   [report](ConsumerHandle::report), and each crash is logged and told to the
+///   broker's observers. With [`ConsumeOptions::restarts`] it gives up past a
+///   limit, with an `error!` event.
 ///
 /// [`Broker::consume`]: crate::Broker::consume
 ///
@@ -102,6 +115,35 @@ pub struct ConsumeOptions {
     pub(crate) prefetch: u32,
     pub(crate) mailbox: Option<usize>,
     pub(crate) supervision: Supervision,
+    pub(crate) on_error: OnError,
+}
+
+/// What happens to a delivery whose handler returned `Err`. (A panic always
+/// crashes the consumer, which is restarted; see [`Consumer`].)
+///
+/// ```
+/// use std::time::Duration;
+/// use postbox_actors::{ConsumeOptions, OnError, RetryPolicy};
+/// let retrying = ConsumeOptions::manual(8)
+///     .on_error(OnError::Retry(RetryPolicy::fixed(Duration::from_secs(1), 5)));
+/// # let _ = retrying;
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub enum OnError {
+    /// Requeue it (a nack with requeue; it comes back flagged redelivered),
+    /// and keep consuming. The default, as in Spring AMQP.
+    #[default]
+    Requeue,
+    /// Reject it without requeue: it goes to the queue's dead-letter exchange,
+    /// or is dropped (and counted) if the queue has none.
+    DeadLetter,
+    /// Requeue it after the policy's delay, and reject it once its attempts
+    /// are spent.
+    Retry(RetryPolicy),
+    /// Fail the consumer as a panic does: every delivery it holds is requeued
+    /// and it is restarted with fresh state.
+    Restart,
 }
 
 impl Default for ConsumeOptions {
@@ -120,6 +162,7 @@ impl ConsumeOptions {
             prefetch,
             mailbox: None,
             supervision: Supervision::default(),
+            on_error: OnError::default(),
         }
     }
 
@@ -139,14 +182,24 @@ impl ConsumeOptions {
         self
     }
 
-    /// At most `max` restarts within `window`; past that the consumer stays down.
+    /// What happens to a delivery whose handler returns `Err` (default:
+    /// requeued).
+    pub fn on_error(mut self, policy: OnError) -> Self {
+        self.on_error = policy;
+        self
+    }
+
+    /// At most `max` restarts within `window`; past that the consumer stays
+    /// down (an `error!` event says so). By default a consumer is restarted
+    /// without limit, with backoff.
     pub fn restarts(mut self, max: usize, window: Duration) -> Self {
         self.supervision.max_restarts = max;
         self.supervision.window = window;
         self
     }
 
-    /// Delay between restarts.
+    /// Delay between restarts (default: 10 ms, doubling with each
+    /// consecutive crash up to 30 s).
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.supervision.backoff = backoff;
         self
@@ -168,11 +221,13 @@ impl ConsumeOptions {
 /// A running consumer started by [`Broker::consume`](crate::Broker::consume).
 ///
 /// Dropping the handle does not stop the consumer (as with RabbitMQ, a consumer
-/// runs until it is cancelled); [`cancel`](Self::cancel) does.
+/// runs until it is cancelled); [`cancel`](Self::cancel) and
+/// [`close`](Self::close) do.
 pub struct ConsumerHandle<C: Consumer> {
     pub(crate) queue: ByteString,
     pub(crate) addr: postbox::Addr<ConsumerActor<C>>,
     pub(crate) supervisor: Supervisor,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl<C: Consumer> std::fmt::Debug for ConsumerHandle<C> {
@@ -182,6 +237,30 @@ impl<C: Consumer> std::fmt::Debug for ConsumerHandle<C> {
             .field("actor", &self.addr.id())
             .finish()
     }
+}
+
+/// What a consumer has done, over all its restarts: see
+/// [`ConsumerHandle::report`].
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct ConsumerReport {
+    /// Deliveries its handler handled (returned `Ok`).
+    pub handled: u64,
+    /// Deliveries its handler failed on (returned `Err`), each settled by the
+    /// consumer's [`OnError`] policy.
+    pub errors: u64,
+    /// Crashes: panics, and errors under [`OnError::Restart`].
+    pub crashes: u64,
+    /// Restarts completed (one fewer than `crashes` while a restart waits
+    /// for its backoff).
+    pub restarts: u64,
+    /// Three crashes or more within the last minute.
+    pub crash_looping: bool,
+    /// The last crash's failure.
+    pub last_crash: Option<Failure>,
+    /// Whether it is still running (false once it stopped for good: closed,
+    /// cancelled and settled, its queue deleted, or past its restart limit).
+    pub running: bool,
 }
 
 impl<C: Consumer> ConsumerHandle<C> {
@@ -202,21 +281,47 @@ impl<C: Consumer> ConsumerHandle<C> {
         self.addr.ask(Registration).await.ok().flatten()
     }
 
-    /// Stops the consumer gracefully, as RabbitMQ's `basic.cancel` does: the
-    /// queue stops delivering to it and requeues the manual-ack deliveries it has
-    /// not settled, it handles the auto-ack deliveries already in its mailbox,
-    /// and then it stops (and is not restarted).
-    #[doc(alias = "basic_cancel")]
-    pub async fn cancel(self) {
-        if self.addr.ask(Drain).await.is_ok() {
-            self.addr.terminated().await;
+    /// What it has done: handled, failed, crashed, restarted.
+    pub fn report(&self) -> ConsumerReport {
+        let stats = self.addr.stats();
+        let (crashes, crash_looping, last_crash) = self.shared.crashes();
+        ConsumerReport {
+            handled: self.shared.handled.load(Ordering::Relaxed),
+            errors: self.shared.errors.load(Ordering::Relaxed),
+            crashes,
+            restarts: stats.restarts,
+            crash_looping,
+            last_crash,
+            running: !self.supervisor.addr().is_closed(),
         }
+    }
+
+    /// Cancels the consumer, as RabbitMQ's `basic.cancel`: the queue delivers
+    /// nothing more to it, it handles what is already in its mailbox, and
+    /// returns. The deliveries it still holds stay settleable (by the tasks
+    /// its handler started, or by whoever holds them); once they are all
+    /// settled its registration ends and it stops. If it crashes first, they
+    /// are requeued. Returns how many it still held when the queue stopped
+    /// delivering; [`terminated`](Self::terminated) resolves when it is gone.
+    #[doc(alias = "basic_cancel")]
+    pub async fn cancel(&self) -> usize {
+        let held = self.addr.ask(Drain).await.unwrap_or(0);
+        // Handled after every delivery the queue made before it stopped.
+        let _ = self.addr.ask(Flush).await;
+        held
+    }
+
+    /// Closes the consumer: it stops now, without handling what is still in
+    /// its mailbox, and the queue requeues every delivery it had not settled
+    /// (as when a RabbitMQ channel closes). Resolves once it is gone.
+    pub async fn close(self) {
+        let _ = self.addr.ask(Close).await;
         self.supervisor.stop();
         self.supervisor.terminated().await;
     }
 
-    /// Resolves when the consumer is down for good (cancelled, or restarted too
-    /// often).
+    /// Resolves when the consumer is down for good (closed, cancelled and
+    /// settled, its queue deleted, or restarted too often).
     pub async fn terminated(&self) -> ExitReason {
         self.supervisor.terminated().await
     }

@@ -5,21 +5,42 @@ use bytestring::ByteString;
 
 use crate::envelope::{HeaderValue, Headers};
 
-/// How many of a binding's headers must match.
+/// How many of a binding's headers must match, and whether headers named
+/// `x-...` take part.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum XMatch {
-    /// Every header of the binding (`x-match: all`).
+    /// Every header of the binding (`x-match: all`), `x-` ones aside.
     #[default]
     All,
-    /// At least one (`x-match: any`).
+    /// At least one (`x-match: any`), `x-` ones aside.
     Any,
+    /// Every header of the binding, `x-` ones included (`x-match: all-with-x`).
+    AllWithX,
+    /// At least one, `x-` ones included (`x-match: any-with-x`).
+    AnyWithX,
+}
+
+impl XMatch {
+    /// RabbitMQ's name for the mode, as the `x-match` argument says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XMatch::All => "all",
+            XMatch::Any => "any",
+            XMatch::AllWithX => "all-with-x",
+            XMatch::AnyWithX => "any-with-x",
+        }
+    }
+
+    fn with_x(self) -> bool {
+        matches!(self, XMatch::AllWithX | XMatch::AnyWithX)
+    }
 }
 
 /// A bad headers binding.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum HeadersBindingError {
-    /// `x-match` was neither `all` nor `any`.
-    #[error("x-match must be \"all\" or \"any\", not {0:?}")]
+    /// `x-match` was not one of `all`, `any`, `all-with-x`, `any-with-x`.
+    #[error("x-match must be \"all\", \"any\", \"all-with-x\" or \"any-with-x\", not {0:?}")]
     BadXMatch(String),
 }
 
@@ -60,7 +81,8 @@ impl HeadersMatch {
         Self::new(XMatch::Any, headers)
     }
 
-    /// A binding with an explicit mode.
+    /// A binding with an explicit mode. A value of [`HeaderValue::Void`]
+    /// matches a header of that name whatever its value (AMQP's void).
     pub fn new<K: Into<ByteString>, V: Into<HeaderValue>>(
         mode: XMatch,
         headers: impl IntoIterator<Item = (K, V)>,
@@ -68,7 +90,7 @@ impl HeadersMatch {
         let mut headers: Vec<(ByteString, HeaderValue)> = headers
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
-            .filter(|(k, _)| !k.starts_with("x-"))
+            .filter(|(k, _)| &**k != "x-match" && (mode.with_x() || !k.starts_with("x-")))
             .collect();
         headers.sort_by(|a, b| a.0.cmp(&b.0));
         headers.dedup_by(|a, b| a.0 == b.0);
@@ -76,12 +98,18 @@ impl HeadersMatch {
     }
 
     /// Parses RabbitMQ-style binding arguments: an optional `x-match` header
-    /// (`"all"` or `"any"`) plus the headers to match.
+    /// (`"all"`, `"any"`, `"all-with-x"` or `"any-with-x"`) plus the headers
+    /// to match.
     pub fn from_arguments(arguments: &Headers) -> Result<Self, HeadersBindingError> {
         let mode = match arguments.get("x-match") {
             None => XMatch::All,
-            Some(HeaderValue::Str(s)) if &**s == "all" => XMatch::All,
-            Some(HeaderValue::Str(s)) if &**s == "any" => XMatch::Any,
+            Some(HeaderValue::Str(s)) => match &**s {
+                "all" => XMatch::All,
+                "any" => XMatch::Any,
+                "all-with-x" => XMatch::AllWithX,
+                "any-with-x" => XMatch::AnyWithX,
+                other => return Err(HeadersBindingError::BadXMatch(other.to_string())),
+            },
             Some(other) => return Err(HeadersBindingError::BadXMatch(format!("{other:?}"))),
         };
         Ok(Self::new(
@@ -95,13 +123,24 @@ impl HeadersMatch {
         self.mode
     }
 
+    /// The binding's arguments, as RabbitMQ would list them: `x-match` and
+    /// the headers to match.
+    pub fn to_arguments(&self) -> Headers {
+        let mut arguments: Headers = self.headers.iter().cloned().collect();
+        arguments.insert("x-match".into(), HeaderValue::from(self.mode.as_str()));
+        arguments
+    }
+
     /// Does a message with these headers match? An `all` binding with no
     /// headers matches everything; an `any` binding with none matches nothing.
     pub fn matches(&self, message: &Headers) -> bool {
-        let hit = |(k, v): &(ByteString, HeaderValue)| message.get(k) == Some(v);
+        let hit = |(k, v): &(ByteString, HeaderValue)| match (v, message.get(k)) {
+            (HeaderValue::Void, found) => found.is_some(),
+            (v, found) => found == Some(v),
+        };
         match self.mode {
-            XMatch::All => self.headers.iter().all(hit),
-            XMatch::Any => self.headers.iter().any(hit),
+            XMatch::All | XMatch::AllWithX => self.headers.iter().all(hit),
+            XMatch::Any | XMatch::AnyWithX => self.headers.iter().any(hit),
         }
     }
 }
@@ -154,6 +193,51 @@ mod tests {
             HeadersMatch::from_arguments(&args),
             Err(HeadersBindingError::BadXMatch(_))
         ));
+    }
+
+    /// As RabbitMQ 3.10 routes them (checked against the broker).
+    #[test]
+    fn with_x_modes_and_void_values() {
+        let args = |pairs: &[(&str, HeaderValue)]| headers(pairs);
+        let all = HeadersMatch::from_arguments(&args(&[
+            ("x-match", "all".into()),
+            ("a", "1".into()),
+            ("x-k", "v".into()),
+        ]))
+        .unwrap();
+        let all_x = HeadersMatch::from_arguments(&args(&[
+            ("x-match", "all-with-x".into()),
+            ("a", "1".into()),
+            ("x-k", "v".into()),
+        ]))
+        .unwrap();
+        let any_x = HeadersMatch::from_arguments(&args(&[
+            ("x-match", "any-with-x".into()),
+            ("x-k", "v".into()),
+            ("b", "2".into()),
+        ]))
+        .unwrap();
+        let void = HeadersMatch::all([("a", HeaderValue::Void)]);
+        let m1 = headers(&[("a", "1".into())]);
+        let m2 = headers(&[("a", "1".into()), ("x-k", "v".into())]);
+        let m3 = headers(&[("x-k", "v".into())]);
+        let m4 = headers(&[("a", "zzz".into())]);
+        let routes = |m: &HeadersMatch| {
+            [&m1, &m2, &m3, &m4]
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| m.matches(h))
+                .map(|(i, _)| i + 1)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(routes(&all), [1, 2]);
+        assert_eq!(routes(&all_x), [2]);
+        assert_eq!(routes(&any_x), [2, 3]);
+        assert_eq!(routes(&void), [1, 2, 4]);
+        assert_eq!(
+            any_x.to_arguments().get("x-match"),
+            Some(&HeaderValue::from("any-with-x"))
+        );
     }
 
     #[test]

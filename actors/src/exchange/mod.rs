@@ -11,7 +11,7 @@ use bytestring::ByteString;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::envelope::Headers;
+use crate::envelope::{HeaderValue, Headers};
 pub use headers::{HeadersBindingError, HeadersMatch, XMatch};
 use topic::TopicTrie;
 
@@ -120,22 +120,30 @@ pub enum Destination {
     Stream(ByteString),
 }
 
-/// What a binding matches: a routing key (a pattern, for topic exchanges;
-/// ignored by fanout) or, for headers exchanges, a [`HeadersMatch`]. The one
-/// binding argument of [`Broker::bind_queue`](crate::Broker::bind_queue) and
-/// its siblings: a `&str` or a `HeadersMatch` converts into it.
+/// What a binding says besides its source and destination, as AMQP's
+/// `queue.bind`: a routing key (a pattern, for topic exchanges; ignored by
+/// fanout and headers exchanges) and arguments (for headers exchanges, the
+/// headers to match and `x-match`). The one binding argument of
+/// [`Broker::bind_queue`](crate::Broker::bind_queue) and its siblings: a `&str`
+/// or a [`HeadersMatch`] converts into it.
+///
+/// Arguments are part of a binding's identity on every kind of exchange, as in
+/// RabbitMQ: the same key and destination with other arguments is another
+/// binding, unbound on its own (a message still reaches a queue once).
 ///
 /// ```
-/// use postbox_actors::{BindingKey, HeadersMatch};
+/// use postbox_actors::{BindingKey, HeadersMatch, HeaderValue};
 /// let by_key: BindingKey = "orders.*".into();
 /// let by_headers: BindingKey = HeadersMatch::all([("format", "pdf")]).into();
+/// let tagged = BindingKey::routing_key("k").argument("purpose", "audit");
 /// assert_eq!(by_key.key(), "orders.*");
-/// assert!(by_headers.headers().is_some());
+/// assert_eq!(by_headers.arguments().get("x-match"), Some(&HeaderValue::from("all")));
+/// assert_eq!(tagged.arguments().len(), 1);
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct BindingKey {
     key: ByteString,
-    headers: Option<HeadersMatch>,
+    arguments: Headers,
 }
 
 impl BindingKey {
@@ -143,30 +151,36 @@ impl BindingKey {
     pub fn routing_key(key: impl Into<ByteString>) -> Self {
         BindingKey {
             key: key.into(),
-            headers: None,
+            arguments: Headers::new(),
         }
     }
 
-    /// A headers match.
+    /// A headers match (its arguments: `x-match` and the headers).
     pub fn headers_match(headers: HeadersMatch) -> Self {
         BindingKey {
             key: ByteString::new(),
-            headers: Some(headers),
+            arguments: headers.to_arguments(),
         }
     }
 
-    /// The routing key or pattern (empty for a headers match).
+    /// Adds an argument.
+    pub fn argument(mut self, name: impl Into<ByteString>, value: impl Into<HeaderValue>) -> Self {
+        self.arguments.insert(name.into(), value.into());
+        self
+    }
+
+    /// The routing key or pattern.
     pub fn key(&self) -> &str {
         &self.key
     }
 
-    /// The headers match, if this is one.
-    pub fn headers(&self) -> Option<&HeadersMatch> {
-        self.headers.as_ref()
+    /// The arguments.
+    pub fn arguments(&self) -> &Headers {
+        &self.arguments
     }
 
-    pub(crate) fn into_parts(self) -> (ByteString, Option<HeadersMatch>) {
-        (self.key, self.headers)
+    pub(crate) fn into_parts(self) -> (ByteString, Headers) {
+        (self.key, self.arguments)
     }
 }
 
@@ -201,8 +215,9 @@ pub struct Binding {
     pub destination: Destination,
     /// The binding key (a pattern for topic exchanges; unused by fanout and headers).
     pub key: ByteString,
-    /// The header match, for headers exchanges.
-    pub headers: Option<HeadersMatch>,
+    /// Its arguments (for headers exchanges, `x-match` and the headers to
+    /// match); part of its identity.
+    pub arguments: Headers,
 }
 
 /// A binding's destination as the routing table holds it: the name, and the
@@ -232,8 +247,8 @@ impl<T> Hash for Bound<T> {
 enum Table<T> {
     /// Each key's destinations, each once (equal bindings are refused).
     Direct(FxHashMap<ByteString, Vec<Bound<T>>>),
-    /// Each destination once, with how many bindings (keys) lead to it.
-    Fanout(Vec<(Bound<T>, usize)>),
+    /// Each destination once, however many bindings lead to it.
+    Fanout(Vec<Bound<T>>),
     Topic(TopicTrie<Bound<T>>),
     Headers(Vec<(HeadersMatch, Bound<T>)>),
 }
@@ -269,35 +284,45 @@ impl<T: Clone> Exchange<T> {
     }
 
     /// Adds a binding whose destination resolved to `target`; false if an
-    /// identical one exists.
-    pub(crate) fn bind(&mut self, binding: Binding, target: Option<T>) -> bool {
+    /// identical one exists. For a headers exchange, its arguments must parse
+    /// as a [`HeadersMatch`].
+    pub(crate) fn bind(
+        &mut self,
+        binding: Binding,
+        target: Option<T>,
+    ) -> Result<bool, HeadersBindingError> {
         if self.bindings.contains(&binding) {
-            return false;
+            return Ok(false);
         }
         let dest = Bound {
             dest: binding.destination.clone(),
             target,
         };
+        let shared = self.shares_entry(&binding);
         match &mut self.table {
+            Table::Headers(list) => {
+                list.push((HeadersMatch::from_arguments(&binding.arguments)?, dest));
+            }
+            // Bindings that differ only in their arguments share a table
+            // entry: a message reaches the destination once.
+            _ if shared => {}
             Table::Direct(map) => map.entry(binding.key.clone()).or_default().push(dest),
-            Table::Fanout(list) => match list.iter_mut().find(|(b, _)| *b == dest) {
-                Some((_, n)) => *n += 1,
-                None => list.push((dest, 1)),
-            },
+            Table::Fanout(list) => list.push(dest),
             Table::Topic(trie) => {
                 trie.insert(&binding.key, dest);
             }
-            Table::Headers(list) => {
-                // A headers binding without arguments is `x-match: all` of nothing.
-                let m = binding
-                    .headers
-                    .clone()
-                    .unwrap_or_else(|| HeadersMatch::all(Vec::<(&str, &str)>::new()));
-                list.push((m, dest));
-            }
         }
         self.bindings.push(binding);
-        true
+        Ok(true)
+    }
+
+    /// Whether another binding has the same table entry as `binding` (the
+    /// same destination, and key where the kind routes by key).
+    fn shares_entry(&self, binding: &Binding) -> bool {
+        let fanout = matches!(self.table, Table::Fanout(_));
+        self.bindings.iter().any(|b| {
+            b != binding && b.destination == binding.destination && (fanout || b.key == binding.key)
+        })
     }
 
     /// Removes a binding; false if there was none.
@@ -307,7 +332,14 @@ impl<T: Clone> Exchange<T> {
         };
         self.bindings.remove(i);
         let dest = &binding.destination;
+        let shared = self.shares_entry(binding);
         match &mut self.table {
+            Table::Headers(list) => {
+                if let Ok(m) = HeadersMatch::from_arguments(&binding.arguments) {
+                    remove_one(list, |(hm, d)| d.dest == *dest && *hm == m);
+                }
+            }
+            _ if shared => {}
             Table::Direct(map) => {
                 if let Some(list) = map.get_mut(&binding.key) {
                     remove_one(list, |d| d.dest == *dest);
@@ -316,14 +348,7 @@ impl<T: Clone> Exchange<T> {
                     }
                 }
             }
-            Table::Fanout(list) => {
-                if let Some(i) = list.iter().position(|(b, _)| b.dest == *dest) {
-                    list[i].1 -= 1;
-                    if list[i].1 == 0 {
-                        list.remove(i);
-                    }
-                }
-            }
+            Table::Fanout(list) => remove_one(list, |b| b.dest == *dest),
             Table::Topic(trie) => {
                 // Equality is by destination: the target does not matter here.
                 let probe = Bound {
@@ -331,13 +356,6 @@ impl<T: Clone> Exchange<T> {
                     target: None,
                 };
                 trie.remove(&binding.key, &probe);
-            }
-            Table::Headers(list) => {
-                let m = binding
-                    .headers
-                    .clone()
-                    .unwrap_or_else(|| HeadersMatch::all(Vec::<(&str, &str)>::new()));
-                remove_one(list, |(hm, d)| d.dest == *dest && *hm == m);
             }
         }
         true
@@ -353,7 +371,7 @@ impl<T: Clone> Exchange<T> {
         };
         match &mut self.table {
             Table::Direct(map) => map.values_mut().flatten().for_each(update),
-            Table::Fanout(list) => list.iter_mut().for_each(|(b, _)| update(b)),
+            Table::Fanout(list) => list.iter_mut().for_each(update),
             Table::Topic(trie) => trie.for_each_value_mut(update),
             Table::Headers(list) => list.iter_mut().for_each(|(_, b)| update(b)),
         }
@@ -389,7 +407,7 @@ impl<T: Clone> Exchange<T> {
                 false
             }
             Table::Fanout(list) => {
-                list.iter().for_each(|(b, _)| each(b));
+                list.iter().for_each(each);
                 false
             }
             Table::Topic(trie) => {

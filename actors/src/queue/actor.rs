@@ -99,6 +99,10 @@ pub(crate) fn spawn_queue(
 ) -> Option<QueueHandle> {
     let consumers = Arc::new(AtomicUsize::new(0));
     let inbox = Arc::new(Inbox::new(options.mailbox));
+    let lease = Arc::new(AtomicU64::new(postbox::clock::now_ms()));
+    let expires = options
+        .expires
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let dead_letter = options
         .dead_letter_exchange
         .as_deref()
@@ -113,10 +117,12 @@ pub(crate) fn spawn_queue(
         name.clone(),
         options.policy(),
         dead_letter,
+        expires,
         observers,
         host,
         consumers.clone(),
         inbox.clone(),
+        lease.clone(),
     ));
     let addr = runtime
         .build(move || actor.take())
@@ -131,14 +137,21 @@ pub(crate) fn spawn_queue(
         addr,
         max_message_bytes,
         consumers,
-        confirm: options.overflow == Overflow::RejectPublish,
+        confirm: matches!(
+            options.overflow,
+            Overflow::RejectPublish | Overflow::RejectPublishDlx
+        ),
         inbox,
+        lease,
     })
 }
 
 struct Registered {
     sink: Sink,
     link: Arc<Link>,
+    /// Cancelled by its consumer: it gets nothing more, and the registration
+    /// ends once what it holds is settled.
+    cancelled: bool,
 }
 
 /// Where a consumer's deliveries go: one at a time to any actor that handles
@@ -151,13 +164,16 @@ pub(crate) enum Sink {
         deliveries: Recipient<DeliveryBatch>,
         cancelled: Recipient<Cancelled>,
     },
+    /// No actor: the registration of one `basic.get` delivery.
+    Fetch,
 }
 
 impl Sink {
-    fn any(&self) -> AnyAddr {
+    fn any(&self) -> Option<AnyAddr> {
         match self {
-            Sink::One(r) => r.any(),
-            Sink::Batch { deliveries, .. } => deliveries.any(),
+            Sink::One(r) => Some(r.any()),
+            Sink::Batch { deliveries, .. } => Some(deliveries.any()),
+            Sink::Fetch => None,
         }
     }
 }
@@ -178,9 +194,12 @@ impl Drop for DeliveryBatch {
     }
 }
 
-/// The queue cancelled the registration: it was deleted (RabbitMQ's
-/// `basic.cancel` from the broker).
-pub(crate) struct Cancelled;
+/// The queue ended the registration: it was deleted (`deleted`: RabbitMQ's
+/// `basic.cancel` from the broker), or the consumer had cancelled and has
+/// settled everything it held.
+pub(crate) struct Cancelled {
+    pub(crate) deleted: bool,
+}
 impl Message for Cancelled {
     type Reply = ();
 }
@@ -205,6 +224,12 @@ pub(crate) struct QueueActor {
     dead_letters_dropped: u64,
     /// Shared with every registration's link: deliveries lose themselves.
     auto_ack_lost: Arc<AtomicU64>,
+    /// How long the queue may stay unused before it deletes itself (ms).
+    expires: Option<u64>,
+    /// When it was last used (epoch ms): shared with its handles, so that a
+    /// redeclaration renews it.
+    lease: Arc<AtomicU64>,
+    expiry_armed: bool,
     /// Events handled since the last progress (see [`QueueActor::touch`]).
     unprogressed: u32,
     /// Whether progress may wait for the mailbox to drain: not with length
@@ -217,14 +242,17 @@ pub(crate) struct QueueActor {
 const PROGRESS_EVERY: u32 = 128;
 
 impl QueueActor {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         name: ByteString,
         policy: QueuePolicy,
         dead_letter: Option<DeadLetterTarget>,
+        expires: Option<u64>,
         observers: Observers,
         host: Arc<dyn QueueHost>,
         consumer_count: Arc<AtomicUsize>,
         inbox: Arc<Inbox>,
+        lease: Arc<AtomicU64>,
     ) -> Self {
         let coalesce = policy.max_length.is_none() && policy.max_length_bytes.is_none();
         QueueActor {
@@ -241,6 +269,9 @@ impl QueueActor {
             dead_lettered: 0,
             dead_letters_dropped: 0,
             auto_ack_lost: Arc::default(),
+            expires,
+            lease,
+            expiry_armed: false,
             unprogressed: 0,
             coalesce,
         }
@@ -289,6 +320,7 @@ impl QueueActor {
         // Dispatching expires heads too.
         self.dead_letters();
         self.arm_timer(ctx);
+        self.arm_expiry(ctx);
     }
 
     fn arm_timer(&mut self, ctx: &mut Context<Self>) {
@@ -367,7 +399,7 @@ impl QueueActor {
                 .each(|o| o.delivered(&self.name, d.consumer, d.tag, &d.message));
             let delivery = Delivery::new(d.message, d.tag, reg.link.clone());
             match reg.sink {
-                Sink::One(_) => self.hand_over(ctx, d.consumer, vec![delivery]),
+                Sink::One(_) | Sink::Fetch => self.hand_over(ctx, d.consumer, vec![delivery]),
                 Sink::Batch { .. } => {
                     let i = match batches.iter().position(|(c, _)| *c == d.consumer) {
                         Some(i) => i,
@@ -416,6 +448,8 @@ impl QueueActor {
             Sink::Batch { deliveries, .. } => deliveries
                 .try_send(DeliveryBatch(batch))
                 .map_err(|e| e.map(|b| Pending::Batch(deliveries.clone(), b))),
+            // Never in line for deliveries (its registration is cancelled).
+            Sink::Fetch => Ok(()),
         };
         match sent {
             Ok(()) => {}
@@ -451,8 +485,7 @@ impl QueueActor {
         let Some(reg) = self.consumers.remove(&consumer) else {
             return;
         };
-        self.consumer_count
-            .store(self.consumers.len(), Ordering::Relaxed);
+        self.count_consumers();
         let pending = reg.link.close();
         self.apply(consumer, pending);
         match self.state.remove_consumer(consumer) {
@@ -483,11 +516,71 @@ impl QueueActor {
         }
     }
 
+    /// Publishes the number of consumers (cancelled ones, and `basic.get`
+    /// registrations, are not consumers any more), and starts the expiry
+    /// clock when there are none.
+    fn count_consumers(&mut self) {
+        let n = self.consumers.values().filter(|r| !r.cancelled).count();
+        let was = self.consumer_count.swap(n, Ordering::Relaxed);
+        if n == 0 && was > 0 {
+            self.renew_lease();
+        }
+    }
+
+    /// Ends a cancelled registration once its consumer holds nothing more,
+    /// and tells the consumer.
+    fn finish_if_settled(&mut self, consumer: ConsumerId) {
+        let done = self.consumers.get(&consumer).is_some_and(|r| r.cancelled)
+            && self
+                .state
+                .consumer_stats(consumer)
+                .is_none_or(|c| c.unacked == 0);
+        if !done {
+            return;
+        }
+        if let Some(reg) = self.consumers.get(&consumer) {
+            notify_cancelled(&reg.sink, false);
+        }
+        self.remove(consumer);
+    }
+
+    /// Marks the queue used now (a `basic.get`, a redeclaration, its last
+    /// consumer leaving): an expiring queue's clock starts again.
+    fn renew_lease(&self) {
+        self.lease
+            .store(postbox::clock::now_ms(), Ordering::Relaxed);
+    }
+
+    /// Arms the expiry check for an unused expiring queue.
+    fn arm_expiry(&mut self, ctx: &mut Context<Self>) {
+        let Some(expires) = self.expires else { return };
+        if self.consumer_count.load(Ordering::Relaxed) > 0 || self.expiry_armed {
+            return;
+        }
+        self.expiry_armed = true;
+        let due = self.lease.load(Ordering::Relaxed).saturating_add(expires);
+        ctx.notify_later(ExpiryCheck, postbox::clock::until(due));
+    }
+
+    /// Deletes the queue now: nothing is accepted any more; what got in
+    /// before is collected and counted. Returns the last snapshot.
+    fn delete_now(&mut self, ctx: &mut Context<Self>) -> QueueSnapshot {
+        self.inbox.shut(Shut::Deleted);
+        self.collect_all();
+        let snapshot = self.snapshot();
+        ctx.stop();
+        snapshot
+    }
+
     fn snapshot(&self) -> QueueSnapshot {
         QueueSnapshot {
             name: self.name.clone(),
             stats: self.state.stats(),
-            consumers: self.state.consumers().collect(),
+            consumers: self
+                .state
+                .consumers()
+                .filter(|c| self.consumers.get(&c.id).is_some_and(|r| !r.cancelled))
+                .collect(),
             dead_lettered: self.dead_lettered,
             dead_letters_dropped: self.dead_letters_dropped,
             auto_ack_lost: self.auto_ack_lost.load(Ordering::Relaxed),
@@ -509,20 +602,29 @@ impl QueueActor {
     fn cancel_consumers(&mut self) {
         for (id, reg) in self.consumers.drain() {
             reg.link.close();
+            if matches!(reg.sink, Sink::Fetch) {
+                continue;
+            }
             self.observers
                 .each(|o| o.consumer_cancelled(&self.name, id));
             tracing::info!(queue = %self.name, consumer = %id, "consumer cancelled: queue deleted");
-            if let Sink::Batch { cancelled, .. } = reg.sink
-                && let Err(TrySendError::Full(msg)) = cancelled.try_send(Cancelled)
-                && let Ok(rt) = tokio::runtime::Handle::try_current()
-            {
-                // Not tied to this (ending) incarnation: it must arrive.
-                rt.spawn(async move {
-                    let _ = cancelled.send(msg).await;
-                });
-            }
+            notify_cancelled(&reg.sink, true);
         }
         self.consumer_count.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Tells a consumer actor its registration ended.
+fn notify_cancelled(sink: &Sink, deleted: bool) {
+    if let Sink::Batch { cancelled, .. } = sink
+        && let Err(TrySendError::Full(msg)) = cancelled.try_send(Cancelled { deleted })
+        && let Ok(rt) = tokio::runtime::Handle::try_current()
+    {
+        // Not tied to this incarnation of the queue: it must arrive.
+        let cancelled = cancelled.clone();
+        rt.spawn(async move {
+            let _ = cancelled.send(msg).await;
+        });
     }
 }
 
@@ -538,6 +640,11 @@ impl Drop for QueueActor {
 }
 
 impl Actor for QueueActor {
+    async fn started(&mut self, ctx: &mut Context<Self>) -> Result<(), Failure> {
+        self.arm_expiry(ctx);
+        Ok(())
+    }
+
     async fn drained(&mut self, ctx: &mut Context<Self>) -> Result<(), Failure> {
         if self.unprogressed > 0 {
             self.progress(ctx);
@@ -673,35 +780,175 @@ impl Handler<Subscribe> for QueueActor {
             msg.mode,
             self.auto_ack_lost.clone(),
         ));
-        ctx.watch(&msg.sink.any(), msg.incarnation, move |_| Unsubscribe(id));
+        if let Some(sink) = msg.sink.any() {
+            let watched = sink.clone();
+            ctx.watch(&watched, msg.incarnation, move |reason| Unsubscribe {
+                consumer: id,
+                crashed: match reason {
+                    postbox::ExitReason::Failed(failure) => Some((failure, sink.stats().restarts)),
+                    _ => None,
+                },
+            });
+        }
         self.consumers.insert(
             id,
             Registered {
                 sink: msg.sink,
                 link: link.clone(),
+                cancelled: false,
             },
         );
-        self.consumer_count
-            .store(self.consumers.len(), Ordering::Relaxed);
+        self.count_consumers();
         tracing::debug!(queue = %self.name, consumer = %id, mode = ?msg.mode, prefetch = msg.prefetch, "consumer registered");
         self.progress(ctx);
         Ok(Some(link))
     }
 }
 
-/// End a registration: the consumer is stopping, or its watched incarnation ended.
-pub(crate) struct Unsubscribe(pub(crate) ConsumerId);
+/// End a registration (its unsettled deliveries are requeued): the consumer
+/// is stopping, or its watched incarnation ended (`crashed`: with a failure,
+/// and the consumer's restarts so far).
+pub(crate) struct Unsubscribe {
+    pub(crate) consumer: ConsumerId,
+    pub(crate) crashed: Option<(Failure, u64)>,
+}
+
+impl Unsubscribe {
+    /// Ends `consumer`'s registration now.
+    pub(crate) fn now(consumer: ConsumerId) -> Self {
+        Unsubscribe {
+            consumer,
+            crashed: None,
+        }
+    }
+}
+
 impl Message for Unsubscribe {
     type Reply = ();
 }
 impl Handler<Unsubscribe> for QueueActor {
+    async fn handle(&mut self, msg: Unsubscribe, ctx: &mut Context<Self>) -> Result<(), Failure> {
+        if let Some((failure, restarts)) = &msg.crashed
+            && self.consumers.contains_key(&msg.consumer)
+        {
+            tracing::warn!(queue = %self.name, consumer = %msg.consumer, %failure, restarts, "consumer crashed: its deliveries are requeued");
+            self.observers
+                .each(|o| o.consumer_failed(&self.name, msg.consumer, failure, *restarts));
+        }
+        self.remove(msg.consumer);
+        self.progress(ctx);
+        Ok(())
+    }
+}
+
+/// Cancel a registration, as RabbitMQ's `basic.cancel`: no more deliveries;
+/// it ends once what it holds is settled. Replies with how many it holds.
+pub(crate) struct Cancel(pub(crate) ConsumerId);
+impl Message for Cancel {
+    type Reply = usize;
+}
+impl Handler<Cancel> for QueueActor {
     async fn handle(
         &mut self,
-        Unsubscribe(id): Unsubscribe,
+        Cancel(id): Cancel,
         ctx: &mut Context<Self>,
-    ) -> Result<(), Failure> {
-        self.remove(id);
+    ) -> Result<usize, Failure> {
+        let Some(reg) = self.consumers.get_mut(&id) else {
+            return Ok(0);
+        };
+        reg.cancelled = true;
+        let held = self.state.cancel_consumer(id).unwrap_or(0);
+        tracing::debug!(queue = %self.name, consumer = %id, held, "consumer cancelled");
+        self.count_consumers();
+        self.finish_if_settled(id);
         self.progress(ctx);
+        Ok(held)
+    }
+}
+
+/// `basic.get`: the head ready message, without a consumer. In manual mode it
+/// is held (by a registration of its own) until settled, and requeued if its
+/// delivery is dropped unsettled. Replies with it and how many are left ready.
+pub(crate) struct Get {
+    pub(crate) mode: AckMode,
+}
+impl Message for Get {
+    type Reply = Option<(Delivery, usize)>;
+}
+impl Handler<Get> for QueueActor {
+    async fn handle(
+        &mut self,
+        msg: Get,
+        ctx: &mut Context<Self>,
+    ) -> Result<Option<(Delivery, usize)>, Failure> {
+        self.state.advance_to(postbox::clock::now_ms());
+        // Publishes waiting in the inbox came first.
+        self.collect_all();
+        self.renew_lease();
+        let Some(me) = ctx.addr() else {
+            return Ok(None);
+        };
+        let id = ConsumerId(self.next_consumer);
+        self.next_consumer += 1;
+        self.state.add_consumer(id, msg.mode, 0)?;
+        let _ = self.state.cancel_consumer(id);
+        let fetched = self.state.fetch(id)?;
+        let link = Arc::new(Link::new(
+            id,
+            self.name.clone(),
+            me.clone(),
+            msg.mode,
+            self.auto_ack_lost.clone(),
+        ));
+        let reply = fetched.map(|d| {
+            self.observers
+                .each(|o| o.delivered(&self.name, id, d.tag, &d.message));
+            let delivery = match msg.mode {
+                AckMode::Manual => {
+                    link.track([d.tag]);
+                    Delivery::fetched(d.message, d.tag, link.clone(), me)
+                }
+                AckMode::Auto => Delivery::new(d.message, d.tag, link.clone()),
+            };
+            (delivery, self.state.ready_len())
+        });
+        if msg.mode == AckMode::Manual && reply.is_some() {
+            self.consumers.insert(
+                id,
+                Registered {
+                    sink: Sink::Fetch,
+                    link,
+                    cancelled: true,
+                },
+            );
+        } else {
+            let _ = self.state.remove_consumer(id);
+        }
+        self.progress(ctx);
+        Ok(reply)
+    }
+}
+
+/// Time to check whether an expiring queue has been unused long enough.
+struct ExpiryCheck;
+impl Message for ExpiryCheck {
+    type Reply = ();
+}
+impl Handler<ExpiryCheck> for QueueActor {
+    async fn handle(&mut self, _: ExpiryCheck, ctx: &mut Context<Self>) -> Result<(), Failure> {
+        self.expiry_armed = false;
+        let Some(expires) = self.expires else {
+            return Ok(());
+        };
+        let unused_since = self.lease.load(Ordering::Relaxed);
+        if self.consumer_count.load(Ordering::Relaxed) == 0
+            && postbox::clock::now_ms() >= unused_since.saturating_add(expires)
+        {
+            tracing::info!(queue = %self.name, "queue expired: unused for its expiry time");
+            self.delete_now(ctx);
+        } else {
+            self.arm_expiry(ctx);
+        }
         Ok(())
     }
 }
@@ -718,6 +965,7 @@ impl Handler<Settle> for QueueActor {
         };
         let pending = reg.link.drain();
         self.apply(id, pending);
+        self.finish_if_settled(id);
         self.state.advance_to(postbox::clock::now_ms());
         self.touch(ctx, 1);
         Ok(())
@@ -825,7 +1073,7 @@ impl Handler<Delete> for QueueActor {
         self.collect_all();
         self.progressed(ctx);
         let snapshot = self.snapshot();
-        if (msg.if_unused && !self.consumers.is_empty())
+        if (msg.if_unused && self.consumer_count.load(Ordering::Relaxed) > 0)
             || (msg.if_empty && self.state.ready_len() > 0)
         {
             return Ok(Err(snapshot));
@@ -839,9 +1087,6 @@ impl Handler<Delete> for QueueActor {
         {
             return Ok(Err(self.snapshot()));
         }
-        self.collect_all();
-        let snapshot = self.snapshot();
-        ctx.stop();
-        Ok(Ok(snapshot))
+        Ok(Ok(self.delete_now(ctx)))
     }
 }

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytestring::ByteString;
 use parking_lot::Mutex;
@@ -96,6 +96,9 @@ pub(crate) struct Link {
     pub(crate) queue: Addr<QueueActor>,
     pub(crate) mode: AckMode,
     state: Mutex<LinkState>,
+    /// Mirrors `LinkState::closed` for readers that must not take the lock
+    /// (a consumer checks it per delivery).
+    closed: AtomicBool,
     /// The queue's count of lost auto-ack deliveries.
     lost: Arc<AtomicU64>,
 }
@@ -175,12 +178,13 @@ impl Link {
             queue,
             mode,
             state: Mutex::new(LinkState::default()),
+            closed: AtomicBool::new(false),
             lost,
         }
     }
 
     pub(crate) fn is_active(&self) -> bool {
-        !self.state.lock().closed
+        !self.closed.load(Ordering::Acquire)
     }
 
     /// Counts one auto-ack delivery of this registration as lost.
@@ -208,6 +212,7 @@ impl Link {
     pub(crate) fn close(&self) -> Vec<PendingSettle> {
         let mut state = self.state.lock();
         state.closed = true;
+        self.closed.store(true, Ordering::Release);
         state.outstanding.clear();
         std::mem::take(&mut state.pending)
     }
@@ -334,6 +339,31 @@ pub struct Delivery {
     message: Envelope,
     tag: DeliveryTag,
     link: Arc<Link>,
+    /// For a manual `basic.get` delivery: ends its registration (requeueing
+    /// it, if unsettled) when the delivery is dropped.
+    _fetched: Option<Arc<FetchGuard>>,
+}
+
+/// Ends a `basic.get` delivery's registration when the delivery is dropped:
+/// settled, nothing happens; unsettled, the queue requeues it, as RabbitMQ
+/// does when the channel that got it closes.
+pub(crate) struct FetchGuard {
+    queue: Addr<QueueActor>,
+    consumer: ConsumerId,
+}
+
+impl Drop for FetchGuard {
+    fn drop(&mut self) {
+        let end = crate::queue::actor::Unsubscribe::now(self.consumer);
+        if let Err(postbox::TrySendError::Full(end)) = self.queue.try_send(end)
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let queue = self.queue.clone();
+            rt.spawn(async move {
+                let _ = queue.send(end).await;
+            });
+        }
+    }
 }
 
 impl Message for Delivery {
@@ -360,7 +390,28 @@ impl fmt::Debug for Delivery {
 
 impl Delivery {
     pub(crate) fn new(message: Envelope, tag: DeliveryTag, link: Arc<Link>) -> Self {
-        Delivery { message, tag, link }
+        Delivery {
+            message,
+            tag,
+            link,
+            _fetched: None,
+        }
+    }
+
+    /// A manual `basic.get` delivery: dropping it unsettled requeues it.
+    pub(crate) fn fetched(
+        message: Envelope,
+        tag: DeliveryTag,
+        link: Arc<Link>,
+        queue: Addr<QueueActor>,
+    ) -> Self {
+        let consumer = link.consumer;
+        Delivery {
+            message,
+            tag,
+            link,
+            _fetched: Some(Arc::new(FetchGuard { queue, consumer })),
+        }
     }
 
     /// The message.
@@ -400,6 +451,7 @@ impl Delivery {
     }
 
     /// Acknowledges this delivery.
+    #[doc(alias = "basic_ack")]
     pub async fn ack(&self) -> Result<(), AckError> {
         self.settle(Outcome::Ack, false).await.map(|_| ())
     }
@@ -412,6 +464,7 @@ impl Delivery {
 
     /// Negatively acknowledges: `requeue` puts it back at its original position
     /// (flagged redelivered, delivery count + 1); otherwise it is discarded.
+    #[doc(alias = "basic_nack")]
     pub async fn nack(&self, requeue: bool) -> Result<(), AckError> {
         let outcome = if requeue {
             Outcome::Requeue
@@ -431,9 +484,12 @@ impl Delivery {
         self.settle(outcome, true).await
     }
 
-    /// Rejects: discards it without requeueing (`nack(false)`).
-    pub async fn reject(&self) -> Result<(), AckError> {
-        self.nack(false).await
+    /// Rejects it: with `requeue`, back to its original position (as
+    /// [`nack(true)`](Self::nack)); without, discarded (dead-lettered if the
+    /// queue has a dead-letter exchange). AMQP's `basic.reject`.
+    #[doc(alias = "basic_reject")]
+    pub async fn reject(&self, requeue: bool) -> Result<(), AckError> {
+        self.nack(requeue).await
     }
 
     /// Nacks with requeue after `delay`: the message comes back at its original
@@ -469,17 +525,17 @@ impl Delivery {
         self.link.lose_one();
     }
 
-    /// The registration it was delivered on.
-    pub(crate) fn link(&self) -> &Arc<Link> {
-        &self.link
-    }
-
     /// A second handle to this same delivery (same tag, same registration), for
     /// the test kit's duplicate-delivery fault: the first settlement of either
     /// applies, and settling the other fails with `AlreadySettled`.
     #[cfg(feature = "testkit")]
     pub(crate) fn duplicate(&self) -> Delivery {
-        Delivery::new(self.message.clone(), self.tag, self.link.clone())
+        Delivery {
+            message: self.message.clone(),
+            tag: self.tag,
+            link: self.link.clone(),
+            _fetched: self._fetched.clone(),
+        }
     }
 }
 

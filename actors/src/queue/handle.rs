@@ -2,7 +2,7 @@
 //! consumers that should not pay a name lookup per message.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytestring::ByteString;
 use postbox::{Addr, AnyAddr, Recipient, TrySendError};
@@ -30,12 +30,35 @@ pub struct QueueHandle {
     pub(crate) confirm: bool,
     /// Where publishes wait for the queue, batched (see [`crate::queue::inbox`]).
     pub(crate) inbox: Arc<Inbox>,
+    /// When the queue was last used (epoch ms), for queue expiry.
+    pub(crate) lease: Arc<AtomicU64>,
 }
 
 impl QueueHandle {
     /// The queue's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Marks the queue used now (a redeclaration): an expiring queue's clock
+    /// starts again.
+    pub(crate) fn renew(&self) {
+        self.lease
+            .store(postbox::clock::now_ms(), Ordering::Relaxed);
+    }
+
+    /// Fetches the head ready message without a consumer: RabbitMQ's
+    /// `basic.get`. With [`AckMode::Manual`] it must be settled through the
+    /// returned [`Delivery`]; dropping it unsettled requeues it (as closing a
+    /// RabbitMQ channel does). Returns it with the number of ready messages
+    /// left, or `None` if the queue has none. It renews an expiring queue.
+    #[doc(alias = "basic_get")]
+    pub async fn get(&self, mode: AckMode) -> Result<Option<(Delivery, usize)>, BrokerError> {
+        self.before_request();
+        self.addr
+            .ask(crate::queue::actor::Get { mode })
+            .await
+            .map_err(|_| self.gone())
     }
 
     /// Whether the queue still runs (not deleted, runtime not stopped).
@@ -230,7 +253,7 @@ impl QueueHandle {
     pub async fn cancel_consumer(&self, consumer: ConsumerId) -> Result<(), BrokerError> {
         self.before_request();
         self.addr
-            .send(Unsubscribe(consumer))
+            .send(Unsubscribe::now(consumer))
             .await
             .map_err(|_| self.gone())
     }

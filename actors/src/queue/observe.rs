@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 
+use postbox::Failure;
+
 use crate::envelope::DeathReason;
 use crate::envelope::Envelope;
 use crate::queue::ack::{ConsumerId, DeliveryTag};
@@ -55,6 +57,14 @@ pub trait Observer: Send + Sync + 'static {
     /// `basic.cancel` from the broker. The consumer stops for good.
     fn consumer_cancelled(&self, queue: &str, consumer: ConsumerId) {
         let _ = (queue, consumer);
+    }
+
+    /// A consumer crashed (a panic, or an error under
+    /// [`OnError::Restart`](crate::OnError::Restart)): its registration
+    /// ended, what it held is requeued, and its supervisor restarts it
+    /// (`restarts`: how many times it was restarted before this crash).
+    fn consumer_failed(&self, queue: &str, consumer: ConsumerId, failure: &Failure, restarts: u64) {
+        let _ = (queue, consumer, failure, restarts);
     }
 
     /// A consumer settled a delivery (`multiple`: and every earlier one it held).

@@ -47,6 +47,10 @@ pub struct QueueOptions {
     pub dead_letter_exchange: Option<String>,
     /// The routing key dead letters are published with; `None` keeps their own.
     pub dead_letter_routing_key: Option<String>,
+    /// Deletes the queue once it has been unused this long (RabbitMQ's
+    /// `x-expires`): no consumers, no `get`, no redeclaration. Publishing does
+    /// not count as use.
+    pub expires: Option<Duration>,
 }
 
 impl Default for QueueOptions {
@@ -61,6 +65,7 @@ impl Default for QueueOptions {
             overflow: Overflow::DropHead,
             dead_letter_exchange: None,
             dead_letter_routing_key: None,
+            expires: None,
         }
     }
 }
@@ -111,6 +116,12 @@ impl QueueOptions {
     /// Sets [`dead_letter_exchange`](Self::dead_letter_exchange).
     pub fn dead_letter_exchange(mut self, exchange: impl Into<String>) -> Self {
         self.dead_letter_exchange = Some(exchange.into());
+        self
+    }
+
+    /// Sets [`expires`](Self::expires).
+    pub fn expires(mut self, after: Duration) -> Self {
+        self.expires = Some(after);
         self
     }
 

@@ -7,11 +7,17 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Overflow {
-    /// Drop (or dead-letter, reason `maxlen`) the oldest ready messages.
+    /// Drop (or dead-letter, reason `maxlen`) the oldest ready messages. The
+    /// limits hold after requeues too: a requeue that brings the queue over
+    /// them drops from the head.
     #[default]
     DropHead,
-    /// Refuse the new message; the publisher is told.
+    /// Refuse the new message; the publisher is told. (A requeue may leave the
+    /// queue over its limit; publishes are refused until it is back under.)
     RejectPublish,
+    /// Refuse the new message, as `RejectPublish`, and dead-letter it with
+    /// reason `maxlen`.
+    RejectPublishDlx,
 }
 
 /// The limits a queue enforces. All default to "none".

@@ -99,13 +99,39 @@ pub enum RequestError {
         correlation_id: String,
         /// The responder's error message.
         message: String,
+        /// Its structured details, JSON-encoded, if it gave any (see
+        /// [`RequestError::details`]).
+        details: Option<bytes::Bytes>,
     },
+    /// The request carried a correlation id of its own that a request of this
+    /// requester still waiting for its reply already uses.
+    #[error("correlation id {0:?} is already in use by a request waiting for its reply")]
+    DuplicateCorrelationId(String),
     /// The request could not be published.
     #[error(transparent)]
     Broker(#[from] BrokerError),
     /// The requester's reply router has stopped.
     #[error("the requester has stopped")]
     Closed,
+}
+
+impl RequestError {
+    /// The structured details of a remote error, decoded: `None` if this is
+    /// not a remote error or it carries none.
+    pub fn details<T: serde::de::DeserializeOwned>(
+        &self,
+    ) -> Option<Result<T, crate::codec::CodecError>> {
+        match self {
+            RequestError::Remote {
+                details: Some(details),
+                ..
+            } => Some(
+                serde_json::from_slice(details)
+                    .map_err(|e| crate::codec::CodecError::Decode(e.to_string())),
+            ),
+            _ => None,
+        }
+    }
 }
 
 /// Counters of a requester.
@@ -196,6 +222,9 @@ struct Inner {
     /// Registered with the broker while this requester lives, if it takes
     /// direct replies.
     direct: Option<Arc<DirectSink>>,
+    /// Lets go of every waiter when the runtime shuts down, so that no
+    /// request waits out its timeout for a reply that cannot come.
+    _shutdown: postbox::ShutdownHook,
 }
 
 /// Consumes a requester's reply queue and hands each reply to its waiter.
@@ -322,6 +351,12 @@ impl Broker {
                 .register(reply_queue.clone(), &sink);
             sink
         });
+        let waiters = Arc::downgrade(&pending);
+        let shutdown = self.runtime().on_shutdown(move || {
+            if let Some(pending) = waiters.upgrade() {
+                pending.lock().waiting.clear();
+            }
+        });
         Ok(Requester {
             inner: Arc::new(Inner {
                 broker: self.clone(),
@@ -329,6 +364,7 @@ impl Broker {
                 pending,
                 router,
                 direct,
+                _shutdown: shutdown,
             }),
         })
     }
@@ -372,6 +408,11 @@ impl Requester {
             .collect()
     }
 
+    /// Whether the runtime shut down (and the waiters were let go).
+    fn stopped(&self) -> bool {
+        self.inner.broker.runtime().is_shut_down()
+    }
+
     fn forget(&self, id: &RequestId) {
         self.inner.pending.lock().waiting.remove(&id.0);
     }
@@ -400,7 +441,12 @@ impl Requester {
                 target: target.to_string(),
             });
         }
-        let id = RequestId(ByteString::from(uuid::Uuid::new_v4().simple().to_string()));
+        // The caller's own correlation id is kept; requests without one get
+        // a fresh one.
+        let id = match message.correlation_id() {
+            Some(own) => RequestId(ByteString::from(own)),
+            None => RequestId(ByteString::from(uuid::Uuid::new_v4().simple().to_string())),
+        };
         let deadline = postbox::clock::after(timeout);
         let message = message
             .with_routing_key(key.to_string())
@@ -410,11 +456,13 @@ impl Requester {
                 DEADLINE_HEADER,
                 HeaderValue::Int(i64::try_from(deadline).unwrap_or(i64::MAX)),
             );
-        self.inner
-            .pending
-            .lock()
-            .waiting
-            .insert(id.0.clone(), waiter);
+        {
+            let mut pending = self.inner.pending.lock();
+            if pending.waiting.contains_key(&id.0) {
+                return Err(RequestError::DuplicateCorrelationId(id.0.to_string()));
+            }
+            pending.waiting.insert(id.0.clone(), waiter);
+        }
         tracing::debug!(correlation_id = %id, %target, ?timeout, "request");
         if let Err(err) = deliver_to(&targets, message).await {
             self.forget(&id);
@@ -428,17 +476,20 @@ impl Requester {
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn into_result(id: &RequestId, reply: Envelope) -> Result<Envelope, RequestError> {
-    match reply.header(ERROR_HEADER) {
-        Some(HeaderValue::Str(message)) => Err(RequestError::Remote {
-            correlation_id: id.to_string(),
-            message: message.to_string(),
-        }),
-        Some(other) => Err(RequestError::Remote {
-            correlation_id: id.to_string(),
-            message: format!("{other:?}"),
-        }),
-        None => Ok(reply),
-    }
+    let message = match reply.header(ERROR_HEADER) {
+        None => return Ok(reply),
+        Some(HeaderValue::Str(message)) => message.to_string(),
+        Some(other) => format!("{other:?}"),
+    };
+    let details = reply
+        .header(super::responder::ERROR_DETAILS_HEADER)
+        .is_some()
+        .then(|| reply.payload().clone());
+    Err(RequestError::Remote {
+        correlation_id: id.to_string(),
+        message,
+        details,
+    })
 }
 
 /// A request being prepared; `.await` it, or [`send`](Self::send) it.
@@ -525,18 +576,14 @@ impl<'a> RequestBuilder<'a> {
             .await?;
         let mut replies = Vec::new();
         let deadline = postbox::clock::deadline(timeout);
-        let runtime = self.requester.inner.broker.runtime().clone();
-        let mut stopped = std::pin::pin!(runtime.shut_down());
         while replies.len() < max {
-            tokio::select! {
-                reply = tokio::time::timeout_at(deadline, rx.recv()) => match reply {
-                    Ok(Some(reply)) => replies.push(into_result(&id, reply)),
-                    Ok(None) | Err(_) => break,
-                },
-                () = &mut stopped => {
-                    self.requester.forget(&id);
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(reply)) => replies.push(into_result(&id, reply)),
+                // The requester let go of the waiters: the runtime shut down.
+                Ok(None) if self.requester.stopped() => {
                     return Err(BrokerError::Stopped.into());
                 }
+                Ok(None) | Err(_) => break,
             }
         }
         self.requester.forget(&id);
@@ -608,21 +655,16 @@ impl IntoFuture for PendingReply {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
             let mut this = self;
-            let runtime = this.requester.inner.broker.runtime().clone();
-            tokio::select! {
-                reply = tokio::time::timeout_at(this.deadline, &mut this.rx) => match reply {
-                    Ok(Ok(reply)) => into_result(&this.id, reply),
-                    Ok(Err(_)) => Err(RequestError::Closed),
-                    Err(_) => {
-                        // From now on a reply for this id is late, and counted as such.
-                        this.requester.forget(&this.id);
-                        Err(this.timed_out())
-                    }
-                },
-                // Nobody can answer any more: not left waiting for the timeout.
-                () = runtime.shut_down() => {
+            match tokio::time::timeout_at(this.deadline, &mut this.rx).await {
+                Ok(Ok(reply)) => into_result(&this.id, reply),
+                // The requester let go of the waiters: the runtime shut down,
+                // and nobody can answer any more.
+                Ok(Err(_)) if this.requester.stopped() => Err(BrokerError::Stopped.into()),
+                Ok(Err(_)) => Err(RequestError::Closed),
+                Err(_) => {
+                    // From now on a reply for this id is late, and counted as such.
                     this.requester.forget(&this.id);
-                    Err(BrokerError::Stopped.into())
+                    Err(this.timed_out())
                 }
             }
         })

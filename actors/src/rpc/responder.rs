@@ -19,23 +19,73 @@ use crate::queue::ack::AckMode;
 use crate::queue::delivery::Delivery;
 
 /// An error to send back to the requester, who gets
-/// [`RequestError::Remote`](super::RequestError::Remote).
+/// [`RequestError::Remote`](super::RequestError::Remote): a message, and
+/// optionally structured details (any serializable value, sent as JSON).
+///
+/// ```
+/// use postbox_actors::rpc::RemoteError;
+/// #[derive(serde::Serialize)]
+/// struct Invalid { field: &'static str }
+/// let err = RemoteError::new("invalid order").with_details(&Invalid { field: "qty" })?;
+/// assert_eq!(err.message(), "invalid order");
+/// # Ok::<(), postbox_actors::CodecError>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct RemoteError(pub String);
+#[error("{message}")]
+pub struct RemoteError {
+    message: String,
+    details: Option<bytes::Bytes>,
+}
 
 impl RemoteError {
     /// A remote error with a message.
     pub fn new(message: impl Into<String>) -> Self {
-        RemoteError(message.into())
+        RemoteError {
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    /// Adds structured details, encoded as JSON; the requester decodes them
+    /// with [`RequestError::details`](super::RequestError::details).
+    pub fn with_details<T: serde::Serialize + ?Sized>(
+        mut self,
+        details: &T,
+    ) -> Result<Self, crate::codec::CodecError> {
+        self.details = Some(
+            serde_json::to_vec(details)
+                .map_err(|e| crate::codec::CodecError::Encode(e.to_string()))?
+                .into(),
+        );
+        Ok(self)
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The reply that carries this error back.
+    pub(crate) fn into_reply(self) -> Envelope {
+        let reply = Envelope::new(self.details.clone().unwrap_or_default())
+            .with_header(ERROR_HEADER, self.message);
+        match self.details {
+            Some(_) => reply
+                .with_header(ERROR_DETAILS_HEADER, true)
+                .with_content_type("application/json"),
+            None => reply,
+        }
     }
 }
 
 impl From<crate::codec::CodecError> for RemoteError {
     fn from(err: crate::codec::CodecError) -> Self {
-        RemoteError(err.to_string())
+        RemoteError::new(err.to_string())
     }
 }
+
+/// Header marking a remote error's reply as carrying details (its payload).
+pub(crate) const ERROR_DETAILS_HEADER: &str = "x-error-details";
 
 /// A request as a handler sees it: the message (it derefs to the [`Envelope`])
 /// and its deadline.
@@ -126,6 +176,8 @@ struct Counters {
 pub struct Responder<R: Respond> {
     inner: R,
     broker: Broker,
+    /// The broker's requesters that take direct replies.
+    direct: Arc<DirectReplies>,
     counters: Arc<Counters>,
 }
 
@@ -142,7 +194,7 @@ impl<R: Respond> Consumer for Responder<R> {
             self.counters.malformed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(message_id = %delivery.id(), "request without reply_to discarded");
             if manual {
-                delivery.reject().await?;
+                delivery.reject(false).await?;
             }
             return Ok(());
         };
@@ -168,14 +220,14 @@ impl<R: Respond> Consumer for Responder<R> {
             }
             Err(err) => {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                Envelope::new(bytes::Bytes::new()).with_header(ERROR_HEADER, err.0)
+                err.into_reply()
             }
         };
         let reply = match delivery.correlation_id() {
             Some(cid) => reply.with_correlation_id(cid.to_owned()),
             None => reply,
         };
-        if let Some(requester) = self.broker.extension::<DirectReplies>().find(&reply_to) {
+        if let Some(requester) = self.direct.find(&reply_to) {
             tracing::trace!(
                 correlation_id = reply.correlation_id(),
                 reply_to,
@@ -265,6 +317,7 @@ impl Broker {
         let consumer = self
             .consume(queue, options, move || Responder {
                 inner: factory(),
+                direct: broker.extension::<DirectReplies>(),
                 broker: broker.clone(),
                 counters: c.clone(),
             })

@@ -151,6 +151,11 @@ struct Entry {
 /// The expiry of a message without TTL.
 const NEVER: u64 = u64::MAX;
 
+/// The expiry of a TTL-0 message that a consumer could take when it was
+/// published: it does not expire while it waits for that delivery, but a
+/// requeue expires it (its time was up when it was published).
+const IMMEDIATE: u64 = u64::MAX - 1;
+
 /// The ready messages, ordered by publish sequence number.
 ///
 /// Kept behind these few methods so that a priority-ordered structure can replace it.
@@ -215,6 +220,10 @@ struct Consumer {
     mode: AckMode,
     prefetch: u32,
     blocked: bool,
+    /// Cancelled: it gets nothing more, and keeps what it holds until settled.
+    cancelled: bool,
+    /// Whether it is in the queue's `active` line.
+    in_line: bool,
     delivered: u64,
     /// Outstanding deliveries by tag (always empty in auto mode). Per consumer, so that
     /// `multiple` settles and removal touch only this consumer's deliveries.
@@ -303,6 +312,7 @@ impl Consumer {
     /// Whether the consumer may receive a delivery now.
     fn can_take(&self) -> bool {
         !self.blocked
+            && !self.cancelled
             && match self.mode {
                 AckMode::Auto => true,
                 // u32 -> usize is lossless on the 32- and 64-bit targets std runs on.
@@ -310,6 +320,19 @@ impl Consumer {
                     self.prefetch == 0 || self.unacked.len() < self.prefetch as usize
                 }
             }
+    }
+
+    /// How many more deliveries it could take now (`usize::MAX`: no limit).
+    fn room(&self) -> usize {
+        if self.blocked || self.cancelled {
+            return 0;
+        }
+        match self.mode {
+            AckMode::Manual if self.prefetch > 0 => {
+                (self.prefetch as usize).saturating_sub(self.unacked.len())
+            }
+            _ => usize::MAX,
+        }
     }
 
     fn stats(&self) -> ConsumerStats {
@@ -346,14 +369,15 @@ struct Counters {
 #[derive(Clone, Debug, Default)]
 pub struct QueueState {
     ready: Ready,
-    /// In registration order, which is the round-robin order.
+    /// In registration order.
     consumers: Vec<Consumer>,
     /// Position of each consumer in `consumers`, for O(1) settles.
     index: HashMap<ConsumerId, usize>,
-    /// Where the next round-robin scan starts: the position after the consumer served
-    /// last. May equal `consumers.len()`, so that a consumer registered after the last
-    /// one was served gets the next turn.
-    cursor: usize,
+    /// The consumers in line for deliveries, in the order they became able to
+    /// take one (RabbitMQ's active consumers): the front is served next and
+    /// goes to the back. One found unable to take is dropped from the line
+    /// (blocked) and rejoins at the back once it can again.
+    active: VecDeque<ConsumerId>,
     /// Sequence number of the next published message.
     next_seq: u64,
     /// The last delivery tag issued; 0 before the first delivery.
@@ -398,11 +422,23 @@ impl QueueState {
     /// refuses the new message and hands it back.
     pub fn publish(&mut self, message: Envelope) -> Publish {
         let (max_len, max_bytes) = (self.policy.max_length, self.policy.max_length_bytes);
-        if self.policy.overflow == Overflow::RejectPublish {
+        if matches!(
+            self.policy.overflow,
+            Overflow::RejectPublish | Overflow::RejectPublishDlx
+        ) {
             let full_len = max_len.is_some_and(|max| self.ready.len() >= max);
             let full_bytes = max_bytes.is_some_and(|max| self.ready.bytes + message.size() > max);
             if full_len || full_bytes {
                 self.counters.refused += 1;
+                if self.policy.overflow == Overflow::RejectPublishDlx {
+                    // Refused, and dead-lettered: the publisher is told, and a
+                    // copy goes to the dead-letter exchange.
+                    self.counters.maxlen += 1;
+                    self.dead.push(DeadLetter {
+                        message: message.clone(),
+                        reason: DeathReason::MaxLen,
+                    });
+                }
                 return Publish::Refused(message);
             }
         }
@@ -413,25 +449,33 @@ impl QueueState {
             (Some(q), Some(m)) => Some(q.min(millis(m))),
             (q, m) => q.or(m.map(millis)),
         };
-        // Saturating: a TTL reaching past the end of time never expires.
-        let expires_at = ttl.map_or(NEVER, |ttl| self.now_ms.saturating_add(ttl));
+        let expires_at = match ttl {
+            // TTL 0, as RabbitMQ: delivered if a consumer can take it at once,
+            // expired otherwise.
+            Some(0) if self.ready.len() < self.room_now() => IMMEDIATE,
+            // Saturating: a TTL reaching past the end of time never expires.
+            Some(ttl) => self.now_ms.saturating_add(ttl),
+            None => NEVER,
+        };
         self.ready.push(Entry {
             seq,
             message,
             expires_at,
         });
         // Drop-head: the oldest make room (the new message itself, if it alone is too big).
-        while max_len.is_some_and(|max| self.ready.len() > max)
-            || max_bytes.is_some_and(|max| self.ready.bytes > max)
-        {
-            let Some(head) = self.ready.pop() else { break };
-            self.counters.maxlen += 1;
-            self.dead.push(DeadLetter {
-                message: head.message,
-                reason: DeathReason::MaxLen,
-            });
-        }
+        self.drop_head();
+        // A TTL-0 message nobody can take now goes at once.
+        self.expire();
         Publish::Enqueued
+    }
+
+    /// How many messages the consumers could take right now (`usize::MAX`:
+    /// no limit).
+    fn room_now(&self) -> usize {
+        self.consumers
+            .iter()
+            .map(Consumer::room)
+            .fold(0usize, usize::saturating_add)
     }
 
     /// Moves the driver's clock forward (it never goes back), returns delayed
@@ -446,6 +490,7 @@ impl QueueState {
             self.counters.requeued += 1;
             self.ready.requeue(entry);
         }
+        self.trim_after_requeue();
         self.expire();
     }
 
@@ -478,7 +523,7 @@ impl QueueState {
             .ready
             .head()
             .map(|e| e.expires_at)
-            .filter(|t| *t != NEVER);
+            .filter(|t| *t != NEVER && *t != IMMEDIATE);
         let delayed = self.delayed.keys().next().map(|(due, _)| *due);
         match (head, delayed) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -522,9 +567,12 @@ impl QueueState {
             mode,
             prefetch,
             blocked: false,
+            cancelled: false,
+            in_line: true,
             delivered: 0,
             unacked: Unacked::default(),
         });
+        self.active.push_back(id);
         Ok(())
     }
 
@@ -543,15 +591,15 @@ impl QueueState {
         for (position, consumer) in self.consumers.iter().enumerate().skip(index) {
             self.index.insert(consumer.id, position);
         }
-        // Keep the turn with the consumer that followed the removed one.
-        if index < self.cursor {
-            self.cursor -= 1;
+        if removed.in_line {
+            self.active.retain(|c| *c != id);
         }
         let requeued = removed.unacked.len();
         self.unacked -= requeued;
         for entry in removed.unacked.into_values() {
             self.requeue(entry);
         }
+        self.trim_after_requeue();
         Ok(requeued)
     }
 
@@ -566,27 +614,78 @@ impl QueueState {
         if let Some(consumer) = self.consumers.get_mut(index) {
             consumer.blocked = blocked;
         }
+        self.rejoin(index);
         Ok(())
     }
 
-    /// Decides the next delivery: the head ready message, for the next eligible consumer
-    /// in round-robin order.
+    /// Cancels a consumer, as RabbitMQ's `basic.cancel`: it gets no more
+    /// deliveries, and the ones it holds stay settleable (remove it to requeue
+    /// them). Returns how many it holds.
     ///
-    /// A consumer is eligible when it is not blocked and, in manual mode with a prefetch,
-    /// holds fewer unsettled deliveries than its prefetch. The returned message carries
-    /// its new delivery count and `redelivered` flag. In manual mode the queue keeps a copy
-    /// until the delivery is settled; in auto mode the delivery is settled (acknowledged)
-    /// at once.
+    /// # Errors
+    /// [`SettleError::UnknownConsumer`] if `id` is not registered.
+    pub fn cancel_consumer(&mut self, id: ConsumerId) -> Result<usize, SettleError> {
+        let index = self.position(id)?;
+        let consumer = &mut self.consumers[index];
+        consumer.cancelled = true;
+        Ok(consumer.unacked.len())
+    }
+
+    /// Puts a consumer that can take deliveries again back in line, at the
+    /// back (a consumer already in line keeps its place).
+    fn rejoin(&mut self, index: usize) {
+        if let Some(consumer) = self.consumers.get_mut(index)
+            && !consumer.in_line
+            && consumer.can_take()
+        {
+            consumer.in_line = true;
+            self.active.push_back(consumer.id);
+        }
+    }
+
+    /// Decides the next delivery: the head ready message, for the consumer at the
+    /// front of the line.
     ///
-    /// Returns `None` when no message is ready or no consumer is eligible; that costs at
-    /// most one pass over the consumers. Call it until it returns `None` after anything
-    /// that may enable a delivery (publish, settle, new or unblocked consumer).
+    /// Consumers are served as RabbitMQ serves them: each in turn, in the order they
+    /// became able to take a delivery. The one served goes to the back of the line;
+    /// one found unable to take (blocked, or at its prefetch limit in manual mode)
+    /// leaves the line, and rejoins it at the back once it can take again (after a
+    /// settlement, or when unblocked). The returned message carries its new delivery
+    /// count and `redelivered` flag. In manual mode the queue keeps a copy until the
+    /// delivery is settled; in auto mode the delivery is settled (acknowledged) at
+    /// once.
+    ///
+    /// Returns `None` when no message is ready or no consumer can take one. Call it
+    /// until it returns `None` after anything that may enable a delivery (publish,
+    /// settle, new or unblocked consumer).
     pub fn next_delivery(&mut self) -> Option<Dispatch> {
         self.expire();
         if self.ready.is_empty() {
             return None;
         }
-        let index = self.next_eligible()?;
+        let index = loop {
+            let id = *self.active.front()?;
+            let Some(&index) = self.index.get(&id) else {
+                self.active.pop_front();
+                continue;
+            };
+            let consumer = &mut self.consumers[index];
+            if consumer.can_take() {
+                break index;
+            }
+            consumer.in_line = false;
+            self.active.pop_front();
+        };
+        let dispatch = self.deliver_to(index)?;
+        // Served: to the back of the line.
+        if let Some(id) = self.active.pop_front() {
+            self.active.push_back(id);
+        }
+        Some(dispatch)
+    }
+
+    /// Hands the head ready message to the consumer at `index`.
+    fn deliver_to(&mut self, index: usize) -> Option<Dispatch> {
         let consumer = self.consumers.get_mut(index)?;
         let mut entry = self.ready.pop()?;
 
@@ -597,7 +696,6 @@ impl QueueState {
         // 2^64 deliveries cannot happen, so the tag cannot overflow.
         self.last_tag += 1;
         let tag = DeliveryTag(self.last_tag);
-        self.cursor = index + 1;
         consumer.delivered += 1;
         self.counters.delivered += 1;
         if redelivered {
@@ -622,6 +720,18 @@ impl QueueState {
             tag,
             message,
         })
+    }
+
+    /// Hands the head ready message to `consumer` whatever its place in line or
+    /// its prefetch: RabbitMQ's `basic.get`. Register a (cancelled) consumer for
+    /// the purpose. Returns `None` if no message is ready.
+    ///
+    /// # Errors
+    /// [`SettleError::UnknownConsumer`] if `consumer` is not registered.
+    pub fn fetch(&mut self, consumer: ConsumerId) -> Result<Option<Dispatch>, SettleError> {
+        let index = self.position(consumer)?;
+        self.expire();
+        Ok(self.deliver_to(index))
     }
 
     /// Acknowledges delivery `tag` held by `consumer`, or with `multiple` every delivery
@@ -660,7 +770,9 @@ impl QueueState {
         requeue: bool,
     ) -> Result<usize, SettleError> {
         if requeue {
-            return self.settle(consumer, tag, multiple, Self::requeue);
+            let settled = self.settle(consumer, tag, multiple, Self::requeue)?;
+            self.trim_after_requeue();
+            return Ok(settled);
         }
         self.settle(consumer, tag, multiple, |queue, entry| {
             queue.counters.rejected += 1;
@@ -688,6 +800,10 @@ impl QueueState {
             if queue.over_delivery_limit(&entry) {
                 queue.dead_letter_over_limit(entry);
             } else {
+                let mut entry = entry;
+                if entry.expires_at == IMMEDIATE {
+                    entry.expires_at = queue.now_ms;
+                }
                 queue.delayed.insert((until_ms, entry.seq), entry);
             }
         })
@@ -727,7 +843,9 @@ impl QueueState {
         mut discarded: impl FnMut(Envelope),
     ) -> Result<usize, SettleError> {
         if requeue {
-            self.settle(consumer, tag, multiple, Self::requeue)
+            let settled = self.settle(consumer, tag, multiple, Self::requeue)?;
+            self.trim_after_requeue();
+            Ok(settled)
         } else {
             self.settle(consumer, tag, multiple, |queue, entry| {
                 queue.counters.rejected += 1;
@@ -764,7 +882,9 @@ impl QueueState {
         QueueStats {
             ready: self.ready.len(),
             unacked: self.unacked,
-            consumers: self.consumers.len(),
+            // Cancelled ones (and `basic.get` registrations) are not
+            // consumers any more, as in RabbitMQ.
+            consumers: self.consumers.iter().filter(|c| !c.cancelled).count(),
             published: c.published,
             delivered: c.delivered,
             redelivered: c.redelivered,
@@ -825,23 +945,16 @@ impl QueueState {
             .ok_or(SettleError::UnknownConsumer(id))
     }
 
-    /// The first eligible consumer at or after the cursor, wrapping around.
-    fn next_eligible(&self) -> Option<usize> {
-        let n = self.consumers.len();
-        let start = if self.cursor < n { self.cursor } else { 0 };
-        let (before, from) = self.consumers.split_at(start);
-        from.iter()
-            .chain(before)
-            .position(Consumer::can_take)
-            .map(|offset| (start + offset) % n)
-    }
-
     /// Returns a settled delivery to the ready queue, unless it has used up the
     /// queue's delivery limit: then it is dead-lettered instead.
-    fn requeue(&mut self, entry: Entry) {
+    fn requeue(&mut self, mut entry: Entry) {
         if self.over_delivery_limit(&entry) {
             self.dead_letter_over_limit(entry);
             return;
+        }
+        if entry.expires_at == IMMEDIATE {
+            // A TTL-0 message had its one chance: it expires at the head.
+            entry.expires_at = self.now_ms;
         }
         self.counters.requeued += 1;
         self.ready.requeue(entry);
@@ -908,6 +1021,7 @@ impl QueueState {
                 .ok_or(SettleError::AlreadySettled { tag })?;
             self.unacked -= 1;
             apply(self, entry);
+            self.rejoin(index);
             return Ok(1);
         }
         // Everything this consumer holds up to `tag` is settled.
@@ -917,7 +1031,34 @@ impl QueueState {
         for entry in settled {
             apply(self, entry);
         }
+        self.rejoin(index);
         Ok(count)
+    }
+
+    /// After requeues: with drop-head overflow, the length limits hold again
+    /// (RabbitMQ drops, or dead-letters with reason `maxlen`, from the head;
+    /// with reject-publish overflows a requeue may leave the queue over its
+    /// limit, and new publishes are refused until it is back under).
+    fn trim_after_requeue(&mut self) {
+        if self.policy.overflow == Overflow::DropHead {
+            self.drop_head();
+        }
+    }
+
+    /// Drops ready messages from the head (dead-lettered with reason `maxlen`)
+    /// until the queue is within its length limits.
+    fn drop_head(&mut self) {
+        let (max_len, max_bytes) = (self.policy.max_length, self.policy.max_length_bytes);
+        while max_len.is_some_and(|max| self.ready.len() > max)
+            || max_bytes.is_some_and(|max| self.ready.bytes > max)
+        {
+            let Some(head) = self.ready.pop() else { break };
+            self.counters.maxlen += 1;
+            self.dead.push(DeadLetter {
+                message: head.message,
+                reason: DeathReason::MaxLen,
+            });
+        }
     }
 }
 

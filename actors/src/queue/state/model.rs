@@ -1,7 +1,7 @@
 //! Model-based property tests: random operation sequences run against the queue
 //! and a simple reference model, checking results and invariants after each step.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use proptest::prelude::*;
 
@@ -79,6 +79,8 @@ struct MConsumer {
     removed: bool,
     /// Outstanding tags -> publish index.
     held: BTreeMap<u64, u64>,
+    /// In the line of consumers waiting for a delivery.
+    in_line: bool,
 }
 
 impl MConsumer {
@@ -89,8 +91,10 @@ impl MConsumer {
     }
 }
 
-/// The reference model. Consumers are never deleted, only marked removed, so that
-/// "the next one after the last served, in registration order" is well defined.
+/// The reference model. Consumers are never deleted, only marked removed.
+/// Deliveries follow RabbitMQ's line of active consumers: the front is served
+/// and goes to the back; one found unable to take leaves the line and rejoins
+/// at the back when it can take again (after a settlement, or unblocked).
 #[derive(Default)]
 struct Model {
     /// Publish index -> id, for ready messages.
@@ -98,7 +102,8 @@ struct Model {
     ids: Vec<MessageId>,
     deliveries: HashMap<MessageId, u32>,
     consumers: Vec<MConsumer>,
-    last_served: Option<usize>,
+    /// Consumer indices, in line.
+    line: VecDeque<usize>,
     last_tag: u64,
     stats: QueueStats,
 }
@@ -108,12 +113,26 @@ impl Model {
         self.consumers.iter().position(|c| c.id == id && !c.removed)
     }
 
-    fn expected_consumer(&self) -> Option<usize> {
-        let n = self.consumers.len();
-        let start = self.last_served.map_or(0, |p| p + 1);
-        (0..n)
-            .map(|i| (start + i) % n)
-            .find(|&p| self.consumers[p].eligible())
+    /// The consumer the next delivery goes to; drops those unable to take
+    /// from the front of the line on the way.
+    fn expected_consumer(&mut self) -> Option<usize> {
+        while let Some(&p) = self.line.front() {
+            if self.consumers[p].eligible() {
+                return Some(p);
+            }
+            self.consumers[p].in_line = false;
+            self.line.pop_front();
+        }
+        None
+    }
+
+    /// Back in line at the end, if out of it and able to take.
+    fn rejoin(&mut self, p: usize) {
+        let c = &mut self.consumers[p];
+        if !c.in_line && c.eligible() {
+            c.in_line = true;
+            self.line.push_back(p);
+        }
     }
 
     fn check_settle(
@@ -204,7 +223,10 @@ impl Harness {
         assert_eq!(d.consumer, consumer.id);
         m.last_tag += 1;
         assert_eq!(d.tag, DeliveryTag(m.last_tag));
-        m.last_served = Some(p);
+        // Served: to the back of the line.
+        let front = m.line.pop_front();
+        assert_eq!(front, Some(p));
+        m.line.push_back(p);
         m.stats.delivered += 1;
         if *count > 1 {
             m.stats.redelivered += 1;
@@ -249,7 +271,9 @@ impl Harness {
                         blocked: false,
                         removed: false,
                         held: BTreeMap::new(),
+                        in_line: true,
                     });
+                    self.model.line.push_back(self.model.consumers.len() - 1);
                 }
             }
             Op::Remove(i) => {
@@ -260,6 +284,8 @@ impl Harness {
                     Some(p) => {
                         let c = &mut self.model.consumers[p];
                         c.removed = true;
+                        c.in_line = false;
+                        self.model.line.retain(|&q| q != p);
                         let held = std::mem::take(&mut c.held);
                         assert_eq!(result, Ok(held.len()));
                         for index in held.into_values() {
@@ -279,6 +305,7 @@ impl Harness {
                     Some(p) => {
                         assert_eq!(result, Ok(()));
                         self.model.consumers[p].blocked = blocked;
+                        self.model.rejoin(p);
                     }
                 }
             }
@@ -341,6 +368,7 @@ impl Harness {
                     }
                 }
                 assert_eq!(discarded, expected_discards);
+                self.model.rejoin(p);
             }
             Op::Purge => {
                 let n = self.model.ready.len();
@@ -424,7 +452,13 @@ impl Harness {
         for (p, c) in q.consumers.iter().enumerate() {
             assert_eq!(q.index.get(&c.id), Some(&p));
         }
-        assert!(q.cursor <= q.consumers.len());
+        let line: Vec<ConsumerId> = self
+            .model
+            .line
+            .iter()
+            .map(|&p| self.model.consumers[p].id)
+            .collect();
+        assert_eq!(q.active.iter().copied().collect::<Vec<_>>(), line);
     }
 }
 

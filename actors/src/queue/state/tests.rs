@@ -1,7 +1,7 @@
 //! Unit tests of the queue state machine: delivery order, acknowledgements,
 //! requeues, consumers, and the limits (TTL, delivery limit, length).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::*;
 use crate::envelope::MessageId;
@@ -81,7 +81,7 @@ struct Snapshot {
     consumers: Vec<ConsumerStats>,
     ready: Vec<(u64, MessageId, u32)>,
     unacked: Vec<(ConsumerId, DeliveryTag, u64, MessageId)>,
-    cursor: usize,
+    active: VecDeque<ConsumerId>,
     last_tag: u64,
     next_seq: u64,
 }
@@ -105,7 +105,7 @@ fn snapshot(queue: &QueueState) -> Snapshot {
                     .map(|(tag, e)| (c.id, *tag, e.seq, e.message.id()))
             })
             .collect(),
-        cursor: queue.cursor,
+        active: queue.active.clone(),
         last_tag: queue.last_tag,
         next_seq: queue.next_seq,
     }
@@ -229,8 +229,9 @@ fn prefetch_bounds_and_blocked_consumers_are_skipped() {
     assert_eq!(q.ready_len(), 1);
 }
 
+/// As RabbitMQ: a new consumer joins the back of the line of consumers.
 #[test]
-fn new_consumer_gets_the_next_turn_after_the_last_one_served() {
+fn a_new_consumer_joins_the_back_of_the_line() {
     let mut q = QueueState::new();
     q.add_consumer(A, AckMode::Auto, 0).unwrap();
     q.add_consumer(B, AckMode::Auto, 0).unwrap();
@@ -238,11 +239,84 @@ fn new_consumer_gets_the_next_turn_after_the_last_one_served() {
     assert_eq!(deliver(&mut q).consumer, A);
     assert_eq!(deliver(&mut q).consumer, B);
     q.add_consumer(C, AckMode::Auto, 0).unwrap();
-    assert_eq!(deliver(&mut q).consumer, C);
     assert_eq!(deliver(&mut q).consumer, A);
+    assert_eq!(deliver(&mut q).consumer, B);
     // Removing the consumer whose turn it is passes the turn to the next one.
-    q.remove_consumer(B).unwrap();
-    assert_eq!(deliver(&mut q).consumer, C);
+    q.remove_consumer(C).unwrap();
+    assert_eq!(deliver(&mut q).consumer, A);
+}
+
+/// As RabbitMQ 3.10 serves them (checked against the broker): consumers at
+/// their prefetch limit leave the line when a delivery finds them full, and
+/// rejoin it at the back in the order they can take again, not in
+/// registration order.
+#[test]
+fn consumers_are_served_in_the_order_they_became_able_to_take() {
+    let order = |acks: [ConsumerId; 3], extra: usize| {
+        let mut q = QueueState::new();
+        for id in [A, B, C] {
+            q.add_consumer(id, AckMode::Manual, 1).unwrap();
+        }
+        publish_all(&mut q, &["m1", "m2", "m3", "m4"]);
+        let mut got = Vec::new();
+        let mut held = HashMap::new();
+        let drain = |q: &mut QueueState,
+                     got: &mut Vec<(ConsumerId, String)>,
+                     held: &mut HashMap<ConsumerId, DeliveryTag>| {
+            while let Some(d) = q.next_delivery() {
+                held.insert(d.consumer, d.tag);
+                got.push((d.consumer, name(&d.message).to_owned()));
+            }
+        };
+        drain(&mut q, &mut got, &mut held);
+        for id in acks {
+            q.ack(id, held[&id], false).unwrap();
+            drain(&mut q, &mut got, &mut held);
+        }
+        for i in 0..extra {
+            q.publish(msg(&format!("m{}", 5 + i)));
+            drain(&mut q, &mut got, &mut held);
+        }
+        got
+    };
+    let s = |id: ConsumerId, m: &str| (id, m.to_owned());
+    assert_eq!(
+        order([C, B, A], 1),
+        [s(A, "m1"), s(B, "m2"), s(C, "m3"), s(C, "m4"), s(B, "m5")]
+    );
+    assert_eq!(
+        order([C, A, B], 1),
+        [s(A, "m1"), s(B, "m2"), s(C, "m3"), s(C, "m4"), s(A, "m5")]
+    );
+    assert_eq!(
+        order([C, B, A], 2),
+        [
+            s(A, "m1"),
+            s(B, "m2"),
+            s(C, "m3"),
+            s(C, "m4"),
+            s(B, "m5"),
+            s(A, "m6")
+        ]
+    );
+}
+
+/// RabbitMQ 3.10 (checked against the broker): A (prefetch 1) holds m1, B
+/// (prefetch 1) holds m2; B acks, then A nacks m1 with requeue: m1 goes back
+/// to A, which is ahead of B in line (neither was found full).
+#[test]
+fn a_requeued_message_goes_to_the_consumer_ahead_in_line() {
+    let mut q = QueueState::new();
+    q.add_consumer(A, AckMode::Manual, 1).unwrap();
+    q.add_consumer(B, AckMode::Manual, 1).unwrap();
+    publish_all(&mut q, &["m1", "m2"]);
+    let m1 = deliver(&mut q);
+    let m2 = deliver(&mut q);
+    assert_eq!((m1.consumer, m2.consumer), (A, B));
+    q.ack(B, m2.tag, false).unwrap();
+    q.nack(A, m1.tag, false, true).unwrap();
+    let again = deliver(&mut q);
+    assert_eq!((again.consumer, name(&again.message)), (A, "m1"));
 }
 
 #[test]

@@ -9,7 +9,7 @@ use postbox::Failure;
 
 use crate::consumer::{Consumer, Layer};
 use crate::queue::ack::AckMode;
-use crate::queue::delivery::{AckError, Delivery, MAX_REQUEUE_DELAY, Outcome};
+use crate::queue::delivery::{AckError, Delivery, MAX_REQUEUE_DELAY, Outcome, Settler};
 
 /// How long to wait between attempts, and how many to make.
 ///
@@ -135,6 +135,43 @@ pub struct Retrying<C> {
     policy: RetryPolicy,
 }
 
+impl RetryPolicy {
+    /// How a delivery whose handler failed on attempt `attempt` (its delivery
+    /// count) is settled: requeued after the policy's delay, or rejected
+    /// (dead-lettered) once its attempts are spent.
+    pub(crate) fn outcome(&self, attempt: u32) -> Outcome {
+        if attempt >= self.max_attempts {
+            Outcome::Discard
+        } else {
+            Outcome::RequeueAfter(self.delay(attempt))
+        }
+    }
+}
+
+/// Settles a delivery whose handler failed with `failure` as `outcome` says,
+/// unless the handler settled it itself (its decision stands) or its
+/// registration has ended (the queue requeued it). Shared by the retry layer
+/// and the consumers' [`OnError`](crate::OnError) policies.
+pub(crate) async fn settle_failed(
+    settler: &Settler,
+    outcome: Outcome,
+    attempt: u32,
+    message_id: crate::envelope::MessageId,
+    failure: &Failure,
+) -> Result<(), AckError> {
+    let what = match outcome {
+        Outcome::Discard => "rejected",
+        Outcome::Requeue => "requeued",
+        Outcome::RequeueAfter(_) => "will retry",
+        Outcome::Ack => "acknowledged",
+    };
+    tracing::warn!(%message_id, attempt, %failure, ?outcome, "handler failed: {what}");
+    match settler.settle(outcome, false).await {
+        Ok(_) | Err(AckError::AlreadySettled { .. } | AckError::ConsumerGone { .. }) => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
 impl<C: Consumer> Consumer for Retrying<C> {
     async fn handle(&mut self, delivery: Delivery) -> Result<(), Failure> {
         if delivery.ack_mode() == AckMode::Auto {
@@ -147,20 +184,8 @@ impl<C: Consumer> Consumer for Retrying<C> {
         let Err(failure) = self.inner.handle(delivery).await else {
             return Ok(());
         };
-        let (outcome, what) = if attempt >= self.policy.max_attempts {
-            (Outcome::Discard, "attempts exhausted: rejected")
-        } else {
-            (
-                Outcome::RequeueAfter(self.policy.delay(attempt)),
-                "will retry",
-            )
-        };
-        tracing::warn!(%message_id, attempt, max = self.policy.max_attempts, %failure, "{what}");
-        match settler.settle(outcome, false).await {
-            // The handler settled it itself before failing: its decision stands.
-            Ok(_) | Err(AckError::AlreadySettled { .. }) => Ok(()),
-            Err(err) => Err(err.into()),
-        }
+        let outcome = self.policy.outcome(attempt);
+        Ok(settle_failed(&settler, outcome, attempt, message_id, &failure).await?)
     }
 
     async fn cancelled(&mut self) {
