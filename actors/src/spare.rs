@@ -2,30 +2,33 @@
 //! was purged) should not keep the buffers it needed then.
 //!
 //! `VecDeque` and `Vec` never shrink on their own. [`release`] shrinks a
-//! deque once three quarters of its capacity stand empty, to twice what it
-//! holds: each shrink costs a copy of what is left, and a quarter of the old
-//! capacity had to be removed since the last one, so the cost is amortized
-//! constant per removal, and a queue that keeps its size never reallocates.
+//! large deque once seven eighths of its capacity stand empty, to four times
+//! what it holds: each shrink costs a copy of what is left, and most of the
+//! old capacity had to be removed since the last one, so the cost is
+//! amortized constant per removal. Deques below [`KEEP`] entries are left
+//! alone, and the wide gap between shrinking (an eighth full) and growing
+//! again (full) keeps a queue whose backlog swings under load from
+//! reallocating back and forth.
 
 use std::collections::VecDeque;
 
-/// Capacity below which nothing is given back: small buffers are cheap to
-/// keep, and a queue bouncing around a few hundred messages should not
-/// reallocate.
-const KEEP: usize = 1024;
+/// Capacity up to which nothing is given back: buffers this small (well
+/// under a megabyte of queue entries) are cheap to keep, and a queue bouncing
+/// around a few thousand messages should not reallocate.
+const KEEP: usize = 16 * 1024;
 
 /// Shrinks `deque` if most of its capacity is unused (see the module docs).
 #[inline]
 pub(crate) fn release<T>(deque: &mut VecDeque<T>) {
     let capacity = deque.capacity();
-    if capacity > KEEP && deque.len() < capacity / 4 {
+    if capacity > KEEP && deque.len() < capacity / 8 {
         shrink(deque);
     }
 }
 
 #[cold]
 fn shrink<T>(deque: &mut VecDeque<T>) {
-    let target = (deque.len() * 2).max(KEEP / 2);
+    let target = (deque.len() * 4).max(KEEP);
     deque.shrink_to(target);
 }
 
@@ -42,8 +45,8 @@ mod tests {
             release(&mut d);
         }
         assert!(d.capacity() <= KEEP, "{} of {big}", d.capacity());
-        // Steady at 10,000: pushing and popping never shrinks below what it holds.
-        let mut d: VecDeque<u64> = (0..10_000).collect();
+        // Steady at 100,000: pushing and popping never shrinks below what it holds.
+        let mut d: VecDeque<u64> = (0..100_000).collect();
         d.push_back(0);
         d.pop_front();
         let cap = d.capacity();

@@ -172,14 +172,13 @@ impl<C: Consumer> ConsumerActor<C> {
             link: link.as_ref(),
             handling: false,
         };
+        let mut handled = Handled::new(&shared.handled);
         for delivery in hand.rest.by_ref() {
             hand.handling = true;
             let result = handle(consumer, delivery).await;
             hand.handling = false;
             match result {
-                Ok(()) => {
-                    shared.handled.fetch_add(1, Ordering::Relaxed);
-                }
+                Ok(()) => handled.one(),
                 Err(failure) => {
                     shared.errors.fetch_add(1, Ordering::Relaxed);
                     // At most once: this one is lost, as RabbitMQ's auto-ack.
@@ -202,6 +201,7 @@ impl<C: Consumer> ConsumerActor<C> {
         let Some(link) = self.link.clone() else {
             return Ok(());
         };
+        let mut handled = Handled::new(&self.shared.handled);
         for delivery in batch {
             if delivery.consumer() != link.consumer || !link.is_active() {
                 // Made to an earlier registration of this actor, or to one
@@ -212,9 +212,7 @@ impl<C: Consumer> ConsumerActor<C> {
             let (tag, attempt, message_id) =
                 (delivery.tag(), delivery.delivery_count(), delivery.id());
             match handle(&mut self.consumer, delivery).await {
-                Ok(()) => {
-                    self.shared.handled.fetch_add(1, Ordering::Relaxed);
-                }
+                Ok(()) => handled.one(),
                 Err(failure) => {
                     self.shared.errors.fetch_add(1, Ordering::Relaxed);
                     let outcome = match self.on_error {
@@ -227,11 +225,40 @@ impl<C: Consumer> ConsumerActor<C> {
                         tag,
                         link: link.clone(),
                     };
-                    settle_failed(&settler, outcome, attempt, message_id, &failure).await?;
+                    // Boxed: the rare path must not grow every batch's future.
+                    Box::pin(settle_failed(
+                        &settler, outcome, attempt, message_id, &failure,
+                    ))
+                    .await?;
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// Counts handled deliveries locally and adds them to the shared counter once
+/// per batch (when dropped, however the batch ends).
+struct Handled<'a> {
+    total: &'a AtomicU64,
+    n: u64,
+}
+
+impl<'a> Handled<'a> {
+    fn new(total: &'a AtomicU64) -> Self {
+        Handled { total, n: 0 }
+    }
+
+    fn one(&mut self) {
+        self.n += 1;
+    }
+}
+
+impl Drop for Handled<'_> {
+    fn drop(&mut self) {
+        if self.n > 0 {
+            self.total.fetch_add(self.n, Ordering::Relaxed);
+        }
     }
 }
 

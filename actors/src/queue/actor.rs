@@ -24,7 +24,6 @@
 //! [`QueueHost`] it was created with (the broker), which routes them and never
 //! makes the queue wait.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -33,6 +32,7 @@ use postbox::{
     Actor, ActorId, AnyAddr, Context, Failure, Handler, Message, Recipient, RuntimeHandle,
     TrySendError,
 };
+use rustc_hash::FxHashMap;
 
 use crate::envelope::{DeathReason, Envelope};
 use crate::queue::ack::{AckMode, ConsumerId};
@@ -211,7 +211,7 @@ const MAX_BATCH: usize = 64;
 pub(crate) struct QueueActor {
     name: ByteString,
     state: QueueState,
-    consumers: HashMap<ConsumerId, Registered>,
+    consumers: FxHashMap<ConsumerId, Registered>,
     next_consumer: u64,
     observers: Observers,
     host: Arc<dyn QueueHost>,
@@ -258,7 +258,7 @@ impl QueueActor {
         QueueActor {
             name,
             state: QueueState::with_policy(policy),
-            consumers: HashMap::new(),
+            consumers: FxHashMap::default(),
             next_consumer: 1,
             observers,
             host,

@@ -105,7 +105,9 @@ impl QueueHandle {
     #[doc(alias = "basic_publish")]
     pub async fn publish(&self, message: Envelope) -> Result<(), BrokerError> {
         self.check(&message)?;
-        if self.inbox.shut_reason().is_some() || self.addr.is_closed() {
+        // A shut inbox refuses below (under its lock); this catches a queue
+        // whose actor is gone without having shut it.
+        if self.addr.is_closed() {
             return Err(self.gone());
         }
         if self.confirm {

@@ -57,7 +57,9 @@ use crate::envelope::{DeathReason, Envelope};
 use crate::queue::ack::{AckMode, ConsumerId, DeliveryTag};
 use crate::queue::policy::{Overflow, QueuePolicy};
 use crate::queue::stats::{ConsumerStats, QueueStats};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use rustc_hash::FxHashMap;
 
 /// One delivery decided by [`QueueState::next_delivery`]: send `message` to `consumer`,
 /// which settles it (in manual mode) by `tag`.
@@ -372,12 +374,13 @@ pub struct QueueState {
     /// In registration order.
     consumers: Vec<Consumer>,
     /// Position of each consumer in `consumers`, for O(1) settles.
-    index: HashMap<ConsumerId, usize>,
-    /// The consumers in line for deliveries, in the order they became able to
-    /// take one (RabbitMQ's active consumers): the front is served next and
-    /// goes to the back. One found unable to take is dropped from the line
-    /// (blocked) and rejoins at the back once it can again.
-    active: VecDeque<ConsumerId>,
+    index: FxHashMap<ConsumerId, usize>,
+    /// The consumers in line for deliveries (their positions in `consumers`),
+    /// in the order they became able to take one (RabbitMQ's active
+    /// consumers): the front is served next and goes to the back. One found
+    /// unable to take is dropped from the line (blocked) and rejoins at the
+    /// back once it can again.
+    active: VecDeque<usize>,
     /// Sequence number of the next published message.
     next_seq: u64,
     /// The last delivery tag issued; 0 before the first delivery.
@@ -464,8 +467,10 @@ impl QueueState {
         });
         // Drop-head: the oldest make room (the new message itself, if it alone is too big).
         self.drop_head();
-        // A TTL-0 message nobody can take now goes at once.
-        self.expire();
+        if ttl == Some(0) {
+            // A TTL-0 message nobody can take now goes at once.
+            self.expire();
+        }
         Publish::Enqueued
     }
 
@@ -572,7 +577,7 @@ impl QueueState {
             delivered: 0,
             unacked: Unacked::default(),
         });
-        self.active.push_back(id);
+        self.active.push_back(self.consumers.len() - 1);
         Ok(())
     }
 
@@ -591,8 +596,12 @@ impl QueueState {
         for (position, consumer) in self.consumers.iter().enumerate().skip(index) {
             self.index.insert(consumer.id, position);
         }
-        if removed.in_line {
-            self.active.retain(|c| *c != id);
+        // Positions after the removed one moved down by one.
+        self.active.retain(|p| *p != index);
+        for p in &mut self.active {
+            if *p > index {
+                *p -= 1;
+            }
         }
         let requeued = removed.unacked.len();
         self.unacked -= requeued;
@@ -639,7 +648,7 @@ impl QueueState {
             && consumer.can_take()
         {
             consumer.in_line = true;
-            self.active.push_back(consumer.id);
+            self.active.push_back(index);
         }
     }
 
@@ -664,12 +673,8 @@ impl QueueState {
             return None;
         }
         let index = loop {
-            let id = *self.active.front()?;
-            let Some(&index) = self.index.get(&id) else {
-                self.active.pop_front();
-                continue;
-            };
-            let consumer = &mut self.consumers[index];
+            let index = *self.active.front()?;
+            let consumer = self.consumers.get_mut(index)?;
             if consumer.can_take() {
                 break index;
             }
@@ -677,14 +682,17 @@ impl QueueState {
             self.active.pop_front();
         };
         let dispatch = self.deliver_to(index)?;
-        // Served: to the back of the line.
-        if let Some(id) = self.active.pop_front() {
-            self.active.push_back(id);
+        // Served: to the back of the line (a single consumer stays put).
+        if self.active.len() > 1
+            && let Some(index) = self.active.pop_front()
+        {
+            self.active.push_back(index);
         }
         Some(dispatch)
     }
 
     /// Hands the head ready message to the consumer at `index`.
+    #[inline(always)]
     fn deliver_to(&mut self, index: usize) -> Option<Dispatch> {
         let consumer = self.consumers.get_mut(index)?;
         let mut entry = self.ready.pop()?;
@@ -1047,6 +1055,7 @@ impl QueueState {
 
     /// Drops ready messages from the head (dead-lettered with reason `maxlen`)
     /// until the queue is within its length limits.
+    #[inline]
     fn drop_head(&mut self) {
         let (max_len, max_bytes) = (self.policy.max_length, self.policy.max_length_bytes);
         while max_len.is_some_and(|max| self.ready.len() > max)

@@ -458,7 +458,8 @@ impl Harness {
             .iter()
             .map(|&p| self.model.consumers[p].id)
             .collect();
-        assert_eq!(q.active.iter().copied().collect::<Vec<_>>(), line);
+        let active: Vec<ConsumerId> = q.active.iter().map(|&p| q.consumers[p].id).collect();
+        assert_eq!(active, line);
     }
 }
 
