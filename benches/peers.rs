@@ -25,6 +25,9 @@
 //!    exchange with 10.
 //! 7. Memory: resident bytes per queued message with 1,000,000 queued, and per
 //!    queue (with one consumer) with 100,000 queues, plus the creation rate.
+//! 8. The actor layer against kameo and ractor: tell throughput, asks on one
+//!    thread, across pinned threads and from a plain tokio task, restart
+//!    latency after a panic, and spawning 100,000 idle actors.
 //!
 //! # How
 //!
@@ -67,6 +70,8 @@
 
 #[path = "peers/actix_threads.rs"]
 mod actix_threads;
+#[path = "peers/actor_layer.rs"]
+mod actor_layer;
 #[path = "peers/durable.rs"]
 mod durable;
 #[path = "peers/fanout.rs"]
@@ -214,6 +219,9 @@ fn main() {
         }
         if cfg.runs(7) {
             memory::scenario7(&cfg, &mut report);
+        }
+        if cfg.runs(8) {
+            actor_layer::scenario8(&cfg, &mut report).await;
         }
         // RabbitMQ's rows: the publisher may run anywhere, like its client's tasks.
         util::unpin_current_thread();

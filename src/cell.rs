@@ -88,19 +88,20 @@ pub(crate) async fn run<A: Actor>(mut cell: Cell<A>) {
             cell.runtime.clone(),
             incarnation,
         );
-        let built = std::panic::catch_unwind(AssertUnwindSafe(&mut cell.factory));
-        let end = match built {
-            Ok(Some(actor)) => live(actor, &mut ctx, &mut cell.rx, &cell.shared.control).await,
-            Ok(None) => End::Stop { report: false },
-            Err(panic) => End::Exit(ExitReason::Failed(Failure::from_panic(panic))),
-        };
+        let end = live(
+            &mut cell.factory,
+            &mut ctx,
+            &mut cell.rx,
+            &cell.shared.control,
+        )
+        .await;
         ctx.abort_tasks();
         let reason = match end {
             End::Exit(reason) => reason,
             End::Restart(delay) => {
                 cell.shared
                     .end_incarnation(incarnation, &ExitReason::Restarted, false);
-                tokio::time::sleep(delay).await;
+                pause(delay).await;
                 continue;
             }
             End::Stop { report: false } => {
@@ -123,7 +124,7 @@ pub(crate) async fn run<A: Actor>(mut cell: Cell<A>) {
             break;
         }
         match decision(&cell.shared.control, incarnation).await {
-            Decision::Restart(delay) => tokio::time::sleep(delay).await,
+            Decision::Restart(delay) => pause(delay).await,
             Decision::Stop => {
                 last = reason;
                 break;
@@ -136,6 +137,16 @@ pub(crate) async fn run<A: Actor>(mut cell: Cell<A>) {
     cell.shared.end_incarnation(u64::MAX, &last, true);
     cell.ended.done = true;
     span.in_scope(|| tracing::debug!(reason = %last, "actor terminated"));
+}
+
+/// Waits out a restart's backoff. No delay costs nothing: a zero-length
+/// sleep would still wait for the timer wheel's next tick (a millisecond).
+async fn pause(delay: Duration) {
+    if !delay.is_zero() {
+        // Boxed: a timer entry is large, and every idle actor's task would
+        // otherwise reserve room for one.
+        Box::pin(tokio::time::sleep(delay)).await;
+    }
 }
 
 async fn decision(control: &ControlBox, incarnation: u64) -> Decision {
@@ -151,14 +162,26 @@ async fn decision(control: &ControlBox, incarnation: u64) -> Decision {
     }
 }
 
+/// One incarnation: built from the factory, started, fed messages, stopped.
+/// The actor lives only in this future's state (built here, not moved in),
+/// and the once-per-incarnation hooks are boxed, so that the cell's task
+/// stays small: an idle actor costs its state and little more.
 async fn live<A: Actor>(
-    mut actor: A,
+    factory: &mut Factory<A>,
     ctx: &mut Context<A>,
     rx: &mut mpsc::Receiver<Envelope<A>>,
     control: &ControlBox,
 ) -> End {
+    let mut actor = match std::panic::catch_unwind(AssertUnwindSafe(factory)) {
+        Ok(Some(actor)) => actor,
+        Ok(None) => return End::Stop { report: false },
+        Err(panic) => return End::Exit(ExitReason::Failed(Failure::from_panic(panic))),
+    };
     let shared = ctx.any().shared;
-    let end = match AssertUnwindSafe(actor.started(ctx)).catch_unwind().await {
+    let end = match AssertUnwindSafe(Box::pin(actor.started(ctx)))
+        .catch_unwind()
+        .await
+    {
         Ok(Ok(())) => None,
         Ok(Err(failure)) => Some(End::Exit(ExitReason::Failed(failure))),
         Err(panic) => Some(End::Exit(ExitReason::Failed(Failure::from_panic(panic)))),
@@ -203,11 +226,57 @@ async fn live<A: Actor>(
             }
         },
     };
-    if let Err(panic) = AssertUnwindSafe(actor.stopped(ctx)).catch_unwind().await {
+    if let Err(panic) = AssertUnwindSafe(Box::pin(actor.stopped(ctx)))
+        .catch_unwind()
+        .await
+    {
         tracing::warn!(actor = %shared.id, failure = %Failure::from_panic(panic), "panic in stopped()");
     }
     if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(move || drop(actor))) {
         tracing::warn!(actor = %shared.id, failure = %Failure::from_panic(panic), "panic in drop");
     }
     end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::RuntimeHandle;
+
+    struct Big([u64; 32]);
+    impl Actor for Big {
+        async fn started(&mut self, _: &mut Context<Self>) -> Result<(), Failure> {
+            // A large local held across an await: a large `started` future.
+            let scratch = [1u8; 512];
+            tokio::task::yield_now().await;
+            self.0[0] = u64::from(scratch[7]);
+            Ok(())
+        }
+    }
+
+    /// An idle actor's task is its state plus a fixed overhead: the actor is
+    /// stored once (not moved in and copied), and the once-per-incarnation
+    /// hooks and backoff timers are boxed. A regression here multiplies by
+    /// every queue and consumer of an application.
+    #[test]
+    fn a_cell_task_costs_its_actor_plus_a_small_fixed_overhead() {
+        let (tx, rx) = mpsc::channel::<Envelope<Big>>(1);
+        let shared = Arc::new(Shared::new(None, &tx));
+        let cell = Cell {
+            factory: Box::new(|| Some(Big([0; 32]))),
+            rx,
+            weak: tx.downgrade(),
+            shared: shared.clone(),
+            runtime: RuntimeHandle::local(),
+            parent: None,
+            ended: Ended { shared, done: true },
+        };
+        let size = std::mem::size_of_val(&run(cell));
+        let overhead = size - std::mem::size_of::<Big>();
+        assert!(
+            overhead <= 640,
+            "{size} bytes for a {}-byte actor",
+            std::mem::size_of::<Big>()
+        );
+    }
 }

@@ -86,12 +86,23 @@ pub enum Strategy {
 }
 
 /// Delay before a restart: `min * 2^(n-1)` for the n-th consecutive restart of a
-/// child, capped at `max`. A child that ran for a whole intensity window (after
-/// its restart) without failing starts again from `min`.
+/// child, capped at `max`; the first [`immediate`](Backoff::immediate) ones
+/// have none. A child that ran for a whole intensity window (after its
+/// restart) without failing starts again from the beginning.
+///
+/// ```
+/// use std::time::Duration;
+/// use postbox::Backoff;
+/// let b = Backoff::exponential(Duration::from_millis(10), Duration::from_secs(1)).immediate(1);
+/// assert_eq!(b.delay(1), Duration::ZERO); // a one-off crash restarts at once
+/// assert_eq!(b.delay(2), Duration::from_millis(10));
+/// assert_eq!(b.delay(3), Duration::from_millis(20));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backoff {
     min: Duration,
     max: Duration,
+    immediate: u32,
 }
 
 impl Backoff {
@@ -99,6 +110,7 @@ impl Backoff {
     pub const NONE: Backoff = Backoff {
         min: Duration::ZERO,
         max: Duration::ZERO,
+        immediate: 0,
     };
 
     /// Exponential backoff from `min` to `max`.
@@ -106,11 +118,23 @@ impl Backoff {
         Backoff {
             min,
             max: max.max(min),
+            immediate: 0,
         }
+    }
+
+    /// The first `n` consecutive restarts happen at once; the backoff starts
+    /// after them.
+    pub fn immediate(mut self, n: u32) -> Backoff {
+        self.immediate = n;
+        self
     }
 
     /// The delay before the `n`-th consecutive restart (from 1).
     pub fn delay(&self, n: u32) -> Duration {
+        if n <= self.immediate {
+            return Duration::ZERO;
+        }
+        let n = n - self.immediate;
         let factor = 1u32.checked_shl(n.saturating_sub(1)).unwrap_or(u32::MAX);
         self.min.saturating_mul(factor).min(self.max)
     }

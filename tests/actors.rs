@@ -224,6 +224,27 @@ async fn a_panicking_child_restarts_fresh_and_keeps_its_queued_messages() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_restart_without_backoff_does_not_wait_for_a_timer_tick() {
+    local(async {
+        let rt = RuntimeHandle::local();
+        let sup = SupervisorSpec::new("sup")
+            .backoff(Backoff::NONE)
+            .child(ChildSpec::new("fragile", Fragile::default))
+            .spawn(&rt);
+        let child = sup.child::<Fragile>("fragile").await.unwrap();
+        // Off the millisecond grid: a zero-length sleep would wait for the
+        // timer wheel's next tick, 700 µs away.
+        tokio::time::advance(Duration::from_micros(300)).await;
+        let before = tokio::time::Instant::now();
+        assert!(child.ask(Crash).await.is_err());
+        assert_eq!(child.ask(Inc).await.unwrap(), 1);
+        assert_eq!(child.stats().restarts, 1);
+        assert_eq!(tokio::time::Instant::now(), before);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn passing_the_restart_limit_escalates_to_the_parent() {
     local(async {
         let rt = RuntimeHandle::local();

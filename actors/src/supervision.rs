@@ -19,15 +19,18 @@ pub(crate) struct Supervision {
 }
 
 impl Default for Supervision {
-    /// Never give up; back off from 10 ms, doubling with each consecutive
-    /// crash, to 30 s (a consumer that ran for a whole minute starts again
-    /// from 10 ms). A crash-looping consumer costs little and stays visible;
-    /// one that gave up would leave its queue without a consumer, silently.
+    /// Never give up. A first crash restarts at once (in microseconds); a
+    /// crash loop backs off from 10 ms, doubling with each consecutive crash,
+    /// to 30 s (a consumer that ran for a whole minute starts again from an
+    /// immediate restart). A crash-looping consumer costs little and stays
+    /// visible; one that gave up would leave its queue without a consumer,
+    /// silently.
     fn default() -> Self {
         Supervision {
             max_restarts: usize::MAX,
             window: Duration::from_secs(60),
-            backoff: Backoff::exponential(Duration::from_millis(10), Duration::from_secs(30)),
+            backoff: Backoff::exponential(Duration::from_millis(10), Duration::from_secs(30))
+                .immediate(1),
         }
     }
 }

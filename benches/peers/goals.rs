@@ -1,7 +1,12 @@
-//! The goals of issue 7, checked against this run's rows.
+//! The goals (issues 7 and 14), checked against this run's rows.
 
 use std::fmt::Write as _;
 
+use crate::actor_layer::{
+    ACROSS_KAMEO, ACROSS_POSTBOX, ACROSS_RACTOR, ONE_KAMEO, ONE_POSTBOX, ONE_RACTOR, RESTART_KAMEO,
+    RESTART_POSTBOX, RESTART_RACTOR, S8, TELL_KAMEO, TELL_POSTBOX, TELL_RACTOR, TOKIO_KAMEO,
+    TOKIO_POSTBOX, TOKIO_RACTOR,
+};
 use crate::durable::{S5, ceiling, postbox as postbox_durable};
 use crate::fanout::{BROADCAST, POSTBOX_FANOUT, POSTBOX_STREAM, S3};
 use crate::memory::{OVERHEAD_GOAL, S7};
@@ -165,6 +170,109 @@ pub fn check(report: &Report) -> String {
         " B",
         &format!("≤ {OVERHEAD_GOAL:.0} B"),
         at_most(overhead, OVERHEAD_GOAL),
+    );
+    let s8 = |sys: &str| report.find(S8, sys);
+    let best = |systems: &[&str], key: fn(&Row) -> Option<f64>, higher: bool| {
+        systems
+            .iter()
+            .filter_map(|s| s8(s).and_then(key))
+            .reduce(|a, b| if (a > b) == higher { a } else { b })
+    };
+    let rate_of = |r: &Row| r.msgs_per_sec;
+    let p50_of = |r: &Row| r.p50_us;
+    let bytes_of = |r: &Row| r.bytes_per_msg;
+    let r = ratio(
+        s8(TELL_POSTBOX).and_then(rate_of),
+        best(&[TELL_KAMEO, TELL_RACTOR], rate_of, true),
+    );
+    line(
+        "8: tell vs the better of kameo and ractor",
+        r,
+        "×",
+        "≥ 1.0×",
+        at_least(r, 1.0),
+    );
+    for (ours, peers, what, max) in [
+        (ONE_POSTBOX, [ONE_KAMEO, ONE_RACTOR], "ask, one thread", 1.0),
+        (
+            ACROSS_POSTBOX,
+            [ACROSS_KAMEO, ACROSS_RACTOR],
+            "ask across pinned threads",
+            1.0,
+        ),
+        (
+            TOKIO_POSTBOX,
+            [TOKIO_KAMEO, TOKIO_RACTOR],
+            "ask from a plain tokio task",
+            2.0,
+        ),
+        (
+            RESTART_POSTBOX,
+            [RESTART_KAMEO, RESTART_RACTOR],
+            "panic → restart → answer",
+            1.0,
+        ),
+    ] {
+        let r = ratio(s8(ours).and_then(p50_of), best(&peers, p50_of, false));
+        line(
+            &format!("8: {what}, p50 vs the better peer"),
+            r,
+            "×",
+            &format!("≤ {max:.1}×"),
+            at_most(r, max),
+        );
+    }
+    let spawn_rows = report
+        .rows
+        .iter()
+        .filter(|r| r.scenario == S8 && r.system.contains(" spawn "))
+        .collect::<Vec<_>>();
+    let ours = spawn_rows.iter().find(|r| r.system.starts_with("postbox"));
+    let peers = spawn_rows
+        .iter()
+        .filter(|r| !r.system.starts_with("postbox"))
+        .collect::<Vec<_>>();
+    let peer_best = |key: fn(&Row) -> Option<f64>, higher: bool| {
+        peers
+            .iter()
+            .filter_map(|r| key(r))
+            .reduce(|a, b| if (a > b) == higher { a } else { b })
+    };
+    let r = ratio(ours.and_then(|r| r.msgs_per_sec), peer_best(rate_of, true));
+    line(
+        "8: spawning idle actors, rate vs the better peer",
+        r,
+        "×",
+        "≥ 1.0×",
+        at_least(r, 1.0),
+    );
+    let r = ratio(ours.and_then(|r| bytes_of(r)), peer_best(bytes_of, false));
+    line(
+        "8: idle actor, bytes vs the better peer",
+        r,
+        "×",
+        "≤ 1.0×",
+        at_most(r, 1.0),
+    );
+    let one_by_one = report
+        .rows
+        .iter()
+        .find(|r| r.scenario == S7 && r.system.ends_with("queues + 1 consumer each"));
+    let kb = one_by_one.and_then(|r| r.bytes_per_msg).map(|b| b / 1000.0);
+    line(
+        "7: queue with a consumer, memory",
+        kb,
+        " KB",
+        "≤ 6 KB",
+        at_most(kb, 6.0),
+    );
+    let created = one_by_one.and_then(|r| r.msgs_per_sec);
+    line(
+        "7: queue+consumer pairs created per second, one at a time",
+        created,
+        "/s",
+        "≥ 100,000/s",
+        at_least(created, 100_000.0),
     );
     out
 }

@@ -8,9 +8,12 @@
 //! - 100,000 queues with one consumer each: how fast they are created
 //!   (`declare_queue` + `consume`, one after the other, as a simple loop does;
 //!   and 64 at a time) and resident bytes per queue. Baseline: a bounded mpsc
-//!   channel plus a receiving task per queue. The same count of bare postbox
-//!   actors (no broker) separates the actor layer's share: a queue with a
-//!   consumer is three actors (queue, consumer, the consumer's supervisor).
+//!   channel plus a receiving task per queue. (Scenario 8 has the cost of a
+//!   bare actor: a queue with a consumer is three actors, the queue, the
+//!   consumer and the consumer's supervisor.)
+//!
+//! - 1,000,000 idle queues (declared, no consumer): how long declaring them
+//!   takes and resident bytes per queue, the cost of wide fan-in.
 //!
 //! Each case runs in a child process (this binary with `--memory-child`), so
 //! the allocator holds nothing from earlier scenarios; the resident size is
@@ -53,8 +56,8 @@ fn queues_postbox_concurrent(n: u64) -> String {
     )
 }
 
-fn actors_postbox(n: u64) -> String {
-    format!("postbox actor layer: {} idle actors", thousands(n))
+fn idle_queues_postbox(n: u64) -> String {
+    format!("postbox {} idle queues (no consumer)", thousands(n))
 }
 
 /// Creations in flight in the concurrent variant.
@@ -65,9 +68,9 @@ fn queues_tokio(n: u64) -> String {
 }
 
 /// What a child reports: a rate (per second) and bytes per item.
-struct Measured {
-    rate: f64,
-    bytes: f64,
+pub struct Measured {
+    pub rate: f64,
+    pub bytes: f64,
 }
 
 pub fn scenario7(cfg: &Config, report: &mut Report) {
@@ -104,16 +107,6 @@ pub fn scenario7(cfg: &Config, report: &mut Report) {
                 .note("msgs/s: created per s; bytes per queue"),
         );
     }
-    if cfg.wants(&actors_postbox(queues)) {
-        let m = run_child("actors-postbox", queues);
-        report.push(
-            Row::new(S7, actors_postbox(queues))
-                .rate(m.rate)
-                .bytes(m.bytes)
-                .vs(&queues_tokio(queues), Metric::Bytes)
-                .note("msgs/s: started per s; bytes per actor"),
-        );
-    }
     if cfg.wants(&queues_postbox(queues)) {
         let m = run_child("queues-postbox", queues);
         report.push(
@@ -122,6 +115,19 @@ pub fn scenario7(cfg: &Config, report: &mut Report) {
                 .bytes(m.bytes)
                 .vs(&queues_tokio(queues), Metric::Bytes)
                 .note("msgs/s: created per s; bytes per queue"),
+        );
+    }
+    let idle = cfg.count(1_000_000, 10_000);
+    if cfg.wants(&idle_queues_postbox(idle)) {
+        let m = run_child("idle-queues-postbox", idle);
+        report.push(
+            Row::new(S7, idle_queues_postbox(idle))
+                .rate(m.rate)
+                .bytes(m.bytes)
+                .note(format!(
+                    "msgs/s: declared per s ({:.1} s in all); bytes per queue",
+                    idle as f64 / m.rate
+                )),
         );
     }
     if cfg.wants(&queues_postbox_concurrent(queues)) {
@@ -136,7 +142,7 @@ pub fn scenario7(cfg: &Config, report: &mut Report) {
     }
 }
 
-fn run_child(case: &str, n: u64) -> Measured {
+pub fn run_child(case: &str, n: u64) -> Measured {
     let exe = std::env::current_exe().expect("the bench binary's path");
     let output = Command::new(exe)
         .args(["--memory-child", case, &n.to_string()])
@@ -183,7 +189,10 @@ pub fn child(args: &[String]) {
             "queues-postbox" => queues_in_postbox(n, 1).await,
             "queues-postbox-concurrent" => queues_in_postbox(n, CONCURRENT).await,
             "actors-postbox" => actors_in_postbox(n).await,
+            "actors-kameo" => crate::actor_layer::kameo_idle(n).await,
+            "actors-ractor" => crate::actor_layer::ractor_idle(n).await,
             "queues-tokio" => queues_in_tokio(n).await,
+            "idle-queues-postbox" => idle_queues_in_postbox(n).await,
             other => panic!("unknown memory case {other}"),
         }
     });
@@ -278,6 +287,31 @@ async fn queues_in_postbox(n: u64, concurrent: usize) -> (f64, f64) {
     let rate = n as f64 / start.elapsed().as_secs_f64();
     let after = live_rss();
     drop(consumers);
+    (rate, (after - before) as f64 / n as f64)
+}
+
+/// Declares `n` queues, one after the other, and waits until every queue
+/// actor runs (a snapshot of the last one answers).
+async fn idle_queues_in_postbox(n: u64) -> (f64, f64) {
+    let rt = Runtime::new().expect("postbox runtime");
+    let broker = Broker::new(&rt);
+    let before = live_rss();
+    let start = Instant::now();
+    let mut handles = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let handle = broker
+            .declare_queue(&format!("q{i}"), QueueOptions::default())
+            .await
+            .expect("declare a queue");
+        handles.push(handle);
+    }
+    // Every arbiter has started the queues it was handed.
+    for handle in handles.iter().rev().take(rt.arbiters()) {
+        handle.snapshot().await.expect("the queue runs");
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let after = live_rss();
+    drop(handles);
     (rate, (after - before) as f64 / n as f64)
 }
 

@@ -228,7 +228,7 @@ impl Handler<Push> for Sink {
     }
 }
 
-async fn postbox_actor(n: u64) -> f64 {
+pub async fn postbox_actor(n: u64) -> f64 {
     let rt = place::postbox_runtime().await;
     let done = leak(Done::new());
     let addr = rt

@@ -275,7 +275,7 @@ fn runtime(arbiters: usize, busy_poll: Option<Duration>) -> Runtime {
     .expect("postbox runtime")
 }
 
-async fn ask(warmup: usize, n: usize, across: bool, busy_poll: Option<Duration>) -> Latencies {
+pub async fn ask(warmup: usize, n: usize, across: bool, busy_poll: Option<Duration>) -> Latencies {
     let rt = runtime(2, busy_poll);
     if across {
         place::pin_arbiters(&rt, |i| i).await;

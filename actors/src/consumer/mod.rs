@@ -37,7 +37,7 @@ use crate::supervision::Supervision;
 /// - **A panic** crashes the consumer: the queue requeues every delivery it had
 ///   not settled (flagged redelivered), and the supervisor rebuilds it from its
 ///   factory with fresh state, after a backoff that grows with consecutive
-///   crashes (10 ms doubling to 30 s). By default it never gives up: a
+///   crashes (none for a first crash, then 10 ms doubling to 30 s). By default it never gives up: a
 ///   crash-looping consumer stays visible as such in its
 ///   [report](ConsumerHandle::report), and each crash is logged and told to the
 ///   broker's observers. With [`ConsumeOptions::restarts`] it gives up past a
@@ -198,8 +198,8 @@ impl ConsumeOptions {
         self
     }
 
-    /// Delay between restarts (default: 10 ms, doubling with each
-    /// consecutive crash up to 30 s).
+    /// Delay between restarts (default: none for a first crash, then 10 ms,
+    /// doubling with each consecutive crash up to 30 s).
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.supervision.backoff = backoff;
         self
