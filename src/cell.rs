@@ -23,6 +23,7 @@ use crate::context::Context;
 use crate::envelope::Envelope;
 use crate::failure::{ExitReason, Failure};
 use crate::runtime::RuntimeHandle;
+use crate::supervisor::SelfSupervision;
 
 /// Builds a fresh actor for each incarnation; `None` means it cannot be rebuilt.
 pub(crate) type Factory<A> = Box<dyn FnMut() -> Option<A> + Send>;
@@ -37,6 +38,8 @@ pub(crate) struct Cell<A: Actor> {
     pub(crate) shared: Arc<Shared>,
     pub(crate) runtime: RuntimeHandle,
     pub(crate) parent: Option<Parent>,
+    /// Restarts without a parent (see [`crate::RestartStrategy`]).
+    pub(crate) own: Option<Box<SelfSupervision>>,
     pub(crate) ended: Ended,
 }
 
@@ -96,8 +99,8 @@ pub(crate) async fn run<A: Actor>(mut cell: Cell<A>) {
         )
         .await;
         ctx.abort_tasks();
-        let reason = match end {
-            End::Exit(reason) => reason,
+        let (reason, from_outside) = match end {
+            End::Exit(reason) => (reason, false),
             End::Restart(delay) => {
                 cell.shared
                     .end_incarnation(incarnation, &ExitReason::Restarted, false);
@@ -108,13 +111,30 @@ pub(crate) async fn run<A: Actor>(mut cell: Cell<A>) {
                 last = ExitReason::Stopped;
                 break;
             }
-            End::Stop { report: true } => ExitReason::Stopped,
+            End::Stop { report: true } => (ExitReason::Stopped, true),
         };
         if let ExitReason::Failed(failure) = &reason {
             cell.shared.failures.fetch_add(1, Ordering::Relaxed);
             span.in_scope(|| tracing::warn!(incarnation, %failure, "actor failed"));
         }
         cell.shared.end_incarnation(incarnation, &reason, false);
+        if let Some(own) = cell.own.as_mut() {
+            // Stopped from outside: for good, whatever the strategy.
+            if from_outside {
+                last = reason;
+                break;
+            }
+            match span.in_scope(|| own.decide(reason)) {
+                Ok(delay) => {
+                    if pause_unless_stopped(delay, &cell.shared.control).await {
+                        continue;
+                    }
+                    last = ExitReason::Stopped;
+                }
+                Err(reason) => last = reason,
+            }
+            break;
+        }
         let Some(parent) = cell.parent.as_mut() else {
             last = reason;
             break;
@@ -147,6 +167,26 @@ async fn pause(delay: Duration) {
         // otherwise reserve room for one.
         Box::pin(tokio::time::sleep(delay)).await;
     }
+}
+
+/// A self-supervised actor's backoff: true when it is over, false if the
+/// actor was stopped meanwhile (it then stays stopped).
+async fn pause_unless_stopped(delay: Duration, control: &ControlBox) -> bool {
+    if delay.is_zero() {
+        return true;
+    }
+    let sleep = Box::pin(tokio::time::sleep(delay));
+    let stopped = Box::pin(async {
+        loop {
+            if let Control::Stop { .. } = control.recv().await {
+                return;
+            }
+        }
+    });
+    matches!(
+        futures::future::select(sleep, stopped).await,
+        futures::future::Either::Left(_)
+    )
 }
 
 async fn decision(control: &ControlBox, incarnation: u64) -> Decision {
@@ -269,6 +309,7 @@ mod tests {
             shared: shared.clone(),
             runtime: RuntimeHandle::local(),
             parent: None,
+            own: None,
             ended: Ended { shared, done: true },
         };
         let size = std::mem::size_of_val(&run(cell));

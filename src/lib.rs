@@ -75,6 +75,6 @@ pub use context::Context;
 pub use failure::{ExitReason, Failure, FailureKind};
 pub use runtime::{Builder, DEFAULT_MAILBOX, Runtime, RuntimeBuilder, RuntimeHandle, ShutdownHook};
 pub use supervisor::{
-    Backoff, ChildInfo, ChildSpec, Restart, Strategy, Supervisor, SupervisorActor, SupervisorError,
-    SupervisorSpec,
+    Backoff, ChildInfo, ChildSpec, Restart, RestartStrategy, Strategy, Supervisor, SupervisorActor,
+    SupervisorError, SupervisorSpec,
 };

@@ -38,6 +38,7 @@ use crate::actor::Actor;
 use crate::addr::{Addr, Shared};
 use crate::busy_poll;
 use crate::cell::{self, Cell, Factory, Parent};
+use crate::supervisor::{RestartStrategy, SelfSupervision};
 
 /// Default mailbox capacity of spawned actors.
 pub const DEFAULT_MAILBOX: usize = 256;
@@ -385,8 +386,10 @@ impl RuntimeHandle {
     /// Spawns `actor` with the default mailbox capacity on the next arbiter.
     /// It is not restarted if it fails: use a [`Supervisor`](crate::Supervisor) for that.
     pub fn spawn<A: Actor + Send>(&self, actor: A) -> Addr<A> {
-        let mut slot = Some(actor);
-        self.build(move || slot.take()).spawn()
+        // Boxed: the factory, kept for the actor's life, is a pointer once
+        // it has handed the actor over.
+        let mut slot = Some(Box::new(actor));
+        self.build(move || slot.take().map(|actor| *actor)).spawn()
     }
 
     /// Starts building an actor from a factory, to set its mailbox, name or arbiter.
@@ -409,6 +412,7 @@ impl RuntimeHandle {
             name: None,
             arbiter: None,
             parent: None,
+            own: None,
         }
     }
 
@@ -441,6 +445,7 @@ pub struct Builder<A: Actor> {
     name: Option<Arc<str>>,
     arbiter: Option<usize>,
     parent: Option<Parent>,
+    own: Option<RestartStrategy>,
 }
 
 impl<A: Actor> fmt::Debug for Builder<A> {
@@ -449,6 +454,7 @@ impl<A: Actor> fmt::Debug for Builder<A> {
             .field("mailbox", &self.mailbox)
             .field("name", &self.name)
             .field("arbiter", &self.arbiter)
+            .field("supervise", &self.own)
             .finish()
     }
 }
@@ -474,6 +480,18 @@ impl<A: Actor> Builder<A> {
 
     pub(crate) fn parent(mut self, parent: Parent) -> Self {
         self.parent = Some(parent);
+        self.own = None;
+        self
+    }
+
+    /// Restarts the actor by `strategy` when it fails, from its factory, with
+    /// no supervisor actor: cheaper than a [`SupervisorSpec`](crate::SupervisorSpec)
+    /// with one child, and the address is known at once. Messages queued for
+    /// it are kept across restarts.
+    pub fn supervise(mut self, strategy: RestartStrategy) -> Self {
+        if self.parent.is_none() {
+            self.own = Some(strategy);
+        }
         self
     }
 
@@ -492,6 +510,7 @@ impl<A: Actor> Builder<A> {
             shared: shared.clone(),
             runtime: self.runtime.clone(),
             parent: self.parent,
+            own: self.own.map(|s| Box::new(SelfSupervision::new(s))),
             ended: cell::Ended {
                 shared: shared.clone(),
                 done: false,

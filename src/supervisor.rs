@@ -282,6 +282,164 @@ impl<A: Actor> ErasedSpec for ChildSpec<A> {
     }
 }
 
+/// How an actor restarts itself when it fails, with no supervisor actor of its
+/// own (as Akka Typed's `Behaviors.supervise` wraps one actor): the policy of
+/// a [`ChildSpec`] and the limits of a [`SupervisorSpec`], for one actor. Set
+/// it with [`Builder::supervise`](crate::Builder::supervise).
+///
+/// Past the restart limit the actor stops for good with an
+/// [`Escalation`](FailureKind::Escalation) failure; [`Addr::stop`] stops it
+/// for good too, even while it waits out a backoff.
+///
+/// ```
+/// use std::time::Duration;
+/// use postbox::{Actor, Backoff, Restart, RestartStrategy, RuntimeHandle};
+/// # struct Worker; impl Actor for Worker {}
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// # let rt = postbox::Runtime::with_arbiters(1).unwrap();
+/// let strategy = RestartStrategy::new(Restart::Transient)
+///     .intensity(10, Duration::from_secs(60))
+///     .backoff(Backoff::exponential(Duration::from_millis(10), Duration::from_secs(5)).immediate(1));
+/// let worker = rt.build(|| Some(Worker)).supervise(strategy).spawn();
+/// # }
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestartStrategy {
+    restart: Restart,
+    max_restarts: usize,
+    window: Duration,
+    backoff: Backoff,
+}
+
+impl RestartStrategy {
+    /// Restarts by `restart`, at most 5 times in 10 seconds, with no backoff
+    /// (the defaults of [`SupervisorSpec::new`]).
+    pub fn new(restart: Restart) -> Self {
+        RestartStrategy {
+            restart,
+            max_restarts: 5,
+            window: Duration::from_secs(10),
+            backoff: Backoff::NONE,
+        }
+    }
+
+    /// At most `max_restarts` restarts within `window`; one more and the
+    /// actor stops for good.
+    pub fn intensity(mut self, max_restarts: usize, window: Duration) -> Self {
+        self.max_restarts = max_restarts;
+        self.window = window;
+        self
+    }
+
+    /// Delay between restarts.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+}
+
+/// Whether `restart` restarts after an incarnation ended with `reason`.
+fn restarts_after(restart: Restart, reason: &ExitReason) -> bool {
+    match restart {
+        Restart::Permanent => true,
+        Restart::Transient => reason.is_failure(),
+        Restart::Temporary => false,
+    }
+}
+
+/// The restarts counted against an intensity limit: those within the window.
+#[derive(Debug, Default)]
+struct RestartLimit {
+    restarts: VecDeque<Instant>,
+}
+
+impl RestartLimit {
+    /// Counts a restart; false when it would pass `max` within `window`.
+    fn allow(&mut self, max: usize, window: Duration) -> bool {
+        let now = Instant::now();
+        while self
+            .restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= window)
+        {
+            self.restarts.pop_front();
+        }
+        if self.restarts.len() >= max {
+            return false;
+        }
+        self.restarts.push_back(now);
+        true
+    }
+}
+
+/// Consecutive restarts of one actor, for its backoff.
+#[derive(Debug, Default)]
+struct BackoffClock {
+    consecutive: u32,
+    last_restart: Option<Instant>,
+}
+
+impl BackoffClock {
+    /// The delay before the next restart.
+    fn next(&mut self, backoff: &Backoff, window: Duration) -> Duration {
+        let now = Instant::now();
+        if self
+            .last_restart
+            .is_some_and(|t| now.duration_since(t) >= window)
+        {
+            self.consecutive = 0;
+        }
+        self.consecutive = self.consecutive.saturating_add(1);
+        let delay = backoff.delay(self.consecutive);
+        // When the new incarnation starts: one that then runs for a whole
+        // window without failing starts again from the smallest delay. (From
+        // the failure instead, a backoff longer than the window would reset
+        // itself at every crash.)
+        self.last_restart = Some(now.checked_add(delay).unwrap_or(now));
+        delay
+    }
+}
+
+/// A self-supervised actor's strategy and restart history, kept by its cell.
+#[derive(Debug)]
+pub(crate) struct SelfSupervision {
+    strategy: RestartStrategy,
+    limit: RestartLimit,
+    clock: BackoffClock,
+}
+
+impl SelfSupervision {
+    pub(crate) fn new(strategy: RestartStrategy) -> Self {
+        SelfSupervision {
+            strategy,
+            limit: RestartLimit::default(),
+            clock: BackoffClock::default(),
+        }
+    }
+
+    /// After an incarnation ended with `reason`: `Ok(delay)` to restart after
+    /// `delay`, or `Err(final reason)` to stop for good.
+    pub(crate) fn decide(&mut self, reason: ExitReason) -> Result<Duration, ExitReason> {
+        let s = self.strategy;
+        if !restarts_after(s.restart, &reason) {
+            return Err(reason);
+        }
+        if !self.limit.allow(s.max_restarts, s.window) {
+            tracing::error!(%reason, max_restarts = s.max_restarts, window = ?s.window, "restart limit passed: the actor gives up");
+            return Err(ExitReason::Failed(Failure::with_kind(
+                FailureKind::Escalation,
+                format!(
+                    "{reason}, and the limit of {} restarts in {:?} is passed",
+                    s.max_restarts, s.window
+                ),
+            )));
+        }
+        let delay = self.clock.next(&s.backoff, s.window);
+        tracing::info!(%reason, ?delay, "restarting");
+        Ok(delay)
+    }
+}
+
 /// A supervisor's configuration; [`spawn`](SupervisorSpec::spawn) starts it.
 #[derive(Clone)]
 pub struct SupervisorSpec {
@@ -381,8 +539,7 @@ struct Slot {
     spec: Arc<dyn ErasedSpec>,
     started: Started,
     incarnation: u64,
-    consecutive: u32,
-    last_restart: Option<Instant>,
+    backoff: BackoffClock,
 }
 
 /// The supervisor actor. Use it through [`Supervisor`], or nest it with
@@ -390,7 +547,7 @@ struct Slot {
 pub struct SupervisorActor {
     spec: SupervisorSpec,
     children: Vec<Slot>,
-    restarts: VecDeque<Instant>,
+    restarts: RestartLimit,
 }
 
 impl fmt::Debug for SupervisorActor {
@@ -407,7 +564,7 @@ impl SupervisorActor {
         SupervisorActor {
             spec,
             children: Vec::new(),
-            restarts: VecDeque::new(),
+            restarts: RestartLimit::default(),
         }
     }
 
@@ -427,47 +584,20 @@ impl SupervisorActor {
             spec,
             started,
             incarnation: 1,
-            consecutive: 0,
-            last_restart: None,
+            backoff: BackoffClock::default(),
         });
         self.children.last().ok_or(SupervisorError::Stopped)
     }
 
     /// Counts a restart against the intensity; false when the limit is passed.
     fn allow_restart(&mut self) -> bool {
-        let now = Instant::now();
-        while self
-            .restarts
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= self.spec.window)
-        {
-            self.restarts.pop_front();
-        }
-        if self.restarts.len() >= self.spec.max_restarts {
-            return false;
-        }
-        self.restarts.push_back(now);
-        true
+        self.restarts
+            .allow(self.spec.max_restarts, self.spec.window)
     }
 
     fn delay_for(&mut self, i: usize) -> Duration {
-        let now = Instant::now();
-        let window = self.spec.window;
-        let slot = &mut self.children[i];
-        if slot
-            .last_restart
-            .is_some_and(|t| now.duration_since(t) >= window)
-        {
-            slot.consecutive = 0;
-        }
-        slot.consecutive += 1;
-        let delay = self.spec.backoff.delay(slot.consecutive);
-        // When the new incarnation starts: a child that then runs for a whole
-        // window without failing starts again from the smallest delay. (From
-        // the failure instead, a backoff longer than the window would reset
-        // itself at every crash.)
-        slot.last_restart = Some(now.checked_add(delay).unwrap_or(now));
-        delay
+        let (backoff, window) = (self.spec.backoff, self.spec.window);
+        self.children[i].backoff.next(&backoff, window)
     }
 
     fn restart_slot(slot: &mut Slot, delay: Duration) {
@@ -524,11 +654,7 @@ impl Handler<ChildExited> for SupervisorActor {
         if msg.incarnation < self.children[i].incarnation {
             return Ok(()); // already restarted by a strategy: stale report
         }
-        let restart = match (self.children[i].spec.restart(), &msg.reason) {
-            (Restart::Permanent, _) => true,
-            (Restart::Transient, reason) => reason.is_failure(),
-            (Restart::Temporary, _) => false,
-        };
+        let restart = restarts_after(self.children[i].spec.restart(), &msg.reason);
         let name = self.children[i].spec.name().clone();
         if !restart {
             let slot = self.children.remove(i);

@@ -7,7 +7,8 @@ use std::time::Duration;
 use postbox::testkit::local;
 use postbox::{
     Actor, AskError, Backoff, ChildSpec, Context, ExitReason, Failure, FailureKind, Handler,
-    Message, Restart, Runtime, RuntimeHandle, Strategy, SupervisorSpec, TrySendError,
+    Message, Restart, RestartStrategy, Runtime, RuntimeHandle, Strategy, SupervisorSpec,
+    TrySendError,
 };
 use tokio::sync::Semaphore;
 
@@ -382,6 +383,97 @@ async fn restart_policies_and_backoff() {
         assert_eq!(perm.ask(Inc).await.unwrap(), 1);
         assert_eq!(start.elapsed(), Duration::from_secs(2));
         assert_eq!(sup.children().await.unwrap().len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_self_supervised_actor_restarts_itself_within_its_limits() {
+    local(async {
+        let rt = RuntimeHandle::local();
+        let strategy = RestartStrategy::new(Restart::Transient)
+            .intensity(3, Duration::from_secs(60))
+            .backoff(
+                Backoff::exponential(Duration::from_secs(1), Duration::from_secs(8)).immediate(1),
+            );
+        let actor = rt
+            .build(|| Some(Fragile::default()))
+            .supervise(strategy)
+            .spawn();
+        assert_eq!(actor.ask(Inc).await.unwrap(), 1);
+        // Messages queued behind a crash are kept, and run on fresh state.
+        let start = tokio::time::Instant::now();
+        actor.send(Crash).await.unwrap();
+        actor.send(Inc).await.unwrap();
+        assert_eq!(actor.ask(Inc).await.unwrap(), 2);
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "a first crash restarts at once"
+        );
+        // Consecutive crashes back off: 1 s, then 2 s.
+        let start = tokio::time::Instant::now();
+        let _ = actor.ask(Crash).await;
+        assert_eq!(actor.ask(Inc).await.unwrap(), 1);
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+        let start = tokio::time::Instant::now();
+        let _ = actor.ask(Fail).await;
+        assert_eq!(actor.ask(Inc).await.unwrap(), 1);
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        let stats = actor.stats();
+        assert_eq!(
+            (stats.failures, stats.restarts, stats.incarnation),
+            (3, 3, 4)
+        );
+        // A fourth failure within the window passes the limit: it gives up.
+        let _ = actor.ask(Crash).await;
+        let reason = actor.terminated().await;
+        assert!(
+            matches!(&reason, ExitReason::Failed(f) if f.kind() == FailureKind::Escalation),
+            "{reason:?}"
+        );
+        assert!(actor.is_closed());
+        assert!(matches!(actor.ask(Inc).await, Err(AskError::Closed)));
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_self_supervised_actor_stays_down_when_stopped_or_done() {
+    local(async {
+        let rt = RuntimeHandle::local();
+        // Stopped while it waits out its backoff: it does not come back.
+        let strategy = RestartStrategy::new(Restart::Permanent)
+            .intensity(usize::MAX, Duration::from_secs(60))
+            .backoff(Backoff::exponential(
+                Duration::from_secs(10),
+                Duration::from_secs(10),
+            ));
+        let actor = rt
+            .build(|| Some(Fragile::default()))
+            .supervise(strategy)
+            .spawn();
+        let _ = actor.ask(Crash).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        actor.stop();
+        assert!(matches!(actor.terminated().await, ExitReason::Stopped));
+        assert_eq!(actor.stats().restarts, 0);
+        // A transient actor that exits normally is done.
+        let transient = rt
+            .build(|| Some(Fragile::default()))
+            .supervise(RestartStrategy::new(Restart::Transient))
+            .spawn();
+        transient.stop();
+        assert!(matches!(transient.terminated().await, ExitReason::Stopped));
+        // A permanent one comes back after a normal exit, but not after stop().
+        let permanent = rt
+            .build(|| Some(Fragile::default()))
+            .supervise(RestartStrategy::new(Restart::Permanent))
+            .spawn();
+        assert_eq!(permanent.ask(Inc).await.unwrap(), 1);
+        permanent.stop();
+        permanent.terminated().await;
+        assert!(permanent.is_closed());
     })
     .await;
 }

@@ -1,16 +1,16 @@
-//! How a consumer or a stream subscriber is kept running: each gets a
-//! supervisor of its own, built from a [`Supervision`], that restarts it with
-//! fresh state when it fails, within a restart limit and with backoff, and
-//! that goes away with it.
+//! How a consumer or a stream subscriber is kept running: each restarts
+//! itself (a [`RestartStrategy`], no supervisor actor) with fresh state when
+//! it fails, within a restart limit and with backoff; and something must
+//! hold its address while it runs, whether or not its handle is kept
+//! ([`Kept`]).
 
-use std::sync::Arc;
+use std::any::Any;
 use std::time::Duration;
 
-use postbox::{Backoff, SupervisorSpec};
+use postbox::{Actor, Addr, AnyAddr, Backoff, Restart, RestartStrategy};
 
 /// How a consumer, or a stream subscriber, is restarted after it fails: at
-/// most `max_restarts` within `window`, `backoff` apart. Each gets a
-/// supervisor of its own built from this.
+/// most `max_restarts` within `window`, `backoff` apart.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Supervision {
     pub(crate) max_restarts: usize,
@@ -36,13 +36,28 @@ impl Default for Supervision {
 }
 
 impl Supervision {
-    /// A supervisor named `name` with these limits; add the child and spawn it.
-    pub(crate) fn spec(&self, name: impl Into<Arc<str>>) -> SupervisorSpec {
-        SupervisorSpec::new(name)
+    /// The strategy the actor restarts itself by: after failures only (a
+    /// consumer that stops normally, cancelled or its queue gone, is done).
+    pub(crate) fn strategy(&self) -> RestartStrategy {
+        RestartStrategy::new(Restart::Transient)
             .intensity(self.max_restarts, self.window)
             .backoff(self.backoff)
-            // It exists for its one child: when that stops for good (cancelled,
-            // or its queue or stream went away), so does the supervisor.
-            .auto_shutdown(true)
+    }
+}
+
+/// A running consumer or subscriber, kept by its broker or stream: its
+/// untyped handle, and its typed address, which keeps its mailbox open until
+/// it stops for good.
+pub(crate) struct Kept {
+    pub(crate) any: AnyAddr,
+    _addr: Box<dyn Any + Send>,
+}
+
+impl Kept {
+    pub(crate) fn new<A: Actor>(addr: &Addr<A>) -> Self {
+        Kept {
+            any: addr.any(),
+            _addr: Box::new(addr.clone()),
+        }
     }
 }

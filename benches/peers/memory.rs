@@ -9,8 +9,8 @@
 //!   (`declare_queue` + `consume`, one after the other, as a simple loop does;
 //!   and 64 at a time) and resident bytes per queue. Baseline: a bounded mpsc
 //!   channel plus a receiving task per queue. (Scenario 8 has the cost of a
-//!   bare actor: a queue with a consumer is three actors, the queue, the
-//!   consumer and the consumer's supervisor.)
+//!   bare actor: a queue with a consumer is two actors, the queue and the
+//!   consumer, which supervises itself.)
 //!
 //! - 1,000,000 idle queues (declared, no consumer): how long declaring them
 //!   takes and resident bytes per queue, the cost of wide fan-in.

@@ -4,17 +4,17 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use postbox::{ChildSpec, Restart};
-
 use crate::broker::Broker;
 use crate::consumer::{
     ConsumeOptions, Consumer, ConsumerActor, ConsumerFactory, ConsumerHandle, Registration, Shared,
 };
 use crate::error::BrokerError;
+use crate::supervision::Kept;
 
 impl Broker {
-    /// Starts a supervised consumer on `queue`. `factory` builds the consumer, and
-    /// builds it again after each crash. Returns once it is registered.
+    /// Starts a consumer on `queue`. `factory` builds the consumer, and builds
+    /// it again after each crash (the consumer restarts itself, as its
+    /// [`ConsumeOptions`] say). Returns once it is registered.
     #[doc(alias = "basic_consume")]
     pub async fn consume<C, F>(
         &self,
@@ -29,51 +29,44 @@ impl Broker {
         self.alive()?;
         let handle = self.queue(queue)?;
         let n = self.inner.consumers.fetch_add(1, Ordering::Relaxed);
-        let name = format!("consumer:{queue}:{n}");
-        let mailbox = options.mailbox_capacity();
-        let child_options = options.clone();
         let child_queue = handle.clone();
+        let child_options = options.clone();
         let shared = Arc::new(Shared::default());
         let child_shared = shared.clone();
-        let child = ChildSpec::new("consumer", move || {
-            ConsumerActor::new(
-                child_queue.clone(),
-                &child_options,
-                factory.build(),
-                Arc::clone(&child_shared),
-            )
-        })
-        .restart(Restart::Transient)
-        .mailbox(mailbox);
-        let supervisor = options
-            .supervision
-            .spec(name)
-            .child(child)
-            .spawn(&self.inner.runtime);
-        let id = supervisor.addr().id();
-        self.inner.live.lock().insert(id, supervisor.clone());
+        let addr = self
+            .inner
+            .runtime
+            .build(move || {
+                Some(ConsumerActor::new(
+                    child_queue.clone(),
+                    &child_options,
+                    factory.build(),
+                    Arc::clone(&child_shared),
+                ))
+            })
+            .mailbox(options.mailbox_capacity())
+            .name(format!("consumer:{queue}:{n}"))
+            .supervise(options.supervision.strategy())
+            .spawn();
+        let id = addr.id();
+        self.inner.live.lock().insert(id, Kept::new(&addr));
         let broker = Arc::downgrade(&self.inner);
         let abandoned = shared.clone();
-        supervisor.addr().any().on_exit(Some(u64::MAX), move |_| {
+        addr.any().on_exit(Some(u64::MAX), move |_| {
             abandoned.abandon();
             if let Some(inner) = broker.upgrade() {
                 inner.live.lock().remove(&id);
             }
         });
-        let addr = supervisor
-            .child::<ConsumerActor<C>>("consumer")
-            .await
-            .map_err(|_| BrokerError::Stopped)?;
         // Registration happens in `started`, before any message is handled.
         match addr.ask(Registration).await {
             Ok(Some(_)) => Ok(ConsumerHandle {
                 queue: handle.name.clone(),
                 addr,
-                supervisor,
                 shared,
             }),
             _ => {
-                supervisor.stop();
+                addr.stop();
                 self.alive()?;
                 Err(handle.gone())
             }

@@ -24,7 +24,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
-use postbox::{ActorId, RuntimeHandle, ShutdownHook, Supervisor};
+use postbox::{ActorId, RuntimeHandle, ShutdownHook};
 use rustc_hash::FxHashMap;
 
 pub use publish::PublishOptions;
@@ -61,9 +61,9 @@ struct Inner {
     topology: RwLock<Topology>,
     consumers: AtomicU64,
     observers: Observers,
-    /// Every running consumer's supervisor: a consumer lives until it is
-    /// cancelled or gives up, whether or not its handle is kept.
-    live: Mutex<HashMap<ActorId, Supervisor>>,
+    /// Every running consumer: a consumer lives until it is cancelled or
+    /// gives up, whether or not its handle is kept.
+    live: Mutex<HashMap<ActorId, crate::supervision::Kept>>,
     /// State the layers above keep per broker, one value per type (see
     /// [`Broker::extension`]).
     extensions: RwLock<FxHashMap<TypeId, Arc<dyn Any + Send + Sync>>>,

@@ -359,7 +359,7 @@ impl<C: Consumer> Handler<DeliveryBatch> for ConsumerActor<C> {
 
 /// The queue ended this consumer's registration: the queue was deleted (the
 /// consumer is told), or the consumer was cancelled and has settled what it
-/// held. It stops for good (its supervisor goes too).
+/// held. It stops for good.
 impl<C: Consumer> Handler<Cancelled> for ConsumerActor<C> {
     async fn handle(&mut self, msg: Cancelled, ctx: &mut Context<Self>) -> Result<(), Failure> {
         self.link = None;

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytestring::ByteString;
-use postbox::{AnyAddr, Backoff, ExitReason, Failure, Supervisor};
+use postbox::{AnyAddr, Backoff, ExitReason, Failure};
 
 pub(crate) use actor::{Close, ConsumerActor, Drain, Flush, Registration, Shared};
 pub use layer::{Layer, LayerExt, Layered};
@@ -26,8 +26,8 @@ use crate::supervision::Supervision;
 /// What a consumer does with each delivery. Closures
 /// `FnMut(Delivery) -> impl Future` are consumers too.
 ///
-/// A consumer is an actor with a bounded mailbox. [`Broker::consume`] puts it
-/// under a supervisor of its own.
+/// A consumer is an actor with a bounded mailbox. [`Broker::consume`] starts
+/// it supervising itself (a [`postbox::RestartStrategy`]: no supervisor actor).
 ///
 /// - **An `Err`** from `handle` is a failure of that delivery, not of the
 ///   consumer: the delivery is settled by the consumer's [`OnError`] policy
@@ -35,7 +35,7 @@ use crate::supervision::Supervision;
 ///   with its state. (In auto-ack mode the delivery was settled when it was
 ///   handed over: it is lost, and counted.)
 /// - **A panic** crashes the consumer: the queue requeues every delivery it had
-///   not settled (flagged redelivered), and the supervisor rebuilds it from its
+///   not settled (flagged redelivered), and it is rebuilt from its
 ///   factory with fresh state, after a backoff that grows with consecutive
 ///   crashes (none for a first crash, then 10 ms doubling to 30 s). By default it never gives up: a
 ///   crash-looping consumer stays visible as such in its
@@ -88,7 +88,7 @@ where
 
 /// Builds a consumer, at start and again after each crash: any
 /// `Fn() -> C + Send + Sync + 'static` (it is sent to the consumer's thread and
-/// kept by its supervisor), or a factory with [layers](Layer).
+/// kept for its restarts), or a factory with [layers](Layer).
 pub trait ConsumerFactory<C: Consumer>: Send + Sync + 'static {
     /// A fresh consumer.
     fn build(&self) -> C;
@@ -226,7 +226,6 @@ impl ConsumeOptions {
 pub struct ConsumerHandle<C: Consumer> {
     pub(crate) queue: ByteString,
     pub(crate) addr: postbox::Addr<ConsumerActor<C>>,
-    pub(crate) supervisor: Supervisor,
     pub(crate) shared: Arc<Shared>,
 }
 
@@ -292,7 +291,7 @@ impl<C: Consumer> ConsumerHandle<C> {
             restarts: stats.restarts,
             crash_looping,
             last_crash,
-            running: !self.supervisor.addr().is_closed(),
+            running: !self.addr.is_closed(),
         }
     }
 
@@ -316,13 +315,13 @@ impl<C: Consumer> ConsumerHandle<C> {
     /// (as when a RabbitMQ channel closes). Resolves once it is gone.
     pub async fn close(self) {
         let _ = self.addr.ask(Close).await;
-        self.supervisor.stop();
-        self.supervisor.terminated().await;
+        self.addr.stop();
+        self.addr.terminated().await;
     }
 
     /// Resolves when the consumer is down for good (closed, cancelled and
     /// settled, its queue deleted, or restarted too often).
     pub async fn terminated(&self) -> ExitReason {
-        self.supervisor.terminated().await
+        self.addr.terminated().await
     }
 }

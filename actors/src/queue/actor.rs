@@ -113,7 +113,9 @@ pub(crate) fn spawn_queue(
                 .as_deref()
                 .map(ByteString::from),
         });
-    let mut actor = Some(QueueActor::new(
+    // Boxed, so that the factory (kept for the actor's life) shrinks to a
+    // pointer once it has handed the actor over.
+    let mut actor = Some(Box::new(QueueActor::new(
         name.clone(),
         options.policy(),
         dead_letter,
@@ -123,9 +125,9 @@ pub(crate) fn spawn_queue(
         consumers.clone(),
         inbox.clone(),
         lease.clone(),
-    ));
+    )));
     let addr = runtime
-        .build(move || actor.take())
+        .build(move || actor.take().map(|actor| *actor))
         .mailbox(options.mailbox)
         .name(format!("queue:{name}"))
         .spawn();

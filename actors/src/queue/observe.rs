@@ -61,7 +61,7 @@ pub trait Observer: Send + Sync + 'static {
 
     /// A consumer crashed (a panic, or an error under
     /// [`OnError::Restart`](crate::OnError::Restart)): its registration
-    /// ended, what it held is requeued, and its supervisor restarts it
+    /// ended, what it held is requeued, and it restarts
     /// (`restarts`: how many times it was restarted before this crash).
     fn consumer_failed(&self, queue: &str, consumer: ConsumerId, failure: &Failure, restarts: u64) {
         let _ = (queue, consumer, failure, restarts);

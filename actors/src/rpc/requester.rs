@@ -296,7 +296,7 @@ impl Drop for Inner {
                 .unregister(&self.reply_queue);
         }
         // The reply queue is tied to the router: stopping it deletes the queue.
-        self.router.supervisor.stop();
+        self.router.addr.stop();
     }
 }
 

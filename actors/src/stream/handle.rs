@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytestring::ByteString;
 use parking_lot::Mutex;
-use postbox::{ChildSpec, Recipient, Restart, RuntimeHandle, Supervisor};
+use postbox::{Recipient, RuntimeHandle};
+
+use crate::supervision::Kept;
 use tokio::sync::Notify;
 
 use crate::envelope::Envelope;
@@ -40,7 +42,7 @@ pub(crate) struct StreamCore {
     pub(crate) log: Mutex<LogState<Waker>>,
     /// Fired when a blocked publisher may have room, and when the stream closes.
     pub(crate) space: Notify,
-    pub(crate) subscribers: Mutex<HashMap<ReaderId, Supervisor>>,
+    pub(crate) subscribers: Mutex<HashMap<ReaderId, Kept>>,
     pub(crate) runtime: RuntimeHandle,
     seq: AtomicU64,
     /// Set when the runtime shut down: calls fail with `Stopped`, not `NotFound`.
@@ -124,10 +126,10 @@ impl StreamCore {
         };
         // Waiting publishers see the stream closed.
         self.release_publishers();
-        let supervisors: Vec<(ReaderId, Supervisor)> = self.subscribers.lock().drain().collect();
-        for (id, supervisor) in supervisors {
-            supervisor.stop();
-            supervisor.terminated().await;
+        let subscribers: Vec<(ReaderId, Kept)> = self.subscribers.lock().drain().collect();
+        for (id, subscriber) in subscribers {
+            subscriber.any.stop();
+            subscriber.any.terminated().await;
             self.log.lock().remove_reader(id);
         }
         stats
@@ -172,7 +174,7 @@ impl StreamCore {
 ///     ([`StreamDelivery::skipped`](crate::StreamDelivery::skipped)), its stats count them, and a warning is
 ///     logged.
 /// - **Subscribers** are actors with bounded mailboxes (that carry only
-///   wake-ups), each under a supervisor of its own, like queue consumers. A
+///   wake-ups), each restarting itself when it fails, like queue consumers. A
 ///   subscriber reads batches (64 records per lock by default), commits its
 ///   position after each batch, parks when it reaches the tail, and is woken
 ///   by the next append (one small message; appends to a stream whose
@@ -474,36 +476,32 @@ impl StreamHandle {
         };
         let child_core = core.clone();
         let batch = options.batch;
-        let child = ChildSpec::new("subscriber", move || {
-            StreamSubscriber::new(child_core.clone(), reader, batch, factory())
-        })
-        .restart(Restart::Transient)
-        .mailbox(options.mailbox);
-        let supervisor = options
-            .supervision
-            .spec(label)
-            .child(child)
-            .spawn(&core.runtime);
-        core.subscribers.lock().insert(reader, supervisor.clone());
+        let addr = core
+            .runtime
+            .build(move || {
+                Some(StreamSubscriber::new(
+                    child_core.clone(),
+                    reader,
+                    batch,
+                    factory(),
+                ))
+            })
+            .mailbox(options.mailbox)
+            .name(label)
+            .supervise(options.supervision.strategy())
+            .spawn();
+        core.subscribers.lock().insert(reader, Kept::new(&addr));
         // When the subscriber is down for good, its position stops counting.
         let weak = Arc::downgrade(&core);
-        supervisor.addr().any().on_exit(Some(u64::MAX), move |_| {
+        addr.any().on_exit(Some(u64::MAX), move |_| {
             if let Some(core) = weak.upgrade() {
                 core.remove_reader(reader);
             }
         });
-        match supervisor.child::<StreamSubscriber<C>>("subscriber").await {
-            Ok(addr) => Ok(StreamSubscription {
-                core,
-                reader,
-                addr,
-                supervisor,
-            }),
-            Err(_) => {
-                supervisor.stop();
-                core.remove_reader(reader);
-                Err(StreamError::Stopped)
-            }
+        if addr.is_closed() {
+            core.remove_reader(reader);
+            return Err(StreamError::Stopped);
         }
+        Ok(StreamSubscription { core, reader, addr })
     }
 }

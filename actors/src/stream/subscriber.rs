@@ -11,7 +11,7 @@
 //! not, it parks at the tail, and the next append wakes it.
 //!
 //! A handler that returns an error or panics fails the actor: the position is
-//! committed up to the record that failed, the supervisor rebuilds the handler
+//! committed up to the record that failed, the actor rebuilds the handler
 //! from its factory (with backoff, within a restart limit), and the new
 //! incarnation starts at that record, flagged as a redelivery (at least once).
 //! While it restarts its position still holds back block-mode retention.
@@ -23,7 +23,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use futures::FutureExt;
-use postbox::{Actor, Addr, AnyAddr, Context, ExitReason, Failure, Handler, Message, Supervisor};
+use postbox::{Actor, Addr, AnyAddr, Context, ExitReason, Failure, Handler, Message};
 use tracing::Instrument;
 
 use crate::envelope::Envelope;
@@ -314,7 +314,6 @@ pub struct StreamSubscription<C: StreamConsumer> {
     pub(crate) core: Arc<StreamCore>,
     pub(crate) reader: ReaderId,
     pub(crate) addr: Addr<StreamSubscriber<C>>,
-    pub(crate) supervisor: Supervisor,
 }
 
 impl<C: StreamConsumer> std::fmt::Debug for StreamSubscription<C> {
@@ -354,9 +353,9 @@ impl<C: StreamConsumer> StreamSubscription<C> {
             }
             Err(_) => self.stats(),
         };
-        self.supervisor.stop();
-        self.supervisor.terminated().await;
-        // Normally done already, when the supervisor stopped.
+        self.addr.stop();
+        self.addr.terminated().await;
+        // Normally done already, when the subscriber stopped.
         self.core.remove_reader(self.reader);
         stats
     }
@@ -364,6 +363,6 @@ impl<C: StreamConsumer> StreamSubscription<C> {
     /// Resolves when the subscriber is down for good (cancelled, stream
     /// deleted, or restarted too often).
     pub async fn terminated(&self) -> ExitReason {
-        self.supervisor.terminated().await
+        self.addr.terminated().await
     }
 }

@@ -63,7 +63,7 @@ pub struct FaultStats {
 /// then stacked on a consumer factory as a [`Layer`](crate::Layer).
 ///
 /// Cloning a plan shares its counters. A crash is a panic in the consumer's
-/// handler: the consumer's supervisor restarts it (after its backoff) and the
+/// handler: the consumer restarts (after its backoff) and the
 /// queue requeues what it had not settled, as with a real crash.
 ///
 /// # Example
