@@ -8,7 +8,9 @@
 //! amortized constant per removal. Deques below [`KEEP`] entries are left
 //! alone, and the wide gap between shrinking (an eighth full) and growing
 //! again (full) keeps a queue whose backlog swings under load from
-//! reallocating back and forth.
+//! reallocating back and forth. A queue's backlog is released later still,
+//! once it has stayed small for a moment (see `QueueActor`): a backlog that
+//! drains and refills at once (bursts) keeps its buffer and its pages.
 
 use std::collections::VecDeque;
 
@@ -20,10 +22,17 @@ const KEEP: usize = 16 * 1024;
 /// Shrinks `deque` if most of its capacity is unused (see the module docs).
 #[inline]
 pub(crate) fn release<T>(deque: &mut VecDeque<T>) {
-    let capacity = deque.capacity();
-    if capacity > KEEP && deque.len() < capacity / 8 {
+    if is_spare(deque) {
         shrink(deque);
     }
+}
+
+/// Whether [`release`] would shrink `deque`: for owners that release later
+/// (a queue's backlog, which may be about to swing back up).
+#[inline]
+pub(crate) fn is_spare<T>(deque: &VecDeque<T>) -> bool {
+    let capacity = deque.capacity();
+    capacity > KEEP && deque.len() < capacity / 8
 }
 
 #[cold]

@@ -202,7 +202,11 @@ impl<C: Consumer> ConsumerActor<C> {
             return Ok(());
         };
         let mut handled = Handled::new(&self.shared.handled);
-        for delivery in batch {
+        let mut batch = batch.into_iter();
+        loop {
+            // Not `for`: its `next()` temporary would be kept across the
+            // await below, a second copy of every delivery.
+            let Some(delivery) = batch.next() else { break };
             if delivery.consumer() != link.consumer || !link.is_active() {
                 // Made to an earlier registration of this actor, or to one
                 // that has ended: the queue requeued it (or was deleted).
@@ -262,8 +266,14 @@ impl Drop for Handled<'_> {
     }
 }
 
-/// Runs the handler for one delivery inside a `consume` span.
-async fn handle<C: Consumer>(consumer: &mut C, delivery: Delivery) -> Result<(), Failure> {
+/// Runs the handler for one delivery inside a `consume` span. A plain
+/// function, not an `async fn`: the handler's future is not moved once more
+/// into a wrapper's state (a copy per delivery on the hot path).
+#[inline(always)]
+fn handle<C: Consumer>(
+    consumer: &mut C,
+    delivery: Delivery,
+) -> impl Future<Output = Result<(), Failure>> + '_ {
     let span = tracing::debug_span!(
         "consume",
         queue = %delivery.queue(),
@@ -272,7 +282,7 @@ async fn handle<C: Consumer>(consumer: &mut C, delivery: Delivery) -> Result<(),
         tag = %delivery.tag(),
         redelivered = delivery.redelivered(),
     );
-    consumer.handle(delivery).instrument(span).await
+    consumer.handle(delivery).instrument(span)
 }
 
 impl<C: Consumer> Actor for ConsumerActor<C> {

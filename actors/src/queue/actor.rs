@@ -232,6 +232,8 @@ pub(crate) struct QueueActor {
     /// redeclaration renews it.
     lease: Arc<AtomicU64>,
     expiry_armed: bool,
+    /// A check for an unused backlog buffer is scheduled.
+    spare_check: bool,
     /// Events handled since the last progress (see [`QueueActor::touch`]).
     unprogressed: u32,
     /// Whether progress may wait for the mailbox to drain: not with length
@@ -274,6 +276,7 @@ impl QueueActor {
             expires,
             lease,
             expiry_armed: false,
+            spare_check: false,
             unprogressed: 0,
             coalesce,
         }
@@ -323,6 +326,11 @@ impl QueueActor {
         self.dead_letters();
         self.arm_timer(ctx);
         self.arm_expiry(ctx);
+        if !self.spare_check && self.state.has_spare() {
+            // Not now: a backlog that drained often fills again at once.
+            self.spare_check = true;
+            ctx.notify_later(ReleaseSpare, SPARE_AFTER);
+        }
     }
 
     fn arm_timer(&mut self, ctx: &mut Context<Self>) {
@@ -736,6 +744,24 @@ impl Handler<PublishConfirmed> for QueueActor {
         let accepted = self.publish(message);
         self.progressed(ctx);
         Ok(accepted)
+    }
+}
+
+/// How long a drained backlog keeps its buffer before giving it back.
+const SPARE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Gives back the backlog's buffer if it is still mostly unused.
+struct ReleaseSpare;
+impl Message for ReleaseSpare {
+    type Reply = ();
+}
+impl Handler<ReleaseSpare> for QueueActor {
+    async fn handle(&mut self, _: ReleaseSpare, _: &mut Context<Self>) -> Result<(), Failure> {
+        self.spare_check = false;
+        if self.state.has_spare() {
+            self.state.release_spare();
+        }
+        Ok(())
     }
 }
 

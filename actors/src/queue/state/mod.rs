@@ -193,7 +193,6 @@ impl Ready {
     fn pop(&mut self) -> Option<Entry> {
         let entry = self.entries.pop_front()?;
         self.bytes -= entry.message.size();
-        crate::spare::release(&mut self.entries);
         Some(entry)
     }
 
@@ -518,6 +517,19 @@ impl QueueState {
             });
         }
         n
+    }
+
+    /// Whether the ready backlog's buffer is mostly unused (it drained from a
+    /// large backlog): the driver may [`release_spare`](Self::release_spare)
+    /// it, ideally once it has stayed so for a while.
+    #[must_use]
+    pub fn has_spare(&self) -> bool {
+        crate::spare::is_spare(&self.ready.entries)
+    }
+
+    /// Gives back what the ready backlog's buffer does not need.
+    pub fn release_spare(&mut self) {
+        crate::spare::release(&mut self.ready.entries);
     }
 
     /// When the driver should next call [`advance_to`](Self::advance_to): the
