@@ -6,6 +6,7 @@ use crate::envelope::Envelope;
 use crate::exchange::{ExchangeOptions, HeadersBindingError};
 use crate::name::NameError;
 use crate::queue::options::QueueOptions;
+use crate::store::StoreError;
 use crate::stream::StreamError;
 
 /// Why a broker operation was refused. Nothing was changed.
@@ -79,6 +80,12 @@ pub enum BrokerError {
     /// The default exchange `""` cannot be declared, deleted or bound.
     #[error("the default exchange cannot be {0}")]
     DefaultExchange(&'static str),
+    /// Storage failed: the message could not be made durable (an I/O error, a
+    /// full disk), or the data directory could not be opened. A publish that
+    /// gets this was not confirmed; it may still be delivered (it reached
+    /// the queue), so a retry may deliver it twice.
+    #[error(transparent)]
+    Storage(#[from] StoreError),
     /// The queue is at its length limit and its overflow is reject-publish.
     #[error("queue {0:?} is full and refuses new messages")]
     QueueFull(String),

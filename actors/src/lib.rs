@@ -51,6 +51,7 @@ mod name;
 pub mod queue;
 pub mod rpc;
 mod spare;
+mod store;
 mod stream;
 mod subscription;
 mod supervision;
@@ -81,6 +82,7 @@ pub use queue::options::{DeleteOptions, QueueOptions};
 pub use queue::policy::{Overflow, QueuePolicy};
 pub use queue::stats::{ConsumerStats, QueueStats};
 
+pub use store::{StorageOptions, StorageStats, StoreError, SyncPolicy};
 pub use stream::{
     StreamConsumer, StreamConsumerFactory, StreamDelivery, StreamError, StreamHandle,
     StreamOptions, StreamOverflow, StreamStart, StreamStats, StreamSubscription, SubscribeOptions,

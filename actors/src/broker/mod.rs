@@ -9,9 +9,12 @@
 //! - `consume`: start supervised consumers;
 //! - `streams`: declare, delete, look up and bind streams;
 //! - `topology`: the graph of queues, streams, exchanges and bindings, and
-//!   routing through it.
+//!   routing through it;
+//! - `durable`: opening on a data directory, recovery, and the durable
+//!   topology.
 
 mod consume;
+mod durable;
 mod exchanges;
 mod publish;
 mod queues;
@@ -70,6 +73,8 @@ struct Inner {
     /// Fails what waits on this broker's queues and streams when the runtime
     /// shuts down.
     _shutdown: ShutdownHook,
+    /// The data directory, for a broker opened on one.
+    storage: Option<durable::Storage>,
 }
 
 impl Inner {
@@ -150,6 +155,14 @@ impl Broker {
 
     /// A broker with explicit settings.
     pub fn with_config(runtime: &RuntimeHandle, config: BrokerConfig) -> Broker {
+        Broker::build(runtime, config, None)
+    }
+
+    fn build(
+        runtime: &RuntimeHandle,
+        config: BrokerConfig,
+        storage: Option<durable::Storage>,
+    ) -> Broker {
         Broker {
             inner: Arc::new_cyclic(|weak: &Weak<Inner>| {
                 let weak = weak.clone();
@@ -166,6 +179,7 @@ impl Broker {
                             inner.shut_down();
                         }
                     }),
+                    storage,
                 }
             }),
         }

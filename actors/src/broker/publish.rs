@@ -286,9 +286,17 @@ impl QueueHost for BrokerRef {
         deliver_now(&targets, message) > 0
     }
 
-    fn queue_stopped(&self, name: &str, id: postbox::ActorId) {
+    fn queue_stopped(&self, name: &str, id: postbox::ActorId, deleted: bool) {
         if let Some(inner) = self.0.upgrade() {
-            inner.topology.write().remove_queue(name, id);
+            let entry = inner.topology.write().remove_queue(name, id);
+            // A durable queue that failed (rather than was deleted) is still
+            // declared: it comes back when the broker reopens.
+            if deleted
+                && let (Some(storage), Some(store_id)) =
+                    (&inner.storage, entry.as_ref().and_then(|e| e.store_id))
+            {
+                storage.delete_queue(store_id);
+            }
         }
     }
 }

@@ -7,11 +7,18 @@ use crate::broker::Broker;
 use crate::broker::topology::QueueEntry;
 use crate::error::BrokerError;
 use crate::name::{NameKind, validate_declared, validate_key, validate_name};
-use crate::queue::actor::{Delete, Purge, QueueSnapshot, spawn_queue};
+use crate::queue::actor::{Delete, Durable, Purge, QueueSnapshot, spawn_queue};
 use crate::queue::handle::QueueHandle;
 use crate::queue::options::{DeleteOptions, QueueOptions};
 
 impl Broker {
+    /// A deleted queue's durable declaration goes too.
+    pub(crate) fn forget_durable(&self, entry: Option<&QueueEntry>) {
+        if let (Some(storage), Some(id)) = (&self.inner.storage, entry.and_then(|e| e.store_id)) {
+            storage.delete_queue(id);
+        }
+    }
+
     /// Declares a queue: creates it, or checks that the existing one has the
     /// same options ([`BrokerError::QueueMismatch`] if not, as in RabbitMQ).
     #[doc(alias = "queue_declare")]
@@ -46,10 +53,22 @@ impl Broker {
             entry.handle.renew();
             return Ok(QueueHandle::clone(&entry.handle));
         }
-        let name = ByteString::from(name);
         let limit = options
             .max_message_bytes
             .unwrap_or(self.inner.config.max_message_bytes);
+        // A durable queue is on disk before the declaration returns.
+        let durable = match (&self.inner.storage, options.durable) {
+            (Some(storage), true) => {
+                let id = storage.declare_queue(name, &options)?;
+                Some(Durable {
+                    store: storage.log.clone(),
+                    id,
+                })
+            }
+            _ => None,
+        };
+        let store_id = durable.as_ref().map(|d| d.id);
+        let name = ByteString::from(name);
         let handle = spawn_queue(
             &self.inner.runtime,
             name.clone(),
@@ -57,6 +76,7 @@ impl Broker {
             limit,
             self.inner.observers.clone(),
             Arc::new(self.weak()),
+            durable.map(|d| (d, Vec::new())),
         )
         // The runtime stopped under us: the actor could not start.
         .ok_or(BrokerError::Stopped)?;
@@ -66,6 +86,7 @@ impl Broker {
             QueueEntry {
                 handle: Arc::new(handle.clone()),
                 options,
+                store_id,
             },
         );
         Ok(handle)
@@ -116,10 +137,12 @@ impl Broker {
             .map_err(|_| handle.gone())?;
         match outcome {
             Ok(snapshot) => {
-                self.inner
+                let entry = self
+                    .inner
                     .topology
                     .write()
                     .remove_queue(name, handle.addr.id());
+                self.forget_durable(entry.as_ref());
                 Ok(snapshot)
             }
             Err(snapshot) if options.if_unused && !snapshot.consumers.is_empty() => {

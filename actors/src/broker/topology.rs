@@ -45,6 +45,8 @@ use crate::stream::{StreamError, StreamHandle};
 pub(crate) struct QueueEntry {
     pub(crate) handle: Arc<QueueHandle>,
     pub(crate) options: QueueOptions,
+    /// Its id in the broker's store, if it is durable there.
+    pub(crate) store_id: Option<crate::store::QueueId>,
 }
 
 /// Where a routed message goes: a queue's inbox or a stream's log. Cloning
@@ -130,19 +132,22 @@ impl Topology {
         }
     }
 
-    /// Forgets a queue (if it is still the same actor) and every binding to it.
-    pub(crate) fn remove_queue(&mut self, name: &str, id: postbox::ActorId) {
+    /// Forgets a queue (if it is still the same actor) and every binding to
+    /// it; returns its entry.
+    pub(crate) fn remove_queue(&mut self, name: &str, id: postbox::ActorId) -> Option<QueueEntry> {
         if self
             .queues
             .get(name)
-            .is_some_and(|e| e.handle.addr.id() == id)
+            .is_none_or(|e| e.handle.addr.id() != id)
         {
-            self.queues.remove(name);
-            let dest = Destination::Queue(ByteString::from(name));
-            for exchange in self.exchanges.values_mut() {
-                exchange.unbind_destination(&dest);
-            }
+            return None;
         }
+        let entry = self.queues.remove(name);
+        let dest = Destination::Queue(ByteString::from(name));
+        for exchange in self.exchanges.values_mut() {
+            exchange.unbind_destination(&dest);
+        }
+        entry
     }
 
     /// Forgets a stream and every binding to it; returns its handle.
@@ -394,6 +399,7 @@ mod tests {
                 QueueEntry {
                     handle: Arc::new(other.clone()),
                     options: QueueOptions::default(),
+                    store_id: None,
                 },
             );
             assert_eq!(route(&broker), [other.addr.id()]);

@@ -44,6 +44,7 @@ use crate::queue::options::QueueOptions;
 use crate::queue::policy::{Overflow, QueuePolicy};
 use crate::queue::state::{DeadLetter, Publish as Published, QueueState};
 use crate::queue::stats::{ConsumerStats, QueueStats};
+use crate::store::{Append, Confirm, Loc, QueueId, Recovered, Store, StoreError};
 
 /// A queue's counters and consumers at one moment.
 #[derive(Clone, Debug)]
@@ -76,8 +77,15 @@ pub(crate) trait QueueHost: Send + Sync + 'static {
     /// whether any queue or stream took it.
     fn dead_letter(&self, exchange: &str, message: Envelope, skip: &dyn Fn(&str) -> bool) -> bool;
 
-    /// The queue `name` (actor `id`) stopped.
-    fn queue_stopped(&self, name: &str, id: ActorId);
+    /// The queue `name` (actor `id`) stopped: deleted, or failed.
+    fn queue_stopped(&self, name: &str, id: ActorId, deleted: bool);
+}
+
+/// A durable queue's place in its broker's store: what it writes its
+/// persistent messages, settlements and deliveries to, under its id.
+pub(crate) struct Durable {
+    pub(crate) store: Store,
+    pub(crate) id: QueueId,
 }
 
 /// Where a queue sends its dead letters.
@@ -96,8 +104,10 @@ pub(crate) fn spawn_queue(
     max_message_bytes: usize,
     observers: Observers,
     host: Arc<dyn QueueHost>,
+    durable: Option<(Durable, Vec<Recovered>)>,
 ) -> Option<QueueHandle> {
     let consumers = Arc::new(AtomicUsize::new(0));
+    let persists = durable.is_some();
     let inbox = Arc::new(Inbox::new(options.mailbox));
     let lease = Arc::new(AtomicU64::new(postbox::clock::now_ms()));
     let expires = options
@@ -125,6 +135,7 @@ pub(crate) fn spawn_queue(
         consumers.clone(),
         inbox.clone(),
         lease.clone(),
+        durable,
     )));
     let addr = runtime
         .build(move || actor.take().map(|actor| *actor))
@@ -145,6 +156,7 @@ pub(crate) fn spawn_queue(
         ),
         inbox,
         lease,
+        durable: persists,
     })
 }
 
@@ -239,6 +251,11 @@ pub(crate) struct QueueActor {
     /// Whether progress may wait for the mailbox to drain: not with length
     /// limits, which must see dispatches as they happen.
     coalesce: bool,
+    /// Where its persistent messages go, if it is durable on a broker with
+    /// storage.
+    durable: Option<Durable>,
+    /// Deleted (not merely stopped): its durable declaration goes too.
+    deleted: bool,
 }
 
 /// Most events handled before the queue makes progress even though more are
@@ -257,11 +274,24 @@ impl QueueActor {
         consumer_count: Arc<AtomicUsize>,
         inbox: Arc<Inbox>,
         lease: Arc<AtomicU64>,
+        durable: Option<(Durable, Vec<Recovered>)>,
     ) -> Self {
         let coalesce = policy.max_length.is_none() && policy.max_length_bytes.is_none();
+        let mut state = QueueState::with_policy(policy);
+        let durable = durable.map(|(durable, recovered)| {
+            if !recovered.is_empty() {
+                tracing::info!(queue = %name, messages = recovered.len(), "durable queue recovered");
+            }
+            state.restore(
+                recovered
+                    .into_iter()
+                    .map(|m| (m.seq, m.expires_at, m.message, m.loc.pack())),
+            );
+            durable
+        });
         QueueActor {
             name,
-            state: QueueState::with_policy(policy),
+            state,
             consumers: FxHashMap::default(),
             next_consumer: 1,
             observers,
@@ -279,6 +309,8 @@ impl QueueActor {
             spare_check: false,
             unprogressed: 0,
             coalesce,
+            durable,
+            deleted: false,
         }
     }
 
@@ -292,11 +324,45 @@ impl QueueActor {
         }
     }
 
-    /// Enqueues a message; hands it back if the queue is full (reject-publish).
+    /// Enqueues a message; false if the queue refused it (reject-publish). A
+    /// persistent message to a durable queue is written to the store (not
+    /// waited for: see [`PublishDurable`] for publishes that are confirmed).
     fn publish(&mut self, message: Envelope) -> bool {
+        let Some((store, id)) = self.durable_for(&message) else {
+            return self.enqueue(message, None);
+        };
+        match store.append() {
+            Ok(mut append) => {
+                let taken = self.enqueue(message, Some((&mut append, id)));
+                append.finish(None);
+                taken
+            }
+            Err(err) => {
+                tracing::warn!(queue = %self.name, %err, "persistent message kept in memory only: the store failed");
+                self.enqueue(message, None)
+            }
+        }
+    }
+
+    /// The store and the queue's id there, if `message` is to be persisted.
+    fn durable_for(&self, message: &Envelope) -> Option<(Store, QueueId)> {
+        self.durable
+            .as_ref()
+            .filter(|_| message.persistent())
+            .map(|d| (d.store.clone(), d.id))
+    }
+
+    /// Enqueues a message, persisting it through `persist` if given.
+    fn enqueue(&mut self, message: Envelope, persist: Option<(&mut Append<'_>, QueueId)>) -> bool {
         // Observers hear of enqueued messages only; a clone is a few refcounts.
         let observed = self.observers.is_active().then(|| message.clone());
-        match self.state.publish(message) {
+        let outcome = match persist {
+            Some((append, id)) => self.state.publish_persisted(message, |seq, expires_at, m| {
+                append.publish(id, seq, expires_at, m).pack()
+            }),
+            None => self.state.publish(message),
+        };
+        match outcome {
             Published::Enqueued => {
                 if let Some(message) = observed {
                     self.observers.each(|o| o.published(&self.name, &message));
@@ -307,6 +373,21 @@ impl QueueActor {
                 tracing::debug!(queue = %self.name, message_id = %message.id(), "publish refused: queue full");
                 false
             }
+        }
+    }
+
+    /// Writes what happened to persisted messages (settled, delivered) to the
+    /// store: lazily, with the next group.
+    fn flush_journal(&mut self) {
+        if !self.state.has_journal() {
+            return;
+        }
+        let journal = self.state.take_journal();
+        if let Some(durable) = &self.durable {
+            let unpack = |locs: Vec<u64>| locs.into_iter().map(Loc::unpack).collect::<Vec<_>>();
+            durable
+                .store
+                .record(&unpack(journal.settled), &unpack(journal.delivered));
         }
     }
 
@@ -331,6 +412,7 @@ impl QueueActor {
             self.spare_check = true;
             ctx.notify_later(ReleaseSpare, SPARE_AFTER);
         }
+        self.flush_journal();
     }
 
     fn arm_timer(&mut self, ctx: &mut Context<Self>) {
@@ -578,6 +660,19 @@ impl QueueActor {
         self.inbox.shut(Shut::Deleted);
         self.collect_all();
         let snapshot = self.snapshot();
+        self.deleted = true;
+        self.flush_journal();
+        if let Some(durable) = &self.durable {
+            // Its messages are dead with it (its id is never used again);
+            // settling them lets their segments go.
+            let persisted: Vec<Loc> = self
+                .state
+                .persisted()
+                .into_iter()
+                .map(Loc::unpack)
+                .collect();
+            durable.store.record(&persisted, &[]);
+        }
         ctx.stop();
         snapshot
     }
@@ -667,7 +762,8 @@ impl Actor for QueueActor {
         // the queue (a deletion counted it in its snapshot).
         self.inbox.shut(Shut::Deleted);
         self.cancel_consumers();
-        self.host.queue_stopped(&self.name, ctx.id());
+        self.flush_journal();
+        self.host.queue_stopped(&self.name, ctx.id(), self.deleted);
     }
 }
 
@@ -744,6 +840,60 @@ impl Handler<PublishConfirmed> for QueueActor {
         let accepted = self.publish(message);
         self.progressed(ctx);
         Ok(accepted)
+    }
+}
+
+/// Why a [`PublishDurable`] was refused.
+#[derive(Debug)]
+pub(crate) enum DurableRefusal {
+    /// The queue is full (reject-publish).
+    Full,
+    /// The store cannot take it.
+    Storage(StoreError),
+}
+
+/// Enqueue messages, persisting the persistent ones, and reply with the
+/// store's confirmation of them (`None`: nothing to wait for).
+pub(crate) struct PublishDurable(pub(crate) Vec<Envelope>);
+impl Message for PublishDurable {
+    type Reply = Result<Option<Confirm>, DurableRefusal>;
+}
+impl Handler<PublishDurable> for QueueActor {
+    async fn handle(
+        &mut self,
+        PublishDurable(messages): PublishDurable,
+        ctx: &mut Context<Self>,
+    ) -> Result<Result<Option<Confirm>, DurableRefusal>, Failure> {
+        self.state.advance_to(postbox::clock::now_ms());
+        let store = self.durable.as_ref().map(|d| (d.store.clone(), d.id));
+        let mut refused = false;
+        let confirm = match &store {
+            Some((store, id)) if messages.iter().any(Envelope::persistent) => {
+                let mut append = match store.append() {
+                    Ok(append) => append,
+                    Err(err) => return Ok(Err(DurableRefusal::Storage(err))),
+                };
+                for message in messages {
+                    let persist = message.persistent().then_some((&mut append, *id));
+                    refused |= !self.enqueue(message, persist);
+                }
+                let (done, confirm) = tokio::sync::oneshot::channel();
+                append.finish(Some(done));
+                Some(confirm)
+            }
+            _ => {
+                for message in messages {
+                    refused |= !self.enqueue(message, None);
+                }
+                None
+            }
+        };
+        self.progressed(ctx);
+        Ok(if refused {
+            Err(DurableRefusal::Full)
+        } else {
+            Ok(confirm)
+        })
     }
 }
 
@@ -1060,7 +1210,9 @@ impl Message for Purge {
 impl Handler<Purge> for QueueActor {
     async fn handle(&mut self, _: Purge, ctx: &mut Context<Self>) -> Result<usize, Failure> {
         self.progress(ctx);
-        Ok(self.state.purge())
+        let purged = self.state.purge();
+        self.flush_journal();
+        Ok(purged)
     }
 }
 

@@ -11,10 +11,12 @@ use crate::envelope::Envelope;
 use crate::error::{BrokerError, TryPublishError};
 use crate::queue::ack::{AckMode, ConsumerId};
 use crate::queue::actor::{
-    PublishConfirmed, QueueActor, QueueSnapshot, Sink, Snapshot, Subscribe, TieTo, Unsubscribe,
+    DurableRefusal, PublishConfirmed, PublishDurable, QueueActor, QueueSnapshot, Sink, Snapshot,
+    Subscribe, TieTo, Unsubscribe,
 };
 use crate::queue::delivery::Delivery;
 use crate::queue::inbox::{Collect, Inbox, NoRoom, Shut};
+use crate::store::{Confirm, StoreError};
 
 /// A handle to one queue; cheap to clone. Obtained from
 /// [`Broker::declare_queue`](crate::Broker::declare_queue) or
@@ -32,6 +34,9 @@ pub struct QueueHandle {
     pub(crate) inbox: Arc<Inbox>,
     /// When the queue was last used (epoch ms), for queue expiry.
     pub(crate) lease: Arc<AtomicU64>,
+    /// Durable, on a broker with storage: persistent messages are confirmed
+    /// once stored.
+    pub(crate) durable: bool,
 }
 
 impl QueueHandle {
@@ -105,6 +110,10 @@ impl QueueHandle {
     #[doc(alias = "basic_publish")]
     pub async fn publish(&self, message: Envelope) -> Result<(), BrokerError> {
         self.check(&message)?;
+        if self.durable && message.persistent() {
+            let confirm = self.enqueue_durable(vec![message]).await?;
+            return Self::confirmed(confirm).await;
+        }
         // A shut inbox refuses below (under its lock); this catches a queue
         // whose actor is gone without having shut it.
         if self.addr.is_closed() {
@@ -136,6 +145,11 @@ impl QueueHandle {
         if messages.is_empty() {
             return Ok(());
         }
+        if self.durable && messages.iter().any(Envelope::persistent) {
+            // One store group, one confirmation, for the whole batch.
+            let confirm = self.enqueue_durable(messages).await?;
+            return Self::confirmed(confirm).await;
+        }
         if self.inbox.shut_reason().is_some() {
             return Err(self.gone());
         }
@@ -154,7 +168,8 @@ impl QueueHandle {
     /// This does not wait for the queue's answer: on a queue with
     /// reject-publish overflow, a message the queue then refuses is only
     /// counted (`QueueStats::refused`). Use [`publish`](Self::publish) to be
-    /// told.
+    /// told. Nor does it wait for the disk: a persistent message to a
+    /// durable queue is written with the store's next group, unconfirmed.
     pub fn try_publish(&self, message: Envelope) -> Result<(), TryPublishError> {
         self.check(&message)?;
         self.try_enqueue(message).map_err(|err| match err {
@@ -164,6 +179,35 @@ impl QueueHandle {
             },
             TrySendError::Closed(_) => self.gone().into(),
         })
+    }
+
+    /// Hands messages to a durable queue, which persists the persistent ones;
+    /// returns the store's confirmation to wait for.
+    pub(crate) async fn enqueue_durable(
+        &self,
+        messages: Vec<Envelope>,
+    ) -> Result<Option<Confirm>, BrokerError> {
+        // After this publisher's earlier publishes, not ahead of them.
+        self.before_request();
+        match self.addr.ask(PublishDurable(messages)).await {
+            Ok(Ok(confirm)) => Ok(confirm),
+            Ok(Err(DurableRefusal::Full)) => Err(BrokerError::QueueFull(self.name.to_string())),
+            Ok(Err(DurableRefusal::Storage(err))) => Err(BrokerError::Storage(err)),
+            Err(_) => Err(self.gone()),
+        }
+    }
+
+    /// Waits for a confirmation from [`enqueue_durable`](Self::enqueue_durable).
+    pub(crate) async fn confirmed(confirm: Option<Confirm>) -> Result<(), BrokerError> {
+        let Some(confirm) = confirm else {
+            return Ok(());
+        };
+        match confirm.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(BrokerError::Storage(err)),
+            // The store went away without answering: it was closed.
+            Err(_) => Err(BrokerError::Storage(StoreError::Closed)),
+        }
     }
 
     /// Enqueues without waiting and without the size check (dead letters were

@@ -51,6 +51,13 @@ pub struct QueueOptions {
     /// `x-expires`): no consumers, no `get`, no redeclaration. Publishing does
     /// not count as use.
     pub expires: Option<Duration>,
+    /// Survives a restart, with its persistent messages, on a broker opened
+    /// on a data directory ([`Broker::open`](crate::Broker::open)); a
+    /// publish of a persistent message returns once it is stored (per the
+    /// [`SyncPolicy`](crate::SyncPolicy)). On an in-memory broker it is
+    /// accepted and changes nothing.
+    #[serde(default)]
+    pub durable: bool,
 }
 
 impl Default for QueueOptions {
@@ -66,6 +73,7 @@ impl Default for QueueOptions {
             dead_letter_exchange: None,
             dead_letter_routing_key: None,
             expires: None,
+            durable: false,
         }
     }
 }
@@ -116,6 +124,17 @@ impl QueueOptions {
     /// Sets [`dead_letter_exchange`](Self::dead_letter_exchange).
     pub fn dead_letter_exchange(mut self, exchange: impl Into<String>) -> Self {
         self.dead_letter_exchange = Some(exchange.into());
+        self
+    }
+
+    /// Makes the queue [`durable`](Self::durable).
+    ///
+    /// ```
+    /// use postbox_actors::QueueOptions;
+    /// assert!(QueueOptions::default().durable().durable);
+    /// ```
+    pub fn durable(mut self) -> Self {
+        self.durable = true;
         self
     }
 

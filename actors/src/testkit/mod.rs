@@ -50,6 +50,7 @@ mod capture;
 mod fault;
 mod probe;
 
+pub use crate::store::DiskFaults;
 pub use capture::{DeadLettered, Delivered, Event, Events, Published, Settled, TestBroker};
 pub use fault::{FaultPlan, FaultStats, Faulty};
 pub use probe::{DeliveryProbe, ProbeConsumer};

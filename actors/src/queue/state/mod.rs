@@ -148,6 +148,9 @@ struct Entry {
     /// [`NEVER`] when it has no TTL (a sentinel: 8 bytes less per queued message
     /// than an `Option`).
     expires_at: u64,
+    /// Where its publish record is in the durable store (see
+    /// [`QueueState::publish_persisted`]); 0 when it is not persisted.
+    loc: u64,
 }
 
 /// The expiry of a message without TTL.
@@ -303,9 +306,8 @@ impl Unacked {
             .filter_map(|(t, e)| e.as_ref().map(|e| (t, e)))
     }
 
-    #[cfg(test)]
     fn values(&self) -> impl Iterator<Item = &Entry> {
-        self.iter().map(|(_, e)| e)
+        self.slots.iter().filter_map(|(_, e)| e.as_ref())
     }
 }
 
@@ -394,6 +396,29 @@ pub struct QueueState {
     delayed: BTreeMap<(u64, u64), Entry>,
     /// Messages removed for a dead-letter reason, waiting for the driver.
     dead: Vec<DeadLetter>,
+    /// What happened to persisted messages, for the driver to record.
+    journal: Journal,
+}
+
+/// The persisted messages that left the queue, and those delivered, since
+/// the driver last took them ([`QueueState::take_journal`]): what a durable
+/// queue's driver writes to its store. Messages are named by the store
+/// location the driver gave them when they were published.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Journal {
+    /// Persisted messages that left the queue: acknowledged, discarded,
+    /// expired, dropped, dead-lettered, purged, or delivered in auto mode.
+    pub settled: Vec<u64>,
+    /// Persisted messages delivered (in manual mode) once more each.
+    pub delivered: Vec<u64>,
+}
+
+impl Journal {
+    /// Nothing to record.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.settled.is_empty() && self.delivered.is_empty()
+    }
 }
 
 impl QueueState {
@@ -423,6 +448,19 @@ impl QueueState {
     /// with [`DeathReason::MaxLen`]); with [`Overflow::RejectPublish`] a full queue
     /// refuses the new message and hands it back.
     pub fn publish(&mut self, message: Envelope) -> Publish {
+        self.publish_persisted(message, |_, _, _| 0)
+    }
+
+    /// [`publish`](Self::publish), persisting the message once it is in the
+    /// queue: `persist(seq, expires_at, message)` stores it and returns where
+    /// (a non-zero location), before length limits or a TTL of 0 may remove
+    /// it again. From then on the queue reports what happens to it in its
+    /// [`Journal`]. A refused message is not persisted.
+    pub fn publish_persisted(
+        &mut self,
+        message: Envelope,
+        persist: impl FnOnce(u64, u64, &Envelope) -> u64,
+    ) -> Publish {
         let (max_len, max_bytes) = (self.policy.max_length, self.policy.max_length_bytes);
         if matches!(
             self.policy.overflow,
@@ -459,10 +497,12 @@ impl QueueState {
             Some(ttl) => self.now_ms.saturating_add(ttl),
             None => NEVER,
         };
+        let loc = persist(seq, expires_at, &message);
         self.ready.push(Entry {
             seq,
             message,
             expires_at,
+            loc,
         });
         // Drop-head: the oldest make room (the new message itself, if it alone is too big).
         self.drop_head();
@@ -471,6 +511,59 @@ impl QueueState {
             self.expire();
         }
         Publish::Enqueued
+    }
+
+    /// Puts back messages recovered from a durable store, in their publish
+    /// order, as ready messages: `(seq, expires_at, message, loc)`, with the
+    /// message's delivery count as of the crash. Messages published from now
+    /// on come after them.
+    pub fn restore(&mut self, messages: impl IntoIterator<Item = (u64, u64, Envelope, u64)>) {
+        for (seq, expires_at, message, loc) in messages {
+            self.next_seq = self.next_seq.max(seq.saturating_add(1));
+            let entry = Entry {
+                seq,
+                message,
+                expires_at,
+                loc,
+            };
+            // In order, whatever order they come in.
+            self.ready.requeue(entry);
+        }
+    }
+
+    /// Takes what the queue recorded of its persisted messages since the
+    /// last call.
+    pub fn take_journal(&mut self) -> Journal {
+        std::mem::take(&mut self.journal)
+    }
+
+    /// Whether the journal has anything to take.
+    #[must_use]
+    pub fn has_journal(&self) -> bool {
+        !self.journal.is_empty()
+    }
+
+    /// The store locations of every persisted message the queue holds
+    /// (ready, delayed and unsettled): what a deleted durable queue settles.
+    pub fn persisted(&self) -> Vec<u64> {
+        let ready = self.ready.entries.iter();
+        let delayed = self.delayed.values();
+        let held = self.consumers.iter().flat_map(|c| c.unacked.values());
+        ready
+            .chain(delayed)
+            .chain(held)
+            .map(|e| e.loc)
+            .filter(|&loc| loc != 0)
+            .collect()
+    }
+
+    /// A message leaves the queue: its store location goes to the journal.
+    #[inline]
+    fn take(&mut self, entry: Entry) -> Envelope {
+        if entry.loc != 0 {
+            self.journal.settled.push(entry.loc);
+        }
+        entry.message
     }
 
     /// How many messages the consumers could take right now (`usize::MAX`:
@@ -511,8 +604,9 @@ impl QueueState {
             let Some(entry) = self.ready.pop() else { break };
             n += 1;
             self.counters.expired += 1;
+            let message = self.take(entry);
             self.dead.push(DeadLetter {
-                message: entry.message,
+                message,
                 reason: DeathReason::Expired,
             });
         }
@@ -725,9 +819,15 @@ impl QueueState {
         let message = match consumer.mode {
             AckMode::Auto => {
                 self.counters.acknowledged += 1;
+                if entry.loc != 0 {
+                    self.journal.settled.push(entry.loc);
+                }
                 entry.message
             }
             AckMode::Manual => {
+                if entry.loc != 0 {
+                    self.journal.delivered.push(entry.loc);
+                }
                 // Cheap: the envelope is reference-counted inside.
                 let message = entry.message.clone();
                 consumer.unacked.insert(tag, entry);
@@ -768,8 +868,9 @@ impl QueueState {
         tag: DeliveryTag,
         multiple: bool,
     ) -> Result<usize, SettleError> {
-        self.settle(consumer, tag, multiple, |queue, _entry| {
+        self.settle(consumer, tag, multiple, |queue, entry| {
             queue.counters.acknowledged += 1;
+            queue.take(entry);
         })
     }
 
@@ -796,8 +897,9 @@ impl QueueState {
         }
         self.settle(consumer, tag, multiple, |queue, entry| {
             queue.counters.rejected += 1;
+            let message = queue.take(entry);
             queue.dead.push(DeadLetter {
-                message: entry.message,
+                message,
                 reason: DeathReason::Rejected,
             });
         })
@@ -869,7 +971,7 @@ impl QueueState {
         } else {
             self.settle(consumer, tag, multiple, |queue, entry| {
                 queue.counters.rejected += 1;
-                discarded(entry.message);
+                discarded(queue.take(entry));
             })
         }
     }
@@ -890,6 +992,8 @@ impl QueueState {
     /// Drops every ready message; outstanding deliveries are kept. Returns how many were
     /// dropped.
     pub fn purge(&mut self) -> usize {
+        let persisted = self.ready.entries.iter().map(|e| e.loc).filter(|&l| l != 0);
+        self.journal.settled.extend(persisted);
         let purged = self.ready.clear();
         self.counters.purged += purged as u64;
         purged
@@ -988,8 +1092,9 @@ impl QueueState {
 
     fn dead_letter_over_limit(&mut self, entry: Entry) {
         self.counters.delivery_limit += 1;
+        let message = self.take(entry);
         self.dead.push(DeadLetter {
-            message: entry.message,
+            message,
             reason: DeathReason::DeliveryLimit,
         });
     }
@@ -1075,8 +1180,9 @@ impl QueueState {
         {
             let Some(head) = self.ready.pop() else { break };
             self.counters.maxlen += 1;
+            let message = self.take(head);
             self.dead.push(DeadLetter {
-                message: head.message,
+                message,
                 reason: DeathReason::MaxLen,
             });
         }

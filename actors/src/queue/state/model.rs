@@ -175,6 +175,9 @@ struct Harness {
     queue: QueueState,
     model: Model,
     next_consumer: u64,
+    /// Store locations of the persisted messages the queue should hold,
+    /// according to its journal.
+    persisted: HashSet<u64>,
 }
 
 impl Harness {
@@ -192,7 +195,38 @@ impl Harness {
         self.model.ids.push(m.id());
         self.model.ready.insert(index, m.id());
         self.model.stats.published += 1;
-        self.queue.publish(m);
+        // Every other message is persisted, at a location of its own.
+        if index.is_multiple_of(2) {
+            self.queue.publish(m);
+        } else {
+            let persisted = &mut self.persisted;
+            self.queue.publish_persisted(m, |_, _, _| {
+                persisted.insert(index + 1);
+                index + 1
+            });
+        }
+    }
+
+    /// What the journal says agrees with what the queue holds: every
+    /// location settled was live (settled once), every delivered one is
+    /// still held, and the persisted messages held are exactly those
+    /// published and not settled.
+    fn check_journal(&mut self) {
+        let journal = self.queue.take_journal();
+        for loc in &journal.settled {
+            assert!(
+                self.persisted.remove(loc),
+                "settled twice, or never persisted: {loc}"
+            );
+        }
+        for loc in &journal.delivered {
+            assert!(
+                self.persisted.contains(loc),
+                "delivered after leaving: {loc}"
+            );
+        }
+        let held: HashSet<u64> = self.queue.persisted().into_iter().collect();
+        assert_eq!(held, self.persisted);
     }
 
     fn deliver(&mut self) -> bool {
@@ -468,10 +502,16 @@ proptest! {
 
     #[test]
     fn random_operations_keep_the_invariants(ops in proptest::collection::vec(op(), 0..250)) {
-        let mut h = Harness { queue: QueueState::new(), model: Model::default(), next_consumer: 0 };
+        let mut h = Harness {
+            queue: QueueState::new(),
+            model: Model::default(),
+            next_consumer: 0,
+            persisted: HashSet::new(),
+        };
         for op in &ops {
             h.apply(op);
             h.check_invariants();
+            h.check_journal();
         }
     }
 

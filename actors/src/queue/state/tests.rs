@@ -925,3 +925,175 @@ mod limits {
         assert!(!q.is_empty());
     }
 }
+
+/// The journal of a durable queue, under every way a message can leave:
+/// length limits, TTLs, delivery limits, delayed requeues, consumers going
+/// away, `basic.get`. What it reports settled was persisted and is settled
+/// once; what the queue holds is what was persisted and not settled.
+mod journal {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Publish {
+            persist: bool,
+            ttl: Option<u64>,
+        },
+        Add {
+            manual: bool,
+            prefetch: u32,
+        },
+        Remove(usize),
+        Deliver,
+        Fetch(usize),
+        Settle {
+            pick: usize,
+            multiple: bool,
+            how: u8,
+        },
+        Advance(u64),
+        Purge,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => (any::<bool>(), proptest::option::weighted(0.3, 0u64..20))
+                .prop_map(|(persist, ttl)| Step::Publish { persist, ttl }),
+            1 => (any::<bool>(), 0u32..3).prop_map(|(manual, prefetch)| Step::Add { manual, prefetch }),
+            1 => (0usize..4).prop_map(Step::Remove),
+            5 => Just(Step::Deliver),
+            1 => (0usize..4).prop_map(Step::Fetch),
+            5 => (any::<usize>(), any::<bool>(), 0u8..4)
+                .prop_map(|(pick, multiple, how)| Step::Settle { pick, multiple, how }),
+            2 => (0u64..15).prop_map(Step::Advance),
+            1 => Just(Step::Purge),
+        ]
+    }
+
+    fn policy() -> impl Strategy<Value = QueuePolicy> {
+        (
+            proptest::option::of(0u64..10),
+            proptest::option::of(1u32..3),
+            proptest::option::of(1usize..6),
+            prop_oneof![Just(Overflow::DropHead), Just(Overflow::RejectPublish)],
+        )
+            .prop_map(|(ttl, limit, max, overflow)| QueuePolicy {
+                message_ttl_ms: ttl,
+                delivery_limit: limit,
+                max_length: max,
+                max_length_bytes: None,
+                overflow,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn journal_matches_what_the_queue_holds(
+            policy in policy(),
+            steps in proptest::collection::vec(step(), 0..200),
+        ) {
+            let mut q = QueueState::with_policy(policy);
+            let mut live: HashSet<u64> = HashSet::new();
+            let mut next_loc = 1u64;
+            let mut consumers: Vec<ConsumerId> = Vec::new();
+            let mut next_consumer = 0u64;
+            let mut held: Vec<(ConsumerId, DeliveryTag)> = Vec::new();
+            let mut now = 0u64;
+            for step in steps {
+                match step {
+                    Step::Publish { persist, ttl } => {
+                        let mut m = Envelope::new("m");
+                        if let Some(ms) = ttl {
+                            m = m.with_expiration(std::time::Duration::from_millis(ms));
+                        }
+                        if persist {
+                            let loc = next_loc;
+                            next_loc += 1;
+                            q.publish_persisted(m, |_, _, _| {
+                                live.insert(loc);
+                                loc
+                            });
+                        } else {
+                            q.publish(m);
+                        }
+                    }
+                    Step::Add { manual, prefetch } => {
+                        next_consumer += 1;
+                        let id = ConsumerId(next_consumer);
+                        let mode = if manual { AckMode::Manual } else { AckMode::Auto };
+                        q.add_consumer(id, mode, prefetch).unwrap();
+                        consumers.push(id);
+                    }
+                    Step::Remove(i) if !consumers.is_empty() => {
+                        let id = consumers.remove(i % consumers.len());
+                        q.remove_consumer(id).unwrap();
+                        held.retain(|(c, _)| *c != id);
+                    }
+                    Step::Deliver => {
+                        if let Some(d) = q.next_delivery()
+                            && q.consumer_stats(d.consumer).is_some_and(|c| c.mode == AckMode::Manual)
+                        {
+                            held.push((d.consumer, d.tag));
+                        }
+                    }
+                    Step::Fetch(i) if !consumers.is_empty() => {
+                        let id = consumers[i % consumers.len()];
+                        if let Ok(Some(d)) = q.fetch(id)
+                            && q.consumer_stats(id).is_some_and(|c| c.mode == AckMode::Manual)
+                        {
+                            held.push((d.consumer, d.tag));
+                        }
+                    }
+                    Step::Settle { pick, multiple, how } if !held.is_empty() => {
+                        let (c, tag) = held[pick % held.len()];
+                        let result = match how {
+                            0 => q.ack(c, tag, multiple),
+                            1 => q.nack(c, tag, multiple, true),
+                            2 => q.nack(c, tag, multiple, false),
+                            _ => q.nack_delayed(c, tag, multiple, now + 5),
+                        };
+                        if result.is_ok() {
+                            held.retain(|(hc, ht)| *hc != c || (if multiple { ht.0 > tag.0 } else { *ht != tag }));
+                        }
+                    }
+                    Step::Advance(ms) => {
+                        now += ms;
+                        q.advance_to(now);
+                    }
+                    Step::Purge => {
+                        q.purge();
+                    }
+                    _ => {}
+                }
+                let journal = q.take_journal();
+                for loc in &journal.settled {
+                    prop_assert!(live.remove(loc), "settled twice or never persisted: {}", loc);
+                }
+                for loc in &journal.delivered {
+                    prop_assert!(live.contains(loc), "delivered after leaving: {}", loc);
+                }
+                let persisted: HashSet<u64> = q.persisted().into_iter().collect();
+                prop_assert_eq!(&persisted, &live);
+            }
+        }
+    }
+
+    #[test]
+    fn restored_messages_come_back_in_order_before_new_ones() {
+        let mut q = QueueState::new();
+        let restored = [(7, NEVER, msg("b"), 11), (3, NEVER, msg("a"), 10)];
+        q.restore(restored);
+        q.publish(msg("c"));
+        q.add_consumer(A, AckMode::Manual, 0).unwrap();
+        let mut got = Vec::new();
+        while let Some(d) = q.next_delivery() {
+            got.push(name(&d.message).to_string());
+        }
+        assert_eq!(got, ["a", "b", "c"]);
+        assert_eq!(q.take_journal().delivered, vec![10, 11]);
+        assert_eq!(q.persisted(), vec![10, 11]);
+    }
+}

@@ -388,6 +388,9 @@ pub struct Envelope {
     priority: u8,
     delivery_count: u32,
     redelivered: bool,
+    /// Kept on disk in a durable queue (AMQP's delivery mode 2).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    persistent: bool,
     /// The exchange it was last published to (`None`: the default exchange).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     exchange: Option<Arc<str>>,
@@ -418,6 +421,7 @@ impl Envelope {
             priority: 0,
             delivery_count: 0,
             redelivered: false,
+            persistent: false,
             exchange: None,
             properties: None,
         }
@@ -560,6 +564,30 @@ impl Envelope {
     pub fn set_delivery(&mut self, delivery_count: u32, redelivered: bool) {
         self.delivery_count = delivery_count;
         self.redelivered = redelivered;
+    }
+
+    /// Marks it persistent (AMQP's delivery mode 2): a durable queue of a
+    /// broker opened on a data directory keeps it on disk, and it survives a
+    /// restart. Transient messages (the default, as in AMQP) live in memory
+    /// only, in durable queues too.
+    ///
+    /// ```
+    /// use postbox_actors::Envelope;
+    /// let order = Envelope::new("order-17").with_persistent(true);
+    /// assert!(order.persistent());
+    /// assert!(!Envelope::new("tick").persistent());
+    /// ```
+    #[must_use]
+    pub fn with_persistent(mut self, persistent: bool) -> Self {
+        self.persistent = persistent;
+        self
+    }
+
+    /// Whether it is kept on disk by durable queues (see
+    /// [`with_persistent`](Self::with_persistent)).
+    #[must_use]
+    pub const fn persistent(&self) -> bool {
+        self.persistent
     }
 
     /// Sets the exchange it is published to; the broker does this when routing.
@@ -779,7 +807,8 @@ impl fmt::Debug for Envelope {
             .field("timestamp_ms", &self.timestamp_ms)
             .field("priority", &self.priority)
             .field("delivery_count", &self.delivery_count)
-            .field("redelivered", &self.redelivered);
+            .field("redelivered", &self.redelivered)
+            .field("persistent", &self.persistent);
         if let Some(properties) = &self.properties {
             s.field("properties", properties);
         }
@@ -797,6 +826,9 @@ fn non_empty(s: Arc<str>) -> Option<Arc<str>> {
 fn now_ms() -> u64 {
     postbox::clock::now_ms()
 }
+
+mod wire;
+pub(crate) use wire::{WireError, WireReader, WireWriter};
 
 /// Serde support for the shared properties block, without needing serde's `rc` feature:
 /// it is written as the plain (optional) struct and read back into a fresh `Arc`.

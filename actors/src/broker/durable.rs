@@ -1,0 +1,284 @@
+//! Durability through the broker: [`Broker::open`] on a data directory
+//! recovers the durable queues and their persistent messages; declarations
+//! and deletions of durable queues are written to the topology log before
+//! they return.
+//!
+//! The topology log holds one JSON entry per change. Each queue declaration
+//! gets an id that is never reused (the highest id handed out is part of
+//! every snapshot), so a queue deleted and declared again does not inherit
+//! the old one's messages.
+
+use std::path::Path;
+
+use bytestring::ByteString;
+use parking_lot::Mutex;
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::{Deserialize, Serialize};
+
+use crate::broker::topology::QueueEntry;
+use crate::broker::{Broker, BrokerConfig};
+use crate::error::BrokerError;
+use crate::queue::actor::{Durable, spawn_queue};
+use crate::queue::options::QueueOptions;
+use crate::store::{DataDir, QueueId, StorageOptions, StorageStats, Store, StoreError};
+
+/// One change to the durable topology, as written to the topology log.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum MetaOp {
+    /// Ids from here on are free (written at the head of every snapshot).
+    NextQueueId {
+        id: QueueId,
+    },
+    Queue {
+        name: String,
+        id: QueueId,
+        options: QueueOptions,
+    },
+    DeleteQueue {
+        id: QueueId,
+    },
+}
+
+/// The durable topology, as the topology log describes it.
+#[derive(Default)]
+struct Meta {
+    next_queue_id: QueueId,
+    queues: FxHashMap<String, (QueueId, QueueOptions)>,
+}
+
+impl Meta {
+    fn apply(&mut self, op: MetaOp) {
+        match op {
+            MetaOp::NextQueueId { id } => self.next_queue_id = self.next_queue_id.max(id),
+            MetaOp::Queue { name, id, options } => {
+                self.next_queue_id = self.next_queue_id.max(id + 1);
+                self.queues.insert(name, (id, options));
+            }
+            MetaOp::DeleteQueue { id } => self.queues.retain(|_, (qid, _)| *qid != id),
+        }
+    }
+
+    fn snapshot(&self) -> Vec<MetaOp> {
+        let mut ops = vec![MetaOp::NextQueueId {
+            id: self.next_queue_id,
+        }];
+        let mut queues: Vec<_> = self.queues.iter().collect();
+        queues.sort_by_key(|(_, (id, _))| *id);
+        ops.extend(
+            queues
+                .into_iter()
+                .map(|(name, (id, options))| MetaOp::Queue {
+                    name: name.clone(),
+                    id: *id,
+                    options: options.clone(),
+                }),
+        );
+        ops
+    }
+}
+
+/// A broker's storage: its data directory, message log and topology.
+pub(crate) struct Storage {
+    dir: DataDir,
+    pub(crate) log: Store,
+    meta: Mutex<Meta>,
+}
+
+impl Storage {
+    fn write(&self, op: &MetaOp) -> Result<(), StoreError> {
+        // Serializing these plain structs cannot fail.
+        let entry = serde_json::to_vec(op).unwrap_or_default();
+        self.dir.meta.append(&entry)
+    }
+
+    /// Records a durable queue's declaration; returns its new id.
+    pub(crate) fn declare_queue(
+        &self,
+        name: &str,
+        options: &QueueOptions,
+    ) -> Result<QueueId, StoreError> {
+        let mut meta = self.meta.lock();
+        let id = meta.next_queue_id.max(1);
+        let op = MetaOp::Queue {
+            name: name.to_string(),
+            id,
+            options: options.clone(),
+        };
+        self.write(&op)?;
+        meta.apply(op);
+        Ok(id)
+    }
+
+    /// Records a durable queue's deletion (idempotent).
+    pub(crate) fn delete_queue(&self, id: QueueId) {
+        let mut meta = self.meta.lock();
+        if !meta.queues.values().any(|(qid, _)| *qid == id) {
+            return;
+        }
+        let op = MetaOp::DeleteQueue { id };
+        if let Err(err) = self.write(&op) {
+            tracing::error!(queue_id = id, %err, "could not record a durable queue's deletion: it comes back, empty, when the broker reopens");
+        }
+        meta.apply(op);
+    }
+
+    pub(crate) fn stats(&self) -> StorageStats {
+        self.log.stats()
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir.options.dir
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        self.log.close();
+    }
+}
+
+impl Broker {
+    /// A broker that keeps durable queues (and their persistent messages) in
+    /// `storage.dir`, and recovers them from it: what the broker held when it
+    /// last stopped, cleanly or not (a crash, `kill -9`, a power loss with
+    /// the default [`SyncPolicy`](crate::SyncPolicy)). Fails with
+    /// [`BrokerError::Storage`] if the directory cannot be opened: another
+    /// broker holds it ([`StoreError::Locked`]), a file is of an unknown
+    /// format version, or an I/O error. Damaged records are skipped and
+    /// reported, never a panic.
+    ///
+    /// ```
+    /// use postbox::Runtime;
+    /// use postbox_actors::{Broker, Envelope, QueueOptions, StorageOptions};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = std::env::temp_dir().join(format!("postbox-doc-{}", std::process::id()));
+    /// let rt = Runtime::new()?;
+    /// {
+    ///     let broker = Broker::open(&rt, StorageOptions::new(&dir))?;
+    ///     broker.declare_queue("orders", QueueOptions::default().durable()).await?;
+    ///     // Returns once the message is on disk.
+    ///     broker.publish("orders", Envelope::new("order-17").with_persistent(true)).await?;
+    /// }
+    /// let broker = Broker::open(&rt, StorageOptions::new(&dir))?;
+    /// assert_eq!(broker.queue_stats("orders").await?.stats.ready, 1);
+    /// # drop(broker); std::fs::remove_dir_all(&dir)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn open(
+        runtime: &postbox::RuntimeHandle,
+        storage: StorageOptions,
+    ) -> Result<Broker, BrokerError> {
+        Broker::open_with_config(runtime, BrokerConfig::default(), storage)
+    }
+
+    /// [`open`](Self::open) with explicit settings.
+    pub fn open_with_config(
+        runtime: &postbox::RuntimeHandle,
+        config: BrokerConfig,
+        storage: StorageOptions,
+    ) -> Result<Broker, BrokerError> {
+        let (dir, entries) = DataDir::open(storage)?;
+        let mut meta = Meta {
+            next_queue_id: 1,
+            ..Meta::default()
+        };
+        let logged = entries.len();
+        for entry in entries {
+            match serde_json::from_slice::<MetaOp>(&entry) {
+                Ok(op) => meta.apply(op),
+                Err(err) => {
+                    tracing::error!(dir = %dir.options.dir.display(), %err, "unreadable topology entry skipped");
+                }
+            }
+        }
+        let ids: FxHashSet<QueueId> = meta.queues.values().map(|(id, _)| *id).collect();
+        let (log, mut recovery) = dir.start_log(&ids)?;
+        tracing::info!(
+            dir = %dir.options.dir.display(),
+            queues = meta.queues.len(),
+            records = recovery.records,
+            damaged = recovery.damaged,
+            truncated = recovery.truncated,
+            "storage opened"
+        );
+        // A log much longer than what it describes is rewritten.
+        if logged > 2 * (meta.queues.len() + 1) + 16 {
+            let snapshot: Vec<Vec<u8>> = meta
+                .snapshot()
+                .iter()
+                .map(|op| serde_json::to_vec(op).unwrap_or_default())
+                .collect();
+            dir.meta.rewrite(&snapshot)?;
+        }
+        let queues: Vec<(String, QueueId, QueueOptions)> = meta
+            .queues
+            .iter()
+            .map(|(name, (id, options))| (name.clone(), *id, options.clone()))
+            .collect();
+        let broker = Broker::build(
+            runtime,
+            config,
+            Some(Storage {
+                dir,
+                log,
+                meta: Mutex::new(meta),
+            }),
+        );
+        for (name, id, options) in queues {
+            let recovered = recovery.queues.remove(&id).unwrap_or_default();
+            broker.start_durable_queue(&name, id, options, recovered)?;
+        }
+        Ok(broker)
+    }
+
+    /// The storage counters; `None` for an in-memory broker.
+    pub fn storage_stats(&self) -> Option<StorageStats> {
+        self.inner.storage.as_ref().map(Storage::stats)
+    }
+
+    /// The data directory; `None` for an in-memory broker.
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.inner.storage.as_ref().map(Storage::dir)
+    }
+
+    /// Starts a recovered durable queue.
+    fn start_durable_queue(
+        &self,
+        name: &str,
+        id: QueueId,
+        options: QueueOptions,
+        recovered: Vec<crate::store::Recovered>,
+    ) -> Result<(), BrokerError> {
+        let Some(storage) = &self.inner.storage else {
+            return Ok(());
+        };
+        let limit = options
+            .max_message_bytes
+            .unwrap_or(self.inner.config.max_message_bytes);
+        let name = ByteString::from(name);
+        let durable = Durable {
+            store: storage.log.clone(),
+            id,
+        };
+        let handle = spawn_queue(
+            &self.inner.runtime,
+            name.clone(),
+            &options,
+            limit,
+            self.inner.observers.clone(),
+            std::sync::Arc::new(self.weak()),
+            Some((durable, recovered)),
+        )
+        .ok_or(BrokerError::Stopped)?;
+        self.inner.topology.write().insert_queue(
+            name,
+            QueueEntry {
+                handle: std::sync::Arc::new(handle),
+                options,
+                store_id: Some(id),
+            },
+        );
+        Ok(())
+    }
+}

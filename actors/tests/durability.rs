@@ -1,0 +1,410 @@
+//! Durable queues on a data directory: what survives reopening (and what
+//! does not), recovery of unacknowledged deliveries, deletions, bad files,
+//! injected I/O failures, group commit, and disk space following the
+//! backlog. The kill -9 test is in `crash.rs`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use postbox::Runtime;
+use postbox_actors::testkit::DiskFaults;
+use postbox_actors::{
+    AckMode, Broker, BrokerError, DeleteOptions, Envelope, QueueOptions, StorageOptions,
+    StoreError, SyncPolicy,
+};
+
+fn durable() -> QueueOptions {
+    QueueOptions::default().durable()
+}
+
+fn persistent(n: u32) -> Envelope {
+    common::msg(n).with_persistent(true)
+}
+
+/// Every ready message of `queue`, fetched with manual acks and requeued
+/// (dropped unsettled), as (number, delivery count, redelivered).
+async fn contents(broker: &Broker, queue: &str) -> Vec<(u32, u32, bool)> {
+    let mut held = Vec::new();
+    let mut out = Vec::new();
+    while let Some((d, _)) = broker.get(queue, AckMode::Manual).await.unwrap() {
+        out.push((
+            d.decode::<u32>().unwrap(),
+            d.delivery_count(),
+            d.redelivered(),
+        ));
+        held.push(d);
+    }
+    drop(held);
+    out
+}
+
+fn open(rt: &Runtime, dir: &std::path::Path) -> Broker {
+    Broker::open(rt, StorageOptions::new(dir)).expect("open the data directory")
+}
+
+#[tokio::test]
+async fn persistent_messages_of_durable_queues_survive_and_nothing_else_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::with_arbiters(2).unwrap();
+    {
+        let broker = open(&rt, dir.path());
+        broker.declare_queue("orders", durable()).await.unwrap();
+        broker
+            .declare_queue("scratch", QueueOptions::default())
+            .await
+            .unwrap();
+        for n in 0..100 {
+            broker.publish("orders", persistent(n)).await.unwrap();
+            broker.publish("scratch", persistent(n)).await.unwrap();
+        }
+        // Transient messages in a durable queue live in memory only.
+        broker.publish("orders", common::msg(1000)).await.unwrap();
+        let stats = broker.storage_stats().unwrap();
+        assert_eq!(stats.live_messages, 100);
+        assert!(stats.syncs >= 1 && stats.confirms == 100, "{stats:?}");
+    }
+    let broker = open(&rt, dir.path());
+    assert_eq!(broker.queue_names(), ["orders"]);
+    let got = contents(&broker, "orders").await;
+    let numbers: Vec<u32> = got.iter().map(|g| g.0).collect();
+    assert_eq!(
+        numbers,
+        (0..100).collect::<Vec<_>>(),
+        "all of them, in order"
+    );
+    assert!(
+        got.iter().all(|g| g.1 == 1 && !g.2),
+        "never delivered before"
+    );
+    rt.shutdown();
+}
+
+#[tokio::test]
+async fn unacknowledged_deliveries_come_back_redelivered_and_acked_ones_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::with_arbiters(2).unwrap();
+    {
+        let broker = open(&rt, dir.path());
+        broker.declare_queue("q", durable()).await.unwrap();
+        for n in 0..6 {
+            broker.publish("q", persistent(n)).await.unwrap();
+        }
+        // 0 and 1 acknowledged; 2 delivered twice (requeued once) and held;
+        // 3 held; 4 and 5 never delivered.
+        for _ in 0..2 {
+            let (d, _) = broker.get("q", AckMode::Manual).await.unwrap().unwrap();
+            d.ack().await.unwrap();
+        }
+        let (d, _) = broker.get("q", AckMode::Manual).await.unwrap().unwrap();
+        d.nack(true).await.unwrap();
+        let (_held2, _) = broker.get("q", AckMode::Manual).await.unwrap().unwrap();
+        let (_held3, _) = broker.get("q", AckMode::Manual).await.unwrap().unwrap();
+        // Acks are written lazily; a confirmed publish after them makes them
+        // durable too (the log is written in order).
+        broker.declare_queue("other", durable()).await.unwrap();
+        broker.publish("other", persistent(99)).await.unwrap();
+        // The broker goes away with 2 and 3 unsettled: a crash, as far as
+        // they are concerned.
+        std::mem::forget(_held2);
+        std::mem::forget(_held3);
+    }
+    let broker = open(&rt, dir.path());
+    assert_eq!(
+        contents(&broker, "q").await,
+        [(2, 3, true), (3, 2, true), (4, 1, false), (5, 1, false)],
+        "(number, delivery count now, redelivered)"
+    );
+    rt.shutdown();
+}
+
+#[tokio::test]
+async fn deleted_queues_stay_deleted_and_a_new_one_of_that_name_starts_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::with_arbiters(1).unwrap();
+    {
+        let broker = open(&rt, dir.path());
+        broker.declare_queue("q", durable()).await.unwrap();
+        broker.publish("q", persistent(1)).await.unwrap();
+        broker
+            .delete_queue("q", DeleteOptions::default())
+            .await
+            .unwrap();
+        broker.declare_queue("q", durable()).await.unwrap();
+        broker.publish("q", persistent(2)).await.unwrap();
+        broker.declare_queue("gone", durable()).await.unwrap();
+        broker.publish("gone", persistent(3)).await.unwrap();
+        broker
+            .delete_queue("gone", DeleteOptions::default())
+            .await
+            .unwrap();
+    }
+    let broker = open(&rt, dir.path());
+    assert_eq!(broker.queue_names(), ["q"]);
+    assert_eq!(contents(&broker, "q").await, [(2, 1, false)]);
+    // Redeclaring with other options is refused, as before the restart.
+    assert!(matches!(
+        broker.declare_queue("q", QueueOptions::default()).await,
+        Err(BrokerError::QueueMismatch { .. })
+    ));
+    rt.shutdown();
+}
+
+#[tokio::test]
+async fn a_second_broker_cannot_open_the_same_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::with_arbiters(1).unwrap();
+    let first = open(&rt, dir.path());
+    match Broker::open(&rt, StorageOptions::new(dir.path())) {
+        Err(BrokerError::Storage(StoreError::Locked { .. })) => {}
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    drop(first);
+    // Free again once the first is gone.
+    let _second = open(&rt, dir.path());
+    rt.shutdown();
+}
+
+fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[tokio::test]
+async fn damaged_records_are_skipped_and_torn_tails_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::with_arbiters(1).unwrap();
+    {
+        let broker = open(&rt, dir.path());
+        broker.declare_queue("q", durable()).await.unwrap();
+        for n in 0..10 {
+            broker.publish("q", persistent(n)).await.unwrap();
+        }
+    }
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 1);
+    let mut data = std::fs::read(&files[0]).unwrap();
+    let len = data.len();
+    // A flipped bit in the middle (inside message 4 or so), and half a
+    // record of garbage at the end.
+    data[len / 2] ^= 0x10;
+    data.extend_from_slice(&[0xab; 20]);
+    std::fs::write(&files[0], &data).unwrap();
+    let broker = open(&rt, dir.path());
+    let got: Vec<u32> = contents(&broker, "q").await.iter().map(|g| g.0).collect();
+    assert_eq!(got.len(), 9, "one message lost to the damage: {got:?}");
+    assert!(got.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(broker.storage_stats().unwrap().damaged_records, 1);
+    drop(broker);
+    assert_eq!(
+        std::fs::metadata(&files[0]).unwrap().len(),
+        len as u64,
+        "the torn tail was cut"
+    );
+    rt.shutdown();
+}
+
+#[tokio::test]
+async fn an_unknown_format_version_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::with_arbiters(1).unwrap();
+    {
+        let broker = open(&rt, dir.path());
+        broker.declare_queue("q", durable()).await.unwrap();
+        broker.publish("q", persistent(1)).await.unwrap();
+    }
+    let file = &segment_files(dir.path())[0];
+    let mut data = std::fs::read(file).unwrap();
+    data[8] = 9; // the version field
+    std::fs::write(file, &data).unwrap();
+    match Broker::open(&rt, StorageOptions::new(dir.path())) {
+        Err(BrokerError::Storage(err @ StoreError::UnsupportedVersion { version: 9, .. })) => {
+            assert!(err.to_string().contains("version 9"), "{err}");
+        }
+        other => panic!("expected UnsupportedVersion, got {other:?}"),
+    }
+    rt.shutdown();
+}
+
+#[tokio::test]
+async fn io_failures_fail_the_publish_and_lose_nothing_confirmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::with_arbiters(1).unwrap();
+    let mut confirmed = Vec::new();
+    {
+        let faults = DiskFaults::new();
+        let broker =
+            Broker::open(&rt, StorageOptions::new(dir.path()).faults(faults.clone())).unwrap();
+        broker.declare_queue("q", durable()).await.unwrap();
+        broker.publish("q", persistent(0)).await.unwrap();
+        confirmed.push(0);
+        // A failed write: that publish fails, the next ones succeed.
+        let faults = faults.fail_write(1);
+        let err = broker.publish("q", persistent(1)).await.unwrap_err();
+        assert!(
+            matches!(err, BrokerError::Storage(StoreError::Io { .. })),
+            "{err}"
+        );
+        broker.publish("q", persistent(2)).await.unwrap();
+        confirmed.push(2);
+        // A full disk: refused while full, fine once there is room again.
+        let faults = faults.disk_full_after(0);
+        let err = broker.publish("q", persistent(3)).await.unwrap_err();
+        assert!(
+            matches!(&err, BrokerError::Storage(e) if e.is_disk_full()),
+            "{err}"
+        );
+        faults.free();
+        broker.publish("q", persistent(4)).await.unwrap();
+        confirmed.push(4);
+        // A failed sync: nothing more can be confirmed, but the broker keeps
+        // serving what does not need the disk.
+        let _faults = faults.fail_sync(1);
+        assert!(broker.publish("q", persistent(5)).await.is_err());
+        assert!(broker.publish("q", persistent(6)).await.is_err());
+        assert!(broker.storage_stats().unwrap().failed.is_some());
+        broker.publish("q", common::msg(7)).await.unwrap();
+        // 1, 3 and 5 reached the queue before their writes or sync failed;
+        // 6 was refused at once (the store had failed), so it did not.
+        assert_eq!(broker.queue_stats("q").await.unwrap().stats.ready, 7);
+    }
+    let broker = open(&rt, dir.path());
+    let got: Vec<u32> = contents(&broker, "q").await.iter().map(|g| g.0).collect();
+    for n in &confirmed {
+        assert!(got.contains(n), "confirmed {n} lost: {got:?}");
+    }
+    // What failed may or may not be there (it reached the queue); nothing
+    // else is.
+    assert!(got.iter().all(|n| *n < 7), "{got:?}");
+    rt.shutdown();
+}
+
+#[tokio::test]
+async fn concurrent_publishers_share_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::with_arbiters(2).unwrap();
+    let broker = open(&rt, dir.path());
+    for q in 0..4 {
+        broker
+            .declare_queue(&format!("q{q}"), durable())
+            .await
+            .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for p in 0..64u32 {
+        let broker = broker.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20u32 {
+                let q = format!("q{}", (p + i) % 4);
+                broker.publish(&q, persistent(p * 100 + i)).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stats = broker.storage_stats().unwrap();
+    assert_eq!(stats.confirms, 64 * 20);
+    assert!(
+        stats.syncs < stats.confirms / 4,
+        "{} syncs for {} confirms: publishes do not share syncs",
+        stats.syncs,
+        stats.confirms
+    );
+    drop(broker);
+    rt.shutdown();
+}
+
+#[tokio::test]
+async fn disk_use_follows_the_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::with_arbiters(1).unwrap();
+    let options = StorageOptions::new(dir.path()).segment_bytes(4096);
+    let broker = Broker::open(&rt, options.clone()).unwrap();
+    broker.declare_queue("q", durable()).await.unwrap();
+    let payload = "x".repeat(200);
+    let batch = |from: u32| -> Vec<Envelope> {
+        (from..from + 50)
+            .map(|n| Envelope::new(format!("{n}:{payload}")).with_persistent(true))
+            .collect()
+    };
+    // One old message stays while thousands pass through.
+    broker.publish("q", persistent(0)).await.unwrap();
+    let (old, _) = broker.get("q", AckMode::Manual).await.unwrap().unwrap();
+    for round in 0..40u32 {
+        broker
+            .queue("q")
+            .unwrap()
+            .publish_batch(batch(round * 50))
+            .await
+            .unwrap();
+        while let Some((d, _)) = broker.get("q", AckMode::Manual).await.unwrap() {
+            d.ack().await.unwrap();
+        }
+        // A confirmed publish makes the acks durable, and lets the writer
+        // tidy up.
+        broker.publish("q", persistent(1)).await.unwrap();
+        let (d, _) = broker.get("q", AckMode::Manual).await.unwrap().unwrap();
+        d.ack().await.unwrap();
+    }
+    broker.publish("q", persistent(2)).await.unwrap();
+    let stats = broker.storage_stats().unwrap();
+    assert!(stats.segments_deleted > 10, "{stats:?}");
+    assert!(stats.compactions >= 1, "{stats:?}");
+    assert!(
+        stats.bytes_on_disk < 6 * 4096,
+        "{} bytes on disk for a backlog of 2 messages: {stats:?}",
+        stats.bytes_on_disk
+    );
+    drop(old);
+    drop(broker);
+    // What is left reads back.
+    let broker = Broker::open(&rt, options).unwrap();
+    let got: Vec<u32> = contents(&broker, "q").await.iter().map(|g| g.0).collect();
+    assert_eq!(got, [0, 2]);
+    rt.shutdown();
+}
+
+#[tokio::test]
+async fn the_interval_and_never_policies_confirm_without_waiting_for_a_sync() {
+    for policy in [
+        SyncPolicy::Interval(Duration::from_millis(50)),
+        SyncPolicy::Never,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::with_arbiters(1).unwrap();
+        {
+            let broker = Broker::open(&rt, StorageOptions::new(dir.path()).sync(policy)).unwrap();
+            broker.declare_queue("q", durable()).await.unwrap();
+            for n in 0..50 {
+                broker.publish("q", persistent(n)).await.unwrap();
+            }
+            let stats = broker.storage_stats().unwrap();
+            assert_eq!(stats.confirms, 50);
+            assert!(stats.syncs < 50, "{policy:?}: {stats:?}");
+        }
+        // Closing syncs: everything is there.
+        let broker = open(&rt, dir.path());
+        assert_eq!(contents(&broker, "q").await.len(), 50, "{policy:?}");
+        drop(broker);
+        rt.shutdown();
+    }
+}
+
+#[tokio::test]
+async fn an_in_memory_broker_accepts_durable_queues_and_persistent_messages() {
+    let rt = Runtime::with_arbiters(1).unwrap();
+    let broker = Broker::new(&rt);
+    broker.declare_queue("q", durable()).await.unwrap();
+    broker.publish("q", persistent(1)).await.unwrap();
+    assert!(broker.storage_stats().is_none());
+    assert_eq!(contents(&broker, "q").await, [(1, 1, false)]);
+    let _ = Arc::new(());
+    rt.shutdown();
+}
