@@ -1150,6 +1150,39 @@ impl Handler<Settle> for QueueActor {
     }
 }
 
+/// Apply every settlement consumers have recorded, write what the queue
+/// has not written yet, and reply with the store's confirmation of it.
+pub(crate) struct SyncPoint;
+impl Message for SyncPoint {
+    type Reply = Option<Confirm>;
+}
+impl Handler<SyncPoint> for QueueActor {
+    async fn handle(
+        &mut self,
+        _: SyncPoint,
+        ctx: &mut Context<Self>,
+    ) -> Result<Option<Confirm>, Failure> {
+        let ids: Vec<ConsumerId> = self.consumers.keys().copied().collect();
+        for id in ids {
+            if let Some(reg) = self.consumers.get(&id) {
+                let pending = reg.link.drain();
+                self.apply(id, pending);
+                self.finish_if_settled(id);
+            }
+        }
+        self.progress(ctx);
+        let Some(durable) = &self.durable else {
+            return Ok(None);
+        };
+        let Ok(append) = durable.store.append() else {
+            return Ok(None);
+        };
+        let (done, confirm) = tokio::sync::oneshot::channel();
+        append.finish(Some(done));
+        Ok(Some(confirm))
+    }
+}
+
 /// A delayed hand-off to a full consumer mailbox finished.
 struct Handoff {
     consumer: ConsumerId,

@@ -197,6 +197,35 @@ impl QueueHandle {
         }
     }
 
+    /// Waits until everything this queue has been told so far is on disk
+    /// (per the sync policy): publishes, and the acknowledgements and
+    /// rejections that returned before this call. Acks are otherwise written
+    /// lazily (a lost ack is a redelivery after a crash); this makes them
+    /// durable when that matters. On a queue that is not durable, or on an
+    /// in-memory broker, it returns at once.
+    ///
+    /// ```
+    /// # use postbox_actors::{AckMode, Broker, Envelope, QueueOptions};
+    /// # postbox::testkit::run(async {
+    /// # let broker = Broker::new(&postbox::RuntimeHandle::local());
+    /// let queue = broker.declare_queue("jobs", QueueOptions::default().durable()).await?;
+    /// queue.publish(Envelope::new("job").with_persistent(true)).await?;
+    /// let (job, _) = queue.get(AckMode::Manual).await?.expect("a job");
+    /// job.ack().await?;
+    /// queue.sync().await?; // the ack survives a crash from here on
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn sync(&self) -> Result<(), BrokerError> {
+        self.before_request();
+        let confirm = self
+            .addr
+            .ask(crate::queue::actor::SyncPoint)
+            .await
+            .map_err(|_| self.gone())?;
+        Self::confirmed(confirm).await
+    }
+
     /// Waits for a confirmation from [`enqueue_durable`](Self::enqueue_durable).
     pub(crate) async fn confirmed(confirm: Option<Confirm>) -> Result<(), BrokerError> {
         let Some(confirm) = confirm else {

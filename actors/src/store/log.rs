@@ -330,6 +330,7 @@ impl Append<'_> {
     /// Hands the records to the writer; with `confirm`, it is told once they
     /// are durable (per the sync policy).
     pub(crate) fn finish(mut self, confirm: Option<oneshot::Sender<Result<(), StoreError>>>) {
+        let waiter = confirm.is_some();
         if let Some(done) = confirm {
             let ticket = self.st.appended;
             self.st.waiters.push(Waiter {
@@ -338,7 +339,7 @@ impl Append<'_> {
                 done,
             });
         }
-        if self.wrote {
+        if self.wrote || waiter {
             self.shared.wake.notify_one();
         }
     }
@@ -419,7 +420,8 @@ impl Writer {
     fn next_group(&mut self) -> (Vec<Chunk>, u64, bool, bool) {
         let mut st = self.shared.state.lock();
         loop {
-            if !st.chunks.is_empty() || st.closing {
+            // Waiters with nothing left to write wait for a sync only.
+            if !st.chunks.is_empty() || st.closing || !st.waiters.is_empty() {
                 break;
             }
             let pending_sync = !self.unsynced.is_empty() || self.dir_dirty;
@@ -488,6 +490,9 @@ impl Writer {
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {
+        if self.unsynced.is_empty() && !self.dir_dirty {
+            return Ok(());
+        }
         let dir = self.shared.dir.clone();
         for &id in &self.unsynced {
             if let Some(file) = self.files.get_mut(&id) {
