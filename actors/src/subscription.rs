@@ -123,7 +123,10 @@ impl Broker {
 
     /// Subscribes through the named queue `queue`, declared (if needed) and bound
     /// to `exchange` with `key`. The queue outlives the subscriber; subscribing
-    /// again with the same name adds a competing consumer.
+    /// again with the same name adds a competing consumer. The queue is
+    /// declared durable: on a broker opened on a data directory
+    /// ([`Broker::open`]) it keeps its persistent messages across restarts,
+    /// and its binding too when the exchange is durable.
     pub async fn subscribe_durable<C, F>(
         &self,
         exchange: &str,
@@ -137,7 +140,8 @@ impl Broker {
         F: ConsumerFactory<C>,
     {
         if self.queue(queue).is_err() {
-            self.declare_queue(queue, QueueOptions::default()).await?;
+            self.declare_queue(queue, QueueOptions::default().durable())
+                .await?;
         }
         self.bind_queue(queue, exchange, key).await?;
         let consumer = self.consume(queue, options, factory).await?;

@@ -408,3 +408,210 @@ async fn an_in_memory_broker_accepts_durable_queues_and_persistent_messages() {
     let _ = Arc::new(());
     rt.shutdown();
 }
+
+#[tokio::test]
+async fn durable_exchanges_and_bindings_come_back_and_transient_ones_do_not() {
+    use postbox_actors::{ExchangeOptions, HeadersMatch};
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::with_arbiters(2).unwrap();
+    {
+        let broker = open(&rt, dir.path());
+        broker.declare_queue("orders", durable()).await.unwrap();
+        broker.declare_queue("pdfs", durable()).await.unwrap();
+        broker
+            .declare_queue("scratch", QueueOptions::default())
+            .await
+            .unwrap();
+        let events = ExchangeOptions::topic()
+            .durable()
+            .alternate_exchange("unrouted");
+        broker.declare_exchange("events", events).await.unwrap();
+        broker
+            .declare_exchange("relay", ExchangeOptions::fanout().durable())
+            .await
+            .unwrap();
+        broker
+            .declare_exchange("docs", ExchangeOptions::headers().durable())
+            .await
+            .unwrap();
+        broker
+            .declare_exchange("flash", ExchangeOptions::fanout())
+            .await
+            .unwrap();
+        broker
+            .bind_queue("orders", "events", "order.*")
+            .await
+            .unwrap();
+        broker
+            .bind_queue("orders", "events", "legacy.#")
+            .await
+            .unwrap();
+        broker
+            .unbind_queue("orders", "events", "legacy.#")
+            .await
+            .unwrap();
+        broker
+            .bind_exchange("relay", "events", "audit.#")
+            .await
+            .unwrap();
+        broker.bind_queue("orders", "relay", "").await.unwrap();
+        broker
+            .bind_queue("pdfs", "docs", HeadersMatch::all([("format", "pdf")]))
+            .await
+            .unwrap();
+        // A transient end makes a transient binding.
+        broker
+            .bind_queue("scratch", "events", "order.*")
+            .await
+            .unwrap();
+        broker.bind_queue("orders", "flash", "").await.unwrap();
+    }
+    let broker = open(&rt, dir.path());
+    assert!(
+        broker.bindings("flash").is_err(),
+        "a transient exchange is gone"
+    );
+    let keys: Vec<(String, String)> = broker
+        .bindings("events")
+        .unwrap()
+        .into_iter()
+        .map(|b| (format!("{:?}", b.destination), b.key.to_string()))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("Queue(\"orders\")".to_string(), "order.*".to_string()),
+            ("Exchange(\"relay\")".to_string(), "audit.#".to_string()),
+        ]
+    );
+    // Same options: redeclaring is fine; a different durability is not.
+    broker
+        .declare_exchange(
+            "events",
+            ExchangeOptions::topic()
+                .durable()
+                .alternate_exchange("unrouted"),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        broker
+            .declare_exchange("relay", ExchangeOptions::fanout())
+            .await,
+        Err(BrokerError::ExchangeMismatch { .. })
+    ));
+    // The restored bindings route.
+    let to = |x: &'static str, k: &'static str, n: u32| {
+        let broker = broker.clone();
+        async move { broker.publish_to(x, k, persistent(n)).await.unwrap() }
+    };
+    assert_eq!(to("events", "order.created", 1).await, 1);
+    assert_eq!(to("events", "audit.login", 2).await, 1);
+    assert_eq!(to("events", "legacy.x", 3).await, 0);
+    let pdf = persistent(4).with_header("format", "pdf");
+    assert_eq!(broker.publish_to("docs", "", pdf).await.unwrap(), 1);
+    let numbers = |v: Vec<(u32, u32, bool)>| v.into_iter().map(|g| g.0).collect::<Vec<_>>();
+    assert_eq!(numbers(contents(&broker, "orders").await), [1, 2]);
+    assert_eq!(numbers(contents(&broker, "pdfs").await), [4]);
+}
+
+#[tokio::test]
+async fn deleting_a_durable_exchange_or_queue_deletes_its_bindings_for_good() {
+    use postbox_actors::ExchangeOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::with_arbiters(2).unwrap();
+    {
+        let broker = open(&rt, dir.path());
+        for q in ["a", "b"] {
+            broker.declare_queue(q, durable()).await.unwrap();
+        }
+        for x in ["x", "y"] {
+            broker
+                .declare_exchange(x, ExchangeOptions::direct().durable())
+                .await
+                .unwrap();
+        }
+        broker.bind_queue("a", "x", "k").await.unwrap();
+        broker.bind_queue("b", "x", "k").await.unwrap();
+        broker.bind_queue("a", "y", "k").await.unwrap();
+        broker.bind_exchange("y", "x", "k").await.unwrap();
+        broker.delete_exchange("y", false).await.unwrap();
+        broker
+            .delete_queue("b", DeleteOptions::default())
+            .await
+            .unwrap();
+        // A new queue of the old name does not inherit the old bindings.
+        broker.declare_queue("b", durable()).await.unwrap();
+        // A long topology log is rewritten as a snapshot on reopening.
+        for _ in 0..40 {
+            broker.bind_queue("b", "x", "churn").await.unwrap();
+            broker.unbind_queue("b", "x", "churn").await.unwrap();
+        }
+    }
+    // Reopened twice: from the log, then from the snapshot it was rewritten to.
+    drop(open(&rt, dir.path()));
+    let broker = open(&rt, dir.path());
+    assert!(broker.bindings("y").is_err());
+    let dests: Vec<String> = broker
+        .bindings("x")
+        .unwrap()
+        .into_iter()
+        .map(|b| format!("{:?}", b.destination))
+        .collect();
+    assert_eq!(dests, ["Queue(\"a\")"]);
+    assert_eq!(
+        broker.publish_to("x", "k", persistent(1)).await.unwrap(),
+        1,
+        "only a"
+    );
+}
+
+#[tokio::test]
+async fn a_durable_subscription_collects_while_the_broker_is_down() {
+    use postbox_actors::{ConsumeOptions, Delivery, ExchangeOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::with_arbiters(2).unwrap();
+    {
+        let broker = open(&rt, dir.path());
+        let events = ExchangeOptions::topic().durable();
+        broker
+            .declare_exchange("user.events", events)
+            .await
+            .unwrap();
+        let sub = broker
+            .subscribe_durable(
+                "user.events",
+                "user.registered",
+                "email.user.registered",
+                ConsumeOptions::auto(),
+                || |_d: Delivery| async { Ok(()) },
+            )
+            .await
+            .unwrap();
+        sub.cancel().await;
+        // An exclusive subscription's queue is never durable.
+        let transient = broker
+            .subscribe("user.events", "#", ConsumeOptions::auto(), || {
+                |_d: Delivery| async { Ok(()) }
+            })
+            .await
+            .unwrap();
+        let reached = broker
+            .publish_to("user.events", "user.registered", persistent(7))
+            .await
+            .unwrap();
+        assert_eq!(reached, 2);
+        drop(transient);
+    }
+    let broker = open(&rt, dir.path());
+    assert_eq!(broker.queue_names(), ["email.user.registered"]);
+    let got = contents(&broker, "email.user.registered").await;
+    assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), [7]);
+    assert_eq!(
+        broker
+            .publish_to("user.events", "user.registered", persistent(8))
+            .await
+            .unwrap(),
+        1
+    );
+}

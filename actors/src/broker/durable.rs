@@ -1,7 +1,12 @@
 //! Durability through the broker: [`Broker::open`] on a data directory
-//! recovers the durable queues and their persistent messages; declarations
-//! and deletions of durable queues are written to the topology log before
-//! they return.
+//! recovers the durable queues with their persistent messages, the durable
+//! exchanges, and the bindings between them; declarations, bindings and
+//! deletions of durable ones are written to the topology log before they
+//! return.
+//!
+//! As in RabbitMQ, a binding is durable when both of its ends are: a durable
+//! exchange bound to a durable queue or exchange. A binding with a transient
+//! end lives as long as the broker does.
 //!
 //! The topology log holds one JSON entry per change. Each queue declaration
 //! gets an id that is never reused (the highest id handed out is part of
@@ -17,7 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::broker::topology::QueueEntry;
 use crate::broker::{Broker, BrokerConfig};
+use crate::envelope::Headers;
 use crate::error::BrokerError;
+use crate::exchange::{Binding, Destination, ExchangeOptions};
 use crate::queue::actor::{Durable, spawn_queue};
 use crate::queue::options::QueueOptions;
 use crate::store::{DataDir, QueueId, StorageOptions, StorageStats, Store, StoreError};
@@ -38,6 +45,44 @@ enum MetaOp {
     DeleteQueue {
         id: QueueId,
     },
+    Exchange {
+        name: String,
+        options: ExchangeOptions,
+    },
+    DeleteExchange {
+        name: String,
+    },
+    Bind(BindingRecord),
+    Unbind(BindingRecord),
+}
+
+/// A durable binding, as written to the topology log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct BindingRecord {
+    exchange: String,
+    destination: Destination,
+    key: ByteString,
+    #[serde(default)]
+    arguments: Headers,
+}
+
+impl BindingRecord {
+    fn new(exchange: &str, binding: &Binding) -> Self {
+        BindingRecord {
+            exchange: exchange.to_string(),
+            destination: binding.destination.clone(),
+            key: binding.key.clone(),
+            arguments: binding.arguments.clone(),
+        }
+    }
+
+    fn binding(&self) -> Binding {
+        Binding {
+            destination: self.destination.clone(),
+            key: self.key.clone(),
+            arguments: self.arguments.clone(),
+        }
+    }
 }
 
 /// The durable topology, as the topology log describes it.
@@ -45,6 +90,9 @@ enum MetaOp {
 struct Meta {
     next_queue_id: QueueId,
     queues: FxHashMap<String, (QueueId, QueueOptions)>,
+    exchanges: FxHashMap<String, ExchangeOptions>,
+    /// In the order they were made, as routing lists them.
+    bindings: Vec<BindingRecord>,
 }
 
 impl Meta {
@@ -55,7 +103,34 @@ impl Meta {
                 self.next_queue_id = self.next_queue_id.max(id + 1);
                 self.queues.insert(name, (id, options));
             }
-            MetaOp::DeleteQueue { id } => self.queues.retain(|_, (qid, _)| *qid != id),
+            MetaOp::DeleteQueue { id } => {
+                let gone: Vec<String> = self
+                    .queues
+                    .iter()
+                    .filter(|(_, (qid, _))| *qid == id)
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                for name in gone {
+                    self.queues.remove(&name);
+                    let dest = Destination::Queue(ByteString::from(name));
+                    self.bindings.retain(|b| b.destination != dest);
+                }
+            }
+            MetaOp::Exchange { name, options } => {
+                self.exchanges.insert(name, options);
+            }
+            MetaOp::DeleteExchange { name } => {
+                let dest = Destination::Exchange(ByteString::from(name.as_str()));
+                self.bindings
+                    .retain(|b| b.exchange != name && b.destination != dest);
+                self.exchanges.remove(&name);
+            }
+            MetaOp::Bind(record) => {
+                if !self.bindings.contains(&record) {
+                    self.bindings.push(record);
+                }
+            }
+            MetaOp::Unbind(record) => self.bindings.retain(|b| *b != record),
         }
     }
 
@@ -74,7 +149,23 @@ impl Meta {
                     options: options.clone(),
                 }),
         );
+        let mut exchanges: Vec<_> = self.exchanges.iter().collect();
+        exchanges.sort_by_key(|(name, _)| name.as_str());
+        ops.extend(
+            exchanges
+                .into_iter()
+                .map(|(name, options)| MetaOp::Exchange {
+                    name: name.clone(),
+                    options: options.clone(),
+                }),
+        );
+        ops.extend(self.bindings.iter().cloned().map(MetaOp::Bind));
         ops
+    }
+
+    /// How many entries a snapshot of this topology has.
+    fn len(&self) -> usize {
+        1 + self.queues.len() + self.exchanges.len() + self.bindings.len()
     }
 }
 
@@ -121,6 +212,46 @@ impl Storage {
             tracing::error!(queue_id = id, %err, "could not record a durable queue's deletion: it comes back, empty, when the broker reopens");
         }
         meta.apply(op);
+    }
+
+    /// Records a durable exchange's declaration.
+    pub(crate) fn declare_exchange(
+        &self,
+        name: &str,
+        options: &ExchangeOptions,
+    ) -> Result<(), StoreError> {
+        self.record(MetaOp::Exchange {
+            name: name.to_string(),
+            options: options.clone(),
+        })
+    }
+
+    /// Records a durable exchange's deletion, and so of every binding from
+    /// or to it.
+    pub(crate) fn delete_exchange(&self, name: &str) {
+        if let Err(err) = self.record(MetaOp::DeleteExchange {
+            name: name.to_string(),
+        }) {
+            tracing::error!(exchange = name, %err, "could not record a durable exchange's deletion: it comes back when the broker reopens");
+        }
+    }
+
+    /// Records a durable binding.
+    pub(crate) fn bind(&self, exchange: &str, binding: &Binding) -> Result<(), StoreError> {
+        self.record(MetaOp::Bind(BindingRecord::new(exchange, binding)))
+    }
+
+    /// Records a durable binding's removal.
+    pub(crate) fn unbind(&self, exchange: &str, binding: &Binding) -> Result<(), StoreError> {
+        self.record(MetaOp::Unbind(BindingRecord::new(exchange, binding)))
+    }
+
+    /// Writes `op` (synced) and applies it.
+    fn record(&self, op: MetaOp) -> Result<(), StoreError> {
+        let mut meta = self.meta.lock();
+        self.write(&op)?;
+        meta.apply(op);
+        Ok(())
     }
 
     pub(crate) fn stats(&self) -> StorageStats {
@@ -203,7 +334,7 @@ impl Broker {
             "storage opened"
         );
         // A log much longer than what it describes is rewritten.
-        if logged > 2 * (meta.queues.len() + 1) + 16 {
+        if logged > 2 * meta.len() + 16 {
             let snapshot: Vec<Vec<u8>> = meta
                 .snapshot()
                 .iter()
@@ -216,6 +347,12 @@ impl Broker {
             .iter()
             .map(|(name, (id, options))| (name.clone(), *id, options.clone()))
             .collect();
+        let exchanges: Vec<(String, ExchangeOptions)> = meta
+            .exchanges
+            .iter()
+            .map(|(name, options)| (name.clone(), options.clone()))
+            .collect();
+        let bindings = meta.bindings.clone();
         let broker = Broker::build(
             runtime,
             config,
@@ -228,6 +365,19 @@ impl Broker {
         for (name, id, options) in queues {
             let recovered = recovery.queues.remove(&id).unwrap_or_default();
             broker.start_durable_queue(&name, id, options, recovered)?;
+        }
+        {
+            let mut topology = broker.inner.topology.write();
+            for (name, options) in exchanges {
+                if let Err(err) = topology.declare_exchange(&name, options) {
+                    tracing::error!(exchange = %name, %err, "durable exchange not restored");
+                }
+            }
+            for record in bindings {
+                if let Err(err) = topology.bind(&record.exchange, record.binding()) {
+                    tracing::error!(exchange = %record.exchange, destination = ?record.destination, %err, "durable binding not restored");
+                }
+            }
         }
         Ok(broker)
     }

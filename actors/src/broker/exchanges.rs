@@ -5,6 +5,7 @@
 use bytestring::ByteString;
 
 use crate::broker::Broker;
+use crate::broker::topology::Topology;
 use crate::error::BrokerError;
 use crate::exchange::{Binding, BindingKey, Destination, ExchangeOptions};
 use crate::name::{NameKind, validate_declared, validate_key, validate_name};
@@ -26,7 +27,18 @@ impl Broker {
             validate_name(NameKind::Exchange, alternate)?;
         }
         self.alive()?;
-        self.inner.topology.write().declare_exchange(name, options)
+        let mut topology = self.inner.topology.write();
+        let created = !topology.exchanges.contains_key(name);
+        let durable = options.durable.then(|| options.clone());
+        topology.declare_exchange(name, options)?;
+        // A durable exchange is on disk before the declaration returns.
+        if let (true, Some(options), Some(storage)) = (created, durable, &self.inner.storage)
+            && let Err(err) = storage.declare_exchange(name, &options)
+        {
+            topology.exchanges.remove(name);
+            return Err(err.into());
+        }
+        Ok(())
     }
 
     /// Deletes an exchange and every binding from or to it.
@@ -36,7 +48,16 @@ impl Broker {
             return Err(BrokerError::DefaultExchange("deleted"));
         }
         self.alive()?;
-        self.inner.topology.write().delete_exchange(name, if_unused)
+        let mut topology = self.inner.topology.write();
+        let durable = topology
+            .exchanges
+            .get(name)
+            .is_some_and(|x| x.options.durable);
+        topology.delete_exchange(name, if_unused)?;
+        if let (true, Some(storage)) = (durable, &self.inner.storage) {
+            storage.delete_exchange(name);
+        }
+        Ok(())
     }
 
     /// Binds a queue to an exchange, with a routing key (a pattern for topic
@@ -150,11 +171,16 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         let binding = Self::binding(exchange, destination, key)?;
         self.alive()?;
-        self.inner
-            .topology
-            .write()
-            .bind(exchange, binding)
-            .map(|_| ())
+        let mut topology = self.inner.topology.write();
+        let created = topology.bind(exchange, binding.clone())?;
+        if let (true, Some(storage)) = (created, &self.inner.storage)
+            && Self::durable_binding(&topology, exchange, &binding.destination)
+            && let Err(err) = storage.bind(exchange, &binding)
+        {
+            let _ = topology.unbind(exchange, &binding);
+            return Err(err.into());
+        }
+        Ok(())
     }
 
     pub(super) fn unbind(
@@ -165,6 +191,34 @@ impl Broker {
     ) -> Result<bool, BrokerError> {
         let binding = Self::binding(exchange, destination, key)?;
         self.alive()?;
-        self.inner.topology.write().unbind(exchange, &binding)
+        let mut topology = self.inner.topology.write();
+        let durable = Self::durable_binding(&topology, exchange, &binding.destination);
+        let removed = topology.unbind(exchange, &binding)?;
+        if let (true, true, Some(storage)) = (removed, durable, &self.inner.storage)
+            && let Err(err) = storage.unbind(exchange, &binding)
+        {
+            let _ = topology.bind(exchange, binding);
+            return Err(err.into());
+        }
+        Ok(removed)
+    }
+
+    /// Whether a binding outlives the broker: both of its ends do (as in
+    /// RabbitMQ).
+    fn durable_binding(topology: &Topology, exchange: &str, destination: &Destination) -> bool {
+        let durable_exchange = |name: &str| {
+            topology
+                .exchanges
+                .get(name)
+                .is_some_and(|x| x.options.durable)
+        };
+        durable_exchange(exchange)
+            && match destination {
+                Destination::Queue(q) => {
+                    topology.queues.get(q).is_some_and(|e| e.store_id.is_some())
+                }
+                Destination::Exchange(x) => durable_exchange(x),
+                Destination::Stream(_) => false,
+            }
     }
 }

@@ -71,6 +71,11 @@ pub struct ExchangeOptions {
     pub kind: ExchangeKind,
     /// Where messages this exchange cannot route go instead.
     pub alternate_exchange: Option<String>,
+    /// Kept across restarts of a broker opened on a data directory
+    /// ([`Broker::open`](crate::Broker::open)), with its bindings to durable
+    /// queues and exchanges. Ignored by an in-memory broker.
+    #[serde(default)]
+    pub durable: bool,
 }
 
 impl ExchangeOptions {
@@ -79,6 +84,7 @@ impl ExchangeOptions {
         ExchangeOptions {
             kind,
             alternate_exchange: None,
+            durable: false,
         }
     }
 
@@ -107,10 +113,22 @@ impl ExchangeOptions {
         self.alternate_exchange = Some(name.into());
         self
     }
+
+    /// Makes the exchange [`durable`](Self::durable).
+    ///
+    /// ```
+    /// use postbox_actors::ExchangeOptions;
+    /// assert!(ExchangeOptions::topic().durable().durable);
+    /// ```
+    pub fn durable(mut self) -> Self {
+        self.durable = true;
+        self
+    }
 }
 
 /// What a binding delivers to.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Destination {
     /// A queue, by name.
     Queue(ByteString),
