@@ -11,7 +11,10 @@ use crate::broker::Broker;
 use crate::broker::{Target, deliver_to};
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
+use crate::queue::actor::{TxPublish, TxReserve};
 use crate::queue::delivery::{AckError, Delivery, Link, LinkState, Outcome, Settler};
+use crate::queue::handle::QueueHandle;
+use crate::store::{Loc, QueueId};
 
 /// Why a commit was refused. Nothing was published or settled.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -27,6 +30,12 @@ pub enum TxError {
     /// it after the rest had committed.
     #[error("queue {0:?} has reject-publish overflow and cannot take part in a transaction")]
     RejectPublishQueue(String),
+    /// The commit record could not be stored. Nothing was published; when
+    /// the record could not even be written the settlements were undone
+    /// too, but when it was written and not synced they took effect in
+    /// memory (after a restart, none of the transaction is there).
+    #[error("the transaction could not be stored: {0}")]
+    Storage(#[from] crate::store::StoreError),
 }
 
 /// What a commit did.
@@ -80,6 +89,16 @@ struct Publication {
 /// dropped while it waits has recorded its settlements and published only
 /// part of its messages, so await commits to the end. A stream's readers
 /// cannot see a rollback: nothing reaches the stream before commit.
+///
+/// On a broker opened on a data directory, a commit that publishes
+/// persistent messages to durable queues, or settles deliveries of them,
+/// writes one commit record holding all of those publishes and settlements
+/// and waits for it to be stored (per the sync policy) before the messages
+/// enter their queues: after a crash, all of a committed transaction is
+/// there or none of it. (Two exceptions, documented: an `ack_multiple`
+/// records only its own delivery in the commit record, the earlier ones it
+/// covers are journaled by their queue as plain acks; and copies for
+/// streams and transient queues live in memory as usual.)
 ///
 /// ```
 /// use postbox::Runtime;
@@ -209,12 +228,43 @@ impl Transaction {
             }
             routed.push((targets, message));
         }
-        // 2. Record every settlement under the locks of all the links involved.
-        let (settled, notify) = settle_all(&self.settlements)?;
-        // 3. Enqueue and append: cannot fail now (a full block-mode stream
+        // 2. On a broker with storage, persistent messages for durable queues
+        // get their positions now and are stored with the settlements as one
+        // record (see `Staged`).
+        let staged = match self.broker.store() {
+            Some(_) => Staged::reserve(&mut routed).await,
+            None => Staged::default(),
+        };
+        // 3. Record every settlement under the locks of all the links
+        // involved, and write the commit record before they are released.
+        let store = self.broker.store();
+        let (settled, notify, stored) = settle_all(&self.settlements, |settled_locs| {
+            let Some(store) = store.filter(|_| !staged.is_empty() || !settled_locs.is_empty())
+            else {
+                return Ok(None);
+            };
+            let mut append = store.append()?;
+            let locs = append.atomic(&staged.records(), settled_locs);
+            let (done, confirm) = tokio::sync::oneshot::channel();
+            append.finish(Some(done));
+            Ok(Some((locs, confirm)))
+        })?;
+        let locs = match stored {
+            Some((locs, confirm)) => {
+                crate::queue::handle::QueueHandle::confirmed(Some(confirm))
+                    .await
+                    .map_err(|err| match err {
+                        BrokerError::Storage(err) => TxError::Storage(err),
+                        other => TxError::Publish(other),
+                    })?;
+                locs
+            }
+            None => Vec::new(),
+        };
+        // 4. Enqueue and append: cannot fail now (a full block-mode stream
         // makes this wait, see the module docs).
         let published = routed.len();
-        let mut enqueued = 0;
+        let mut enqueued = staged.publish(locs).await;
         for (targets, message) in routed {
             if !targets.is_empty() {
                 enqueued += deliver_to(&targets, message).await.unwrap_or(0);
@@ -246,9 +296,17 @@ impl Transaction {
 
 /// Records all settlements atomically: every involved link is locked (in
 /// address order, so concurrent transactions cannot deadlock), every claim is
-/// applied, and if one fails every link is restored. Returns the number of
-/// deliveries settled and the links whose queues must be told.
-fn settle_all(settlements: &[Settlement]) -> Result<(usize, Vec<Arc<Link>>), TxError> {
+/// applied, and if one fails every link is restored. Then, still under the
+/// locks, `store` is given the stored locations of the messages that leave
+/// their queues (acked or discarded), to write the commit record: no queue
+/// can see (and journal) a settlement before that record is in the log.
+/// If `store` fails, every link is restored too. Returns the number of
+/// deliveries settled, the links whose queues must be told, and what `store`
+/// returned.
+fn settle_all<R>(
+    settlements: &[Settlement],
+    store: impl FnOnce(&[Loc]) -> Result<R, TxError>,
+) -> Result<(usize, Vec<Arc<Link>>, R), TxError> {
     let mut links: BTreeMap<usize, Arc<Link>> = BTreeMap::new();
     for s in settlements {
         links.insert(
@@ -262,6 +320,14 @@ fn settle_all(settlements: &[Settlement]) -> Result<(usize, Vec<Arc<Link>>), TxE
         guards.iter().map(|(k, g)| (*k, (**g).clone())).collect();
     let mut settled = 0;
     let mut notify = Vec::new();
+    let mut leaving = Vec::new();
+    let restore = |guards: &mut BTreeMap<usize, parking_lot::MutexGuard<'_, LinkState>>| {
+        for (k, guard) in guards.iter_mut() {
+            if let Some(snapshot) = snapshots.get(k) {
+                **guard = snapshot.clone();
+            }
+        }
+    };
     for s in settlements {
         let key = Arc::as_ptr(&s.settler.link) as usize;
         let Some(state) = guards.get_mut(&key) else {
@@ -277,16 +343,130 @@ fn settle_all(settlements: &[Settlement]) -> Result<(usize, Vec<Arc<Link>>), TxE
                 if first {
                     notify.push(s.settler.link.clone());
                 }
+                // (With `multiple`, the earlier deliveries' locations are not
+                // known here: their settlements are journaled by the queue.)
+                if s.settler.loc != 0 && matches!(s.outcome, Outcome::Ack | Outcome::Discard) {
+                    leaving.push(Loc::unpack(s.settler.loc));
+                }
             }
             Err(err) => {
-                for (k, guard) in guards.iter_mut() {
-                    if let Some(snapshot) = snapshots.get(k) {
-                        **guard = snapshot.clone();
-                    }
-                }
+                restore(&mut guards);
                 return Err(err.into());
             }
         }
     }
-    Ok((settled, notify))
+    match store(&leaving) {
+        Ok(stored) => Ok((settled, notify, stored)),
+        Err(err) => {
+            restore(&mut guards);
+            Err(err)
+        }
+    }
+}
+
+/// A transaction's persistent messages for durable queues: each has its
+/// position reserved in its queue, is written in the commit record, and
+/// enters its queue once that record is stored. (Other copies are delivered
+/// as any publish is, after the commit.)
+#[derive(Default)]
+struct Staged {
+    queues: Vec<StagedQueue>,
+}
+
+struct StagedQueue {
+    handle: Arc<QueueHandle>,
+    id: QueueId,
+    /// `(seq, expires_at, message)`.
+    messages: Vec<(u64, u64, Envelope)>,
+}
+
+impl Staged {
+    /// Takes the copies for durable queues out of `routed` and reserves
+    /// their positions. A queue that turns out not to persist keeps its
+    /// copies in `routed`.
+    async fn reserve(routed: &mut [(SmallVec<[Target; 16]>, Envelope)]) -> Staged {
+        let mut wanted: Vec<(Arc<QueueHandle>, Vec<Envelope>)> = Vec::new();
+        for (targets, message) in routed.iter_mut() {
+            if !message.persistent() {
+                continue;
+            }
+            targets.retain(|target| {
+                let Target::Queue(queue) = target else {
+                    return true;
+                };
+                if !queue.durable {
+                    return true;
+                }
+                let id = queue.addr.id();
+                match wanted.iter_mut().find(|(q, _)| q.addr.id() == id) {
+                    Some((_, messages)) => messages.push(message.clone()),
+                    None => wanted.push((queue.clone(), vec![message.clone()])),
+                }
+                false
+            });
+        }
+        let mut staged = Staged::default();
+        for (handle, messages) in wanted {
+            match handle.addr.ask(TxReserve(messages.clone())).await {
+                Ok(Some((id, reserved))) => staged.queues.push(StagedQueue {
+                    handle,
+                    id,
+                    messages: reserved
+                        .into_iter()
+                        .zip(messages)
+                        .map(|((seq, expires_at), m)| (seq, expires_at, m))
+                        .collect(),
+                }),
+                // Not persisting after all, or gone: delivered as usual.
+                _ => {
+                    for message in messages {
+                        if let Some((targets, _)) =
+                            routed.iter_mut().find(|(_, m)| m.id() == message.id())
+                        {
+                            targets.push(Target::Queue(handle.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        staged
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queues.is_empty()
+    }
+
+    /// The publish records of the commit record, in order.
+    fn records(&self) -> Vec<(QueueId, u64, u64, &Envelope)> {
+        self.queues
+            .iter()
+            .flat_map(|q| {
+                q.messages
+                    .iter()
+                    .map(|(seq, expires_at, m)| (q.id, *seq, *expires_at, m))
+            })
+            .collect()
+    }
+
+    /// Hands each queue its messages, stored at `locs` (in the order of
+    /// [`records`](Self::records)); returns how many were handed over.
+    async fn publish(self, locs: Vec<Loc>) -> usize {
+        let mut locs = locs.into_iter();
+        let mut enqueued = 0;
+        for q in self.queues {
+            let messages: Vec<(u64, u64, Envelope, Loc)> = q
+                .messages
+                .into_iter()
+                .zip(locs.by_ref())
+                .map(|((seq, expires_at, m), loc)| (seq, expires_at, m, loc))
+                .collect();
+            let n = messages.len();
+            // A queue deleted meanwhile does not get them (nor would it
+            // after a restart: its records are dead).
+            if q.handle.addr.ask(TxPublish(messages)).await.is_ok() {
+                enqueued += n;
+            }
+        }
+        enqueued
+    }
 }

@@ -204,6 +204,11 @@ impl Broker {
         &self.inner.runtime
     }
 
+    /// The message log, for a broker opened on a data directory.
+    pub(crate) fn store(&self) -> Option<&crate::store::Store> {
+        self.inner.storage.as_ref().map(|s| &s.log)
+    }
+
     /// The value of type `T` this broker keeps for a layer above it (the
     /// requesters that take direct replies, say), created on first use. Layers
     /// keep per-broker state here so that the broker does not know them.

@@ -228,6 +228,7 @@ impl<C: Consumer> ConsumerActor<C> {
                     let settler = Settler {
                         tag,
                         link: link.clone(),
+                        loc: 0,
                     };
                     // Boxed: the rare path must not grow every batch's future.
                     Box::pin(settle_failed(

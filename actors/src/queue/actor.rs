@@ -489,7 +489,7 @@ impl QueueActor {
             };
             self.observers
                 .each(|o| o.delivered(&self.name, d.consumer, d.tag, &d.message));
-            let delivery = Delivery::new(d.message, d.tag, reg.link.clone());
+            let delivery = Delivery::new(d.message, d.tag, reg.link.clone(), d.loc);
             match reg.sink {
                 Sink::One(_) | Sink::Fetch => self.hand_over(ctx, d.consumer, vec![delivery]),
                 Sink::Batch { .. } => {
@@ -897,6 +897,54 @@ impl Handler<PublishDurable> for QueueActor {
     }
 }
 
+/// A transaction's first step on a durable queue: reserve positions for its
+/// persistent messages. Replies with the queue's id in the store and each
+/// message's `(seq, expires_at)`; `None` if the queue does not persist (not
+/// durable, or the broker is in memory).
+pub(crate) struct TxReserve(pub(crate) Vec<Envelope>);
+impl Message for TxReserve {
+    type Reply = Option<(QueueId, Vec<(u64, u64)>)>;
+}
+impl Handler<TxReserve> for QueueActor {
+    async fn handle(
+        &mut self,
+        TxReserve(messages): TxReserve,
+        _: &mut Context<Self>,
+    ) -> Result<Option<(QueueId, Vec<(u64, u64)>)>, Failure> {
+        let Some(id) = self.durable.as_ref().map(|d| d.id) else {
+            return Ok(None);
+        };
+        self.state.advance_to(postbox::clock::now_ms());
+        Ok(Some((id, self.state.reserve(&messages))))
+    }
+}
+
+/// A transaction's last step on a durable queue: its messages, stored by the
+/// commit record, enter the queue at their reserved positions.
+pub(crate) struct TxPublish(pub(crate) Vec<(u64, u64, Envelope, Loc)>);
+impl Message for TxPublish {
+    type Reply = ();
+}
+impl Handler<TxPublish> for QueueActor {
+    async fn handle(
+        &mut self,
+        TxPublish(messages): TxPublish,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), Failure> {
+        self.state.advance_to(postbox::clock::now_ms());
+        for (seq, expires_at, message, loc) in messages {
+            let observed = self.observers.is_active().then(|| message.clone());
+            self.state
+                .publish_reserved(seq, expires_at, message, loc.pack());
+            if let Some(message) = observed {
+                self.observers.each(|o| o.published(&self.name, &message));
+            }
+        }
+        self.progressed(ctx);
+        Ok(())
+    }
+}
+
 /// How long a drained backlog keeps its buffer before giving it back.
 const SPARE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -1084,9 +1132,9 @@ impl Handler<Get> for QueueActor {
             let delivery = match msg.mode {
                 AckMode::Manual => {
                     link.track([d.tag]);
-                    Delivery::fetched(d.message, d.tag, link.clone(), me)
+                    Delivery::fetched(d.message, d.tag, link.clone(), d.loc, me)
                 }
-                AckMode::Auto => Delivery::new(d.message, d.tag, link.clone()),
+                AckMode::Auto => Delivery::new(d.message, d.tag, link.clone(), d.loc),
             };
             (delivery, self.state.ready_len())
         });

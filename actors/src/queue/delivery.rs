@@ -298,6 +298,9 @@ impl Link {
 pub struct Settler {
     pub(crate) tag: DeliveryTag,
     pub(crate) link: Arc<Link>,
+    /// Where the message is stored (0: not persisted), for a transaction's
+    /// commit record.
+    pub(crate) loc: u64,
 }
 
 impl fmt::Debug for Settler {
@@ -339,6 +342,8 @@ pub struct Delivery {
     message: Envelope,
     tag: DeliveryTag,
     link: Arc<Link>,
+    /// Where the message is stored (0: not persisted).
+    loc: u64,
     /// For a manual `basic.get` delivery: ends its registration (requeueing
     /// it, if unsettled) when the delivery is dropped.
     _fetched: Option<Arc<FetchGuard>>,
@@ -389,11 +394,12 @@ impl fmt::Debug for Delivery {
 }
 
 impl Delivery {
-    pub(crate) fn new(message: Envelope, tag: DeliveryTag, link: Arc<Link>) -> Self {
+    pub(crate) fn new(message: Envelope, tag: DeliveryTag, link: Arc<Link>, loc: u64) -> Self {
         Delivery {
             message,
             tag,
             link,
+            loc,
             _fetched: None,
         }
     }
@@ -403,6 +409,7 @@ impl Delivery {
         message: Envelope,
         tag: DeliveryTag,
         link: Arc<Link>,
+        loc: u64,
         queue: Addr<QueueActor>,
     ) -> Self {
         let consumer = link.consumer;
@@ -410,6 +417,7 @@ impl Delivery {
             message,
             tag,
             link,
+            loc,
             _fetched: Some(Arc::new(FetchGuard { queue, consumer })),
         }
     }
@@ -512,6 +520,7 @@ impl Delivery {
         Settler {
             tag: self.tag,
             link: self.link.clone(),
+            loc: self.loc,
         }
     }
 
@@ -534,6 +543,7 @@ impl Delivery {
             message: self.message.clone(),
             tag: self.tag,
             link: self.link.clone(),
+            loc: self.loc,
             _fetched: self._fetched.clone(),
         }
     }

@@ -301,6 +301,42 @@ impl Append<'_> {
         loc
     }
 
+    /// Appends one atomic record (a transaction's commit): `publishes` as
+    /// `(queue, seq, expires_at, message)`, and `settled`. Recovery applies
+    /// all of it or, if the record is not intact, none of it. Returns where
+    /// each published message is, in order.
+    pub(crate) fn atomic(
+        &mut self,
+        publishes: &[(QueueId, u64, u64, &Envelope)],
+        settled: &[Loc],
+    ) -> Vec<Loc> {
+        let segment = {
+            self.buffer(true);
+            self.st.active
+        };
+        let first = self.st.segments.get(segment).map_or(0, |s| s.publishes);
+        let locs: Vec<Loc> = (0..publishes.len())
+            .map(|i| Loc {
+                segment,
+                ordinal: first + i as u32,
+            })
+            .collect();
+        let buf = self.buffer(false);
+        let start = buf.len();
+        let at = frame::begin_frame(buf);
+        record::encode_atomic(&mut WireWriter::new(buf), publishes, &locs, settled);
+        frame::end_frame(buf, at);
+        let len = buf.len() - start;
+        self.grew(len);
+        for &loc in &locs {
+            self.st.segments.publish(loc);
+        }
+        for &loc in settled {
+            self.st.segments.settle(loc);
+        }
+        locs
+    }
+
     /// Appends a settle record: these messages left their queues.
     pub(crate) fn settle(&mut self, locs: &[Loc]) {
         self.locs(false, locs);
@@ -345,7 +381,7 @@ impl Append<'_> {
     }
 }
 
-fn segment_path(dir: &Path, id: u64) -> PathBuf {
+pub(crate) fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:020}.seg"))
 }
 

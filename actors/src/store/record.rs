@@ -102,6 +102,37 @@ pub(crate) fn encode_publish(
     message.write_wire(w);
 }
 
+/// Appends an atomic record of publishes (at `locs`, all in the record's
+/// segment) and settlements, as [`Record::Atomic`] encodes it.
+pub(crate) fn encode_atomic(
+    w: &mut WireWriter<'_>,
+    publishes: &[(QueueId, u64, u64, &Envelope)],
+    locs: &[Loc],
+    settled: &[Loc],
+) {
+    w.u8(ATOMIC);
+    let parts = publishes.len() + usize::from(!settled.is_empty());
+    w.varint(parts as u64);
+    let mut inner = Vec::new();
+    for (&(queue, seq, expires_at, message), loc) in publishes.iter().zip(locs) {
+        inner.clear();
+        encode_publish(
+            &mut WireWriter::new(&mut inner),
+            queue,
+            seq,
+            loc.ordinal,
+            expires_at,
+            message,
+        );
+        w.bytes(&inner);
+    }
+    if !settled.is_empty() {
+        inner.clear();
+        encode_locs(&mut WireWriter::new(&mut inner), false, settled);
+        w.bytes(&inner);
+    }
+}
+
 /// Appends a settle or deliver record for `locs`.
 pub(crate) fn encode_locs(w: &mut WireWriter<'_>, deliver: bool, locs: &[Loc]) {
     w.u8(if deliver { DELIVER } else { SETTLE });
@@ -233,6 +264,34 @@ mod tests {
         );
         let atomic = Record::Atomic(vec![publish, Record::Settle(locs)]);
         assert!(matches!(round_trip(&atomic), Record::Atomic(r) if r.len() == 2));
+    }
+
+    #[test]
+    fn a_commit_record_decodes_as_its_publishes_and_settlements() {
+        let (a, b) = (Envelope::new("a"), Envelope::new("b"));
+        let publishes = [(3, 10, u64::MAX, &a), (4, 20, 99, &b)];
+        let locs = [loc(7, 5), loc(7, 6)];
+        let settled = [loc(2, 1), loc(6, 9)];
+        let mut buf = Vec::new();
+        encode_atomic(&mut WireWriter::new(&mut buf), &publishes, &locs, &settled);
+        let Record::Atomic(parts) = Record::decode(&Bytes::from(buf)).unwrap() else {
+            panic!("an atomic record");
+        };
+        assert_eq!(parts.len(), 3);
+        assert!(
+            matches!(&parts[0], Record::Publish { queue: 3, seq: 10, ordinal: 5, expires_at: u64::MAX, message } if message.payload() == &b"a"[..])
+        );
+        assert!(matches!(
+            &parts[1],
+            Record::Publish {
+                queue: 4,
+                seq: 20,
+                ordinal: 6,
+                expires_at: 99,
+                ..
+            }
+        ));
+        assert!(matches!(&parts[2], Record::Settle(l) if l[..] == settled));
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub struct Dispatch {
     pub tag: DeliveryTag,
     /// The message, with its delivery count and redelivered flag already set.
     pub message: Envelope,
+    /// Where the message is stored (0: not persisted).
+    pub loc: u64,
 }
 
 /// A message removed from a queue for a [`DeathReason`].
@@ -485,18 +487,7 @@ impl QueueState {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.counters.published += 1;
-        let ttl = match (self.policy.message_ttl_ms, message.expiration()) {
-            (Some(q), Some(m)) => Some(q.min(millis(m))),
-            (q, m) => q.or(m.map(millis)),
-        };
-        let expires_at = match ttl {
-            // TTL 0, as RabbitMQ: delivered if a consumer can take it at once,
-            // expired otherwise.
-            Some(0) if self.ready.len() < self.room_now() => IMMEDIATE,
-            // Saturating: a TTL reaching past the end of time never expires.
-            Some(ttl) => self.now_ms.saturating_add(ttl),
-            None => NEVER,
-        };
+        let expires_at = self.expiry(&message);
         let loc = persist(seq, expires_at, &message);
         self.ready.push(Entry {
             seq,
@@ -504,13 +495,72 @@ impl QueueState {
             expires_at,
             loc,
         });
+        self.after_publish(expires_at);
+        Publish::Enqueued
+    }
+
+    /// When `message`, published now, expires (per-message and per-queue TTL).
+    fn expiry(&self, message: &Envelope) -> u64 {
+        let ttl = match (self.policy.message_ttl_ms, message.expiration()) {
+            (Some(q), Some(m)) => Some(q.min(millis(m))),
+            (q, m) => q.or(m.map(millis)),
+        };
+        match ttl {
+            // TTL 0, as RabbitMQ: delivered if a consumer can take it at once,
+            // expired otherwise.
+            Some(0) if self.ready.len() < self.room_now() => IMMEDIATE,
+            // Saturating: a TTL reaching past the end of time never expires.
+            Some(ttl) => self.now_ms.saturating_add(ttl),
+            None => NEVER,
+        }
+    }
+
+    /// Length limits and TTL 0 after a message entered the ready queue.
+    fn after_publish(&mut self, expires_at: u64) {
         // Drop-head: the oldest make room (the new message itself, if it alone is too big).
         self.drop_head();
-        if ttl == Some(0) {
+        if expires_at == IMMEDIATE || expires_at == self.now_ms {
             // A TTL-0 message nobody can take now goes at once.
             self.expire();
         }
-        Publish::Enqueued
+    }
+
+    /// Reserves sequence numbers (queue positions) for `messages`, to be
+    /// published later with [`publish_reserved`](Self::publish_reserved)
+    /// once they are stored elsewhere (a transaction's commit): returns each
+    /// one's `(seq, expires_at)`. A reservation never published is a gap.
+    pub fn reserve<'a>(
+        &mut self,
+        messages: impl IntoIterator<Item = &'a Envelope>,
+    ) -> Vec<(u64, u64)> {
+        messages
+            .into_iter()
+            .map(|message| {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                // IMMEDIATE is decided at enqueue; here a TTL of 0 means now.
+                let expires_at = match self.expiry(message) {
+                    IMMEDIATE => self.now_ms,
+                    at => at,
+                };
+                (seq, expires_at)
+            })
+            .collect()
+    }
+
+    /// Enqueues a message at a position reserved by [`reserve`](Self::reserve),
+    /// stored at `loc`: among the ready messages by `seq`, as a requeued one.
+    /// Length limits apply as for [`publish`](Self::publish) (drop-head; a
+    /// reject-publish queue cannot take part in a transaction).
+    pub fn publish_reserved(&mut self, seq: u64, expires_at: u64, message: Envelope, loc: u64) {
+        self.counters.published += 1;
+        self.ready.requeue(Entry {
+            seq,
+            message,
+            expires_at,
+            loc,
+        });
+        self.after_publish(expires_at);
     }
 
     /// Puts back messages recovered from a durable store, in their publish
@@ -816,6 +866,7 @@ impl QueueState {
             self.counters.redelivered += 1;
         }
 
+        let loc = entry.loc;
         let message = match consumer.mode {
             AckMode::Auto => {
                 self.counters.acknowledged += 1;
@@ -839,6 +890,7 @@ impl QueueState {
             consumer: consumer.id,
             tag,
             message,
+            loc,
         })
     }
 
