@@ -14,6 +14,7 @@
 //! - `inbox`: where publishes wait for the queue, many to a mailbox entry;
 //! - `observe`: observers of every queue's traffic (the test kit's capture,
 //!   metrics);
+//! - `spill`: the tail of a long queue paged out to disk (overflow `spill`);
 //! - `options`, `policy`, `ack`, `stats`: what a queue is declared with, the
 //!   limits it enforces, the ids of consumers and deliveries, what it reports.
 
@@ -25,5 +26,6 @@ pub(crate) mod inbox;
 pub(crate) mod observe;
 pub(crate) mod options;
 pub(crate) mod policy;
+pub(crate) mod spill;
 pub mod state;
 pub(crate) mod stats;

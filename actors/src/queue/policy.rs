@@ -18,6 +18,12 @@ pub enum Overflow {
     /// Refuse the new message, as `RejectPublish`, and dead-letter it with
     /// reason `maxlen`.
     RejectPublishDlx,
+    /// Keep everything: past the length limits (10,000 messages when no
+    /// limit is set), messages are paged out to disk and read back in order
+    /// as the head drains, so that a backlog of millions costs bounded
+    /// memory. The limits bound memory, not the queue. (RabbitMQ's lazy
+    /// queues; see `queue::spill`.)
+    Spill,
 }
 
 /// The limits a queue enforces. All default to "none".

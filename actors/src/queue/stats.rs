@@ -44,6 +44,11 @@ pub struct QueueStats {
     pub delivery_limit: u64,
     /// Publishes refused because the queue was full (reject-publish).
     pub refused: u64,
+    /// Ready messages paged out to disk (overflow `spill`); counted in
+    /// `ready` too.
+    pub spilled: usize,
+    /// Bytes the spilled messages take on disk.
+    pub spill_bytes_on_disk: u64,
 }
 
 /// A snapshot of one consumer's state.

@@ -56,6 +56,7 @@
 use crate::envelope::{DeathReason, Envelope};
 use crate::queue::ack::{AckMode, ConsumerId, DeliveryTag};
 use crate::queue::policy::{Overflow, QueuePolicy};
+use crate::queue::spill::Spill;
 use crate::queue::stats::{ConsumerStats, QueueStats};
 use std::collections::{BTreeMap, VecDeque};
 
@@ -163,20 +164,35 @@ const NEVER: u64 = u64::MAX;
 /// requeue expires it (its time was up when it was published).
 const IMMEDIATE: u64 = u64::MAX - 1;
 
+/// The in-memory length of a spilling queue with no length limit.
+const DEFAULT_IN_MEMORY: usize = 10_000;
+
 /// The ready messages, ordered by publish sequence number.
 ///
 /// Kept behind these few methods so that a priority-ordered structure can replace it.
-#[derive(Clone, Debug, Default)]
+/// With a [`Spill`], only the head is in `entries` (up to the in-memory
+/// limits); the rest is on disk, after it in order, and is read back as the
+/// head drains (the head is never empty while anything is spilled).
+#[derive(Debug, Default)]
 struct Ready {
     // Invariant: sorted by strictly increasing `seq`.
     entries: VecDeque<Entry>,
-    /// Sum of the payload sizes, for byte length limits.
+    /// Sum of the payload sizes, for byte length limits (spilled included).
     bytes: usize,
+    spill: Option<Box<Spilling>>,
+}
+
+/// A spilling queue's tail and its in-memory limits.
+#[derive(Debug)]
+struct Spilling {
+    tail: Spill,
+    max_len: usize,
+    max_bytes: usize,
 }
 
 impl Ready {
     fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.len() + self.spill.as_ref().map_or(0, |s| s.tail.len())
     }
 
     fn is_empty(&self) -> bool {
@@ -186,6 +202,14 @@ impl Ready {
     /// Appends a newly published message (its seq is the highest so far).
     fn push(&mut self, entry: Entry) {
         self.bytes += entry.message.size();
+        if let Some(s) = &mut self.spill {
+            let in_memory = self.bytes - s.tail.bytes();
+            if s.tail.len() > 0 || self.entries.len() >= s.max_len || in_memory > s.max_bytes {
+                s.tail
+                    .push(entry.seq, entry.expires_at, entry.loc, &entry.message);
+                return;
+            }
+        }
         self.entries.push_back(entry);
     }
 
@@ -198,6 +222,22 @@ impl Ready {
     fn pop(&mut self) -> Option<Entry> {
         let entry = self.entries.pop_front()?;
         self.bytes -= entry.message.size();
+        if let Some(s) = &mut self.spill
+            && s.tail.len() > 0
+            && self.entries.len() <= s.max_len / 2
+        {
+            // Read back a batch: half the in-memory limit at a time.
+            let room = s.max_len - self.entries.len();
+            let entries = &mut self.entries;
+            s.tail.pop_into(room.max(1), &mut |m| {
+                entries.push_back(Entry {
+                    seq: m.seq,
+                    message: m.message,
+                    expires_at: m.expires_at,
+                    loc: m.loc,
+                });
+            });
+        }
         Some(entry)
     }
 
@@ -209,11 +249,28 @@ impl Ready {
         self.entries.insert(at, entry);
     }
 
+    /// The store locations of the persisted ready messages.
+    fn locs(&mut self) -> Vec<u64> {
+        let mut locs: Vec<u64> = self
+            .entries
+            .iter()
+            .map(|e| e.loc)
+            .filter(|&l| l != 0)
+            .collect();
+        if let Some(s) = &mut self.spill {
+            locs.extend(s.tail.locs());
+        }
+        locs
+    }
+
     /// Drops every ready message; returns how many there were.
     fn clear(&mut self) -> usize {
-        let n = self.entries.len();
+        let n = self.len();
         self.entries.clear();
         crate::spare::release(&mut self.entries);
+        if let Some(s) = &mut self.spill {
+            s.tail.clear();
+        }
         self.bytes = 0;
         n
     }
@@ -371,7 +428,7 @@ struct Counters {
 /// A queue's complete state: ready messages, consumers, and outstanding deliveries.
 ///
 /// See the [module documentation](self) for the semantics and an example.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct QueueState {
     ready: Ready,
     /// In registration order.
@@ -430,13 +487,30 @@ impl QueueState {
         Self::default()
     }
 
-    /// An empty queue with limits.
+    /// An empty queue with limits. With [`Overflow::Spill`], the tail past
+    /// the limits is paged out to the system's temporary directory (see
+    /// [`spill_to`](Self::spill_to)).
     #[must_use]
     pub fn with_policy(policy: QueuePolicy) -> Self {
-        QueueState {
+        let mut state = QueueState {
             policy,
             ..Self::default()
+        };
+        if state.policy.overflow == Overflow::Spill {
+            state.spill_to(std::env::temp_dir());
         }
+        state
+    }
+
+    /// Pages the tail past the in-memory limits out to anonymous files in
+    /// `dir` (the policy's length limits, 10,000 messages when none is
+    /// set), whatever the overflow policy. Call it before publishing.
+    pub fn spill_to(&mut self, dir: std::path::PathBuf) {
+        self.ready.spill = Some(Box::new(Spilling {
+            tail: Spill::new(dir),
+            max_len: self.policy.max_length.unwrap_or(DEFAULT_IN_MEMORY).max(1),
+            max_bytes: self.policy.max_length_bytes.unwrap_or(usize::MAX),
+        }));
     }
 
     /// The queue's limits.
@@ -569,6 +643,7 @@ impl QueueState {
     /// on come after them.
     pub fn restore(&mut self, messages: impl IntoIterator<Item = (u64, u64, Envelope, u64)>) {
         for (seq, expires_at, message, loc) in messages {
+            let last = seq >= self.next_seq;
             self.next_seq = self.next_seq.max(seq.saturating_add(1));
             let entry = Entry {
                 seq,
@@ -576,8 +651,13 @@ impl QueueState {
                 expires_at,
                 loc,
             };
-            // In order, whatever order they come in.
-            self.ready.requeue(entry);
+            // In order, whatever order they come in; the newest at the tail
+            // (where a spilling queue pages it out).
+            if last {
+                self.ready.push(entry);
+            } else {
+                self.ready.requeue(entry);
+            }
         }
     }
 
@@ -595,16 +675,16 @@ impl QueueState {
 
     /// The store locations of every persisted message the queue holds
     /// (ready, delayed and unsettled): what a deleted durable queue settles.
-    pub fn persisted(&self) -> Vec<u64> {
-        let ready = self.ready.entries.iter();
+    pub fn persisted(&mut self) -> Vec<u64> {
         let delayed = self.delayed.values();
         let held = self.consumers.iter().flat_map(|c| c.unacked.values());
-        ready
-            .chain(delayed)
+        let mut locs: Vec<u64> = delayed
             .chain(held)
             .map(|e| e.loc)
             .filter(|&loc| loc != 0)
-            .collect()
+            .collect();
+        locs.extend(self.ready.locs());
+        locs
     }
 
     /// A message leaves the queue: its store location goes to the journal.
@@ -1044,7 +1124,7 @@ impl QueueState {
     /// Drops every ready message; outstanding deliveries are kept. Returns how many were
     /// dropped.
     pub fn purge(&mut self) -> usize {
-        let persisted = self.ready.entries.iter().map(|e| e.loc).filter(|&l| l != 0);
+        let persisted = self.ready.locs();
         self.journal.settled.extend(persisted);
         let purged = self.ready.clear();
         self.counters.purged += purged as u64;
@@ -1074,6 +1154,8 @@ impl QueueState {
             maxlen: c.maxlen,
             delivery_limit: c.delivery_limit,
             refused: c.refused,
+            spilled: self.ready.spill.as_ref().map_or(0, |s| s.tail.len()),
+            spill_bytes_on_disk: self.ready.spill.as_ref().map_or(0, |s| s.tail.disk_bytes()),
         }
     }
 
@@ -1226,6 +1308,9 @@ impl QueueState {
     /// until the queue is within its length limits.
     #[inline]
     fn drop_head(&mut self) {
+        if self.policy.overflow == Overflow::Spill {
+            return;
+        }
         let (max_len, max_bytes) = (self.policy.max_length, self.policy.max_length_bytes);
         while max_len.is_some_and(|max| self.ready.len() > max)
             || max_bytes.is_some_and(|max| self.ready.bytes > max)
