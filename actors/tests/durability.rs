@@ -64,6 +64,13 @@ async fn persistent_messages_of_durable_queues_survive_and_nothing_else_does() {
         let stats = broker.storage_stats().unwrap();
         assert_eq!(stats.live_messages, 100);
         assert!(stats.syncs >= 1 && stats.confirms == 100, "{stats:?}");
+        // Per queue: its persisted messages, and the shared log's counters.
+        let orders = broker.queue_stats("orders").await.unwrap();
+        assert_eq!((orders.stats.ready, orders.stats.persisted), (101, 100));
+        let log = orders.storage.expect("a durable queue's storage");
+        assert!(log.bytes_on_disk > 100 * 40 && log.segments == 1, "{log:?}");
+        let scratch = broker.queue_stats("scratch").await.unwrap();
+        assert!(scratch.storage.is_none() && scratch.stats.persisted == 0);
     }
     let broker = open(&rt, dir.path());
     assert_eq!(broker.queue_names(), ["orders"]);

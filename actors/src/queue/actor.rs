@@ -44,7 +44,7 @@ use crate::queue::options::QueueOptions;
 use crate::queue::policy::{Overflow, QueuePolicy};
 use crate::queue::state::{DeadLetter, Publish as Published, QueueState};
 use crate::queue::stats::{ConsumerStats, QueueStats};
-use crate::store::{Append, Confirm, Loc, QueueId, Recovered, Store, StoreError};
+use crate::store::{Append, Confirm, Loc, QueueId, Recovered, StorageStats, Store, StoreError};
 
 /// A queue's counters and consumers at one moment.
 #[derive(Clone, Debug)]
@@ -67,6 +67,10 @@ pub struct QueueSnapshot {
     /// counts every loss, so that handled + lost accounts for every auto-ack
     /// delivery.
     pub auto_ack_lost: u64,
+    /// For a durable queue on a broker with a data directory: the counters
+    /// of the message log it shares with the broker's other durable queues
+    /// (bytes on disk, segments, syncs, bytes per sync, confirm latency).
+    pub storage: Option<StorageStats>,
 }
 
 /// What a queue needs from whoever runs it (the broker), handed to it when it
@@ -689,6 +693,7 @@ impl QueueActor {
             dead_lettered: self.dead_lettered,
             dead_letters_dropped: self.dead_letters_dropped,
             auto_ack_lost: self.auto_ack_lost.load(Ordering::Relaxed),
+            storage: self.durable.as_ref().map(|d| d.store.stats()),
         }
     }
 

@@ -44,6 +44,9 @@ pub struct QueueStats {
     pub delivery_limit: u64,
     /// Publishes refused because the queue was full (reject-publish).
     pub refused: u64,
+    /// Messages of this queue in the broker's store: a durable queue's
+    /// persistent messages, ready, delayed or unacknowledged.
+    pub persisted: usize,
     /// Ready messages paged out to disk (overflow `spill`); counted in
     /// `ready` too.
     pub spilled: usize,

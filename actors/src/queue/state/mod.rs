@@ -443,6 +443,8 @@ pub struct QueueState {
     active: VecDeque<usize>,
     /// Sequence number of the next published message.
     next_seq: u64,
+    /// Persisted messages held (ready, delayed or unacknowledged).
+    persisted: usize,
     /// The last delivery tag issued; 0 before the first delivery.
     last_tag: u64,
     /// Outstanding deliveries across all consumers.
@@ -563,6 +565,7 @@ impl QueueState {
         self.counters.published += 1;
         let expires_at = self.expiry(&message);
         let loc = persist(seq, expires_at, &message);
+        self.persisted += usize::from(loc != 0);
         self.ready.push(Entry {
             seq,
             message,
@@ -628,6 +631,7 @@ impl QueueState {
     /// reject-publish queue cannot take part in a transaction).
     pub fn publish_reserved(&mut self, seq: u64, expires_at: u64, message: Envelope, loc: u64) {
         self.counters.published += 1;
+        self.persisted += usize::from(loc != 0);
         self.ready.requeue(Entry {
             seq,
             message,
@@ -644,6 +648,7 @@ impl QueueState {
     pub fn restore(&mut self, messages: impl IntoIterator<Item = (u64, u64, Envelope, u64)>) {
         for (seq, expires_at, message, loc) in messages {
             let last = seq >= self.next_seq;
+            self.persisted += usize::from(loc != 0);
             self.next_seq = self.next_seq.max(seq.saturating_add(1));
             let entry = Entry {
                 seq,
@@ -692,6 +697,7 @@ impl QueueState {
     fn take(&mut self, entry: Entry) -> Envelope {
         if entry.loc != 0 {
             self.journal.settled.push(entry.loc);
+            self.persisted -= 1;
         }
         entry.message
     }
@@ -952,6 +958,7 @@ impl QueueState {
                 self.counters.acknowledged += 1;
                 if entry.loc != 0 {
                     self.journal.settled.push(entry.loc);
+                    self.persisted -= 1;
                 }
                 entry.message
             }
@@ -1125,6 +1132,7 @@ impl QueueState {
     /// dropped.
     pub fn purge(&mut self) -> usize {
         let persisted = self.ready.locs();
+        self.persisted -= persisted.len();
         self.journal.settled.extend(persisted);
         let purged = self.ready.clear();
         self.counters.purged += purged as u64;
@@ -1154,6 +1162,7 @@ impl QueueState {
             maxlen: c.maxlen,
             delivery_limit: c.delivery_limit,
             refused: c.refused,
+            persisted: self.persisted,
             spilled: self.ready.spill.as_ref().map_or(0, |s| s.tail.len()),
             spill_bytes_on_disk: self.ready.spill.as_ref().map_or(0, |s| s.tail.disk_bytes()),
         }

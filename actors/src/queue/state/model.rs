@@ -227,6 +227,7 @@ impl Harness {
         }
         let held: HashSet<u64> = self.queue.persisted().into_iter().collect();
         assert_eq!(held, self.persisted);
+        assert_eq!(self.queue.stats().persisted, held.len());
     }
 
     fn deliver(&mut self) -> bool {
@@ -442,6 +443,7 @@ impl Harness {
             // Every model message has the 1-byte payload "m".
             ready_bytes: self.model.ready.len(),
             spilled: spilled.len(),
+            persisted: s.persisted,
             // What the files hold is the spill's business.
             spill_bytes_on_disk: s.spill_bytes_on_disk,
             ..self.model.stats
