@@ -11,8 +11,8 @@ use std::time::Duration;
 use postbox::Runtime;
 use postbox_actors::testkit::DiskFaults;
 use postbox_actors::{
-    AckMode, Broker, BrokerError, DeleteOptions, Envelope, QueueOptions, StorageOptions,
-    StoreError, SyncPolicy,
+    AckMode, Broker, BrokerError, DeleteOptions, Envelope, PublishError, QueueOptions,
+    StorageOptions, StoreError, SyncPolicy,
 };
 
 fn durable() -> QueueOptions {
@@ -716,4 +716,43 @@ async fn a_committed_transaction_is_all_there_after_a_crash_and_a_torn_one_not_a
             );
         }
     }
+}
+
+#[tokio::test]
+async fn a_publish_through_an_exchange_fails_if_a_durable_queue_cannot_store_it() {
+    use postbox_actors::ExchangeOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::with_arbiters(1).unwrap();
+    let faults = DiskFaults::new();
+    let broker = Broker::open(&rt, StorageOptions::new(dir.path()).faults(faults.clone())).unwrap();
+    for q in ["a", "b", "c"] {
+        broker.declare_queue(q, durable()).await.unwrap();
+    }
+    broker
+        .declare_exchange("all", ExchangeOptions::fanout())
+        .await
+        .unwrap();
+    for q in ["a", "b", "c"] {
+        broker.bind_queue(q, "all", "").await.unwrap();
+    }
+    // Three durable copies, confirmed together.
+    assert_eq!(
+        broker.publish_to("all", "", persistent(1)).await.unwrap(),
+        3
+    );
+    let _faults = faults.fail_write(1);
+    let err = broker
+        .publish_to("all", "", persistent(2))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, PublishError::Refused(BrokerError::Storage(_))),
+        "{err}"
+    );
+    // The broker keeps serving.
+    assert_eq!(
+        broker.publish_to("all", "", persistent(3)).await.unwrap(),
+        3
+    );
+    rt.shutdown();
 }

@@ -175,11 +175,24 @@ pub(crate) async fn deliver_to<T: Deliver>(
     }
     let mut taken = 0;
     let mut refused = None;
+    // Durable queues confirm once their copy is stored: every copy is handed
+    // over first and the confirmations awaited together, so that one
+    // publish to N durable queues waits for one group commit, not N.
+    let mut confirms = Vec::new();
     for (target, copy) in copies(targets, message) {
         match target.deliver(copy).await {
-            Ok(true) => taken += 1,
-            Ok(false) => {}
+            Ok(Handed::Taken) => taken += 1,
+            Ok(Handed::Confirming(confirm)) => {
+                taken += 1;
+                confirms.push(confirm);
+            }
+            Ok(Handed::Gone) => {}
             Err(err) => refused = Some(err),
+        }
+    }
+    for confirm in confirms {
+        if let Err(err) = QueueHandle::confirmed(Some(confirm)).await {
+            refused = Some(err);
         }
     }
     refused.map_or(Ok(taken), Err)
@@ -203,14 +216,24 @@ fn deliver_now(targets: &[Target], message: Envelope) -> usize {
     targets.len()
 }
 
+/// What a target did with the copy [`Deliver::deliver`] handed it.
+pub(crate) enum Handed {
+    /// Taken.
+    Taken,
+    /// Taken, and to be confirmed once stored (a durable queue).
+    Confirming(crate::store::Confirm),
+    /// Gone since routing: not taken.
+    Gone,
+}
+
 /// Something [`deliver_to`] hands a routed message to: a queue or a stream.
 pub(crate) trait Deliver {
     /// Refuses a message this target would refuse for its size.
     fn check(&self, message: &Envelope) -> Result<(), BrokerError>;
-    /// Hands one copy over, waiting for room. `Ok(false)`: the target is gone
-    /// (deleted since routing) and did not take it; an error is a refusal to
-    /// report after every other target has had its copy.
-    async fn deliver(&self, message: Envelope) -> Result<bool, BrokerError>;
+    /// Hands one copy over, waiting for room (not for a durable queue's
+    /// confirmation: that is handed back). An error is a refusal to report
+    /// after every other target has had its copy.
+    async fn deliver(&self, message: Envelope) -> Result<Handed, BrokerError>;
 }
 
 impl Deliver for QueueHandle {
@@ -218,13 +241,22 @@ impl Deliver for QueueHandle {
         QueueHandle::check(self, message)
     }
 
-    async fn deliver(&self, message: Envelope) -> Result<bool, BrokerError> {
-        match self.publish(message).await {
-            Ok(()) => Ok(true),
-            // A queue that refuses (reject-publish) is reported, and so is a
-            // stopped runtime.
-            Err(err @ (BrokerError::QueueFull(_) | BrokerError::Stopped)) => Err(err),
-            Err(_) => Ok(false),
+    async fn deliver(&self, message: Envelope) -> Result<Handed, BrokerError> {
+        let handed = if self.durable && message.persistent() {
+            self.enqueue_durable(vec![message])
+                .await
+                .map(|confirm| confirm.map_or(Handed::Taken, Handed::Confirming))
+        } else {
+            self.publish(message).await.map(|()| Handed::Taken)
+        };
+        match handed {
+            // A queue that refuses (reject-publish) is reported, and so are
+            // a storage failure and a stopped runtime.
+            Err(
+                err @ (BrokerError::QueueFull(_) | BrokerError::Storage(_) | BrokerError::Stopped),
+            ) => Err(err),
+            Err(_) => Ok(Handed::Gone),
+            Ok(handed) => Ok(handed),
         }
     }
 }
@@ -234,14 +266,14 @@ impl Deliver for Target {
         Target::check(self, message)
     }
 
-    async fn deliver(&self, message: Envelope) -> Result<bool, BrokerError> {
+    async fn deliver(&self, message: Envelope) -> Result<Handed, BrokerError> {
         match self {
             Target::Queue(queue) => queue.deliver(message).await,
             Target::Stream(stream) => match stream.publish(message).await {
-                Ok(_) => Ok(true),
+                Ok(_) => Ok(Handed::Taken),
                 Err(StreamError::Stopped) => Err(BrokerError::Stopped),
                 // Deleted since routing (the size was checked).
-                Err(_) => Ok(false),
+                Err(_) => Ok(Handed::Gone),
             },
         }
     }
