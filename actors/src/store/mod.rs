@@ -65,6 +65,8 @@ mod meta;
 mod record;
 mod recover;
 mod space;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::fs::File;
