@@ -11,9 +11,11 @@
 //! - consumers ([`Consumer`]) hosted by supervised actors with bounded
 //!   mailboxes: one that crashes has its unacknowledged deliveries requeued and
 //!   is rebuilt fresh; [layers](Layer) add retries and more around them;
-//! - streams ([`StreamHandle`]): shared, non-destructive, in-memory logs
-//!   (RabbitMQ streams, Kafka topics) read by any number of supervised
-//!   subscribers, each from its own position;
+//! - streams ([`StreamHandle`]): shared, non-destructive logs (RabbitMQ
+//!   streams, Kafka topics), in memory or durable, read by any number of
+//!   supervised subscribers, each from its own position;
+//! - durability ([`Broker::open`]): durable queues, exchanges, bindings and
+//!   streams on a data directory, publisher confirms, spill to disk;
 //! - request-reply ([`rpc`]), publish/subscribe ([`Subscription`]) and
 //!   transactions ([`Transaction`]) built on the broker;
 //! - an [`Envelope`] with ids, routing key, headers, correlation id, reply-to,

@@ -12,6 +12,12 @@
 //! gets an id that is never reused (the highest id handed out is part of
 //! every snapshot), so a queue deleted and declared again does not inherit
 //! the old one's messages.
+//!
+//! Durable streams are recorded the same way, each declaration with a stream
+//! id of its own that is never reused either; a stream's records and named
+//! subscribers' offsets are in its directory (`streams/<id>/`, see
+//! `store::stream_log`), which its deletion removes. A binding from a
+//! durable exchange to a durable stream is durable.
 
 use std::path::Path;
 
@@ -27,7 +33,9 @@ use crate::error::BrokerError;
 use crate::exchange::{Binding, Destination, ExchangeOptions};
 use crate::queue::actor::{Durable, spawn_queue};
 use crate::queue::options::QueueOptions;
+use crate::store::stream_log::{RecoveredStream, StreamId, StreamLog};
 use crate::store::{DataDir, QueueId, StorageOptions, StorageStats, Store, StoreError};
+use crate::stream::{StreamHandle, StreamOptions};
 
 /// One change to the durable topology, as written to the topology log.
 #[derive(Debug, Serialize, Deserialize)]
@@ -54,6 +62,18 @@ enum MetaOp {
     },
     Bind(BindingRecord),
     Unbind(BindingRecord),
+    /// Stream ids from here on are free (in every snapshot).
+    NextStreamId {
+        id: StreamId,
+    },
+    Stream {
+        name: String,
+        id: StreamId,
+        options: StreamOptions,
+    },
+    DeleteStream {
+        id: StreamId,
+    },
 }
 
 /// A durable binding, as written to the topology log.
@@ -93,6 +113,8 @@ struct Meta {
     exchanges: FxHashMap<String, ExchangeOptions>,
     /// In the order they were made, as routing lists them.
     bindings: Vec<BindingRecord>,
+    next_stream_id: StreamId,
+    streams: FxHashMap<String, (StreamId, StreamOptions)>,
 }
 
 impl Meta {
@@ -131,6 +153,24 @@ impl Meta {
                 }
             }
             MetaOp::Unbind(record) => self.bindings.retain(|b| *b != record),
+            MetaOp::NextStreamId { id } => self.next_stream_id = self.next_stream_id.max(id),
+            MetaOp::Stream { name, id, options } => {
+                self.next_stream_id = self.next_stream_id.max(id + 1);
+                self.streams.insert(name, (id, options));
+            }
+            MetaOp::DeleteStream { id } => {
+                let gone: Vec<String> = self
+                    .streams
+                    .iter()
+                    .filter(|(_, (sid, _))| *sid == id)
+                    .map(|(name, _)| name.clone())
+                    .collect();
+                for name in gone {
+                    self.streams.remove(&name);
+                    let dest = Destination::Stream(ByteString::from(name));
+                    self.bindings.retain(|b| b.destination != dest);
+                }
+            }
         }
     }
 
@@ -159,21 +199,39 @@ impl Meta {
                     options: options.clone(),
                 }),
         );
+        ops.push(MetaOp::NextStreamId {
+            id: self.next_stream_id,
+        });
+        let mut streams: Vec<_> = self.streams.iter().collect();
+        streams.sort_by_key(|(_, (id, _))| *id);
+        ops.extend(
+            streams
+                .into_iter()
+                .map(|(name, (id, options))| MetaOp::Stream {
+                    name: name.clone(),
+                    id: *id,
+                    options: options.clone(),
+                }),
+        );
+        // Bindings last: their ends are declared by then.
         ops.extend(self.bindings.iter().cloned().map(MetaOp::Bind));
         ops
     }
 
     /// How many entries a snapshot of this topology has.
     fn len(&self) -> usize {
-        1 + self.queues.len() + self.exchanges.len() + self.bindings.len()
+        2 + self.queues.len() + self.exchanges.len() + self.streams.len() + self.bindings.len()
     }
 }
 
-/// A broker's storage: its data directory, message log and topology.
+/// A broker's storage: its data directory, message log and topology, and
+/// its durable streams' logs.
 pub(crate) struct Storage {
     dir: DataDir,
     pub(crate) log: Store,
     meta: Mutex<Meta>,
+    /// The logs of the durable streams, by id (closed with the broker).
+    streams: Mutex<FxHashMap<StreamId, StreamLog>>,
 }
 
 impl Storage {
@@ -254,6 +312,75 @@ impl Storage {
         Ok(())
     }
 
+    /// Records a durable stream's declaration (with a new id), creates its
+    /// directory, and starts it.
+    pub(crate) fn declare_stream(
+        &self,
+        name: &str,
+        options: &StreamOptions,
+        limit: usize,
+        runtime: &postbox::RuntimeHandle,
+    ) -> Result<StreamHandle, StoreError> {
+        let mut meta = self.meta.lock();
+        let id = meta.next_stream_id.max(1);
+        // Never handed out again, even if the entry below is not written
+        // whole (it may still be read back).
+        meta.next_stream_id = id + 1;
+        let (log, seed) = self.dir.create_stream(id)?;
+        let op = MetaOp::Stream {
+            name: name.to_string(),
+            id,
+            options: options.clone(),
+        };
+        if let Err(err) = self.write(&op) {
+            self.dir.remove_stream(id);
+            return Err(err);
+        }
+        meta.apply(op);
+        drop(meta);
+        let handle = StreamHandle::durable(
+            ByteString::from(name),
+            options.clone(),
+            limit,
+            runtime.clone(),
+            (log.clone(), seed),
+            RecoveredStream::default(),
+        );
+        match handle {
+            Ok(handle) => {
+                self.streams.lock().insert(id, log);
+                Ok(handle)
+            }
+            Err(err) => {
+                self.forget_stream(name);
+                self.dir.remove_stream(id);
+                Err(err)
+            }
+        }
+    }
+
+    /// Closes a deleted durable stream's log (see
+    /// [`forget_stream`](Self::forget_stream)) and deletes its directory.
+    pub(crate) fn remove_stream(&self, id: StreamId) {
+        let log = self.streams.lock().remove(&id);
+        if let Some(log) = log {
+            log.close();
+        }
+        self.dir.remove_stream(id);
+    }
+
+    /// Records a durable stream's deletion; returns its id.
+    pub(crate) fn forget_stream(&self, name: &str) -> Option<StreamId> {
+        let mut meta = self.meta.lock();
+        let &(id, _) = meta.streams.get(name)?;
+        let op = MetaOp::DeleteStream { id };
+        if let Err(err) = self.write(&op) {
+            tracing::error!(stream = name, %err, "could not record a durable stream's deletion: it comes back, empty, when the broker reopens");
+        }
+        meta.apply(op);
+        Some(id)
+    }
+
     pub(crate) fn stats(&self) -> StorageStats {
         self.log.stats()
     }
@@ -265,13 +392,19 @@ impl Storage {
 
 impl Drop for Storage {
     fn drop(&mut self) {
+        // The streams' last records and their subscribers' offsets.
+        for log in self.streams.get_mut().values() {
+            log.close();
+        }
         self.log.close();
     }
 }
 
 impl Broker {
-    /// A broker that keeps durable queues (and their persistent messages) in
-    /// `storage.dir`, and recovers them from it: what the broker held when it
+    /// A broker that keeps durable queues (and their persistent messages),
+    /// durable streams (their records and named subscribers' positions),
+    /// durable exchanges and durable bindings in `storage.dir`, and recovers
+    /// them from it: what the broker held when it
     /// last stopped, cleanly or not (a crash, `kill -9`, a power loss with
     /// the default [`SyncPolicy`](crate::SyncPolicy)). Fails with
     /// [`BrokerError::Storage`] if the directory cannot be opened: another
@@ -312,6 +445,7 @@ impl Broker {
         let (dir, entries) = DataDir::open(storage)?;
         let mut meta = Meta {
             next_queue_id: 1,
+            next_stream_id: 1,
             ..Meta::default()
         };
         let logged = entries.len();
@@ -353,6 +487,14 @@ impl Broker {
             .map(|(name, options)| (name.clone(), options.clone()))
             .collect();
         let bindings = meta.bindings.clone();
+        let mut streams: Vec<(String, StreamId, StreamOptions)> = meta
+            .streams
+            .iter()
+            .map(|(name, (id, options))| (name.clone(), *id, options.clone()))
+            .collect();
+        streams.sort_by_key(|s| s.1);
+        let stream_ids: FxHashSet<StreamId> = streams.iter().map(|s| s.1).collect();
+        dir.remove_streams_except(&stream_ids);
         let broker = Broker::build(
             runtime,
             config,
@@ -360,11 +502,16 @@ impl Broker {
                 dir,
                 log,
                 meta: Mutex::new(meta),
+                streams: Mutex::default(),
             }),
         );
         for (name, id, options) in queues {
             let recovered = recovery.queues.remove(&id).unwrap_or_default();
             broker.start_durable_queue(&name, id, options, recovered)?;
+        }
+        // Before the bindings, which lead to them.
+        for (name, id, options) in streams {
+            broker.start_durable_stream(&name, id, options)?;
         }
         {
             let mut topology = broker.inner.topology.write();
@@ -390,6 +537,44 @@ impl Broker {
     /// The data directory; `None` for an in-memory broker.
     pub fn data_dir(&self) -> Option<&Path> {
         self.inner.storage.as_ref().map(Storage::dir)
+    }
+
+    /// Reads a durable stream back from its directory and starts it.
+    fn start_durable_stream(
+        &self,
+        name: &str,
+        id: StreamId,
+        options: StreamOptions,
+    ) -> Result<(), BrokerError> {
+        let Some(storage) = &self.inner.storage else {
+            return Ok(());
+        };
+        let limit = options
+            .max_message_bytes
+            .unwrap_or(self.inner.config.max_message_bytes);
+        let (log, seed, recovered) = storage.dir.open_stream(id)?;
+        tracing::info!(
+            stream = name,
+            records = recovered.records.len(),
+            damaged = recovered.damaged,
+            truncated = recovered.truncated,
+            "durable stream read back"
+        );
+        let handle = StreamHandle::durable(
+            ByteString::from(name),
+            options,
+            limit,
+            self.inner.runtime.clone(),
+            (log.clone(), seed),
+            recovered,
+        )?;
+        storage.streams.lock().insert(id, log);
+        self.inner
+            .topology
+            .write()
+            .streams
+            .insert(ByteString::from(name), handle);
+        Ok(())
     }
 
     /// Starts a recovered durable queue.

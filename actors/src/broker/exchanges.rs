@@ -218,7 +218,7 @@ impl Broker {
                     topology.queues.get(q).is_some_and(|e| e.store_id.is_some())
                 }
                 Destination::Exchange(x) => durable_exchange(x),
-                Destination::Stream(_) => false,
+                Destination::Stream(s) => topology.streams.get(s).is_some_and(|h| h.is_durable()),
             }
     }
 }

@@ -269,9 +269,12 @@ impl Deliver for Target {
     async fn deliver(&self, message: Envelope) -> Result<Handed, BrokerError> {
         match self {
             Target::Queue(queue) => queue.deliver(message).await,
-            Target::Stream(stream) => match stream.publish(message).await {
-                Ok(_) => Ok(Handed::Taken),
+            // A durable stream's confirmation is awaited with the others.
+            Target::Stream(stream) => match stream.append(message).await {
+                Ok((_, Some(confirm))) => Ok(Handed::Confirming(confirm)),
+                Ok((_, None)) => Ok(Handed::Taken),
                 Err(StreamError::Stopped) => Err(BrokerError::Stopped),
+                Err(StreamError::Storage(err)) => Err(BrokerError::Storage(err)),
                 // Deleted since routing (the size was checked).
                 Err(_) => Ok(Handed::Gone),
             },

@@ -5,6 +5,10 @@
 //! name). They are kept in the broker's topology, with its queues and
 //! exchanges, read under its lock only on lookups: publishers on a hot path
 //! keep a [`StreamHandle`].
+//!
+//! A durable stream on a broker opened on a data directory is recorded in
+//! the topology log before its declaration returns, and its deletion removes
+//! its records from disk (see `durable`).
 
 use bytestring::ByteString;
 
@@ -16,7 +20,10 @@ use crate::stream::{StreamError, StreamHandle, StreamOptions, StreamStats};
 
 impl Broker {
     /// Declares a stream: creates it, or checks that the existing one has the
-    /// same options ([`StreamError::Mismatch`] if not).
+    /// same options ([`StreamError::Mismatch`] if not). A
+    /// [`durable`](StreamOptions::durable) stream on a broker opened on a
+    /// data directory is on disk before this returns
+    /// ([`StreamError::Storage`] if it cannot be).
     pub async fn declare_stream(
         &self,
         name: &str,
@@ -38,9 +45,19 @@ impl Broker {
         let limit = options
             .max_message_bytes
             .unwrap_or(self.inner.config.max_message_bytes);
+        let handle = match (&self.inner.storage, options.durable) {
+            (Some(storage), true) => {
+                storage.declare_stream(name, &options, limit, self.runtime())?
+            }
+            _ => StreamHandle::new(
+                ByteString::from(name),
+                options,
+                limit,
+                self.runtime().clone(),
+            ),
+        };
         let name = ByteString::from(name);
-        tracing::debug!(stream = %name, ?options, "stream declared");
-        let handle = StreamHandle::new(name.clone(), options, limit, self.runtime().clone());
+        tracing::debug!(stream = %name, options = ?handle.options(), "stream declared");
         topology.streams.insert(name, handle.clone());
         Ok(handle)
     }
@@ -73,17 +90,31 @@ impl Broker {
     /// Deletes a stream, its records and every binding to it, and stops its
     /// subscribers (each finishes the batch in hand). Publishers waiting on it,
     /// and later calls through its handles, get [`StreamError::NotFound`].
-    /// Returns its last stats.
+    /// A durable stream's records are deleted from disk too, and its deletion
+    /// recorded: it does not come back when the broker reopens. Returns its
+    /// last stats.
     pub async fn delete_stream(&self, name: &str) -> Result<StreamStats, StreamError> {
         self.alive().map_err(|_| StreamError::Stopped)?;
-        let handle = self
-            .inner
-            .topology
-            .write()
-            .remove_stream(name)
-            .ok_or_else(|| StreamError::NotFound(name.to_string()))?;
+        let (handle, durable) = {
+            let mut topology = self.inner.topology.write();
+            let handle = topology
+                .remove_stream(name)
+                .ok_or_else(|| StreamError::NotFound(name.to_string()))?;
+            // Recorded under the topology's lock (a declaration of that name
+            // may follow at once), and first: a crash from here on does not
+            // bring it back.
+            let durable = match &self.inner.storage {
+                Some(storage) if handle.is_durable() => storage.forget_stream(name),
+                _ => None,
+            };
+            (handle, durable)
+        };
         tracing::debug!(stream = %name, "stream deleted");
-        Ok(handle.core.close().await)
+        let stats = handle.core.close().await;
+        if let (Some(id), Some(storage)) = (durable, &self.inner.storage) {
+            storage.remove_stream(id);
+        }
+        Ok(stats)
     }
 
     /// Binds a stream to an exchange, with a routing key (a pattern for topic

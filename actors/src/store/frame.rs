@@ -26,6 +26,10 @@ pub(crate) enum FileKind {
     Segment = 1,
     /// The topology log.
     Topology = 2,
+    /// A segment of a durable stream's log (see `stream_log`).
+    StreamSegment = 3,
+    /// A durable stream's named subscribers' offsets (see `stream_log`).
+    StreamOffsets = 4,
 }
 
 /// The header of a file of `kind` numbered `id`.

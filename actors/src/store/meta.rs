@@ -14,7 +14,7 @@ use crate::store::StoreError;
 use crate::store::disk::{Disk, DiskFile};
 use crate::store::frame::{self, FileKind, HEADER_LEN, Scan, Scanned};
 
-const FILE: &str = "topology.log";
+pub(crate) const FILE: &str = "topology.log";
 
 /// The metadata log of a data directory.
 pub(crate) struct MetaLog {

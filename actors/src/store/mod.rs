@@ -9,15 +9,17 @@
 //!
 //! ```text
 //! <dir>/LOCK                      held (flock) while a broker has it open
-//! <dir>/topology.log              durable queues, exchanges, bindings
+//! <dir>/topology.log              durable queues, exchanges, bindings, streams
 //! <dir>/log/00000000000000000001.seg, ...   the message log
+//! <dir>/streams/<id>/...          each durable stream's own log (`stream_log`)
 //! ```
 //!
 //! # Files and records
 //!
 //! Every file starts with a 24-byte header: the magic `pbxstor\n`, the format
 //! version (u16, little-endian: 1), the file kind (u16: 1 segment, 2
-//! topology), the file's id (u64) and 4 reserved bytes. A reader refuses a
+//! topology, 3 stream segment, 4 stream offsets), the file's id (u64) and 4
+//! reserved bytes. A reader refuses a
 //! version it does not know ([`StoreError::UnsupportedVersion`]).
 //!
 //! Records follow, each framed as
@@ -65,6 +67,7 @@ mod meta;
 mod record;
 mod recover;
 mod space;
+pub(crate) mod stream_log;
 #[cfg(test)]
 mod tests;
 

@@ -3,6 +3,7 @@
 
 use crate::envelope::Envelope;
 use crate::name::NameError;
+use crate::store::StoreError;
 use crate::stream::options::StreamOptions;
 
 /// Why a stream operation was refused.
@@ -46,6 +47,12 @@ pub enum StreamError {
         /// The subscriber name.
         name: String,
     },
+    /// A durable stream's storage failed: the record could not be stored (an
+    /// I/O error, a full disk; it was taken back and no subscriber gets it),
+    /// the stream's log failed a sync earlier (nothing more is stored until
+    /// the broker is reopened), or the broker was closed.
+    #[error(transparent)]
+    Storage(#[from] StoreError),
     /// The runtime the broker runs on has stopped.
     #[error("the broker has stopped")]
     Stopped,

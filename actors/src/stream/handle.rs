@@ -8,10 +8,16 @@
 //! publisher that block-mode retention refuses waits on a `Notify` that a
 //! subscriber fires when its progress makes room; it registers for it while
 //! still holding the lock, so no wake-up can be lost in between.
+//!
+//! A durable stream also frames each record into its disk log's pending
+//! buffer under that lock (so the file's order is the offsets' order), and
+//! the publisher then waits, outside the lock, for the log's writer to store
+//! it. The record becomes readable when it is stored: the writer tells the
+//! stream ([`StreamSink`]), which wakes the subscribers parked at the tail.
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -21,8 +27,11 @@ use postbox::{Recipient, RuntimeHandle};
 
 use crate::supervision::Kept;
 use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 
 use crate::envelope::Envelope;
+use crate::store::stream_log::{RecoveredStream, StreamAppend, StreamLog, StreamSeed, StreamSink};
+use crate::store::{Confirm, StoreError};
 use crate::stream::error::{StreamError, TryStreamPublishError};
 use crate::stream::log::{LogState, ReaderId, Refusal, StreamStats, SubscriberStats};
 use crate::stream::options::{StreamOptions, StreamStart, SubscribeOptions};
@@ -47,6 +56,9 @@ pub(crate) struct StreamCore {
     seq: AtomicU64,
     /// Set when the runtime shut down: calls fail with `Stopped`, not `NotFound`.
     stopped: AtomicBool,
+    /// A durable stream's log on disk (on a broker opened on a data
+    /// directory).
+    pub(crate) disk: Option<StreamLog>,
 }
 
 impl StreamCore {
@@ -66,7 +78,47 @@ impl StreamCore {
             runtime,
             seq: AtomicU64::new(1),
             stopped: AtomicBool::new(false),
+            disk: None,
         }
+    }
+
+    /// Starts appending to a durable stream's disk log (`None` for a stream
+    /// in memory only); refused if the log stores nothing more. Taken under
+    /// the log's lock.
+    fn disk_append(&self) -> Result<Option<StreamAppend<'_>>, StreamError> {
+        match &self.disk {
+            None => Ok(None),
+            Some(disk) => Ok(Some(disk.append()?)),
+        }
+    }
+
+    /// Waits for a durable stream's records to be stored.
+    async fn confirmed(confirm: Option<Confirm>) -> Result<(), StreamError> {
+        let Some(confirm) = confirm else {
+            return Ok(());
+        };
+        match confirm.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(StreamError::Storage(err)),
+            // The writer went away without answering: it was closed.
+            Err(_) => Err(StreamError::Storage(StoreError::Closed)),
+        }
+    }
+
+    /// A named subscriber committed a position: a durable stream writes it
+    /// (lazily).
+    pub(crate) fn moved(&self) {
+        if let Some(disk) = &self.disk {
+            disk.moved();
+        }
+    }
+
+    /// Adds a durable stream's disk counters to `stats`.
+    fn disk_stats(&self, mut stats: StreamStats) -> StreamStats {
+        if let Some(disk) = &self.disk {
+            (stats.bytes_on_disk, stats.segments, stats.damaged_records) = disk.stats();
+        }
+        stats
     }
 
     /// The runtime shut down: the stream takes nothing more, and publishers
@@ -94,6 +146,11 @@ impl StreamCore {
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     rt.spawn(async move {
                         let _ = waker.send(pump).await;
+                    });
+                } else {
+                    // A durable stream's writer thread, outside any runtime.
+                    std::thread::spawn(move || {
+                        let _ = futures::executor::block_on(waker.send(pump));
                     });
                 }
             }
@@ -124,6 +181,7 @@ impl StreamCore {
             log.close();
             log.stats(postbox::clock::now_ms())
         };
+        let stats = self.disk_stats(stats);
         // Waiting publishers see the stream closed.
         self.release_publishers();
         let subscribers: Vec<(ReaderId, Kept)> = self.subscribers.lock().drain().collect();
@@ -136,14 +194,60 @@ impl StreamCore {
     }
 }
 
+/// What a durable stream's disk log tells the stream, from its writer thread.
+impl StreamSink for StreamCore {
+    fn stored(&self, end: u64) {
+        let mut wake = Vec::new();
+        self.log.lock().confirm(end, &mut wake);
+        StreamCore::wake(wake);
+    }
+
+    fn unstored(&self, from: u64, discard: &mut dyn FnMut()) {
+        let notify = {
+            let mut log = self.log.lock();
+            discard();
+            log.rollback(from)
+        };
+        tracing::warn!(stream = %self.name, from, "records that could not be stored were taken back");
+        if notify {
+            self.release_publishers();
+        }
+    }
+
+    fn first_retained(&self) -> u64 {
+        self.log.lock().first()
+    }
+
+    fn positions(&self) -> Vec<(String, u64)> {
+        self.log.lock().named_positions()
+    }
+}
+
+/// What [`StreamHandle::append_one`] did.
+enum Appended {
+    /// Appended at this offset; a durable stream's confirm to wait for.
+    Done(u64, Option<Confirm>),
+    /// Refused (block mode, full): the message back.
+    Full(Envelope),
+}
+
+/// A batch being appended by [`StreamHandle::publish_batch`].
+struct Batch<'a> {
+    pending: Option<Envelope>,
+    rest: &'a mut std::vec::IntoIter<Envelope>,
+    start: Option<u64>,
+    end: Option<u64>,
+    confirms: Vec<Confirm>,
+}
+
 /// A handle to one stream; cheap to clone, usable from any thread. Obtained
 /// from [`Broker::declare_stream`](crate::Broker::declare_stream) or
 /// [`Broker::stream`](crate::Broker::stream).
 ///
-/// Streams: a shared, non-destructive, in-memory log, as RabbitMQ streams and
-/// Kafka topics are. Fan-out to many subscribers without a queue per
-/// subscriber: each record is stored once, and every subscriber reads every
-/// record from its own position.
+/// Streams: a shared, non-destructive log, as RabbitMQ streams and Kafka
+/// topics are, in memory, and on disk too for a durable stream. Fan-out to
+/// many subscribers without a queue per subscriber: each record is stored
+/// once, and every subscriber reads every record from its own position.
 ///
 /// # Semantics
 ///
@@ -196,10 +300,37 @@ impl StreamCore {
 ///   subscriber per name.
 /// - **Delete** ([`Broker::delete_stream`](crate::Broker::delete_stream)) stops
 ///   the subscribers and fails waiting and later publishes with
-///   [`StreamError::NotFound`].
+///   [`StreamError::NotFound`]. A durable stream's records and directory go
+///   too: one declared again with that name starts empty, at offset 0.
+/// - **Durability** ([`StreamOptions::durable`](crate::StreamOptions::durable),
+///   on a broker opened with [`Broker::open`](crate::Broker::open)): every
+///   record is also appended to the stream's own segmented log on disk, and
+///   the named subscribers' positions are written beside it. [`publish`]
+///   returns once the record is stored per the broker's
+///   [`SyncPolicy`](crate::SyncPolicy) (after an `fdatasync` shared with
+///   every concurrent publisher, by default), [`publish_batch`] after one
+///   sync for the batch; subscribers read a record only once it is stored. A
+///   record that cannot be stored is taken back (no subscriber ever sees it)
+///   and its publisher gets [`StreamError::Storage`]; after a failed sync the
+///   stream stores nothing more until the broker is reopened. When the
+///   broker reopens, the stream comes back with its retained records (same
+///   offsets, timestamps and messages), the next publish continues the
+///   offsets, and a named subscriber resumes at its last written position or
+///   earlier (positions are written at most every 200 ms, on
+///   [`sync`](Self::sync), and when the broker closes): at least once, never
+///   skipping. A record damaged on disk is skipped (a hole in the offsets,
+///   counted in [`StreamStats::damaged_records`]). Retention deletes whole
+///   segment files once all of their records are trimmed. The records also
+///   stay in memory, bounded by the retention, as for any stream: a durable
+///   stream with a large retention holds that much in memory (records are
+///   not paged out to disk). A binding from a durable exchange to a durable
+///   stream is durable too.
 /// - **Bad input** is a typed [`StreamError`] that changes nothing: invalid
 ///   names, oversize messages, unknown streams, redeclaration with other
 ///   options, a second live subscriber with the same name.
+///
+/// [`publish`]: Self::publish
+/// [`publish_batch`]: Self::publish_batch
 ///
 /// Each delivery runs inside a `stream` tracing span with the stream, offset,
 /// message id, correlation id and redelivered flag.
@@ -283,6 +414,36 @@ impl StreamHandle {
         }
     }
 
+    /// A durable stream on `disk`, with what was read back from it (nothing,
+    /// for a new one); starts the log's writer.
+    pub(crate) fn durable(
+        name: ByteString,
+        options: StreamOptions,
+        limit: usize,
+        runtime: RuntimeHandle,
+        (disk, seed): (StreamLog, StreamSeed),
+        recovered: RecoveredStream,
+    ) -> Result<Self, StoreError> {
+        let mut core = StreamCore::new(name, options, limit, runtime);
+        {
+            let log = core.log.get_mut();
+            for record in recovered.records {
+                log.restore(record.offset, record.timestamp_ms, record.envelope);
+            }
+            log.restored(recovered.positions, postbox::clock::now_ms());
+            log.set_durable();
+        }
+        core.disk = Some(disk);
+        let core = Arc::new(core);
+        seed.start(core.clone())?;
+        Ok(StreamHandle { core })
+    }
+
+    /// Whether its records are kept on disk.
+    pub(crate) fn is_durable(&self) -> bool {
+        self.core.disk.is_some()
+    }
+
     /// The stream's name.
     pub fn name(&self) -> &str {
         &self.core.name
@@ -331,87 +492,177 @@ impl StreamHandle {
 
     /// Appends a message and returns its offset. With block overflow, waits
     /// while the slowest live subscriber has not read the record retention
-    /// would trim.
+    /// would trim. On a durable stream, returns once the record is stored
+    /// (per the broker's [`SyncPolicy`](crate::SyncPolicy)), or fails with
+    /// [`StreamError::Storage`] if it could not be (the record is then taken
+    /// back: no subscriber gets it).
     pub async fn publish(&self, message: Envelope) -> Result<u64, StreamError> {
+        let (offset, confirm) = self.append(message).await?;
+        StreamCore::confirmed(confirm).await?;
+        Ok(offset)
+    }
+
+    /// [`publish`](Self::publish) without waiting for the disk: returns the
+    /// offset and, for a durable stream, the confirmation that the record is
+    /// stored (an error there means it was taken back). For routing, which
+    /// waits for the confirmations of all its targets together.
+    pub(crate) async fn append(
+        &self,
+        message: Envelope,
+    ) -> Result<(u64, Option<Confirm>), StreamError> {
         self.check(&message)?;
         let mut message = message;
         let mut wake = Vec::new();
         loop {
             let mut room = pin!(self.core.space.notified());
             let now = postbox::clock::now_ms();
-            {
-                let mut log = self.core.log.lock();
-                match log.append(message, now, &mut wake) {
-                    Ok(offset) => {
-                        drop(log);
-                        StreamCore::wake(wake);
-                        return Ok(offset);
-                    }
-                    Err(Refusal::Full(back)) => {
-                        message = back;
-                        // Registered under the lock: a subscriber that makes room
-                        // after this point finds us waiting.
-                        room.as_mut().enable();
-                    }
-                    Err(Refusal::Closed) => return Err(self.gone()),
+            match self.append_one(message, now, &mut wake, room.as_mut())? {
+                Appended::Done(offset, confirm) => {
+                    StreamCore::wake(wake);
+                    return Ok((offset, confirm));
                 }
+                Appended::Full(back) => message = back,
             }
             room.await;
+        }
+    }
+
+    /// Appends one message under the log's lock (and frames it into a
+    /// durable stream's disk log); a refusal registers `room` under that lock,
+    /// so that a subscriber that makes room after it finds it waiting.
+    fn append_one(
+        &self,
+        message: Envelope,
+        now: u64,
+        wake: &mut Vec<Waker>,
+        room: Pin<&mut Notified<'_>>,
+    ) -> Result<Appended, StreamError> {
+        let mut log = self.core.log.lock();
+        if log.is_closed() {
+            return Err(self.gone());
+        }
+        let disk = self.core.disk_append()?;
+        match log.append(message, now, wake) {
+            Ok(offset) => {
+                let confirm = disk.map(|mut disk| {
+                    if let Some(r) = log.newest() {
+                        disk.record(r.offset, r.timestamp_ms, &r.envelope);
+                    }
+                    disk.confirm(offset + 1)
+                });
+                Ok(Appended::Done(offset, confirm))
+            }
+            Err(Refusal::Full(back)) => {
+                room.enable();
+                Ok(Appended::Full(back))
+            }
+            Err(Refusal::Closed) => Err(self.gone()),
         }
     }
 
     /// Appends messages in order and returns their offsets. Size checks come
     /// first: one oversize message refuses the whole batch. With block
-    /// overflow, appends what fits and waits for room for the rest.
+    /// overflow, appends what fits and waits for room for the rest. On a
+    /// durable stream, returns once all of them are stored (one sync for the
+    /// batch, when they fit at once); if some could not be, fails with
+    /// [`StreamError::Storage`] (those, and the ones after, were taken back;
+    /// earlier ones may be stored).
     pub async fn publish_batch(&self, messages: Vec<Envelope>) -> Result<Range<u64>, StreamError> {
         for message in &messages {
             self.check(message)?;
         }
         let mut rest = messages.into_iter();
-        let mut pending = rest.next();
-        let mut start = None;
-        let mut end = None;
+        let mut batch = Batch {
+            pending: rest.next(),
+            rest: &mut rest,
+            start: None,
+            end: None,
+            confirms: Vec::new(),
+        };
         let mut wake = Vec::new();
         loop {
             let mut room = pin!(self.core.space.notified());
             let now = postbox::clock::now_ms();
-            {
-                let mut log = self.core.log.lock();
-                while let Some(message) = pending.take() {
-                    match log.append(message, now, &mut wake) {
-                        Ok(offset) => {
-                            start.get_or_insert(offset);
-                            end = Some(offset + 1);
-                            pending = rest.next();
-                        }
-                        Err(Refusal::Full(back)) => {
-                            pending = Some(back);
-                            room.as_mut().enable();
-                            break;
-                        }
-                        Err(Refusal::Closed) => return Err(self.gone()),
-                    }
-                }
-                if pending.is_none() {
-                    let next = log.next();
-                    drop(log);
-                    StreamCore::wake(wake);
-                    return Ok(start.unwrap_or(next)..end.unwrap_or(next));
-                }
-            }
+            let done = self.append_some(&mut batch, now, &mut wake, room.as_mut())?;
             StreamCore::wake(std::mem::take(&mut wake));
+            if let Some(next) = done {
+                // One confirm, unless the batch had to wait for room.
+                for confirm in std::mem::take(&mut batch.confirms) {
+                    StreamCore::confirmed(Some(confirm)).await?;
+                }
+                return Ok(batch.start.unwrap_or(next)..batch.end.unwrap_or(next));
+            }
             room.await;
         }
+    }
+
+    /// Appends what fits of a batch under one lock (see
+    /// [`append_one`](Self::append_one)); a durable stream's confirm covers
+    /// them. Returns the next offset once everything is appended.
+    fn append_some(
+        &self,
+        batch: &mut Batch<'_>,
+        now: u64,
+        wake: &mut Vec<Waker>,
+        room: Pin<&mut Notified<'_>>,
+    ) -> Result<Option<u64>, StreamError> {
+        let mut log = self.core.log.lock();
+        if log.is_closed() {
+            return Err(self.gone());
+        }
+        let mut disk = self.core.disk_append()?;
+        let mut appended = None;
+        while let Some(message) = batch.pending.take() {
+            match log.append(message, now, wake) {
+                Ok(offset) => {
+                    if let (Some(disk), Some(r)) = (disk.as_mut(), log.newest()) {
+                        disk.record(r.offset, r.timestamp_ms, &r.envelope);
+                    }
+                    batch.start.get_or_insert(offset);
+                    batch.end = Some(offset + 1);
+                    appended = Some(offset + 1);
+                    batch.pending = batch.rest.next();
+                }
+                Err(Refusal::Full(back)) => {
+                    batch.pending = Some(back);
+                    room.enable();
+                    break;
+                }
+                Err(Refusal::Closed) => return Err(self.gone()),
+            }
+        }
+        // What this round appended: if it fails, the records after it were
+        // taken back too, and their offsets handed out again.
+        if let (Some(disk), Some(end)) = (disk, appended) {
+            batch.confirms.push(disk.confirm(end));
+        }
+        Ok(batch.pending.is_none().then(|| log.next()))
     }
 
     /// Appends a message if that needs no waiting; a block-mode stream whose
     /// slowest subscriber is behind refuses with
     /// [`TryStreamPublishError::Full`], which hands the message back.
+    ///
+    /// On a durable stream it does not wait for the disk either: the record
+    /// is stored with the next group, and readable then. If that fails, the
+    /// record is taken back without telling anyone (use
+    /// [`publish`](Self::publish) to know).
     pub fn try_publish(&self, message: Envelope) -> Result<u64, TryStreamPublishError> {
         self.check(&message)?;
         let mut wake = Vec::new();
         let now = postbox::clock::now_ms();
-        let appended = self.core.log.lock().append(message, now, &mut wake);
+        let appended = {
+            let mut log = self.core.log.lock();
+            if log.is_closed() {
+                return Err(self.gone().into());
+            }
+            let mut disk = self.core.disk_append()?;
+            let appended = log.append(message, now, &mut wake);
+            if let (Ok(_), Some(disk), Some(r)) = (&appended, disk.as_mut(), log.newest()) {
+                disk.record(r.offset, r.timestamp_ms, &r.envelope);
+            }
+            appended
+        };
         match appended {
             Ok(offset) => {
                 StreamCore::wake(wake);
@@ -425,10 +676,52 @@ impl StreamHandle {
         }
     }
 
-    /// Counters and positions (age retention is applied first).
+    /// Counters and positions (age retention is applied first), with a
+    /// durable stream's disk use.
     pub fn stats(&self) -> StreamStats {
         let now = postbox::clock::now_ms();
-        self.core.log.lock().stats(now)
+        let stats = self.core.log.lock().stats(now);
+        self.core.disk_stats(stats)
+    }
+
+    /// Waits until a durable stream has stored every record appended before
+    /// this call (per the broker's [`SyncPolicy`](crate::SyncPolicy)),
+    /// written its named subscribers' positions as of this call (synced), and
+    /// deleted the segments retention has emptied. Positions are otherwise
+    /// written lazily, within 200 ms of a commit (a lost position means a
+    /// redelivery after a crash, never a skip); this makes them durable when
+    /// that matters. On a stream that is not durable it returns at once.
+    ///
+    /// ```
+    /// use postbox::Runtime;
+    /// use postbox_actors::{Broker, Envelope, StorageOptions, StreamOptions};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = std::env::temp_dir().join(format!("postbox-stream-doc-{}", std::process::id()));
+    /// # let _ = std::fs::remove_dir_all(&dir);
+    /// let rt = Runtime::new()?;
+    /// {
+    ///     let broker = Broker::open(&rt, StorageOptions::new(&dir))?;
+    ///     let audit = broker.declare_stream("audit", StreamOptions::default().durable()).await?;
+    ///     // Returns once the record is on disk.
+    ///     assert_eq!(audit.publish(Envelope::new("login")).await?, 0);
+    ///     audit.sync().await?;
+    /// }
+    /// let broker = Broker::open(&rt, StorageOptions::new(&dir))?;
+    /// let audit = broker.stream("audit")?;
+    /// assert_eq!(audit.stats().len, 1);
+    /// assert_eq!(audit.publish(Envelope::new("logout")).await?, 1);
+    /// # drop(broker); std::fs::remove_dir_all(&dir)?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn sync(&self) -> Result<(), StreamError> {
+        let Some(disk) = &self.core.disk else {
+            return Ok(());
+        };
+        if self.is_deleted() {
+            return Err(self.gone());
+        }
+        let confirm = disk.sync();
+        StreamCore::confirmed(Some(confirm)).await
     }
 
     /// The position stored for the named subscriber `name` when it last
@@ -476,6 +769,7 @@ impl StreamHandle {
         };
         let child_core = core.clone();
         let batch = options.batch;
+        let named = options.name.is_some();
         let addr = core
             .runtime
             .build(move || {
@@ -483,6 +777,7 @@ impl StreamHandle {
                     child_core.clone(),
                     reader,
                     batch,
+                    named,
                     factory(),
                 ))
             })

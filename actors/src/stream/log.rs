@@ -16,6 +16,14 @@
 //!   many records it missed.
 //! - Age is enforced lazily, at every append, read and stats call; append times
 //!   never go backwards.
+//! - A durable stream's records become readable only once they are stored
+//!   (`confirm`, from the stream's disk writer): readers read up to the
+//!   *visible* offset, not the next one. Records that could not be stored are
+//!   taken back (`rollback`), which no reader can notice: it never saw them.
+//! - Offsets increase but may have holes: a durable stream restored from disk
+//!   (`restore`) lacks the records that were damaged there. Readers step over
+//!   a hole; a record is found by its offset (directly when the offsets are
+//!   consecutive, by binary search otherwise).
 //!
 //! The lowest live cursor is kept as a lower bound (`min_hint`) that is only
 //! recomputed (a scan of the readers) when a trim would cross it: cursors only
@@ -134,6 +142,14 @@ pub struct StreamStats {
     /// retention would trim (block mode): each is a publisher that waited or a
     /// `try_publish` that failed.
     pub blocked: u64,
+    /// A durable stream's bytes on disk (its segment files); 0 for a stream
+    /// kept in memory only.
+    pub bytes_on_disk: u64,
+    /// A durable stream's segment files.
+    pub segments: usize,
+    /// Damaged records a durable stream skipped when it was read back from
+    /// disk (each is a hole in the offsets).
+    pub damaged_records: u64,
 }
 
 /// One subscriber's position and counters.
@@ -157,7 +173,14 @@ pub struct SubscriberStats {
 #[derive(Debug)]
 pub(crate) struct LogState<W> {
     records: VecDeque<Arc<Record>>,
+    /// The oldest retained offset (`next` when there are no records).
     first: u64,
+    /// The offset the next record gets.
+    next: u64,
+    /// Records stored on disk before being readable (see the module docs).
+    durable: bool,
+    /// A durable log's readable end: offsets before it are stored.
+    visible: u64,
     bytes: usize,
     limits: Limits,
     slots: Vec<Slot<W>>,
@@ -181,6 +204,9 @@ impl<W: Clone> LogState<W> {
         LogState {
             records: VecDeque::new(),
             first: 0,
+            next: 0,
+            durable: false,
+            visible: 0,
             bytes: 0,
             limits,
             slots: Vec::new(),
@@ -200,14 +226,42 @@ impl<W: Clone> LogState<W> {
     }
 
     /// The oldest retained offset.
-    #[cfg(test)]
-    fn first(&self) -> u64 {
+    pub(crate) fn first(&self) -> u64 {
         self.first
     }
 
     /// The offset the next record gets.
     pub(crate) fn next(&self) -> u64 {
-        self.first + self.records.len() as u64
+        self.next
+    }
+
+    /// Makes records readable only once [`confirm`](Self::confirm)ed.
+    pub(crate) fn set_durable(&mut self) {
+        self.durable = true;
+        self.visible = self.next;
+    }
+
+    /// Where readers stop: the next offset, or a durable log's stored end.
+    fn readable(&self) -> u64 {
+        if self.durable {
+            self.visible
+        } else {
+            self.next
+        }
+    }
+
+    /// The index in the ring of the first record at or after `offset`.
+    fn index_of(&self, offset: u64) -> usize {
+        let guess = usize::try_from(offset.saturating_sub(self.first)).unwrap_or(usize::MAX);
+        match self.records.get(guess) {
+            Some(r) if r.offset == offset => guess,
+            _ => self.records.partition_point(|r| r.offset < offset),
+        }
+    }
+
+    /// The record appended last.
+    pub(crate) fn newest(&self) -> Option<&Arc<Record>> {
+        self.records.back()
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -248,7 +302,7 @@ impl<W: Clone> LogState<W> {
     fn pop_front(&mut self) {
         if let Some(record) = self.records.pop_front() {
             self.bytes -= record.envelope.size();
-            self.first += 1;
+            self.first = self.records.front().map_or(self.next, |r| r.offset);
             self.trimmed += 1;
             crate::spare::release(&mut self.records);
         }
@@ -261,9 +315,8 @@ impl<W: Clone> LogState<W> {
             return;
         };
         while let Some(front) = self.records.front() {
-            if now_ms.saturating_sub(front.timestamp_ms) < age
-                || !self.may_trim_before(self.first + 1)
-            {
+            let (timestamp_ms, offset) = (front.timestamp_ms, front.offset);
+            if now_ms.saturating_sub(timestamp_ms) < age || !self.may_trim_before(offset + 1) {
                 break;
             }
             self.pop_front();
@@ -299,7 +352,7 @@ impl<W: Clone> LogState<W> {
                 k += 1;
             }
         }
-        if k > 0 && !self.may_trim_before(self.first + k as u64) {
+        if k > 0 && !self.may_trim_before(self.records[k - 1].offset + 1) {
             self.publisher_waiting = true;
             self.blocked += 1;
             return Err(Refusal::Full(envelope));
@@ -307,16 +360,25 @@ impl<W: Clone> LogState<W> {
         for _ in 0..k {
             self.pop_front();
         }
-        let offset = self.next();
+        let offset = self.next;
         let timestamp_ms = now_ms.max(self.last_ts);
         self.last_ts = timestamp_ms;
         self.bytes += size;
         self.published += 1;
+        self.next += 1;
         self.records.push_back(Arc::new(Record {
             offset,
             timestamp_ms,
             envelope,
         }));
+        if !self.durable {
+            self.wake_parked(wake);
+        }
+        Ok(offset)
+    }
+
+    /// Pushes the wakers of the parked readers onto `wake`, unparking them.
+    fn wake_parked(&mut self, wake: &mut Vec<W>) {
         if self.parked > 0 {
             self.parked = 0;
             for slot in &mut self.slots {
@@ -328,20 +390,118 @@ impl<W: Clone> LogState<W> {
                 }
             }
         }
-        Ok(offset)
+    }
+
+    /// A durable log's records before `end` are stored: they become
+    /// readable, and the readers parked at the old end are woken.
+    pub(crate) fn confirm(&mut self, end: u64, wake: &mut Vec<W>) {
+        let end = end.min(self.next);
+        if end > self.visible {
+            self.visible = end;
+            self.wake_parked(wake);
+        }
+    }
+
+    /// Takes back the records from offset `from` on, which could not be
+    /// stored (no reader has seen them: they were never readable); the next
+    /// record gets `from`. Returns whether publishers should be woken (the
+    /// records taken back made room).
+    pub(crate) fn rollback(&mut self, from: u64) -> bool {
+        if from >= self.next {
+            return false;
+        }
+        while let Some(back) = self.records.back() {
+            if back.offset < from {
+                break;
+            }
+            let size = back.envelope.size();
+            self.records.pop_back();
+            self.bytes -= size;
+            self.published = self.published.saturating_sub(1);
+        }
+        self.next = from;
+        self.first = self.records.front().map_or(from, |r| r.offset);
+        self.visible = self.visible.min(from);
+        self.min_hint = self.min_hint.min(from);
+        for reader in self.slots.iter_mut().filter_map(|s| s.reader.as_mut()) {
+            reader.cursor = reader.cursor.min(from);
+        }
+        for offset in self.stored.values_mut() {
+            *offset = (*offset).min(from);
+        }
+        std::mem::take(&mut self.publisher_waiting)
+    }
+
+    /// Puts back a record read from disk (recovery, before any reader):
+    /// offsets increase, with holes where records were lost. Retention is
+    /// applied by [`restored`](Self::restored), once they are all back.
+    pub(crate) fn restore(&mut self, offset: u64, timestamp_ms: u64, envelope: Envelope) {
+        if offset < self.next {
+            return;
+        }
+        if self.records.is_empty() {
+            self.first = offset;
+        }
+        self.bytes += envelope.size();
+        self.last_ts = self.last_ts.max(timestamp_ms);
+        self.next = offset + 1;
+        self.visible = self.next;
+        self.records.push_back(Arc::new(Record {
+            offset,
+            timestamp_ms,
+            envelope,
+        }));
+    }
+
+    /// Ends a recovery: applies retention to the records put back, and sets
+    /// the named readers' stored positions (never past the records: those
+    /// after the last one stored were lost with it).
+    pub(crate) fn restored(&mut self, positions: Vec<(String, u64)>, now_ms: u64) {
+        self.expire(now_ms);
+        while self.records.len() > self.limits.max_len || self.bytes > self.limits.max_bytes {
+            self.pop_front();
+        }
+        self.first = self.records.front().map_or(self.next, |r| r.offset);
+        self.visible = self.next;
+        // Counted since the declaration: every offset handed out, and those
+        // no longer held.
+        self.published = self.next;
+        self.trimmed = self.next - self.records.len() as u64;
+        for (name, offset) in positions {
+            self.stored.insert(name, offset.min(self.next));
+        }
+    }
+
+    /// The position of every named reader: live ones' committed cursors, and
+    /// the stored positions of the others.
+    pub(crate) fn named_positions(&self) -> Vec<(String, u64)> {
+        let mut positions = self.stored.clone();
+        for reader in self.slots.iter().filter_map(|s| s.reader.as_ref()) {
+            if let Some(name) = &reader.name {
+                positions.insert(name.clone(), reader.cursor);
+            }
+        }
+        let mut out: Vec<(String, u64)> = positions.into_iter().collect();
+        out.sort();
+        out
     }
 
     /// Where `start` points now.
+    /// Positions are within the readable records (a durable log's stored
+    /// ones).
     pub(crate) fn resolve(&self, start: StreamStart) -> u64 {
-        let (first, next) = (self.first, self.next());
+        let (first, end) = (self.first, self.readable());
+        let first = first.min(end);
+        let at = |index: usize| self.records.get(index).map_or(end, |r| r.offset.min(end));
         match start {
             StreamStart::First => first,
-            StreamStart::Last => next.saturating_sub(1).max(first),
-            StreamStart::Next => next,
-            StreamStart::Offset(o) => o.clamp(first, next),
-            StreamStart::Timestamp(ms) => {
-                first + self.records.partition_point(|r| r.timestamp_ms < ms) as u64
-            }
+            StreamStart::Last => match self.index_of(end) {
+                0 => end,
+                i => at(i - 1),
+            },
+            StreamStart::Next => end,
+            StreamStart::Offset(o) => o.clamp(first, end),
+            StreamStart::Timestamp(ms) => at(self.records.partition_point(|r| r.timestamp_ms < ms)),
         }
     }
 
@@ -470,7 +630,7 @@ impl<W: Clone> LogState<W> {
             return read;
         }
         self.expire(now_ms);
-        let (first, next) = (self.first, self.next());
+        let (first, end) = (self.first, self.readable());
         let Some(reader) = self.reader_mut(id) else {
             read.gone = true;
             return read;
@@ -485,16 +645,23 @@ impl<W: Clone> LogState<W> {
             Some((offset, attempt)) if offset == cursor => attempt,
             _ => 0,
         };
-        if cursor >= next {
-            if !reader.parked {
+        let available = if cursor < end {
+            self.index_of(cursor)..self.index_of(end)
+        } else {
+            0..0
+        };
+        if available.is_empty() {
+            // At the end (or in a hole before it: the next confirm wakes it).
+            if let Some(reader) = self.reader_mut(id)
+                && !reader.parked
+            {
                 reader.parked = true;
                 self.parked += 1;
             }
             read.parked = true;
         } else {
-            let from = (cursor - first) as usize;
-            let to = from + max.min((next - cursor) as usize);
-            out.extend(self.records.range(from..to).cloned());
+            let to = available.end.min(available.start.saturating_add(max));
+            out.extend(self.records.range(available.start..to).cloned());
         }
         self.skipped += read.skipped;
         read
@@ -552,6 +719,7 @@ impl<W: Clone> LogState<W> {
             trimmed: self.trimmed,
             skipped: self.skipped,
             blocked: self.blocked,
+            ..StreamStats::default()
         }
     }
 }
@@ -676,6 +844,74 @@ mod tests {
         assert_eq!(log.reader_stats(again).unwrap().offset, 2);
         // A stale id does not reach the reader that reuses its slot.
         assert!(log.reader_stats(r).is_none());
+    }
+
+    #[test]
+    fn a_durable_log_reads_only_confirmed_records_and_takes_back_the_others() {
+        let mut log = LogState::<u32>::new(limits(usize::MAX, usize::MAX, None, true));
+        log.set_durable();
+        let r = log
+            .add_reader(StreamStart::Next, Some("a".into()), 0)
+            .unwrap();
+        log.set_waker(r, 7);
+        let mut out = Vec::new();
+        assert!(log.read(r, None, 64, 0, &mut out).parked);
+        let mut wake = Vec::new();
+        for i in 0..4 {
+            assert_eq!(log.append(env(1), 0, &mut wake).unwrap(), i);
+        }
+        assert!(wake.is_empty(), "nothing is readable before it is stored");
+        log.confirm(2, &mut wake);
+        assert_eq!(wake, vec![7]);
+        assert_eq!(log.resolve(StreamStart::Next), 2);
+        assert_eq!(log.resolve(StreamStart::Offset(9)), 2);
+        let read = log.read(r, None, 64, 0, &mut out);
+        assert_eq!((offsets(&out), read.parked), (vec![0, 1], false));
+        out.clear();
+        // 2 and 3 could not be stored: taken back; the next append reuses 2.
+        log.read(r, Some(2), 64, 0, &mut out);
+        log.rollback(2);
+        let stats = log.stats(0);
+        assert_eq!((stats.next_offset, stats.len, stats.published), (2, 2, 2));
+        assert_eq!(log.append(env(1), 0, &mut wake).unwrap(), 2);
+        log.confirm(3, &mut wake);
+        out.clear();
+        assert_eq!(
+            offsets(&{
+                log.read(r, None, 64, 0, &mut out);
+                out
+            }),
+            vec![2]
+        );
+        assert_eq!(log.named_positions(), vec![("a".to_string(), 2)]);
+    }
+
+    #[test]
+    fn restored_records_keep_their_offsets_and_readers_step_over_holes() {
+        let mut log = LogState::<()>::new(limits(5, usize::MAX, Some(1000), true));
+        for (offset, ts) in [(3, 10), (4, 20), (6, 1500), (7, 1600), (8, 2000), (9, 2001)] {
+            log.restore(offset, ts, env(1));
+        }
+        log.restored(vec![("a".into(), 5), ("b".into(), 99)], 2100);
+        log.set_durable();
+        // Age trimmed 3 and 4 (the length limit alone, 3).
+        let stats = log.stats(2100);
+        assert_eq!(
+            (stats.first_offset, stats.next_offset, stats.len),
+            (6, 10, 4)
+        );
+        assert_eq!(log.stored_offset("a"), Some(5));
+        assert_eq!(log.stored_offset("b"), Some(10), "never past the records");
+        assert_eq!(log.resolve(StreamStart::Last), 9);
+        assert_eq!(log.resolve(StreamStart::Timestamp(1550)), 7);
+        let r = log
+            .add_reader(StreamStart::First, Some("a".into()), 2100)
+            .unwrap();
+        let mut out = Vec::new();
+        log.read(r, None, 64, 2100, &mut out);
+        assert_eq!(offsets(&out), vec![6, 7, 8, 9]);
+        let mut wake = Vec::new();
+        assert_eq!(log.append(env(1), 2100, &mut wake).unwrap(), 10);
     }
 
     #[test]

@@ -9,12 +9,13 @@
 use std::time::Duration;
 
 use postbox::Backoff;
+use serde::{Deserialize, Serialize};
 
 use crate::supervision::Supervision;
 
 /// What happens when retention would trim a record that a live subscriber has
 /// not read yet.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum StreamOverflow {
     /// Backpressure: the publisher waits until the slowest live subscriber has
     /// moved past the record that must go ([`try_publish`] fails with `Full`
@@ -44,7 +45,7 @@ pub enum StreamOverflow {
 ///     .overflow(StreamOverflow::DropOldest);
 /// assert_eq!(events.max_len, Some(100_000));
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct StreamOptions {
     /// Most records retained (at least 1); `None`: no limit by count.
@@ -61,10 +62,20 @@ pub struct StreamOptions {
     /// counted; `None` uses the broker's limit
     /// ([`BrokerConfig::max_message_bytes`](crate::BrokerConfig)).
     pub max_message_bytes: Option<usize>,
+    /// Survives a restart, with its records and its named subscribers'
+    /// positions, on a broker opened on a data directory
+    /// ([`Broker::open`](crate::Broker::open)): records are appended to the
+    /// stream's own segmented log on disk, and
+    /// [`publish`](crate::StreamHandle::publish) returns once its record is
+    /// stored (per the [`SyncPolicy`](crate::SyncPolicy)). On an in-memory
+    /// broker it is accepted and changes nothing.
+    #[serde(default)]
+    pub durable: bool,
 }
 
 impl Default for StreamOptions {
-    /// 1024 records, no byte or age limit, [`StreamOverflow::Block`].
+    /// 1024 records, no byte or age limit, [`StreamOverflow::Block`], not
+    /// durable.
     fn default() -> Self {
         StreamOptions {
             max_len: Some(1024),
@@ -72,6 +83,7 @@ impl Default for StreamOptions {
             max_age: None,
             overflow: StreamOverflow::Block,
             max_message_bytes: None,
+            durable: false,
         }
     }
 }
@@ -115,6 +127,18 @@ impl StreamOptions {
         self.max_message_bytes = Some(limit);
         self
     }
+
+    /// Makes the stream [`durable`](Self::durable).
+    ///
+    /// ```
+    /// use postbox_actors::StreamOptions;
+    /// let audit = StreamOptions::default().max_len(1_000_000).durable();
+    /// assert!(audit.durable);
+    /// ```
+    pub fn durable(mut self) -> Self {
+        self.durable = true;
+        self
+    }
 }
 
 /// Where a new subscriber starts reading. Positions outside the retained
@@ -125,7 +149,9 @@ pub enum StreamStart {
     First,
     /// The newest record (or the next one, if the stream is empty).
     Last,
-    /// Only records appended from now on.
+    /// Only records appended from now on (on a durable stream, also those
+    /// appended earlier whose publishers still wait for the disk: they are
+    /// not readable yet).
     #[default]
     Next,
     /// This offset, clamped to `[oldest retained, next]`.

@@ -119,6 +119,8 @@ pub(crate) struct StreamSubscriber<C: StreamConsumer> {
     core: Arc<StreamCore>,
     reader: ReaderId,
     batch_size: usize,
+    /// A named subscriber: a durable stream writes its commits.
+    named: bool,
     /// Records read but not handled yet, and what the read said about them.
     batch: Vec<Arc<Record>>,
     read: Read,
@@ -128,12 +130,19 @@ pub(crate) struct StreamSubscriber<C: StreamConsumer> {
 }
 
 impl<C: StreamConsumer> StreamSubscriber<C> {
-    pub(crate) fn new(core: Arc<StreamCore>, reader: ReaderId, batch: usize, consumer: C) -> Self {
+    pub(crate) fn new(
+        core: Arc<StreamCore>,
+        reader: ReaderId,
+        batch: usize,
+        named: bool,
+        consumer: C,
+    ) -> Self {
         StreamSubscriber {
             consumer,
             core,
             reader,
             batch_size: batch.max(1),
+            named,
             batch: Vec::new(),
             read: Read::default(),
             me: None,
@@ -156,6 +165,9 @@ impl<C: StreamConsumer> StreamSubscriber<C> {
                 .read(self.reader, done, self.batch_size, now, &mut self.batch);
         if read.notify {
             self.core.release_publishers();
+        }
+        if self.named && done.is_some() {
+            self.core.moved();
         }
         if read.skipped > 0 {
             tracing::warn!(
@@ -282,6 +294,9 @@ impl<C: StreamConsumer> Handler<Pump> for StreamSubscriber<C> {
         let notify = self.core.log.lock().fail(self.reader, at.get());
         if notify {
             self.core.release_publishers();
+        }
+        if self.named {
+            self.core.moved();
         }
         tracing::warn!(stream = %self.core.name, offset = at.get(), %failure, "subscriber failed: it restarts at this record");
         Err(failure)
