@@ -2,7 +2,9 @@
 //! `cargo bench --bench peers [-- [--quick] [--only 1,4] [--filter text]]`.
 //!
 //! Set `AMQP_URL` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`) to add
-//! RabbitMQ, through `lapin`, as a peer in scenarios 1, 3, 4 and 5.
+//! RabbitMQ, through `lapin`, as a peer in scenarios 1, 3, 4 and 5, and
+//! `NATS_URL` (e.g. `nats://127.0.0.1:4222`, a server with JetStream) to add
+//! NATS JetStream, through `async-nats`, as a peer in scenario 5.
 //!
 //! # What is measured
 //!
@@ -19,8 +21,11 @@
 //!    on different arbiters (also with busy-polling arbiters): postbox
 //!    `Addr::ask` and postbox `rpc` (request/reply queues). Baseline: actix
 //!    `send().await`.
-//! 5. Durable publish with confirms. postbox has no persistence yet, so its rows
-//!    are empty; the disk's ceiling (append + `fdatasync` per batch) is measured.
+//! 5. Durable publish with confirms, against the disk's ceiling (append +
+//!    `fdatasync` per batch): one publisher with batches of 1 and 64, 64 and
+//!    256 concurrent publishers sharing syncs (group commit), 256 publishers
+//!    with an interval sync policy (against JetStream), and recovery of
+//!    1,000,000 messages at reopening. See `peers/durable.rs`.
 //! 6. Routing through a topic exchange with 10,000 bindings, against the same
 //!    exchange with 10.
 //! 7. Memory: resident bytes per queued message with 1,000,000 queued, and per
@@ -53,7 +58,8 @@
 //!   `peers/place.rs`). Only public APIs are used.
 //! - RabbitMQ rows run after every in-process row (the broker shares the
 //!   machine and stays busy for a while after heavy traffic), 256 publishes in
-//!   flight; see `peers/rabbit.rs`.
+//!   flight; see `peers/rabbit.rs`. JetStream's rows run last; see
+//!   `peers/nats.rs`.
 //!
 //! Options: `--quick` (small counts, one trial: the CI smoke test), `--only
 //! 1,4` (scenarios), `--filter text` (rows whose system contains `text`;
@@ -80,6 +86,8 @@ mod fanout;
 mod goals;
 #[path = "peers/memory.rs"]
 mod memory;
+#[path = "peers/nats.rs"]
+mod nats;
 #[path = "peers/p2p.rs"]
 mod p2p;
 #[path = "peers/place.rs"]
@@ -111,6 +119,8 @@ pub struct Config {
     pub pin: bool,
     /// RabbitMQ, when `AMQP_URL` is set.
     pub amqp: Option<String>,
+    /// NATS JetStream, when `NATS_URL` is set.
+    pub nats: Option<String>,
 }
 
 impl Config {
@@ -142,6 +152,7 @@ impl Config {
             filter,
             pin: args.iter().any(|a| a == "--pin"),
             amqp: std::env::var("AMQP_URL").ok().filter(|u| !u.is_empty()),
+            nats: std::env::var("NATS_URL").ok().filter(|u| !u.is_empty()),
         }
     }
 
@@ -259,6 +270,26 @@ fn main() {
                 r.scenario5(&cfg, &mut report).await;
             }
             r.close().await;
+        }
+        // JetStream's rows (scenario 5 only), last for the same reason.
+        if cfg.runs(5) {
+            match &cfg.nats {
+                None => notes.push(
+                    "NATS JetStream rows skipped: NATS_URL is not set \
+                     (e.g. NATS_URL=nats://127.0.0.1:4222, a server started with -js)."
+                        .to_string(),
+                ),
+                Some(url) => match nats::Nats::connect(url).await {
+                    Ok(n) => {
+                        println!("\n== NATS JetStream");
+                        n.scenario5(&cfg, &mut report).await;
+                        n.close().await;
+                    }
+                    Err(err) => notes.push(format!(
+                        "NATS JetStream rows skipped: cannot connect to NATS_URL: {err}"
+                    )),
+                },
+            }
         }
     });
     driver.shutdown_timeout(std::time::Duration::from_secs(1));

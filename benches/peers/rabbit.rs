@@ -15,7 +15,9 @@
 //!   `reply_to`.
 //! - 5: a durable queue, persistent messages (`delivery_mode` 2), publisher
 //!   confirms: batch 1 waits for each confirm, batch 64 publishes 64 and waits
-//!   for all of their confirms.
+//!   for all of their confirms. With 64 publishers: 64 channels on the
+//!   publishing connection, each in confirm mode, each publishing and
+//!   awaiting its own confirm before the next (as postbox's 64 publishers).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +32,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::Config;
-use crate::durable::{S5, ceiling};
+use crate::durable::{S5, ceiling, postbox_publishers};
 use crate::fanout::{BROADCAST, S3, SUBSCRIBERS};
 use crate::p2p::{S1, TOKIO_MPSC};
 use crate::report::{Metric, Report, Row};
@@ -43,6 +45,13 @@ pub const RABBIT_RPC: &str = "RabbitMQ (lapin), direct reply-to";
 
 pub fn rabbit_durable(batch: usize) -> String {
     format!("RabbitMQ (lapin) durable, persistent + confirms, batch {batch}")
+}
+
+/// Concurrent publishers of the group-commit row.
+pub const RABBIT_PUBLISHERS: usize = 64;
+
+pub fn rabbit_publishers(publishers: usize) -> String {
+    format!("RabbitMQ (lapin) durable, {publishers} publishers (channels), confirm each")
 }
 
 pub struct Rabbit {
@@ -426,5 +435,85 @@ impl Rabbit {
                     .note("p50/p99 per batch"),
             );
         }
+        self.durable_publishers(cfg, report).await;
+    }
+
+    /// 64 channels in confirm mode, each publishing a persistent message and
+    /// awaiting its confirm before the next.
+    async fn durable_publishers(&self, cfg: &Config, report: &mut Report) {
+        let publishers = RABBIT_PUBLISHERS;
+        let system = rabbit_publishers(publishers);
+        if !cfg.wants(&system) {
+            return;
+        }
+        let per = publishers as u64;
+        let n = cfg.count(20_000, 1_280) / per * per;
+        let warmup = (n / 10 / per).max(1) * per;
+        let queue = self.name("durable");
+        let mut channels = Vec::with_capacity(publishers);
+        for _ in 0..publishers {
+            let ch = self.publisher.create_channel().await.expect("AMQP channel");
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .expect("confirm.select");
+            channels.push(ch);
+        }
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channels[0]
+            .queue_declare(queue.as_str().into(), durable, FieldTable::default())
+            .await
+            .expect("queue.declare");
+        let p = payload();
+        let rate = throughput(warmup, n, cfg.reps.min(3), |k| {
+            let (channels, p, queue) = (&channels, &p, &queue);
+            timed(async move {
+                let mut tasks = tokio::task::JoinSet::new();
+                for ch in channels {
+                    let (ch, p, queue) = (ch.clone(), p.clone(), queue.clone());
+                    tasks.spawn(async move {
+                        let persistent = BasicProperties::default().with_delivery_mode(2);
+                        for _ in 0..k / per {
+                            let confirm = ch
+                                .basic_publish(
+                                    "".into(),
+                                    queue.as_str().into(),
+                                    BasicPublishOptions::default(),
+                                    &p,
+                                    persistent.clone(),
+                                )
+                                .await
+                                .expect("basic.publish")
+                                .await
+                                .expect("a publisher confirm");
+                            assert!(confirm.is_ack(), "RabbitMQ nacked a publish");
+                        }
+                    });
+                }
+                while let Some(done) = tasks.join_next().await {
+                    done.expect("a publisher task");
+                }
+            })
+        })
+        .await;
+        channels[0]
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .expect("queue.delete");
+        for ch in channels {
+            let _ = ch.close(200, "done".into()).await;
+        }
+        report.push(
+            Row::new(S5, system)
+                .rate(rate)
+                .vs(&postbox_publishers(publishers), Metric::Throughput)
+                .note(
+                    "64 channels on one connection, each in confirm mode awaiting its own \
+                     confirm, one durable queue, persistent messages: like postbox's 64 \
+                     publishers with SyncPolicy::Always (RabbitMQ fsyncs before confirming)",
+                ),
+        );
     }
 }
