@@ -18,6 +18,9 @@ impl Loc {
     /// Ordinals stay below this (a segment with this many publishes is full),
     /// so that a location packs into a `u64`.
     pub(crate) const MAX_ORDINAL: u32 = (1 << 24) - 1;
+    /// Segments are numbered from 1 up to this, so that a location packs
+    /// into a non-zero `u64` (recovery refuses other segment ids).
+    pub(crate) const MAX_SEGMENT: u64 = (1 << 40) - 1;
 
     /// The location as one non-zero `u64` (segments are numbered from 1).
     pub(crate) fn pack(self) -> u64 {
