@@ -84,6 +84,9 @@ pub use queue::options::{DeleteOptions, QueueOptions};
 pub use queue::policy::{Overflow, QueuePolicy};
 pub use queue::stats::{ConsumerStats, QueueStats};
 
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use store::fuzzing;
 pub use store::{StorageOptions, StorageStats, StoreError, SyncPolicy};
 pub use stream::{
     StreamConsumer, StreamConsumerFactory, StreamDelivery, StreamError, StreamHandle,

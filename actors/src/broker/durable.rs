@@ -122,7 +122,7 @@ impl Meta {
         match op {
             MetaOp::NextQueueId { id } => self.next_queue_id = self.next_queue_id.max(id),
             MetaOp::Queue { name, id, options } => {
-                self.next_queue_id = self.next_queue_id.max(id + 1);
+                self.next_queue_id = self.next_queue_id.max(id.saturating_add(1));
                 self.queues.insert(name, (id, options));
             }
             MetaOp::DeleteQueue { id } => {
@@ -155,7 +155,7 @@ impl Meta {
             MetaOp::Unbind(record) => self.bindings.retain(|b| *b != record),
             MetaOp::NextStreamId { id } => self.next_stream_id = self.next_stream_id.max(id),
             MetaOp::Stream { name, id, options } => {
-                self.next_stream_id = self.next_stream_id.max(id + 1);
+                self.next_stream_id = self.next_stream_id.max(id.saturating_add(1));
                 self.streams.insert(name, (id, options));
             }
             MetaOp::DeleteStream { id } => {
@@ -325,7 +325,7 @@ impl Storage {
         let id = meta.next_stream_id.max(1);
         // Never handed out again, even if the entry below is not written
         // whole (it may still be read back).
-        meta.next_stream_id = id + 1;
+        meta.next_stream_id = id.saturating_add(1);
         let (log, seed) = self.dir.create_stream(id)?;
         let op = MetaOp::Stream {
             name: name.to_string(),
@@ -615,5 +615,27 @@ impl Broker {
             },
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A topology log naming the largest ids (damaged, or written by hand)
+    /// is applied without overflowing (found by fuzzing).
+    #[test]
+    fn the_largest_ids_do_not_overflow() {
+        let mut meta = Meta::default();
+        meta.apply(MetaOp::Queue {
+            name: "q".into(),
+            id: u64::MAX,
+            options: QueueOptions::default(),
+        });
+        let op: MetaOp =
+            serde_json::from_str(r#"{"op":"next_queue_id","id":18446744073709551615}"#).unwrap();
+        meta.apply(op);
+        assert_eq!(meta.next_queue_id, u64::MAX);
+        assert_eq!(meta.queues.len(), 1);
     }
 }

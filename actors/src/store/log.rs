@@ -310,11 +310,20 @@ impl Append<'_> {
         publishes: &[(QueueId, u64, u64, &Envelope)],
         settled: &[Loc],
     ) -> Vec<Loc> {
-        let segment = {
+        let mut segment = {
             self.buffer(true);
             self.st.active
         };
-        let first = self.st.segments.get(segment).map_or(0, |s| s.publishes);
+        let mut first = self.st.segments.get(segment).map_or(0, |s| s.publishes);
+        // Every ordinal of the record must fit in the segment it is in.
+        if u64::from(first) + publishes.len() as u64 > u64::from(Loc::MAX_ORDINAL) {
+            self.st.active += 1;
+            self.st.active_len = 0;
+            self.st.active_created = false;
+            self.buffer(true);
+            segment = self.st.active;
+            first = 0;
+        }
         let locs: Vec<Loc> = (0..publishes.len())
             .map(|i| Loc {
                 segment,

@@ -62,6 +62,9 @@
 
 mod disk;
 mod frame;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod log;
 mod meta;
 mod record;

@@ -175,6 +175,11 @@ fn decode_from(r: &mut WireReader<'_>, depth: u8) -> Result<Record, WireError> {
             let queue = r.varint()?;
             let seq = r.varint()?;
             let ordinal = r.varint_u32()?;
+            // The writer never goes past it, and past it the location does
+            // not pack (it would name another message).
+            if ordinal > Loc::MAX_ORDINAL {
+                return Err(WireError::Invalid("ordinal"));
+            }
             let expires_at = r.varint()?.wrapping_sub(1);
             let message = Envelope::read_wire(r)?;
             Record::Publish {
@@ -305,6 +310,44 @@ mod tests {
         assert!(Record::decode(&Bytes::from(buf)).is_err());
         assert!(Record::decode(&Bytes::from_static(&[9])).is_err());
         assert!(Record::decode(&Bytes::from_static(&[])).is_err());
+    }
+
+    /// Found by the `recovery` fuzz target (`fuzz/`), minimized: a publish
+    /// (valid envelope, valid frame) at ordinal 107473058, past
+    /// `MAX_ORDINAL`, was recovered at a location that packs as another
+    /// message's (segment + 6, ordinal 0x67e8a2): settling it would have
+    /// settled that one.
+    #[test]
+    fn publishes_past_the_last_ordinal_are_refused() {
+        const FUZZED: [u8; 78] = [
+            0x01, 0x01, 0x2a, 0xa2, 0xd1, 0x9f, 0x33, 0xb6, 0xea, 0x34, 0x01, 0xa2, 0x29, 0xf1,
+            0x06, 0xb5, 0x74, 0xda, 0xb1, 0xad, 0x74, 0xa8, 0x9d, 0xc3, 0xa9, 0x7a, 0x12, 0x03,
+            0x00, 0xb5, 0x8d, 0xc4, 0xcf, 0xa2, 0x34, 0x1e, 0x10, 0x61, 0x70, 0x70, 0x6c, 0x69,
+            0x63, 0x61, 0x74, 0x69, 0x6f, 0x6e, 0x2f, 0x6a, 0x73, 0x6f, 0x6e, 0x04, 0x63, 0x2d,
+            0x34, 0x32, 0x07, 0x72, 0x65, 0x70, 0x6c, 0x69, 0x65, 0x73, 0x90, 0x1c, 0x00, 0x08,
+            0x6f, 0x72, 0x01, 0x00, 0x00, 0x00, 0x01, 0x00,
+        ];
+        assert_eq!(
+            Record::decode(&Bytes::from_static(&FUZZED)).unwrap_err(),
+            WireError::Invalid("ordinal")
+        );
+        let publish = |ordinal| Record::Publish {
+            queue: 1,
+            seq: 1,
+            ordinal,
+            expires_at: u64::MAX,
+            message: Envelope::new("m"),
+        };
+        assert!(matches!(
+            round_trip(&publish(Loc::MAX_ORDINAL)),
+            Record::Publish {
+                ordinal: Loc::MAX_ORDINAL,
+                ..
+            }
+        ));
+        let mut buf = Vec::new();
+        publish(Loc::MAX_ORDINAL + 1).encode(&mut buf);
+        assert!(Record::decode(&Bytes::from(buf)).is_err());
     }
 
     proptest! {
