@@ -331,8 +331,18 @@ impl QueueActor {
     /// Enqueues a message; false if the queue refused it (reject-publish). A
     /// persistent message to a durable queue is written to the store (not
     /// waited for: see [`PublishDurable`] for publishes that are confirmed).
+    #[inline]
     fn publish(&mut self, message: Envelope) -> bool {
-        let Some((store, id)) = self.durable_for(&message) else {
+        if self.durable.is_some() && message.persistent() {
+            return self.publish_persistent(message);
+        }
+        self.enqueue(message, None)
+    }
+
+    /// [`publish`](Self::publish) of a message to persist.
+    #[inline(never)]
+    fn publish_persistent(&mut self, message: Envelope) -> bool {
+        let Some((store, id)) = self.durable.as_ref().map(|d| (d.store.clone(), d.id)) else {
             return self.enqueue(message, None);
         };
         match store.append() {
@@ -348,15 +358,8 @@ impl QueueActor {
         }
     }
 
-    /// The store and the queue's id there, if `message` is to be persisted.
-    fn durable_for(&self, message: &Envelope) -> Option<(Store, QueueId)> {
-        self.durable
-            .as_ref()
-            .filter(|_| message.persistent())
-            .map(|d| (d.store.clone(), d.id))
-    }
-
     /// Enqueues a message, persisting it through `persist` if given.
+    #[inline]
     fn enqueue(&mut self, message: Envelope, persist: Option<(&mut Append<'_>, QueueId)>) -> bool {
         // Observers hear of enqueued messages only; a clone is a few refcounts.
         let observed = self.observers.is_active().then(|| message.clone());

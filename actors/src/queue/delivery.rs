@@ -342,11 +342,19 @@ pub struct Delivery {
     message: Envelope,
     tag: DeliveryTag,
     link: Arc<Link>,
+    /// What only some deliveries carry, out of line: a delivery is moved
+    /// at every hand-over, and 128 bytes is what moves without a `memcpy`
+    /// call.
+    extra: Option<Arc<Extra>>,
+}
+
+/// The rarer parts of a [`Delivery`].
+struct Extra {
     /// Where the message is stored (0: not persisted).
     loc: u64,
     /// For a manual `basic.get` delivery: ends its registration (requeueing
     /// it, if unsettled) when the delivery is dropped.
-    _fetched: Option<Arc<FetchGuard>>,
+    _fetched: Option<FetchGuard>,
 }
 
 /// Ends a `basic.get` delivery's registration when the delivery is dropped:
@@ -399,8 +407,12 @@ impl Delivery {
             message,
             tag,
             link,
-            loc,
-            _fetched: None,
+            extra: (loc != 0).then(|| {
+                Arc::new(Extra {
+                    loc,
+                    _fetched: None,
+                })
+            }),
         }
     }
 
@@ -417,8 +429,10 @@ impl Delivery {
             message,
             tag,
             link,
-            loc,
-            _fetched: Some(Arc::new(FetchGuard { queue, consumer })),
+            extra: Some(Arc::new(Extra {
+                loc,
+                _fetched: Some(FetchGuard { queue, consumer }),
+            })),
         }
     }
 
@@ -520,7 +534,7 @@ impl Delivery {
         Settler {
             tag: self.tag,
             link: self.link.clone(),
-            loc: self.loc,
+            loc: self.extra.as_ref().map_or(0, |e| e.loc),
         }
     }
 
@@ -543,8 +557,7 @@ impl Delivery {
             message: self.message.clone(),
             tag: self.tag,
             link: self.link.clone(),
-            loc: self.loc,
-            _fetched: self._fetched.clone(),
+            extra: self.extra.clone(),
         }
     }
 }
@@ -619,5 +632,16 @@ mod tests {
         assert_eq!(tags.0, [1, 2, 3, 5]);
         assert_eq!(tags.remove_through(3), 3);
         assert!(tags.contains(5) && !tags.contains(3));
+    }
+}
+#[cfg(test)]
+mod size {
+    /// Deliveries and dispatches are moved at every hand-over: past 128
+    /// bytes each move is a `memcpy` call (a delivery of 136 bytes cost
+    /// the point-to-point rows a fifth of their throughput).
+    #[test]
+    fn deliveries_move_without_memcpy() {
+        assert!(std::mem::size_of::<super::Delivery>() <= 128);
+        assert!(std::mem::size_of::<crate::queue::state::Dispatch>() <= 128);
     }
 }
