@@ -402,6 +402,7 @@ impl fmt::Debug for Delivery {
 }
 
 impl Delivery {
+    #[inline]
     pub(crate) fn new(message: Envelope, tag: DeliveryTag, link: Arc<Link>, loc: u64) -> Self {
         Delivery {
             message,

@@ -151,9 +151,6 @@ struct Entry {
     /// [`NEVER`] when it has no TTL (a sentinel: 8 bytes less per queued message
     /// than an `Option`).
     expires_at: u64,
-    /// Where its publish record is in the durable store (see
-    /// [`QueueState::publish_persisted`]); 0 when it is not persisted.
-    loc: u64,
 }
 
 /// The expiry of a message without TTL.
@@ -180,6 +177,12 @@ struct Ready {
     /// Sum of the payload sizes, for byte length limits (spilled included).
     bytes: usize,
     spill: Option<Box<Spilling>>,
+    /// Where each persisted message in memory (ready, delayed or
+    /// unacknowledged) has its publish record in the durable store, by
+    /// sequence number (see [`QueueState::publish_persisted`]). A side table
+    /// rather than a field of every entry: entries are moved at every
+    /// publish and delivery, and in-memory queues (most) never need it.
+    stored: FxHashMap<u64, u64>,
 }
 
 /// A spilling queue's tail and its in-memory limits.
@@ -200,13 +203,25 @@ impl Ready {
     }
 
     /// Appends a newly published message (its seq is the highest so far).
+    #[inline]
     fn push(&mut self, entry: Entry) {
         self.bytes += entry.message.size();
+        if self.spill.is_some() {
+            return self.push_spilling(entry);
+        }
+        self.entries.push_back(entry);
+    }
+
+    /// [`push`](Self::push) for a spilling queue: to the tail on disk once
+    /// the in-memory limits are reached (or anything is there already).
+    #[inline(never)]
+    fn push_spilling(&mut self, entry: Entry) {
         if let Some(s) = &mut self.spill {
             let in_memory = self.bytes - s.tail.bytes();
             if s.tail.len() > 0 || self.entries.len() >= s.max_len || in_memory > s.max_bytes {
+                let loc = self.stored.remove(&entry.seq).unwrap_or(0);
                 s.tail
-                    .push(entry.seq, entry.expires_at, entry.loc, &entry.message);
+                    .push(entry.seq, entry.expires_at, loc, &entry.message);
                 return;
             }
         }
@@ -219,26 +234,37 @@ impl Ready {
     }
 
     /// Takes the message to deliver next.
+    #[inline]
     fn pop(&mut self) -> Option<Entry> {
         let entry = self.entries.pop_front()?;
         self.bytes -= entry.message.size();
+        if self.spill.is_some() {
+            self.read_back();
+        }
+        Some(entry)
+    }
+
+    /// For a spilling queue whose head ran low: reads back a batch of the
+    /// tail, half the in-memory limit at a time.
+    #[inline(never)]
+    fn read_back(&mut self) {
         if let Some(s) = &mut self.spill
             && s.tail.len() > 0
             && self.entries.len() <= s.max_len / 2
         {
-            // Read back a batch: half the in-memory limit at a time.
             let room = s.max_len - self.entries.len();
-            let entries = &mut self.entries;
+            let (entries, stored) = (&mut self.entries, &mut self.stored);
             s.tail.pop_into(room.max(1), &mut |m| {
+                if m.loc != 0 {
+                    stored.insert(m.seq, m.loc);
+                }
                 entries.push_back(Entry {
                     seq: m.seq,
                     message: m.message,
                     expires_at: m.expires_at,
-                    loc: m.loc,
                 });
             });
         }
-        Some(entry)
     }
 
     /// Puts a previously delivered message back at its original position. Requeued
@@ -251,12 +277,14 @@ impl Ready {
 
     /// The store locations of the persisted ready messages.
     fn locs(&mut self) -> Vec<u64> {
-        let mut locs: Vec<u64> = self
-            .entries
-            .iter()
-            .map(|e| e.loc)
-            .filter(|&l| l != 0)
-            .collect();
+        let mut locs: Vec<u64> = if self.stored.is_empty() {
+            Vec::new()
+        } else {
+            self.entries
+                .iter()
+                .filter_map(|e| self.stored.get(&e.seq).copied())
+                .collect()
+        };
         if let Some(s) = &mut self.spill {
             locs.extend(s.tail.locs());
         }
@@ -266,6 +294,11 @@ impl Ready {
     /// Drops every ready message; returns how many there were.
     fn clear(&mut self) -> usize {
         let n = self.len();
+        if !self.stored.is_empty() {
+            for e in &self.entries {
+                self.stored.remove(&e.seq);
+            }
+        }
         self.entries.clear();
         crate::spare::release(&mut self.entries);
         if let Some(s) = &mut self.spill {
@@ -365,6 +398,7 @@ impl Unacked {
             .filter_map(|(t, e)| e.as_ref().map(|e| (t, e)))
     }
 
+    #[cfg(test)]
     fn values(&self) -> impl Iterator<Item = &Entry> {
         self.slots.iter().filter_map(|(_, e)| e.as_ref())
     }
@@ -565,12 +599,11 @@ impl QueueState {
         self.counters.published += 1;
         let expires_at = self.expiry(&message);
         let loc = persist(seq, expires_at, &message);
-        self.persisted += usize::from(loc != 0);
+        self.store_at(seq, loc);
         self.ready.push(Entry {
             seq,
             message,
             expires_at,
-            loc,
         });
         self.after_publish(expires_at);
         Publish::Enqueued
@@ -631,12 +664,11 @@ impl QueueState {
     /// reject-publish queue cannot take part in a transaction).
     pub fn publish_reserved(&mut self, seq: u64, expires_at: u64, message: Envelope, loc: u64) {
         self.counters.published += 1;
-        self.persisted += usize::from(loc != 0);
+        self.store_at(seq, loc);
         self.ready.requeue(Entry {
             seq,
             message,
             expires_at,
-            loc,
         });
         self.after_publish(expires_at);
     }
@@ -648,13 +680,12 @@ impl QueueState {
     pub fn restore(&mut self, messages: impl IntoIterator<Item = (u64, u64, Envelope, u64)>) {
         for (seq, expires_at, message, loc) in messages {
             let last = seq >= self.next_seq;
-            self.persisted += usize::from(loc != 0);
+            self.store_at(seq, loc);
             self.next_seq = self.next_seq.max(seq.saturating_add(1));
             let entry = Entry {
                 seq,
                 message,
                 expires_at,
-                loc,
             };
             // In order, whatever order they come in; the newest at the tail
             // (where a spilling queue pages it out).
@@ -681,22 +712,38 @@ impl QueueState {
     /// The store locations of every persisted message the queue holds
     /// (ready, delayed and unsettled): what a deleted durable queue settles.
     pub fn persisted(&mut self) -> Vec<u64> {
-        let delayed = self.delayed.values();
-        let held = self.consumers.iter().flat_map(|c| c.unacked.values());
-        let mut locs: Vec<u64> = delayed
-            .chain(held)
-            .map(|e| e.loc)
-            .filter(|&loc| loc != 0)
-            .collect();
-        locs.extend(self.ready.locs());
+        // Those in memory are in the side table; the spilled ones on disk.
+        let mut locs: Vec<u64> = self.ready.stored.values().copied().collect();
+        if let Some(s) = &mut self.ready.spill {
+            locs.extend(s.tail.locs());
+        }
         locs
+    }
+
+    /// Records where message `seq` is stored (0: it is not).
+    #[inline]
+    fn store_at(&mut self, seq: u64, loc: u64) {
+        if loc != 0 {
+            self.ready.stored.insert(seq, loc);
+            self.persisted += 1;
+        }
+    }
+
+    /// Forgets where message `seq` is stored, which is returned (0: nowhere).
+    #[inline]
+    fn unstore(&mut self, seq: u64) -> u64 {
+        if self.ready.stored.is_empty() {
+            return 0;
+        }
+        self.ready.stored.remove(&seq).unwrap_or(0)
     }
 
     /// A message leaves the queue: its store location goes to the journal.
     #[inline]
     fn take(&mut self, entry: Entry) -> Envelope {
-        if entry.loc != 0 {
-            self.journal.settled.push(entry.loc);
+        let loc = self.unstore(entry.seq);
+        if loc != 0 {
+            self.journal.settled.push(loc);
             self.persisted -= 1;
         }
         entry.message
@@ -952,19 +999,25 @@ impl QueueState {
             self.counters.redelivered += 1;
         }
 
-        let loc = entry.loc;
+        // Where it is stored, for a transaction that settles it.
+        let mut loc = 0;
         let message = match consumer.mode {
             AckMode::Auto => {
                 self.counters.acknowledged += 1;
-                if entry.loc != 0 {
-                    self.journal.settled.push(entry.loc);
+                if !self.ready.stored.is_empty()
+                    && let Some(loc) = self.ready.stored.remove(&entry.seq)
+                {
+                    self.journal.settled.push(loc);
                     self.persisted -= 1;
                 }
                 entry.message
             }
             AckMode::Manual => {
-                if entry.loc != 0 {
-                    self.journal.delivered.push(entry.loc);
+                if !self.ready.stored.is_empty()
+                    && let Some(&stored) = self.ready.stored.get(&entry.seq)
+                {
+                    self.journal.delivered.push(stored);
+                    loc = stored;
                 }
                 // Cheap: the envelope is reference-counted inside.
                 let message = entry.message.clone();
