@@ -174,13 +174,7 @@ async fn a_second_broker_cannot_open_the_same_directory() {
 }
 
 fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files: Vec<_> = std::fs::read_dir(dir.join("log"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    files.sort();
-    files
+    common::seg_files(&dir.join("log"))
 }
 
 #[tokio::test]
@@ -226,16 +220,7 @@ async fn an_unknown_format_version_is_refused_with_a_clear_error() {
         broker.declare_queue("q", durable()).await.unwrap();
         broker.publish("q", persistent(1)).await.unwrap();
     }
-    let file = &segment_files(dir.path())[0];
-    let mut data = std::fs::read(file).unwrap();
-    data[8] = 9; // the version field
-    std::fs::write(file, &data).unwrap();
-    match Broker::open(&rt, StorageOptions::new(dir.path())) {
-        Err(BrokerError::Storage(err @ StoreError::UnsupportedVersion { version: 9, .. })) => {
-            assert!(err.to_string().contains("version 9"), "{err}");
-        }
-        other => panic!("expected UnsupportedVersion, got {other:?}"),
-    }
+    common::assert_unknown_version_refused(&rt, dir.path(), &segment_files(dir.path())[0]);
     rt.shutdown();
 }
 
@@ -623,21 +608,6 @@ async fn a_durable_subscription_collects_while_the_broker_is_down() {
     );
 }
 
-/// Copies a data directory (its files and the `log` directory), to reopen
-/// the same state several times.
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        let target = to.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_dir(&path, &target);
-        } else {
-            std::fs::copy(&path, &target).unwrap();
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_committed_transaction_is_all_there_after_a_crash_and_a_torn_one_not_at_all() {
     let dir = tempfile::tempdir().unwrap();
@@ -674,7 +644,7 @@ async fn a_committed_transaction_is_all_there_after_a_crash_and_a_torn_one_not_a
     // is cut off, as if the process had died right after the commit; then
     // the commit record itself is torn at several places.
     let snapshot = tempfile::tempdir().unwrap();
-    copy_dir(dir.path(), snapshot.path());
+    common::copy_dir(dir.path(), snapshot.path());
     let segments = segment_files(snapshot.path());
     assert_eq!(segments.len(), 1);
     let segment = segments[0].clone();
@@ -693,7 +663,7 @@ async fn a_committed_transaction_is_all_there_after_a_crash_and_a_torn_one_not_a
     let end = commit_end.expect("a commit record");
     for cut in [end, end - 1, end - 7, end - 40] {
         let trial = tempfile::tempdir().unwrap();
-        copy_dir(snapshot.path(), trial.path());
+        common::copy_dir(snapshot.path(), trial.path());
         let seg = trial.path().join("log").join(segment.file_name().unwrap());
         std::fs::write(&seg, &full[..cut]).unwrap();
         let broker = open(&rt, trial.path());

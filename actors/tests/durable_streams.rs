@@ -126,13 +126,7 @@ fn stream_dirs(dir: &Path) -> Vec<PathBuf> {
 fn segments(dir: &Path) -> Vec<PathBuf> {
     let dirs = stream_dirs(dir);
     assert_eq!(dirs.len(), 1, "{dirs:?}");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dirs[0])
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    files.sort();
-    files
+    common::seg_files(&dirs[0])
 }
 
 /// The first offset a segment holds, from its name.
@@ -144,21 +138,6 @@ fn first_offset(segment: &Path) -> u64 {
         .unwrap()
         .parse()
         .unwrap()
-}
-
-/// Copies a data directory (what a crash of the broker using it would leave,
-/// as far as what was synced goes).
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 #[tokio::test]
@@ -209,7 +188,7 @@ async fn records_and_named_offsets_survive_reopening_and_a_crash() {
         // The sync point: records and positions as of now are on disk. A
         // crash here leaves this copy.
         stream.sync().await.unwrap();
-        copy_dir(dir.path(), crashed.path());
+        common::copy_dir(dir.path(), crashed.path());
         let stats = stream.stats();
         assert_eq!(stats.segments, 1, "{stats:?}");
         assert!(stats.bytes_on_disk > 15 * 8, "{stats:?}");
@@ -445,16 +424,7 @@ async fn an_unknown_format_version_of_a_stream_segment_is_refused() {
         let stream = broker.declare_stream("s", durable()).await.unwrap();
         stream.publish(common::msg(1)).await.unwrap();
     }
-    let file = &segments(dir.path())[0];
-    let mut data = std::fs::read(file).unwrap();
-    data[8] = 9; // the version field
-    std::fs::write(file, &data).unwrap();
-    match Broker::open(&rt, StorageOptions::new(dir.path())) {
-        Err(BrokerError::Storage(err @ StoreError::UnsupportedVersion { version: 9, .. })) => {
-            assert!(err.to_string().contains("version 9"), "{err}");
-        }
-        other => panic!("expected UnsupportedVersion, got {other:?}"),
-    }
+    common::assert_unknown_version_refused(&rt, dir.path(), &segments(dir.path())[0]);
     rt.shutdown();
 }
 

@@ -26,12 +26,11 @@ use parking_lot::Mutex;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
-use crate::broker::topology::QueueEntry;
 use crate::broker::{Broker, BrokerConfig};
 use crate::envelope::Headers;
 use crate::error::BrokerError;
 use crate::exchange::{Binding, Destination, ExchangeOptions};
-use crate::queue::actor::{Durable, spawn_queue};
+use crate::queue::actor::Durable;
 use crate::queue::options::QueueOptions;
 use crate::store::stream_log::{RecoveredStream, StreamId, StreamLog};
 use crate::store::{DataDir, QueueId, StorageOptions, StorageStats, Store, StoreError};
@@ -117,6 +116,19 @@ struct Meta {
     streams: FxHashMap<String, (StreamId, StreamOptions)>,
 }
 
+/// Removes the entries declared with `id` (one, or none); returns their names.
+fn remove_id<O>(declared: &mut FxHashMap<String, (u64, O)>, id: u64) -> Vec<String> {
+    let gone: Vec<String> = declared
+        .iter()
+        .filter(|(_, (declared_id, _))| *declared_id == id)
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in &gone {
+        declared.remove(name);
+    }
+    gone
+}
+
 impl Meta {
     fn apply(&mut self, op: MetaOp) {
         match op {
@@ -126,14 +138,7 @@ impl Meta {
                 self.queues.insert(name, (id, options));
             }
             MetaOp::DeleteQueue { id } => {
-                let gone: Vec<String> = self
-                    .queues
-                    .iter()
-                    .filter(|(_, (qid, _))| *qid == id)
-                    .map(|(name, _)| name.clone())
-                    .collect();
-                for name in gone {
-                    self.queues.remove(&name);
+                for name in remove_id(&mut self.queues, id) {
                     let dest = Destination::Queue(ByteString::from(name));
                     self.bindings.retain(|b| b.destination != dest);
                 }
@@ -159,14 +164,7 @@ impl Meta {
                 self.streams.insert(name, (id, options));
             }
             MetaOp::DeleteStream { id } => {
-                let gone: Vec<String> = self
-                    .streams
-                    .iter()
-                    .filter(|(_, (sid, _))| *sid == id)
-                    .map(|(name, _)| name.clone())
-                    .collect();
-                for name in gone {
-                    self.streams.remove(&name);
+                for name in remove_id(&mut self.streams, id) {
                     let dest = Destination::Stream(ByteString::from(name));
                     self.bindings.retain(|b| b.destination != dest);
                 }
@@ -588,32 +586,12 @@ impl Broker {
         let Some(storage) = &self.inner.storage else {
             return Ok(());
         };
-        let limit = options
-            .max_message_bytes
-            .unwrap_or(self.inner.config.max_message_bytes);
-        let name = ByteString::from(name);
         let durable = Durable {
             store: storage.log.clone(),
             id,
         };
-        let handle = spawn_queue(
-            &self.inner.runtime,
-            name.clone(),
-            &options,
-            limit,
-            self.inner.observers.clone(),
-            std::sync::Arc::new(self.weak()),
-            Some((durable, recovered)),
-        )
-        .ok_or(BrokerError::Stopped)?;
-        self.inner.topology.write().insert_queue(
-            name,
-            QueueEntry {
-                handle: std::sync::Arc::new(handle),
-                options,
-                store_id: Some(id),
-            },
-        );
+        let mut topology = self.inner.topology.write();
+        self.start_queue(&mut topology, name, options, Some((durable, recovered)))?;
         Ok(())
     }
 }

@@ -4,7 +4,7 @@ use bytestring::ByteString;
 use std::sync::Arc;
 
 use crate::broker::Broker;
-use crate::broker::topology::QueueEntry;
+use crate::broker::topology::{QueueEntry, Topology};
 use crate::error::BrokerError;
 use crate::name::{NameKind, validate_declared, validate_key, validate_name};
 use crate::queue::actor::{Delete, Durable, Purge, QueueSnapshot, spawn_queue};
@@ -53,21 +53,38 @@ impl Broker {
             entry.handle.renew();
             return Ok(QueueHandle::clone(&entry.handle));
         }
-        let limit = options
-            .max_message_bytes
-            .unwrap_or(self.inner.config.max_message_bytes);
         // A durable queue is on disk before the declaration returns.
         let durable = match (&self.inner.storage, options.durable) {
             (Some(storage), true) => {
                 let id = storage.declare_queue(name, &options)?;
-                Some(Durable {
-                    store: storage.log.clone(),
-                    id,
-                })
+                Some((
+                    Durable {
+                        store: storage.log.clone(),
+                        id,
+                    },
+                    Vec::new(),
+                ))
             }
             _ => None,
         };
-        let store_id = durable.as_ref().map(|d| d.id);
+        let handle = self.start_queue(&mut topology, name, options, durable)?;
+        tracing::debug!(queue = %name, "queue declared");
+        Ok(handle)
+    }
+
+    /// Starts a queue actor and registers it (a new declaration, or a
+    /// durable queue recovered with its messages).
+    pub(crate) fn start_queue(
+        &self,
+        topology: &mut Topology,
+        name: &str,
+        options: QueueOptions,
+        durable: Option<(Durable, Vec<crate::store::Recovered>)>,
+    ) -> Result<QueueHandle, BrokerError> {
+        let limit = options
+            .max_message_bytes
+            .unwrap_or(self.inner.config.max_message_bytes);
+        let store_id = durable.as_ref().map(|(d, _)| d.id);
         let name = ByteString::from(name);
         let handle = spawn_queue(
             &self.inner.runtime,
@@ -76,11 +93,10 @@ impl Broker {
             limit,
             self.inner.observers.clone(),
             Arc::new(self.weak()),
-            durable.map(|d| (d, Vec::new())),
+            durable,
         )
         // The runtime stopped under us: the actor could not start.
         .ok_or(BrokerError::Stopped)?;
-        tracing::debug!(queue = %name, ?options, "queue declared");
         topology.insert_queue(
             name,
             QueueEntry {

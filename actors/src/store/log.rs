@@ -205,15 +205,38 @@ impl Store {
     /// Writes and syncs what is pending, and stops the writer; appends fail
     /// from now on. Waits for the writer (bounded: it finishes its group).
     pub(crate) fn close(&self) {
-        let mut st = self.shared.state.lock();
-        st.closing = true;
-        self.shared.wake.notify_one();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !st.closed {
-            if self.shared.wake.wait_until(&mut st, deadline).timed_out() {
-                tracing::error!(dir = %self.shared.dir.display(), "the store's writer did not stop in 30 s");
-                return;
-            }
+        stop_writer(&self.shared.state, &self.shared.wake, &self.shared.dir);
+    }
+}
+
+/// What a writer thread and its owner share to stop it.
+pub(crate) trait WriterState {
+    /// Tells the writer to finish what is pending and stop.
+    fn close(&mut self);
+    /// Whether the writer has stopped.
+    fn closed(&self) -> bool;
+}
+
+impl WriterState for State {
+    fn close(&mut self) {
+        self.closing = true;
+    }
+    fn closed(&self) -> bool {
+        self.closed
+    }
+}
+
+/// Stops a writer thread and waits for it (at most 30 s: it finishes its
+/// group, syncs and answers its waiters).
+pub(crate) fn stop_writer<S: WriterState>(state: &Mutex<S>, wake: &Condvar, dir: &Path) {
+    let mut st = state.lock();
+    st.close();
+    wake.notify_all();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !st.closed() {
+        if wake.wait_until(&mut st, deadline).timed_out() {
+            tracing::error!(dir = %dir.display(), "a storage writer did not stop in 30 s");
+            return;
         }
     }
 }

@@ -87,6 +87,7 @@
 //! is skipped and counted (a hole in the offsets, which subscribers step
 //! over), and retention is applied again to what was read.
 
+use crate::store::log::{WriterState, stop_writer};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -496,16 +497,16 @@ impl StreamLog {
     /// Stores what is pending, syncs, writes the offsets, and stops the
     /// writer; appends fail from now on. Waits for the writer (bounded).
     pub(crate) fn close(&self) {
-        let mut st = self.shared.state.lock();
-        st.closing = true;
-        self.shared.wake.notify_one();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !st.closed {
-            if self.shared.wake.wait_until(&mut st, deadline).timed_out() {
-                tracing::error!(dir = %self.shared.dir.display(), "a stream's writer did not stop in 30 s");
-                return;
-            }
-        }
+        stop_writer(&self.shared.state, &self.shared.wake, &self.shared.dir);
+    }
+}
+
+impl WriterState for State {
+    fn close(&mut self) {
+        self.closing = true;
+    }
+    fn closed(&self) -> bool {
+        self.closed
     }
 }
 

@@ -134,3 +134,49 @@ pub async fn records(stream: &StreamHandle) -> Vec<u32> {
     sub.cancel().await;
     values(drain(&mut rx))
 }
+
+/// Copies a data directory, to reopen the same state several times (or to
+/// keep what a crash of the broker using it would leave, as far as what was
+/// synced goes).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
+/// The segment files (`*.seg`) in `dir`, in order.
+pub fn seg_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Sets the format version of `file` (a storage file) to 9 and checks that
+/// opening `dir` is refused with `UnsupportedVersion`.
+pub fn assert_unknown_version_refused(
+    rt: &postbox::Runtime,
+    dir: &std::path::Path,
+    file: &std::path::Path,
+) {
+    use postbox_actors::{Broker, BrokerError, StorageOptions, StoreError};
+    let mut data = std::fs::read(file).unwrap();
+    data[8] = 9; // the version field
+    std::fs::write(file, &data).unwrap();
+    match Broker::open(rt, StorageOptions::new(dir)) {
+        Err(BrokerError::Storage(err @ StoreError::UnsupportedVersion { version: 9, .. })) => {
+            assert!(err.to_string().contains("version 9"), "{err}");
+        }
+        other => panic!("expected UnsupportedVersion, got {other:?}"),
+    }
+}
