@@ -280,7 +280,10 @@ impl QueueActor {
         lease: Arc<AtomicU64>,
         durable: Option<(Durable, Vec<Recovered>)>,
     ) -> Self {
-        let coalesce = policy.max_length.is_none() && policy.max_length_bytes.is_none();
+        // Drop-head and reject-publish must see each dispatch as it happens;
+        // spill limits only memory, and dispatching a batch at once is fine.
+        let coalesce = (policy.max_length.is_none() && policy.max_length_bytes.is_none())
+            || policy.overflow == Overflow::Spill;
         let mut state = QueueState::with_policy(policy);
         let durable = durable.map(|(durable, recovered)| {
             if !recovered.is_empty() {
