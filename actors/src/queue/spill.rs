@@ -187,8 +187,9 @@ impl Spill {
                 taken += self.take_pending(max - taken, out);
                 continue;
             }
-            match Self::read_block(chunk, max - taken, out) {
-                Ok((n, bytes)) => {
+            match Self::read_block(&chunk.file, chunk.read, chunk.written, max - taken, out) {
+                Ok((n, bytes, used)) => {
+                    chunk.read += used;
                     taken += n;
                     self.len -= n;
                     self.bytes -= bytes;
@@ -220,30 +221,32 @@ impl Spill {
         n
     }
 
-    /// Reads records from `chunk`: returns (messages, payload bytes).
+    /// Decodes up to `max` records from `file`, starting at byte `at` of
+    /// its `written`: returns (messages, payload bytes, bytes read).
     fn read_block(
-        chunk: &mut Chunk,
+        file: &File,
+        at: u64,
+        written: u64,
         max: usize,
         out: &mut impl FnMut(Spilled),
-    ) -> std::io::Result<(usize, usize)> {
-        let left = chunk.written - chunk.read;
-        let mut len = usize::try_from(left).unwrap_or(usize::MAX).min(READ_BLOCK);
+    ) -> std::io::Result<(usize, usize, u64)> {
+        let left = usize::try_from(written - at).unwrap_or(usize::MAX);
         let mut head = [0u8; 4];
-        chunk.file.read_exact_at(&mut head, chunk.read)?;
+        file.read_exact_at(&mut head, at)?;
         // A record larger than a block is read whole.
-        len = len.max(4 + u32::from_le_bytes(head) as usize);
+        let len = left
+            .min(READ_BLOCK)
+            .max(4 + u32::from_le_bytes(head) as usize);
         let mut buf = vec![0u8; len];
-        chunk.file.read_exact_at(&mut buf, chunk.read)?;
-        let data = Bytes::from(buf);
-        let (n, bytes, used) = decode(&data, max, out);
+        file.read_exact_at(&mut buf, at)?;
+        let (n, bytes, used) = decode(&Bytes::from(buf), max, out);
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 "an undecodable spilled record",
             ));
         }
-        chunk.read += used as u64;
-        Ok((n, bytes))
+        Ok((n, bytes, used as u64))
     }
 
     /// Every spilled message's store location, without taking them (a purge
@@ -264,16 +267,8 @@ impl Spill {
         for chunk in &self.chunks {
             let mut at = chunk.read;
             while at < chunk.written {
-                let mut probe = Chunk {
-                    file: match chunk.file.try_clone() {
-                        Ok(file) => file,
-                        Err(_) => return,
-                    },
-                    written: chunk.written,
-                    read: at,
-                };
-                match Self::read_block(&mut probe, usize::MAX, collect) {
-                    Ok(_) => at = probe.read,
+                match Self::read_block(&chunk.file, at, chunk.written, usize::MAX, collect) {
+                    Ok((_, _, used)) => at += used,
                     Err(_) => break,
                 }
             }

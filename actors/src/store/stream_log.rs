@@ -372,6 +372,16 @@ struct Shared {
     damaged: AtomicU64,
 }
 
+impl Shared {
+    /// Publishes the segments' count and size, for the stream's stats.
+    fn count(&self, segments: &BTreeMap<u64, Segment>) {
+        let bytes = segments.values().map(|s| s.bytes).sum();
+        self.bytes_on_disk.store(bytes, Ordering::Relaxed);
+        self.segments
+            .store(segments.len() as u64, Ordering::Relaxed);
+    }
+}
+
 type Done = oneshot::Sender<Result<(), StoreError>>;
 
 #[derive(Default)]
@@ -541,13 +551,7 @@ impl Drop for StreamAppend<'_> {
 
 impl StreamSeed {
     fn count(&self) {
-        let s = &self.shared;
-        s.bytes_on_disk.store(
-            self.segments.values().map(|s| s.bytes).sum(),
-            Ordering::Relaxed,
-        );
-        s.segments
-            .store(self.segments.len() as u64, Ordering::Relaxed);
+        self.shared.count(&self.segments);
     }
 
     /// Starts the writer thread, which tells `sink` what it stores.
@@ -973,13 +977,7 @@ impl Writer {
     }
 
     fn count(&self) {
-        let s = &self.shared;
-        s.bytes_on_disk.store(
-            self.segments.values().map(|s| s.bytes).sum(),
-            Ordering::Relaxed,
-        );
-        s.segments
-            .store(self.segments.len() as u64, Ordering::Relaxed);
+        self.shared.count(&self.segments);
     }
 
     /// Rewrites the offsets file if the positions changed (atomically: a
