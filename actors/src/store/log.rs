@@ -817,3 +817,43 @@ impl Writer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rustc_hash::FxHashSet;
+
+    use super::*;
+    use crate::store::DataDir;
+
+    /// A commit record whose publishes would not all fit below the last
+    /// ordinal of the active segment starts a new segment: past it, a
+    /// location would not pack (and recovery refuses such a record).
+    #[test]
+    fn a_commit_record_never_passes_a_segments_last_ordinal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, _) = DataDir::open(StorageOptions::new(dir.path())).unwrap();
+        let (store, _) = data.start_log(&FxHashSet::default()).unwrap();
+        let message = Envelope::new("m");
+        let mut append = store.append().unwrap();
+        let first = append.publish(1, 1, u64::MAX, &message);
+        // As if the segment already held almost all it can.
+        let active = append.st.active;
+        if let Some(s) = append.st.segments.get_mut(active) {
+            s.publishes = Loc::MAX_ORDINAL - 1;
+        }
+        let publishes: Vec<(QueueId, u64, u64, &Envelope)> =
+            (2..5).map(|seq| (1, seq, u64::MAX, &message)).collect();
+        let locs = append.atomic(&publishes, &[]);
+        append.finish(None);
+        assert!(
+            locs.iter().all(|l| l.ordinal <= Loc::MAX_ORDINAL),
+            "{locs:?}"
+        );
+        assert!(
+            locs.iter().all(|l| l.segment == first.segment + 1),
+            "{locs:?}"
+        );
+        assert_eq!(locs[0].ordinal, 0);
+        store.close();
+    }
+}
