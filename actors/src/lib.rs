@@ -49,6 +49,7 @@ mod consumer;
 mod envelope;
 mod error;
 mod exchange;
+pub mod idempotency;
 mod name;
 pub mod queue;
 pub mod rpc;

@@ -18,7 +18,7 @@
 //!
 //! Every file starts with a 24-byte header: the magic `pbxstor\n`, the format
 //! version (u16, little-endian: 1), the file kind (u16: 1 segment, 2
-//! topology, 3 stream segment, 4 stream offsets), the file's id (u64) and 4
+//! topology, 3 stream segment, 4 stream offsets, 5 idempotency keys), the file's id (u64) and 4
 //! reserved bytes. A reader refuses a
 //! version it does not know ([`StoreError::UnsupportedVersion`]).
 //!
@@ -61,7 +61,7 @@
 //! interval, or once written to the OS and never synced until closing.
 
 mod disk;
-mod frame;
+pub(crate) mod frame;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
