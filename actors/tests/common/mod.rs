@@ -180,3 +180,5 @@ pub fn assert_unknown_version_refused(
         other => panic!("expected UnsupportedVersion, got {other:?}"),
     }
 }
+
+pub mod orders;
