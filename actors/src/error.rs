@@ -100,12 +100,23 @@ pub enum BrokerError {
         /// The limit.
         limit: usize,
     },
+    /// The message's id was published to this queue or exchange within its
+    /// duplicate window ([`DedupWindow`](crate::DedupWindow)): it was not
+    /// enqueued. A producer retrying a publish can count this as success.
+    #[error("{0}")]
+    Duplicate(Box<crate::dedup::Duplicate>),
     /// A typed payload could not be encoded.
     #[error(transparent)]
     Codec(#[from] CodecError),
     /// The runtime the broker runs on has stopped.
     #[error("the broker has stopped")]
     Stopped,
+}
+
+impl From<Box<crate::dedup::Duplicate>> for BrokerError {
+    fn from(duplicate: Box<crate::dedup::Duplicate>) -> Self {
+        BrokerError::Duplicate(duplicate)
+    }
 }
 
 /// The error of a non-waiting publish: the queue is busy (the message is handed

@@ -46,6 +46,7 @@
 mod broker;
 mod codec;
 mod consumer;
+mod dedup;
 mod envelope;
 mod error;
 mod exchange;
@@ -69,6 +70,7 @@ pub use consumer::{
     ConsumeOptions, Consumer, ConsumerFactory, ConsumerHandle, ConsumerReport, Layer, LayerExt,
     Layered, OnError, RetryPolicy, Retrying,
 };
+pub use dedup::{DedupStats, DedupTarget, DedupWindow, Duplicate};
 pub use envelope::{Death, DeathReason, Envelope, HeaderValue, Headers, MessageId};
 pub use error::{BrokerError, PublishError, TryPublishError};
 pub use exchange::{

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 use crate::broker::Broker;
-use crate::broker::{Target, deliver_to};
+use crate::broker::{Admitted, Target, deliver_to};
+use crate::dedup::SharedWindow;
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
 use crate::queue::actor::{TxPublish, TxReserve};
@@ -209,6 +210,10 @@ impl Transaction {
     /// Applies everything, or nothing (see [`Transaction`]).
     pub async fn commit(self) -> Result<Committed, TxError> {
         // 1. Route and check every publish; nothing has changed yet.
+        // Duplicate windows admit the ids now; if the commit then fails,
+        // they are forgotten.
+        let mut windows = Admissions::default();
+        let mut logging = Vec::new();
         let mut routed: Vec<(SmallVec<[Target; 16]>, Envelope)> =
             Vec::with_capacity(self.publications.len());
         for p in self.publications {
@@ -216,17 +221,52 @@ impl Transaction {
                 .message
                 .with_routing_key(p.routing_key.clone())
                 .with_exchange(p.exchange.clone());
-            let targets = self
+            let route = self
                 .broker
-                .route_targets(&p.exchange, &p.routing_key, &message)?
-                .targets;
+                .route_targets(&p.exchange, &p.routing_key, &message)?;
+            let mut targets = route.targets;
             for target in &targets {
                 target.check(&message)?;
                 if let Some(queue) = target.queue().filter(|q| q.confirm) {
                     return Err(TxError::RejectPublishQueue(queue.name().to_string()));
                 }
             }
+            let id = message.id();
+            if let Some(window) = route.dedup {
+                // A duplicate at the exchange fails the commit.
+                window.admit(id).map_err(BrokerError::from)?;
+                windows.0.push((window, id));
+            }
+            // A duplicate at a queue leaves that queue out, as a publish does.
+            let persistent = message.persistent();
+            targets.retain(|target| {
+                let Some(queue) = target.queue() else {
+                    return true;
+                };
+                let Some(window) = queue.dedup.clone() else {
+                    return true;
+                };
+                let admitted = if queue.durable && persistent {
+                    window.admit_persistent(id)
+                } else {
+                    window.admit(id).map(|()| None)
+                };
+                match admitted {
+                    Ok(logged) => {
+                        windows.0.push((window, id));
+                        logging.extend(logged);
+                        true
+                    }
+                    Err(_) => false,
+                }
+            });
             routed.push((targets, message));
+        }
+        // The ids durable queues' windows log are stored before the commit.
+        for confirm in logging {
+            SharedWindow::confirmed(Some(confirm))
+                .await
+                .map_err(TxError::Storage)?;
         }
         // 2. On a broker with storage, persistent messages for durable queues
         // get their positions now and are stored with the settlements as one
@@ -263,10 +303,13 @@ impl Transaction {
         };
         // 4. Enqueue and append: cannot fail now (a full block-mode stream
         // makes this wait, see the module docs).
+        // Committed: the ids stay in their windows.
+        windows.0.clear();
         let published = routed.len();
         let mut enqueued = staged.publish(locs).await;
         for (targets, message) in routed {
             if !targets.is_empty() {
+                let targets: SmallVec<[Admitted; 16]> = targets.into_iter().map(Admitted).collect();
                 enqueued += deliver_to(&targets, message).await.unwrap_or(0);
             }
         }
@@ -378,6 +421,19 @@ struct StagedQueue {
     id: QueueId,
     /// `(seq, expires_at, message)`.
     messages: Vec<(u64, u64, Envelope)>,
+}
+
+/// The ids a commit's publishes were admitted with by duplicate windows:
+/// forgotten again unless the commit goes through (then it clears them).
+#[derive(Default)]
+struct Admissions(Vec<(Arc<SharedWindow>, crate::envelope::MessageId)>);
+
+impl Drop for Admissions {
+    fn drop(&mut self) {
+        for (window, id) in self.0.drain(..) {
+            window.forget(id);
+        }
+    }
 }
 
 impl Staged {

@@ -1,5 +1,6 @@
 //! The crate's layering, checked from its sources: dependencies point one
-//! way (messages → queues, streams, exchanges → consumers → broker → patterns
+//! way (messages → queues, streams, exchanges, duplicate windows → consumers
+//! and idempotent consumers → broker → patterns
 //! → test kit), no import cycle spans more than one folder, and nothing below
 //! the broker names `Broker`.
 //!
@@ -15,8 +16,8 @@ fn layer(top: &str) -> usize {
     match top {
         "envelope" | "codec" | "name" | "spare" | "supervision" => 0,
         "store" => 1,
-        "error" | "queue" | "stream" | "exchange" => 2,
-        "consumer" => 3,
+        "error" | "dedup" | "queue" | "stream" | "exchange" => 2,
+        "consumer" | "idempotency" => 3,
         "broker" => 4,
         "subscription" | "transaction" | "rpc" => 5,
         "testkit" => 6,

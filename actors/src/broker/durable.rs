@@ -268,6 +268,13 @@ impl Storage {
             tracing::error!(queue_id = id, %err, "could not record a durable queue's deletion: it comes back, empty, when the broker reopens");
         }
         meta.apply(op);
+        // Its duplicate window, if it had one.
+        let window = self.log.dedup_path(id);
+        if let Err(err) = std::fs::remove_file(&window)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %window.display(), %err, "could not delete a deleted queue's duplicate window");
+        }
     }
 
     /// Records a durable exchange's declaration.

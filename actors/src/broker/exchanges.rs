@@ -41,6 +41,20 @@ impl Broker {
         Ok(())
     }
 
+    /// What the duplicate window of exchange `name` has done; `None` if it
+    /// has no window ([`ExchangeOptions::dedup`](crate::ExchangeOptions::dedup)).
+    pub fn exchange_dedup_stats(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::dedup::DedupStats>, BrokerError> {
+        let topology = self.inner.topology.read();
+        let exchange = topology
+            .exchanges
+            .get(name)
+            .ok_or_else(|| BrokerError::ExchangeNotFound(name.to_string()))?;
+        Ok(exchange.dedup.as_ref().map(|d| d.stats()))
+    }
+
     /// Deletes an exchange and every binding from or to it.
     #[doc(alias = "exchange_delete")]
     pub async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), BrokerError> {

@@ -31,7 +31,7 @@ use postbox::{ActorId, RuntimeHandle, ShutdownHook};
 use rustc_hash::FxHashMap;
 
 pub use publish::PublishOptions;
-pub(crate) use publish::deliver_to;
+pub(crate) use publish::{Admitted, deliver_to};
 pub(crate) use topology::Target;
 
 use crate::error::BrokerError;

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::broker::topology::{Routed, Target};
 use crate::broker::{Broker, BrokerRef};
+use crate::dedup::SharedWindow;
 use crate::envelope::Envelope;
 use crate::error::{BrokerError, PublishError};
 use crate::name::{NameKind, validate_key};
@@ -98,7 +99,19 @@ impl Broker {
             None => message.with_exchange(""),
         };
         let targets = routed.targets;
+        // The exchange's window admits the id before any target sees it,
+        // and forgets it if no target took the message.
+        let id = message.id();
+        if let Some(dedup) = &routed.dedup {
+            dedup.admit(id).map_err(BrokerError::from)?;
+        }
+        let forget = || {
+            if let Some(dedup) = &routed.dedup {
+                dedup.forget(id);
+            }
+        };
         if targets.is_empty() {
+            forget();
             tracing::debug!(exchange, routing_key, message_id = %message.id(), "unroutable");
             if options.mandatory {
                 return Err(PublishError::Unroutable {
@@ -109,7 +122,11 @@ impl Broker {
             }
             return Ok(0);
         }
-        Ok(deliver_to(&targets, message).await?)
+        let delivered = deliver_to(&targets, message).await;
+        if !matches!(delivered, Ok(n) if n > 0) {
+            forget();
+        }
+        Ok(delivered?)
     }
 
     /// The queues and streams a message published to `exchange` with
@@ -163,9 +180,11 @@ fn copies<T>(targets: &[T], message: Envelope) -> impl Iterator<Item = (&T, Enve
 
 /// Enqueues `message` on every target queue and appends it to every target
 /// stream, or does neither if it is too large for any. Returns how many took
-/// it (a target deleted since routing does not), or the refusal of a
-/// reject-publish queue that was full (the others have their copy). Waits for
-/// room in full queues and in full block-mode streams.
+/// it (a target deleted since routing does not, nor one whose duplicate
+/// window knew the message), or the refusal of a reject-publish queue that
+/// was full (the others have their copy). If every target that is still
+/// there refused it as a duplicate, that is the error. Waits for room in full
+/// queues and in full block-mode streams.
 pub(crate) async fn deliver_to<T: Deliver>(
     targets: &[T],
     message: Envelope,
@@ -175,6 +194,7 @@ pub(crate) async fn deliver_to<T: Deliver>(
     }
     let mut taken = 0;
     let mut refused = None;
+    let mut duplicate = None;
     // Durable queues confirm once their copy is stored: every copy is handed
     // over first and the confirmations awaited together, so that one
     // publish to N durable queues waits for one group commit, not N.
@@ -187,6 +207,9 @@ pub(crate) async fn deliver_to<T: Deliver>(
                 confirms.push(confirm);
             }
             Ok(Handed::Gone) => {}
+            Ok(Handed::Duplicate(dup)) => {
+                duplicate.get_or_insert(dup);
+            }
             Err(err) => refused = Some(err),
         }
     }
@@ -195,7 +218,13 @@ pub(crate) async fn deliver_to<T: Deliver>(
             refused = Some(err);
         }
     }
-    refused.map_or(Ok(taken), Err)
+    if let Some(err) = refused {
+        return Err(err);
+    }
+    match duplicate {
+        Some(dup) if taken == 0 => Err(BrokerError::Duplicate(dup)),
+        _ => Ok(taken),
+    }
 }
 
 /// [`deliver_to`] without waiting and without the size checks: a full target
@@ -224,6 +253,8 @@ pub(crate) enum Handed {
     Confirming(crate::store::Confirm),
     /// Gone since routing: not taken.
     Gone,
+    /// Refused by the target's duplicate window.
+    Duplicate(Box<crate::dedup::Duplicate>),
 }
 
 /// Something [`deliver_to`] hands a routed message to: a queue or a stream.
@@ -242,12 +273,41 @@ impl Deliver for QueueHandle {
     }
 
     async fn deliver(&self, message: Envelope) -> Result<Handed, BrokerError> {
+        let Some(dedup) = &self.dedup else {
+            return self.hand_over(message).await;
+        };
+        let id = message.id();
+        let admitted = if self.durable && message.persistent() {
+            dedup.admit_persistent(id)
+        } else {
+            dedup.admit(id).map(|()| None)
+        };
+        let logged = match admitted {
+            Ok(logged) => logged,
+            Err(dup) => return Ok(Handed::Duplicate(dup)),
+        };
+        let mut handed = self.hand_over(message).await;
+        if matches!(handed, Ok(Handed::Taken | Handed::Confirming(_)))
+            && let Err(err) = SharedWindow::confirmed(logged).await
+        {
+            handed = Err(BrokerError::Storage(err));
+        }
+        if !matches!(handed, Ok(Handed::Taken | Handed::Confirming(_))) {
+            dedup.forget(id);
+        }
+        handed
+    }
+}
+
+impl QueueHandle {
+    /// Hands a routed copy over, past the duplicate window.
+    async fn hand_over(&self, message: Envelope) -> Result<Handed, BrokerError> {
         let handed = if self.durable && message.persistent() {
             self.enqueue_durable(vec![message])
                 .await
                 .map(|confirm| confirm.map_or(Handed::Taken, Handed::Confirming))
         } else {
-            self.publish(message).await.map(|()| Handed::Taken)
+            self.publish_now(message).await.map(|()| Handed::Taken)
         };
         match handed {
             // A queue that refuses (reject-publish) is reported, and so are
@@ -257,6 +317,23 @@ impl Deliver for QueueHandle {
             ) => Err(err),
             Err(_) => Ok(Handed::Gone),
             Ok(handed) => Ok(handed),
+        }
+    }
+}
+
+/// A target whose duplicate window has admitted the message already (a
+/// transaction's publishes, admitted when it commits).
+pub(crate) struct Admitted(pub(crate) Target);
+
+impl Deliver for Admitted {
+    fn check(&self, message: &Envelope) -> Result<(), BrokerError> {
+        self.0.check(message)
+    }
+
+    async fn deliver(&self, message: Envelope) -> Result<Handed, BrokerError> {
+        match &self.0 {
+            Target::Queue(queue) => queue.hand_over(message).await,
+            stream => stream.deliver(message).await,
         }
     }
 }
@@ -275,6 +352,7 @@ impl Deliver for Target {
                 Ok((_, None)) => Ok(Handed::Taken),
                 Err(StreamError::Stopped) => Err(BrokerError::Stopped),
                 Err(StreamError::Storage(err)) => Err(BrokerError::Storage(err)),
+                Err(StreamError::Duplicate(dup)) => Ok(Handed::Duplicate(dup)),
                 // Deleted since routing (the size was checked).
                 Err(_) => Ok(Handed::Gone),
             },

@@ -100,6 +100,8 @@ impl Target {
 pub(crate) struct Routed {
     pub(crate) targets: SmallVec<[Target; 16]>,
     pub(crate) exchange: Option<Arc<str>>,
+    /// The duplicate window of the exchange it was published to.
+    pub(crate) dedup: Option<Arc<crate::dedup::SharedWindow>>,
 }
 
 #[derive(Default)]
@@ -264,6 +266,7 @@ impl Topology {
             return Err(BrokerError::ExchangeNotFound(exchange.to_string()));
         };
         out.exchange = Some(source.name.clone());
+        out.dedup = source.dedup.clone();
         let mut visited = SmallVec::new();
         self.route_into(name, source, key, headers, &mut visited, &mut out.targets);
         Ok(())

@@ -38,6 +38,24 @@ impl MessageId {
         Self::at(now_ms())
     }
 
+    /// The id of a business key: the same key always gives the same id (a
+    /// version 5 UUID in postbox's namespace), so a producer that publishes
+    /// "order 42" again, after a crash or a lost confirm, publishes the same
+    /// id, and duplicate windows and idempotent consumers recognize it.
+    ///
+    /// ```
+    /// use postbox_actors::MessageId;
+    /// assert_eq!(MessageId::for_key("order-42"), MessageId::for_key("order-42"));
+    /// assert_ne!(MessageId::for_key("order-42"), MessageId::for_key("order-43"));
+    /// ```
+    #[must_use]
+    pub fn for_key(key: &str) -> Self {
+        /// postbox's UUID namespace for business keys (fixed forever: ids
+        /// derived from keys must not change between releases).
+        const NAMESPACE: Uuid = Uuid::from_u128(0x8f0d_6c2e_5b1a_4e77_9a43_1c2d_7e5f_b0a9);
+        MessageId(Uuid::new_v5(&NAMESPACE, key.as_bytes()))
+    }
+
     /// A fresh version 7 UUID for the epoch-millisecond time `ms`.
     ///
     /// Ids made on one thread are strictly increasing: within a millisecond a

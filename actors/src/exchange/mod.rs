@@ -76,6 +76,14 @@ pub struct ExchangeOptions {
     /// queues and exchanges. Ignored by an in-memory broker.
     #[serde(default)]
     pub durable: bool,
+    /// A publisher duplicate window: a message whose id was published to
+    /// this exchange within the window is not routed, and the publish fails
+    /// with [`BrokerError::Duplicate`](crate::BrokerError::Duplicate) (see
+    /// [`DedupWindow`](crate::DedupWindow)). The window is in memory: it
+    /// starts empty when the broker reopens (give the queues behind it
+    /// windows of their own to keep ids across restarts).
+    #[serde(default)]
+    pub dedup: Option<crate::dedup::DedupWindow>,
 }
 
 impl ExchangeOptions {
@@ -85,7 +93,14 @@ impl ExchangeOptions {
             kind,
             alternate_exchange: None,
             durable: false,
+            dedup: None,
         }
+    }
+
+    /// Sets [`dedup`](Self::dedup).
+    pub fn dedup(mut self, window: crate::dedup::DedupWindow) -> Self {
+        self.dedup = Some(window);
+        self
     }
 
     /// A direct exchange.
@@ -279,6 +294,8 @@ pub(crate) struct Exchange<T> {
     pub(crate) options: ExchangeOptions,
     bindings: Vec<Binding>,
     table: Table<T>,
+    /// The publishers' duplicate window, if it has one.
+    pub(crate) dedup: Option<Arc<crate::dedup::SharedWindow>>,
 }
 
 impl<T: Clone> Exchange<T> {
@@ -289,11 +306,18 @@ impl<T: Clone> Exchange<T> {
             ExchangeKind::Topic => Table::Topic(TopicTrie::new()),
             ExchangeKind::Headers => Table::Headers(Vec::new()),
         };
+        let dedup = options.dedup.map(|window| {
+            Arc::new(crate::dedup::SharedWindow::new(
+                window,
+                crate::dedup::DedupTarget::Exchange(name.to_string()),
+            ))
+        });
         Exchange {
             name: Arc::from(name),
             options,
             bindings: Vec::new(),
             table,
+            dedup,
         }
     }
 

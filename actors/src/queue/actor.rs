@@ -34,6 +34,7 @@ use postbox::{
 };
 use rustc_hash::FxHashMap;
 
+use crate::dedup::SharedWindow;
 use crate::envelope::{DeathReason, Envelope};
 use crate::queue::ack::{AckMode, ConsumerId};
 use crate::queue::delivery::{Delivery, Link, Outcome, PendingSettle};
@@ -112,6 +113,9 @@ pub(crate) fn spawn_queue(
 ) -> Option<QueueHandle> {
     let consumers = Arc::new(AtomicUsize::new(0));
     let persists = durable.is_some();
+    let window_log = durable
+        .as_ref()
+        .map(|(d, _)| (d.store.dedup_path(d.id), d.store.syncs()));
     let inbox = Arc::new(Inbox::new(options.mailbox));
     let lease = Arc::new(AtomicU64::new(postbox::clock::now_ms()));
     let expires = options
@@ -149,6 +153,13 @@ pub(crate) fn spawn_queue(
     if addr.is_closed() {
         return None;
     }
+    let dedup = options.dedup.map(|window| {
+        let target = crate::dedup::DedupTarget::Queue(name.to_string());
+        Arc::new(match &window_log {
+            Some((path, sync)) => SharedWindow::durable(window, target, path, *sync),
+            None => SharedWindow::new(window, target),
+        })
+    });
     Some(QueueHandle {
         name,
         addr,
@@ -161,6 +172,7 @@ pub(crate) fn spawn_queue(
         inbox,
         lease,
         durable: persists,
+        dedup,
     })
 }
 

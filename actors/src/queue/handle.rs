@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use bytestring::ByteString;
 use postbox::{Addr, AnyAddr, Recipient, TrySendError};
 
+use crate::dedup::SharedWindow;
 use crate::envelope::Envelope;
 use crate::error::{BrokerError, TryPublishError};
 use crate::queue::ack::{AckMode, ConsumerId};
@@ -37,6 +38,8 @@ pub struct QueueHandle {
     /// Durable, on a broker with storage: persistent messages are confirmed
     /// once stored.
     pub(crate) durable: bool,
+    /// The publishers' duplicate window, if the queue has one.
+    pub(crate) dedup: Option<Arc<SharedWindow>>,
 }
 
 impl QueueHandle {
@@ -107,8 +110,51 @@ impl QueueHandle {
     ///
     /// Once the queue is deleted (or the runtime stopped), every publish fails:
     /// with [`BrokerError::QueueNotFound`] (or [`BrokerError::Stopped`]).
+    ///
+    /// On a queue with a duplicate window ([`QueueOptions::dedup`]), a
+    /// message whose id the window knows is not enqueued:
+    /// [`BrokerError::Duplicate`] says so, and of which original.
+    ///
+    /// [`QueueOptions::dedup`]: crate::QueueOptions::dedup
     #[doc(alias = "basic_publish")]
     pub async fn publish(&self, message: Envelope) -> Result<(), BrokerError> {
+        if let Some(dedup) = &self.dedup {
+            return Box::pin(self.publish_once(dedup, message)).await;
+        }
+        self.publish_now(message).await
+    }
+
+    /// Publishes through the duplicate window: admitted first (so that of
+    /// two concurrent publishes of one id exactly one goes on), forgotten
+    /// if the publish then fails.
+    async fn publish_once(
+        &self,
+        dedup: &SharedWindow,
+        message: Envelope,
+    ) -> Result<(), BrokerError> {
+        self.check(&message)?;
+        let id = message.id();
+        // A durable queue's window logs the id beside the message: both are
+        // stored before the publish returns.
+        let logged = if self.durable && message.persistent() {
+            dedup.admit_persistent(id)?
+        } else {
+            dedup.admit(id)?;
+            None
+        };
+        let published = match self.publish_now(message).await {
+            Ok(()) => SharedWindow::confirmed(logged)
+                .await
+                .map_err(BrokerError::from),
+            Err(err) => Err(err),
+        };
+        if published.is_err() {
+            dedup.forget(id);
+        }
+        published
+    }
+
+    pub(crate) async fn publish_now(&self, message: Envelope) -> Result<(), BrokerError> {
         self.check(&message)?;
         if self.durable && message.persistent() {
             let confirm = self.enqueue_durable(vec![message]).await?;
@@ -138,10 +184,56 @@ impl QueueHandle {
     }
 
     /// Enqueues several messages in order, as one mailbox entry.
+    ///
+    /// On a queue with a duplicate window, messages whose ids it knows (or
+    /// that repeat an id earlier in the batch) are left out, the others
+    /// enqueued, and then the first one left out is reported as
+    /// [`BrokerError::Duplicate`].
     pub async fn publish_batch(&self, messages: Vec<Envelope>) -> Result<(), BrokerError> {
         for message in &messages {
             self.check(message)?;
         }
+        let Some(dedup) = &self.dedup else {
+            return self.publish_batch_now(messages).await;
+        };
+        let mut duplicate = None;
+        let mut admitted = Vec::with_capacity(messages.len());
+        let mut logged = Vec::new();
+        for message in messages {
+            let admission = if self.durable && message.persistent() {
+                dedup.admit_persistent(message.id())
+            } else {
+                dedup.admit(message.id()).map(|()| None)
+            }
+            .map_err(BrokerError::from);
+            match admission {
+                Ok(confirm) => {
+                    logged.extend(confirm);
+                    admitted.push(message);
+                }
+                Err(err) => {
+                    duplicate.get_or_insert(err);
+                }
+            }
+        }
+        let ids: Vec<_> = admitted.iter().map(Envelope::id).collect();
+        let mut published = self.publish_batch_now(admitted).await;
+        for confirm in logged {
+            let stored = SharedWindow::confirmed(Some(confirm))
+                .await
+                .map_err(BrokerError::from);
+            published = published.and(stored);
+        }
+        if let Err(err) = published {
+            for id in ids {
+                dedup.forget(id);
+            }
+            return Err(err);
+        }
+        duplicate.map_or(Ok(()), Err)
+    }
+
+    async fn publish_batch_now(&self, messages: Vec<Envelope>) -> Result<(), BrokerError> {
         if messages.is_empty() {
             return Ok(());
         }
@@ -172,7 +264,17 @@ impl QueueHandle {
     /// durable queue is written with the store's next group, unconfirmed.
     pub fn try_publish(&self, message: Envelope) -> Result<(), TryPublishError> {
         self.check(&message)?;
-        self.try_enqueue(message).map_err(|err| match err {
+        let id = message.id();
+        if let Some(dedup) = &self.dedup {
+            // Not waiting for the disk: a durable window's id is written
+            // with the log's next group, as the message is.
+            dedup.admit_persistent(id).map_err(BrokerError::from)?;
+        }
+        let enqueued = self.try_enqueue(message);
+        if let (Err(_), Some(dedup)) = (&enqueued, &self.dedup) {
+            dedup.forget(id);
+        }
+        enqueued.map_err(|err| match err {
             TrySendError::Full(message) => TryPublishError::Full {
                 queue: self.name.to_string(),
                 message: Box::new(message),
@@ -272,7 +374,13 @@ impl QueueHandle {
     /// Counters and consumers.
     pub async fn snapshot(&self) -> Result<QueueSnapshot, BrokerError> {
         self.before_request();
-        self.addr.ask(Snapshot).await.map_err(|_| self.gone())
+        let mut snapshot = self.addr.ask(Snapshot).await.map_err(|_| self.gone())?;
+        if let Some(dedup) = &self.dedup {
+            let stats = dedup.stats();
+            snapshot.stats.duplicates = stats.duplicates;
+            snapshot.stats.dedup_ids = stats.ids;
+        }
+        Ok(snapshot)
     }
 
     /// Registers any actor that handles [`Delivery`] as a consumer of this

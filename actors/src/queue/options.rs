@@ -58,6 +58,14 @@ pub struct QueueOptions {
     /// accepted and changes nothing.
     #[serde(default)]
     pub durable: bool,
+    /// A publisher duplicate window: a message whose id was published to
+    /// this queue within the window is not enqueued, and the publish fails
+    /// with [`BrokerError::Duplicate`](crate::BrokerError::Duplicate) (see
+    /// [`DedupWindow`](crate::DedupWindow)). A durable queue keeps the ids of
+    /// its persistent messages across restarts. Dead letters and requeues
+    /// are not publishes: the window does not see them.
+    #[serde(default)]
+    pub dedup: Option<crate::dedup::DedupWindow>,
 }
 
 impl Default for QueueOptions {
@@ -74,6 +82,7 @@ impl Default for QueueOptions {
             dead_letter_routing_key: None,
             expires: None,
             durable: false,
+            dedup: None,
         }
     }
 }
@@ -112,6 +121,12 @@ impl QueueOptions {
     /// Sets [`max_length_bytes`](Self::max_length_bytes).
     pub fn max_length_bytes(mut self, bytes: usize) -> Self {
         self.max_length_bytes = Some(bytes);
+        self
+    }
+
+    /// Sets [`dedup`](Self::dedup).
+    pub fn dedup(mut self, window: crate::dedup::DedupWindow) -> Self {
+        self.dedup = Some(window);
         self
     }
 

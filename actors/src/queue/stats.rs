@@ -52,6 +52,13 @@ pub struct QueueStats {
     pub spilled: usize,
     /// Bytes the spilled messages take on disk.
     pub spill_bytes_on_disk: u64,
+    /// Publishes refused by the queue's duplicate window (not counted in
+    /// `published`).
+    #[serde(default)]
+    pub duplicates: u64,
+    /// Message ids its duplicate window remembers now.
+    #[serde(default)]
+    pub dedup_ids: usize,
 }
 
 /// A snapshot of one consumer's state.

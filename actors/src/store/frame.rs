@@ -30,8 +30,9 @@ pub(crate) enum FileKind {
     StreamSegment = 3,
     /// A durable stream's named subscribers' offsets (see `stream_log`).
     StreamOffsets = 4,
-    /// An idempotency store's done keys (see `idempotency::disk`).
-    Idempotency = 5,
+    /// A key log: a durable queue's duplicate window, an idempotency
+    /// store's done keys (see `keylog`).
+    Keys = 5,
 }
 
 /// The header of a file of `kind` numbered `id`.

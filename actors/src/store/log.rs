@@ -136,6 +136,19 @@ impl Store {
         Ok(Store { shared })
     }
 
+    /// Where durable queue `id` keeps its duplicate window (a key log beside
+    /// the message log).
+    pub(crate) fn dedup_path(&self, id: crate::store::QueueId) -> PathBuf {
+        let data = self.shared.dir.parent().unwrap_or(&self.shared.dir);
+        data.join("dedup").join(format!("{id}.log"))
+    }
+
+    /// Whether confirmations wait for `fdatasync` (the sync policy is not
+    /// `Never`).
+    pub(crate) fn syncs(&self) -> bool {
+        self.shared.options.sync != SyncPolicy::Never
+    }
+
     /// Starts appending; fails if the log can no longer confirm anything.
     pub(crate) fn append(&self) -> Result<Append<'_>, StoreError> {
         let st = self.shared.state.lock();

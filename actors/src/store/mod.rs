@@ -12,13 +12,14 @@
 //! <dir>/topology.log              durable queues, exchanges, bindings, streams
 //! <dir>/log/00000000000000000001.seg, ...   the message log
 //! <dir>/streams/<id>/...          each durable stream's own log (`stream_log`)
+//! <dir>/dedup/<queue id>.log      a durable queue's duplicate window (`keylog`)
 //! ```
 //!
 //! # Files and records
 //!
 //! Every file starts with a 24-byte header: the magic `pbxstor\n`, the format
 //! version (u16, little-endian: 1), the file kind (u16: 1 segment, 2
-//! topology, 3 stream segment, 4 stream offsets, 5 idempotency keys), the file's id (u64) and 4
+//! topology, 3 stream segment, 4 stream offsets, 5 key log), the file's id (u64) and 4
 //! reserved bytes. A reader refuses a
 //! version it does not know ([`StoreError::UnsupportedVersion`]).
 //!
@@ -62,6 +63,7 @@
 
 mod disk;
 pub(crate) mod frame;
+pub(crate) mod keylog;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;

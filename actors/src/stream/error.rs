@@ -39,6 +39,12 @@ pub enum StreamError {
         /// The limit.
         limit: usize,
     },
+    /// The message's id was published to the stream within its duplicate
+    /// window ([`DedupWindow`](crate::DedupWindow)): it was not appended.
+    /// [`Duplicate::original`](crate::Duplicate::original) is the offset of
+    /// the original.
+    #[error("{0}")]
+    Duplicate(Box<crate::dedup::Duplicate>),
     /// A named subscriber with this name is already live on the stream.
     #[error("stream {stream:?} already has a live subscriber named {name:?}")]
     SubscriberExists {

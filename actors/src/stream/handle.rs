@@ -68,8 +68,15 @@ impl StreamCore {
         limit: usize,
         runtime: RuntimeHandle,
     ) -> Self {
+        let mut log = LogState::new(crate::stream::log::Limits::of(&options));
+        if let Some(window) = options.dedup {
+            log.set_dedup(crate::dedup::Window::new(
+                window,
+                crate::dedup::DedupTarget::Stream(name.to_string()),
+            ));
+        }
         StreamCore {
-            log: Mutex::new(LogState::new(crate::stream::log::Limits::of(&options))),
+            log: Mutex::new(log),
             name,
             options,
             limit,
@@ -238,6 +245,8 @@ struct Batch<'a> {
     start: Option<u64>,
     end: Option<u64>,
     confirms: Vec<Confirm>,
+    /// The first message the duplicate window left out.
+    duplicate: Option<Box<crate::dedup::Duplicate>>,
 }
 
 /// A handle to one stream; cheap to clone, usable from any thread. Obtained
@@ -557,6 +566,7 @@ impl StreamHandle {
                 Ok(Appended::Full(back))
             }
             Err(Refusal::Closed) => Err(self.gone()),
+            Err(Refusal::Duplicate(dup)) => Err(StreamError::Duplicate(dup)),
         }
     }
 
@@ -566,7 +576,9 @@ impl StreamHandle {
     /// durable stream, returns once all of them are stored (one sync for the
     /// batch, when they fit at once); if some could not be, fails with
     /// [`StreamError::Storage`] (those, and the ones after, were taken back;
-    /// earlier ones may be stored).
+    /// earlier ones may be stored). With a duplicate window, messages whose
+    /// ids it knows are left out, the others appended, and then the first
+    /// one left out is reported as [`StreamError::Duplicate`].
     pub async fn publish_batch(&self, messages: Vec<Envelope>) -> Result<Range<u64>, StreamError> {
         for message in &messages {
             self.check(message)?;
@@ -578,6 +590,7 @@ impl StreamHandle {
             start: None,
             end: None,
             confirms: Vec::new(),
+            duplicate: None,
         };
         let mut wake = Vec::new();
         loop {
@@ -589,6 +602,9 @@ impl StreamHandle {
                 // One confirm, unless the batch had to wait for room.
                 for confirm in std::mem::take(&mut batch.confirms) {
                     StreamCore::confirmed(Some(confirm)).await?;
+                }
+                if let Some(dup) = batch.duplicate.take() {
+                    return Err(StreamError::Duplicate(dup));
                 }
                 return Ok(batch.start.unwrap_or(next)..batch.end.unwrap_or(next));
             }
@@ -629,6 +645,11 @@ impl StreamHandle {
                     break;
                 }
                 Err(Refusal::Closed) => return Err(self.gone()),
+                Err(Refusal::Duplicate(dup)) => {
+                    // Left out; the rest of the batch goes on.
+                    batch.duplicate.get_or_insert(dup);
+                    batch.pending = batch.rest.next();
+                }
             }
         }
         // What this round appended: if it fails, the records after it were
@@ -673,6 +694,7 @@ impl StreamHandle {
                 message: Box::new(message),
             }),
             Err(Refusal::Closed) => Err(self.gone().into()),
+            Err(Refusal::Duplicate(dup)) => Err(StreamError::Duplicate(dup).into()),
         }
     }
 

@@ -100,6 +100,8 @@ pub(crate) enum Refusal {
     Full(Envelope),
     /// The stream was deleted.
     Closed,
+    /// The stream's duplicate window knew the message's id.
+    Duplicate(Box<crate::dedup::Duplicate>),
 }
 
 /// What a read found besides the records.
@@ -150,6 +152,10 @@ pub struct StreamStats {
     /// Damaged records a durable stream skipped when it was read back from
     /// disk (each is a hole in the offsets).
     pub damaged_records: u64,
+    /// Publishes refused by the stream's duplicate window.
+    pub duplicates: u64,
+    /// Message ids its duplicate window remembers now.
+    pub dedup_ids: usize,
 }
 
 /// One subscriber's position and counters.
@@ -197,9 +203,17 @@ pub(crate) struct LogState<W> {
     skipped: u64,
     blocked: u64,
     stored: HashMap<String, u64>,
+    /// The publishers' duplicate window, if the stream has one: rebuilt
+    /// from the retained records after a restart, as JetStream's.
+    dedup: Option<crate::dedup::Window>,
 }
 
 impl<W: Clone> LogState<W> {
+    /// Gives the stream a duplicate window.
+    pub(crate) fn set_dedup(&mut self, window: crate::dedup::Window) {
+        self.dedup = Some(window);
+    }
+
     pub(crate) fn new(limits: Limits) -> Self {
         LogState {
             records: VecDeque::new(),
@@ -222,6 +236,7 @@ impl<W: Clone> LogState<W> {
             skipped: 0,
             blocked: 0,
             stored: HashMap::new(),
+            dedup: None,
         }
     }
 
@@ -357,11 +372,16 @@ impl<W: Clone> LogState<W> {
             self.blocked += 1;
             return Err(Refusal::Full(envelope));
         }
+        let timestamp_ms = now_ms.max(self.last_ts);
+        if let Some(dedup) = &mut self.dedup {
+            dedup
+                .admit(envelope.id(), timestamp_ms, Some(self.next))
+                .map_err(Refusal::Duplicate)?;
+        }
         for _ in 0..k {
             self.pop_front();
         }
         let offset = self.next;
-        let timestamp_ms = now_ms.max(self.last_ts);
         self.last_ts = timestamp_ms;
         self.bytes += size;
         self.published += 1;
@@ -415,6 +435,9 @@ impl<W: Clone> LogState<W> {
                 break;
             }
             let size = back.envelope.size();
+            if let Some(dedup) = &mut self.dedup {
+                dedup.forget(back.envelope.id());
+            }
             self.records.pop_back();
             self.bytes -= size;
             self.published = self.published.saturating_sub(1);
@@ -444,6 +467,9 @@ impl<W: Clone> LogState<W> {
         }
         self.bytes += envelope.size();
         self.last_ts = self.last_ts.max(timestamp_ms);
+        if let Some(dedup) = &mut self.dedup {
+            dedup.restore(envelope.id(), timestamp_ms, offset, postbox::clock::now_ms());
+        }
         self.next = offset + 1;
         self.visible = self.next;
         self.records.push_back(Arc::new(Record {
@@ -719,6 +745,11 @@ impl<W: Clone> LogState<W> {
             trimmed: self.trimmed,
             skipped: self.skipped,
             blocked: self.blocked,
+            duplicates: self.dedup.as_ref().map_or(0, |d| d.stats().duplicates),
+            dedup_ids: self.dedup.as_mut().map_or(0, |d| {
+                d.expire(now_ms);
+                d.stats().ids
+            }),
             ..StreamStats::default()
         }
     }

@@ -71,6 +71,15 @@ pub struct StreamOptions {
     /// broker it is accepted and changes nothing.
     #[serde(default)]
     pub durable: bool,
+    /// A publisher duplicate window: a message whose id was appended within
+    /// the window is not appended again, and the publish fails with
+    /// [`StreamError::Duplicate`](crate::StreamError::Duplicate), which
+    /// names the original's offset (see [`DedupWindow`](crate::DedupWindow)).
+    /// A durable stream rebuilds its window from the records it retains
+    /// when the broker reopens, as JetStream does: an id whose record
+    /// retention has trimmed is forgotten then.
+    #[serde(default)]
+    pub dedup: Option<crate::dedup::DedupWindow>,
 }
 
 impl Default for StreamOptions {
@@ -84,6 +93,7 @@ impl Default for StreamOptions {
             overflow: StreamOverflow::Block,
             max_message_bytes: None,
             durable: false,
+            dedup: None,
         }
     }
 }
@@ -137,6 +147,12 @@ impl StreamOptions {
     /// ```
     pub fn durable(mut self) -> Self {
         self.durable = true;
+        self
+    }
+
+    /// Sets [`dedup`](Self::dedup).
+    pub fn dedup(mut self, window: crate::dedup::DedupWindow) -> Self {
+        self.dedup = Some(window);
         self
     }
 }

@@ -1218,6 +1218,9 @@ impl QueueState {
             persisted: self.persisted,
             spilled: self.ready.spill.as_ref().map_or(0, |s| s.tail.len()),
             spill_bytes_on_disk: self.ready.spill.as_ref().map_or(0, |s| s.tail.disk_bytes()),
+            // The window is the publishers' side: its handle fills these in.
+            duplicates: 0,
+            dedup_ids: 0,
         }
     }
 
