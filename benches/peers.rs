@@ -4,7 +4,9 @@
 //! Set `AMQP_URL` (e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`) to add
 //! RabbitMQ, through `lapin`, as a peer in scenarios 1, 3, 4 and 5, and
 //! `NATS_URL` (e.g. `nats://127.0.0.1:4222`, a server with JetStream) to add
-//! NATS JetStream, through `async-nats`, as a peer in scenario 5.
+//! NATS JetStream, through `async-nats`, as a peer in scenario 5, and
+//! `REDIS_URL` (e.g. `redis://127.0.0.1:6379`) to add scenario 9's Redis
+//! row.
 //!
 //! # What is measured
 //!
@@ -33,6 +35,9 @@
 //! 8. The actor layer against kameo and ractor: tell throughput, asks on one
 //!    thread, across pinned threads and from a plain tokio task, restart
 //!    latency after a panic, and spawning 100,000 idle actors.
+//! 9. The consume path with the idempotency layer (claim, record, ack per
+//!    message) with the memory store, and with Redis when `REDIS_URL` is set,
+//!    against the same consumer without the layer.
 //!
 //! # How
 //!
@@ -84,6 +89,8 @@ mod durable;
 mod fanout;
 #[path = "peers/goals.rs"]
 mod goals;
+#[path = "peers/idempotent.rs"]
+mod idempotent;
 #[path = "peers/memory.rs"]
 mod memory;
 #[path = "peers/nats.rs"]
@@ -233,6 +240,9 @@ fn main() {
         }
         if cfg.runs(8) {
             actor_layer::scenario8(&cfg, &mut report).await;
+        }
+        if cfg.runs(9) {
+            idempotent::scenario9(&cfg, &mut report).await;
         }
         // RabbitMQ's rows: the publisher may run anywhere, like its client's tasks.
         util::unpin_current_thread();

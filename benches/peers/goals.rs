@@ -1,4 +1,4 @@
-//! The goals (issues 7, 14 and 15), checked against this run's rows.
+//! The goals (issues 7, 14, 15 and 16), checked against this run's rows.
 
 use std::fmt::Write as _;
 
@@ -11,6 +11,7 @@ use crate::durable::{
     POSTBOX_INTERVAL, POSTBOX_RECOVERY, S5, ceiling, postbox as postbox_durable, postbox_publishers,
 };
 use crate::fanout::{BROADCAST, POSTBOX_FANOUT, POSTBOX_STREAM, S3};
+use crate::idempotent::{MEMORY as IDEMPOTENT_MEMORY, PLAIN as IDEMPOTENT_PLAIN, S9};
 use crate::memory::{OVERHEAD_GOAL, S7};
 use crate::nats::NATS_IN_FLIGHT;
 use crate::p2p::{POSTBOX_BATCH, POSTBOX_PUBLISH, S1, S2, S2_BATCHED, S2_EACH, TOKIO_MPSC};
@@ -303,6 +304,14 @@ pub fn check(report: &Report) -> String {
         "/s",
         "≥ 100,000/s",
         at_least(created, 100_000.0),
+    );
+    let r = ratio(rate(S9, IDEMPOTENT_MEMORY), rate(S9, IDEMPOTENT_PLAIN));
+    line(
+        "9: idempotent consumer (memory store) vs none",
+        r,
+        "×",
+        "≥ 0.70×",
+        at_least(r, 0.70),
     );
     out
 }

@@ -76,16 +76,22 @@ impl DiskStore {
             .map_err(|e| unavailable(format!("open {}/LOCK: {e}", dir.display())))?;
         lock.try_lock()
             .map_err(|_| unavailable(format!("{} is in use by another store", dir.display())))?;
-        let (log, live) = KeyLog::open(&dir.join(LOG), 0, true).map_err(|e| unavailable(e.to_string()))?;
+        let (log, live) =
+            KeyLog::open(&dir.join(LOG), 0, true).map_err(|e| unavailable(e.to_string()))?;
         let keys = MemoryStore::new(capacity);
         let now = postbox::clock::now_ms();
         let instant = tokio::time::Instant::now();
         for (key, until) in live {
             match std::str::from_utf8(&key) {
                 Ok(key) if validate_key(key).is_ok() => {
-                    keys.insert_done(key, instant + Duration::from_millis(until.saturating_sub(now)));
+                    keys.insert_done(
+                        key,
+                        instant + Duration::from_millis(until.saturating_sub(now)),
+                    );
                 }
-                _ => tracing::error!(dir = %dir.display(), "a done key that is not a valid key skipped"),
+                _ => {
+                    tracing::error!(dir = %dir.display(), "a done key that is not a valid key skipped")
+                }
             }
         }
         Ok(DiskStore {

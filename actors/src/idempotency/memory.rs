@@ -1,8 +1,8 @@
 //! [`MemoryStore`]: claims and done keys in a bounded table in memory, with
 //! TTLs; also the claim table of the [`DiskStore`](super::DiskStore).
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{VecDeque, hash_map};
+use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -37,6 +37,7 @@ use crate::idempotency::{Claim, ClaimToken, IdempotencyError, IdempotencyStore, 
 #[derive(Debug)]
 pub struct MemoryStore {
     table: Mutex<Table>,
+    hasher: RandomState,
 }
 
 impl MemoryStore {
@@ -44,6 +45,7 @@ impl MemoryStore {
     pub fn new(capacity: usize) -> Self {
         MemoryStore {
             table: Mutex::new(Table::new(capacity)),
+            hasher: RandomState::new(),
         }
     }
 
@@ -58,20 +60,32 @@ impl MemoryStore {
         self.len() == 0
     }
 
+    /// A key's 128-bit digest: SipHash-1-3 under a random key, and FxHash.
+    /// Holding digests instead of strings keeps an entry small and
+    /// allocation-free; two distinct keys share a digest only if both
+    /// hashes collide (the keyed one alone: about n²/2⁶⁵, a few in a
+    /// hundred million for a million keys; both together: none in practice).
+    fn digest(&self, key: &str) -> u128 {
+        let fx = rustc_hash::FxBuildHasher.hash_one(key);
+        (u128::from(self.hasher.hash_one(key)) << 64) | u128::from(fx)
+    }
+
     /// Records `key` done until `until` without a claim (a store loading
     /// what it recorded before).
     pub(crate) fn insert_done(&self, key: &str, until: Instant) {
+        let key = self.digest(key);
         let mut table = self.table.lock();
         let now = Instant::now();
         table.make_room(now);
-        table.set(Arc::from(key), State::Done, until);
+        table.set(key, State::Done, until);
     }
 
     /// Whether a token other than `token` holds `key`'s claim now.
     pub(crate) fn held_by_other(&self, key: &str, token: ClaimToken) -> bool {
+        let key = self.digest(key);
         let table = self.table.lock();
         let now = Instant::now();
-        matches!(table.map.get(key), Some(e) if e.until > now && matches!(e.state, State::Claimed(t) if t != token))
+        matches!(table.map.get(&key), Some(e) if e.until > now && matches!(e.state, State::Claimed(t) if t != token))
     }
 
     fn claim_now(
@@ -81,50 +95,81 @@ impl MemoryStore {
         lease: Duration,
     ) -> Result<Claim, IdempotencyError> {
         validate_key(key)?;
+        let key = self.digest(key);
         let now = Instant::now();
         let mut table = self.table.lock();
-        let expired = match table.map.get(key) {
-            Some(e) if e.until > now => {
-                return Ok(match e.state {
-                    State::Done => Claim::Done,
-                    State::Claimed(_) => Claim::Busy,
-                });
-            }
-            Some(e) => matches!(e.state, State::Claimed(_)),
-            None => {
-                table.make_room(now);
-                if table.map.len() >= table.capacity {
-                    return Err(IdempotencyError::Full(table.map.len()));
+        // Full: make room first (one key early at worst), so that the
+        // lookup and the insert are one probe.
+        if table.map.len() >= table.capacity {
+            table.make_room(now);
+        }
+        let stamp = table.next_stamp;
+        let capacity = table.capacity;
+        let len = table.map.len();
+        let expired = match table.map.entry(key) {
+            hash_map::Entry::Occupied(mut e) => {
+                let entry = e.get_mut();
+                if entry.until > now {
+                    return Ok(match entry.state {
+                        State::Done => Claim::Done,
+                        State::Claimed(_) => Claim::Busy,
+                    });
                 }
+                let expired = matches!(entry.state, State::Claimed(_));
+                *entry = Entry {
+                    state: State::Claimed(token),
+                    until: now + lease,
+                    stamp,
+                };
+                expired
+            }
+            hash_map::Entry::Vacant(e) => {
+                if len >= capacity {
+                    return Err(IdempotencyError::Full(len));
+                }
+                e.insert(Entry {
+                    state: State::Claimed(token),
+                    until: now + lease,
+                    stamp,
+                });
                 false
             }
         };
-        table.set(Arc::from(key), State::Claimed(token), now + lease);
+        table.placed(key, stamp);
         Ok(Claim::Acquired { expired })
     }
 
     pub(crate) fn complete_now(&self, key: &str, token: ClaimToken, retain: Duration) -> bool {
+        let key = self.digest(key);
         let now = Instant::now();
         let mut table = self.table.lock();
-        let ours = match table.map.get(key) {
-            Some(e) if e.until > now => e.state == State::Claimed(token),
-            // Nobody holds it (expired, or evicted): record it all the same.
-            _ => true,
-        };
-        if ours {
-            if !table.map.contains_key(key) {
-                table.make_room(now);
+        match table.map.get_mut(&key) {
+            // The usual case: still ours (its lease may have run out, but
+            // nobody took it over): done in place, keeping its place in the
+            // eviction order.
+            Some(e) if e.state == State::Claimed(token) => {
+                e.state = State::Done;
+                e.until = now + retain;
+                true
             }
-            table.set(Arc::from(key), State::Done, now + retain);
+            Some(e) if e.until > now => false,
+            // Nobody holds it (expired, or evicted): record it all the same.
+            _ => {
+                if !table.map.contains_key(&key) {
+                    table.make_room(now);
+                }
+                table.set(key, State::Done, now + retain);
+                true
+            }
         }
-        ours
     }
 
     fn release_now(&self, key: &str, token: ClaimToken) -> bool {
+        let key = self.digest(key);
         let mut table = self.table.lock();
-        let ours = matches!(table.map.get(key), Some(e) if e.state == State::Claimed(token));
+        let ours = matches!(table.map.get(&key), Some(e) if e.state == State::Claimed(token));
         if ours {
-            table.map.remove(key);
+            table.map.remove(&key);
         }
         ours
     }
@@ -173,8 +218,9 @@ struct Entry {
 /// (for eviction, oldest first; stale places are skipped).
 #[derive(Debug)]
 struct Table {
-    map: FxHashMap<Arc<str>, Entry>,
-    order: VecDeque<(Arc<str>, u64)>,
+    /// Keys by their 128-bit digest (see [`Table::digest`]).
+    map: FxHashMap<u128, Entry>,
+    order: VecDeque<(u128, u64)>,
     next_stamp: u64,
     capacity: usize,
 }
@@ -189,10 +235,8 @@ impl Table {
         }
     }
 
-    fn set(&mut self, key: Arc<str>, state: State, until: Instant) {
+    fn set(&mut self, key: u128, state: State, until: Instant) {
         let stamp = self.next_stamp;
-        self.next_stamp += 1;
-        self.order.push_back((key.clone(), stamp));
         self.map.insert(
             key,
             Entry {
@@ -201,6 +245,13 @@ impl Table {
                 stamp,
             },
         );
+        self.placed(key, stamp);
+    }
+
+    /// Records that `key` was set with `stamp`, last in the eviction order.
+    fn placed(&mut self, key: u128, stamp: u64) {
+        self.next_stamp = stamp + 1;
+        self.order.push_back((key, stamp));
         // Stale places pile up as keys are set again: drop them now and then.
         if self.order.len() > 2 * self.map.len() + 64 {
             let map = &self.map;
@@ -218,16 +269,15 @@ impl Table {
             let Some((key, stamp)) = self.order.pop_front() else {
                 break;
             };
-            let Some(entry) = self.map.get(&key) else {
-                continue;
-            };
-            if entry.stamp != stamp {
-                continue;
-            }
-            if entry.until <= now || entry.state == State::Done {
-                self.map.remove(&key);
-            } else {
-                self.order.push_back((key, stamp));
+            // One probe: look and remove through the entry.
+            if let hash_map::Entry::Occupied(entry) = self.map.entry(key)
+                && entry.get().stamp == stamp
+            {
+                if entry.get().until <= now || entry.get().state == State::Done {
+                    entry.remove();
+                } else {
+                    self.order.push_back((key, stamp));
+                }
             }
         }
     }
@@ -331,7 +381,7 @@ mod tests {
 
     #[test]
     fn one_of_many_concurrent_claimants_wins() {
-        let store = Arc::new(MemoryStore::new(1024));
+        let store = std::sync::Arc::new(MemoryStore::new(1024));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()

@@ -2,7 +2,7 @@
 //! ack lost to a crash, a redelivery after the handler's side effect) runs its
 //! handler once.
 //!
-//! [`Idempotent`] is a consumer [`Layer`]. For each delivery it takes a key
+//! [`Idempotent`] is a consumer [`Layer`](crate::Layer). For each delivery it takes a key
 //! (the message id, or a business key such as an order id), **claims** it in
 //! an [`IdempotencyStore`] before the handler runs, and then:
 //!

@@ -63,10 +63,10 @@
 
 mod disk;
 pub(crate) mod frame;
-pub(crate) mod keylog;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+pub(crate) mod keylog;
 mod log;
 mod meta;
 mod record;

@@ -468,7 +468,12 @@ impl<W: Clone> LogState<W> {
         self.bytes += envelope.size();
         self.last_ts = self.last_ts.max(timestamp_ms);
         if let Some(dedup) = &mut self.dedup {
-            dedup.restore(envelope.id(), timestamp_ms, offset, postbox::clock::now_ms());
+            dedup.restore(
+                envelope.id(),
+                timestamp_ms,
+                offset,
+                postbox::clock::now_ms(),
+            );
         }
         self.next = offset + 1;
         self.visible = self.next;
