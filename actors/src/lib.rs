@@ -16,6 +16,9 @@
 //!   supervised subscribers, each from its own position;
 //! - durability ([`Broker::open`]): durable queues, exchanges, bindings and
 //!   streams on a data directory, publisher confirms, spill to disk;
+//! - duplicates: publisher duplicate windows ([`DedupWindow`]) on queues,
+//!   exchanges and streams, and idempotent consumers ([`idempotency`]) with
+//!   memory, disk, Redis and PostgreSQL stores;
 //! - request-reply ([`rpc`]), publish/subscribe ([`Subscription`]) and
 //!   transactions ([`Transaction`]) built on the broker;
 //! - an [`Envelope`] with ids, routing key, headers, correlation id, reply-to,
@@ -28,8 +31,9 @@
 //! | layer | modules | holds |
 //! |---|---|---|
 //! | messages | `envelope`, `codec`, `name`, `error` | the message, payload codecs, name rules, errors |
-//! | queues, streams, exchanges | `queue/` (public: [`queue::state`]), `stream/`, `exchange/` | dispatch and acknowledgements (`queue::state`, `queue::actor`, `queue::delivery`), the stream log, routing tables (topic trie, headers match) |
-//! | consumers | `consumer/`, `supervision` | the [`Consumer`] trait, its actor, [`Layer`]s (retries), error and restart policies |
+//! | storage | `store/` | the message log, key logs, the topology log, durable streams' logs |
+//! | queues, streams, exchanges | `queue/` (public: [`queue::state`]), `stream/`, `exchange/`, `dedup` | dispatch and acknowledgements (`queue::state`, `queue::actor`, `queue::delivery`), the stream log, routing tables (topic trie, headers match), publishers' duplicate windows |
+//! | consumers | `consumer/`, `supervision`, [`idempotency`] | the [`Consumer`] trait, its actor, [`Layer`]s (retries, idempotency and its stores), error and restart policies |
 //! | broker | `broker/` | the [`Broker`] API and the topology: routing through exchanges happens in `broker::topology` |
 //! | patterns | `subscription`, `transaction`, `rpc/` | publish/subscribe, transactions, request-reply |
 //! | testing | `testkit/` (feature `testkit`) | a capturing broker, a delivery probe, fault injection |

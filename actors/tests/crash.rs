@@ -7,7 +7,9 @@
 //! - no message whose ack was made durable (`QueueHandle::sync` returned
 //!   after it) is there;
 //! - nothing is corrupt, nothing is there twice, and each publisher's
-//!   messages are in the order it published them.
+//!   messages are in the order it published them;
+//! - the queue's duplicate window remembers every confirmed message: each,
+//!   published again, is refused as a duplicate.
 //!
 //! The child prints what it knows as lines on stdout: `C r p s` when message
 //! (round r, publisher p, sequence s) is confirmed, `A r p s` when it starts
@@ -21,7 +23,8 @@ use std::time::Duration;
 
 use postbox::Runtime;
 use postbox_actors::{
-    AckMode, Broker, ConsumeOptions, Delivery, Envelope, QueueOptions, StorageOptions,
+    AckMode, Broker, BrokerError, ConsumeOptions, DedupWindow, Delivery, Envelope, MessageId,
+    QueueOptions, StorageOptions,
 };
 
 const DIR_ENV: &str = "POSTBOX_CRASH_DIR";
@@ -31,8 +34,20 @@ const PER_ROUND: u32 = 800;
 
 type Id = (u32, u32, u32);
 
+/// A persistent message whose id is derived from (round, publisher, seq), so
+/// that a retry of it carries the same id.
 fn payload(id: Id) -> Envelope {
-    Envelope::encode(&id).unwrap().with_persistent(true)
+    Envelope::encode(&id)
+        .unwrap()
+        .with_persistent(true)
+        .with_id(MessageId::for_key(&format!("{}/{}/{}", id.0, id.1, id.2)))
+}
+
+/// The queue's options: durable, with a duplicate window longer than the test.
+fn options() -> QueueOptions {
+    QueueOptions::default()
+        .durable()
+        .dedup(DedupWindow::new(Duration::from_secs(3600)))
 }
 
 /// The child's workload; does nothing unless run by `kill_9_loses_nothing_confirmed`.
@@ -50,10 +65,7 @@ fn crash_child() {
         .unwrap();
     driver.block_on(async move {
         let broker = Broker::open(&rt, StorageOptions::new(&dir)).unwrap();
-        let queue = broker
-            .declare_queue("q", QueueOptions::default().durable())
-            .await
-            .unwrap();
+        let queue = broker.declare_queue("q", options()).await.unwrap();
         let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel::<Id>();
         let _consumer = broker
             .consume("q", ConsumeOptions::manual(32), move || {
@@ -230,7 +242,20 @@ fn kill_9_loses_nothing_confirmed() {
                         broker.storage_stats()
                     );
                 }
-                contents(&broker).await
+                let present = contents(&broker).await;
+                // The duplicate window survived too: every message confirmed
+                // in this round, published again, is refused as a duplicate
+                // (acknowledged ones included).
+                let queue = broker.queue("q").unwrap();
+                for &id in known.confirmed.iter().filter(|id| id.0 == round) {
+                    match queue.publish(payload(id)).await {
+                        Err(BrokerError::Duplicate(_)) => {}
+                        other => {
+                            panic!("round {round}: confirmed {id:?} published again: {other:?}")
+                        }
+                    }
+                }
+                present
             });
         rt.shutdown();
 

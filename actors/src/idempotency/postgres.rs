@@ -52,7 +52,7 @@
 //! use postbox::Failure;
 //! use postbox_actors::{Broker, ConsumeOptions, Delivery};
 //! use postbox_actors::idempotency::postgres::PostgresStore;
-//! use tokio_postgres::Transaction;
+//! use postbox_actors::idempotency::postgres::tokio_postgres::Transaction;
 //! # async fn example(broker: Broker) -> Result<(), Box<dyn std::error::Error>> {
 //! let store = PostgresStore::connect("host=127.0.0.1 user=app dbname=shop").await?;
 //! let inbox = store
@@ -70,6 +70,12 @@
 //! # let _ = consumer;
 //! # Ok(()) }
 //! ```
+
+/// The PostgreSQL client this store is built on, re-exported so that a
+/// handler of the [`TransactionalInbox`] names the same
+/// [`Transaction`](tokio_postgres::Transaction) type without a dependency of
+/// its own that could drift to another version.
+pub use tokio_postgres;
 
 use std::str::FromStr;
 use std::sync::Arc;
