@@ -1,5 +1,6 @@
 //! The Redis idempotency store against a real server: `REDIS_URL`, or
-//! `redis://127.0.0.1:6379`. The storm of 10,000 orders published three
+//! `redis://127.0.0.1:6379` (started if installed and not running; the tests
+//! that need a server skip without one). The storm of 10,000 orders published three
 //! times with crashes, one winner among concurrent claims, an expired claim
 //! taken over, an unreachable or silent server as a typed error within the
 //! timeout, bad keys refused, credentials never shown. Each test uses a key
@@ -18,8 +19,61 @@ use postbox_actors::idempotency::{
 mod common;
 use common::orders::exactly_once_orders;
 
+/// The server's URL: `REDIS_URL`, or a server on 127.0.0.1:6379, started
+/// (as the machine's notes say) if it is installed and not running. `None`:
+/// no server, and none to start: the tests that need one skip (this file is
+/// also built by the plain `cargo test --workspace`, where the benchmarks'
+/// dependency turns the `redis` feature on, on machines without Redis).
+fn server() -> Option<&'static str> {
+    static URL: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("REDIS_URL") {
+            return Some(url);
+        }
+        let up = || std::net::TcpStream::connect(("127.0.0.1", 6379)).is_ok();
+        if !up() {
+            let started = std::process::Command::new("redis-server")
+                .args([
+                    "--daemonize",
+                    "yes",
+                    "--bind",
+                    "127.0.0.1",
+                    "-::1",
+                    "--port",
+                    "6379",
+                ])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !started {
+                eprintln!("no Redis server (set REDIS_URL, or install redis-server): skipped");
+                return None;
+            }
+            for _ in 0..100 {
+                if up() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+        Some("redis://127.0.0.1:6379".to_owned())
+    })
+    .as_deref()
+}
+
+/// Returns from the test when there is no server.
+macro_rules! need_server {
+    () => {
+        if server().is_none() {
+            return;
+        }
+    };
+}
+
 fn url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+    server().unwrap_or("redis://127.0.0.1:6379").to_owned()
 }
 
 /// A key prefix no other test run shares.
@@ -71,6 +125,7 @@ async fn store(prefix: &str) -> RedisStore {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_orders_three_times_with_crashes_redis_store() {
+    need_server!();
     let prefix = unique_prefix("storm");
     let rt = Runtime::with_arbiters(2).unwrap();
     let queue = format!("orders-redis-{}", uuid::Uuid::new_v4().simple());
@@ -91,6 +146,7 @@ async fn ten_thousand_orders_three_times_with_crashes_redis_store() {
 
 #[test]
 fn concurrent_claims_of_one_key_from_many_threads_have_one_winner() {
+    need_server!();
     // The store lives on this runtime; the claimants are threads with
     // runtimes of their own.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -155,6 +211,7 @@ fn concurrent_claims_of_one_key_from_many_threads_have_one_winner() {
 
 #[tokio::test]
 async fn an_expired_claim_is_taken_over_and_the_old_token_can_neither_complete_nor_release() {
+    need_server!();
     let prefix = unique_prefix("expiry");
     let store = store(&prefix).await;
     let (a, b, c) = (ClaimToken::new(), ClaimToken::new(), ClaimToken::new());
@@ -201,6 +258,7 @@ async fn an_expired_claim_is_taken_over_and_the_old_token_can_neither_complete_n
 
 #[tokio::test]
 async fn bad_keys_are_typed_errors() {
+    need_server!();
     let prefix = unique_prefix("keys");
     let store = store(&prefix).await;
     let t = ClaimToken::new();
@@ -292,6 +350,7 @@ async fn an_unreachable_or_silent_server_is_a_typed_error_within_the_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_stops_answering_is_a_timeout_and_the_store_recovers() {
+    need_server!();
     let prefix = unique_prefix("pause");
     let timeout = Duration::from_millis(300);
     let store = RedisStore::connect_with_timeout(&url(), timeout)
@@ -351,6 +410,7 @@ async fn a_server_that_stops_answering_is_a_timeout_and_the_store_recovers() {
 
 #[tokio::test]
 async fn credentials_never_show_in_debug_output_or_errors() {
+    need_server!();
     let base = url();
     let Some(rest) = base.strip_prefix("redis://").filter(|r| !r.contains('@')) else {
         eprintln!("REDIS_URL has credentials of its own: skipped");

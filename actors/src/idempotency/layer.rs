@@ -145,26 +145,8 @@ impl<S: IdempotencyStore> Idempotent<S> {
         self.counters.snapshot()
     }
 
-    /// The stored key of a delivery: `namespace:key`, built in one
-    /// allocation (this is on every delivery's path).
     fn key_of(&self, delivery: &Delivery) -> Result<String, IdempotencyError> {
-        let namespace = self.namespace.as_deref().unwrap_or(delivery.queue());
-        let mut id_buf = uuid::Uuid::encode_buffer();
-        let key: std::borrow::Cow<'_, str> = match &self.key {
-            Some(extract) => {
-                let key = extract(delivery)
-                    .ok_or_else(|| IdempotencyError::NoKey(format!("message {}", delivery.id())))?;
-                validate_key(&key)?;
-                key.into()
-            }
-            None => (&*delivery.id().0.hyphenated().encode_lower(&mut id_buf)).into(),
-        };
-        let mut full = String::with_capacity(namespace.len() + 1 + key.len());
-        full.push_str(namespace);
-        full.push(':');
-        full.push_str(&key);
-        validate_key(&full)?;
-        Ok(full)
+        stored_key(self.key.as_ref(), self.namespace.as_deref(), delivery)
     }
 }
 
@@ -261,6 +243,34 @@ impl<C: Consumer, S: IdempotencyStore> Consumer for IdempotentConsumer<C, S> {
     }
 }
 
+/// The stored key of a delivery: `namespace:key` (the namespace defaults to
+/// the queue's name), the key extracted by `key` or the message id. Built in
+/// one allocation: this is on every delivery's path. Shared with the
+/// transactional inbox, so that both agree on one key.
+pub(crate) fn stored_key(
+    key: Option<&KeyFn>,
+    namespace: Option<&str>,
+    delivery: &Delivery,
+) -> Result<String, IdempotencyError> {
+    let namespace = namespace.unwrap_or(delivery.queue());
+    let mut id_buf = uuid::Uuid::encode_buffer();
+    let key: std::borrow::Cow<'_, str> = match key {
+        Some(extract) => {
+            let key = extract(delivery)
+                .ok_or_else(|| IdempotencyError::NoKey(format!("message {}", delivery.id())))?;
+            validate_key(&key)?;
+            key.into()
+        }
+        None => (&*delivery.id().0.hyphenated().encode_lower(&mut id_buf)).into(),
+    };
+    let mut full = String::with_capacity(namespace.len() + 1 + key.len());
+    full.push_str(namespace);
+    full.push(':');
+    full.push_str(&key);
+    validate_key(&full)?;
+    Ok(full)
+}
+
 /// Records `key` done, trying a few times: a handler that succeeded should
 /// not run again for a store's brief failure.
 async fn complete<S: IdempotencyStore>(
@@ -300,7 +310,7 @@ async fn complete<S: IdempotencyStore>(
 
 /// Settles a delivery the layer decided on, unless its handler settled it
 /// already or its registration ended (the queue requeued it).
-async fn settle(settler: &Settler, outcome: Outcome) -> Result<(), AckError> {
+pub(crate) async fn settle(settler: &Settler, outcome: Outcome) -> Result<(), AckError> {
     match settler.settle(outcome, false).await {
         Ok(_) | Err(AckError::AlreadySettled { .. } | AckError::ConsumerGone { .. }) => Ok(()),
         Err(err) => Err(err),

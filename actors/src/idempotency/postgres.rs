@@ -867,18 +867,11 @@ impl<H> TransactionalInbox<H> {
         self.counters.snapshot()
     }
 
-    /// The stored key of a delivery: `namespace:key`.
+    /// The stored key of a delivery: `namespace:key`, as [`Idempotent`]'s.
+    ///
+    /// [`Idempotent`]: super::Idempotent
     fn key_of(&self, delivery: &Delivery) -> Result<String, IdempotencyError> {
-        let key = match &self.key {
-            Some(extract) => extract(delivery)
-                .ok_or_else(|| IdempotencyError::NoKey(format!("message {}", delivery.id())))?,
-            None => delivery.id().to_string(),
-        };
-        validate_key(&key)?;
-        let namespace = self.namespace.as_deref().unwrap_or(delivery.queue());
-        let full = format!("{namespace}:{key}");
-        validate_key(&full)?;
-        Ok(full)
+        super::layer::stored_key(self.key.as_ref(), self.namespace.as_deref(), delivery)
     }
 }
 
@@ -1158,13 +1151,9 @@ async fn enter(
     })
 }
 
-/// Settles a delivery the inbox decided on, unless it was settled already
-/// (by the handler) or its registration ended (the queue requeued it).
+/// Settles a delivery as the inbox decided (see the layer's `settle`).
 async fn settle(delivery: &Delivery, outcome: Outcome) -> Result<(), AckError> {
-    match delivery.settler().settle(outcome, false).await {
-        Ok(_) | Err(AckError::AlreadySettled { .. } | AckError::ConsumerGone { .. }) => Ok(()),
-        Err(err) => Err(err),
-    }
+    super::layer::settle(&delivery.settler(), outcome).await
 }
 
 /// A TTL in milliseconds: at least 1, at most [`MAX_TTL_MS`].
