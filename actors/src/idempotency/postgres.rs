@@ -73,7 +73,7 @@
 
 /// The PostgreSQL client this store is built on, re-exported so that a
 /// handler of the [`TransactionalInbox`] names the same
-/// [`Transaction`](tokio_postgres::Transaction) type without a dependency of
+/// [`Transaction`] type without a dependency of
 /// its own that could drift to another version.
 pub use tokio_postgres;
 
