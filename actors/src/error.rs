@@ -38,6 +38,16 @@ pub enum BrokerError {
         /// How many consumers it has.
         consumers: usize,
     },
+    /// An exclusive consumer was asked for on a queue that has consumers, or
+    /// a consumer on a queue that has an exclusive one (RabbitMQ's
+    /// `ACCESS_REFUSED` to `basic.consume`).
+    #[error("queue {queue:?} is taken: an exclusive consumer cannot share it ({consumers} consumer(s) registered)")]
+    ExclusiveConsumer {
+        /// The queue.
+        queue: String,
+        /// The consumers registered there.
+        consumers: usize,
+    },
     /// `if_empty` deletion of a queue that holds messages.
     #[error("queue {name:?} holds {messages} message(s)")]
     QueueNotEmpty {

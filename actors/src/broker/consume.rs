@@ -68,6 +68,9 @@ impl Broker {
             _ => {
                 addr.stop();
                 self.alive()?;
+                if let Some(refused) = shared.refused.lock().take() {
+                    return Err(refused);
+                }
                 Err(handle.gone())
             }
         }

@@ -32,6 +32,8 @@ pub(crate) struct Shared {
     pub(crate) errors: AtomicU64,
     /// Crashes: their number, when the recent ones happened, the last failure.
     crashes: Mutex<Crashes>,
+    /// Why the queue refused its registration (an exclusive consumer).
+    pub(crate) refused: Mutex<Option<crate::error::BrokerError>>,
 }
 
 #[derive(Default)]
@@ -132,6 +134,7 @@ pub(crate) struct ConsumerActor<C: Consumer> {
     mode: AckMode,
     prefetch: u32,
     on_error: OnError,
+    exclusive: bool,
     link: Option<Arc<Link>>,
     shared: Arc<Shared>,
 }
@@ -151,6 +154,7 @@ impl<C: Consumer> ConsumerActor<C> {
             mode: options.mode,
             prefetch: options.prefetch,
             on_error: options.on_error,
+            exclusive: options.exclusive,
             link: None,
             shared,
         }
@@ -313,10 +317,20 @@ impl<C: Consumer> Actor for ConsumerActor<C> {
                 self.mode,
                 self.prefetch,
                 Some(ctx.incarnation()),
+                self.exclusive,
             )
             .await;
         match link {
             Ok(link) => self.link = Some(link),
+            Err(err @ crate::error::BrokerError::ExclusiveConsumer { .. }) => {
+                // Taken by an exclusive consumer, or this one's exclusivity
+                // cannot be had: said to whoever started it, and it stops.
+                tracing::warn!(queue = %self.queue.name(), %err, "consumer refused");
+                *self.shared.refused.lock() = Some(err);
+                self.shared.cancelled.store(true, Ordering::Release);
+                ctx.stop();
+                return Ok(());
+            }
             Err(err) => {
                 // The queue is gone: nothing to consume, and restarting will not help.
                 tracing::warn!(queue = %self.queue.name(), %err, "consumer stops: queue unavailable");

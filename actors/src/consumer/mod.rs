@@ -116,6 +116,7 @@ pub struct ConsumeOptions {
     pub(crate) mailbox: Option<usize>,
     pub(crate) supervision: Supervision,
     pub(crate) on_error: OnError,
+    pub(crate) exclusive: bool,
 }
 
 /// What happens to a delivery whose handler returned `Err`. (A panic always
@@ -163,6 +164,7 @@ impl ConsumeOptions {
             mailbox: None,
             supervision: Supervision::default(),
             on_error: OnError::default(),
+            exclusive: false,
         }
     }
 
@@ -174,6 +176,17 @@ impl ConsumeOptions {
             prefetch: 0,
             ..ConsumeOptions::manual(0)
         }
+    }
+
+    /// The only consumer of its queue (RabbitMQ's `exclusive` flag of
+    /// `basic.consume`): [`Broker::consume`](crate::Broker::consume) fails
+    /// with [`BrokerError::ExclusiveConsumer`](crate::BrokerError::ExclusiveConsumer)
+    /// if the queue has consumers, and while it runs (restarts included) no
+    /// other consumer may join. For a standby that takes over, use a queue
+    /// with a [single active consumer](crate::QueueOptions::single_active_consumer).
+    pub fn exclusive(mut self) -> Self {
+        self.exclusive = true;
+        self
     }
 
     /// The consumer's mailbox capacity (default: the prefetch, or 256).

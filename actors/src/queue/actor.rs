@@ -1006,22 +1006,50 @@ pub(crate) struct Subscribe {
     pub(crate) prefetch: u32,
     /// The consumer actor's incarnation the registration is tied to.
     pub(crate) incarnation: Option<u64>,
+    /// RabbitMQ's `exclusive` flag of `basic.consume`.
+    pub(crate) exclusive: bool,
 }
 impl Message for Subscribe {
-    type Reply = Option<Arc<Link>>;
+    /// `Ok(None)`: the queue is stopping.
+    type Reply = Result<Option<Arc<Link>>, crate::queue::state::ConsumerError>;
 }
 impl Handler<Subscribe> for QueueActor {
     async fn handle(
         &mut self,
         msg: Subscribe,
         ctx: &mut Context<Self>,
-    ) -> Result<Option<Arc<Link>>, Failure> {
+    ) -> Result<Result<Option<Arc<Link>>, crate::queue::state::ConsumerError>, Failure> {
         let Some(me) = ctx.addr() else {
-            return Ok(None);
+            return Ok(Ok(None));
         };
+        // A restarted consumer's earlier registration may still be here (its
+        // end is on its way): it must not stand in its own way. (A consumer
+        // actor registers once per incarnation, when it starts.)
+        if let Sink::Batch { deliveries, .. } = &msg.sink {
+            let actor = deliveries.any().id();
+            let stale: Vec<ConsumerId> = self
+                .consumers
+                .iter()
+                .filter(|(_, reg)| {
+                    matches!(&reg.sink, Sink::Batch { deliveries, .. } if deliveries.any().id() == actor)
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in stale {
+                self.remove(id);
+            }
+        }
         let id = ConsumerId(self.next_consumer);
         self.next_consumer += 1;
-        self.state.add_consumer(id, msg.mode, msg.prefetch)?;
+        let registered = if msg.exclusive {
+            self.state.add_exclusive_consumer(id, msg.mode, msg.prefetch)
+        } else {
+            self.state.add_consumer(id, msg.mode, msg.prefetch)
+        };
+        if let Err(err) = registered {
+            tracing::debug!(queue = %self.name, %err, "consumer refused");
+            return Ok(Err(err));
+        }
         let link = Arc::new(Link::new(
             id,
             self.name.clone(),
@@ -1048,9 +1076,9 @@ impl Handler<Subscribe> for QueueActor {
             },
         );
         self.count_consumers();
-        tracing::debug!(queue = %self.name, consumer = %id, mode = ?msg.mode, prefetch = msg.prefetch, "consumer registered");
+        tracing::debug!(queue = %self.name, consumer = %id, mode = ?msg.mode, prefetch = msg.prefetch, exclusive = msg.exclusive, "consumer registered");
         self.progress(ctx);
-        Ok(Some(link))
+        Ok(Ok(Some(link)))
     }
 }
 
@@ -1139,8 +1167,7 @@ impl Handler<Get> for QueueActor {
         };
         let id = ConsumerId(self.next_consumer);
         self.next_consumer += 1;
-        self.state.add_consumer(id, msg.mode, 0)?;
-        let _ = self.state.cancel_consumer(id);
+        self.state.add_fetcher(id, msg.mode)?;
         let fetched = self.state.fetch(id)?;
         let link = Arc::new(Link::new(
             id,

@@ -396,7 +396,7 @@ impl QueueHandle {
         mode: AckMode,
         prefetch: u32,
     ) -> Result<ConsumerId, BrokerError> {
-        self.subscribe_as(Sink::One(sink), mode, prefetch, None)
+        self.subscribe_as(Sink::One(sink), mode, prefetch, None, false)
             .await
             .map(|link| link.consumer)
     }
@@ -407,6 +407,7 @@ impl QueueHandle {
         mode: AckMode,
         prefetch: u32,
         incarnation: Option<u64>,
+        exclusive: bool,
     ) -> Result<Arc<crate::queue::delivery::Link>, BrokerError> {
         self.before_request();
         let subscribe = Subscribe {
@@ -414,13 +415,18 @@ impl QueueHandle {
             mode,
             prefetch,
             incarnation,
+            exclusive,
         };
-        self.addr
-            .ask(subscribe)
-            .await
-            .ok()
-            .flatten()
-            .ok_or_else(|| self.gone())
+        match self.addr.ask(subscribe).await {
+            Ok(Ok(Some(link))) => Ok(link),
+            Ok(Err(crate::queue::state::ConsumerError::Exclusive(consumers))) => {
+                Err(BrokerError::ExclusiveConsumer {
+                    queue: self.name.to_string(),
+                    consumers,
+                })
+            }
+            _ => Err(self.gone()),
+        }
     }
 
     /// Ties the queue's life to an actor: when that actor stops for good, the

@@ -66,6 +66,13 @@ pub struct QueueOptions {
     /// are not publishes: the window does not see them.
     #[serde(default)]
     pub dedup: Option<crate::dedup::DedupWindow>,
+    /// One consumer at a time receives everything; the others stand by and
+    /// take over in registration order (RabbitMQ's
+    /// `x-single-active-consumer`): the way to keep a queue's order with
+    /// consumers ready to take over. See
+    /// [`QueuePolicy::single_active_consumer`](crate::QueuePolicy::single_active_consumer).
+    #[serde(default)]
+    pub single_active_consumer: bool,
 }
 
 impl Default for QueueOptions {
@@ -83,6 +90,7 @@ impl Default for QueueOptions {
             expires: None,
             durable: false,
             dedup: None,
+            single_active_consumer: false,
         }
     }
 }
@@ -121,6 +129,13 @@ impl QueueOptions {
     /// Sets [`max_length_bytes`](Self::max_length_bytes).
     pub fn max_length_bytes(mut self, bytes: usize) -> Self {
         self.max_length_bytes = Some(bytes);
+        self
+    }
+
+    /// Sets [`single_active_consumer`](Self::single_active_consumer).
+    #[doc(alias = "x-single-active-consumer")]
+    pub fn single_active_consumer(mut self) -> Self {
+        self.single_active_consumer = true;
         self
     }
 
@@ -175,6 +190,7 @@ impl QueueOptions {
             max_length: self.max_length,
             max_length_bytes: self.max_length_bytes,
             overflow: self.overflow,
+            single_active_consumer: self.single_active_consumer,
         }
     }
 }

@@ -41,4 +41,12 @@ pub struct QueuePolicy {
     pub max_length_bytes: Option<usize>,
     /// What a full queue does with a new message.
     pub overflow: Overflow,
+    /// One consumer at a time receives everything (RabbitMQ's
+    /// `x-single-active-consumer`): the first registered that is not
+    /// cancelled. The others stand by, and the next in registration order
+    /// takes over when it goes. It goes when it is removed (its unsettled
+    /// deliveries are requeued to their places, so they come first, to the
+    /// next one), or once it is cancelled and has settled what it held.
+    #[serde(default)]
+    pub single_active_consumer: bool,
 }

@@ -76,4 +76,7 @@ pub struct ConsumerStats {
     pub blocked: bool,
     /// Deliveries it has received.
     pub delivered: u64,
+    /// Whether it receives deliveries: false once cancelled, and for the
+    /// standbys of a queue with a single active consumer.
+    pub active: bool,
 }

@@ -138,6 +138,11 @@ pub enum ConsumerError {
     /// A consumer with this id is already registered.
     #[error("consumer {0} is already registered on this queue")]
     Duplicate(ConsumerId),
+    /// An exclusive consumer was asked for on a queue that has consumers, or
+    /// a consumer on a queue that has an exclusive one (RabbitMQ's
+    /// `ACCESS_REFUSED` to `basic.consume`).
+    #[error("the queue has an exclusive consumer, or consumers an exclusive one cannot join ({0} registered)")]
+    Exclusive(usize),
 }
 
 /// A message held by the queue, with its publish sequence number: its original position,
@@ -318,6 +323,10 @@ struct Consumer {
     blocked: bool,
     /// Cancelled: it gets nothing more, and keeps what it holds until settled.
     cancelled: bool,
+    /// Registered with the exclusive flag: no other consumer may join.
+    exclusive: bool,
+    /// Registered for `basic.get` only (see [`QueueState::add_fetcher`]).
+    fetcher: bool,
     /// Whether it is in the queue's `active` line.
     in_line: bool,
     delivered: u64,
@@ -439,6 +448,7 @@ impl Consumer {
             unacked: self.unacked.len(),
             blocked: self.blocked,
             delivered: self.delivered,
+            active: false,
         }
     }
 }
@@ -487,6 +497,10 @@ pub struct QueueState {
     policy: QueuePolicy,
     /// The driver's clock (epoch ms), as last told by [`QueueState::advance_to`].
     now_ms: u64,
+    /// With a single active consumer: the one that has the queue now, kept
+    /// while it is registered and either not cancelled or still holding
+    /// deliveries.
+    holder: Option<ConsumerId>,
     /// Nacked-with-delay messages, by (due time, seq).
     delayed: BTreeMap<(u64, u64), Entry>,
     /// Messages removed for a dead-letter reason, waiting for the driver.
@@ -852,8 +866,60 @@ impl QueueState {
         mode: AckMode,
         prefetch: u32,
     ) -> Result<(), ConsumerError> {
+        self.register(id, mode, prefetch, false, false)
+    }
+
+    /// Registers an exclusive consumer (RabbitMQ's `exclusive` flag of
+    /// `basic.consume`): refused if the queue has consumers (cancelled ones
+    /// still settling count), and while it is registered no other consumer
+    /// may join ([`add_consumer`](Self::add_consumer) fails with
+    /// [`ConsumerError::Exclusive`]). `basic.get` is not a consumer: see
+    /// [`add_fetcher`](Self::add_fetcher).
+    ///
+    /// # Errors
+    /// [`ConsumerError::Duplicate`] if `id` is already registered,
+    /// [`ConsumerError::Exclusive`] if the queue has consumers.
+    pub fn add_exclusive_consumer(
+        &mut self,
+        id: ConsumerId,
+        mode: AckMode,
+        prefetch: u32,
+    ) -> Result<(), ConsumerError> {
+        self.register(id, mode, prefetch, true, false)
+    }
+
+    /// Registers a cancelled consumer for [`fetch`](Self::fetch)
+    /// (`basic.get`): it never receives deliveries from the line, does not
+    /// count as a consumer, and is not refused by an exclusive consumer.
+    ///
+    /// # Errors
+    /// [`ConsumerError::Duplicate`] if `id` is already registered.
+    pub fn add_fetcher(&mut self, id: ConsumerId, mode: AckMode) -> Result<(), ConsumerError> {
+        self.register(id, mode, 0, false, true)
+    }
+
+    fn register(
+        &mut self,
+        id: ConsumerId,
+        mode: AckMode,
+        prefetch: u32,
+        exclusive: bool,
+        fetcher: bool,
+    ) -> Result<(), ConsumerError> {
         if self.index.contains_key(&id) {
             return Err(ConsumerError::Duplicate(id));
+        }
+        if !fetcher {
+            // Consumers present: not cancelled, or cancelled and still
+            // settling (fetchers are cancelled from the start).
+            let present: Vec<&Consumer> = self
+                .consumers
+                .iter()
+                .filter(|c| !c.fetcher && (!c.cancelled || c.unacked.len() > 0))
+                .collect();
+            if present.iter().any(|c| c.exclusive) || (exclusive && !present.is_empty()) {
+                return Err(ConsumerError::Exclusive(present.len()));
+            }
         }
         self.index.insert(id, self.consumers.len());
         self.consumers.push(Consumer {
@@ -861,12 +927,16 @@ impl QueueState {
             mode,
             prefetch,
             blocked: false,
-            cancelled: false,
-            in_line: true,
+            cancelled: fetcher,
+            exclusive,
+            fetcher,
+            in_line: !fetcher,
             delivered: 0,
             unacked: Unacked::default(),
         });
-        self.active.push_back(self.consumers.len() - 1);
+        if !fetcher {
+            self.active.push_back(self.consumers.len() - 1);
+        }
         Ok(())
     }
 
@@ -961,6 +1031,13 @@ impl QueueState {
         if self.ready.is_empty() {
             return None;
         }
+        if self.policy.single_active_consumer {
+            let index = self.single_active()?;
+            if !self.consumers.get(index)?.can_take() {
+                return None;
+            }
+            return self.deliver_to(index);
+        }
         let index = loop {
             let index = *self.active.front()?;
             let consumer = self.consumers.get_mut(index)?;
@@ -978,6 +1055,48 @@ impl QueueState {
             self.active.push_back(index);
         }
         Some(dispatch)
+    }
+
+    /// With a single active consumer: the position of the consumer that has
+    /// the queue, choosing the next one (the first registered that is not
+    /// cancelled) when the holder is gone, or cancelled with nothing left to
+    /// settle. `None`: nobody may receive now (no consumer, or a cancelled
+    /// holder still settling).
+    fn single_active(&mut self) -> Option<usize> {
+        if let Some(id) = self.holder
+            && let Some(&index) = self.index.get(&id)
+            && let Some(holder) = self.consumers.get(index)
+        {
+            if !holder.cancelled {
+                return Some(index);
+            }
+            if holder.unacked.len() > 0 {
+                return None;
+            }
+        }
+        let index = self.consumers.iter().position(|c| !c.cancelled)?;
+        self.holder = Some(self.consumers[index].id);
+        Some(index)
+    }
+
+    /// Whether `consumer` receives deliveries now: with a single active
+    /// consumer, only the one that has the queue (or would be chosen next);
+    /// otherwise any that is not cancelled.
+    fn is_active(&self, consumer: &Consumer) -> bool {
+        if consumer.cancelled {
+            return false;
+        }
+        if !self.policy.single_active_consumer {
+            return true;
+        }
+        let holder = self.holder.and_then(|id| {
+            let c = self.consumers.get(*self.index.get(&id)?)?;
+            (!c.cancelled || c.unacked.len() > 0).then_some(id)
+        });
+        match holder {
+            Some(id) => id == consumer.id,
+            None => self.consumers.iter().find(|c| !c.cancelled).map(|c| c.id) == Some(consumer.id),
+        }
     }
 
     /// Hands the head ready message to the consumer at `index`.
@@ -1228,12 +1347,19 @@ impl QueueState {
     #[must_use]
     pub fn consumer_stats(&self, id: ConsumerId) -> Option<ConsumerStats> {
         let index = *self.index.get(&id)?;
-        self.consumers.get(index).map(Consumer::stats)
+        self.consumers.get(index).map(|c| self.stats_of(c))
     }
 
     /// Every registered consumer's state, in registration (round-robin) order.
     pub fn consumers(&self) -> impl ExactSizeIterator<Item = ConsumerStats> {
-        self.consumers.iter().map(Consumer::stats)
+        self.consumers.iter().map(|c| self.stats_of(c))
+    }
+
+    fn stats_of(&self, consumer: &Consumer) -> ConsumerStats {
+        ConsumerStats {
+            active: self.is_active(consumer),
+            ..consumer.stats()
+        }
     }
 
     /// Messages waiting for a consumer.

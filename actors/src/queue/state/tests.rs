@@ -984,6 +984,7 @@ mod journal {
                 max_length: max,
                 max_length_bytes: None,
                 overflow,
+                single_active_consumer: false,
             })
     }
 

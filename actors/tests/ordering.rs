@@ -1,0 +1,253 @@
+//! Ordering: a queue with a single active consumer (RabbitMQ's
+//! `x-single-active-consumer`) delivers to one consumer at a time, standbys
+//! take over in registration order, and what the active one held comes
+//! first, in order; an exclusive consumer is the only one a queue has.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use postbox::testkit::local;
+use postbox::{Backoff, Failure, RuntimeHandle};
+use postbox_actors::{Broker, BrokerError, ConsumeOptions, Delivery, QueueOptions};
+
+mod common;
+use common::{msg, settle};
+
+/// What each consumer received, by name, in order.
+type Log = Arc<Mutex<Vec<(&'static str, u32, bool)>>>;
+
+/// A boxed consumer closure.
+type Handler =
+    Box<dyn FnMut(Delivery) -> std::pin::Pin<Box<dyn Future<Output = Result<(), Failure>>>>>;
+
+/// A consumer named `name` that logs each delivery; it acks when `ack(n)`
+/// says so, holds the others, and panics on the first delivery of `crash_at`.
+fn logger(
+    log: &Log,
+    name: &'static str,
+    ack: fn(u32) -> bool,
+    crash_at: Option<u32>,
+) -> impl Fn() -> Handler + Send + Sync + 'static {
+    let log = log.clone();
+    let crashed = Arc::new(AtomicU32::new(0));
+    move || {
+        let (log, crashed) = (log.clone(), crashed.clone());
+        Box::new(move |d: Delivery| {
+            let (log, crashed) = (log.clone(), crashed.clone());
+            Box::pin(async move {
+                let n: u32 = d.decode()?;
+                log.lock().push((name, n, d.redelivered()));
+                if Some(n) == crash_at && crashed.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("{name} crashes on {n}");
+                }
+                if ack(n) {
+                    d.ack().await?;
+                } else {
+                    // Held: settled by a crash or a cancel later.
+                    std::mem::forget(d);
+                }
+                Ok(())
+            })
+        })
+    }
+}
+
+fn received(log: &Log, name: &str) -> Vec<u32> {
+    log.lock()
+        .iter()
+        .filter(|(c, _, _)| *c == name)
+        .map(|(_, n, _)| *n)
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_consumer_receives_and_a_standby_takes_over_with_what_it_held_first() {
+    local(async {
+        let broker = Broker::new(&RuntimeHandle::local());
+        let q = broker
+            .declare_queue("events", QueueOptions::default().single_active_consumer())
+            .await
+            .unwrap();
+        let log: Log = Arc::default();
+        let options = || {
+            ConsumeOptions::manual(100)
+                .backoff(Backoff::NONE)
+                .restarts(0, Duration::from_secs(1))
+        };
+        // A acks 0..10, holds 10..15, and crashes on 15 (for good: no restarts).
+        let a = broker
+            .consume("events", options(), logger(&log, "a", |n| n < 10, Some(15)))
+            .await
+            .unwrap();
+        let b = broker
+            .consume("events", options(), logger(&log, "b", |_| true, None))
+            .await
+            .unwrap();
+        let _c = broker
+            .consume("events", options(), logger(&log, "c", |_| true, None))
+            .await
+            .unwrap();
+        let snap = q.snapshot().await.unwrap();
+        let active: Vec<bool> = snap.consumers.iter().map(|c| c.active).collect();
+        assert_eq!(active, [true, false, false], "one active, two standing by");
+        for n in 0..15 {
+            q.publish(msg(n)).await.unwrap();
+        }
+        settle().await;
+        assert_eq!(received(&log, "a"), (0..15).collect::<Vec<_>>());
+        assert!(received(&log, "b").is_empty() && received(&log, "c").is_empty());
+        // A crashes on 15 while holding 10..15: B takes over and gets
+        // them first, in order, then 15 and the rest.
+        for n in 15..20 {
+            q.publish(msg(n)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        a.terminated().await;
+        assert_eq!(received(&log, "b"), (10..20).collect::<Vec<_>>());
+        let redelivered: Vec<bool> = log
+            .lock()
+            .iter()
+            .filter(|(c, _, _)| *c == "b")
+            .map(|(_, _, r)| *r)
+            .collect();
+        // 15..20 had reached A's mailbox too: all of them come back.
+        assert!(redelivered.iter().all(|r| *r), "{redelivered:?}");
+        assert!(received(&log, "c").is_empty(), "c still stands by");
+        // B is cancelled: C takes over.
+        b.cancel().await;
+        q.publish(msg(20)).await.unwrap();
+        settle().await;
+        assert_eq!(received(&log, "c"), [20]);
+        let snap = q.snapshot().await.unwrap();
+        assert_eq!((snap.stats.ready, snap.stats.unacked), (0, 0));
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_active_consumer_keeps_the_queue_until_it_settled_what_it_holds() {
+    local(async {
+        let broker = Broker::new(&RuntimeHandle::local());
+        let q = broker
+            .declare_queue("events", QueueOptions::default().single_active_consumer())
+            .await
+            .unwrap();
+        let log: Log = Arc::default();
+        let held: Arc<Mutex<Vec<Delivery>>> = Arc::default();
+        let h = held.clone();
+        let a = broker
+            .consume("events", ConsumeOptions::manual(10), move || {
+                let h = h.clone();
+                move |d: Delivery| {
+                    h.lock().push(d);
+                    async { Ok::<(), Failure>(()) }
+                }
+            })
+            .await
+            .unwrap();
+        let _b = broker
+            .consume(
+                "events",
+                ConsumeOptions::manual(10),
+                logger(&log, "b", |_| true, None),
+            )
+            .await
+            .unwrap();
+        for n in 0..3 {
+            q.publish(msg(n)).await.unwrap();
+        }
+        settle().await;
+        assert_eq!(held.lock().len(), 3);
+        assert_eq!(a.cancel().await, 3, "cancelled holding three");
+        q.publish(msg(3)).await.unwrap();
+        settle().await;
+        assert!(received(&log, "b").is_empty(), "b waits: a still settles");
+        // A requeues what it held: B gets everything, in order.
+        let held: Vec<Delivery> = held.lock().drain(..).collect();
+        for d in held {
+            let _ = d.nack(true).await;
+        }
+        settle().await;
+        assert_eq!(received(&log, "b"), [0, 1, 2, 3]);
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_exclusive_consumer_is_the_only_one_and_survives_its_restarts() {
+    local(async {
+        let broker = Broker::new(&RuntimeHandle::local());
+        let q = broker
+            .declare_queue("jobs", QueueOptions::default())
+            .await
+            .unwrap();
+        let log: Log = Arc::default();
+        let exclusive = ConsumeOptions::manual(10)
+            .exclusive()
+            .backoff(Backoff::NONE);
+        // Crashes on 1 once, and is restarted: still the only consumer.
+        let only = broker
+            .consume(
+                "jobs",
+                exclusive.clone(),
+                logger(&log, "x", |_| true, Some(1)),
+            )
+            .await
+            .unwrap();
+        let refused = broker
+            .consume(
+                "jobs",
+                ConsumeOptions::manual(10),
+                logger(&log, "y", |_| true, None),
+            )
+            .await;
+        match refused {
+            Err(BrokerError::ExclusiveConsumer { queue, consumers }) => {
+                assert_eq!((queue.as_str(), consumers), ("jobs", 1));
+            }
+            other => panic!("{other:?}"),
+        }
+        for n in 0..4 {
+            q.publish(msg(n)).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            received(&log, "x"),
+            [0, 1, 1, 2, 3],
+            "1 again after the restart"
+        );
+        assert_eq!(only.report().restarts, 1);
+        assert!(matches!(
+            broker
+                .consume(
+                    "jobs",
+                    ConsumeOptions::manual(10),
+                    logger(&log, "y", |_| true, None)
+                )
+                .await,
+            Err(BrokerError::ExclusiveConsumer { .. })
+        ));
+        // basic.get is not a consumer: it still works.
+        q.publish(msg(9)).await.unwrap();
+        settle().await;
+        // Gone: others may consume; but an exclusive one cannot join them.
+        only.close().await;
+        let _y = broker
+            .consume(
+                "jobs",
+                ConsumeOptions::manual(10),
+                logger(&log, "y", |_| true, None),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(
+            broker
+                .consume("jobs", exclusive, logger(&log, "z", |_| true, None))
+                .await,
+            Err(BrokerError::ExclusiveConsumer { consumers: 1, .. })
+        ));
+    })
+    .await;
+}
