@@ -41,7 +41,9 @@ pub enum BrokerError {
     /// An exclusive consumer was asked for on a queue that has consumers, or
     /// a consumer on a queue that has an exclusive one (RabbitMQ's
     /// `ACCESS_REFUSED` to `basic.consume`).
-    #[error("queue {queue:?} is taken: an exclusive consumer cannot share it ({consumers} consumer(s) registered)")]
+    #[error(
+        "queue {queue:?} is taken: an exclusive consumer cannot share it ({consumers} consumer(s) registered)"
+    )]
     ExclusiveConsumer {
         /// The queue.
         queue: String,

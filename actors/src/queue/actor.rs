@@ -1042,7 +1042,8 @@ impl Handler<Subscribe> for QueueActor {
         let id = ConsumerId(self.next_consumer);
         self.next_consumer += 1;
         let registered = if msg.exclusive {
-            self.state.add_exclusive_consumer(id, msg.mode, msg.prefetch)
+            self.state
+                .add_exclusive_consumer(id, msg.mode, msg.prefetch)
         } else {
             self.state.add_consumer(id, msg.mode, msg.prefetch)
         };

@@ -141,7 +141,9 @@ pub enum ConsumerError {
     /// An exclusive consumer was asked for on a queue that has consumers, or
     /// a consumer on a queue that has an exclusive one (RabbitMQ's
     /// `ACCESS_REFUSED` to `basic.consume`).
-    #[error("the queue has an exclusive consumer, or consumers an exclusive one cannot join ({0} registered)")]
+    #[error(
+        "the queue has an exclusive consumer, or consumers an exclusive one cannot join ({0} registered)"
+    )]
     Exclusive(usize),
 }
 
