@@ -50,6 +50,17 @@ pub enum BrokerError {
         /// The consumers registered there.
         consumers: usize,
     },
+    /// A partitioned queue of 0 partitions was asked for.
+    #[error("partitioned queue {0:?} needs at least one partition")]
+    NoPartitions(String),
+    /// A message published to a partitioned queue has no partition key.
+    #[error("message {message_id} has no partition key for partitioned queue {queue:?}")]
+    NoPartitionKey {
+        /// The partitioned queue.
+        queue: String,
+        /// The message.
+        message_id: crate::envelope::MessageId,
+    },
     /// `if_empty` deletion of a queue that holds messages.
     #[error("queue {name:?} holds {messages} message(s)")]
     QueueNotEmpty {

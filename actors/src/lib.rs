@@ -56,6 +56,7 @@ mod error;
 mod exchange;
 pub mod idempotency;
 mod name;
+pub mod partition;
 pub mod queue;
 pub mod rpc;
 mod spare;
@@ -68,7 +69,7 @@ mod supervision;
 pub mod testkit;
 mod transaction;
 
-pub use broker::{Broker, BrokerConfig, PublishOptions};
+pub use broker::{Broker, BrokerConfig, PartitionOptions, Partitioned, PublishOptions};
 pub use codec::{Codec, CodecError, Json};
 pub use consumer::{
     ConsumeOptions, Consumer, ConsumerFactory, ConsumerHandle, ConsumerReport, Layer, LayerExt,

@@ -251,3 +251,115 @@ async fn an_exclusive_consumer_is_the_only_one_and_survives_its_restarts() {
     })
     .await;
 }
+
+/// 100 users × 100 events from 4 producers (25 users each, so that each
+/// user's events have one publish order) through 4 partitions, with an
+/// active consumer and a standby on each: handlers requeue 5% of
+/// deliveries and crash on 2% (restarting), and every user's events are
+/// processed exactly once each, in publish order.
+#[tokio::test(start_paused = true)]
+async fn per_user_order_through_partitions_across_nacks_and_crashes() {
+    local(async {
+        use postbox_actors::partition::PartitionKey;
+        use postbox_actors::{Envelope, PartitionOptions};
+        const USERS: u32 = 100;
+        const EVENTS: u32 = 100;
+        let broker = Broker::new(&RuntimeHandle::local());
+        let events = broker
+            .declare_partitioned(
+                "events",
+                PartitionOptions::new(4).key(PartitionKey::Header("user".into())),
+            )
+            .await
+            .unwrap();
+        let processed: Arc<Mutex<Vec<Vec<u32>>>> =
+            Arc::new(Mutex::new(vec![Vec::new(); USERS as usize]));
+        let rng = Arc::new(Mutex::new(fastrand::Rng::with_seed(17)));
+        let factory = {
+            let (processed, rng) = (processed.clone(), rng.clone());
+            move || {
+                let (processed, rng) = (processed.clone(), rng.clone());
+                move |d: Delivery| {
+                    let (processed, rng) = (processed.clone(), rng.clone());
+                    async move {
+                        let (user, seq): (u32, u32) = d.decode()?;
+                        let roll = rng.lock().u32(0..100);
+                        if roll < 5 {
+                            d.nack(true).await?;
+                            return Ok(());
+                        }
+                        if roll < 7 {
+                            panic!("crash on {user}/{seq}");
+                        }
+                        // Handling takes a while, more or less: two
+                        // consumers of one partition would overtake each other.
+                        let work = Duration::from_micros(u64::from(roll) * 20);
+                        tokio::time::sleep(work).await;
+                        processed.lock()[user as usize].push(seq);
+                        d.ack().await?;
+                        Ok::<(), Failure>(())
+                    }
+                }
+            }
+        };
+        // Prefetch 1: a requeued delivery is the next one its partition
+        // delivers (with more in flight, those after it would overtake it).
+        let options = ConsumeOptions::manual(1).backoff(Backoff::NONE);
+        let active = events
+            .consume(&broker, options.clone(), factory.clone())
+            .await
+            .unwrap();
+        let standby = events.consume(&broker, options, factory).await.unwrap();
+        assert_eq!((active.len(), standby.len()), (4, 4));
+        let mut producers = Vec::new();
+        for p in 0..4u32 {
+            let events = events.clone();
+            producers.push(tokio::task::spawn_local(async move {
+                // A user's events in bursts of 10, users taking turns.
+                for burst in 0..EVENTS / 10 {
+                    for user in (p * 25)..(p * 25 + 25) {
+                        for seq in burst * 10..burst * 10 + 10 {
+                            let event = Envelope::encode(&(user, seq))
+                                .unwrap()
+                                .with_header("user", format!("user-{user}"));
+                            events.publish(event).await.unwrap();
+                        }
+                    }
+                }
+            }));
+        }
+        for p in producers {
+            p.await.unwrap();
+        }
+        for _ in 0..600 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let done: usize = processed.lock().iter().map(Vec::len).sum();
+            if done == (USERS * EVENTS) as usize {
+                break;
+            }
+        }
+        let processed = processed.lock().clone();
+        for (user, seqs) in processed.iter().enumerate() {
+            assert_eq!(*seqs, (0..EVENTS).collect::<Vec<_>>(), "user {user}");
+        }
+        // Each user's events all went to one partition.
+        let crashes: u64 = active
+            .iter()
+            .chain(&standby)
+            .map(|c| c.report().crashes)
+            .sum();
+        assert!(crashes > 0, "the test crashed consumers");
+        // Bad input: no key, and no partitions.
+        assert!(matches!(
+            events.publish(Envelope::new("anonymous")).await,
+            Err(BrokerError::NoPartitionKey { .. })
+        ));
+        assert!(matches!(
+            broker
+                .declare_partitioned("none", PartitionOptions::new(0))
+                .await,
+            Err(BrokerError::NoPartitions(_))
+        ));
+    })
+    .await;
+}

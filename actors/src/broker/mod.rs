@@ -16,6 +16,7 @@
 mod consume;
 mod durable;
 mod exchanges;
+mod partitions;
 mod publish;
 mod queues;
 mod streams;
@@ -30,6 +31,7 @@ use parking_lot::{Mutex, RwLock};
 use postbox::{ActorId, RuntimeHandle, ShutdownHook};
 use rustc_hash::FxHashMap;
 
+pub use partitions::{PartitionOptions, Partitioned};
 pub use publish::PublishOptions;
 pub(crate) use publish::{Admitted, deliver_to};
 pub(crate) use topology::Target;
