@@ -110,6 +110,104 @@ impl PartitionKey {
     }
 }
 
+/// The header that carries a message's sequence number within its key
+/// (see [`Sequencer`]).
+pub const SEQUENCE_HEADER: &str = "x-key-seq";
+
+/// Numbers the messages of each key, 1, 2, 3..., in a header
+/// ([`SEQUENCE_HEADER`]), so that a consumer can tell a gap or a reorder in
+/// one key's flow ([`SequenceCheck`]). Shared by clones: every publisher of
+/// one key should use the same sequencer (a partitioned queue's, with
+/// [`PartitionOptions::sequence`](crate::PartitionOptions::sequence)). It
+/// remembers every key it numbered: memory grows with the keys.
+///
+/// ```
+/// use postbox_actors::Envelope;
+/// use postbox_actors::partition::{SequenceCheck, Sequencer, Sequenced};
+/// let seq = Sequencer::default();
+/// let a = seq.stamp(b"user-1", Envelope::new("created"));
+/// let b = seq.stamp(b"user-1", Envelope::new("paid"));
+/// let mut check = SequenceCheck::default();
+/// assert_eq!(check.observe(b"user-1", &a), Sequenced::InOrder(1));
+/// assert_eq!(check.observe(b"user-1", &b), Sequenced::InOrder(2));
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Sequencer {
+    next: Arc<parking_lot::Mutex<rustc_hash::FxHashMap<Vec<u8>, u64>>>,
+}
+
+impl Sequencer {
+    /// The next number of `key` (from 1).
+    pub fn next(&self, key: &[u8]) -> u64 {
+        let mut next = self.next.lock();
+        let n = next.entry(key.to_vec()).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    /// `message` with the next number of `key` in [`SEQUENCE_HEADER`].
+    pub fn stamp(&self, key: &[u8], message: Envelope) -> Envelope {
+        let n = self.next(key);
+        message.with_header(SEQUENCE_HEADER, i64::try_from(n).unwrap_or(i64::MAX))
+    }
+}
+
+/// What [`SequenceCheck::observe`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sequenced {
+    /// The number that was due.
+    InOrder(u64),
+    /// Later than due: the ones between are missing (or will come late).
+    Gap {
+        /// The number due.
+        expected: u64,
+        /// The number seen.
+        got: u64,
+    },
+    /// Earlier than due: seen before (a redelivery), or overtaken.
+    Behind {
+        /// The number due.
+        expected: u64,
+        /// The number seen.
+        got: u64,
+    },
+    /// The message has no sequence number.
+    Unnumbered,
+}
+
+/// A consumer's view of each key's sequence: which number is due next.
+#[derive(Clone, Debug, Default)]
+pub struct SequenceCheck {
+    due: rustc_hash::FxHashMap<Vec<u8>, u64>,
+}
+
+impl SequenceCheck {
+    /// Checks `message`'s number against `key`'s due one, and moves the due
+    /// one past it if it was not behind.
+    pub fn observe(&mut self, key: &[u8], message: &Envelope) -> Sequenced {
+        let Some(got) = message
+            .header(SEQUENCE_HEADER)
+            .and_then(|v| v.as_int())
+            .and_then(|n| u64::try_from(n).ok())
+        else {
+            return Sequenced::Unnumbered;
+        };
+        let due = self.due.entry(key.to_vec()).or_insert(1);
+        let expected = *due;
+        match got.cmp(&expected) {
+            std::cmp::Ordering::Equal => {
+                *due = got + 1;
+                Sequenced::InOrder(got)
+            }
+            std::cmp::Ordering::Greater => {
+                *due = got + 1;
+                Sequenced::Gap { expected, got }
+            }
+            std::cmp::Ordering::Less => Sequenced::Behind { expected, got },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +240,37 @@ mod tests {
         for (data, hash) in more {
             assert_eq!(murmur2(data.as_bytes()), hash, "{data}");
         }
+    }
+
+    #[test]
+    fn sequences_tell_gaps_and_reorders() {
+        let seq = Sequencer::default();
+        let m: Vec<Envelope> = (0..4)
+            .map(|_| seq.stamp(b"k", Envelope::new("x")))
+            .collect();
+        let other = seq.stamp(b"other", Envelope::new("y"));
+        let mut check = SequenceCheck::default();
+        assert_eq!(check.observe(b"k", &m[0]), Sequenced::InOrder(1));
+        assert_eq!(
+            check.observe(b"k", &m[2]),
+            Sequenced::Gap {
+                expected: 2,
+                got: 3
+            }
+        );
+        assert_eq!(
+            check.observe(b"k", &m[1]),
+            Sequenced::Behind {
+                expected: 4,
+                got: 2
+            }
+        );
+        assert_eq!(check.observe(b"k", &m[3]), Sequenced::InOrder(4));
+        assert_eq!(check.observe(b"other", &other), Sequenced::InOrder(1));
+        assert_eq!(
+            check.observe(b"k", &Envelope::new("z")),
+            Sequenced::Unnumbered
+        );
     }
 
     #[test]

@@ -268,7 +268,9 @@ async fn per_user_order_through_partitions_across_nacks_and_crashes() {
         let events = broker
             .declare_partitioned(
                 "events",
-                PartitionOptions::new(4).key(PartitionKey::Header("user".into())),
+                PartitionOptions::new(4)
+                    .key(PartitionKey::Header("user".into()))
+                    .sequence(),
             )
             .await
             .unwrap();
@@ -295,6 +297,11 @@ async fn per_user_order_through_partitions_across_nacks_and_crashes() {
                         // consumers of one partition would overtake each other.
                         let work = Duration::from_micros(u64::from(roll) * 20);
                         tokio::time::sleep(work).await;
+                        // Numbered per user as published: 1 for event 0.
+                        let numbered = d
+                            .header(postbox_actors::partition::SEQUENCE_HEADER)
+                            .and_then(|v| v.as_int());
+                        assert_eq!(numbered, Some(i64::from(seq) + 1), "user {user}");
                         processed.lock()[user as usize].push(seq);
                         d.ack().await?;
                         Ok::<(), Failure>(())

@@ -9,7 +9,7 @@ use crate::broker::Broker;
 use crate::consumer::{ConsumeOptions, Consumer, ConsumerFactory, ConsumerHandle};
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
-use crate::partition::{PartitionKey, kafka_partition};
+use crate::partition::{PartitionKey, Sequencer, kafka_partition};
 use crate::queue::handle::QueueHandle;
 use crate::queue::options::QueueOptions;
 
@@ -28,6 +28,7 @@ pub struct PartitionOptions {
     partitions: u32,
     key: PartitionKey,
     queue: QueueOptions,
+    sequence: bool,
 }
 
 impl PartitionOptions {
@@ -38,7 +39,17 @@ impl PartitionOptions {
             partitions,
             key: PartitionKey::RoutingKey,
             queue: QueueOptions::default(),
+            sequence: false,
         }
+    }
+
+    /// Numbers each key's messages (1, 2, 3... in
+    /// [`SEQUENCE_HEADER`](crate::partition::SEQUENCE_HEADER)) as they are
+    /// published through this handle and its clones, so that consumers can
+    /// tell a gap or a reorder ([`SequenceCheck`](crate::partition::SequenceCheck)).
+    pub fn sequence(mut self) -> Self {
+        self.sequence = true;
+        self
     }
 
     /// Where the key comes from (default: the routing key).
@@ -62,6 +73,7 @@ pub struct Partitioned {
     name: String,
     key: PartitionKey,
     queues: Vec<QueueHandle>,
+    sequencer: Option<Sequencer>,
 }
 
 impl Broker {
@@ -102,6 +114,7 @@ impl Broker {
             name: name.to_string(),
             key: options.key,
             queues,
+            sequencer: options.sequence.then(Sequencer::default),
         })
     }
 }
@@ -121,19 +134,27 @@ impl Partitioned {
     /// The partition `message` goes to. Fails with
     /// [`BrokerError::NoPartitionKey`] if it has no key.
     pub fn partition_of(&self, message: &Envelope) -> Result<u32, BrokerError> {
-        let key = self
-            .key
+        Ok(kafka_partition(&self.key_of(message)?, self.partitions()))
+    }
+
+    fn key_of(&self, message: &Envelope) -> Result<Vec<u8>, BrokerError> {
+        self.key
             .of(message)
             .ok_or_else(|| BrokerError::NoPartitionKey {
                 queue: self.name.clone(),
                 message_id: message.id(),
-            })?;
-        Ok(kafka_partition(&key, self.partitions()))
+            })
     }
 
-    /// Publishes `message` to its key's partition; returns the partition.
+    /// Publishes `message` to its key's partition (numbered within its key,
+    /// with [`PartitionOptions::sequence`]); returns the partition.
     pub async fn publish(&self, message: Envelope) -> Result<u32, BrokerError> {
-        let partition = self.partition_of(&message)?;
+        let key = self.key_of(&message)?;
+        let partition = kafka_partition(&key, self.partitions());
+        let message = match &self.sequencer {
+            Some(sequencer) => sequencer.stamp(&key, message),
+            None => message,
+        };
         self.queues[partition as usize].publish(message).await?;
         Ok(partition)
     }
