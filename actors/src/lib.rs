@@ -72,8 +72,8 @@ mod transaction;
 pub use broker::{Broker, BrokerConfig, PartitionOptions, Partitioned, PublishOptions};
 pub use codec::{Codec, CodecError, Json};
 pub use consumer::{
-    ConsumeOptions, Consumer, ConsumerFactory, ConsumerHandle, ConsumerReport, Layer, LayerExt,
-    Layered, OnError, RetryPolicy, Retrying,
+    ConsumeOptions, Consumer, ConsumerFactory, ConsumerHandle, ConsumerReport, KeyOrdered,
+    KeyOrderedConsumer, Layer, LayerExt, Layered, OnError, RetryPolicy, Retrying,
 };
 pub use dedup::{DedupStats, DedupTarget, DedupWindow, Duplicate};
 pub use envelope::{Death, DeathReason, Envelope, HeaderValue, Headers, MessageId};

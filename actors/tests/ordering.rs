@@ -370,3 +370,109 @@ async fn per_user_order_through_partitions_across_nacks_and_crashes() {
     })
     .await;
 }
+
+/// Runs `events` events for each of `keys` keys through one queue consumed
+/// by a key-ordered consumer of `workers` workers whose handler takes
+/// `work(roll)` and fails when `fails(roll)`; returns what each key
+/// handled, in order, and how long it took (virtual time).
+async fn key_ordered_run(
+    workers: usize,
+    keys: u32,
+    events: u32,
+    work: fn(u32) -> Duration,
+    fails: fn(u32) -> bool,
+) -> (Vec<Vec<u32>>, Duration) {
+    use postbox_actors::partition::PartitionKey;
+    use postbox_actors::{Envelope, KeyOrdered};
+    let broker = Broker::new(&RuntimeHandle::local());
+    let q = broker
+        .declare_queue(&format!("work-{workers}"), QueueOptions::default())
+        .await
+        .unwrap();
+    let handled: Arc<Mutex<Vec<Vec<u32>>>> = Arc::new(Mutex::new(vec![Vec::new(); keys as usize]));
+    let rng = Arc::new(Mutex::new(fastrand::Rng::with_seed(5)));
+    let handler = {
+        let (handled, rng) = (handled.clone(), rng.clone());
+        move || {
+            let (handled, rng) = (handled.clone(), rng.clone());
+            move |d: Delivery| {
+                let (handled, rng) = (handled.clone(), rng.clone());
+                async move {
+                    let (key, seq): (u32, u32) = d.decode()?;
+                    let roll = rng.lock().u32(0..100);
+                    tokio::time::sleep(work(roll)).await;
+                    if fails(roll) {
+                        return Err(Failure::msg("declined, retried in place"));
+                    }
+                    handled.lock()[key as usize].push(seq);
+                    d.ack().await?;
+                    Ok::<(), Failure>(())
+                }
+            }
+        }
+    };
+    let factory = KeyOrdered::new(workers, PartitionKey::Header("key".into()), handler)
+        .attempts(10, Duration::from_millis(1));
+    let _c = broker
+        .consume(q.name(), ConsumeOptions::manual(64), factory)
+        .await
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    for seq in 0..events {
+        for key in 0..keys {
+            let m = Envelope::encode(&(key, seq))
+                .unwrap()
+                .with_header("key", format!("k{key}"));
+            q.publish(m).await.unwrap();
+        }
+    }
+    let total = (keys * events) as usize;
+    while handled.lock().iter().map(Vec::len).sum::<usize>() < total {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(start.elapsed() < Duration::from_secs(3600), "stuck");
+    }
+    let elapsed = start.elapsed();
+    let snap = q.snapshot().await.unwrap();
+    assert_eq!((snap.stats.ready, snap.stats.unacked), (0, 0));
+    let handled = handled.lock().clone();
+    (handled, elapsed)
+}
+
+#[tokio::test(start_paused = true)]
+async fn key_ordered_consumption_keeps_each_keys_order_across_failures() {
+    local(async {
+        // 8 keys and a prefetch of 64: each key has several deliveries in
+        // flight at once, which workers would overtake if keys were not
+        // kept to one worker.
+        let (handled, _) = key_ordered_run(
+            4,
+            8,
+            200,
+            |roll| Duration::from_micros(u64::from(roll) * 50),
+            |roll| roll < 10,
+        )
+        .await;
+        for (key, seqs) in handled.iter().enumerate() {
+            assert_eq!(*seqs, (0..200).collect::<Vec<_>>(), "key {key}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn key_ordered_consumption_with_n_workers_takes_about_a_nth_of_the_time() {
+    local(async {
+        let work = |_| Duration::from_millis(10);
+        let (_, one) = key_ordered_run(1, 100, 10, work, |_| false).await;
+        let (handled, four) = key_ordered_run(4, 100, 10, work, |_| false).await;
+        for seqs in &handled {
+            assert_eq!(*seqs, (0..10).collect::<Vec<_>>());
+        }
+        let ratio = four.as_secs_f64() / one.as_secs_f64();
+        assert!(
+            (0.2..0.35).contains(&ratio),
+            "4 workers took {ratio:.2} of 1 worker's time ({four:?} vs {one:?})"
+        );
+    })
+    .await;
+}

@@ -4,6 +4,7 @@
 //! around consumers ([`Layer`]).
 
 mod actor;
+mod key_ordered;
 mod layer;
 mod retry;
 
@@ -16,6 +17,7 @@ use bytestring::ByteString;
 use postbox::{AnyAddr, Backoff, ExitReason, Failure};
 
 pub(crate) use actor::{Close, ConsumerActor, Drain, Flush, Registration, Shared};
+pub use key_ordered::{KeyOrdered, KeyOrderedConsumer};
 pub use layer::{Layer, LayerExt, Layered};
 pub use retry::{RetryPolicy, Retrying};
 

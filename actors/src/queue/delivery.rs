@@ -437,6 +437,17 @@ impl Delivery {
         }
     }
 
+    /// Another handle on the same delivery (same tag, same consumer), for a
+    /// layer that retries a handler in place: settling either settles it.
+    pub(crate) fn retry_copy(&self) -> Delivery {
+        Delivery {
+            message: self.message.clone(),
+            tag: self.tag,
+            link: self.link.clone(),
+            extra: self.extra.clone(),
+        }
+    }
+
     /// The message.
     pub fn message(&self) -> &Envelope {
         &self.message
