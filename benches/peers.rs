@@ -38,6 +38,9 @@
 //! 9. The consume path with the idempotency layer (claim, record, ack per
 //!    message) with the memory store, and with Redis when `REDIS_URL` is set,
 //!    against the same consumer without the layer.
+//! 10. Ordered consumption, 1,000 keys: 4 partitions with one consumer each,
+//!    and a key-ordered consumer with 4 workers, against a plain queue with
+//!    one consumer.
 //!
 //! # How
 //!
@@ -95,6 +98,8 @@ mod idempotent;
 mod memory;
 #[path = "peers/nats.rs"]
 mod nats;
+#[path = "peers/ordered.rs"]
+mod ordered;
 #[path = "peers/p2p.rs"]
 mod p2p;
 #[path = "peers/place.rs"]
@@ -243,6 +248,9 @@ fn main() {
         }
         if cfg.runs(9) {
             idempotent::scenario9(&cfg, &mut report).await;
+        }
+        if cfg.runs(10) {
+            ordered::scenario10(&cfg, &mut report).await;
         }
         // RabbitMQ's rows: the publisher may run anywhere, like its client's tasks.
         util::unpin_current_thread();

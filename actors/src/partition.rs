@@ -94,6 +94,25 @@ impl PartitionKey {
         PartitionKey::Fn(Arc::new(key))
     }
 
+    /// A 64-bit hash of `message`'s key, without copying the key (for
+    /// grouping by key in memory: two keys that share a hash are grouped
+    /// together, which costs parallelism, never order).
+    pub(crate) fn hash_of(&self, message: &Envelope) -> Option<u64> {
+        use std::hash::BuildHasher;
+        let hash = |bytes: &[u8]| rustc_hash::FxBuildHasher.hash_one(bytes);
+        match self {
+            PartitionKey::RoutingKey => {
+                let key = message.routing_key();
+                (!key.is_empty()).then(|| hash(key.as_bytes()))
+            }
+            PartitionKey::Header(name) => message
+                .header(name)
+                .and_then(|v| v.as_str())
+                .map(|s| hash(s.as_bytes())),
+            PartitionKey::Fn(key) => key(message).map(|k| hash(&k)),
+        }
+    }
+
     /// The key of `message`, if it has one (an empty routing key is none).
     pub fn of(&self, message: &Envelope) -> Option<Vec<u8>> {
         match self {

@@ -1,4 +1,4 @@
-//! The goals (issues 7, 14, 15 and 16), checked against this run's rows.
+//! The goals (issues 7, 14, 15, 16 and 17), checked against this run's rows.
 
 use std::fmt::Write as _;
 
@@ -14,6 +14,7 @@ use crate::fanout::{BROADCAST, POSTBOX_FANOUT, POSTBOX_STREAM, S3};
 use crate::idempotent::{MEMORY as IDEMPOTENT_MEMORY, PLAIN as IDEMPOTENT_PLAIN, S9};
 use crate::memory::{OVERHEAD_GOAL, S7};
 use crate::nats::NATS_IN_FLIGHT;
+use crate::ordered::{KEY_ORDERED, PARTITIONED, PLAIN as ORDERED_PLAIN, S10};
 use crate::p2p::{POSTBOX_BATCH, POSTBOX_PUBLISH, S1, S2, S2_BATCHED, S2_EACH, TOKIO_MPSC};
 use crate::rabbit::{RABBIT_FANOUT, RABBIT_P2P, RABBIT_PUBLISHERS, rabbit_publishers};
 use crate::report::{Report, Row};
@@ -313,5 +314,15 @@ pub fn check(report: &Report) -> String {
         "≥ 0.70×",
         at_least(r, 0.70),
     );
+    for (goal, system) in [
+        ("10: 4 partitions vs one plain queue", PARTITIONED),
+        (
+            "10: key-ordered consumer, 4 workers, vs one plain queue",
+            KEY_ORDERED,
+        ),
+    ] {
+        let r = ratio(rate(S10, system), rate(S10, ORDERED_PLAIN));
+        line(goal, r, "×", "≥ 0.70×", at_least(r, 0.70));
+    }
     out
 }

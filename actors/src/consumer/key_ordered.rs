@@ -96,11 +96,13 @@ where
     }
 }
 
-/// A worker's waiting deliveries, with their keys.
-type Waiting = Rc<RefCell<VecDeque<(Vec<u8>, Delivery)>>>;
+/// A worker's waiting deliveries, with their keys' hashes.
+type Waiting = Rc<RefCell<VecDeque<(u64, Delivery)>>>;
 
-/// Keys in flight: their worker and how many of their deliveries it holds.
-type InFlight = Rc<RefCell<FxHashMap<Vec<u8>, (usize, usize)>>>;
+/// Keys in flight, by hash: their worker and how many of their deliveries
+/// it holds. (Two keys that share a hash share a worker: less parallelism,
+/// the same order.)
+type InFlight = Rc<RefCell<FxHashMap<u64, (usize, usize)>>>;
 
 /// One worker: its consumer, the deliveries waiting for it, its task.
 struct Lane<C> {
@@ -215,12 +217,12 @@ impl<C: Consumer> Consumer for KeyOrderedConsumer<C> {
         // No key: a key of its own (the message id), so it runs when a lane is free.
         let key = self
             .key
-            .of(&delivery)
-            .unwrap_or_else(|| delivery.id().0.as_bytes().to_vec());
+            .hash_of(&delivery)
+            .unwrap_or_else(|| delivery.id().0.as_u64_pair().0 ^ delivery.id().0.as_u64_pair().1);
         let lane = {
             let mut keys = self.keys.borrow_mut();
             let lanes = &self.lanes;
-            let entry = keys.entry(key.clone()).or_insert_with(|| {
+            let entry = keys.entry(key).or_insert_with(|| {
                 // The least busy lane takes a key not in flight.
                 let lane = (0..lanes.len())
                     .min_by_key(|&i| lanes[i].queue.borrow().len())
@@ -230,12 +232,17 @@ impl<C: Consumer> Consumer for KeyOrderedConsumer<C> {
             entry.1 += 1;
             entry.0
         };
-        self.lanes[lane]
-            .queue
-            .borrow_mut()
-            .push_back((key, delivery));
+        let was_idle = {
+            let mut queue = self.lanes[lane].queue.borrow_mut();
+            queue.push_back((key, delivery));
+            queue.len() == 1
+        };
         self.start(lane);
-        self.lanes[lane].wake.notify_one();
+        // A worker with work queued drains it before it waits again: only
+        // an idle one needs waking.
+        if was_idle {
+            self.lanes[lane].wake.notify_one();
+        }
         Ok(())
     }
 
