@@ -39,8 +39,8 @@
 //!    message) with the memory store, and with Redis when `REDIS_URL` is set,
 //!    against the same consumer without the layer.
 //! 10. Ordered consumption, 1,000 keys: 4 partitions with one consumer each,
-//!    and a key-ordered consumer with 4 workers, against a plain queue with
-//!    one consumer.
+//!     and a key-ordered consumer with 4 workers, against a plain queue with
+//!     one consumer.
 //!
 //! # How
 //!
