@@ -252,7 +252,7 @@ async fn an_exclusive_consumer_is_the_only_one_and_survives_its_restarts() {
     .await;
 }
 
-/// 100 users × 100 events from 4 producers (25 users each, so that each
+/// 100 users × 1,000 events from 4 producers (25 users each, so that each
 /// user's events have one publish order) through 4 partitions, with an
 /// active consumer and a standby on each: handlers requeue 5% of
 /// deliveries and crash on 2% (restarting), and every user's events are
@@ -263,7 +263,7 @@ async fn per_user_order_through_partitions_across_nacks_and_crashes() {
         use postbox_actors::partition::PartitionKey;
         use postbox_actors::{Envelope, PartitionOptions};
         const USERS: u32 = 100;
-        const EVENTS: u32 = 100;
+        const EVENTS: u32 = 1_000;
         let broker = Broker::new(&RuntimeHandle::local());
         let events = broker
             .declare_partitioned(
@@ -338,7 +338,7 @@ async fn per_user_order_through_partitions_across_nacks_and_crashes() {
         for p in producers {
             p.await.unwrap();
         }
-        for _ in 0..600 {
+        for _ in 0..6000 {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let done: usize = processed.lock().iter().map(Vec::len).sum();
             if done == (USERS * EVENTS) as usize {
@@ -473,6 +473,24 @@ async fn key_ordered_consumption_with_n_workers_takes_about_a_nth_of_the_time() 
             (0.2..0.35).contains(&ratio),
             "4 workers took {ratio:.2} of 1 worker's time ({four:?} vs {one:?})"
         );
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn key_ordered_consumption_of_100_keys_by_1000_events_keeps_every_keys_order() {
+    local(async {
+        let (handled, _) = key_ordered_run(
+            4,
+            100,
+            1_000,
+            |roll| Duration::from_micros(u64::from(roll) * 10),
+            |roll| roll < 5,
+        )
+        .await;
+        for (key, seqs) in handled.iter().enumerate() {
+            assert_eq!(*seqs, (0..1_000).collect::<Vec<_>>(), "key {key}");
+        }
     })
     .await;
 }
