@@ -953,6 +953,9 @@ impl QueueState {
     pub fn remove_consumer(&mut self, id: ConsumerId) -> Result<usize, SettleError> {
         let index = self.position(id)?;
         self.index.remove(&id);
+        if self.holder == Some(id) {
+            self.holder = None;
+        }
         let removed = self.consumers.remove(index);
         for (position, consumer) in self.consumers.iter().enumerate().skip(index) {
             self.index.insert(consumer.id, position);

@@ -104,6 +104,10 @@ struct Model {
     consumers: Vec<MConsumer>,
     /// Consumer indices, in line.
     line: VecDeque<usize>,
+    /// A single active consumer: the first registered one that is still
+    /// there gets everything, and keeps the queue while it is there.
+    single_active: bool,
+    holder: Option<usize>,
     last_tag: u64,
     stats: QueueStats,
 }
@@ -116,6 +120,17 @@ impl Model {
     /// The consumer the next delivery goes to; drops those unable to take
     /// from the front of the line on the way.
     fn expected_consumer(&mut self) -> Option<usize> {
+        if self.single_active {
+            let p = match self.holder {
+                Some(p) if !self.consumers[p].removed => p,
+                _ => {
+                    let p = self.consumers.iter().position(|c| !c.removed)?;
+                    self.holder = Some(p);
+                    p
+                }
+            };
+            return self.consumers[p].eligible().then_some(p);
+        }
         while let Some(&p) = self.line.front() {
             if self.consumers[p].eligible() {
                 return Some(p);
@@ -258,10 +273,13 @@ impl Harness {
         assert_eq!(d.consumer, consumer.id);
         m.last_tag += 1;
         assert_eq!(d.tag, DeliveryTag(m.last_tag));
-        // Served: to the back of the line.
-        let front = m.line.pop_front();
-        assert_eq!(front, Some(p));
-        m.line.push_back(p);
+        // Served: to the back of the line (a single active consumer is
+        // served without taking turns).
+        if !m.single_active {
+            let front = m.line.pop_front();
+            assert_eq!(front, Some(p));
+            m.line.push_back(p);
+        }
         m.stats.delivered += 1;
         if *count > 1 {
             m.stats.redelivered += 1;
@@ -540,6 +558,31 @@ proptest! {
         let mut h = Harness {
             queue: QueueState::with_policy(policy),
             model: Model::default(),
+            next_consumer: 0,
+            persisted: HashSet::new(),
+        };
+        for op in &ops {
+            h.apply(op);
+            h.check_invariants();
+            h.check_journal();
+        }
+    }
+
+    /// With a single active consumer: the first consumer still registered
+    /// gets every delivery, whoever else is there; the next one takes over
+    /// when it goes (requeued messages first).
+    #[test]
+    fn a_single_active_consumer_queue_keeps_the_invariants(ops in proptest::collection::vec(op(), 0..250)) {
+        let policy = QueuePolicy {
+            single_active_consumer: true,
+            ..QueuePolicy::default()
+        };
+        let mut h = Harness {
+            queue: QueueState::with_policy(policy),
+            model: Model {
+                single_active: true,
+                ..Model::default()
+            },
             next_consumer: 0,
             persisted: HashSet::new(),
         };
