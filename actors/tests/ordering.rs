@@ -494,3 +494,43 @@ async fn key_ordered_consumption_of_100_keys_by_1000_events_keeps_every_keys_ord
     })
     .await;
 }
+
+/// A crashing exclusive consumer's end reaches a busy queue (full mailbox)
+/// from a task of its own, and may come after the restarted consumer's new
+/// registration: the queue must not count the old one against it.
+#[tokio::test(start_paused = true)]
+async fn an_exclusive_consumer_restarts_on_a_busy_queue() {
+    local(async {
+        let broker = Broker::new(&RuntimeHandle::local());
+        let q = broker
+            .declare_queue("busy", QueueOptions::default().mailbox(1))
+            .await
+            .unwrap();
+        let log: Log = Arc::default();
+        let only = broker
+            .consume(
+                "busy",
+                ConsumeOptions::manual(10)
+                    .exclusive()
+                    .backoff(Backoff::NONE),
+                logger(&log, "x", |_| true, Some(0)),
+            )
+            .await
+            .unwrap();
+        q.publish(msg(0)).await.unwrap();
+        // Keep the queue's mailbox full while the consumer crashes.
+        for _ in 0..8 {
+            let q = q.clone();
+            tokio::task::spawn_local(async move {
+                let _ = q.snapshot().await;
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        q.publish(msg(1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let report = only.report();
+        assert!(report.running, "still running: {report:?}");
+        assert_eq!(received(&log, "x"), [0, 0, 1]);
+    })
+    .await;
+}
