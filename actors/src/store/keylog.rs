@@ -27,6 +27,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::oneshot;
 
 use crate::store::StoreError;
+use crate::store::disk::{Disk, RealDisk};
 use crate::store::frame::{self, FileKind, HEADER_LEN, Scan, Scanned};
 use crate::store::log::Confirm;
 
@@ -69,7 +70,9 @@ impl KeyLog {
             Ok(data) => load(path, Bytes::from(data), ttl_ms)?,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 create(path, &[]).map_err(|e| StoreError::io("create", path, &e))?;
-                sync_dir(&dir).map_err(|e| StoreError::io("sync", &dir, &e))?;
+                RealDisk
+                    .sync_dir(&dir)
+                    .map_err(|e| StoreError::io("sync", &dir, &e))?;
                 (0, Vec::new())
             }
             Err(err) => return Err(StoreError::io("read", path, &err)),
@@ -148,13 +151,22 @@ fn decode(payload: &[u8]) -> Option<(u64, &[u8])> {
     (rest.len() == 10 + len).then(|| (time, &rest[10..]))
 }
 
-/// The live keys of the records in `data` (latest record per key), oldest
-/// time first, and how many records there were.
-fn live_keys(file: &str, data: &Bytes, ttl_ms: u64) -> (u64, Vec<KeyTime>) {
+/// What a read of a key log found: the live keys (latest record per key,
+/// oldest time first), how many records there were, and where the valid
+/// data ends if a torn tail follows it.
+struct Read {
+    records: u64,
+    live: Vec<KeyTime>,
+    torn_at: Option<usize>,
+}
+
+/// Reads the records in `data`, in one pass.
+fn live_keys(file: &str, data: Bytes, ttl_ms: u64) -> Read {
     let now = postbox::clock::now_ms();
     let mut latest: FxHashMap<Bytes, u64> = FxHashMap::default();
     let mut records = 0;
-    for item in Scan::new(data.clone(), HEADER_LEN) {
+    let mut scan = Scan::new(data, HEADER_LEN);
+    for item in scan.by_ref() {
         match item {
             Scanned::Frame { payload, .. } => match decode(&payload) {
                 Some((time, key)) => {
@@ -174,26 +186,25 @@ fn live_keys(file: &str, data: &Bytes, ttl_ms: u64) -> (u64, Vec<KeyTime>) {
         .filter(|(_, time)| time.saturating_add(ttl_ms) > now)
         .collect();
     live.sort_by_key(|(_, time)| *time);
-    (records, live)
+    Read {
+        records,
+        live,
+        torn_at: scan.torn().then(|| scan.valid_end()),
+    }
 }
 
 /// Reads a log; cuts a torn tail. Returns (records, live keys).
 fn load(path: &Path, data: Bytes, ttl_ms: u64) -> Result<(u64, Vec<KeyTime>), StoreError> {
     let file = path.display().to_string();
     frame::check_header(&data, FileKind::Keys, &file)?;
-    let (records, live) = live_keys(&file, &data, ttl_ms);
-    let mut scan = Scan::new(data, HEADER_LEN);
-    for _ in scan.by_ref() {}
-    if scan.torn() {
-        let end = scan.valid_end() as u64;
+    let read = live_keys(&file, data, ttl_ms);
+    if let Some(end) = read.torn_at {
         tracing::warn!(file, end, "torn tail of a key log cut");
-        OpenOptions::new()
-            .write(true)
-            .open(path)
-            .and_then(|f| f.set_len(end).and_then(|()| f.sync_all()))
+        RealDisk
+            .truncate(path, end as u64)
             .map_err(|e| StoreError::io("truncate", path, &e))?;
     }
-    Ok((records, live))
+    Ok((read.records, read.live))
 }
 
 /// Writes a new log at `path` holding `frames`, synced.
@@ -206,10 +217,6 @@ fn create(path: &Path, frames: &[u8]) -> std::io::Result<()> {
     file.write_all(&frame::header(FileKind::Keys, 0))?;
     file.write_all(frames)?;
     file.sync_all()
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 struct Writer {
@@ -267,7 +274,7 @@ impl Writer {
     fn rewrite(&mut self) -> std::io::Result<()> {
         let data = Bytes::from(std::fs::read(&self.path)?);
         let file = self.path.display().to_string();
-        let (_, live) = live_keys(&file, &data, self.ttl_ms);
+        let live = live_keys(&file, data, self.ttl_ms).live;
         let mut frames = Vec::new();
         for (key, time) in &live {
             let mut payload = Vec::with_capacity(11 + key.len());
@@ -280,7 +287,7 @@ impl Writer {
         let tmp = self.path.with_extension("rewrite");
         create(&tmp, &frames)?;
         std::fs::rename(&tmp, &self.path)?;
-        sync_dir(&self.dir)?;
+        RealDisk.sync_dir(&self.dir)?;
         self.file = OpenOptions::new().append(true).open(&self.path)?;
         self.appended = live.len() as u64;
         self.live_at_rewrite = self.appended;
