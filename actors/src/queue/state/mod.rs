@@ -914,13 +914,13 @@ impl QueueState {
         if !fetcher {
             // Consumers present: not cancelled, or cancelled and still
             // settling (fetchers are cancelled from the start).
-            let present: Vec<&Consumer> = self
+            let present = self
                 .consumers
                 .iter()
-                .filter(|c| !c.fetcher && (!c.cancelled || c.unacked.len() > 0))
-                .collect();
-            if present.iter().any(|c| c.exclusive) || (exclusive && !present.is_empty()) {
-                return Err(ConsumerError::Exclusive(present.len()));
+                .filter(|c| !c.fetcher && (!c.cancelled || c.unacked.len() > 0));
+            let (count, taken) = present.fold((0, false), |(n, t), c| (n + 1, t || c.exclusive));
+            if taken || (exclusive && count > 0) {
+                return Err(ConsumerError::Exclusive(count));
             }
         }
         self.index.insert(id, self.consumers.len());
