@@ -40,8 +40,8 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::MessageId;
+use crate::store::Confirm;
 use crate::store::keylog::KeyLog;
-use crate::store::{Confirm, StoreError};
 
 /// A duplicate window's bounds: how long ids are remembered, and how many at
 /// most.
@@ -322,14 +322,6 @@ impl SharedWindow {
     ) -> Result<Option<Confirm>, Box<Duplicate>> {
         let at = self.admit_at(id)?;
         Ok(self.log.as_ref().map(|log| log.append(id.0.as_bytes(), at)))
-    }
-
-    /// Waits for a confirmation from [`admit_persistent`](Self::admit_persistent).
-    pub(crate) async fn confirmed(confirm: Option<Confirm>) -> Result<(), StoreError> {
-        match confirm {
-            None => Ok(()),
-            Some(confirm) => confirm.await.unwrap_or(Err(StoreError::Closed)),
-        }
     }
 
     /// Forgets `id`, whose publish failed.

@@ -238,7 +238,6 @@ impl Transaction {
                 windows.0.push((window, id));
             }
             // A duplicate at a queue leaves that queue out, as a publish does.
-            let persistent = message.persistent();
             targets.retain(|target| {
                 let Some(queue) = target.queue() else {
                     return true;
@@ -246,12 +245,7 @@ impl Transaction {
                 let Some(window) = queue.dedup.clone() else {
                     return true;
                 };
-                let admitted = if queue.durable && persistent {
-                    window.admit_persistent(id)
-                } else {
-                    window.admit(id).map(|()| None)
-                };
-                match admitted {
+                match queue.admit(&window, &message) {
                     Ok(logged) => {
                         windows.0.push((window, id));
                         logging.extend(logged);
@@ -264,7 +258,7 @@ impl Transaction {
         }
         // The ids durable queues' windows log are stored before the commit.
         for confirm in logging {
-            SharedWindow::confirmed(Some(confirm))
+            crate::store::confirmed(Some(confirm))
                 .await
                 .map_err(TxError::Storage)?;
         }

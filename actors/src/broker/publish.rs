@@ -8,7 +8,6 @@ use serde::Serialize;
 
 use crate::broker::topology::{Routed, Target};
 use crate::broker::{Broker, BrokerRef};
-use crate::dedup::SharedWindow;
 use crate::envelope::Envelope;
 use crate::error::{BrokerError, PublishError};
 use crate::name::{NameKind, validate_key};
@@ -277,20 +276,15 @@ impl Deliver for QueueHandle {
             return self.hand_over(message).await;
         };
         let id = message.id();
-        let admitted = if self.durable && message.persistent() {
-            dedup.admit_persistent(id)
-        } else {
-            dedup.admit(id).map(|()| None)
-        };
-        let logged = match admitted {
+        let logged = match self.admit(dedup, &message) {
             Ok(logged) => logged,
             Err(dup) => return Ok(Handed::Duplicate(dup)),
         };
         let mut handed = self.hand_over(message).await;
         if matches!(handed, Ok(Handed::Taken | Handed::Confirming(_)))
-            && let Err(err) = SharedWindow::confirmed(logged).await
+            && let Err(err) = QueueHandle::confirmed(logged).await
         {
-            handed = Err(BrokerError::Storage(err));
+            handed = Err(err);
         }
         if !matches!(handed, Ok(Handed::Taken | Handed::Confirming(_))) {
             dedup.forget(id);

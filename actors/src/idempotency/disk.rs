@@ -141,11 +141,13 @@ impl IdempotencyStore for DiskStore {
         }
         let retain_ms = u64::try_from(retain.as_millis()).unwrap_or(u64::MAX);
         let until = postbox::clock::now_ms().saturating_add(retain_ms);
-        match self.log.append(key.as_bytes(), until).await {
-            Ok(Ok(())) => Ok(self.keys.complete_now(key, token, retain)),
-            Ok(Err(err)) => Err(IdempotencyError::unavailable(STORE, err)),
-            Err(_) => Err(IdempotencyError::Closed),
-        }
+        crate::store::confirmed(Some(self.log.append(key.as_bytes(), until)))
+            .await
+            .map_err(|err| match err {
+                crate::store::StoreError::Closed => IdempotencyError::Closed,
+                err => IdempotencyError::unavailable(STORE, err),
+            })?;
+        Ok(self.keys.complete_now(key, token, retain))
     }
 
     async fn release(&self, key: &str, token: ClaimToken) -> Result<bool, IdempotencyError> {

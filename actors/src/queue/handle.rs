@@ -17,7 +17,7 @@ use crate::queue::actor::{
 };
 use crate::queue::delivery::Delivery;
 use crate::queue::inbox::{Collect, Inbox, NoRoom, Shut};
-use crate::store::{Confirm, StoreError};
+use crate::store::Confirm;
 
 /// A handle to one queue; cheap to clone. Obtained from
 /// [`Broker::declare_queue`](crate::Broker::declare_queue) or
@@ -118,6 +118,7 @@ impl QueueHandle {
     /// [`QueueOptions::dedup`]: crate::QueueOptions::dedup
     #[doc(alias = "basic_publish")]
     pub async fn publish(&self, message: Envelope) -> Result<(), BrokerError> {
+        self.check(&message)?;
         if let Some(dedup) = &self.dedup {
             return Box::pin(self.publish_once(dedup, message)).await;
         }
@@ -132,20 +133,12 @@ impl QueueHandle {
         dedup: &SharedWindow,
         message: Envelope,
     ) -> Result<(), BrokerError> {
-        self.check(&message)?;
         let id = message.id();
-        // A durable queue's window logs the id beside the message: both are
-        // stored before the publish returns.
-        let logged = if self.durable && message.persistent() {
-            dedup.admit_persistent(id)?
-        } else {
-            dedup.admit(id)?;
-            None
-        };
+        // Stored beside the message, for a durable one: both are stored
+        // before the publish returns.
+        let logged = self.admit(dedup, &message)?;
         let published = match self.publish_now(message).await {
-            Ok(()) => SharedWindow::confirmed(logged)
-                .await
-                .map_err(BrokerError::from),
+            Ok(()) => Self::confirmed(logged).await,
             Err(err) => Err(err),
         };
         if published.is_err() {
@@ -154,8 +147,25 @@ impl QueueHandle {
         published
     }
 
+    /// Admits `message` through the queue's duplicate window. The id of a
+    /// persistent message to a durable queue is also written to the
+    /// window's log: the confirmation to wait for with the message's own.
+    /// (A transient message does not survive a restart; its id must not.)
+    pub(crate) fn admit(
+        &self,
+        dedup: &SharedWindow,
+        message: &Envelope,
+    ) -> Result<Option<Confirm>, Box<crate::dedup::Duplicate>> {
+        if self.durable && message.persistent() {
+            dedup.admit_persistent(message.id())
+        } else {
+            dedup.admit(message.id()).map(|()| None)
+        }
+    }
+
+    /// Enqueues a message whose size was checked (by `publish`, or by the
+    /// fan-out before it hands copies over).
     pub(crate) async fn publish_now(&self, message: Envelope) -> Result<(), BrokerError> {
-        self.check(&message)?;
         if self.durable && message.persistent() {
             let confirm = self.enqueue_durable(vec![message]).await?;
             return Self::confirmed(confirm).await;
@@ -200,29 +210,20 @@ impl QueueHandle {
         let mut admitted = Vec::with_capacity(messages.len());
         let mut logged = Vec::new();
         for message in messages {
-            let admission = if self.durable && message.persistent() {
-                dedup.admit_persistent(message.id())
-            } else {
-                dedup.admit(message.id()).map(|()| None)
-            }
-            .map_err(BrokerError::from);
-            match admission {
+            match self.admit(dedup, &message) {
                 Ok(confirm) => {
                     logged.extend(confirm);
                     admitted.push(message);
                 }
-                Err(err) => {
-                    duplicate.get_or_insert(err);
+                Err(dup) => {
+                    duplicate.get_or_insert(BrokerError::Duplicate(dup));
                 }
             }
         }
         let ids: Vec<_> = admitted.iter().map(Envelope::id).collect();
         let mut published = self.publish_batch_now(admitted).await;
         for confirm in logged {
-            let stored = SharedWindow::confirmed(Some(confirm))
-                .await
-                .map_err(BrokerError::from);
-            published = published.and(stored);
+            published = published.and(Self::confirmed(Some(confirm)).await);
         }
         if let Err(err) = published {
             for id in ids {
@@ -268,7 +269,7 @@ impl QueueHandle {
         if let Some(dedup) = &self.dedup {
             // Not waiting for the disk: a durable window's id is written
             // with the log's next group, as the message is.
-            dedup.admit_persistent(id).map_err(BrokerError::from)?;
+            self.admit(dedup, &message).map_err(BrokerError::from)?;
         }
         let enqueued = self.try_enqueue(message);
         if let (Err(_), Some(dedup)) = (&enqueued, &self.dedup) {
@@ -330,15 +331,7 @@ impl QueueHandle {
 
     /// Waits for a confirmation from [`enqueue_durable`](Self::enqueue_durable).
     pub(crate) async fn confirmed(confirm: Option<Confirm>) -> Result<(), BrokerError> {
-        let Some(confirm) = confirm else {
-            return Ok(());
-        };
-        match confirm.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(BrokerError::Storage(err)),
-            // The store went away without answering: it was closed.
-            Err(_) => Err(BrokerError::Storage(StoreError::Closed)),
-        }
+        Ok(crate::store::confirmed(confirm).await?)
     }
 
     /// Enqueues without waiting and without the size check (dead letters were

@@ -28,6 +28,15 @@ const LAZY_SYNC: Duration = Duration::from_millis(200);
 /// policy, or with the error that prevented it.
 pub(crate) type Confirm = oneshot::Receiver<Result<(), StoreError>>;
 
+/// Waits for a confirmation, if there is one: a writer that went away
+/// without answering was closed.
+pub(crate) async fn confirmed(confirm: Option<Confirm>) -> Result<(), StoreError> {
+    match confirm {
+        None => Ok(()),
+        Some(confirm) => confirm.await.unwrap_or(Err(StoreError::Closed)),
+    }
+}
+
 /// The message log of one broker. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Store {

@@ -87,7 +87,7 @@ use rustc_hash::FxHashSet;
 
 #[cfg(feature = "testkit")]
 pub use disk::DiskFaults;
-pub(crate) use log::{Append, Confirm, Store};
+pub(crate) use log::{Append, Confirm, Store, confirmed};
 pub(crate) use meta::MetaLog;
 pub(crate) use record::{Loc, QueueId};
 pub(crate) use recover::{Recovered, Recovery};

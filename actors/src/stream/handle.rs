@@ -101,15 +101,9 @@ impl StreamCore {
 
     /// Waits for a durable stream's records to be stored.
     async fn confirmed(confirm: Option<Confirm>) -> Result<(), StreamError> {
-        let Some(confirm) = confirm else {
-            return Ok(());
-        };
-        match confirm.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => Err(StreamError::Storage(err)),
-            // The writer went away without answering: it was closed.
-            Err(_) => Err(StreamError::Storage(StoreError::Closed)),
-        }
+        crate::store::confirmed(confirm)
+            .await
+            .map_err(StreamError::Storage)
     }
 
     /// A named subscriber committed a position: a durable stream writes it
