@@ -155,14 +155,16 @@ async fn an_expired_claim_is_taken_over_and_the_old_token_can_neither_complete_n
     let table = unique("expiry");
     let store = store(&table).await;
     let (a, b, c) = (ClaimToken::new(), ClaimToken::new(), ClaimToken::new());
-    let short = Duration::from_millis(100);
+    // Real time on the server's clock: wide margins, so that a loaded machine
+    // does not see a lease run out between two calls.
+    let short = Duration::from_secs(1);
     let long = Duration::from_secs(60);
     assert_eq!(
         store.claim("k", a, short).await,
         Ok(Claim::Acquired { expired: false })
     );
     assert_eq!(store.claim("k", b, long).await, Ok(Claim::Busy));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
     // a's lease ran out (by the database's clock): b takes over, and says so.
     assert_eq!(
         store.claim("k", b, long).await,
@@ -176,14 +178,14 @@ async fn an_expired_claim_is_taken_over_and_the_old_token_can_neither_complete_n
         "b still holds it"
     );
     assert_eq!(
-        store.complete("k", b, Duration::from_millis(300)).await,
+        store.complete("k", b, Duration::from_secs(1)).await,
         Ok(true)
     );
     assert_eq!(store.claim("k", c, long).await, Ok(Claim::Done));
     assert_eq!(store.release("k", b).await, Ok(false));
     assert_eq!(store.complete("k", c, long).await, Ok(false));
     // The retention ends: free again, and not an expired *claim*.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert_eq!(
         store.claim("k", c, long).await,
         Ok(Claim::Acquired { expired: false })

@@ -215,14 +215,16 @@ async fn an_expired_claim_is_taken_over_and_the_old_token_can_neither_complete_n
     let prefix = unique_prefix("expiry");
     let store = store(&prefix).await;
     let (a, b, c) = (ClaimToken::new(), ClaimToken::new(), ClaimToken::new());
-    let short = Duration::from_millis(100);
+    // Real time on the server's clock: wide margins, so that a loaded machine
+    // does not see a lease run out between two calls.
+    let short = Duration::from_secs(1);
     let long = Duration::from_secs(60);
     assert_eq!(
         store.claim("k", a, short).await,
         Ok(Claim::Acquired { expired: false })
     );
     assert_eq!(store.claim("k", b, long).await, Ok(Claim::Busy));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
     // a's lease ran out: b takes over (Redis cannot say it expired).
     assert_eq!(
         store.claim("k", b, long).await,
@@ -236,7 +238,7 @@ async fn an_expired_claim_is_taken_over_and_the_old_token_can_neither_complete_n
         "b still holds it"
     );
     assert_eq!(
-        store.complete("k", b, Duration::from_millis(300)).await,
+        store.complete("k", b, Duration::from_secs(1)).await,
         Ok(true)
     );
     assert_eq!(store.claim("k", c, long).await, Ok(Claim::Done));
@@ -244,7 +246,7 @@ async fn an_expired_claim_is_taken_over_and_the_old_token_can_neither_complete_n
     assert_eq!(store.release("k", b).await, Ok(false));
     assert_eq!(store.complete("k", c, long).await, Ok(false));
     // The retention ends: the key is free again.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert_eq!(
         store.claim("k", c, long).await,
         Ok(Claim::Acquired { expired: false })
