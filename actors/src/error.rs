@@ -3,7 +3,7 @@
 
 use crate::codec::CodecError;
 use crate::envelope::Envelope;
-use crate::exchange::{ExchangeOptions, HeadersBindingError};
+use crate::exchange::{BindingError, ExchangeOptions};
 use crate::name::NameError;
 use crate::queue::options::QueueOptions;
 use crate::store::StoreError;
@@ -88,6 +88,15 @@ pub enum BrokerError {
         /// The options asked for.
         requested: Box<ExchangeOptions>,
     },
+    /// Exchange options that do not go together (hashing options on an
+    /// exchange that is not a consistent-hash exchange).
+    #[error("exchange {name:?}: {reason}")]
+    InvalidExchangeOptions {
+        /// The exchange.
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// `if_unused` deletion of an exchange that has bindings.
     #[error("exchange {name:?} has {bindings} binding(s)")]
     ExchangeInUse {
@@ -96,10 +105,11 @@ pub enum BrokerError {
         /// How many bindings it has.
         bindings: usize,
     },
-    /// A headers-exchange binding whose arguments do not make a match
-    /// (an unknown `x-match`).
+    /// A binding its exchange cannot take: a headers binding whose
+    /// arguments do not make a match (an unknown `x-match`), a
+    /// consistent-hash binding whose key is not a weight.
     #[error(transparent)]
-    InvalidBinding(#[from] HeadersBindingError),
+    InvalidBinding(#[from] BindingError),
     /// The default exchange `""` cannot be declared, deleted or bound.
     #[error("the default exchange cannot be {0}")]
     DefaultExchange(&'static str),

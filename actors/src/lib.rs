@@ -79,8 +79,8 @@ pub use dedup::{DedupStats, DedupTarget, DedupWindow, Duplicate};
 pub use envelope::{Death, DeathReason, Envelope, HeaderValue, Headers, MessageId};
 pub use error::{BrokerError, PublishError, TryPublishError};
 pub use exchange::{
-    Binding, BindingKey, Destination, ExchangeKind, ExchangeOptions, HeadersBindingError,
-    HeadersMatch, XMatch,
+    Binding, BindingError, BindingKey, Destination, ExchangeKind, ExchangeOptions, HashOn,
+    HashProperty, HeadersMatch, XMatch,
 };
 pub use name::{MAX_NAME_LEN, NameError, NameKind, RESERVED_PREFIX};
 pub use queue::ack::{AckMode, ConsumerId, DeliveryTag};

@@ -7,7 +7,7 @@ use bytestring::ByteString;
 use crate::broker::Broker;
 use crate::broker::topology::Topology;
 use crate::error::BrokerError;
-use crate::exchange::{Binding, BindingKey, Destination, ExchangeOptions};
+use crate::exchange::{Binding, BindingKey, Destination, ExchangeKind, ExchangeOptions, HashOn};
 use crate::name::{NameKind, validate_declared, validate_key, validate_name};
 
 impl Broker {
@@ -25,6 +25,12 @@ impl Broker {
         validate_declared(NameKind::Exchange, name)?;
         if let Some(alternate) = &options.alternate_exchange {
             validate_name(NameKind::Exchange, alternate)?;
+        }
+        if options.kind != ExchangeKind::ConsistentHash && options.hash_on != HashOn::RoutingKey {
+            return Err(BrokerError::InvalidExchangeOptions {
+                name: name.to_string(),
+                reason: "only a consistent-hash exchange hashes on a header or a property",
+            });
         }
         self.alive()?;
         let mut topology = self.inner.topology.write();

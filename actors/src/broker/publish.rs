@@ -141,7 +141,7 @@ impl Broker {
         self.inner
             .topology
             .read()
-            .route(exchange, routing_key, message.headers(), &mut routed)?;
+            .route(exchange, routing_key, message, &mut routed)?;
         Ok(routed)
     }
 
@@ -382,12 +382,10 @@ impl QueueHost for BrokerRef {
         };
         let mut routed = Routed::default();
         // An exchange that does not exist (any more) routes nowhere.
-        let _ = inner.topology.read().route(
-            exchange,
-            message.routing_key(),
-            message.headers(),
-            &mut routed,
-        );
+        let _ = inner
+            .topology
+            .read()
+            .route(exchange, message.routing_key(), &message, &mut routed);
         let mut targets = routed.targets;
         targets.retain(|t| t.queue().is_none_or(|q| !skip(q.name())));
         deliver_now(&targets, message) > 0

@@ -35,7 +35,7 @@ use bytestring::ByteString;
 use rustc_hash::{FxHashMap, FxHashSet};
 use smallvec::SmallVec;
 
-use crate::envelope::{Envelope, Headers};
+use crate::envelope::Envelope;
 use crate::error::BrokerError;
 use crate::exchange::{Binding, Bound, Destination, Exchange, ExchangeOptions};
 use crate::queue::handle::QueueHandle;
@@ -254,7 +254,7 @@ impl Topology {
         &self,
         exchange: &str,
         key: &str,
-        headers: &Headers,
+        message: &Envelope,
         out: &mut Routed,
     ) -> Result<(), BrokerError> {
         if exchange.is_empty() {
@@ -268,7 +268,7 @@ impl Topology {
         out.exchange = Some(source.name.clone());
         out.dedup = source.dedup.clone();
         let mut visited = SmallVec::new();
-        self.route_into(name, source, key, headers, &mut visited, &mut out.targets);
+        self.route_into(name, source, key, message, &mut visited, &mut out.targets);
         Ok(())
     }
 
@@ -280,7 +280,7 @@ impl Topology {
         name: &'a str,
         exchange: &'a Exchange<Target>,
         key: &str,
-        headers: &Headers,
+        message: &Envelope,
         visited: &mut SmallVec<[&'a str; 4]>,
         out: &mut SmallVec<[Target; 16]>,
     ) -> bool {
@@ -291,7 +291,7 @@ impl Topology {
         let start = out.len();
         let mut routed = false;
         let mut hops: SmallVec<[&'a ByteString; 2]> = SmallVec::new();
-        let repeats = exchange.route(key, headers, |bound: &'a Bound<Target>| {
+        let repeats = exchange.route(key, message, |bound: &'a Bound<Target>| {
             match &bound.target {
                 Some(target) if target.is_live() => {
                     routed = true;
@@ -316,7 +316,7 @@ impl Topology {
         }
         for next in hops {
             if let Some((next, exchange)) = self.exchanges.get_key_value(&**next) {
-                self.route_into(next, exchange, key, headers, visited, out);
+                self.route_into(next, exchange, key, message, visited, out);
             }
         }
         if let Some(alternate) = exchange
@@ -326,7 +326,7 @@ impl Topology {
             .filter(|_| !routed)
             && let Some((alternate, exchange)) = self.exchanges.get_key_value(alternate)
         {
-            routed = self.route_into(alternate, exchange, key, headers, visited, out);
+            routed = self.route_into(alternate, exchange, key, message, visited, out);
         }
         routed
     }

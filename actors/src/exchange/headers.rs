@@ -36,12 +36,18 @@ impl XMatch {
     }
 }
 
-/// A bad headers binding.
+/// A binding its exchange cannot take.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum HeadersBindingError {
-    /// `x-match` was not one of `all`, `any`, `all-with-x`, `any-with-x`.
+#[non_exhaustive]
+pub enum BindingError {
+    /// A headers binding's `x-match` was not one of `all`, `any`,
+    /// `all-with-x`, `any-with-x`.
     #[error("x-match must be \"all\", \"any\", \"all-with-x\" or \"any-with-x\", not {0:?}")]
     BadXMatch(String),
+    /// A consistent-hash binding's key was not a weight (an integer of at
+    /// least 1), as RabbitMQ's plugin refuses it.
+    #[error("a consistent-hash binding key must be an integer of at least 1, not {0:?}")]
+    BadWeight(String),
 }
 
 /// The arguments of one headers-exchange binding.
@@ -100,7 +106,7 @@ impl HeadersMatch {
     /// Parses RabbitMQ-style binding arguments: an optional `x-match` header
     /// (`"all"`, `"any"`, `"all-with-x"` or `"any-with-x"`) plus the headers
     /// to match.
-    pub fn from_arguments(arguments: &Headers) -> Result<Self, HeadersBindingError> {
+    pub fn from_arguments(arguments: &Headers) -> Result<Self, BindingError> {
         let mode = match arguments.get("x-match") {
             None => XMatch::All,
             Some(HeaderValue::Str(s)) => match &**s {
@@ -108,9 +114,9 @@ impl HeadersMatch {
                 "any" => XMatch::Any,
                 "all-with-x" => XMatch::AllWithX,
                 "any-with-x" => XMatch::AnyWithX,
-                other => return Err(HeadersBindingError::BadXMatch(other.to_string())),
+                other => return Err(BindingError::BadXMatch(other.to_string())),
             },
-            Some(other) => return Err(HeadersBindingError::BadXMatch(format!("{other:?}"))),
+            Some(other) => return Err(BindingError::BadXMatch(format!("{other:?}"))),
         };
         Ok(Self::new(
             mode,
@@ -191,7 +197,7 @@ mod tests {
         args.insert("x-match".into(), "most".into());
         assert!(matches!(
             HeadersMatch::from_arguments(&args),
-            Err(HeadersBindingError::BadXMatch(_))
+            Err(BindingError::BadXMatch(_))
         ));
     }
 

@@ -1,6 +1,7 @@
 //! Exchanges: where publishers send messages, and bindings decide which queues,
 //! streams (or further exchanges) get a copy.
 
+mod consistent_hash;
 mod headers;
 mod topic;
 
@@ -11,8 +12,10 @@ use bytestring::ByteString;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::envelope::{HeaderValue, Headers};
-pub use headers::{HeadersBindingError, HeadersMatch, XMatch};
+use crate::envelope::{Envelope, HeaderValue, Headers};
+use consistent_hash::Ring;
+pub use consistent_hash::{HashOn, HashProperty};
+pub use headers::{BindingError, HeadersMatch, XMatch};
 use topic::TopicTrie;
 
 /// The routing algorithm of an exchange.
@@ -24,7 +27,11 @@ use topic::TopicTrie;
 ///   RabbitMQ matches it (through a trie: the cost does not grow with the
 ///   number of bindings);
 /// - **headers**: match on message headers, `x-match` all or any
-///   ([`HeadersMatch`]).
+///   ([`HeadersMatch`]);
+/// - **consistent hash** (`x-consistent-hash`, RabbitMQ's plugin): each
+///   binding key is a weight, and each message goes to one destination,
+///   chosen by a hash of its routing key, a header or a property
+///   ([`HashOn`]) exactly as RabbitMQ chooses it for the same bindings.
 ///
 /// The default exchange `""` is a direct exchange to which every queue is bound
 /// by its own name (streams have a namespace of their own, and are reached only
@@ -55,6 +62,10 @@ pub enum ExchangeKind {
     Topic,
     /// Header values, `x-match` all or any.
     Headers,
+    /// RabbitMQ's consistent-hash exchange: one destination per message, by
+    /// a hash of its key ([`HashOn`]), binding keys being weights.
+    #[serde(rename = "x-consistent-hash")]
+    ConsistentHash,
 }
 
 /// How an exchange is declared.
@@ -84,6 +95,11 @@ pub struct ExchangeOptions {
     /// windows of their own to keep ids across restarts).
     #[serde(default)]
     pub dedup: Option<crate::dedup::DedupWindow>,
+    /// What a consistent-hash exchange hashes (its `hash-header` or
+    /// `hash-property` argument); the routing key by default. Other kinds
+    /// refuse anything but the default.
+    #[serde(default)]
+    pub hash_on: HashOn,
 }
 
 impl ExchangeOptions {
@@ -94,6 +110,7 @@ impl ExchangeOptions {
             alternate_exchange: None,
             durable: false,
             dedup: None,
+            hash_on: HashOn::RoutingKey,
         }
     }
 
@@ -121,6 +138,40 @@ impl ExchangeOptions {
     /// A headers exchange.
     pub fn headers() -> Self {
         Self::new(ExchangeKind::Headers)
+    }
+
+    /// A consistent-hash exchange (`x-consistent-hash`), hashing the
+    /// routing key unless told otherwise ([`hash_on`](Self::hash_on)).
+    ///
+    /// ```
+    /// use postbox_actors::{Broker, Envelope, ExchangeOptions, HashOn, QueueOptions};
+    /// # postbox::testkit::run(async {
+    /// # let broker = Broker::new(&postbox::RuntimeHandle::local());
+    /// let by_user = ExchangeOptions::consistent_hash().hash_on(HashOn::header("user"));
+    /// broker.declare_exchange("orders", by_user).await?;
+    /// for (queue, weight) in [("orders.a", "1"), ("orders.b", "2")] {
+    ///     broker.declare_queue(queue, QueueOptions::default()).await?;
+    ///     broker.bind_queue(queue, "orders", weight).await?;
+    /// }
+    /// // One user's messages all reach the same queue.
+    /// for n in 0..3 {
+    ///     let order = Envelope::new(format!("order {n}")).with_header("user", "ada");
+    ///     assert_eq!(broker.publish_to("orders", "", order).await?, 1);
+    /// }
+    /// let a = broker.queue_stats("orders.a").await?.stats.ready;
+    /// let b = broker.queue_stats("orders.b").await?.stats.ready;
+    /// assert!((a, b) == (3, 0) || (a, b) == (0, 3));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn consistent_hash() -> Self {
+        Self::new(ExchangeKind::ConsistentHash)
+    }
+
+    /// Sets [`hash_on`](Self::hash_on).
+    pub fn hash_on(mut self, hash_on: HashOn) -> Self {
+        self.hash_on = hash_on;
+        self
     }
 
     /// Sets the alternate exchange.
@@ -284,6 +335,8 @@ enum Table<T> {
     Fanout(Vec<Bound<T>>),
     Topic(TopicTrie<Bound<T>>),
     Headers(Vec<(HeadersMatch, Bound<T>)>),
+    /// Each binding's weight range, in binding order.
+    ConsistentHash(Ring<T>),
 }
 
 /// One exchange: its options and its compiled bindings, whose resolved
@@ -305,6 +358,7 @@ impl<T: Clone> Exchange<T> {
             ExchangeKind::Fanout => Table::Fanout(Vec::new()),
             ExchangeKind::Topic => Table::Topic(TopicTrie::new()),
             ExchangeKind::Headers => Table::Headers(Vec::new()),
+            ExchangeKind::ConsistentHash => Table::ConsistentHash(Ring::new()),
         };
         let dedup = options.dedup.map(|window| {
             Arc::new(crate::dedup::SharedWindow::new(
@@ -327,12 +381,14 @@ impl<T: Clone> Exchange<T> {
 
     /// Adds a binding whose destination resolved to `target`; false if an
     /// identical one exists. For a headers exchange, its arguments must parse
-    /// as a [`HeadersMatch`].
+    /// as a [`HeadersMatch`]; for a consistent-hash exchange, its key as a
+    /// weight.
     pub(crate) fn bind(
         &mut self,
         binding: Binding,
         target: Option<T>,
-    ) -> Result<bool, HeadersBindingError> {
+    ) -> Result<bool, BindingError> {
+        self.check(&binding)?;
         if self.bindings.contains(&binding) {
             return Ok(false);
         }
@@ -344,6 +400,9 @@ impl<T: Clone> Exchange<T> {
         match &mut self.table {
             Table::Headers(list) => {
                 list.push((HeadersMatch::from_arguments(&binding.arguments)?, dest));
+            }
+            Table::ConsistentHash(ring) => {
+                ring.push(weight(&binding.key)?, dest);
             }
             // Bindings that differ only in their arguments share a table
             // entry: a message reaches the destination once.
@@ -358,9 +417,22 @@ impl<T: Clone> Exchange<T> {
         Ok(true)
     }
 
+    /// Refuses a binding this exchange cannot take.
+    pub(crate) fn check(&self, binding: &Binding) -> Result<(), BindingError> {
+        match self.table {
+            Table::Headers(_) => HeadersMatch::from_arguments(&binding.arguments).map(drop),
+            Table::ConsistentHash(_) => weight(&binding.key).map(drop),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether another binding has the same table entry as `binding` (the
-    /// same destination, and key where the kind routes by key).
+    /// same destination, and key where the kind routes by key). A
+    /// consistent-hash binding's range is its own.
     fn shares_entry(&self, binding: &Binding) -> bool {
+        if matches!(self.table, Table::ConsistentHash(_)) {
+            return false;
+        }
         let fanout = matches!(self.table, Table::Fanout(_));
         self.bindings.iter().any(|b| {
             b != binding && b.destination == binding.destination && (fanout || b.key == binding.key)
@@ -379,6 +451,11 @@ impl<T: Clone> Exchange<T> {
             Table::Headers(list) => {
                 if let Ok(m) = HeadersMatch::from_arguments(&binding.arguments) {
                     remove_one(list, |(hm, d)| d.dest == *dest && *hm == m);
+                }
+            }
+            Table::ConsistentHash(ring) => {
+                if let Ok(w) = weight(&binding.key) {
+                    ring.remove(w, dest);
                 }
             }
             _ if shared => {}
@@ -416,6 +493,7 @@ impl<T: Clone> Exchange<T> {
             Table::Fanout(list) => list.iter_mut().for_each(update),
             Table::Topic(trie) => trie.for_each_value_mut(update),
             Table::Headers(list) => list.iter_mut().for_each(|(_, b)| update(b)),
+            Table::ConsistentHash(ring) => ring.for_each_mut(update),
         }
     }
 
@@ -440,7 +518,7 @@ impl<T: Clone> Exchange<T> {
     pub(crate) fn route<'a>(
         &'a self,
         key: &str,
-        headers: &Headers,
+        message: &Envelope,
         mut each: impl FnMut(&'a Bound<T>),
     ) -> bool {
         match &self.table {
@@ -462,14 +540,26 @@ impl<T: Clone> Exchange<T> {
             }
             Table::Headers(list) => {
                 let mut n = 0;
+                let headers = message.headers();
                 for (_, b) in list.iter().filter(|(m, _)| m.matches(headers)) {
                     n += 1;
                     each(b);
                 }
                 n > 1
             }
+            Table::ConsistentHash(ring) => {
+                if let Some(b) = ring.route(&self.options.hash_on, key, message) {
+                    each(b);
+                }
+                false
+            }
         }
     }
+}
+
+/// A consistent-hash binding key's weight.
+fn weight(key: &str) -> Result<u64, BindingError> {
+    consistent_hash::parse_weight(key).ok_or_else(|| BindingError::BadWeight(key.to_string()))
 }
 
 fn remove_one<T>(list: &mut Vec<T>, pred: impl Fn(&T) -> bool) {
