@@ -24,6 +24,7 @@
 //! [`QueueHost`] it was created with (the broker), which routes them and never
 //! makes the queue wait.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -68,6 +69,9 @@ pub struct QueueSnapshot {
     /// counts every loss, so that handled + lost accounts for every auto-ack
     /// delivery.
     pub auto_ack_lost: u64,
+    /// Publishes waiting for room in a queue whose overflow is
+    /// [`Overflow::Block`] (not counted as ready).
+    pub waiting_publishes: usize,
     /// For a durable queue on a broker with a data directory: the counters
     /// of the message log it shares with the broker's other durable queues
     /// (bytes on disk, segments, syncs, bytes per sync, confirm latency).
@@ -272,6 +276,28 @@ pub(crate) struct QueueActor {
     durable: Option<Durable>,
     /// Deleted (not merely stopped): its durable declaration goes too.
     deleted: bool,
+    /// Whether a full queue makes its publishers wait ([`Overflow::Block`]
+    /// with a limit).
+    block: bool,
+    /// Publishes waiting for room under [`Overflow::Block`], oldest first.
+    /// While any waits, the queue takes nothing from its inbox.
+    parked: VecDeque<Parked>,
+    /// The newest batch of the inbox the queue was told to collect: under
+    /// [`Overflow::Block`] it may collect later than told, but never a batch
+    /// it was not yet told of (a request sent after that batch closed could
+    /// be overtaken).
+    collect_through: u64,
+    /// Told batches left in the inbox because publishes were waiting.
+    held_back: bool,
+}
+
+/// A publish waiting for room in a blocking queue.
+struct Parked {
+    message: Envelope,
+    /// Told once the message (and the messages parked before it with no
+    /// sender of their own) entered the queue and, if persistent on a
+    /// durable queue, was stored: a confirmed publish's wait.
+    entered: Option<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
 }
 
 /// Most events handled before the queue makes progress even though more are
@@ -296,6 +322,8 @@ impl QueueActor {
         // spill limits only memory, and dispatching a batch at once is fine.
         let coalesce = (policy.max_length.is_none() && policy.max_length_bytes.is_none())
             || policy.overflow == Overflow::Spill;
+        let block = policy.overflow == Overflow::Block
+            && (policy.max_length.is_some() || policy.max_length_bytes.is_some());
         let mut state = QueueState::with_policy(policy);
         let durable = durable.map(|(durable, recovered)| {
             if !recovered.is_empty() {
@@ -330,6 +358,10 @@ impl QueueActor {
             coalesce,
             durable,
             deleted: false,
+            block,
+            parked: VecDeque::new(),
+            collect_through: 0,
+            held_back: false,
         }
     }
 
@@ -348,6 +380,10 @@ impl QueueActor {
     /// waited for: see [`PublishDurable`] for publishes that are confirmed).
     #[inline]
     fn publish(&mut self, message: Envelope) -> bool {
+        if self.block && (!self.parked.is_empty() || !self.state.has_room_for(&message)) {
+            self.park(message, None);
+            return true;
+        }
         if self.durable.is_some() && message.persistent() {
             return self.publish_persistent(message);
         }
@@ -369,6 +405,94 @@ impl QueueActor {
             Err(err) => {
                 tracing::warn!(queue = %self.name, %err, "persistent message kept in memory only: the store failed");
                 self.enqueue(message, None)
+            }
+        }
+    }
+
+    /// Sets `message` aside until the queue has room for it (after the
+    /// messages already waiting).
+    #[inline(never)]
+    fn park(
+        &mut self,
+        message: Envelope,
+        entered: Option<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
+    ) {
+        if self.parked.is_empty() {
+            tracing::debug!(queue = %self.name, "queue full: publishers wait (overflow block)");
+        }
+        self.parked.push_back(Parked { message, entered });
+    }
+
+    /// Parks every inbox batch the queue was told of, so that a request
+    /// parked next comes after them.
+    fn park_told(&mut self) {
+        while let Some(mut batch) = self.inbox.collect(self.collect_through) {
+            for message in batch.drain(..) {
+                self.park(message, None);
+            }
+            self.inbox.recycle(batch);
+        }
+    }
+
+    /// Lets waiting publishes in while there is room: the parked ones, then
+    /// (once none waits) the batches of the inbox the queue was told of.
+    /// Returns whether any message entered.
+    fn unpark(&mut self) -> bool {
+        let mut entered = false;
+        loop {
+            while let Some(front) = self.parked.front() {
+                if !self.state.has_room_for(&front.message) {
+                    return entered;
+                }
+                let Some(Parked {
+                    message,
+                    entered: done,
+                }) = self.parked.pop_front()
+                else {
+                    break;
+                };
+                entered = true;
+                self.enter(message, done);
+            }
+            // Nothing waits: the inbox may go on.
+            let Some(mut batch) = self.inbox.collect(self.collect_through) else {
+                self.held_back = false;
+                break;
+            };
+            for message in batch.drain(..) {
+                entered |= self.publish(message) && self.parked.is_empty();
+            }
+            self.inbox.recycle(batch);
+        }
+        entered
+    }
+
+    /// Enqueues a parked message, persisting it if it is persistent on a
+    /// durable queue; `done` hears when it is stored (or at once).
+    fn enter(
+        &mut self,
+        message: Envelope,
+        done: Option<tokio::sync::oneshot::Sender<Result<(), StoreError>>>,
+    ) {
+        let store = self.durable.as_ref().map(|d| (d.store.clone(), d.id));
+        match store {
+            Some((store, id)) if message.persistent() => match store.append() {
+                Ok(mut append) => {
+                    self.enqueue(message, Some((&mut append, id)));
+                    append.finish(done);
+                }
+                Err(err) => {
+                    // Not stored: the waiting publisher hears why.
+                    if let Some(done) = done {
+                        let _ = done.send(Err(err));
+                    }
+                }
+            },
+            _ => {
+                self.enqueue(message, None);
+                if let Some(done) = done {
+                    let _ = done.send(Ok(()));
+                }
             }
         }
     }
@@ -395,6 +519,8 @@ impl QueueActor {
                 tracing::debug!(queue = %self.name, message_id = %message.id(), "publish refused: queue full");
                 false
             }
+            // Dropped as the queue's policy says: the publisher is not told.
+            Published::Dropped => true,
         }
     }
 
@@ -425,6 +551,17 @@ impl QueueActor {
         self.unprogressed = 0;
         self.dead_letters();
         self.dispatch(ctx);
+        // Room made by deliveries lets waiting publishes in, which may be
+        // delivered in turn.
+        if self.block {
+            while (!self.parked.is_empty() || self.held_back) && self.unpark() {
+                self.dispatch(ctx);
+            }
+            // What `try_publish` sees: full while publishes wait or the
+            // queue is at its limit.
+            self.inbox
+                .set_blocked(!self.parked.is_empty() || self.state.at_limit());
+        }
         // Dispatching expires heads too.
         self.dead_letters();
         self.arm_timer(ctx);
@@ -711,6 +848,7 @@ impl QueueActor {
             dead_lettered: self.dead_lettered,
             dead_letters_dropped: self.dead_letters_dropped,
             auto_ack_lost: self.auto_ack_lost.load(Ordering::Relaxed),
+            waiting_publishes: self.parked.len(),
             storage: self.durable.as_ref().map(|d| d.store.stats()),
         }
     }
@@ -827,8 +965,12 @@ impl Handler<Collect> for QueueActor {
         ctx: &mut Context<Self>,
     ) -> Result<(), Failure> {
         self.state.advance_to(postbox::clock::now_ms());
+        self.collect_through = self.collect_through.max(through);
         let mut taken = 0;
-        while let Some(mut batch) = self.inbox.collect(through) {
+        // A blocking queue with publishes waiting leaves the inbox full.
+        while (self.parked.is_empty() || !self.block)
+            && let Some(mut batch) = self.inbox.collect(through)
+        {
             taken += batch.len();
             for message in batch.drain(..) {
                 tracing::trace!(queue = %self.name, message_id = %message.id(), correlation_id = message.correlation_id(), "enqueue");
@@ -839,6 +981,9 @@ impl Handler<Collect> for QueueActor {
                 }
             }
             self.inbox.recycle(batch);
+        }
+        if self.block && !self.parked.is_empty() {
+            self.held_back = true;
         }
         if self.coalesce && taken > 0 {
             self.touch(ctx, taken as u32);
@@ -888,6 +1033,22 @@ impl Handler<PublishDurable> for QueueActor {
         ctx: &mut Context<Self>,
     ) -> Result<Result<Option<Confirm>, DurableRefusal>, Failure> {
         self.state.advance_to(postbox::clock::now_ms());
+        if self.block && !messages.is_empty() {
+            // In order behind everything told before: the inbox's batches
+            // the queue left there, then the waiting publishes. The
+            // publisher waits until the last of its messages is in (and
+            // stored).
+            self.park_told();
+            let (done, entered) = tokio::sync::oneshot::channel();
+            for message in messages {
+                self.park(message, None);
+            }
+            if let Some(last) = self.parked.back_mut() {
+                last.entered = Some(done);
+            }
+            self.progressed(ctx);
+            return Ok(Ok(Some(entered)));
+        }
         let store = self.durable.as_ref().map(|d| (d.store.clone(), d.id));
         let mut refused = false;
         let confirm = match &store {

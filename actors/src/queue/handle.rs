@@ -265,6 +265,13 @@ impl QueueHandle {
     /// durable queue is written with the store's next group, unconfirmed.
     pub fn try_publish(&self, message: Envelope) -> Result<(), TryPublishError> {
         self.check(&message)?;
+        if self.inbox.blocked() {
+            // A blocking queue at its limit: waiting is `publish`'s job.
+            return Err(TryPublishError::Full {
+                queue: self.name.to_string(),
+                message: Box::new(message),
+            });
+        }
         let id = message.id();
         if let Some(dedup) = &self.dedup {
             // Not waiting for the disk: a durable window's id is written

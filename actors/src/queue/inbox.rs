@@ -30,7 +30,7 @@
 //! inbox was shut for ([`Shut`]).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use parking_lot::Mutex;
 use postbox::Message;
@@ -52,6 +52,9 @@ pub(crate) struct Inbox {
     /// Why the inbox was shut ([`Shut`] as a number; 0 while open), readable
     /// without the lock.
     shut: AtomicU8,
+    /// A blocking queue is at its limit (or publishes wait for room):
+    /// `try_publish` fails with `Full` meanwhile.
+    blocked: AtomicBool,
 }
 
 /// Why a queue's inbox was shut: what a publisher refused by it is told.
@@ -144,7 +147,19 @@ impl Inbox {
             room: Semaphore::new(capacity),
             capacity,
             shut: AtomicU8::new(0),
+            blocked: AtomicBool::new(false),
         }
+    }
+
+    /// Says whether the queue takes no more publishes for now (see
+    /// [`Overflow::Block`](crate::Overflow::Block)).
+    pub(crate) fn set_blocked(&self, blocked: bool) {
+        self.blocked.store(blocked, Ordering::Relaxed);
+    }
+
+    /// Whether the queue takes no more publishes for now.
+    pub(crate) fn blocked(&self) -> bool {
+        self.blocked.load(Ordering::Relaxed)
     }
 
     /// Waits for room for one message; fails once the queue has stopped.

@@ -24,6 +24,22 @@ pub enum Overflow {
     /// memory. The limits bound memory, not the queue. (RabbitMQ's lazy
     /// queues; see `queue::spill`.)
     Spill,
+    /// Make publishers wait: a message that would pass a limit waits, out of
+    /// the queue, until consumers make room, and while one waits the queue
+    /// takes no more publishes from its inbox, so the inbox fills and
+    /// [`publish`](crate::QueueHandle::publish) waits for room
+    /// (`try_publish` fails with `Full`). Backpressure then reaches the
+    /// producer end to end: the ready messages never pass the limits, and
+    /// at most the mailbox's capacity of publishes wait in front of them.
+    /// A message larger than `max_length_bytes` enters an empty queue (it
+    /// would otherwise wait for ever). Messages of a committed transaction
+    /// are already stored and enter at once.
+    Block,
+    /// Discard the new message (dead-lettered with reason `maxlen` where the
+    /// queue has a dead-letter exchange); the publisher is not told. The
+    /// queue keeps its oldest messages, as a bounded buffer that loses the
+    /// newest.
+    DropNew,
 }
 
 /// The limits a queue enforces. All default to "none".

@@ -92,6 +92,9 @@ pub enum Publish {
     Enqueued,
     /// The queue is full and its overflow is reject-publish: the message, back.
     Refused(Envelope),
+    /// The queue is full and its overflow is drop-new: the message went to
+    /// the dead letters (reason `maxlen`).
+    Dropped,
 }
 
 /// Milliseconds of a duration, saturating.
@@ -590,6 +593,14 @@ impl QueueState {
         persist: impl FnOnce(u64, u64, &Envelope) -> u64,
     ) -> Publish {
         let (max_len, max_bytes) = (self.policy.max_length, self.policy.max_length_bytes);
+        if self.policy.overflow == Overflow::DropNew && !self.has_room_for(&message) {
+            self.counters.maxlen += 1;
+            self.dead.push(DeadLetter {
+                message,
+                reason: DeathReason::MaxLen,
+            });
+            return Publish::Dropped;
+        }
         if matches!(
             self.policy.overflow,
             Overflow::RejectPublish | Overflow::RejectPublishDlx
@@ -623,6 +634,24 @@ impl QueueState {
         });
         self.after_publish(expires_at);
         Publish::Enqueued
+    }
+
+    /// Whether `message` fits within the length limits now. An empty queue
+    /// takes any message, so that one larger than `max_length_bytes` (or a
+    /// limit of 0) cannot wait for ever under [`Overflow::Block`].
+    pub fn has_room_for(&self, message: &Envelope) -> bool {
+        let (max_len, max_bytes) = (self.policy.max_length, self.policy.max_length_bytes);
+        self.ready.is_empty()
+            || (max_len.is_none_or(|max| self.ready.len() < max)
+                && max_bytes.is_none_or(|max| self.ready.bytes + message.size() <= max))
+    }
+
+    /// Whether the ready messages reach a length limit.
+    pub fn at_limit(&self) -> bool {
+        let (max_len, max_bytes) = (self.policy.max_length, self.policy.max_length_bytes);
+        !self.ready.is_empty()
+            && (max_len.is_some_and(|max| self.ready.len() >= max)
+                || max_bytes.is_some_and(|max| self.ready.bytes >= max))
     }
 
     /// When `message`, published now, expires (per-message and per-queue TTL).
@@ -1504,7 +1533,12 @@ impl QueueState {
     /// until the queue is within its length limits.
     #[inline]
     fn drop_head(&mut self) {
-        if self.policy.overflow == Overflow::Spill {
+        // Spill keeps everything; block and drop-new keep their oldest (a
+        // message they let into an empty queue past the byte limit stays).
+        if matches!(
+            self.policy.overflow,
+            Overflow::Spill | Overflow::Block | Overflow::DropNew
+        ) {
             return;
         }
         let (max_len, max_bytes) = (self.policy.max_length, self.policy.max_length_bytes);
