@@ -88,6 +88,15 @@ pub enum BrokerError {
         /// The options asked for.
         requested: Box<ExchangeOptions>,
     },
+    /// Queue options that cannot be: a maximum priority of 0, or a priority
+    /// queue that spills.
+    #[error("queue {name:?}: {reason}")]
+    InvalidQueueOptions {
+        /// The queue.
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// Exchange options that do not go together (hashing options on an
     /// exchange that is not a consistent-hash exchange).
     #[error("exchange {name:?}: {reason}")]

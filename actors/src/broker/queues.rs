@@ -39,6 +39,12 @@ impl Broker {
         if let Some(key) = &options.dead_letter_routing_key {
             validate_key(NameKind::RoutingKey, key)?;
         }
+        if let Some(reason) = invalid_priority(&options) {
+            return Err(BrokerError::InvalidQueueOptions {
+                name: name.to_string(),
+                reason,
+            });
+        }
         self.alive()?;
         let mut topology = self.inner.topology.write();
         if let Some(entry) = topology.queues.get(name).filter(|e| e.handle.is_live()) {
@@ -197,5 +203,16 @@ impl Broker {
     /// A queue's counters and consumers.
     pub async fn queue_stats(&self, name: &str) -> Result<QueueSnapshot, BrokerError> {
         self.queue(name)?.snapshot().await
+    }
+}
+
+/// Why a priority queue cannot be declared with these options, if it cannot.
+fn invalid_priority(options: &QueueOptions) -> Option<&'static str> {
+    match options.max_priority {
+        Some(0) => Some("the maximum priority must be 1 to 255"),
+        Some(_) if options.overflow == crate::queue::policy::Overflow::Spill => {
+            Some("a priority queue cannot spill (its order is not the publish order)")
+        }
+        _ => None,
     }
 }

@@ -73,6 +73,15 @@ pub struct QueueOptions {
     /// [`QueuePolicy::single_active_consumer`](crate::QueuePolicy::single_active_consumer).
     #[serde(default)]
     pub single_active_consumer: bool,
+    /// Makes it a priority queue (RabbitMQ's `x-max-priority`, 1 to 255):
+    /// a message's [priority](crate::Envelope::with_priority) decides its
+    /// turn, higher first and FIFO within a priority; priorities above the
+    /// maximum count as the maximum. A requeued message goes back to its
+    /// place among its priority's messages; with a length limit, drop-head
+    /// drops the next message to be delivered (the highest priority), as
+    /// RabbitMQ does. A spilling queue cannot be a priority queue.
+    #[serde(default)]
+    pub max_priority: Option<u8>,
 }
 
 impl Default for QueueOptions {
@@ -91,11 +100,23 @@ impl Default for QueueOptions {
             durable: false,
             dedup: None,
             single_active_consumer: false,
+            max_priority: None,
         }
     }
 }
 
 impl QueueOptions {
+    /// Sets [`max_priority`](Self::max_priority).
+    ///
+    /// ```
+    /// use postbox_actors::QueueOptions;
+    /// assert_eq!(QueueOptions::default().max_priority(10).max_priority, Some(10));
+    /// ```
+    pub fn max_priority(mut self, max: u8) -> Self {
+        self.max_priority = Some(max);
+        self
+    }
+
     /// Sets [`max_message_bytes`](Self::max_message_bytes).
     pub fn max_message_bytes(mut self, limit: usize) -> Self {
         self.max_message_bytes = Some(limit);
@@ -191,6 +212,7 @@ impl QueueOptions {
             max_length_bytes: self.max_length_bytes,
             overflow: self.overflow,
             single_active_consumer: self.single_active_consumer,
+            max_priority: self.max_priority,
         }
     }
 }

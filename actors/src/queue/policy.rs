@@ -65,4 +65,9 @@ pub struct QueuePolicy {
     /// next one), or once it is cancelled and has settled what it held.
     #[serde(default)]
     pub single_active_consumer: bool,
+    /// A priority queue's highest priority (RabbitMQ's `x-max-priority`):
+    /// higher priorities are delivered first, FIFO within a priority, and
+    /// priorities above it count as it. `None` (or 0): a FIFO queue.
+    #[serde(default)]
+    pub max_priority: Option<u8>,
 }

@@ -174,16 +174,22 @@ const IMMEDIATE: u64 = u64::MAX - 1;
 /// The in-memory length of a spilling queue with no length limit.
 const DEFAULT_IN_MEMORY: usize = 10_000;
 
-/// The ready messages, ordered by publish sequence number.
+/// The ready messages, ordered by publish sequence number: in a priority
+/// queue, by priority (highest first), then by sequence number.
 ///
-/// Kept behind these few methods so that a priority-ordered structure can replace it.
 /// With a [`Spill`], only the head is in `entries` (up to the in-memory
 /// limits); the rest is on disk, after it in order, and is read back as the
 /// head drains (the head is never empty while anything is spilled).
 #[derive(Debug, Default)]
 struct Ready {
-    // Invariant: sorted by strictly increasing `seq`.
+    // Invariant: sorted by strictly increasing `seq`. In a priority queue,
+    // the messages of priority 0.
     entries: VecDeque<Entry>,
+    /// A priority queue's messages of priorities 1 to its maximum (at index
+    /// priority - 1), each level sorted by `seq`; empty for other queues.
+    levels: Vec<VecDeque<Entry>>,
+    /// Ready messages in `levels`.
+    in_levels: usize,
     /// Sum of the payload sizes, for byte length limits (spilled included).
     bytes: usize,
     spill: Option<Box<Spilling>>,
@@ -205,17 +211,40 @@ struct Spilling {
 
 impl Ready {
     fn len(&self) -> usize {
-        self.entries.len() + self.spill.as_ref().map_or(0, |s| s.tail.len())
+        self.entries.len() + self.in_levels + self.spill.as_ref().map_or(0, |s| s.tail.len())
     }
 
     fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries.is_empty() && self.in_levels == 0
+    }
+
+    /// The level a message of a priority queue waits in (`None`: priority 0,
+    /// or not a priority queue): its priority, capped at the maximum.
+    #[inline]
+    fn level_of(&self, message: &Envelope) -> Option<usize> {
+        if self.levels.is_empty() || message.priority() == 0 {
+            return None;
+        }
+        Some(usize::from(message.priority()).min(self.levels.len()) - 1)
+    }
+
+    /// The highest non-empty priority level.
+    #[inline]
+    fn top_level(&self) -> Option<usize> {
+        if self.in_levels == 0 {
+            return None;
+        }
+        self.levels.iter().rposition(|l| !l.is_empty())
     }
 
     /// Appends a newly published message (its seq is the highest so far).
     #[inline]
     fn push(&mut self, entry: Entry) {
         self.bytes += entry.message.size();
+        if let Some(level) = self.level_of(&entry.message) {
+            self.in_levels += 1;
+            return self.levels[level].push_back(entry);
+        }
         if self.spill.is_some() {
             return self.push_spilling(entry);
         }
@@ -240,12 +269,21 @@ impl Ready {
 
     /// The message to deliver next.
     fn head(&self) -> Option<&Entry> {
-        self.entries.front()
+        match self.top_level() {
+            Some(level) => self.levels[level].front(),
+            None => self.entries.front(),
+        }
     }
 
     /// Takes the message to deliver next.
     #[inline]
     fn pop(&mut self) -> Option<Entry> {
+        if let Some(level) = self.top_level() {
+            let entry = self.levels[level].pop_front()?;
+            self.in_levels -= 1;
+            self.bytes -= entry.message.size();
+            return Some(entry);
+        }
         let entry = self.entries.pop_front()?;
         self.bytes -= entry.message.size();
         if self.spill.is_some() {
@@ -281,8 +319,15 @@ impl Ready {
     /// messages are old, so the position is near the head and the insert cheap.
     fn requeue(&mut self, entry: Entry) {
         self.bytes += entry.message.size();
-        let at = self.entries.partition_point(|e| e.seq < entry.seq);
-        self.entries.insert(at, entry);
+        let entries = match self.level_of(&entry.message) {
+            Some(level) => {
+                self.in_levels += 1;
+                &mut self.levels[level]
+            }
+            None => &mut self.entries,
+        };
+        let at = entries.partition_point(|e| e.seq < entry.seq);
+        entries.insert(at, entry);
     }
 
     /// The store locations of the persisted ready messages.
@@ -292,6 +337,7 @@ impl Ready {
         } else {
             self.entries
                 .iter()
+                .chain(self.levels.iter().flatten())
                 .filter_map(|e| self.stored.get(&e.seq).copied())
                 .collect()
         };
@@ -305,11 +351,13 @@ impl Ready {
     fn clear(&mut self) -> usize {
         let n = self.len();
         if !self.stored.is_empty() {
-            for e in &self.entries {
+            for e in self.entries.iter().chain(self.levels.iter().flatten()) {
                 self.stored.remove(&e.seq);
             }
         }
         self.entries.clear();
+        self.levels.iter_mut().for_each(VecDeque::clear);
+        self.in_levels = 0;
         crate::spare::release(&mut self.entries);
         if let Some(s) = &mut self.spill {
             s.tail.clear();
@@ -551,6 +599,9 @@ impl QueueState {
             policy,
             ..Self::default()
         };
+        if let Some(max) = state.policy.max_priority.filter(|m| *m > 0) {
+            state.ready.levels = (0..max).map(|_| VecDeque::new()).collect();
+        }
         if state.policy.overflow == Overflow::Spill {
             state.spill_to(std::env::temp_dir());
         }

@@ -985,6 +985,7 @@ mod journal {
                 max_length_bytes: None,
                 overflow,
                 single_active_consumer: false,
+                max_priority: None,
             })
     }
 
@@ -1098,5 +1099,76 @@ mod journal {
         let mut persisted = q.persisted();
         persisted.sort_unstable();
         assert_eq!(persisted, vec![10, 11]);
+    }
+}
+
+/// A priority queue's ready messages against a reference: whatever the
+/// sequence of publishes (priorities above the maximum included), takes
+/// and requeues, the next message is the one of the highest (capped)
+/// priority that was published first.
+mod priority_order {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Publish(u8),
+        Take,
+        /// Requeue the n-th (modulo) message taken and not yet requeued.
+        Requeue(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0u8..9).prop_map(Op::Publish),
+            2 => Just(Op::Take),
+            1 => (0usize..16).prop_map(Op::Requeue),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn the_head_is_the_highest_priority_then_the_oldest(ops in proptest::collection::vec(op(), 1..200)) {
+            const MAX: u8 = 5;
+            let mut ready = Ready {
+                levels: (0..MAX).map(|_| VecDeque::new()).collect(),
+                ..Ready::default()
+            };
+            // The reference: (capped priority, seq) of each ready message.
+            let mut model: Vec<(u8, u64)> = Vec::new();
+            let mut taken: Vec<Entry> = Vec::new();
+            let mut seq = 0;
+            for op in ops {
+                match op {
+                    Op::Publish(p) => {
+                        let message = Envelope::new("m").with_priority(p);
+                        ready.push(Entry { seq, message, expires_at: NEVER });
+                        model.push((p.min(MAX), seq));
+                        seq += 1;
+                    }
+                    Op::Take => {
+                        let want = model
+                            .iter()
+                            .copied()
+                            .min_by_key(|(p, s)| (std::cmp::Reverse(*p), *s));
+                        let got = ready.pop();
+                        prop_assert_eq!(got.as_ref().map(|e| e.seq), want.map(|w| w.1));
+                        if let Some(entry) = got {
+                            model.retain(|m| m.1 != entry.seq);
+                            taken.push(entry);
+                        }
+                    }
+                    Op::Requeue(n) if !taken.is_empty() => {
+                        let entry = taken.remove(n % taken.len());
+                        model.push((entry.message.priority().min(MAX), entry.seq));
+                        ready.requeue(entry);
+                    }
+                    Op::Requeue(_) => {}
+                }
+                prop_assert_eq!(ready.len(), model.len());
+                prop_assert_eq!(ready.is_empty(), model.is_empty());
+            }
+        }
     }
 }
