@@ -58,6 +58,7 @@ pub mod idempotency;
 mod name;
 pub mod partition;
 pub mod queue;
+mod rate;
 pub mod rpc;
 mod spare;
 mod store;
@@ -75,6 +76,7 @@ pub use consumer::{
     ConsumeOptions, Consumer, ConsumerFactory, ConsumerHandle, ConsumerReport, KeyOrdered,
     KeyOrderedConsumer, Layer, LayerExt, Layered, OnError, RetryPolicy, Retrying,
 };
+pub use consumer::{ConsumerPool, PoolError, PoolOptions, PoolStats, PoolWatch};
 pub use dedup::{DedupStats, DedupTarget, DedupWindow, Duplicate};
 pub use envelope::{Death, DeathReason, Envelope, HeaderValue, Headers, MessageId};
 pub use error::{BrokerError, PublishError, TryPublishError};
@@ -91,6 +93,7 @@ pub use queue::observe::{Observer, ObserverGuard};
 pub use queue::options::{DeleteOptions, QueueOptions};
 pub use queue::policy::{Overflow, QueuePolicy};
 pub use queue::stats::{ConsumerStats, QueueStats};
+pub use rate::{RateLimit, RateLimited, RateLimiter, Throttle, ThrottleError, Throttled};
 
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

@@ -19,7 +19,7 @@ fn layer(top: &str) -> usize {
         "error" | "dedup" | "queue" | "stream" | "exchange" => 2,
         "consumer" | "idempotency" => 3,
         "broker" => 4,
-        "subscription" | "transaction" | "rpc" => 5,
+        "subscription" | "transaction" | "rpc" | "rate" | "monitor" => 5,
         "testkit" => 6,
         "" => 7, // lib.rs
         other => panic!("module {other:?} has no layer: add it to this test"),

@@ -1,7 +1,7 @@
 //! Consumer layers, as tower's: a [`Layer`] wraps a [`Consumer`] and is a
 //! [`Consumer`] itself, so behaviour around a handler (retries, fault
-//! injection; deduplication, rate limits and timeouts to come) is written once
-//! and stacked on any consumer.
+//! injection, rate limits; deduplication and timeouts to come) is written
+//! once and stacked on any consumer.
 //!
 //! Layers apply to a consumer *factory* (consumers are rebuilt after each
 //! crash): [`LayerExt::layer`] turns a factory into one whose consumers are

@@ -1,11 +1,13 @@
 //! Consumers: the [`Consumer`] trait users implement, the supervised actor
 //! that registers it with a queue and feeds it deliveries (`actor`), what
-//! happens when a handler fails ([`OnError`], [`RetryPolicy`]), and layers
-//! around consumers ([`Layer`]).
+//! happens when a handler fails ([`OnError`], [`RetryPolicy`]), layers
+//! around consumers ([`Layer`]), key-ordered workers ([`KeyOrdered`]) and
+//! pools of workers that grow and shrink ([`ConsumerPool`]).
 
 mod actor;
 mod key_ordered;
 mod layer;
+mod pool;
 mod retry;
 
 use std::future::Future;
@@ -19,6 +21,7 @@ use postbox::{AnyAddr, Backoff, ExitReason, Failure};
 pub(crate) use actor::{Close, ConsumerActor, Drain, Flush, Registration, Shared};
 pub use key_ordered::{KeyOrdered, KeyOrderedConsumer};
 pub use layer::{Layer, LayerExt, Layered};
+pub use pool::{ConsumerPool, PoolError, PoolOptions, PoolStats, PoolWatch};
 pub use retry::{RetryPolicy, Retrying};
 
 use crate::queue::ack::{AckMode, ConsumerId};

@@ -59,6 +59,13 @@ pub struct QueueStats {
     /// Message ids its duplicate window remembers now.
     #[serde(default)]
     pub dedup_ids: usize,
+    /// The timestamp (epoch ms, [`Envelope::timestamp_ms`]: its creation,
+    /// unless set) of the message to be delivered next: how long the queue
+    /// has kept its consumers waiting (RabbitMQ's `head_message_timestamp`).
+    ///
+    /// [`Envelope::timestamp_ms`]: crate::Envelope::timestamp_ms
+    #[serde(default)]
+    pub head_timestamp_ms: Option<u64>,
 }
 
 /// A snapshot of one consumer's state.

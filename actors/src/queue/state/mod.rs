@@ -1425,6 +1425,7 @@ impl QueueState {
             // The window is the publishers' side: its handle fills these in.
             duplicates: 0,
             dedup_ids: 0,
+            head_timestamp_ms: self.ready.head().map(|e| e.message.timestamp_ms()),
         }
     }
 

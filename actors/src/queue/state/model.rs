@@ -464,8 +464,11 @@ impl Harness {
             persisted: s.persisted,
             // What the files hold is the spill's business.
             spill_bytes_on_disk: s.spill_bytes_on_disk,
+            // Timestamps are the envelopes' business.
+            head_timestamp_ms: s.head_timestamp_ms,
             ..self.model.stats
         };
+        assert_eq!(s.head_timestamp_ms.is_some(), s.ready > 0);
         assert_eq!(s, expected);
         assert_eq!(q.ready_len(), s.ready);
         assert_eq!(q.unacked_len(), s.unacked);
