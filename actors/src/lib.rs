@@ -7,7 +7,10 @@
 //! - queues: FIFO, competing consumers served round-robin within each one's
 //!   prefetch, acknowledgements (auto; manual ack, nack with or without requeue,
 //!   reject, `multiple`), requeue to the original position, TTL, length and
-//!   delivery limits, dead-letter exchanges;
+//!   delivery limits with overflow policies (drop-head, drop-new,
+//!   reject-publish, spill, block), priorities, dead-letter exchanges;
+//! - exchanges: direct, fanout, topic, headers, and consistent hash placing
+//!   keys where RabbitMQ's plugin does;
 //! - consumers ([`Consumer`]) hosted by supervised actors with bounded
 //!   mailboxes: one that crashes has its unacknowledged deliveries requeued and
 //!   is rebuilt fresh; [layers](Layer) add retries and more around them;
@@ -21,6 +24,10 @@
 //!   memory, disk, Redis and PostgreSQL stores;
 //! - request-reply ([`rpc`]), publish/subscribe ([`Subscription`]) and
 //!   transactions ([`Transaction`]) built on the broker;
+//! - flow control: rate limits ([`RateLimit`], [`Throttle`]) for publishers
+//!   and consumers, pools of consumers that grow and shrink
+//!   ([`ConsumerPool`]), load shedding ([`Shedding`]) and a broker-wide
+//!   memory budget ([`BrokerConfig::memory_budget`]);
 //! - an [`Envelope`] with ids, routing key, headers, correlation id, reply-to,
 //!   priority and expiration, and typed payloads through a pluggable [`Codec`].
 //!
@@ -35,7 +42,7 @@
 //! | queues, streams, exchanges | `queue/` (public: [`queue::state`]), `stream/`, `exchange/`, `dedup` | dispatch and acknowledgements (`queue::state`, `queue::actor`, `queue::delivery`), the stream log, routing tables (topic trie, headers match), publishers' duplicate windows |
 //! | consumers | `consumer/`, `supervision`, [`idempotency`] | the [`Consumer`] trait, its actor, [`Layer`]s (retries, idempotency and its stores), error and restart policies |
 //! | broker | `broker/` | the [`Broker`] API and the topology: routing through exchanges happens in `broker::topology` |
-//! | patterns | `subscription`, `transaction`, `rpc/` | publish/subscribe, transactions, request-reply |
+//! | patterns | `subscription`, `transaction`, `rpc/`, `rate/` | publish/subscribe, transactions, request-reply, rate limits |
 //! | testing | `testkit/` (feature `testkit`) | a capturing broker, a delivery probe, fault injection |
 //!
 //! The queue's rules live in [`queue::state::QueueState`], a plain state machine
@@ -44,8 +51,10 @@
 //!
 //! Flow control: a queue whose inbox is full slows its publishers down, and a
 //! consumer whose mailbox is full stops receiving until it drains. A queue's
-//! backlog of ready messages is bounded only by its length limits
-//! ([`QueueOptions::max_length`]), if set.
+//! backlog of ready messages is bounded by its length limits
+//! ([`QueueOptions::max_length`]), if set; with overflow
+//! [`Block`](Overflow::Block) a full queue makes its publishers wait, so
+//! backpressure reaches them end to end.
 
 mod broker;
 mod codec;
@@ -87,11 +96,12 @@ pub use exchange::{
 pub use name::{MAX_NAME_LEN, NameError, NameKind, RESERVED_PREFIX};
 pub use queue::ack::{AckMode, ConsumerId, DeliveryTag};
 pub use queue::actor::QueueSnapshot;
+pub use queue::budget::{MemoryEvent, MemoryStats};
 pub use queue::delivery::{AckError, Delivery, MAX_REQUEUE_DELAY, Outcome, Settler};
 pub use queue::handle::QueueHandle;
 pub use queue::observe::{Observer, ObserverGuard};
 pub use queue::options::{DeleteOptions, QueueOptions};
-pub use queue::policy::{Overflow, QueuePolicy};
+pub use queue::policy::{Overflow, QueuePolicy, ShedAction, Shedding};
 pub use queue::stats::{ConsumerStats, QueueStats};
 pub use rate::{RateLimit, RateLimited, RateLimiter, Throttle, ThrottleError, Throttled};
 

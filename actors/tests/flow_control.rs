@@ -302,3 +302,113 @@ async fn an_oversize_message_enters_an_empty_blocking_queue() {
     })
     .await;
 }
+
+/// Load shedding: once the queue is overloaded (depth or age), publishes
+/// below the priority are dropped, dead-lettered or deferred; the others
+/// still enter. Every message stays accounted for.
+#[tokio::test(start_paused = true)]
+async fn low_priority_publishes_are_shed_at_the_threshold() {
+    use postbox_actors::{DeathReason, Shedding};
+    for action in ["drop", "dead-letter", "defer"] {
+        local(async {
+            let broker = Broker::new(&RuntimeHandle::local());
+            limited(&broker, Overflow::DropHead).await;
+            let shedding = Shedding::below_priority(5).at_depth(2);
+            let shedding = match action {
+                "drop" => shedding,
+                "dead-letter" => shedding.dead_letter(),
+                _ => shedding.defer(Duration::from_secs(10)),
+            };
+            let options = QueueOptions::default()
+                .shed(shedding)
+                .dead_letter_exchange("dlx");
+            broker.declare_queue("shed", options).await.unwrap();
+            // Under the threshold: everything enters, whatever its priority.
+            broker.publish("shed", msg(1)).await.unwrap();
+            broker
+                .publish("shed", msg(2).with_priority(9))
+                .await
+                .unwrap();
+            // Overloaded: low priorities are shed, high ones enter.
+            broker.publish("shed", msg(3)).await.unwrap();
+            broker
+                .publish("shed", msg(4).with_priority(5))
+                .await
+                .unwrap();
+            broker
+                .publish("shed", msg(5).with_priority(4))
+                .await
+                .unwrap();
+            settle().await;
+            let stats = broker.queue_stats("shed").await.unwrap().stats;
+            assert_eq!(stats.published, 5, "{action}");
+            assert_eq!(stats.ready, 3, "{action}");
+            let dead = drain(&broker, "dlq").await;
+            match action {
+                "drop" => {
+                    assert_eq!((stats.shed, stats.delayed), (2, 0));
+                    assert!(dead.is_empty());
+                }
+                "dead-letter" => {
+                    assert_eq!((stats.shed, stats.delayed), (2, 0));
+                    assert_eq!(
+                        dead,
+                        [(3, Some(DeathReason::Shed)), (5, Some(DeathReason::Shed))]
+                    );
+                }
+                _ => {
+                    assert_eq!((stats.shed, stats.delayed), (0, 2));
+                    tokio::time::sleep(Duration::from_secs(11)).await;
+                    let back = broker.queue_stats("shed").await.unwrap().stats;
+                    assert_eq!((back.ready, back.delayed), (5, 0));
+                }
+            }
+            let kept: Vec<u32> = drain(&broker, "shed").await.iter().map(|m| m.0).collect();
+            let want: &[u32] = if action == "defer" {
+                &[1, 2, 3, 4, 5]
+            } else {
+                &[1, 2, 4]
+            };
+            assert_eq!(kept, want, "{action}");
+        })
+        .await;
+    }
+}
+
+/// The age threshold: once the next message has waited that long, low
+/// priorities are shed; when it is taken, they enter again.
+#[tokio::test(start_paused = true)]
+async fn shedding_by_the_age_of_the_next_message() {
+    use postbox_actors::Shedding;
+    local(async {
+        let broker = Broker::new(&RuntimeHandle::local());
+        let shedding = Shedding::below_priority(1).at_age(Duration::from_secs(5));
+        let options = QueueOptions::default().shed(shedding);
+        broker.declare_queue("q", options).await.unwrap();
+        broker.publish("q", msg(1)).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        broker.publish("q", msg(2)).await.unwrap();
+        broker.publish("q", msg(3).with_priority(1)).await.unwrap();
+        settle().await;
+        assert_eq!(broker.queue_stats("q").await.unwrap().stats.shed, 1);
+        assert_eq!(
+            drain(&broker, "q")
+                .await
+                .iter()
+                .map(|m| m.0)
+                .collect::<Vec<_>>(),
+            [1, 3]
+        );
+        broker.publish("q", msg(4)).await.unwrap();
+        settle().await;
+        assert_eq!(
+            drain(&broker, "q")
+                .await
+                .iter()
+                .map(|m| m.0)
+                .collect::<Vec<_>>(),
+            [4]
+        );
+    })
+    .await;
+}

@@ -37,6 +37,7 @@ pub(crate) use publish::{Admitted, deliver_to};
 pub(crate) use topology::Target;
 
 use crate::error::BrokerError;
+use crate::queue::budget::{MemoryEvent, MemoryStats};
 use crate::queue::inbox::Shut;
 use crate::queue::observe::{Observer, ObserverGuard, Observers};
 use topology::Topology;
@@ -49,14 +50,37 @@ pub struct BrokerConfig {
     /// payload, headers and properties) accepted by queues and streams that
     /// set no limit of their own.
     pub max_message_bytes: usize,
+    /// The memory budget in bytes (RabbitMQ's memory high watermark): past
+    /// it, the publishers of the queues holding an eighth of it or more
+    /// wait until consumers bring it back under, and past 1.25 times it the
+    /// publishers of every queue wait (see [`Broker::memory`]). It counts
+    /// the sizes of the messages queues hold in memory (ready, and
+    /// publishes waiting), not the allocator's overhead. `None`: no budget.
+    pub memory_budget: Option<usize>,
 }
 
 impl Default for BrokerConfig {
-    /// 16 MiB messages.
+    /// 16 MiB messages; a memory budget of 40% of the machine's memory
+    /// (RabbitMQ's default watermark), where it can be read.
     fn default() -> Self {
         BrokerConfig {
             max_message_bytes: 16 << 20,
+            memory_budget: crate::queue::budget::default_limit(),
         }
+    }
+}
+
+impl BrokerConfig {
+    /// Sets [`memory_budget`](Self::memory_budget) (`None`: no budget).
+    ///
+    /// ```
+    /// use postbox_actors::BrokerConfig;
+    /// let config = BrokerConfig::default().memory_budget(Some(512 << 20));
+    /// assert_eq!(config.memory_budget, Some(512 << 20));
+    /// ```
+    pub fn memory_budget(mut self, bytes: Option<usize>) -> Self {
+        self.memory_budget = bytes;
+        self
     }
 }
 
@@ -77,6 +101,8 @@ struct Inner {
     _shutdown: ShutdownHook,
     /// The data directory, for a broker opened on one.
     storage: Option<durable::Storage>,
+    /// The memory budget its queues charge, if it has one.
+    budget: Option<Arc<crate::queue::budget::MemoryBudget>>,
 }
 
 impl Inner {
@@ -165,6 +191,9 @@ impl Broker {
         config: BrokerConfig,
         storage: Option<durable::Storage>,
     ) -> Broker {
+        let budget = config
+            .memory_budget
+            .map(crate::queue::budget::MemoryBudget::new);
         Broker {
             inner: Arc::new_cyclic(|weak: &Weak<Inner>| {
                 let weak = weak.clone();
@@ -182,9 +211,23 @@ impl Broker {
                         }
                     }),
                     storage,
+                    budget,
                 }
             }),
         }
+    }
+
+    /// Where the memory budget stands ([`BrokerConfig::memory_budget`]);
+    /// `None` without one.
+    pub fn memory(&self) -> Option<MemoryStats> {
+        self.inner.budget.as_ref().map(|b| b.stats())
+    }
+
+    /// The memory budget's crossings, as they happen: over the limit (the
+    /// publishers of the queues holding the most wait), back under (they
+    /// resume). `None` without a budget.
+    pub fn memory_events(&self) -> Option<tokio::sync::broadcast::Receiver<MemoryEvent>> {
+        self.inner.budget.as_ref().map(|b| b.events())
     }
 
     /// Registers an observer of all traffic on this broker's queues, until the

@@ -391,6 +391,10 @@ impl QueueHost for BrokerRef {
         deliver_now(&targets, message) > 0
     }
 
+    fn memory_budget(&self) -> Option<std::sync::Arc<crate::queue::budget::MemoryBudget>> {
+        self.0.upgrade().and_then(|inner| inner.budget.clone())
+    }
+
     fn queue_stopped(&self, name: &str, id: postbox::ActorId, deleted: bool) {
         if let Some(inner) = self.0.upgrade() {
             let entry = inner.topology.write().remove_queue(name, id);

@@ -303,6 +303,10 @@ pub enum DeathReason {
     MaxLen,
     /// Returned once too often.
     DeliveryLimit,
+    /// Shed by the queue's load-shedding policy (a low-priority message
+    /// published while the queue was overloaded). postbox's own: RabbitMQ
+    /// sheds no load.
+    Shed,
 }
 
 impl DeathReason {
@@ -313,6 +317,7 @@ impl DeathReason {
             DeathReason::Expired => "expired",
             DeathReason::MaxLen => "maxlen",
             DeathReason::DeliveryLimit => "delivery_limit",
+            DeathReason::Shed => "shed",
         }
     }
 }

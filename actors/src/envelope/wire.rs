@@ -425,6 +425,7 @@ fn write_death(w: &mut WireWriter<'_>, d: &Death) {
         DeathReason::Expired => 1,
         DeathReason::MaxLen => 2,
         DeathReason::DeliveryLimit => 3,
+        DeathReason::Shed => 4,
     });
     w.varint(d.count);
     w.varint(d.time_ms);
@@ -442,6 +443,7 @@ fn read_death(r: &mut WireReader<'_>) -> Result<Death, WireError> {
         1 => DeathReason::Expired,
         2 => DeathReason::MaxLen,
         3 => DeathReason::DeliveryLimit,
+        4 => DeathReason::Shed,
         _ => return Err(WireError::Invalid("death reason")),
     };
     let count = r.varint()?;

@@ -38,6 +38,7 @@ use rustc_hash::FxHashMap;
 use crate::dedup::SharedWindow;
 use crate::envelope::{DeathReason, Envelope};
 use crate::queue::ack::{AckMode, ConsumerId};
+use crate::queue::budget::{BudgetFreed, MemoryBudget};
 use crate::queue::delivery::{Delivery, Link, Outcome, PendingSettle};
 use crate::queue::handle::QueueHandle;
 use crate::queue::inbox::{Collect, Inbox, Shut};
@@ -88,6 +89,9 @@ pub(crate) trait QueueHost: Send + Sync + 'static {
 
     /// The queue `name` (actor `id`) stopped: deleted, or failed.
     fn queue_stopped(&self, name: &str, id: ActorId, deleted: bool);
+
+    /// The broker's memory budget, if it has one.
+    fn memory_budget(&self) -> Option<Arc<MemoryBudget>>;
 }
 
 /// A durable queue's place in its broker's store: what it writes its
@@ -289,6 +293,13 @@ pub(crate) struct QueueActor {
     collect_through: u64,
     /// Told batches left in the inbox because publishes were waiting.
     held_back: bool,
+    /// The broker's memory budget: past it, a queue holding much makes its
+    /// publishers wait as under [`Overflow::Block`].
+    budget: Option<Arc<MemoryBudget>>,
+    /// What this queue charges the budget now (bytes).
+    charged: usize,
+    /// Bytes of the parked publishes.
+    parked_bytes: usize,
 }
 
 /// A publish waiting for room in a blocking queue.
@@ -324,6 +335,7 @@ impl QueueActor {
             || policy.overflow == Overflow::Spill;
         let block = policy.overflow == Overflow::Block
             && (policy.max_length.is_some() || policy.max_length_bytes.is_some());
+        let budget = host.memory_budget();
         let mut state = QueueState::with_policy(policy);
         let durable = durable.map(|(durable, recovered)| {
             if !recovered.is_empty() {
@@ -362,6 +374,9 @@ impl QueueActor {
             parked: VecDeque::new(),
             collect_through: 0,
             held_back: false,
+            budget,
+            charged: 0,
+            parked_bytes: 0,
         }
     }
 
@@ -380,7 +395,7 @@ impl QueueActor {
     /// waited for: see [`PublishDurable`] for publishes that are confirmed).
     #[inline]
     fn publish(&mut self, message: Envelope) -> bool {
-        if self.block && (!self.parked.is_empty() || !self.state.has_room_for(&message)) {
+        if self.may_block() && (!self.parked.is_empty() || !self.room_for(&message)) {
             self.park(message, None);
             return true;
         }
@@ -409,6 +424,44 @@ impl QueueActor {
         }
     }
 
+    /// Whether publishes to this queue may have to wait: overflow block, or
+    /// a memory budget.
+    #[inline]
+    fn may_block(&self) -> bool {
+        self.block || self.budget.is_some()
+    }
+
+    /// Whether the memory budget makes this queue's publishers wait now.
+    #[inline]
+    fn budget_blocks(&self) -> bool {
+        self.budget.as_ref().is_some_and(|b| b.blocks(self.charged))
+    }
+
+    /// Whether `message` may enter now: within the limits (overflow block)
+    /// and the memory budget.
+    #[inline]
+    fn room_for(&self, message: &Envelope) -> bool {
+        (!self.block || self.state.has_room_for(message)) && !self.budget_blocks()
+    }
+
+    /// Charges the memory budget with what the queue holds now.
+    fn recharge(&mut self) {
+        if let Some(budget) = &self.budget {
+            let held = self.state.bytes_in_memory() + self.parked_bytes;
+            if held != self.charged {
+                budget.charge(&self.name, self.charged, held);
+                self.charged = held;
+            }
+        }
+    }
+
+    /// Asks the budget to wake this queue once it frees.
+    fn wait_for_budget(&self, ctx: &mut Context<Self>) {
+        if let (Some(budget), Some(addr)) = (&self.budget, ctx.addr()) {
+            budget.wait(addr.recipient());
+        }
+    }
+
     /// Sets `message` aside until the queue has room for it (after the
     /// messages already waiting).
     #[inline(never)]
@@ -420,6 +473,7 @@ impl QueueActor {
         if self.parked.is_empty() {
             tracing::debug!(queue = %self.name, "queue full: publishers wait (overflow block)");
         }
+        self.parked_bytes += message.size();
         self.parked.push_back(Parked { message, entered });
     }
 
@@ -441,7 +495,7 @@ impl QueueActor {
         let mut entered = false;
         loop {
             while let Some(front) = self.parked.front() {
-                if !self.state.has_room_for(&front.message) {
+                if !self.room_for(&front.message) {
                     return entered;
                 }
                 let Some(Parked {
@@ -451,6 +505,7 @@ impl QueueActor {
                 else {
                     break;
                 };
+                self.parked_bytes -= message.size();
                 entered = true;
                 self.enter(message, done);
             }
@@ -553,14 +608,21 @@ impl QueueActor {
         self.dispatch(ctx);
         // Room made by deliveries lets waiting publishes in, which may be
         // delivered in turn.
-        if self.block {
+        if self.may_block() {
+            self.recharge();
             while (!self.parked.is_empty() || self.held_back) && self.unpark() {
                 self.dispatch(ctx);
+                self.recharge();
+            }
+            let waiting = !self.parked.is_empty();
+            if waiting && self.budget_blocks() {
+                self.wait_for_budget(ctx);
             }
             // What `try_publish` sees: full while publishes wait or the
             // queue is at its limit.
-            self.inbox
-                .set_blocked(!self.parked.is_empty() || self.state.at_limit());
+            self.inbox.set_blocked(
+                waiting || (self.block && self.state.at_limit()) || self.budget_blocks(),
+            );
         }
         // Dispatching expires heads too.
         self.dead_letters();
@@ -898,6 +960,10 @@ impl Drop for QueueActor {
     /// Dropped without `stopped`: the runtime shut down. Publishers waiting
     /// for room, and later ones, get `Stopped`; settling fails.
     fn drop(&mut self) {
+        // What it held is gone: the budget no longer counts it.
+        if let Some(budget) = &self.budget {
+            budget.charge(&self.name, self.charged, 0);
+        }
         self.inbox.shut(Shut::Stopped);
         for reg in self.consumers.values() {
             reg.link.close();
@@ -957,6 +1023,14 @@ impl Handler<OwnerGone> for QueueActor {
     }
 }
 
+/// The memory budget freed: publishes that waited for it may enter.
+impl Handler<BudgetFreed> for QueueActor {
+    async fn handle(&mut self, _: BudgetFreed, ctx: &mut Context<Self>) -> Result<(), Failure> {
+        self.progress(ctx);
+        Ok(())
+    }
+}
+
 /// Publishes wait in the inbox; this takes them, batch by batch.
 impl Handler<Collect> for QueueActor {
     async fn handle(
@@ -968,7 +1042,7 @@ impl Handler<Collect> for QueueActor {
         self.collect_through = self.collect_through.max(through);
         let mut taken = 0;
         // A blocking queue with publishes waiting leaves the inbox full.
-        while (self.parked.is_empty() || !self.block)
+        while (self.parked.is_empty() || !self.may_block())
             && let Some(mut batch) = self.inbox.collect(through)
         {
             taken += batch.len();
@@ -982,7 +1056,7 @@ impl Handler<Collect> for QueueActor {
             }
             self.inbox.recycle(batch);
         }
-        if self.block && !self.parked.is_empty() {
+        if self.may_block() && !self.parked.is_empty() {
             self.held_back = true;
         }
         if self.coalesce && taken > 0 {
@@ -1033,7 +1107,7 @@ impl Handler<PublishDurable> for QueueActor {
         ctx: &mut Context<Self>,
     ) -> Result<Result<Option<Confirm>, DurableRefusal>, Failure> {
         self.state.advance_to(postbox::clock::now_ms());
-        if self.block && !messages.is_empty() {
+        if (self.block || !self.parked.is_empty() || self.budget_blocks()) && !messages.is_empty() {
             // In order behind everything told before: the inbox's batches
             // the queue left there, then the waiting publishes. The
             // publisher waits until the last of its messages is in (and
@@ -1504,7 +1578,8 @@ impl Handler<Purge> for QueueActor {
     async fn handle(&mut self, _: Purge, ctx: &mut Context<Self>) -> Result<usize, Failure> {
         self.progress(ctx);
         let purged = self.state.purge();
-        self.flush_journal();
+        // The room it made lets waiting publishes in (and frees budget).
+        self.progressed(ctx);
         Ok(purged)
     }
 }

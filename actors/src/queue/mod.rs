@@ -12,6 +12,8 @@
 //!   the consumer's link before the queue sees it;
 //! - `handle`: typed access to one queue for publishers and consumers;
 //! - `inbox`: where publishes wait for the queue, many to a mailbox entry;
+//! - `budget`: the broker-wide memory budget the queues charge, and whose
+//!   excess makes the publishers of the queues causing it wait;
 //! - `observe`: observers of every queue's traffic (the test kit's capture,
 //!   metrics);
 //! - `spill`: the tail of a long queue paged out to disk (overflow `spill`);
@@ -20,6 +22,7 @@
 
 pub(crate) mod ack;
 pub(crate) mod actor;
+pub(crate) mod budget;
 pub(crate) mod delivery;
 pub(crate) mod handle;
 pub(crate) mod inbox;

@@ -82,6 +82,10 @@ pub struct QueueOptions {
     /// RabbitMQ does. A spilling queue cannot be a priority queue.
     #[serde(default)]
     pub max_priority: Option<u8>,
+    /// Load shedding of low-priority publishes while the queue is
+    /// overloaded (see [`Shedding`](crate::Shedding)).
+    #[serde(default)]
+    pub shed: Option<crate::queue::policy::Shedding>,
 }
 
 impl Default for QueueOptions {
@@ -101,6 +105,7 @@ impl Default for QueueOptions {
             dedup: None,
             single_active_consumer: false,
             max_priority: None,
+            shed: None,
         }
     }
 }
@@ -114,6 +119,12 @@ impl QueueOptions {
     /// ```
     pub fn max_priority(mut self, max: u8) -> Self {
         self.max_priority = Some(max);
+        self
+    }
+
+    /// Sets [`shed`](Self::shed).
+    pub fn shed(mut self, shedding: crate::queue::policy::Shedding) -> Self {
+        self.shed = Some(shedding);
         self
     }
 
@@ -213,6 +224,7 @@ impl QueueOptions {
             overflow: self.overflow,
             single_active_consumer: self.single_active_consumer,
             max_priority: self.max_priority,
+            shed: self.shed,
         }
     }
 }

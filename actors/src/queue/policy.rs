@@ -70,4 +70,87 @@ pub struct QueuePolicy {
     /// priorities above it count as it. `None` (or 0): a FIFO queue.
     #[serde(default)]
     pub max_priority: Option<u8>,
+    /// Load shedding: what to do with low-priority publishes while the
+    /// queue is overloaded.
+    #[serde(default)]
+    pub shed: Option<Shedding>,
+}
+
+/// A load-shedding policy: while the queue is overloaded (this many ready
+/// messages, or the next message this old), a publish whose priority is
+/// below `below_priority` is dropped, dead-lettered (reason `shed`) or
+/// deferred, so that the important traffic keeps flowing. Shed messages
+/// count as published, and in `QueueStats::shed` (deferred ones in
+/// `delayed` until they come back).
+///
+/// ```
+/// use std::time::Duration;
+/// use postbox_actors::{QueueOptions, Shedding};
+/// let orders = QueueOptions::default().shed(
+///     Shedding::below_priority(5).at_depth(10_000).defer(Duration::from_secs(30)),
+/// );
+/// # let _ = orders;
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Shedding {
+    /// Messages of a priority below this are shed.
+    pub below_priority: u8,
+    /// Overloaded from this many ready messages.
+    pub depth: Option<usize>,
+    /// Overloaded once the next message to deliver is this old (ms, from
+    /// its timestamp).
+    pub age_ms: Option<u64>,
+    /// What happens to a shed message.
+    pub action: ShedAction,
+}
+
+/// What happens to a shed message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShedAction {
+    /// Dropped, and counted.
+    Drop,
+    /// Dead-lettered with reason [`Shed`](crate::DeathReason::Shed).
+    DeadLetter,
+    /// Set aside for this long (ms), then ready again at its place in the
+    /// queue (as a delayed requeue).
+    Defer(u64),
+}
+
+impl Shedding {
+    /// Sheds messages of a priority below `priority` (dropping them until
+    /// told otherwise) once a threshold is set and passed.
+    pub fn below_priority(priority: u8) -> Self {
+        Shedding {
+            below_priority: priority,
+            depth: None,
+            age_ms: None,
+            action: ShedAction::Drop,
+        }
+    }
+
+    /// Overloaded from `ready` ready messages.
+    pub fn at_depth(mut self, ready: usize) -> Self {
+        self.depth = Some(ready);
+        self
+    }
+
+    /// Overloaded once the next message is `age` old.
+    pub fn at_age(mut self, age: std::time::Duration) -> Self {
+        self.age_ms = Some(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// Shed messages are dead-lettered.
+    pub fn dead_letter(mut self) -> Self {
+        self.action = ShedAction::DeadLetter;
+        self
+    }
+
+    /// Shed messages come back after `delay`.
+    pub fn defer(mut self, delay: std::time::Duration) -> Self {
+        self.action = ShedAction::Defer(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
 }

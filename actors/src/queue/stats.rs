@@ -7,7 +7,7 @@ use crate::queue::ack::{AckMode, ConsumerId};
 
 /// A snapshot of a queue's size and lifetime counters.
 ///
-/// At all times `published == ready + unacked + delayed + acknowledged + rejected + purged + expired + maxlen + delivery_limit`
+/// At all times `published == ready + unacked + delayed + acknowledged + rejected + purged + expired + maxlen + delivery_limit + shed`
 /// (auto-acknowledged deliveries count as acknowledged; requeued messages are back in
 /// `ready` or `unacked`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +44,10 @@ pub struct QueueStats {
     pub delivery_limit: u64,
     /// Publishes refused because the queue was full (reject-publish).
     pub refused: u64,
+    /// Publishes shed (dropped or dead-lettered) by the queue's
+    /// load-shedding policy; deferred ones are not counted here.
+    #[serde(default)]
+    pub shed: u64,
     /// Messages of this queue in the broker's store: a durable queue's
     /// persistent messages, ready, delayed or unacknowledged.
     pub persisted: usize,

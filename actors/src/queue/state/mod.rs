@@ -55,7 +55,7 @@
 
 use crate::envelope::{DeathReason, Envelope};
 use crate::queue::ack::{AckMode, ConsumerId, DeliveryTag};
-use crate::queue::policy::{Overflow, QueuePolicy};
+use crate::queue::policy::{Overflow, QueuePolicy, ShedAction, Shedding};
 use crate::queue::spill::Spill;
 use crate::queue::stats::{ConsumerStats, QueueStats};
 use std::collections::{BTreeMap, VecDeque};
@@ -520,6 +520,7 @@ struct Counters {
     maxlen: u64,
     delivery_limit: u64,
     refused: u64,
+    shed: u64,
 }
 
 /// A queue's complete state: ready messages, consumers, and outstanding deliveries.
@@ -643,8 +644,16 @@ impl QueueState {
         message: Envelope,
         persist: impl FnOnce(u64, u64, &Envelope) -> u64,
     ) -> Publish {
+        if let Some(shed) = self.policy.shed
+            && message.priority() < shed.below_priority
+            && self.overloaded(&shed)
+        {
+            return self.shed(message, shed.action, persist);
+        }
         let (max_len, max_bytes) = (self.policy.max_length, self.policy.max_length_bytes);
         if self.policy.overflow == Overflow::DropNew && !self.has_room_for(&message) {
+            // Accepted, then dropped: counted as published, as drop-head.
+            self.counters.published += 1;
             self.counters.maxlen += 1;
             self.dead.push(DeadLetter {
                 message,
@@ -695,6 +704,64 @@ impl QueueState {
         self.ready.is_empty()
             || (max_len.is_none_or(|max| self.ready.len() < max)
                 && max_bytes.is_none_or(|max| self.ready.bytes + message.size() <= max))
+    }
+
+    /// Bytes of the ready messages held in memory (not those spilled to
+    /// disk): what the queue charges the broker's memory budget.
+    #[must_use]
+    pub fn bytes_in_memory(&self) -> usize {
+        self.ready.bytes - self.ready.spill.as_ref().map_or(0, |s| s.tail.bytes())
+    }
+
+    /// Whether the queue is overloaded by `shed`'s thresholds.
+    fn overloaded(&self, shed: &Shedding) -> bool {
+        shed.depth.is_some_and(|d| self.ready.len() >= d)
+            || shed.age_ms.is_some_and(|max| {
+                self.ready
+                    .head()
+                    .is_some_and(|e| self.now_ms.saturating_sub(e.message.timestamp_ms()) >= max)
+            })
+    }
+
+    /// Sheds a publish: drops, dead-letters or defers it.
+    fn shed(
+        &mut self,
+        message: Envelope,
+        action: ShedAction,
+        persist: impl FnOnce(u64, u64, &Envelope) -> u64,
+    ) -> Publish {
+        self.counters.published += 1;
+        match action {
+            ShedAction::Drop => {
+                self.counters.shed += 1;
+                Publish::Dropped
+            }
+            ShedAction::DeadLetter => {
+                self.counters.shed += 1;
+                self.dead.push(DeadLetter {
+                    message,
+                    reason: DeathReason::Shed,
+                });
+                Publish::Dropped
+            }
+            ShedAction::Defer(delay_ms) => {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let expires_at = self.expiry(&message);
+                let loc = persist(seq, expires_at, &message);
+                self.store_at(seq, loc);
+                let due = self.now_ms.saturating_add(delay_ms);
+                self.delayed.insert(
+                    (due, seq),
+                    Entry {
+                        seq,
+                        message,
+                        expires_at,
+                    },
+                );
+                Publish::Enqueued
+            }
+        }
     }
 
     /// Whether the ready messages reach a length limit.
@@ -1419,6 +1486,7 @@ impl QueueState {
             maxlen: c.maxlen,
             delivery_limit: c.delivery_limit,
             refused: c.refused,
+            shed: c.shed,
             persisted: self.persisted,
             spilled: self.ready.spill.as_ref().map_or(0, |s| s.tail.len()),
             spill_bytes_on_disk: self.ready.spill.as_ref().map_or(0, |s| s.tail.disk_bytes()),

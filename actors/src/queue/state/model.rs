@@ -449,7 +449,8 @@ impl Harness {
                 + s.purged
                 + s.expired
                 + s.maxlen
-                + s.delivery_limit,
+                + s.delivery_limit
+                + s.shed,
             "{s:?}"
         );
         // Counters and sizes agree with the model.

@@ -986,6 +986,7 @@ mod journal {
                 overflow,
                 single_active_consumer: false,
                 max_priority: None,
+                shed: None,
             })
     }
 
