@@ -41,6 +41,10 @@
 //! 10. Ordered consumption, 1,000 keys: 4 partitions with one consumer each,
 //!     and a key-ordered consumer with 4 workers, against a plain queue with
 //!     one consumer.
+//! 11. Flow control and monitoring, against a plain queue of scenario 1's
+//!     shape: a priority queue, a monitor with a Prometheus recorder, and
+//!     `block` overflow with a consumer ten times slower (the publisher's
+//!     waiting share and the memory it adds, against no limit).
 //!
 //! # How
 //!
@@ -90,6 +94,8 @@ mod actor_layer;
 mod durable;
 #[path = "peers/fanout.rs"]
 mod fanout;
+#[path = "peers/flow.rs"]
+mod flow;
 #[path = "peers/goals.rs"]
 mod goals;
 #[path = "peers/idempotent.rs"]
@@ -251,6 +257,9 @@ fn main() {
         }
         if cfg.runs(10) {
             ordered::scenario10(&cfg, &mut report).await;
+        }
+        if cfg.runs(11) {
+            flow::scenario11(&cfg, &mut report).await;
         }
         // RabbitMQ's rows: the publisher may run anywhere, like its client's tasks.
         util::unpin_current_thread();

@@ -28,6 +28,9 @@
 //!   and consumers, pools of consumers that grow and shrink
 //!   ([`ConsumerPool`]), load shedding ([`Shedding`]) and a broker-wide
 //!   memory budget ([`BrokerConfig::memory_budget`]);
+//! - monitoring ([`monitor`]): samples with rates, threshold alerts as
+//!   events, and metrics through the `metrics` facade (Prometheus with
+//!   feature `prometheus`);
 //! - an [`Envelope`] with ids, routing key, headers, correlation id, reply-to,
 //!   priority and expiration, and typed payloads through a pluggable [`Codec`].
 //!
@@ -42,7 +45,7 @@
 //! | queues, streams, exchanges | `queue/` (public: [`queue::state`]), `stream/`, `exchange/`, `dedup` | dispatch and acknowledgements (`queue::state`, `queue::actor`, `queue::delivery`), the stream log, routing tables (topic trie, headers match), publishers' duplicate windows |
 //! | consumers | `consumer/`, `supervision`, [`idempotency`] | the [`Consumer`] trait, its actor, [`Layer`]s (retries, idempotency and its stores), error and restart policies |
 //! | broker | `broker/` | the [`Broker`] API and the topology: routing through exchanges happens in `broker::topology` |
-//! | patterns | `subscription`, `transaction`, `rpc/`, `rate/` | publish/subscribe, transactions, request-reply, rate limits |
+//! | patterns | `subscription`, `transaction`, `rpc/`, `rate/`, [`monitor`] | publish/subscribe, transactions, request-reply, rate limits, monitoring (samples, alerts, metrics) |
 //! | testing | `testkit/` (feature `testkit`) | a capturing broker, a delivery probe, fault injection |
 //!
 //! The queue's rules live in [`queue::state::QueueState`], a plain state machine
@@ -64,6 +67,7 @@ mod envelope;
 mod error;
 mod exchange;
 pub mod idempotency;
+pub mod monitor;
 mod name;
 pub mod partition;
 pub mod queue;

@@ -11,6 +11,7 @@ use crate::durable::{
     POSTBOX_INTERVAL, POSTBOX_RECOVERY, S5, ceiling, postbox as postbox_durable, postbox_publishers,
 };
 use crate::fanout::{BROADCAST, POSTBOX_FANOUT, POSTBOX_STREAM, S3};
+use crate::flow::{BLOCK, MONITORED, PLAIN as FLOW_PLAIN, PRIORITY, S11, UNBOUNDED};
 use crate::idempotent::{MEMORY as IDEMPOTENT_MEMORY, PLAIN as IDEMPOTENT_PLAIN, S9};
 use crate::memory::{OVERHEAD_GOAL, S7};
 use crate::nats::NATS_IN_FLIGHT;
@@ -324,5 +325,31 @@ pub fn check(report: &Report) -> String {
         let r = ratio(rate(S10, system), rate(S10, ORDERED_PLAIN));
         line(goal, r, "×", "≥ 0.70×", at_least(r, 0.70));
     }
+    let r = ratio(rate(S11, PRIORITY), rate(S11, FLOW_PLAIN));
+    line(
+        "11: priority queue vs plain queue",
+        r,
+        "×",
+        "≥ 0.50×",
+        at_least(r, 0.50),
+    );
+    let r = ratio(rate(S11, MONITORED), rate(S11, FLOW_PLAIN));
+    line(
+        "11: monitor + metrics recorder vs none",
+        r,
+        "×",
+        "≥ 0.90×",
+        at_least(r, 0.90),
+    );
+    // Flat memory: block's backlog stays at its limit while no limit's grows.
+    let bytes = |sys: &str| report.find(S11, sys).and_then(|r| r.bytes_per_msg);
+    let r = ratio(bytes(BLOCK), bytes(UNBOUNDED));
+    line(
+        "11: memory added under block vs no limit (consumer 10x slower)",
+        r,
+        "×",
+        "≤ 0.10×",
+        at_most(r, 0.10),
+    );
     out
 }

@@ -556,7 +556,7 @@ impl QueueActor {
     #[inline]
     fn enqueue(&mut self, message: Envelope, persist: Option<(&mut Append<'_>, QueueId)>) -> bool {
         // Observers hear of enqueued messages only; a clone is a few refcounts.
-        let observed = self.observers.is_active().then(|| message.clone());
+        let observed = self.observers.wants_publishes().then(|| message.clone());
         let outcome = match persist {
             Some((append, id)) => self.state.publish_persisted(message, |seq, expires_at, m| {
                 append.publish(id, seq, expires_at, m).pack()
@@ -1191,7 +1191,7 @@ impl Handler<TxPublish> for QueueActor {
     ) -> Result<(), Failure> {
         self.state.advance_to(postbox::clock::now_ms());
         for (seq, expires_at, message, loc) in messages {
-            let observed = self.observers.is_active().then(|| message.clone());
+            let observed = self.observers.wants_publishes().then(|| message.clone());
             self.state
                 .publish_reserved(seq, expires_at, message, loc.pack());
             if let Some(message) = observed {

@@ -40,6 +40,14 @@ pub trait Observer: Send + Sync + 'static {
         let _ = (queue, message);
     }
 
+    /// Whether this observer wants [`published`](Self::published): a queue
+    /// keeps a copy of each message for it (a few refcounts) while any
+    /// registered observer does. An observer that ignores publishes says
+    /// false and spares every publish that copy.
+    fn observes_publishes(&self) -> bool {
+        true
+    }
+
     /// A message was handed to a consumer (`message` carries the delivery count
     /// and redelivered flag of this delivery).
     fn delivered(&self, queue: &str, consumer: ConsumerId, tag: DeliveryTag, message: &Envelope) {
@@ -86,6 +94,8 @@ type List = Vec<(u64, Arc<dyn Observer>)>;
 #[derive(Clone, Default)]
 pub(crate) struct Observers {
     enabled: Arc<AtomicBool>,
+    /// Whether any observer wants `published` events.
+    publishes: Arc<AtomicBool>,
     list: Arc<RwLock<List>>,
     next: Arc<AtomicU64>,
 }
@@ -105,6 +115,12 @@ impl Observers {
         self.enabled.load(Ordering::Relaxed)
     }
 
+    /// Whether any registered observer wants `published` events.
+    #[inline]
+    pub(crate) fn wants_publishes(&self) -> bool {
+        self.publishes.load(Ordering::Relaxed)
+    }
+
     #[cold]
     fn call(&self, mut f: impl FnMut(&dyn Observer)) {
         for (_, observer) in self.list.read().iter() {
@@ -115,6 +131,9 @@ impl Observers {
     pub(crate) fn add(&self, observer: Arc<dyn Observer>) -> ObserverGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let mut list = self.list.write();
+        if observer.observes_publishes() {
+            self.publishes.store(true, Ordering::Relaxed);
+        }
         list.push((id, observer));
         self.enabled.store(true, Ordering::Relaxed);
         ObserverGuard {
@@ -146,5 +165,9 @@ impl Drop for ObserverGuard {
         self.observers
             .enabled
             .store(!list.is_empty(), Ordering::Relaxed);
+        self.observers.publishes.store(
+            list.iter().any(|(_, o)| o.observes_publishes()),
+            Ordering::Relaxed,
+        );
     }
 }

@@ -671,6 +671,9 @@ impl Writer {
                     c.confirms.fetch_add(1, Ordering::Relaxed);
                     c.confirm_wait_us.fetch_add(waited, Ordering::Relaxed);
                     c.confirm_wait_max_us.fetch_max(waited, Ordering::Relaxed);
+                    // Free without a recorder installed (see crate::monitor).
+                    metrics::histogram!("postbox_confirm_latency_seconds")
+                        .record(waited as f64 / 1e6);
                     // The publisher may have given up waiting: fine.
                     let _ = w.done.send(Ok(()));
                 }
