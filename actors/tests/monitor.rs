@@ -117,7 +117,9 @@ async fn samples_carry_rates_and_the_age_of_the_next_message() {
             assert_eq!(rates.deliver, 0.0);
         }
         // The head was published at the start: about three seconds old.
-        let age = monitor.latest().unwrap().queues[0].head_age_ms.unwrap();
+        let latest = monitor.latest().unwrap();
+        assert!(latest.queues[0].consumers.is_empty());
+        let age = latest.queues[0].head_age_ms.unwrap();
         assert!((2_900..=3_100).contains(&age), "{age}");
     })
     .await;

@@ -534,3 +534,68 @@ async fn an_exclusive_consumer_restarts_on_a_busy_queue() {
     })
     .await;
 }
+
+/// Durable partitions: persistent events published to a partitioned queue
+/// of durable queues are all there after the broker reopens, each user's in
+/// one partition, in publish order, and new events of a user go to the
+/// same partition as before.
+#[tokio::test]
+async fn durable_partitions_keep_each_users_events_in_order_across_a_restart() {
+    use postbox::Runtime;
+    use postbox_actors::partition::PartitionKey;
+    use postbox_actors::{AckMode, Envelope, PartitionOptions, StorageOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let rt = Runtime::with_arbiters(2).unwrap();
+    let open = || Broker::open(&rt, StorageOptions::new(dir.path())).unwrap();
+    let options = || {
+        PartitionOptions::new(4)
+            .key(PartitionKey::Header("user".into()))
+            .queue(QueueOptions::default().durable())
+    };
+    let event = |user: u32, n: u32| {
+        Envelope::encode(&(user, n))
+            .unwrap()
+            .with_header("user", format!("user-{user}"))
+            .with_persistent(true)
+    };
+    let mut placed = Vec::new();
+    {
+        let broker = open();
+        let events = broker
+            .declare_partitioned("events", options())
+            .await
+            .unwrap();
+        for n in 0..20 {
+            for user in 0..10 {
+                let p = events.publish(event(user, n)).await.unwrap();
+                if n == 0 {
+                    placed.push(p);
+                }
+            }
+        }
+    }
+    let broker = open();
+    let events = broker
+        .declare_partitioned("events", options())
+        .await
+        .unwrap();
+    for user in 0..10 {
+        assert_eq!(
+            events.publish(event(user, 20)).await.unwrap(),
+            placed[user as usize]
+        );
+    }
+    let mut seen = vec![Vec::new(); 10];
+    for p in 0..4 {
+        let queue = format!("events.{p}");
+        while let Some((d, _)) = broker.get(&queue, AckMode::Auto).await.unwrap() {
+            let (user, n): (u32, u32) = d.decode().unwrap();
+            assert_eq!(placed[user as usize], p, "user {user} in its partition");
+            seen[user as usize].push(n);
+        }
+    }
+    for (user, events) in seen.iter().enumerate() {
+        assert_eq!(*events, (0..=20).collect::<Vec<_>>(), "user {user}");
+    }
+    rt.shutdown();
+}

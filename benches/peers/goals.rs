@@ -1,4 +1,4 @@
-//! The goals (issues 7, 14, 15, 16 and 17), checked against this run's rows.
+//! The goals (issues 7, 14, 15, 16, 17 and 18), checked against this run's rows.
 
 use std::fmt::Write as _;
 

@@ -52,7 +52,7 @@ use crate::broker::Broker;
 use crate::envelope::Envelope;
 use crate::queue::ack::{ConsumerId, DeliveryTag};
 use crate::queue::observe::{Observer, ObserverGuard};
-use crate::queue::stats::QueueStats;
+use crate::queue::stats::{ConsumerStats, QueueStats};
 use crate::stream::StreamStats;
 
 /// How a [`Monitor`] samples and what it watches.
@@ -140,6 +140,9 @@ pub struct QueueSample {
     pub waiting_publishes: usize,
     /// Its consumers' crashes within the longest crash-loop window watched.
     pub recent_crashes: u32,
+    /// Each registered consumer: prefetch, unacknowledged deliveries,
+    /// deliveries received, whether it is active or blocked.
+    pub consumers: Vec<ConsumerStats>,
 }
 
 /// One stream at one sample.
@@ -392,6 +395,7 @@ impl MonitorActor {
                 name,
                 stats,
                 rates,
+                consumers: snapshot.consumers,
                 dead_lettered: snapshot.dead_lettered,
                 dead_letters_dropped: snapshot.dead_letters_dropped,
                 waiting_publishes: snapshot.waiting_publishes,
