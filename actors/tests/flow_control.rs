@@ -11,8 +11,8 @@ use futures::FutureExt;
 use postbox::testkit::local;
 use postbox::{Failure, Runtime, RuntimeHandle};
 use postbox_actors::{
-    AckMode, Broker, ConsumeOptions, DeathReason, Delivery, ExchangeOptions, Overflow,
-    QueueOptions, StorageOptions, TryPublishError,
+    AckMode, Broker, ConsumeOptions, DeathReason, Delivery, Overflow, QueueOptions, StorageOptions,
+    TryPublishError,
 };
 use tokio::sync::mpsc;
 
@@ -22,15 +22,7 @@ use common::{msg, settle};
 /// Queue `q` (at most 3 ready messages, the given overflow) with a
 /// dead-letter queue behind it.
 async fn limited(broker: &Broker, overflow: Overflow) {
-    broker
-        .declare_exchange("dlx", ExchangeOptions::fanout())
-        .await
-        .unwrap();
-    broker
-        .declare_queue("dlq", QueueOptions::default())
-        .await
-        .unwrap();
-    broker.bind_queue("dlq", "dlx", "").await.unwrap();
+    common::dead_letter_queue(broker).await;
     let options = QueueOptions::default()
         .max_length(3)
         .overflow(overflow)

@@ -7,8 +7,7 @@
 use postbox::testkit::local;
 use postbox::{Runtime, RuntimeHandle};
 use postbox_actors::{
-    AckMode, Broker, BrokerError, DeathReason, Envelope, ExchangeOptions, Overflow, QueueOptions,
-    StorageOptions,
+    AckMode, Broker, BrokerError, DeathReason, Envelope, Overflow, QueueOptions, StorageOptions,
 };
 
 mod common;
@@ -100,15 +99,7 @@ async fn a_requeued_message_goes_back_to_its_place_in_its_priority() {
 async fn drop_head_drops_the_highest_priority() {
     local(async {
         let broker = Broker::new(&RuntimeHandle::local());
-        broker
-            .declare_exchange("dlx", ExchangeOptions::fanout())
-            .await
-            .unwrap();
-        broker
-            .declare_queue("dlq", QueueOptions::default())
-            .await
-            .unwrap();
-        broker.bind_queue("dlq", "dlx", "").await.unwrap();
+        common::dead_letter_queue(&broker).await;
         let options = QueueOptions::default()
             .max_priority(5)
             .max_length(3)

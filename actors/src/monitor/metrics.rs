@@ -108,7 +108,7 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
         "postbox_queue_dropped_total",
         "counter",
         "queue, reason",
-        "messages removed unconsumed: reason expired, maxlen or delivery_limit",
+        "messages removed unconsumed: reason expired, maxlen, delivery_limit or shed",
     ),
     (
         "postbox_queue_publish_rate",
@@ -174,39 +174,52 @@ pub const LATENCY_SAMPLE_EVERY: u64 = 16;
 /// Records a sample's counters and gauges.
 pub(super) fn record(sample: &Sample, alerts_firing: usize) {
     for q in &sample.queues {
-        let queue = q.name.clone();
         let s = &q.stats;
-        gauge!("postbox_queue_messages_ready", "queue" => queue.clone()).set(s.ready as f64);
-        gauge!("postbox_queue_messages_unacked", "queue" => queue.clone()).set(s.unacked as f64);
-        gauge!("postbox_queue_ready_bytes", "queue" => queue.clone()).set(s.ready_bytes as f64);
-        gauge!("postbox_queue_consumers", "queue" => queue.clone()).set(s.consumers as f64);
-        gauge!("postbox_queue_head_age_seconds", "queue" => queue.clone())
-            .set(q.head_age_ms.unwrap_or(0) as f64 / 1e3);
-        gauge!("postbox_queue_waiting_publishes", "queue" => queue.clone())
-            .set(q.waiting_publishes as f64);
-        counter!("postbox_queue_published_total", "queue" => queue.clone()).absolute(s.published);
-        counter!("postbox_queue_delivered_total", "queue" => queue.clone()).absolute(s.delivered);
-        counter!("postbox_queue_redelivered_total", "queue" => queue.clone())
-            .absolute(s.redelivered);
-        counter!("postbox_queue_acknowledged_total", "queue" => queue.clone())
-            .absolute(s.acknowledged);
-        counter!("postbox_queue_rejected_total", "queue" => queue.clone()).absolute(s.rejected);
-        counter!("postbox_queue_requeued_total", "queue" => queue.clone()).absolute(s.requeued);
-        counter!("postbox_queue_dead_lettered_total", "queue" => queue.clone())
-            .absolute(q.dead_lettered);
-        counter!("postbox_queue_refused_total", "queue" => queue.clone()).absolute(s.refused);
+        let gauges = [
+            ("postbox_queue_messages_ready", s.ready as f64),
+            ("postbox_queue_messages_unacked", s.unacked as f64),
+            ("postbox_queue_ready_bytes", s.ready_bytes as f64),
+            ("postbox_queue_consumers", s.consumers as f64),
+            (
+                "postbox_queue_head_age_seconds",
+                q.head_age_ms.unwrap_or(0) as f64 / 1e3,
+            ),
+            (
+                "postbox_queue_waiting_publishes",
+                q.waiting_publishes as f64,
+            ),
+        ];
+        let rates = q.rates.iter().flat_map(|r| {
+            [
+                ("postbox_queue_publish_rate", r.publish),
+                ("postbox_queue_deliver_rate", r.deliver),
+                ("postbox_queue_ack_rate", r.ack),
+            ]
+        });
+        for (name, value) in gauges.into_iter().chain(rates) {
+            gauge!(name, "queue" => q.name.clone()).set(value);
+        }
+        let counters = [
+            ("postbox_queue_published_total", s.published),
+            ("postbox_queue_delivered_total", s.delivered),
+            ("postbox_queue_redelivered_total", s.redelivered),
+            ("postbox_queue_acknowledged_total", s.acknowledged),
+            ("postbox_queue_rejected_total", s.rejected),
+            ("postbox_queue_requeued_total", s.requeued),
+            ("postbox_queue_dead_lettered_total", q.dead_lettered),
+            ("postbox_queue_refused_total", s.refused),
+        ];
+        for (name, value) in counters {
+            counter!(name, "queue" => q.name.clone()).absolute(value);
+        }
         for (reason, n) in [
             ("expired", s.expired),
             ("maxlen", s.maxlen),
             ("delivery_limit", s.delivery_limit),
+            ("shed", s.shed),
         ] {
-            counter!("postbox_queue_dropped_total", "queue" => queue.clone(), "reason" => reason)
+            counter!("postbox_queue_dropped_total", "queue" => q.name.clone(), "reason" => reason)
                 .absolute(n);
-        }
-        if let Some(rates) = &q.rates {
-            gauge!("postbox_queue_publish_rate", "queue" => queue.clone()).set(rates.publish);
-            gauge!("postbox_queue_deliver_rate", "queue" => queue.clone()).set(rates.deliver);
-            gauge!("postbox_queue_ack_rate", "queue" => queue).set(rates.ack);
         }
     }
     for st in &sample.streams {

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use postbox::Failure;
 use postbox_actors::{
-    Envelope, StreamConsumer, StreamDelivery, StreamHandle, StreamStart, StreamSubscription,
-    SubscribeOptions,
+    Broker, Envelope, ExchangeOptions, QueueOptions, StreamConsumer, StreamDelivery, StreamHandle,
+    StreamStart, StreamSubscription, SubscribeOptions,
 };
 use tokio::sync::{Semaphore, mpsc};
 
@@ -182,3 +182,17 @@ pub fn assert_unknown_version_refused(
 }
 
 pub mod orders;
+
+/// A fanout dead-letter exchange "dlx" feeding queue "dlq": give a queue
+/// `.dead_letter_exchange("dlx")` and read its dead letters from "dlq".
+pub async fn dead_letter_queue(broker: &Broker) {
+    broker
+        .declare_exchange("dlx", ExchangeOptions::fanout())
+        .await
+        .unwrap();
+    broker
+        .declare_queue("dlq", QueueOptions::default())
+        .await
+        .unwrap();
+    broker.bind_queue("dlq", "dlx", "").await.unwrap();
+}
