@@ -85,6 +85,9 @@ mod transaction;
 
 pub use broker::{Broker, BrokerConfig, PartitionOptions, Partitioned, PublishOptions};
 pub use codec::{Codec, CodecError, Json};
+#[cfg(feature = "actix")]
+#[cfg_attr(docsrs, doc(cfg(feature = "actix")))]
+pub use consumer::actix;
 pub use consumer::{
     ConsumeOptions, Consumer, ConsumerFactory, ConsumerHandle, ConsumerReport, KeyOrdered,
     KeyOrderedConsumer, Layer, LayerExt, Layered, OnError, RetryPolicy, Retrying,

@@ -4,6 +4,8 @@
 //! around consumers ([`Layer`]), key-ordered workers ([`KeyOrdered`]) and
 //! pools of workers that grow and shrink ([`ConsumerPool`]).
 
+#[cfg(feature = "actix")]
+pub mod actix;
 mod actor;
 mod key_ordered;
 mod layer;

@@ -63,8 +63,9 @@ pub enum PoolError {
 /// How a [`ConsumerPool`] sizes itself.
 ///
 /// Every [`check_interval`](Self::check_interval) the pool looks at its
-/// **waiting** messages: those ready in the queue, plus those delivered to
-/// it that wait behind another key's delivery (a free worker could have run
+/// **waiting** messages: those ready in the queue (and publishes waiting
+/// for room in a full `block` queue), plus those delivered to it that wait
+/// behind another key's delivery (a free worker could have run
 /// them; those behind their own key would wait however many workers there
 /// are).
 ///
@@ -584,7 +585,9 @@ async fn scale<C: Consumer>(
         let now = Instant::now();
         let seen = Seen {
             workers: load.active,
-            waiting: snapshot.stats.ready + load.waiting,
+            // Publishes waiting for room in a full (blocking) queue are a
+            // backlog too: without them a bounded queue would cap the pool.
+            waiting: snapshot.stats.ready + snapshot.waiting_publishes + load.waiting,
             oldest_wait: head.max(held),
             idle: core.idle_since_last(),
             span: now.saturating_duration_since(last_check),
