@@ -1,4 +1,5 @@
-//! A narrated tour of postbox:
+//! The basics of postbox, narrated (what the tour showed before it ran the
+//! seed's programs):
 //! - point-to-point queues with competing consumers and manual acknowledgements;
 //! - a consumer crash, and the redelivery of what it held;
 //! - backpressure, and typed errors;
@@ -7,7 +8,7 @@
 //! - retries that end in a dead-letter queue;
 //! - streams: fan-out from one shared log, and backpressure from its slowest reader.
 //!
-//! Run it with `cargo run --release --example tour`.
+//! Run it with `cargo run --release --example basics`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -85,7 +86,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("     (the panic, \"{message}\", is contained by postbox)")
     }));
 
-    println!("postbox tour\n============\n");
+    println!("postbox basics\n==============\n");
     println!("1. A runtime: an actix system with one arbiter thread per core, started from");
     println!("   a plain #[tokio::main]. A broker on it, and a queue.");
     let rt = Runtime::new()?;
