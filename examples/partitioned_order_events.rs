@@ -533,23 +533,9 @@ pub async fn run(rt: &RuntimeHandle, flags: &Flags) -> Result<Summary, Box<dyn E
     Ok(summary)
 }
 
-/// Keeps the panics this example causes on purpose (in consumers, on the
-/// runtime's threads) from printing a backtrace notice each; any other
-/// panic is reported as usual.
-fn quiet_expected_panics() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let ours = info.location().is_some_and(|l| l.file() == file!());
-        let on_main = std::thread::current().name() == Some("main");
-        if !ours || on_main {
-            default(info);
-        }
-    }));
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
-    quiet_expected_panics();
+    support::quiet_panics_from(file!());
     let flags = Flags::from_args();
     let rt = Runtime::new()?;
     let summary = run(&rt.handle(), &flags).await?;

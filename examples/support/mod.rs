@@ -153,6 +153,20 @@ impl Summary {
     }
 }
 
+/// Keeps the panics an example causes on purpose (in consumers, raised in
+/// `file`, on the runtime's threads) from printing a notice each; any other
+/// panic is reported as usual.
+pub fn quiet_panics_from(file: &'static str) {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let ours = info.location().is_some_and(|l| l.file() == file);
+        let on_main = std::thread::current().name() == Some("main");
+        if !ours || on_main {
+            default(info);
+        }
+    }));
+}
+
 /// Seconds, for summaries.
 pub fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
