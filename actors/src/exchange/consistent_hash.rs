@@ -179,13 +179,30 @@ fn message_hash(hash_on: &HashOn, key: &str, message: &Envelope) -> u32 {
             None => return phash2_lone_atom("undefined"),
         },
         HashOn::Property(p) => {
-            let text = match p {
-                HashProperty::MessageId => Some(message.id().to_string()),
-                HashProperty::CorrelationId => message.correlation_id().map(str::to_owned),
-                HashProperty::Timestamp => Some((message.timestamp_ms() / 1000).to_string()),
+            // Text formed on the stack: routing allocates nothing.
+            let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+            let text: Option<&[u8]> = match p {
+                HashProperty::MessageId => Some(
+                    message
+                        .id()
+                        .0
+                        .hyphenated()
+                        .encode_lower(&mut buf)
+                        .as_bytes(),
+                ),
+                HashProperty::CorrelationId => message.correlation_id().map(str::as_bytes),
+                HashProperty::Timestamp => {
+                    use std::io::Write as _;
+                    let capacity = buf.len();
+                    let mut rest = &mut buf[..];
+                    // At most 20 digits: the buffer holds them.
+                    let _ = write!(rest, "{}", message.timestamp_ms() / 1000);
+                    let len = capacity - rest.len();
+                    Some(&buf[..len])
+                }
             };
             return match text {
-                Some(t) => phash2_binary(t.as_bytes()),
+                Some(t) => phash2_binary(t),
                 None => phash2_lone_atom("undefined"),
             };
         }

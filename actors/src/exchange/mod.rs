@@ -388,7 +388,8 @@ impl<T: Clone> Exchange<T> {
         binding: Binding,
         target: Option<T>,
     ) -> Result<bool, BindingError> {
-        self.check(&binding)?;
+        // An invalid binding is never among them: the arms below refuse it
+        // before anything changes.
         if self.bindings.contains(&binding) {
             return Ok(false);
         }
@@ -417,22 +418,11 @@ impl<T: Clone> Exchange<T> {
         Ok(true)
     }
 
-    /// Refuses a binding this exchange cannot take.
-    pub(crate) fn check(&self, binding: &Binding) -> Result<(), BindingError> {
-        match self.table {
-            Table::Headers(_) => HeadersMatch::from_arguments(&binding.arguments).map(drop),
-            Table::ConsistentHash(_) => weight(&binding.key).map(drop),
-            _ => Ok(()),
-        }
-    }
-
     /// Whether another binding has the same table entry as `binding` (the
-    /// same destination, and key where the kind routes by key). A
-    /// consistent-hash binding's range is its own.
+    /// same destination, and key where the kind routes by key). Headers and
+    /// consistent-hash bindings each have an entry of their own whatever this
+    /// says: their arms come first.
     fn shares_entry(&self, binding: &Binding) -> bool {
-        if matches!(self.table, Table::ConsistentHash(_)) {
-            return false;
-        }
         let fanout = matches!(self.table, Table::Fanout(_));
         self.bindings.iter().any(|b| {
             b != binding && b.destination == binding.destination && (fanout || b.key == binding.key)
