@@ -605,3 +605,44 @@ async fn a_retired_worker_finishes_its_keys_in_order_and_takes_no_new_key() {
     })
     .await;
 }
+
+/// A backlog that waits in front of a full `block` queue counts: the queue
+/// holds only its bound (4) and the pool its prefetch (4), yet 200 jobs are
+/// waiting, and the pool grows to its maximum. (Counting only what the
+/// queue and the pool hold, it stopped at 2 workers of 4.)
+#[tokio::test(start_paused = true)]
+async fn publishes_waiting_for_a_full_block_queue_count_as_backlog() {
+    local(async {
+        let broker = Broker::new(&RuntimeHandle::local());
+        let bounded = QueueOptions::default()
+            .max_length(4)
+            .overflow(postbox_actors::Overflow::Block);
+        let q = broker.declare_queue("jobs", bounded).await.unwrap();
+        let book = Shared::default();
+        let options = quick(1, 4)
+            .backlog_per_worker(4)
+            .prefetch_per_worker(1)
+            .max_wait(Duration::from_secs(3_600));
+        let pool = ConsumerPool::new(
+            options,
+            handler(&book, |_, _| Duration::from_millis(100), |_, _| 0),
+        );
+        let watch = pool.watch();
+        let consume = pool.consume_options();
+        let _consumer = broker.consume("jobs", consume, pool).await.unwrap();
+        let trajectory = record(&watch);
+        let publisher = {
+            let q = q.clone();
+            tokio::task::spawn_local(async move {
+                for n in 0..200 {
+                    q.publish(event(n, 0)).await.unwrap();
+                }
+            })
+        };
+        until(Duration::from_secs(60), || book.lock().total() == 200).await;
+        publisher.await.unwrap();
+        assert_eq!(watch.stats().peak, 4, "{:?}", trajectory.lock().steps);
+        assert_each_once_in_order(&book, &q, 200, 1).await;
+    })
+    .await;
+}
