@@ -77,6 +77,7 @@ use postbox_actors::idempotency::{
     Claim, ClaimToken, IdempotencyError, IdempotencyStats, IdempotencyStore, Idempotent,
     MemoryStore,
 };
+use postbox_actors::testkit::CrashAfterRecord;
 use postbox_actors::{
     Broker, BrokerError, ConsumeOptions, ConsumerReport, DedupWindow, DeleteOptions, Delivery,
     Envelope, LayerExt, MessageId, QueueOptions,
@@ -160,49 +161,19 @@ impl Crashes {
     /// Crashes the consumer (a panic: postbox requeues what it held and
     /// restarts it) if `order` is planned to, the first time only.
     fn maybe_crash(&self, order: &str, when: &str) {
-        if self.planned.lock().remove(order) {
-            self.done.fetch_add(1, Ordering::Relaxed);
+        if self.take(order) {
             panic!("simulated crash of the consumer of {order} {when}");
         }
     }
-}
 
-/// A claim store whose consumer crashes right after it recorded a planned
-/// order done, before the layer acks the delivery: what a process that dies
-/// there looks like to the queue (the test kit's `FaultPlan` injects faults
-/// around a consumer, not between the layer's record and its ack).
-struct CrashAfterRecord<S> {
-    inner: S,
-    crashes: Arc<Crashes>,
-}
-
-impl<S: IdempotencyStore> IdempotencyStore for CrashAfterRecord<S> {
-    async fn claim(
-        &self,
-        key: &str,
-        token: ClaimToken,
-        lease: Duration,
-    ) -> Result<Claim, IdempotencyError> {
-        self.inner.claim(key, token, lease).await
-    }
-
-    async fn complete(
-        &self,
-        key: &str,
-        token: ClaimToken,
-        retain: Duration,
-    ) -> Result<bool, IdempotencyError> {
-        let ours = self.inner.complete(key, token, retain).await?;
-        let order = key.strip_prefix(NAMESPACE).unwrap_or(key);
-        self.crashes.maybe_crash(
-            order.trim_start_matches(':'),
-            "after recording it, before the ack",
-        );
-        Ok(ours)
-    }
-
-    async fn release(&self, key: &str, token: ClaimToken) -> Result<bool, IdempotencyError> {
-        self.inner.release(key, token).await
+    /// Whether `order` is planned to crash its consumer now (the first
+    /// time only); counts the crash.
+    fn take(&self, order: &str) -> bool {
+        let planned = self.planned.lock().remove(order);
+        if planned {
+            self.done.fetch_add(1, Ordering::Relaxed);
+        }
+        planned
     }
 }
 
@@ -363,17 +334,18 @@ pub async fn run(rt: &RuntimeHandle, flags: &Flags) -> Result<Summary, Box<dyn E
     } else {
         crashes.clone()
     };
-    let layer = Idempotent::by_key(
-        CrashAfterRecord {
-            inner: claims,
-            crashes: layer_crashes,
-        },
-        order_id,
-    )
-    .namespace(NAMESPACE)
-    .lease(Duration::from_secs(30))
-    .retain(RETAIN)
-    .busy_retry(Duration::from_millis(10));
+    // The consumer crashes right after the layer recorded a planned order
+    // done, before the ack: what a process that dies there looks like to the
+    // queue.
+    let claims = CrashAfterRecord::new(claims, move |key: &str| {
+        let order = key.strip_prefix(NAMESPACE).unwrap_or(key);
+        layer_crashes.take(order.trim_start_matches(':'))
+    });
+    let layer = Idempotent::by_key(claims, order_id)
+        .namespace(NAMESPACE)
+        .lease(Duration::from_secs(30))
+        .retain(RETAIN)
+        .busy_retry(Duration::from_millis(10));
     // A crash requeues what the consumer held and restarts it; a short
     // backoff cap keeps a run with many crashes quick (the default doubles
     // to 30 s over a minute of crashes).

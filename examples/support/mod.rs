@@ -154,12 +154,17 @@ impl Summary {
 }
 
 /// Keeps the panics an example causes on purpose (in consumers, raised in
-/// `file`, on the runtime's threads) from printing a notice each; any other
-/// panic is reported as usual.
+/// `file` or injected by the test kit, on the runtime's threads) from
+/// printing a notice each; any other panic is reported as usual.
 pub fn quiet_panics_from(file: &'static str) {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let ours = info.location().is_some_and(|l| l.file() == file);
+        // Raised in the example, or injected by the test kit for it.
+        let injected = info
+            .payload()
+            .downcast_ref::<String>()
+            .is_some_and(|m| m.starts_with("postbox testkit: injected"));
+        let ours = injected || info.location().is_some_and(|l| l.file() == file);
         let on_main = std::thread::current().name() == Some("main");
         if !ours || on_main {
             default(info);

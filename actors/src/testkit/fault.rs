@@ -25,6 +25,7 @@ use std::time::Duration;
 use postbox::Failure;
 
 use crate::consumer::{Consumer, Layer};
+use crate::idempotency::{Claim, ClaimToken, IdempotencyError, IdempotencyStore};
 use crate::queue::delivery::Delivery;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -278,5 +279,67 @@ impl<C: Consumer> Consumer for Faulty<C> {
 
     async fn cancelled(&mut self) {
         self.inner.cancelled().await
+    }
+}
+
+/// An idempotency store that crashes its consumer right after recording a
+/// key done, before the layer acks the delivery, whenever `crash(key)` says
+/// so: the one moment [`FaultPlan`] cannot reach (it injects faults around
+/// a consumer, and a crash inside the handler releases the claim). The
+/// redelivery must find the key done and skip the side effect.
+///
+/// ```
+/// use postbox_actors::idempotency::MemoryStore;
+/// use postbox_actors::testkit::CrashAfterRecord;
+/// // Crash after recording order 7, every time it is recorded.
+/// let store = CrashAfterRecord::new(MemoryStore::new(10_000), |key: &str| key.ends_with(":7"));
+/// # let _ = store;
+/// ```
+pub struct CrashAfterRecord<S> {
+    inner: S,
+    crash: Box<dyn Fn(&str) -> bool + Send + Sync>,
+}
+
+impl<S> CrashAfterRecord<S> {
+    /// Wraps `inner`; `crash` is asked after each key it records done.
+    pub fn new(inner: S, crash: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        CrashAfterRecord {
+            inner,
+            crash: Box::new(crash),
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for CrashAfterRecord<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrashAfterRecord").finish_non_exhaustive()
+    }
+}
+
+impl<S: IdempotencyStore> IdempotencyStore for CrashAfterRecord<S> {
+    async fn claim(
+        &self,
+        key: &str,
+        token: ClaimToken,
+        lease: Duration,
+    ) -> Result<Claim, IdempotencyError> {
+        self.inner.claim(key, token, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &str,
+        token: ClaimToken,
+        retain: Duration,
+    ) -> Result<bool, IdempotencyError> {
+        let done = self.inner.complete(key, token, retain).await?;
+        if (self.crash)(key) {
+            panic!("postbox testkit: injected crash after recording {key}, before the ack");
+        }
+        Ok(done)
+    }
+
+    async fn release(&self, key: &str, token: ClaimToken) -> Result<bool, IdempotencyError> {
+        self.inner.release(key, token).await
     }
 }

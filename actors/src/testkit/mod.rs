@@ -52,5 +52,5 @@ mod probe;
 
 pub use crate::store::DiskFaults;
 pub use capture::{DeadLettered, Delivered, Event, Events, Published, Settled, TestBroker};
-pub use fault::{FaultPlan, FaultStats, Faulty};
+pub use fault::{CrashAfterRecord, FaultPlan, FaultStats, Faulty};
 pub use probe::{DeliveryProbe, ProbeConsumer};

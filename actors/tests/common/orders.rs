@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use postbox::{Backoff, Failure, RuntimeHandle};
-use postbox_actors::idempotency::{
-    Claim, ClaimToken, IdempotencyError, IdempotencyStats, IdempotencyStore, Idempotent,
-};
+use postbox_actors::idempotency::{IdempotencyStats, IdempotencyStore, Idempotent};
+use postbox_actors::testkit::CrashAfterRecord;
 use postbox_actors::{
     Broker, ConsumeOptions, Consumer, Delivery, Envelope, Layer, LayerExt, MessageId, QueueOptions,
 };
@@ -31,46 +30,6 @@ pub struct Storm {
     /// Handler errors, and panics at each point.
     pub errors: u64,
     pub panics: u64,
-}
-
-/// A store that panics (crashing its consumer) right after recording a key
-/// done, before the layer acks the delivery: the redelivery must find the
-/// key done.
-pub struct CrashAfterComplete<S> {
-    inner: S,
-    rng: Mutex<fastrand::Rng>,
-    panics: Arc<AtomicU64>,
-    after_record: Arc<AtomicU64>,
-}
-
-impl<S: IdempotencyStore> IdempotencyStore for CrashAfterComplete<S> {
-    async fn claim(
-        &self,
-        key: &str,
-        token: ClaimToken,
-        lease: Duration,
-    ) -> Result<Claim, IdempotencyError> {
-        self.inner.claim(key, token, lease).await
-    }
-
-    async fn complete(
-        &self,
-        key: &str,
-        token: ClaimToken,
-        retain: Duration,
-    ) -> Result<bool, IdempotencyError> {
-        let done = self.inner.complete(key, token, retain).await?;
-        if self.rng.lock().u32(0..100) < PANIC_AFTER_RECORD {
-            self.panics.fetch_add(1, Ordering::Relaxed);
-            self.after_record.fetch_add(1, Ordering::Relaxed);
-            panic!("crash after recording {key}, before the ack");
-        }
-        Ok(done)
-    }
-
-    async fn release(&self, key: &str, token: ClaimToken) -> Result<bool, IdempotencyError> {
-        self.inner.release(key, token).await
-    }
 }
 
 /// Crashes its consumer after the inner consumer returned (acked) now and
@@ -125,11 +84,17 @@ pub async fn exactly_once_orders<S: IdempotencyStore>(
     let panics = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let after_record = Arc::new(AtomicU64::new(0));
-    let store = CrashAfterComplete {
-        inner: store,
-        rng: Mutex::new(fastrand::Rng::with_seed(seed)),
-        panics: panics.clone(),
-        after_record: after_record.clone(),
+    let store = {
+        let (panics, after_record) = (panics.clone(), after_record.clone());
+        let rng = Mutex::new(fastrand::Rng::with_seed(seed));
+        CrashAfterRecord::new(store, move |_: &str| {
+            let crash = rng.lock().u32(0..100) < PANIC_AFTER_RECORD;
+            if crash {
+                panics.fetch_add(1, Ordering::Relaxed);
+                after_record.fetch_add(1, Ordering::Relaxed);
+            }
+            crash
+        })
     };
     let idempotent = Idempotent::by_message_id(store).lease(Duration::from_secs(30));
     let effects: Arc<Vec<AtomicU32>> = Arc::new((0..orders).map(|_| AtomicU32::new(0)).collect());
