@@ -153,6 +153,46 @@ pub enum BrokerError {
     /// The runtime the broker runs on has stopped.
     #[error("the broker has stopped")]
     Stopped,
+    /// The operation exists only on another backend: an embedded-only call
+    /// (streams, observers, transactions, `try_publish`...) on a broker
+    /// connected to RabbitMQ, or a RabbitMQ URL without feature `amqp`.
+    #[error("{operation} is not supported by the {backend} backend")]
+    Unsupported {
+        /// What was asked.
+        operation: &'static str,
+        /// The backend that cannot do it (`"rabbitmq"`, `"embedded"`).
+        backend: &'static str,
+    },
+    /// The broker URL cannot be used (its credentials are never included).
+    #[error("invalid broker URL {url}: {reason}")]
+    InvalidUrl {
+        /// The URL, password replaced by `***`.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// RabbitMQ could not be reached or refused the operation for a reason
+    /// none of the other variants describes; the text never holds
+    /// credentials.
+    #[error("rabbitmq: {0}")]
+    Backend(String),
+    /// The connection to RabbitMQ was lost after the message was sent and
+    /// before RabbitMQ confirmed it: it may or may not have been enqueued.
+    /// A retry may deliver it twice (a duplicate window or an idempotent
+    /// consumer absorbs that).
+    #[error("publish unconfirmed: the connection to rabbitmq was lost ({0})")]
+    Unconfirmed(String),
+}
+
+impl BrokerError {
+    /// An operation the RabbitMQ backend does not offer.
+    #[cfg(feature = "amqp")]
+    pub(crate) fn unsupported(operation: &'static str) -> Self {
+        BrokerError::Unsupported {
+            operation,
+            backend: "rabbitmq",
+        }
+    }
 }
 
 impl From<Box<crate::dedup::Duplicate>> for BrokerError {

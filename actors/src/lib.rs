@@ -59,6 +59,9 @@
 //! [`Block`](Overflow::Block) a full queue makes its publishers wait, so
 //! backpressure reaches them end to end.
 
+#[cfg(feature = "amqp")]
+#[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]
+pub mod amqp;
 mod broker;
 mod codec;
 mod consumer;
@@ -83,7 +86,7 @@ mod supervision;
 pub mod testkit;
 mod transaction;
 
-pub use broker::{Broker, BrokerConfig, PartitionOptions, Partitioned, PublishOptions};
+pub use broker::{Backend, Broker, BrokerConfig, PartitionOptions, Partitioned, PublishOptions};
 pub use codec::{Codec, CodecError, Json};
 #[cfg(feature = "actix")]
 #[cfg_attr(docsrs, doc(cfg(feature = "actix")))]

@@ -14,7 +14,7 @@ use crate::envelope::Envelope;
 use crate::error::BrokerError;
 use crate::queue::actor::{TxPublish, TxReserve};
 use crate::queue::delivery::{AckError, Delivery, Link, LinkState, Outcome, Settler};
-use crate::queue::handle::QueueHandle;
+use crate::queue::handle::LocalQueue;
 use crate::store::{Loc, QueueId};
 
 /// Why a commit was refused. Nothing was published or settled.
@@ -285,7 +285,7 @@ impl Transaction {
         })?;
         let locs = match stored {
             Some((locs, confirm)) => {
-                crate::queue::handle::QueueHandle::confirmed(Some(confirm))
+                crate::queue::handle::LocalQueue::confirmed(Some(confirm))
                     .await
                     .map_err(|err| match err {
                         BrokerError::Storage(err) => TxError::Storage(err),
@@ -411,7 +411,7 @@ struct Staged {
 }
 
 struct StagedQueue {
-    handle: Arc<QueueHandle>,
+    handle: Arc<LocalQueue>,
     id: QueueId,
     /// `(seq, expires_at, message)`.
     messages: Vec<(u64, u64, Envelope)>,
@@ -435,7 +435,7 @@ impl Staged {
     /// their positions. A queue that turns out not to persist keeps its
     /// copies in `routed`.
     async fn reserve(routed: &mut [(SmallVec<[Target; 16]>, Envelope)]) -> Staged {
-        let mut wanted: Vec<(Arc<QueueHandle>, Vec<Envelope>)> = Vec::new();
+        let mut wanted: Vec<(Arc<LocalQueue>, Vec<Envelope>)> = Vec::new();
         for (targets, message) in routed.iter_mut() {
             if !message.persistent() {
                 continue;

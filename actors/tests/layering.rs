@@ -17,7 +17,7 @@ fn layer(top: &str) -> usize {
         "envelope" | "codec" | "name" | "spare" | "supervision" | "partition" => 0,
         "store" => 1,
         "error" | "dedup" | "queue" | "stream" | "exchange" => 2,
-        "consumer" | "idempotency" => 3,
+        "consumer" | "idempotency" | "amqp" => 3,
         "broker" => 4,
         "subscription" | "transaction" | "rpc" | "rate" | "monitor" => 5,
         "testkit" => 6,

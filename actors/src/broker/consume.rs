@@ -61,7 +61,7 @@ impl Broker {
         // Registration happens in `started`, before any message is handled.
         match addr.ask(Registration).await {
             Ok(Some(_)) => Ok(ConsumerHandle {
-                queue: handle.name.clone(),
+                queue: handle.name().into(),
                 addr,
                 shared,
             }),

@@ -33,6 +33,10 @@ impl Broker {
             });
         }
         self.alive()?;
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.remote() {
+            return remote.declare_exchange(name, options).await;
+        }
         let mut topology = self.inner.topology.write();
         let created = !topology.exchanges.contains_key(name);
         let durable = options.durable.then(|| options.clone());
@@ -53,6 +57,14 @@ impl Broker {
         &self,
         name: &str,
     ) -> Result<Option<crate::dedup::DedupStats>, BrokerError> {
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.remote() {
+            let window = remote
+                .record
+                .lock()
+                .window(&Destination::Exchange(name.into()));
+            return Ok(window.map(|w| w.stats()));
+        }
         let topology = self.inner.topology.read();
         let exchange = topology
             .exchanges
@@ -68,6 +80,10 @@ impl Broker {
             return Err(BrokerError::DefaultExchange("deleted"));
         }
         self.alive()?;
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.remote() {
+            return remote.delete_exchange(name, if_unused).await;
+        }
         let mut topology = self.inner.topology.write();
         let durable = topology
             .exchanges
@@ -107,6 +123,7 @@ impl Broker {
             Destination::Queue(ByteString::from(queue)),
             key.into(),
         )
+        .await
     }
 
     /// Removes a queue binding; false if there was none.
@@ -122,6 +139,7 @@ impl Broker {
             Destination::Queue(ByteString::from(queue)),
             key.into(),
         )
+        .await
     }
 
     /// Binds exchange `destination` to exchange `source`: what `source` routes
@@ -138,6 +156,7 @@ impl Broker {
             Destination::Exchange(ByteString::from(destination)),
             key.into(),
         )
+        .await
     }
 
     /// Removes an exchange-to-exchange binding; false if there was none.
@@ -153,10 +172,18 @@ impl Broker {
             Destination::Exchange(ByteString::from(destination)),
             key.into(),
         )
+        .await
     }
 
     /// The bindings whose source is `exchange`.
+    ///
+    /// On RabbitMQ: the bindings this process made (AMQP cannot list the
+    /// server's).
     pub fn bindings(&self, exchange: &str) -> Result<Vec<Binding>, BrokerError> {
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.remote() {
+            return Ok(remote.record.lock().bindings(exchange));
+        }
         self.inner
             .topology
             .read()
@@ -183,7 +210,40 @@ impl Broker {
         })
     }
 
-    pub(super) fn bind(
+    /// Binds, on whichever backend serves this broker.
+    pub(super) async fn bind(
+        &self,
+        exchange: &str,
+        destination: Destination,
+        key: BindingKey,
+    ) -> Result<(), BrokerError> {
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.remote() {
+            Self::binding(exchange, destination.clone(), key.clone())?;
+            return remote
+                .bind(destination, exchange, key, false)
+                .await
+                .map(|_| ());
+        }
+        self.bind_local(exchange, destination, key)
+    }
+
+    /// Unbinds, on whichever backend serves this broker.
+    pub(super) async fn unbind(
+        &self,
+        exchange: &str,
+        destination: Destination,
+        key: BindingKey,
+    ) -> Result<bool, BrokerError> {
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.remote() {
+            Self::binding(exchange, destination.clone(), key.clone())?;
+            return remote.bind(destination, exchange, key, true).await;
+        }
+        self.unbind_local(exchange, destination, key)
+    }
+
+    fn bind_local(
         &self,
         exchange: &str,
         destination: Destination,
@@ -203,7 +263,7 @@ impl Broker {
         Ok(())
     }
 
-    pub(super) fn unbind(
+    fn unbind_local(
         &self,
         exchange: &str,
         destination: Destination,

@@ -42,6 +42,17 @@ use crate::queue::inbox::Shut;
 use crate::queue::observe::{Observer, ObserverGuard, Observers};
 use topology::Topology;
 
+/// The backend a [`Broker`] runs on (see [`Broker::connect`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Backend {
+    /// In this process: queues and consumers are actors here.
+    Embedded,
+    /// On RabbitMQ (feature `amqp`): queues live on the server, consumers
+    /// are actors here.
+    RabbitMq,
+}
+
 /// Broker-wide settings.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -103,6 +114,9 @@ struct Inner {
     storage: Option<durable::Storage>,
     /// The memory budget its queues charge, if it has one.
     budget: Option<Arc<crate::queue::budget::MemoryBudget>>,
+    /// RabbitMQ, for a broker connected to it: every call goes there.
+    #[cfg(feature = "amqp")]
+    remote: std::sync::OnceLock<Arc<crate::amqp::Remote>>,
 }
 
 impl Inner {
@@ -110,6 +124,10 @@ impl Inner {
     /// stream, and later ones, fail with `Stopped` (the actors themselves are
     /// dropped as their arbiters stop).
     fn shut_down(&self) {
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.remote.get() {
+            remote.close();
+        }
         let topology = self.topology.read();
         for entry in topology.queues.values() {
             entry.handle.inbox.shut(Shut::Stopped);
@@ -166,6 +184,10 @@ pub struct Broker {
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.inner.remote.get() {
+            return f.debug_struct("Broker").field("backend", remote).finish();
+        }
         let topology = self.inner.topology.read();
         f.debug_struct("Broker")
             .field("queues", &topology.queues.len())
@@ -184,6 +206,76 @@ impl Broker {
     /// A broker with explicit settings.
     pub fn with_config(runtime: &RuntimeHandle, config: BrokerConfig) -> Broker {
         Broker::build(runtime, config, None)
+    }
+
+    /// A broker on the backend `url` names: `memory:` for an embedded one
+    /// ([`Broker::new`]), `amqp://user:password@host:port/vhost` or
+    /// `amqps://...` for RabbitMQ (feature `amqp`; see
+    /// [`connect_with`](Self::connect_with)). Applications choose their
+    /// backend by configuration and keep their code.
+    ///
+    /// Fails with [`BrokerError::InvalidUrl`] for another scheme, with
+    /// [`BrokerError::Unsupported`] for RabbitMQ without feature `amqp`, and
+    /// with [`BrokerError::Backend`] if RabbitMQ cannot be reached or
+    /// refuses the credentials (which no error or log line shows).
+    ///
+    /// ```
+    /// use postbox_actors::{Backend, Broker};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let rt = postbox::Runtime::new()?;
+    /// let url = std::env::var("BROKER_URL").unwrap_or_else(|_| "memory:".into());
+    /// let broker = Broker::connect(&rt, &url).await?;
+    /// # assert_eq!(broker.backend(), Backend::Embedded);
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(runtime: &RuntimeHandle, url: &str) -> Result<Broker, BrokerError> {
+        if url == "memory:" || url == "memory://" {
+            return Ok(Broker::new(runtime));
+        }
+        if url.starts_with("amqp://") || url.starts_with("amqps://") {
+            #[cfg(feature = "amqp")]
+            return Broker::connect_with(runtime, crate::amqp::AmqpOptions::new(url)).await;
+            #[cfg(not(feature = "amqp"))]
+            return Err(BrokerError::Unsupported {
+                operation: "an amqp:// URL (build postbox-actors with feature `amqp`)",
+                backend: "embedded",
+            });
+        }
+        Err(BrokerError::InvalidUrl {
+            url: url.split('@').next_back().unwrap_or_default().to_string(),
+            reason: "expected memory:, amqp:// or amqps://".into(),
+        })
+    }
+
+    /// A broker on RabbitMQ, connected as `options` say (a CA certificate
+    /// for `amqps://`, timeouts, reconnection backoff).
+    #[cfg(feature = "amqp")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]
+    pub async fn connect_with(
+        runtime: &RuntimeHandle,
+        options: crate::amqp::AmqpOptions,
+    ) -> Result<Broker, BrokerError> {
+        let config = BrokerConfig::default().memory_budget(None);
+        let remote = crate::amqp::Remote::connect(options, config.max_message_bytes).await?;
+        let broker = Broker::build(runtime, config, None);
+        // Set once, here, before anyone else has the broker.
+        let _ = broker.inner.remote.set(remote);
+        Ok(broker)
+    }
+
+    /// Which backend serves this broker.
+    pub fn backend(&self) -> Backend {
+        #[cfg(feature = "amqp")]
+        if self.inner.remote.get().is_some() {
+            return Backend::RabbitMq;
+        }
+        Backend::Embedded
+    }
+
+    /// RabbitMQ, for a broker connected to it.
+    #[cfg(feature = "amqp")]
+    pub(crate) fn remote(&self) -> Option<&Arc<crate::amqp::Remote>> {
+        self.inner.remote.get()
     }
 
     fn build(
@@ -212,6 +304,8 @@ impl Broker {
                     }),
                     storage,
                     budget,
+                    #[cfg(feature = "amqp")]
+                    remote: std::sync::OnceLock::new(),
                 }
             }),
         }

@@ -12,7 +12,7 @@ use crate::envelope::Envelope;
 use crate::error::{BrokerError, PublishError};
 use crate::name::{NameKind, validate_key};
 use crate::queue::actor::QueueHost;
-use crate::queue::handle::QueueHandle;
+use crate::queue::handle::LocalQueue;
 use crate::stream::{StreamError, TryStreamPublishError};
 
 /// How a message is published through an exchange; see
@@ -85,6 +85,14 @@ impl Broker {
         options: PublishOptions,
     ) -> Result<usize, PublishError> {
         self.alive()?;
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.remote() {
+            validate_key(NameKind::RoutingKey, routing_key).map_err(BrokerError::from)?;
+            let limit = self.inner.config.max_message_bytes;
+            return remote
+                .publish_to_exchange(exchange, routing_key, message, options.mandatory, limit)
+                .await;
+        }
         let routed = self.route_targets(exchange, routing_key, &message)?;
         let message = if message.routing_key() == routing_key {
             message
@@ -152,7 +160,7 @@ impl Broker {
         exchange: &str,
         routing_key: &str,
         message: &Envelope,
-    ) -> Result<Vec<QueueHandle>, BrokerError> {
+    ) -> Result<Vec<LocalQueue>, BrokerError> {
         let routed = self.route_targets(exchange, routing_key, message)?;
         Ok(routed
             .targets
@@ -213,7 +221,7 @@ pub(crate) async fn deliver_to<T: Deliver>(
         }
     }
     for confirm in confirms {
-        if let Err(err) = QueueHandle::confirmed(Some(confirm)).await {
+        if let Err(err) = LocalQueue::confirmed(Some(confirm)).await {
             refused = Some(err);
         }
     }
@@ -266,9 +274,9 @@ pub(crate) trait Deliver {
     async fn deliver(&self, message: Envelope) -> Result<Handed, BrokerError>;
 }
 
-impl Deliver for QueueHandle {
+impl Deliver for LocalQueue {
     fn check(&self, message: &Envelope) -> Result<(), BrokerError> {
-        QueueHandle::check(self, message)
+        LocalQueue::check(self, message)
     }
 
     async fn deliver(&self, message: Envelope) -> Result<Handed, BrokerError> {
@@ -282,7 +290,7 @@ impl Deliver for QueueHandle {
         };
         let mut handed = self.hand_over(message).await;
         if matches!(handed, Ok(Handed::Taken | Handed::Confirming(_)))
-            && let Err(err) = QueueHandle::confirmed(logged).await
+            && let Err(err) = LocalQueue::confirmed(logged).await
         {
             handed = Err(err);
         }
@@ -293,7 +301,7 @@ impl Deliver for QueueHandle {
     }
 }
 
-impl QueueHandle {
+impl LocalQueue {
     /// Hands a routed copy over, past the duplicate window.
     async fn hand_over(&self, message: Envelope) -> Result<Handed, BrokerError> {
         let handed = if self.durable && message.persistent() {

@@ -8,7 +8,7 @@ use crate::broker::topology::{QueueEntry, Topology};
 use crate::error::BrokerError;
 use crate::name::{NameKind, validate_declared, validate_key, validate_name};
 use crate::queue::actor::{Delete, Durable, Purge, QueueSnapshot, spawn_queue};
-use crate::queue::handle::QueueHandle;
+use crate::queue::handle::{LocalQueue, QueueHandle};
 use crate::queue::options::{DeleteOptions, QueueOptions};
 
 impl Broker {
@@ -46,6 +46,10 @@ impl Broker {
             });
         }
         self.alive()?;
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.remote() {
+            return remote.declare_queue(name, options).await.map(Into::into);
+        }
         let mut topology = self.inner.topology.write();
         if let Some(entry) = topology.queues.get(name).filter(|e| e.handle.is_live()) {
             if entry.options != options {
@@ -57,7 +61,7 @@ impl Broker {
             }
             // A redeclaration is a use: it renews an expiring queue.
             entry.handle.renew();
-            return Ok(QueueHandle::clone(&entry.handle));
+            return Ok(LocalQueue::clone(&entry.handle).into());
         }
         // A durable queue is on disk before the declaration returns.
         let durable = match (&self.inner.storage, options.durable) {
@@ -75,7 +79,7 @@ impl Broker {
         };
         let handle = self.start_queue(&mut topology, name, options, durable)?;
         tracing::debug!(queue = %name, "queue declared");
-        Ok(handle)
+        Ok(handle.into())
     }
 
     /// Starts a queue actor and registers it (a new declaration, or a
@@ -86,7 +90,7 @@ impl Broker {
         name: &str,
         options: QueueOptions,
         durable: Option<(Durable, Vec<crate::store::Recovered>)>,
-    ) -> Result<QueueHandle, BrokerError> {
+    ) -> Result<LocalQueue, BrokerError> {
         let limit = options
             .max_message_bytes
             .unwrap_or(self.inner.config.max_message_bytes);
@@ -115,17 +119,38 @@ impl Broker {
     }
 
     /// A handle to an existing queue.
+    ///
+    /// On RabbitMQ this does not ask the server (it cannot wait): a handle
+    /// to a queue that does not exist fails on first use, with
+    /// [`BrokerError::QueueNotFound`].
     pub fn queue(&self, name: &str) -> Result<QueueHandle, BrokerError> {
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.remote() {
+            crate::name::validate_name(NameKind::Queue, name)?;
+            return Ok(crate::amqp::RemoteQueue::known(remote, name).into());
+        }
+        self.local_queue(name).map(QueueHandle::from)
+    }
+
+    /// The embedded queue `name`.
+    pub(crate) fn local_queue(&self, name: &str) -> Result<LocalQueue, BrokerError> {
         self.inner
             .topology
             .read()
             .queue(name)
-            .map(|h| QueueHandle::clone(h))
+            .map(|h| LocalQueue::clone(h))
             .ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))
     }
 
     /// The names of all queues, sorted.
+    ///
+    /// On RabbitMQ: the queues this process declared (AMQP cannot list the
+    /// server's).
     pub fn queue_names(&self) -> Vec<String> {
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.remote() {
+            return remote.record.lock().queue_names();
+        }
         let mut names: Vec<String> = self
             .inner
             .topology
@@ -148,7 +173,11 @@ impl Broker {
         options: DeleteOptions,
     ) -> Result<QueueSnapshot, BrokerError> {
         self.alive()?;
-        let handle = self.queue(name)?;
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.remote() {
+            return remote.delete_queue(name, options).await;
+        }
+        let handle = self.local_queue(name)?;
         let outcome = handle
             .addr
             .ask(Delete {
@@ -196,7 +225,11 @@ impl Broker {
     #[doc(alias = "queue_purge")]
     pub async fn purge_queue(&self, name: &str) -> Result<usize, BrokerError> {
         self.alive()?;
-        let handle = self.queue(name)?;
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.remote() {
+            return remote.purge_queue(name).await;
+        }
+        let handle = self.local_queue(name)?;
         handle.addr.ask(Purge).await.map_err(|_| handle.gone())
     }
 

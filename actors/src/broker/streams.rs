@@ -31,6 +31,10 @@ impl Broker {
     ) -> Result<StreamHandle, StreamError> {
         validate_declared(NameKind::Stream, name)?;
         self.alive().map_err(|_| StreamError::Stopped)?;
+        #[cfg(feature = "amqp")]
+        if self.remote().is_some() {
+            return Err(StreamError::Unsupported("rabbitmq"));
+        }
         let mut topology = self.inner.topology.write();
         if let Some(existing) = topology.streams.get(name) {
             if existing.core.options != options {
@@ -133,6 +137,7 @@ impl Broker {
             Destination::Stream(ByteString::from(stream)),
             key.into(),
         )
+        .await
     }
 
     /// Removes a stream binding; false if there was none.
@@ -147,5 +152,6 @@ impl Broker {
             Destination::Stream(ByteString::from(stream)),
             key.into(),
         )
+        .await
     }
 }

@@ -20,7 +20,7 @@
 //! and exchanges (which removes every binding to them). A route is collected
 //! into a [`Routed`] that holds up to 16 targets inline, so a publish
 //! allocates nothing for routing in the common case, and each target costs one
-//! refcount: queues are kept as `Arc<QueueHandle>`. Only exchange-to-exchange
+//! refcount: queues are kept as `Arc<LocalQueue>`. Only exchange-to-exchange
 //! hops and alternate exchanges are looked up by name.
 //!
 //! The name maps use FxHash rather than SipHash. Names come from users, but
@@ -38,12 +38,12 @@ use smallvec::SmallVec;
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
 use crate::exchange::{Binding, Bound, Destination, Exchange, ExchangeOptions};
-use crate::queue::handle::QueueHandle;
+use crate::queue::handle::LocalQueue;
 use crate::queue::options::QueueOptions;
 use crate::stream::{StreamError, StreamHandle};
 
 pub(crate) struct QueueEntry {
-    pub(crate) handle: Arc<QueueHandle>,
+    pub(crate) handle: Arc<LocalQueue>,
     pub(crate) options: QueueOptions,
     /// Its id in the broker's store, if it is durable there.
     pub(crate) store_id: Option<crate::store::QueueId>,
@@ -53,13 +53,13 @@ pub(crate) struct QueueEntry {
 /// one is a single refcount.
 #[derive(Clone)]
 pub(crate) enum Target {
-    Queue(Arc<QueueHandle>),
+    Queue(Arc<LocalQueue>),
     Stream(StreamHandle),
 }
 
 impl Target {
     /// The queue, if it is one.
-    pub(crate) fn queue(&self) -> Option<&QueueHandle> {
+    pub(crate) fn queue(&self) -> Option<&LocalQueue> {
         match self {
             Target::Queue(q) => Some(q),
             Target::Stream(_) => None,
@@ -113,7 +113,7 @@ pub(crate) struct Topology {
 
 impl Topology {
     /// The live queue of that name.
-    pub(crate) fn queue(&self, name: &str) -> Option<&Arc<QueueHandle>> {
+    pub(crate) fn queue(&self, name: &str) -> Option<&Arc<LocalQueue>> {
         self.queues
             .get(name)
             .map(|e| &e.handle)
@@ -378,15 +378,17 @@ mod tests {
                 .declare_exchange("x", ExchangeOptions::direct())
                 .await
                 .unwrap();
-            let old = broker
+            broker
                 .declare_queue("q", QueueOptions::default())
                 .await
                 .unwrap();
+            let old = broker.local_queue("q").unwrap();
             broker.bind_queue("q", "x", "k").await.unwrap();
-            let other = broker
+            broker
                 .declare_queue("other", QueueOptions::default())
                 .await
                 .unwrap();
+            let other = broker.local_queue("other").unwrap();
             let route = |broker: &Broker| {
                 let routed = broker.route_targets("x", "k", &Envelope::new("")).unwrap();
                 routed

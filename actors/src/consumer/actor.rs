@@ -14,7 +14,7 @@ use tracing::Instrument;
 use crate::consumer::retry::settle_failed;
 use crate::consumer::{ConsumeOptions, Consumer, OnError};
 use crate::queue::ack::{AckMode, ConsumerId};
-use crate::queue::actor::{Cancel, Cancelled, DeliveryBatch, Sink, Unsubscribe};
+use crate::queue::actor::{Cancelled, DeliveryBatch, Sink};
 use crate::queue::delivery::{Delivery, Link, Outcome, Settler};
 use crate::queue::handle::QueueHandle;
 
@@ -413,9 +413,9 @@ impl<C: Consumer> Handler<Drain> for ConsumerActor<C> {
         };
         // Once the queue has processed this, every delivery it made to us is
         // in our mailbox, ahead of whatever is sent to us next.
-        match self.queue.addr.ask(Cancel(link.consumer)).await {
-            Ok(held) => Ok(held),
-            Err(_) => {
+        match self.queue.cancel(link.consumer).await {
+            Some(held) => Ok(held),
+            None => {
                 ctx.stop();
                 Ok(0)
             }
@@ -444,7 +444,7 @@ impl<C: Consumer> Handler<Close> for ConsumerActor<C> {
     async fn handle(&mut self, _: Close, ctx: &mut Context<Self>) -> Result<(), Failure> {
         self.shared.cancelled.store(true, Ordering::Release);
         if let Some(link) = self.link.take() {
-            let _ = self.queue.addr.ask(Unsubscribe::now(link.consumer)).await;
+            self.queue.unsubscribe_now(link.consumer).await;
         }
         ctx.stop();
         Ok(())

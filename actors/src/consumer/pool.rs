@@ -494,8 +494,13 @@ impl Scaler {
         }
         self.started = true;
         let settler = delivery.settler();
+        // Scaling watches an embedded queue's backlog; on RabbitMQ the pool
+        // keeps its minimum.
+        let Some(queue) = settler.link.queue.local() else {
+            return;
+        };
         let watched = Watched {
-            queue: settler.link.queue.clone(),
+            queue: queue.clone(),
             name: settler.link.queue_name.clone(),
             me: delivery.consumer(),
         };

@@ -814,6 +814,18 @@ impl Envelope {
 
     /// The properties block, created on first use and un-shared (copied) if a clone
     /// still refers to it.
+    /// Sets the death history as another broker recorded it (RabbitMQ's
+    /// `x-death`, read back by the `amqp` backend).
+    #[cfg(feature = "amqp")]
+    pub(crate) fn set_deaths(&mut self, deaths: Vec<Death>, first: Option<Death>) {
+        if deaths.is_empty() && first.is_none() {
+            return;
+        }
+        let props = self.properties_mut();
+        props.first_death = first.or_else(|| deaths.last().cloned());
+        props.deaths = deaths;
+    }
+
     fn properties_mut(&mut self) -> &mut Properties {
         Arc::make_mut(self.properties.get_or_insert_with(Arc::default))
     }

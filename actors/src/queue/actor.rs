@@ -40,7 +40,7 @@ use crate::envelope::{DeathReason, Envelope};
 use crate::queue::ack::{AckMode, ConsumerId};
 use crate::queue::budget::{BudgetFreed, MemoryBudget};
 use crate::queue::delivery::{Delivery, Link, Outcome, PendingSettle};
-use crate::queue::handle::QueueHandle;
+use crate::queue::handle::LocalQueue;
 use crate::queue::inbox::{Collect, Inbox, Shut};
 use crate::queue::observe::Observers;
 use crate::queue::options::QueueOptions;
@@ -118,7 +118,7 @@ pub(crate) fn spawn_queue(
     observers: Observers,
     host: Arc<dyn QueueHost>,
     durable: Option<(Durable, Vec<Recovered>)>,
-) -> Option<QueueHandle> {
+) -> Option<LocalQueue> {
     let consumers = Arc::new(AtomicUsize::new(0));
     let persists = durable.is_some();
     let window_log = durable
@@ -168,7 +168,7 @@ pub(crate) fn spawn_queue(
             None => SharedWindow::new(window, target),
         })
     });
-    Some(QueueHandle {
+    Some(LocalQueue {
         name,
         addr,
         max_message_bytes,
@@ -207,7 +207,7 @@ pub(crate) enum Sink {
 }
 
 impl Sink {
-    fn any(&self) -> Option<AnyAddr> {
+    pub(crate) fn any(&self) -> Option<AnyAddr> {
         match self {
             Sink::One(r) => Some(r.any()),
             Sink::Batch { deliveries, .. } => Some(deliveries.any()),
@@ -245,7 +245,7 @@ impl Message for Cancelled {
 /// Most deliveries in one batch: bounds what a consumer's mailbox slot holds.
 const MAX_BATCH: usize = 64;
 
-/// The actor that owns one queue, reached through a [`QueueHandle`].
+/// The actor that owns one queue, reached through a [`LocalQueue`].
 pub(crate) struct QueueActor {
     name: ByteString,
     state: QueueState,
@@ -1289,7 +1289,7 @@ impl Handler<Subscribe> for QueueActor {
         let link = Arc::new(Link::new(
             id,
             self.name.clone(),
-            me,
+            crate::queue::delivery::LinkTarget::Local(me),
             msg.mode,
             self.auto_ack_lost.clone(),
         ));
@@ -1408,7 +1408,7 @@ impl Handler<Get> for QueueActor {
         let link = Arc::new(Link::new(
             id,
             self.name.clone(),
-            me.clone(),
+            crate::queue::delivery::LinkTarget::Local(me.clone()),
             msg.mode,
             self.auto_ack_lost.clone(),
         ));

@@ -93,7 +93,8 @@ pub enum AckError {
 pub(crate) struct Link {
     pub(crate) consumer: ConsumerId,
     pub(crate) queue_name: ByteString,
-    pub(crate) queue: Addr<QueueActor>,
+    /// Who applies the recorded settlements.
+    pub(crate) queue: LinkTarget,
     pub(crate) mode: AckMode,
     state: Mutex<LinkState>,
     /// Mirrors `LinkState::closed` for readers that must not take the lock
@@ -101,6 +102,33 @@ pub(crate) struct Link {
     closed: AtomicBool,
     /// The queue's count of lost auto-ack deliveries.
     lost: Arc<AtomicU64>,
+}
+
+/// Who applies a link's settlements: the embedded queue's actor, or (feature
+/// `amqp`) the RabbitMQ channel the deliveries came on.
+pub(crate) enum LinkTarget {
+    Local(Addr<QueueActor>),
+    #[cfg(feature = "amqp")]
+    Remote(Arc<dyn ApplySettlements>),
+}
+
+/// Applies a link's recorded settlements somewhere other than an embedded
+/// queue (a RabbitMQ channel, for the `amqp` backend).
+#[cfg(feature = "amqp")]
+pub(crate) trait ApplySettlements: Send + Sync {
+    /// Takes the link's pending settlements and applies them, in order.
+    fn apply<'a>(&'a self, link: &'a Link) -> futures::future::BoxFuture<'a, ()>;
+}
+
+impl LinkTarget {
+    /// The embedded queue's actor, if the link is to one.
+    pub(crate) fn local(&self) -> Option<&Addr<QueueActor>> {
+        match self {
+            LinkTarget::Local(addr) => Some(addr),
+            #[cfg(feature = "amqp")]
+            LinkTarget::Remote(_) => None,
+        }
+    }
 }
 
 #[derive(Clone, Default)]
@@ -168,7 +196,7 @@ impl Link {
     pub(crate) fn new(
         consumer: ConsumerId,
         queue_name: ByteString,
-        queue: Addr<QueueActor>,
+        queue: LinkTarget,
         mode: AckMode,
         lost: Arc<AtomicU64>,
     ) -> Self {
@@ -220,7 +248,29 @@ impl Link {
     /// Tells the queue that settlements are waiting. If the queue is gone it cannot
     /// redeliver either: there is nothing to undo.
     pub(crate) async fn notify(&self) {
-        let _ = self.queue.send(Settle(self.consumer)).await;
+        match &self.queue {
+            LinkTarget::Local(queue) => {
+                let _ = queue.send(Settle(self.consumer)).await;
+            }
+            #[cfg(feature = "amqp")]
+            LinkTarget::Remote(settle) => settle.apply(self).await,
+        }
+    }
+
+    /// How many deliveries this consumer holds unsettled.
+    #[cfg(feature = "amqp")]
+    pub(crate) fn outstanding(&self) -> usize {
+        self.state.lock().outstanding.0.len()
+    }
+
+    /// Forgets every delivery held (their channel closed: RabbitMQ requeues
+    /// them); the registration goes on, on a new channel. Pending
+    /// settlements are dropped with them.
+    #[cfg(feature = "amqp")]
+    pub(crate) fn reset(&self) {
+        let mut state = self.state.lock();
+        state.outstanding.clear();
+        state.pending.clear();
     }
 
     /// Checks and records a settlement; returns how many deliveries it covers and
@@ -354,7 +404,7 @@ struct Extra {
     loc: u64,
     /// For a manual `basic.get` delivery: ends its registration (requeueing
     /// it, if unsettled) when the delivery is dropped.
-    _fetched: Option<FetchGuard>,
+    _fetched: Option<Box<dyn Send + Sync>>,
 }
 
 /// Ends a `basic.get` delivery's registration when the delivery is dropped:
@@ -426,13 +476,31 @@ impl Delivery {
         queue: Addr<QueueActor>,
     ) -> Self {
         let consumer = link.consumer;
+        Self::guarded(
+            message,
+            tag,
+            link,
+            loc,
+            Box::new(FetchGuard { queue, consumer }),
+        )
+    }
+
+    /// A delivery that drops `guard` when it is dropped (and every copy of
+    /// it): a `basic.get` delivery ends its registration that way.
+    pub(crate) fn guarded(
+        message: Envelope,
+        tag: DeliveryTag,
+        link: Arc<Link>,
+        loc: u64,
+        guard: Box<dyn Send + Sync>,
+    ) -> Self {
         Delivery {
             message,
             tag,
             link,
             extra: Some(Arc::new(Extra {
                 loc,
-                _fetched: Some(FetchGuard { queue, consumer }),
+                _fetched: Some(guard),
             })),
         }
     }

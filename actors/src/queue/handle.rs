@@ -1,5 +1,10 @@
 //! [`QueueHandle`]: direct, typed access to one queue, for publishers and
 //! consumers that should not pay a name lookup per message.
+//!
+//! A handle is either to an embedded queue ([`LocalQueue`]: its actor, its
+//! inbox) or, with feature `amqp`, to a queue on RabbitMQ (behind
+//! [`RemoteOps`], which the `amqp` module implements); the same calls serve
+//! both.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,8 +27,257 @@ use crate::store::Confirm;
 /// A handle to one queue; cheap to clone. Obtained from
 /// [`Broker::declare_queue`](crate::Broker::declare_queue) or
 /// [`Broker::queue`](crate::Broker::queue).
+///
+/// On a broker connected to RabbitMQ ([`Broker::connect`](crate::Broker::connect)),
+/// the handle names a RabbitMQ queue: `publish`, `publish_batch`, `get` and
+/// `snapshot` go to the server; what only an embedded queue can do
+/// (`try_publish` without waiting, `sync`, `consume_with` an actor,
+/// `tie_to`) fails with [`BrokerError::Unsupported`].
 #[derive(Clone, Debug)]
 pub struct QueueHandle {
+    repr: Repr,
+}
+
+#[derive(Clone, Debug)]
+enum Repr {
+    Local(LocalQueue),
+    #[cfg(feature = "amqp")]
+    Remote(Arc<dyn RemoteOps>),
+}
+
+/// A queue served elsewhere (RabbitMQ, for the `amqp` backend): what a
+/// [`QueueHandle`] and a consumer ask of it.
+#[cfg(feature = "amqp")]
+pub(crate) trait RemoteOps: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &str;
+    fn is_live(&self) -> bool;
+    fn consumer_count(&self) -> usize;
+    fn gone(&self) -> BrokerError;
+    fn publish(&self, message: Envelope) -> BoxFuture<'_, Result<(), BrokerError>>;
+    fn publish_batch(&self, messages: Vec<Envelope>) -> BoxFuture<'_, Result<(), BrokerError>>;
+    fn get(&self, mode: AckMode) -> BoxFuture<'_, Result<Option<(Delivery, usize)>, BrokerError>>;
+    fn snapshot(&self) -> BoxFuture<'_, Result<QueueSnapshot, BrokerError>>;
+    /// Registers a consumer: see [`LocalQueue::subscribe_as`].
+    fn subscribe(
+        &self,
+        sink: Sink,
+        mode: AckMode,
+        prefetch: u32,
+        incarnation: Option<u64>,
+        exclusive: bool,
+    ) -> BoxFuture<'_, Result<Arc<crate::queue::delivery::Link>, BrokerError>>;
+    /// `basic.cancel`: how many deliveries the consumer holds, `None` if
+    /// it is gone.
+    fn cancel(&self, consumer: ConsumerId) -> BoxFuture<'_, Option<usize>>;
+    /// Ends the registration now; what it held is requeued.
+    fn unsubscribe(&self, consumer: ConsumerId) -> BoxFuture<'_, ()>;
+}
+
+#[cfg(feature = "amqp")]
+type BoxFuture<'a, T> = futures::future::BoxFuture<'a, T>;
+
+impl From<LocalQueue> for QueueHandle {
+    fn from(local: LocalQueue) -> Self {
+        QueueHandle {
+            repr: Repr::Local(local),
+        }
+    }
+}
+
+#[cfg(feature = "amqp")]
+impl From<Arc<dyn RemoteOps>> for QueueHandle {
+    fn from(remote: Arc<dyn RemoteOps>) -> Self {
+        QueueHandle {
+            repr: Repr::Remote(remote),
+        }
+    }
+}
+
+/// Runs `$local` on an embedded queue, `$remote` on a RabbitMQ one.
+macro_rules! dispatch {
+    ($self:ident, $q:ident => $local:expr, $r:ident => $remote:expr) => {
+        match &$self.repr {
+            Repr::Local($q) => $local,
+            #[cfg(feature = "amqp")]
+            Repr::Remote($r) => $remote,
+        }
+    };
+}
+
+impl QueueHandle {
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        dispatch!(self, q => q.name(), r => r.name())
+    }
+
+    /// Fetches the head ready message without a consumer: RabbitMQ's
+    /// `basic.get`. With [`AckMode::Manual`] it must be settled through the
+    /// returned [`Delivery`]; dropping it unsettled requeues it (as closing a
+    /// RabbitMQ channel does). Returns it with the number of ready messages
+    /// left, or `None` if the queue has none. It renews an expiring queue.
+    #[doc(alias = "basic_get")]
+    pub async fn get(&self, mode: AckMode) -> Result<Option<(Delivery, usize)>, BrokerError> {
+        dispatch!(self, q => q.get(mode).await, r => r.get(mode).await)
+    }
+
+    /// Whether the queue still runs (not deleted, runtime not stopped; on
+    /// RabbitMQ: the broker's connection is not closed for good).
+    pub fn is_live(&self) -> bool {
+        dispatch!(self, q => q.is_live(), r => r.is_live())
+    }
+
+    /// How many consumers are registered right now, read without asking the
+    /// queue (on RabbitMQ: as of the last declaration or snapshot, plus this
+    /// process's consumers since).
+    pub fn consumer_count(&self) -> usize {
+        dispatch!(self, q => q.consumer_count(), r => r.consumer_count())
+    }
+
+    /// Enqueues a message, waiting while the queue's mailbox is full. A queue
+    /// with reject-publish overflow is asked, and a full one answers
+    /// [`BrokerError::QueueFull`].
+    ///
+    /// While the queue is busy, consecutive publishes share a mailbox entry (up
+    /// to 64 of them), so a publish usually costs a short lock and a push; the
+    /// messages of one publisher are enqueued in the order it published them.
+    ///
+    /// Once the queue is deleted (or the runtime stopped), every publish fails:
+    /// with [`BrokerError::QueueNotFound`] (or [`BrokerError::Stopped`]).
+    ///
+    /// On a queue with a duplicate window ([`QueueOptions::dedup`]), a
+    /// message whose id the window knows is not enqueued:
+    /// [`BrokerError::Duplicate`] says so, and of which original.
+    ///
+    /// On RabbitMQ, it returns once the server has confirmed the message
+    /// (publisher confirms).
+    ///
+    /// [`QueueOptions::dedup`]: crate::QueueOptions::dedup
+    #[doc(alias = "basic_publish")]
+    pub async fn publish(&self, message: Envelope) -> Result<(), BrokerError> {
+        dispatch!(self, q => q.publish(message).await, r => r.publish(message).await)
+    }
+
+    /// Enqueues several messages in order, as one mailbox entry.
+    ///
+    /// On a queue with a duplicate window, messages whose ids it knows (or
+    /// that repeat an id earlier in the batch) are left out, the others
+    /// enqueued, and then the first one left out is reported as
+    /// [`BrokerError::Duplicate`]. On RabbitMQ the messages are published
+    /// back to back and their confirms awaited together.
+    pub async fn publish_batch(&self, messages: Vec<Envelope>) -> Result<(), BrokerError> {
+        dispatch!(self, q => q.publish_batch(messages).await, r => r.publish_batch(messages).await)
+    }
+
+    /// Enqueues a message if the queue's mailbox has room now.
+    ///
+    /// This does not wait for the queue's answer: on a queue with
+    /// reject-publish overflow, a message the queue then refuses is only
+    /// counted (`QueueStats::refused`). Use [`publish`](Self::publish) to be
+    /// told. Nor does it wait for the disk: a persistent message to a
+    /// durable queue is written with the store's next group, unconfirmed.
+    pub fn try_publish(&self, message: Envelope) -> Result<(), TryPublishError> {
+        dispatch!(self, q => q.try_publish(message), _r => Err(BrokerError::unsupported("try_publish").into()))
+    }
+
+    /// Waits until everything this queue has been told so far is on disk
+    /// (per the sync policy): publishes, and the acknowledgements and
+    /// rejections that returned before this call. Acks are otherwise written
+    /// lazily (a lost ack is a redelivery after a crash); this makes them
+    /// durable when that matters. On a queue that is not durable, or on an
+    /// in-memory broker, it returns at once.
+    ///
+    /// ```
+    /// # use postbox_actors::{AckMode, Broker, Envelope, QueueOptions};
+    /// # postbox::testkit::run(async {
+    /// # let broker = Broker::new(&postbox::RuntimeHandle::local());
+    /// let queue = broker.declare_queue("jobs", QueueOptions::default().durable()).await?;
+    /// queue.publish(Envelope::new("job").with_persistent(true)).await?;
+    /// let (job, _) = queue.get(AckMode::Manual).await?.expect("a job");
+    /// job.ack().await?;
+    /// queue.sync().await?; // the ack survives a crash from here on
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn sync(&self) -> Result<(), BrokerError> {
+        dispatch!(self, q => q.sync().await, _r => Err(BrokerError::unsupported("sync")))
+    }
+
+    /// Counters and consumers. On RabbitMQ: ready messages and consumers, as
+    /// a passive declaration reports them (the other counters are zero).
+    pub async fn snapshot(&self) -> Result<QueueSnapshot, BrokerError> {
+        dispatch!(self, q => q.snapshot().await, r => r.snapshot().await)
+    }
+
+    /// Registers any actor that handles [`Delivery`] as a consumer of this
+    /// queue, competing with its other consumers (for a supervised consumer
+    /// built from a factory, use [`Broker::consume`](crate::Broker::consume)).
+    /// The registration ends when that actor's current incarnation ends, when
+    /// the queue is deleted, or with [`cancel_consumer`](Self::cancel_consumer);
+    /// its unsettled deliveries are then requeued.
+    #[doc(alias = "basic_consume")]
+    pub async fn consume_with(
+        &self,
+        sink: Recipient<Delivery>,
+        mode: AckMode,
+        prefetch: u32,
+    ) -> Result<ConsumerId, BrokerError> {
+        dispatch!(self, q => q.consume_with(sink, mode, prefetch).await, _r => Err(BrokerError::unsupported("consume_with")))
+    }
+
+    /// Ties the queue's life to an actor: when that actor stops for good, the
+    /// queue deletes itself (an exclusive queue, as subscriptions use).
+    pub async fn tie_to(&self, owner: AnyAddr) -> Result<(), BrokerError> {
+        dispatch!(self, q => q.tie_to(owner).await, _r => Err(BrokerError::unsupported("tie_to")))
+    }
+
+    /// Ends a registration made with [`consume_with`](Self::consume_with);
+    /// its unsettled deliveries are requeued.
+    #[doc(alias = "basic_cancel")]
+    pub async fn cancel_consumer(&self, consumer: ConsumerId) -> Result<(), BrokerError> {
+        dispatch!(self, q => q.cancel_consumer(consumer).await, _r => Err(BrokerError::unsupported("cancel_consumer")))
+    }
+}
+
+/// What the consumer actor asks of its queue, on either backend.
+impl QueueHandle {
+    /// Registers a consumer; returns the link its deliveries are settled through.
+    pub(crate) async fn subscribe_as(
+        &self,
+        sink: Sink,
+        mode: AckMode,
+        prefetch: u32,
+        incarnation: Option<u64>,
+        exclusive: bool,
+    ) -> Result<Arc<crate::queue::delivery::Link>, BrokerError> {
+        dispatch!(self,
+            q => q.subscribe_as(sink, mode, prefetch, incarnation, exclusive).await,
+            r => r.subscribe(sink, mode, prefetch, incarnation, exclusive).await)
+    }
+
+    /// Stops deliveries to `consumer` (`basic.cancel`); returns how many
+    /// it still holds, `None` if the queue is gone.
+    pub(crate) async fn cancel(&self, consumer: ConsumerId) -> Option<usize> {
+        dispatch!(self,
+            q => q.addr.ask(crate::queue::actor::Cancel(consumer)).await.ok(),
+            r => r.cancel(consumer).await)
+    }
+
+    /// Ends `consumer`'s registration now; what it held is requeued.
+    pub(crate) async fn unsubscribe_now(&self, consumer: ConsumerId) {
+        dispatch!(self,
+            q => { let _ = q.addr.ask(Unsubscribe::now(consumer)).await; },
+            r => r.unsubscribe(consumer).await)
+    }
+
+    /// Why the queue no longer takes publishes or consumers.
+    pub(crate) fn gone(&self) -> BrokerError {
+        dispatch!(self, q => q.gone(), r => r.gone())
+    }
+}
+
+/// An embedded queue: its actor, and the inbox publishes wait in.
+#[derive(Clone, Debug)]
+pub(crate) struct LocalQueue {
     pub(crate) name: ByteString,
     pub(crate) addr: Addr<QueueActor>,
     pub(crate) max_message_bytes: usize,
@@ -42,9 +296,9 @@ pub struct QueueHandle {
     pub(crate) dedup: Option<Arc<SharedWindow>>,
 }
 
-impl QueueHandle {
+impl LocalQueue {
     /// The queue's name.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
@@ -61,7 +315,10 @@ impl QueueHandle {
     /// RabbitMQ channel does). Returns it with the number of ready messages
     /// left, or `None` if the queue has none. It renews an expiring queue.
     #[doc(alias = "basic_get")]
-    pub async fn get(&self, mode: AckMode) -> Result<Option<(Delivery, usize)>, BrokerError> {
+    pub(crate) async fn get(
+        &self,
+        mode: AckMode,
+    ) -> Result<Option<(Delivery, usize)>, BrokerError> {
         self.before_request();
         self.addr
             .ask(crate::queue::actor::Get { mode })
@@ -70,12 +327,12 @@ impl QueueHandle {
     }
 
     /// Whether the queue still runs (not deleted, runtime not stopped).
-    pub fn is_live(&self) -> bool {
+    pub(crate) fn is_live(&self) -> bool {
         !self.addr.is_closed() && self.inbox.shut_reason().is_none()
     }
 
     /// How many consumers are registered right now (read without asking the queue).
-    pub fn consumer_count(&self) -> usize {
+    pub(crate) fn consumer_count(&self) -> usize {
         self.consumers.load(Ordering::Relaxed)
     }
 
@@ -117,7 +374,7 @@ impl QueueHandle {
     ///
     /// [`QueueOptions::dedup`]: crate::QueueOptions::dedup
     #[doc(alias = "basic_publish")]
-    pub async fn publish(&self, message: Envelope) -> Result<(), BrokerError> {
+    pub(crate) async fn publish(&self, message: Envelope) -> Result<(), BrokerError> {
         self.check(&message)?;
         if let Some(dedup) = &self.dedup {
             return Box::pin(self.publish_once(dedup, message)).await;
@@ -199,7 +456,7 @@ impl QueueHandle {
     /// that repeat an id earlier in the batch) are left out, the others
     /// enqueued, and then the first one left out is reported as
     /// [`BrokerError::Duplicate`].
-    pub async fn publish_batch(&self, messages: Vec<Envelope>) -> Result<(), BrokerError> {
+    pub(crate) async fn publish_batch(&self, messages: Vec<Envelope>) -> Result<(), BrokerError> {
         for message in &messages {
             self.check(message)?;
         }
@@ -263,7 +520,7 @@ impl QueueHandle {
     /// counted (`QueueStats::refused`). Use [`publish`](Self::publish) to be
     /// told. Nor does it wait for the disk: a persistent message to a
     /// durable queue is written with the store's next group, unconfirmed.
-    pub fn try_publish(&self, message: Envelope) -> Result<(), TryPublishError> {
+    pub(crate) fn try_publish(&self, message: Envelope) -> Result<(), TryPublishError> {
         self.check(&message)?;
         if self.inbox.blocked() {
             // A blocking queue at its limit: waiting is `publish`'s job.
@@ -326,7 +583,7 @@ impl QueueHandle {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// # }).unwrap();
     /// ```
-    pub async fn sync(&self) -> Result<(), BrokerError> {
+    pub(crate) async fn sync(&self) -> Result<(), BrokerError> {
         self.before_request();
         let confirm = self
             .addr
@@ -372,7 +629,7 @@ impl QueueHandle {
     }
 
     /// Counters and consumers.
-    pub async fn snapshot(&self) -> Result<QueueSnapshot, BrokerError> {
+    pub(crate) async fn snapshot(&self) -> Result<QueueSnapshot, BrokerError> {
         self.before_request();
         let mut snapshot = self.addr.ask(Snapshot).await.map_err(|_| self.gone())?;
         if let Some(dedup) = &self.dedup {
@@ -390,7 +647,7 @@ impl QueueHandle {
     /// the queue is deleted, or with [`cancel_consumer`](Self::cancel_consumer);
     /// its unsettled deliveries are then requeued.
     #[doc(alias = "basic_consume")]
-    pub async fn consume_with(
+    pub(crate) async fn consume_with(
         &self,
         sink: Recipient<Delivery>,
         mode: AckMode,
@@ -431,7 +688,7 @@ impl QueueHandle {
 
     /// Ties the queue's life to an actor: when that actor stops for good, the
     /// queue deletes itself (an exclusive queue, as subscriptions use).
-    pub async fn tie_to(&self, owner: AnyAddr) -> Result<(), BrokerError> {
+    pub(crate) async fn tie_to(&self, owner: AnyAddr) -> Result<(), BrokerError> {
         self.before_request();
         self.addr.send(TieTo(owner)).await.map_err(|_| self.gone())
     }
@@ -439,7 +696,7 @@ impl QueueHandle {
     /// Ends a registration made with [`consume_with`](Self::consume_with);
     /// its unsettled deliveries are requeued.
     #[doc(alias = "basic_cancel")]
-    pub async fn cancel_consumer(&self, consumer: ConsumerId) -> Result<(), BrokerError> {
+    pub(crate) async fn cancel_consumer(&self, consumer: ConsumerId) -> Result<(), BrokerError> {
         self.before_request();
         self.addr
             .send(Unsubscribe::now(consumer))

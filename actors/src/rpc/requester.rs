@@ -20,7 +20,7 @@ use crate::consumer::{ConsumeOptions, Consumer, ConsumerHandle};
 use crate::envelope::{Envelope, HeaderValue};
 use crate::error::BrokerError;
 use crate::queue::delivery::Delivery;
-use crate::queue::handle::QueueHandle;
+use crate::queue::handle::LocalQueue;
 use crate::queue::options::QueueOptions;
 
 /// Where a request goes.
@@ -434,7 +434,7 @@ impl Requester {
             } => (exchange.as_str(), routing_key.as_str()),
         };
         let broker = &self.inner.broker;
-        let targets: Vec<QueueHandle> = broker.route_queues(exchange, key, &message)?;
+        let targets: Vec<LocalQueue> = broker.route_queues(exchange, key, &message)?;
         let answerable = targets.iter().any(|q| q.consumer_count() > 0);
         if targets.is_empty() || (fail_fast && !answerable) {
             return Err(RequestError::NoResponders {

@@ -62,6 +62,10 @@ pub enum StreamError {
     /// The runtime the broker runs on has stopped.
     #[error("the broker has stopped")]
     Stopped,
+    /// The broker's backend has no streams (postbox on RabbitMQ: RabbitMQ's
+    /// streams speak their own protocol, not AMQP 0-9-1's).
+    #[error("streams are not supported by the {0} backend")]
+    Unsupported(&'static str),
 }
 
 /// The error of [`StreamHandle::try_publish`](crate::stream::StreamHandle::try_publish).

@@ -1,0 +1,326 @@
+//! [`Remote`]: one connection to RabbitMQ, kept up.
+//!
+//! A watcher task waits for the connection to fail, then reconnects with
+//! doubling backoff and redeclares the topology this process declared
+//! (exchanges, then queues, then bindings) before anyone uses the new
+//! connection. Each connection is a *session* with a generation number:
+//! consumers notice a new generation and consume again on it; publishes in
+//! flight on the lost one fail with [`BrokerError::Unconfirmed`]. Calls made
+//! while the connection is down wait for the next session, up to the
+//! operation timeout.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection, ConnectionProperties};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use super::AmqpOptions;
+use super::consume::Settle;
+use super::topology::Record;
+use crate::error::BrokerError;
+use crate::queue::ack::ConsumerId;
+
+/// One live connection and the channels the broker shares on it.
+pub(crate) struct Session {
+    /// Counts connections: 1 for the first, +1 per reconnection.
+    pub(crate) generation: u64,
+    pub(crate) connection: Connection,
+    /// Publishes, with confirms; replaced if RabbitMQ closes it.
+    publisher: tokio::sync::Mutex<Option<Channel>>,
+    /// Declarations, deletions, bindings, passive checks.
+    admin: tokio::sync::Mutex<Option<Channel>>,
+}
+
+impl Session {
+    /// The channel publishes go on (publisher confirms on).
+    pub(crate) async fn publisher(&self) -> Result<Channel, lapin::Error> {
+        let mut slot = self.publisher.lock().await;
+        if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
+            return Ok(channel.clone());
+        }
+        let channel = self.connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// The channel topology changes go on. RabbitMQ closes a channel on a
+    /// refusal (a missing queue, a mismatch): the next call opens another.
+    pub(crate) async fn admin(&self) -> Result<Channel, lapin::Error> {
+        let mut slot = self.admin.lock().await;
+        if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
+            return Ok(channel.clone());
+        }
+        let channel = self.connection.create_channel().await?;
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+}
+
+/// Where the connection stands.
+#[derive(Clone)]
+pub(crate) enum State {
+    Up(Arc<Session>),
+    Reconnecting,
+    Closed,
+}
+
+/// The broker's end of RabbitMQ: options, the current session, and the
+/// topology to redeclare after a reconnection.
+pub(crate) struct Remote {
+    pub(crate) options: AmqpOptions,
+    state: watch::Sender<State>,
+    pub(crate) record: Mutex<Record>,
+    /// Consumer registrations (postbox's consumer ids).
+    next_consumer: AtomicU64,
+    /// The running registrations, to cancel or close them by id.
+    registrations: Mutex<std::collections::HashMap<ConsumerId, Arc<Settle>>>,
+    closed: AtomicBool,
+    /// The size limit of queues declared without one.
+    pub(crate) max_message_bytes: usize,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote")
+            .field("url", &self.options.redacted_url())
+            .finish()
+    }
+}
+
+impl Remote {
+    /// Connects (failing at once if RabbitMQ cannot be reached or refuses
+    /// the credentials), then keeps the connection up from a task on the
+    /// current tokio runtime.
+    pub(crate) async fn connect(
+        options: AmqpOptions,
+        max_message_bytes: usize,
+    ) -> Result<Arc<Remote>, BrokerError> {
+        options.validate()?;
+        let connection = tokio::time::timeout(options.timeout, open(&options))
+            .await
+            .map_err(|_| BrokerError::Backend("timed out connecting".into()))??;
+        let session = Arc::new(Session {
+            generation: 1,
+            connection,
+            publisher: tokio::sync::Mutex::new(None),
+            admin: tokio::sync::Mutex::new(None),
+        });
+        let (state, _) = watch::channel(State::Up(session.clone()));
+        let remote = Arc::new(Remote {
+            options,
+            state,
+            record: Mutex::default(),
+            next_consumer: AtomicU64::new(1),
+            registrations: Mutex::default(),
+            closed: AtomicBool::new(false),
+            max_message_bytes,
+        });
+        tracing::info!(url = %remote.options.redacted_url(), "connected to rabbitmq");
+        tokio::spawn(keep_up(Arc::downgrade(&remote), session));
+        Ok(remote)
+    }
+
+    /// The current session, waiting (up to the timeout) while reconnecting.
+    pub(crate) async fn session(&self) -> Result<Arc<Session>, BrokerError> {
+        let mut rx = self.state.subscribe();
+        let wait = rx.wait_for(|s| !matches!(s, State::Reconnecting));
+        let state = match tokio::time::timeout(self.options.timeout, wait).await {
+            Ok(Ok(state)) => state.clone(),
+            Ok(Err(_)) => State::Closed,
+            Err(_) => {
+                return Err(BrokerError::Backend(
+                    "the connection to rabbitmq is down (reconnecting)".into(),
+                ));
+            }
+        };
+        match state {
+            State::Up(session) => Ok(session),
+            _ => Err(BrokerError::Stopped),
+        }
+    }
+
+    /// A session newer than `generation`, waiting for as long as it takes
+    /// (consumers waiting to consume again); `None` once closed.
+    pub(crate) async fn next_session(&self, generation: u64) -> Option<Arc<Session>> {
+        let mut rx = self.state.subscribe();
+        let state = rx
+            .wait_for(|s| match s {
+                State::Up(s) => s.generation > generation,
+                State::Reconnecting => false,
+                State::Closed => true,
+            })
+            .await
+            .ok()?
+            .clone();
+        match state {
+            State::Up(session) => Some(session),
+            _ => None,
+        }
+    }
+
+    /// A fresh consumer id.
+    pub(crate) fn consumer_id(&self) -> u64 {
+        self.next_consumer.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn register(&self, consumer: ConsumerId, settle: &Arc<Settle>) {
+        self.registrations.lock().insert(consumer, settle.clone());
+    }
+
+    pub(crate) fn unregister(&self, consumer: ConsumerId) {
+        self.registrations.lock().remove(&consumer);
+    }
+
+    pub(crate) fn registration(&self, consumer: ConsumerId) -> Option<Arc<Settle>> {
+        self.registrations.lock().get(&consumer).cloned()
+    }
+
+    /// The options this process declared queue `name` with.
+    pub(crate) fn record_queue(&self, name: &str) -> Option<crate::queue::options::QueueOptions> {
+        self.record.lock().queue(name).cloned()
+    }
+
+    /// Whether the broker was closed (the runtime shut down).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Closes the connection for good: consumers stop, calls fail with
+    /// `Stopped`.
+    pub(crate) fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let previous = self.state.send_replace(State::Closed);
+        if let State::Up(session) = previous
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                let _ = session.connection.close(200, "closed".into()).await;
+            });
+        }
+    }
+
+    /// Runs `op` with the operation timeout; lapin's error becomes the
+    /// broker's through `map`, a timeout a `Backend` error.
+    pub(crate) async fn timed<T>(
+        &self,
+        what: &'static str,
+        op: impl Future<Output = Result<T, BrokerError>>,
+    ) -> Result<T, BrokerError> {
+        tokio::time::timeout(self.options.timeout, op)
+            .await
+            .unwrap_or_else(|_| Err(BrokerError::Backend(format!("{what} timed out"))))
+    }
+
+    /// `text` without the credentials.
+    pub(crate) fn scrub(&self, text: &dyn std::fmt::Display) -> String {
+        super::scrub(text, &self.options.url)
+    }
+}
+
+/// Opens a connection as `options` say (TLS with their CA, if given).
+async fn open(options: &AmqpOptions) -> Result<Connection, BrokerError> {
+    let mut properties = ConnectionProperties::default();
+    if let Some(name) = &options.connection_name {
+        properties = properties.with_connection_name(name.clone().into());
+    }
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: options.ca_certificate.clone(),
+    };
+    let runtime = lapin::runtime::default_runtime()
+        .map_err(|err| BrokerError::Backend(super::scrub(&err, &options.url)))?;
+    Connection::connect_with_config(&options.url, properties, tls, runtime)
+        .await
+        .map_err(|err| {
+            BrokerError::Backend(format!(
+                "cannot connect to {}: {}",
+                options.redacted_url(),
+                super::scrub(&err, &options.url)
+            ))
+        })
+}
+
+/// Waits for the session's connection to fail, then reconnects (doubling
+/// the wait between attempts), redeclares the recorded topology and
+/// publishes the new session; until the broker is closed or dropped.
+async fn keep_up(remote: std::sync::Weak<Remote>, mut session: Arc<Session>) {
+    loop {
+        let mut events = session.connection.events_listener();
+        loop {
+            let failed = tokio::select! {
+                event = events.next() => matches!(event, Some(lapin::Event::Error(_)) | None),
+                () = tokio::time::sleep(Duration::from_millis(250)) => {
+                    !session.connection.status().connected()
+                }
+            };
+            let Some(r) = remote.upgrade() else { return };
+            if r.is_closed() {
+                return;
+            }
+            if failed && !session.connection.status().connected() {
+                break;
+            }
+        }
+        let Some(r) = remote.upgrade() else { return };
+        tracing::warn!(url = %r.options.redacted_url(), generation = session.generation, "connection to rabbitmq lost; reconnecting");
+        r.state.send_if_modified(|s| {
+            if matches!(s, State::Closed) {
+                return false;
+            }
+            *s = State::Reconnecting;
+            true
+        });
+        let mut backoff = r.options.reconnect_min;
+        let generation = session.generation + 1;
+        drop(r);
+        session = loop {
+            let Some(r) = remote.upgrade() else { return };
+            if r.is_closed() {
+                return;
+            }
+            let options = r.options.clone();
+            drop(r);
+            match open(&options).await {
+                Ok(connection) => {
+                    let fresh = Arc::new(Session {
+                        generation,
+                        connection,
+                        publisher: tokio::sync::Mutex::new(None),
+                        admin: tokio::sync::Mutex::new(None),
+                    });
+                    let Some(r) = remote.upgrade() else { return };
+                    let record = r.record.lock().clone();
+                    match record.redeclare(&fresh).await {
+                        Ok(()) => break fresh,
+                        Err(err) => {
+                            tracing::warn!(error = %r.scrub(&err), "redeclaring the topology failed; reconnecting");
+                            let _ = fresh.connection.close(200, "retry".into()).await;
+                        }
+                    }
+                }
+                Err(err) => tracing::debug!(%err, ?backoff, "reconnection failed"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(options.reconnect_max);
+        };
+        let Some(r) = remote.upgrade() else { return };
+        tracing::info!(url = %r.options.redacted_url(), generation, "reconnected to rabbitmq; topology redeclared");
+        r.state.send_if_modified(|s| {
+            if matches!(s, State::Closed) {
+                return false;
+            }
+            *s = State::Up(session.clone());
+            true
+        });
+    }
+}

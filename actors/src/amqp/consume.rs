@@ -1,0 +1,660 @@
+//! Consuming from RabbitMQ: [`RemoteQueue`] (what a
+//! [`QueueHandle`](crate::QueueHandle) holds for a RabbitMQ queue), one
+//! channel per consumer registration, and [`Settle`], which applies a
+//! link's settlements on that channel.
+//!
+//! A registration keeps one [`Link`] across reconnections, so the consumer
+//! actor never sees it change. Delivery tags are RabbitMQ's, with the
+//! session's generation in the top 16 bits: a tag of a lost channel can
+//! never settle a delivery of the new one (its deliveries were requeued by
+//! RabbitMQ and come again, flagged redelivered).
+//!
+//! The consumer actor's incarnation is watched: when it crashes or stops,
+//! the link is closed first (so late settlements fail with `ConsumerGone`)
+//! and then the channel, and RabbitMQ requeues what it held, as an embedded
+//! queue does.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytestring::ByteString;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, oneshot};
+
+use super::connection::{Remote, Session};
+use super::convert::{envelope, short};
+use super::topology::{Subject, refusal};
+use crate::dedup::SharedWindow;
+use crate::envelope::Envelope;
+use crate::error::BrokerError;
+use crate::queue::ack::{AckMode, ConsumerId, DeliveryTag};
+use crate::queue::actor::{Cancelled, DeliveryBatch, QueueSnapshot, Sink};
+use crate::queue::delivery::{
+    ApplySettlements, Delivery, Link, LinkTarget, Outcome, PendingSettle,
+};
+use crate::queue::handle::RemoteOps;
+use crate::queue::options::QueueOptions;
+use futures::future::BoxFuture;
+
+/// Bits of a delivery tag that hold RabbitMQ's tag; the generation is above.
+const TAG_BITS: u32 = 48;
+const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
+/// Deliveries handed to the consumer actor in one mailbox slot, at most.
+const BATCH: usize = 64;
+
+/// A queue on RabbitMQ, as a [`QueueHandle`](crate::QueueHandle) holds it.
+#[derive(Clone)]
+pub(crate) struct RemoteQueue {
+    name: ByteString,
+    remote: Arc<Remote>,
+    max_message_bytes: usize,
+    /// As of the declaration, plus this process's registrations since.
+    consumers: Arc<AtomicUsize>,
+    _window: Option<Arc<SharedWindow>>,
+}
+
+impl std::fmt::Debug for RemoteQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteQueue")
+            .field("name", &self.name)
+            .field("remote", &self.remote)
+            .finish()
+    }
+}
+
+impl From<RemoteQueue> for crate::queue::handle::QueueHandle {
+    fn from(queue: RemoteQueue) -> Self {
+        let ops: Arc<dyn RemoteOps> = Arc::new(queue);
+        ops.into()
+    }
+}
+
+impl RemoteOps for RemoteQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn is_live(&self) -> bool {
+        !self.remote.is_closed()
+    }
+
+    fn consumer_count(&self) -> usize {
+        self.consumers.load(Ordering::Relaxed)
+    }
+
+    fn gone(&self) -> BrokerError {
+        if self.remote.is_closed() {
+            BrokerError::Stopped
+        } else {
+            BrokerError::QueueNotFound(self.name.to_string())
+        }
+    }
+
+    fn publish(&self, message: Envelope) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(
+            self.remote
+                .publish_to_queue(&self.name, message, self.max_message_bytes),
+        )
+    }
+
+    fn publish_batch(&self, messages: Vec<Envelope>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(
+            self.remote
+                .publish_batch(&self.name, messages, self.max_message_bytes),
+        )
+    }
+
+    fn get(&self, mode: AckMode) -> BoxFuture<'_, Result<Option<(Delivery, usize)>, BrokerError>> {
+        Box::pin(self.fetch(mode))
+    }
+
+    fn snapshot(&self) -> BoxFuture<'_, Result<QueueSnapshot, BrokerError>> {
+        Box::pin(async {
+            let snapshot = self.remote.queue_snapshot(&self.name).await?;
+            self.consumers
+                .store(snapshot.stats.consumers, Ordering::Relaxed);
+            Ok(snapshot)
+        })
+    }
+
+    fn subscribe(
+        &self,
+        sink: Sink,
+        mode: AckMode,
+        prefetch: u32,
+        incarnation: Option<u64>,
+        exclusive: bool,
+    ) -> BoxFuture<'_, Result<Arc<Link>, BrokerError>> {
+        Box::pin(self.register(sink, mode, prefetch, incarnation, exclusive))
+    }
+
+    fn cancel(&self, consumer: ConsumerId) -> BoxFuture<'_, Option<usize>> {
+        let settle = self.remote.registration(consumer);
+        Box::pin(async move {
+            let settle = settle?;
+            settle.cancel.notify_one();
+            Some(settle.held.load(Ordering::Acquire))
+        })
+    }
+
+    fn unsubscribe(&self, consumer: ConsumerId) -> BoxFuture<'_, ()> {
+        if let Some(settle) = self.remote.registration(consumer) {
+            settle.stop.notify_one();
+        }
+        Box::pin(async {})
+    }
+}
+
+impl RemoteQueue {
+    pub(crate) fn new(
+        remote: Arc<Remote>,
+        name: &str,
+        options: &QueueOptions,
+        consumers: usize,
+        window: Option<Arc<SharedWindow>>,
+    ) -> Self {
+        RemoteQueue {
+            name: name.into(),
+            max_message_bytes: options
+                .max_message_bytes
+                .unwrap_or(remote.max_message_bytes),
+            remote,
+            consumers: Arc::new(AtomicUsize::new(consumers)),
+            _window: window,
+        }
+    }
+
+    /// A handle on `name` without asking RabbitMQ (with the options this
+    /// process declared it with, if any).
+    pub(crate) fn known(remote: &Arc<Remote>, name: &str) -> Self {
+        let (options, window) = {
+            let record = remote.record.lock();
+            (
+                record.queue(name).cloned().unwrap_or_default(),
+                record.window(&crate::exchange::Destination::Queue(name.into())),
+            )
+        };
+        RemoteQueue::new(remote.clone(), name, &options, 0, window)
+    }
+
+    /// `basic.get` on a channel of its own: a manual delivery keeps the
+    /// channel until it is dropped, which requeues it if unsettled.
+    async fn fetch(&self, mode: AckMode) -> Result<Option<(Delivery, usize)>, BrokerError> {
+        let remote = &self.remote;
+        let name = &*self.name;
+        let queue = short(name, "a queue name")?;
+        remote
+            .timed("basic.get", async {
+                let session = remote.session().await?;
+                let channel = session
+                    .connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| refusal(remote, &e, Subject::Queue(name)))?;
+                let got = channel
+                    .basic_get(
+                        queue,
+                        BasicGetOptions {
+                            no_ack: mode == AckMode::Auto,
+                        },
+                    )
+                    .await
+                    .map_err(|e| refusal(remote, &e, Subject::Queue(name)));
+                let got = match got {
+                    Ok(Some(got)) => got,
+                    other => {
+                        let _ = channel.close(200, "done".into()).await;
+                        return other.map(|_| None);
+                    }
+                };
+                let left = got.message_count as usize;
+                let d = got.delivery;
+                let message = envelope(
+                    d.data,
+                    d.exchange.as_str(),
+                    d.routing_key.as_str(),
+                    d.redelivered,
+                    &d.properties,
+                );
+                let settle: Arc<dyn ApplySettlements> = Arc::new(Settle::new(
+                    remote.clone(),
+                    session.generation,
+                    channel.clone(),
+                ));
+                let link = Arc::new(Link::new(
+                    ConsumerId(remote.consumer_id()),
+                    self.name.clone(),
+                    LinkTarget::Remote(settle as Arc<dyn ApplySettlements>),
+                    mode,
+                    Arc::default(),
+                ));
+                let tag = DeliveryTag(tag_of(session.generation, d.delivery_tag));
+                link.track([tag]);
+                let guard = Box::new(CloseOnDrop {
+                    channel,
+                    link: link.clone(),
+                });
+                Ok(Some((
+                    Delivery::guarded(message, tag, link, 0, guard),
+                    left,
+                )))
+            })
+            .await
+    }
+
+    /// Registers a consumer: a channel with the prefetch, `basic.consume`,
+    /// and a task that hands its deliveries to `sink` (and consumes again
+    /// after a reconnection) until the consumer goes.
+    async fn register(
+        &self,
+        sink: Sink,
+        mode: AckMode,
+        prefetch: u32,
+        incarnation: Option<u64>,
+        exclusive: bool,
+    ) -> Result<Arc<Link>, BrokerError> {
+        let Some(watched) = sink.any() else {
+            return Err(BrokerError::unsupported("a consumer without an actor"));
+        };
+        let remote = self.remote.clone();
+        let session = remote.session().await?;
+        let settle = Arc::new(Settle::new(remote.clone(), session.generation, None));
+        let link = Arc::new(Link::new(
+            ConsumerId(remote.consumer_id()),
+            self.name.clone(),
+            LinkTarget::Remote(settle.clone() as Arc<dyn ApplySettlements>),
+            mode,
+            Arc::default(),
+        ));
+        let registration = Registration {
+            remote,
+            queue: self.name.clone(),
+            link: link.clone(),
+            settle,
+            sink,
+            mode,
+            prefetch,
+            exclusive,
+            consumers: self.consumers.clone(),
+        };
+        let (started_tx, started_rx) = oneshot::channel();
+        let stop = registration.settle.stop.clone();
+        watched.on_exit(incarnation, move |_| stop.notify_one());
+        tokio::spawn(registration.run(session, started_tx));
+        match started_rx.await {
+            Ok(Ok(())) => Ok(link),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(self.gone()),
+        }
+    }
+}
+
+/// Closes a `basic.get` delivery's channel when the delivery is dropped;
+/// unsettled, RabbitMQ requeues it.
+struct CloseOnDrop {
+    channel: lapin::Channel,
+    link: Arc<Link>,
+}
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        let channel = self.channel.clone();
+        let link = self.link.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                // Settlements recorded before the drop go first.
+                link.notify().await;
+                link.close();
+                let _ = channel.close(200, "done".into()).await;
+            });
+        }
+    }
+}
+
+/// `tag` of session `generation`, as postbox numbers it.
+fn tag_of(generation: u64, tag: u64) -> u64 {
+    (generation << TAG_BITS) | (tag & TAG_MASK)
+}
+
+/// Applies one link's settlements on its channel, in order; and the signals
+/// that end its registration.
+pub(crate) struct Settle {
+    remote: Arc<Remote>,
+    /// The channel deliveries came on, and its session's generation.
+    channel: Mutex<Option<(u64, lapin::Channel)>>,
+    /// One drain at a time, so settlements reach RabbitMQ in order.
+    applying: tokio::sync::Mutex<()>,
+    /// The consumer actor's incarnation ended, or the registration was
+    /// closed: close the channel (RabbitMQ requeues what it held).
+    stop: Arc<Notify>,
+    /// `basic.cancel`: deliver nothing more, end once settled.
+    cancel: Notify,
+    /// Settled: wakes a cancelled registration waiting for its last ack.
+    settled: Notify,
+    /// Deliveries held when cancelled (reported by `cancel`).
+    held: AtomicUsize,
+}
+
+impl Settle {
+    fn new(
+        remote: Arc<Remote>,
+        generation: u64,
+        channel: impl Into<Option<lapin::Channel>>,
+    ) -> Self {
+        Settle {
+            remote,
+            channel: Mutex::new(channel.into().map(|c| (generation, c))),
+            applying: tokio::sync::Mutex::new(()),
+            stop: Arc::new(Notify::new()),
+            cancel: Notify::new(),
+            settled: Notify::new(),
+            held: AtomicUsize::new(0),
+        }
+    }
+
+    /// Sends the link's recorded settlements to RabbitMQ. Those for a
+    /// channel that is gone are dropped: RabbitMQ requeued their deliveries.
+    async fn send(&self, link: &Link) {
+        let _one = self.applying.lock().await;
+        let pending = link.drain();
+        let current = self.channel.lock().clone();
+        let Some((generation, channel)) = current else {
+            return;
+        };
+        for PendingSettle {
+            tag,
+            multiple,
+            outcome,
+        } in pending
+        {
+            if tag.0 >> TAG_BITS != generation {
+                continue;
+            }
+            let amqp_tag = tag.0 & TAG_MASK;
+            let sent = match outcome {
+                Outcome::Ack => {
+                    channel
+                        .basic_ack(amqp_tag, BasicAckOptions { multiple })
+                        .await
+                }
+                Outcome::Requeue => {
+                    channel
+                        .basic_nack(
+                            amqp_tag,
+                            BasicNackOptions {
+                                multiple,
+                                requeue: true,
+                            },
+                        )
+                        .await
+                }
+                Outcome::Discard => {
+                    channel
+                        .basic_nack(
+                            amqp_tag,
+                            BasicNackOptions {
+                                multiple,
+                                requeue: false,
+                            },
+                        )
+                        .await
+                }
+                Outcome::RequeueAfter(delay) => {
+                    // Held (unacknowledged) until the delay has passed, then
+                    // requeued; if the consumer goes first, RabbitMQ
+                    // requeues it at once.
+                    let channel = channel.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = channel
+                            .basic_nack(
+                                amqp_tag,
+                                BasicNackOptions {
+                                    multiple,
+                                    requeue: true,
+                                },
+                            )
+                            .await;
+                    });
+                    Ok(())
+                }
+            };
+            if let Err(err) = sent {
+                tracing::debug!(error = %self.remote.scrub(&err), "settlement not sent: the channel is gone, RabbitMQ requeues");
+            }
+        }
+        self.settled.notify_one();
+    }
+}
+
+impl ApplySettlements for Settle {
+    fn apply<'a>(&'a self, link: &'a Link) -> BoxFuture<'a, ()> {
+        Box::pin(self.send(link))
+    }
+}
+
+/// One consumer registration's task.
+struct Registration {
+    remote: Arc<Remote>,
+    queue: ByteString,
+    link: Arc<Link>,
+    settle: Arc<Settle>,
+    sink: Sink,
+    mode: AckMode,
+    prefetch: u32,
+    exclusive: bool,
+    consumers: Arc<AtomicUsize>,
+}
+
+/// How a channel's consumption ended.
+enum Ended {
+    /// The consumer went, or was closed: done.
+    Stopped,
+    /// Cancelled: wait for its deliveries to be settled, then done.
+    Cancelled,
+    /// RabbitMQ cancelled it (the queue was deleted): done, the consumer
+    /// is told.
+    Deleted,
+    /// The connection was lost: consume again on the next one.
+    Lost,
+}
+
+impl Registration {
+    async fn run(
+        self,
+        mut session: Arc<Session>,
+        started: oneshot::Sender<Result<(), BrokerError>>,
+    ) {
+        self.remote.register(self.link.consumer, &self.settle);
+        self.consumers.fetch_add(1, Ordering::Relaxed);
+        let mut started = Some(started);
+        loop {
+            let consumer = match self.open(&session).await {
+                Ok(consumer) => consumer,
+                Err(err) => {
+                    if let Some(started) = started.take() {
+                        let _ = started.send(Err(err));
+                        break;
+                    }
+                    // After a reconnection: the queue may be gone.
+                    tracing::warn!(queue = %self.queue, %err, "consuming again failed");
+                    self.tell_cancelled(true).await;
+                    break;
+                }
+            };
+            if let Some(started) = started.take() {
+                let _ = started.send(Ok(()));
+            }
+            match self.pump(&session, consumer).await {
+                Ended::Lost => {
+                    self.link.reset();
+                    *self.settle.channel.lock() = None;
+                    match self.remote.next_session(session.generation).await {
+                        Some(next) => session = next,
+                        None => break,
+                    }
+                }
+                Ended::Stopped => break,
+                Ended::Deleted => {
+                    self.tell_cancelled(true).await;
+                    break;
+                }
+                Ended::Cancelled => {
+                    self.settle
+                        .held
+                        .store(self.link.outstanding(), Ordering::Release);
+                    loop {
+                        if self.link.outstanding() == 0 {
+                            break;
+                        }
+                        tokio::select! {
+                            () = self.settle.settled.notified() => {}
+                            () = self.settle.stop.notified() => break,
+                            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        }
+                    }
+                    // Settlements recorded but not yet sent go before the close.
+                    self.link.notify().await;
+                    self.tell_cancelled(false).await;
+                    break;
+                }
+            }
+        }
+        self.link.close();
+        let channel = self.settle.channel.lock().take();
+        if let Some((_, channel)) = channel {
+            let _ = channel.close(200, "consumer gone".into()).await;
+        }
+        self.consumers.fetch_sub(1, Ordering::Relaxed);
+        self.remote.unregister(self.link.consumer);
+    }
+
+    /// A channel with the prefetch, consuming the queue.
+    async fn open(&self, session: &Session) -> Result<lapin::Consumer, BrokerError> {
+        let remote = &self.remote;
+        let name = &*self.queue;
+        let subject = Subject::Queue(name);
+        remote
+            .timed("basic.consume", async {
+                let channel = session
+                    .connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| refusal(remote, &e, subject))?;
+                if self.mode == AckMode::Manual {
+                    let prefetch = u16::try_from(self.prefetch).unwrap_or(u16::MAX);
+                    channel
+                        .basic_qos(prefetch, BasicQosOptions::default())
+                        .await
+                        .map_err(|e| refusal(remote, &e, subject))?;
+                }
+                let consumer = channel
+                    .basic_consume(
+                        short(name, "a queue name")?,
+                        format!("postbox-{}", self.link.consumer.0).into(),
+                        BasicConsumeOptions {
+                            no_ack: self.mode == AckMode::Auto,
+                            exclusive: self.exclusive,
+                            ..BasicConsumeOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| refusal(remote, &e, subject))?;
+                *self.settle.channel.lock() = Some((session.generation, channel));
+                Ok(consumer)
+            })
+            .await
+    }
+
+    /// Hands deliveries to the consumer actor, in batches of what is
+    /// already there, until the channel ends or the consumer goes.
+    async fn pump(&self, session: &Session, mut consumer: lapin::Consumer) -> Ended {
+        loop {
+            let first = tokio::select! {
+                next = consumer.next() => next,
+                () = self.settle.stop.notified() => return Ended::Stopped,
+                () = self.settle.cancel.notified() => {
+                    let channel = self.settle.channel.lock().clone();
+                    if let Some((_, channel)) = channel {
+                        let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                    }
+                    return Ended::Cancelled;
+                }
+            };
+            let mut batch = Vec::new();
+            let mut next = first;
+            loop {
+                match next {
+                    Some(Ok(d)) => {
+                        let tag = DeliveryTag(tag_of(session.generation, d.delivery_tag));
+                        let message = envelope(
+                            d.data,
+                            d.exchange.as_str(),
+                            d.routing_key.as_str(),
+                            d.redelivered,
+                            &d.properties,
+                        );
+                        batch.push(Delivery::new(message, tag, self.link.clone(), 0));
+                    }
+                    Some(Err(err)) => {
+                        tracing::debug!(queue = %self.queue, error = %self.remote.scrub(&err), "consumer channel lost");
+                        drop(batch);
+                        return Ended::Lost;
+                    }
+                    None => {
+                        drop(batch);
+                        return if session.connection.status().connected() {
+                            Ended::Deleted
+                        } else {
+                            Ended::Lost
+                        };
+                    }
+                }
+                if batch.len() >= BATCH {
+                    break;
+                }
+                match futures::FutureExt::now_or_never(consumer.next()) {
+                    Some(more) => next = more,
+                    None => break,
+                }
+            }
+            if self.mode == AckMode::Manual {
+                self.link.track(batch.iter().map(Delivery::tag));
+            }
+            if !self.hand_over(batch).await {
+                return Ended::Stopped;
+            }
+        }
+    }
+
+    /// Sends a batch to the consumer actor, waiting while its mailbox is
+    /// full; false if it is gone.
+    async fn hand_over(&self, batch: Vec<Delivery>) -> bool {
+        match &self.sink {
+            Sink::Batch { deliveries, .. } => deliveries.send(DeliveryBatch(batch)).await.is_ok(),
+            Sink::One(sink) => {
+                for delivery in batch {
+                    if sink.send(delivery).await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            }
+            Sink::Fetch => false,
+        }
+    }
+
+    async fn tell_cancelled(&self, deleted: bool) {
+        if let Sink::Batch { cancelled, .. } = &self.sink {
+            let _ = cancelled.send(Cancelled { deleted }).await;
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Publishing to RabbitMQ with publisher confirms.
+//!
+//! Every publish is `mandatory`: RabbitMQ returns a message that reaches no
+//! queue, which is how a publish to a missing queue fails with
+//! `QueueNotFound` (and an exchange publish reports 0 targets, or
+//! `Unroutable` when the caller asked for `mandatory`). A nack is a full
+//! queue refusing it (reject-publish): `QueueFull`, except for the overflows
+//! RabbitMQ lacks, provided here on top of reject-publish: `block` publishes
+//! again after a pause until the queue takes it, `drop-new` counts the
+//! refusal as done (RabbitMQ dead-lettered it, with `reject-publish-dlx`).
+//! A confirm lost with the connection is [`BrokerError::Unconfirmed`].
+
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Confirmation};
+
+use super::connection::Remote;
+use super::convert::{properties, short};
+use super::topology::{Subject, refusal};
+use crate::envelope::Envelope;
+use crate::error::{BrokerError, PublishError};
+use crate::exchange::Destination;
+use crate::queue::policy::Overflow;
+
+/// How RabbitMQ answered one publish.
+enum Answer {
+    Routed,
+    Returned,
+    Refused,
+}
+
+/// The longest pause between attempts of a publish waiting on a `block`
+/// queue.
+const BLOCK_PAUSE_MAX: Duration = Duration::from_millis(100);
+
+impl Remote {
+    /// Sends one message and waits for its confirm.
+    async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        props: BasicProperties,
+    ) -> Result<Answer, BrokerError> {
+        let exchange_name = short(exchange, "an exchange name")?;
+        let key = short(routing_key, "a routing key")?;
+        let session = self.session().await?;
+        let subject = if exchange.is_empty() {
+            Subject::Queue(routing_key)
+        } else {
+            Subject::Exchange(exchange)
+        };
+        let channel = session
+            .publisher()
+            .await
+            .map_err(|e| refusal(self, &e, subject))?;
+        let confirm = channel
+            .basic_publish(
+                exchange_name,
+                key,
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                payload,
+                props,
+            )
+            .await
+            .map_err(|e| refusal(self, &e, subject))?;
+        match confirm.await {
+            Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => Ok(Answer::Routed),
+            Ok(Confirmation::Ack(Some(_))) => Ok(Answer::Returned),
+            Ok(Confirmation::Nack(_)) => Ok(Answer::Refused),
+            Err(err) if matches!(err.kind(), lapin::ErrorKind::ProtocolError(_)) => {
+                // The channel was closed by a refusal (a missing exchange).
+                Err(refusal(self, &err, subject))
+            }
+            Err(err) => Err(BrokerError::Unconfirmed(self.scrub(&err))),
+        }
+    }
+
+    /// The overflow this process declared `queue` with (drop-head if it
+    /// did not declare it).
+    fn overflow(&self, queue: &str) -> Overflow {
+        self.record_queue(queue)
+            .map_or(Overflow::DropHead, |o| o.overflow)
+    }
+
+    /// Checks `message` against the queue's duplicate window, if this
+    /// process declared one.
+    fn admit(
+        &self,
+        destination: Destination,
+        message: &Envelope,
+    ) -> Result<Option<std::sync::Arc<crate::dedup::SharedWindow>>, BrokerError> {
+        let window = self.record.lock().window(&destination);
+        if let Some(window) = &window {
+            window.admit(message.id())?;
+        }
+        Ok(window)
+    }
+
+    /// Publishes to `queue` through the default exchange, confirmed.
+    pub(crate) async fn publish_to_queue(
+        &self,
+        queue: &str,
+        message: Envelope,
+        max_bytes: usize,
+    ) -> Result<(), BrokerError> {
+        let size = message.total_size();
+        if size > max_bytes {
+            return Err(BrokerError::MessageTooLarge {
+                queue: queue.into(),
+                size,
+                limit: max_bytes,
+            });
+        }
+        let window = self.admit(Destination::Queue(queue.into()), &message)?;
+        let id = message.id();
+        let result = self.publish_to_queue_now(queue, message).await;
+        if let (Err(_), Some(window)) = (&result, window) {
+            window.forget(id);
+        }
+        result
+    }
+
+    async fn publish_to_queue_now(
+        &self,
+        queue: &str,
+        message: Envelope,
+    ) -> Result<(), BrokerError> {
+        let props = properties(&message)?;
+        let overflow = self.overflow(queue);
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let answer = self
+                .timed(
+                    "publish",
+                    self.send("", queue, message.payload(), props.clone()),
+                )
+                .await?;
+            match (answer, overflow) {
+                (Answer::Routed, _) => return Ok(()),
+                (Answer::Returned, _) => return Err(BrokerError::QueueNotFound(queue.into())),
+                (Answer::Refused, Overflow::DropNew) => return Ok(()),
+                (Answer::Refused, Overflow::Block) => {
+                    if self.is_closed() {
+                        return Err(BrokerError::Stopped);
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(BLOCK_PAUSE_MAX);
+                }
+                (Answer::Refused, _) => return Err(BrokerError::QueueFull(queue.into())),
+            }
+        }
+    }
+
+    /// Publishes through `exchange`; returns 1 if RabbitMQ routed it
+    /// (RabbitMQ does not say to how many queues), 0 if not.
+    pub(crate) async fn publish_to_exchange(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Envelope,
+        mandatory: bool,
+        max_bytes: usize,
+    ) -> Result<usize, PublishError> {
+        let size = message.total_size();
+        if size > max_bytes {
+            return Err(BrokerError::MessageTooLarge {
+                queue: exchange.into(),
+                size,
+                limit: max_bytes,
+            }
+            .into());
+        }
+        let destination = if exchange.is_empty() {
+            Destination::Queue(routing_key.into())
+        } else {
+            Destination::Exchange(exchange.into())
+        };
+        let window = self.admit(destination, &message)?;
+        let props = properties(&message)?;
+        let answer = self
+            .timed(
+                "publish",
+                self.send(exchange, routing_key, message.payload(), props),
+            )
+            .await;
+        let forget = || {
+            if let Some(window) = &window {
+                window.forget(message.id());
+            }
+        };
+        match answer {
+            Ok(Answer::Routed) => Ok(1),
+            Ok(Answer::Returned) => {
+                forget();
+                if mandatory {
+                    return Err(PublishError::Unroutable {
+                        exchange: exchange.into(),
+                        routing_key: routing_key.into(),
+                        message: Box::new(message),
+                    });
+                }
+                Ok(0)
+            }
+            Ok(Answer::Refused) => {
+                forget();
+                Err(BrokerError::QueueFull(format!("a queue bound to {exchange:?}")).into())
+            }
+            Err(err) => {
+                forget();
+                Err(err.into())
+            }
+        }
+    }
+
+    /// Publishes several messages to `queue` back to back, then waits for
+    /// all their confirms: one round trip for the batch.
+    pub(crate) async fn publish_batch(
+        &self,
+        queue: &str,
+        messages: Vec<Envelope>,
+        max_bytes: usize,
+    ) -> Result<(), BrokerError> {
+        if matches!(self.overflow(queue), Overflow::Block | Overflow::DropNew)
+            || self
+                .record
+                .lock()
+                .window(&Destination::Queue(queue.into()))
+                .is_some()
+        {
+            // Refusals to wait out or ignore, ids to admit: one at a time.
+            for message in messages {
+                self.publish_to_queue(queue, message, max_bytes).await?;
+            }
+            return Ok(());
+        }
+        let mut confirms = Vec::with_capacity(messages.len());
+        for message in &messages {
+            let size = message.total_size();
+            if size > max_bytes {
+                return Err(BrokerError::MessageTooLarge {
+                    queue: queue.into(),
+                    size,
+                    limit: max_bytes,
+                });
+            }
+        }
+        let key = short(queue, "a queue name")?;
+        self.timed("publish", async {
+            let session = self.session().await?;
+            let channel = session
+                .publisher()
+                .await
+                .map_err(|e| refusal(self, &e, Subject::Queue(queue)))?;
+            for message in &messages {
+                let confirm = channel
+                    .basic_publish(
+                        "".into(),
+                        key.clone(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        message.payload(),
+                        properties(message)?,
+                    )
+                    .await
+                    .map_err(|e| refusal(self, &e, Subject::Queue(queue)))?;
+                confirms.push(confirm);
+            }
+            let mut first_error = None;
+            for confirm in confirms {
+                let err = match confirm.await {
+                    Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => continue,
+                    Ok(Confirmation::Ack(Some(_))) => BrokerError::QueueNotFound(queue.into()),
+                    Ok(Confirmation::Nack(_)) => BrokerError::QueueFull(queue.into()),
+                    Err(err) => BrokerError::Unconfirmed(self.scrub(&err)),
+                };
+                first_error.get_or_insert(err);
+            }
+            first_error.map_or(Ok(()), Err)
+        })
+        .await
+    }
+}

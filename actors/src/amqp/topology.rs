@@ -1,0 +1,650 @@
+//! Queues, exchanges and bindings on RabbitMQ: postbox's options as
+//! RabbitMQ's arguments, RabbitMQ's refusals as [`BrokerError`]s, and the
+//! [`Record`] of what this process declared, replayed after a reconnection.
+
+use std::sync::Arc;
+
+use bytestring::ByteString;
+use lapin::options::{
+    ExchangeBindOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, ExchangeUnbindOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+
+use super::connection::{Remote, Session};
+use super::consume::RemoteQueue;
+use super::convert::{short, to_table};
+use crate::dedup::{DedupTarget, SharedWindow};
+use crate::error::BrokerError;
+use crate::exchange::{
+    BindingKey, Destination, ExchangeKind, ExchangeOptions, HashOn, HashProperty,
+};
+use crate::queue::actor::QueueSnapshot;
+use crate::queue::options::{DeleteOptions, QueueOptions};
+use crate::queue::policy::Overflow;
+use crate::queue::stats::QueueStats;
+
+/// What a refusal was about, to name it in the error.
+#[derive(Clone, Copy)]
+pub(crate) enum Subject<'a> {
+    Queue(&'a str),
+    Exchange(&'a str),
+    Other,
+}
+
+/// RabbitMQ's refusal (or a lost connection) as a broker error.
+pub(crate) fn refusal(remote: &Remote, err: &lapin::Error, subject: Subject<'_>) -> BrokerError {
+    if let lapin::ErrorKind::ProtocolError(amqp) = err.kind() {
+        let text = amqp.get_message().as_str();
+        let code = amqp.get_id();
+        match (code, subject) {
+            (404, _) if text.contains("no exchange") => {
+                return BrokerError::ExchangeNotFound(quoted(text).unwrap_or_default());
+            }
+            (404, _) if text.contains("no queue") => {
+                return BrokerError::QueueNotFound(quoted(text).unwrap_or_default());
+            }
+            (404, Subject::Queue(name)) => return BrokerError::QueueNotFound(name.into()),
+            (404, Subject::Exchange(name)) => return BrokerError::ExchangeNotFound(name.into()),
+            (403, Subject::Queue(name)) if text.contains("exclusive") => {
+                return BrokerError::ExclusiveConsumer {
+                    queue: name.into(),
+                    consumers: 1,
+                };
+            }
+            (406, Subject::Queue(name)) if text.contains("in use") => {
+                return BrokerError::QueueInUse {
+                    name: name.into(),
+                    consumers: 1,
+                };
+            }
+            (406, Subject::Queue(name)) if text.contains("not empty") => {
+                return BrokerError::QueueNotEmpty {
+                    name: name.into(),
+                    messages: 1,
+                };
+            }
+            (406, Subject::Exchange(name)) if text.contains("in use") => {
+                return BrokerError::ExchangeInUse {
+                    name: name.into(),
+                    bindings: 1,
+                };
+            }
+            _ => {}
+        }
+        return BrokerError::Backend(format!("{code} {}", remote.scrub(&text)));
+    }
+    BrokerError::Backend(remote.scrub(err))
+}
+
+/// The first `'...'`-quoted name in RabbitMQ's text.
+fn quoted(text: &str) -> Option<String> {
+    let start = text.find('\'')? + 1;
+    let len = text[start..].find('\'')?;
+    Some(text[start..start + len].to_string())
+}
+
+/// What this process declared, in order: replayed on a new connection.
+#[derive(Clone, Default)]
+pub(crate) struct Record {
+    exchanges: Vec<(String, ExchangeOptions)>,
+    queues: Vec<(String, QueueOptions)>,
+    bindings: Vec<Bound>,
+    /// Duplicate windows kept on this side, by exchange or queue name.
+    pub(crate) windows: Vec<(Destination, Arc<SharedWindow>)>,
+}
+
+#[derive(Clone, PartialEq)]
+struct Bound {
+    destination: Destination,
+    source: String,
+    key: BindingKey,
+}
+
+impl Record {
+    /// Declares everything recorded on `session`: exchanges, queues, then
+    /// bindings.
+    pub(crate) async fn redeclare(&self, session: &Session) -> Result<(), lapin::Error> {
+        let channel = session.admin().await?;
+        for (name, options) in &self.exchanges {
+            let (kind, flags, args) = exchange_args(options).unwrap_or_default();
+            channel
+                .exchange_declare(name.as_str().into(), kind, flags, args)
+                .await?;
+        }
+        for (name, options) in &self.queues {
+            if let Ok((flags, args)) = queue_args(name, options) {
+                channel
+                    .queue_declare(name.as_str().into(), flags, args)
+                    .await?;
+            }
+        }
+        for bound in &self.bindings {
+            bind_on(&channel, bound, false).await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn queue(&self, name: &str) -> Option<&QueueOptions> {
+        self.queues.iter().find(|(n, _)| n == name).map(|(_, o)| o)
+    }
+
+    pub(crate) fn window(&self, destination: &Destination) -> Option<Arc<SharedWindow>> {
+        self.windows
+            .iter()
+            .find(|(d, _)| d == destination)
+            .map(|(_, w)| w.clone())
+    }
+
+    fn forget(&mut self, destination: &Destination) {
+        self.bindings
+            .retain(|b| &b.destination != destination && !is_source(b, destination));
+        self.windows.retain(|(d, _)| d != destination);
+        match destination {
+            Destination::Queue(name) => self.queues.retain(|(n, _)| n.as_str() != &**name),
+            Destination::Exchange(name) => self.exchanges.retain(|(n, _)| n.as_str() != &**name),
+            Destination::Stream(_) => {}
+        }
+    }
+
+    /// The queues this process declared, sorted.
+    pub(crate) fn queue_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.queues.iter().map(|(n, _)| n.clone()).collect();
+        names.sort();
+        names
+    }
+
+    /// The bindings this process made from `exchange`.
+    pub(crate) fn bindings(&self, exchange: &str) -> Vec<crate::exchange::Binding> {
+        self.bindings
+            .iter()
+            .filter(|b| b.source == exchange)
+            .map(|b| crate::exchange::Binding {
+                destination: b.destination.clone(),
+                key: ByteString::from(b.key.key()),
+                arguments: b.key.arguments().clone(),
+            })
+            .collect()
+    }
+}
+
+fn is_source(bound: &Bound, destination: &Destination) -> bool {
+    matches!(destination, Destination::Exchange(name) if bound.source == name.as_ref())
+}
+
+async fn bind_on(
+    channel: &lapin::Channel,
+    bound: &Bound,
+    unbind: bool,
+) -> Result<(), lapin::Error> {
+    let args = to_table(bound.key.arguments()).unwrap_or_default();
+    let key = bound.key.key();
+    match (&bound.destination, unbind) {
+        (Destination::Queue(queue), false) => {
+            channel
+                .queue_bind(
+                    (&**queue).into(),
+                    bound.source.as_str().into(),
+                    key.into(),
+                    QueueBindOptions::default(),
+                    args,
+                )
+                .await
+        }
+        (Destination::Queue(queue), true) => {
+            channel
+                .queue_unbind(
+                    (&**queue).into(),
+                    bound.source.as_str().into(),
+                    key.into(),
+                    args,
+                )
+                .await
+        }
+        (Destination::Exchange(dest), false) => {
+            channel
+                .exchange_bind(
+                    (&**dest).into(),
+                    bound.source.as_str().into(),
+                    key.into(),
+                    ExchangeBindOptions::default(),
+                    args,
+                )
+                .await
+        }
+        (Destination::Exchange(dest), true) => {
+            channel
+                .exchange_unbind(
+                    (&**dest).into(),
+                    bound.source.as_str().into(),
+                    key.into(),
+                    ExchangeUnbindOptions::default(),
+                    args,
+                )
+                .await
+        }
+        (Destination::Stream(_), _) => Ok(()),
+    }
+}
+
+fn long(n: impl TryInto<i64>) -> AMQPValue {
+    AMQPValue::LongLongInt(n.try_into().unwrap_or(i64::MAX))
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// A queue's options as `queue.declare` flags and arguments; what RabbitMQ
+/// cannot do is refused.
+pub(crate) fn queue_args(
+    name: &str,
+    options: &QueueOptions,
+) -> Result<(QueueDeclareOptions, FieldTable), BrokerError> {
+    let unsupported = |operation| Err(BrokerError::unsupported(operation));
+    if options.delivery_limit.is_some() {
+        // Quorum queues only; classic queues do not count deliveries.
+        return unsupported("delivery_limit (RabbitMQ counts deliveries on quorum queues only)");
+    }
+    if options.shed.is_some() {
+        return unsupported("load shedding");
+    }
+    if options.max_priority == Some(0) {
+        return Err(BrokerError::InvalidQueueOptions {
+            name: name.into(),
+            reason: "the maximum priority must be 1 to 255",
+        });
+    }
+    let mut args = FieldTable::default();
+    let mut set = |k: &str, v| {
+        args.insert(k.into(), v);
+    };
+    if let Some(ttl) = options.message_ttl {
+        set("x-message-ttl", long(ttl.as_millis()));
+    }
+    if let Some(expires) = options.expires {
+        set("x-expires", long(expires.as_millis().max(1)));
+    }
+    if let Some(n) = options.max_length {
+        set("x-max-length", long(n));
+    }
+    if let Some(n) = options.max_length_bytes {
+        set("x-max-length-bytes", long(n));
+    }
+    let limited = options.max_length.is_some() || options.max_length_bytes.is_some();
+    match options.overflow {
+        Overflow::DropHead => {}
+        // Block waits and drop-new discards on this side, from
+        // reject-publish's nacks (see `publish`).
+        Overflow::RejectPublish | Overflow::Block if limited => {
+            set("x-overflow", text("reject-publish"));
+        }
+        Overflow::RejectPublishDlx | Overflow::DropNew if limited => {
+            set("x-overflow", text("reject-publish-dlx"));
+        }
+        Overflow::RejectPublish
+        | Overflow::Block
+        | Overflow::RejectPublishDlx
+        | Overflow::DropNew => {}
+        Overflow::Spill => set("x-queue-mode", text("lazy")),
+    }
+    if let Some(dlx) = &options.dead_letter_exchange {
+        set("x-dead-letter-exchange", text(dlx));
+    }
+    if let Some(key) = &options.dead_letter_routing_key {
+        set("x-dead-letter-routing-key", text(key));
+    }
+    if options.single_active_consumer {
+        set("x-single-active-consumer", AMQPValue::Boolean(true));
+    }
+    if let Some(max) = options.max_priority {
+        set("x-max-priority", AMQPValue::ShortShortUInt(max));
+    }
+    let flags = QueueDeclareOptions {
+        durable: options.durable,
+        ..QueueDeclareOptions::default()
+    };
+    Ok((flags, args))
+}
+
+/// An exchange's options as its kind, flags and arguments.
+pub(crate) fn exchange_args(
+    options: &ExchangeOptions,
+) -> Result<(lapin::ExchangeKind, ExchangeDeclareOptions, FieldTable), BrokerError> {
+    let mut args = FieldTable::default();
+    let kind = match options.kind {
+        ExchangeKind::Direct => lapin::ExchangeKind::Direct,
+        ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
+        ExchangeKind::Topic => lapin::ExchangeKind::Topic,
+        ExchangeKind::Headers => lapin::ExchangeKind::Headers,
+        ExchangeKind::ConsistentHash => {
+            match &options.hash_on {
+                HashOn::RoutingKey => {}
+                HashOn::Header(name) => {
+                    args.insert("hash-header".into(), text(name));
+                }
+                HashOn::Property(property) => {
+                    let name = match property {
+                        HashProperty::MessageId => "message_id",
+                        HashProperty::CorrelationId => "correlation_id",
+                        HashProperty::Timestamp => "timestamp",
+                    };
+                    args.insert("hash-property".into(), text(name));
+                }
+            }
+            lapin::ExchangeKind::Custom("x-consistent-hash".into())
+        }
+    };
+    if let Some(ae) = &options.alternate_exchange {
+        args.insert("alternate-exchange".into(), text(ae));
+    }
+    let flags = ExchangeDeclareOptions {
+        durable: options.durable,
+        ..ExchangeDeclareOptions::default()
+    };
+    Ok((kind, flags, args))
+}
+
+impl Remote {
+    pub(crate) async fn declare_queue(
+        self: &Arc<Self>,
+        name: &str,
+        options: QueueOptions,
+    ) -> Result<RemoteQueue, BrokerError> {
+        let (flags, args) = queue_args(name, &options)?;
+        let queue = short(name, "a queue name")?;
+        let declared = self
+            .timed("queue.declare", async {
+                let session = self.session().await?;
+                let channel = session
+                    .admin()
+                    .await
+                    .map_err(|e| refusal(self, &e, Subject::Queue(name)))?;
+                channel
+                    .queue_declare(queue, flags, args)
+                    .await
+                    .map_err(|e| self.mismatch(&e, name, &options))
+            })
+            .await?;
+        let window = {
+            let mut record = self.record.lock();
+            let destination = Destination::Queue(name.into());
+            let window = options.dedup.as_ref().map(|config| {
+                record.window(&destination).unwrap_or_else(|| {
+                    let window =
+                        Arc::new(SharedWindow::new(*config, DedupTarget::Queue(name.into())));
+                    record.windows.push((destination, window.clone()));
+                    window
+                })
+            });
+            if record.queue(name).is_none() {
+                record.queues.push((name.to_string(), options.clone()));
+            }
+            window
+        };
+        Ok(RemoteQueue::new(
+            self.clone(),
+            name,
+            &options,
+            declared.consumer_count() as usize,
+            window,
+        ))
+    }
+
+    /// A refused declaration: a mismatch with what this process declared
+    /// is reported as such.
+    fn mismatch(&self, err: &lapin::Error, name: &str, requested: &QueueOptions) -> BrokerError {
+        let existing = self.record.lock().queue(name).cloned();
+        match (err.kind(), existing) {
+            (lapin::ErrorKind::ProtocolError(e), Some(existing)) if e.get_id() == 406 => {
+                BrokerError::QueueMismatch {
+                    name: name.into(),
+                    existing: Box::new(existing),
+                    requested: Box::new(requested.clone()),
+                }
+            }
+            _ => refusal(self, err, Subject::Queue(name)),
+        }
+    }
+
+    /// Ready messages and consumers of `name`, by a passive declaration.
+    pub(crate) async fn passive(&self, name: &str) -> Result<(usize, usize), BrokerError> {
+        let queue = short(name, "a queue name")?;
+        self.timed("queue.declare", async {
+            let session = self.session().await?;
+            let channel = session
+                .admin()
+                .await
+                .map_err(|e| refusal(self, &e, Subject::Queue(name)))?;
+            let q = channel
+                .queue_declare(
+                    queue,
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| refusal(self, &e, Subject::Queue(name)))?;
+            Ok((q.message_count() as usize, q.consumer_count() as usize))
+        })
+        .await
+    }
+
+    pub(crate) async fn queue_snapshot(&self, name: &str) -> Result<QueueSnapshot, BrokerError> {
+        let (ready, consumers) = self.passive(name).await?;
+        Ok(QueueSnapshot {
+            name: name.into(),
+            stats: QueueStats {
+                ready,
+                consumers,
+                ..QueueStats::default()
+            },
+            consumers: Vec::new(),
+            dead_lettered: 0,
+            dead_letters_dropped: 0,
+            auto_ack_lost: 0,
+            waiting_publishes: 0,
+            storage: None,
+        })
+    }
+
+    pub(crate) async fn delete_queue(
+        &self,
+        name: &str,
+        options: DeleteOptions,
+    ) -> Result<QueueSnapshot, BrokerError> {
+        let queue = short(name, "a queue name")?;
+        // RabbitMQ answers with the count only: check the queue first, so a
+        // missing one is `QueueNotFound` as embedded.
+        let mut snapshot = self.queue_snapshot(name).await?;
+        let deleted = self
+            .timed("queue.delete", async {
+                let session = self.session().await?;
+                let channel = session
+                    .admin()
+                    .await
+                    .map_err(|e| refusal(self, &e, Subject::Queue(name)))?;
+                channel
+                    .queue_delete(
+                        queue,
+                        QueueDeleteOptions {
+                            if_unused: options.if_unused,
+                            if_empty: options.if_empty,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map_err(|e| refusal(self, &e, Subject::Queue(name)))
+            })
+            .await?;
+        self.record.lock().forget(&Destination::Queue(name.into()));
+        snapshot.stats.ready = deleted as usize;
+        Ok(snapshot)
+    }
+
+    pub(crate) async fn purge_queue(&self, name: &str) -> Result<usize, BrokerError> {
+        let queue = short(name, "a queue name")?;
+        self.timed("queue.purge", async {
+            let session = self.session().await?;
+            let channel = session
+                .admin()
+                .await
+                .map_err(|e| refusal(self, &e, Subject::Queue(name)))?;
+            channel
+                .queue_purge(queue, QueuePurgeOptions::default())
+                .await
+                .map(|n| n as usize)
+                .map_err(|e| refusal(self, &e, Subject::Queue(name)))
+        })
+        .await
+    }
+
+    pub(crate) async fn declare_exchange(
+        &self,
+        name: &str,
+        options: ExchangeOptions,
+    ) -> Result<(), BrokerError> {
+        let (kind, flags, args) = exchange_args(&options)?;
+        let exchange = short(name, "an exchange name")?;
+        self.timed("exchange.declare", async {
+            let session = self.session().await?;
+            let channel = session
+                .admin()
+                .await
+                .map_err(|e| refusal(self, &e, Subject::Exchange(name)))?;
+            channel
+                .exchange_declare(exchange, kind, flags, args)
+                .await
+                .map_err(|e| {
+                    let existing = self
+                        .record
+                        .lock()
+                        .exchanges
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, o)| o.clone());
+                    match (e.kind(), existing) {
+                        (lapin::ErrorKind::ProtocolError(p), Some(existing))
+                            if p.get_id() == 406 =>
+                        {
+                            BrokerError::ExchangeMismatch {
+                                name: name.into(),
+                                existing: Box::new(existing),
+                                requested: Box::new(options.clone()),
+                            }
+                        }
+                        _ => refusal(self, &e, Subject::Exchange(name)),
+                    }
+                })
+        })
+        .await?;
+        let mut record = self.record.lock();
+        let destination = Destination::Exchange(name.into());
+        if let Some(config) = &options.dedup
+            && record.window(&destination).is_none()
+        {
+            let window = Arc::new(SharedWindow::new(
+                *config,
+                DedupTarget::Exchange(name.into()),
+            ));
+            record.windows.push((destination, window));
+        }
+        if !record.exchanges.iter().any(|(n, _)| n == name) {
+            record.exchanges.push((name.to_string(), options));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn delete_exchange(
+        &self,
+        name: &str,
+        if_unused: bool,
+    ) -> Result<(), BrokerError> {
+        let exchange = short(name, "an exchange name")?;
+        // `exchange.delete` of a missing exchange succeeds on RabbitMQ 3.10:
+        // check first, so that it is `ExchangeNotFound` as embedded.
+        self.timed("exchange.delete", async {
+            let session = self.session().await?;
+            let channel = session
+                .admin()
+                .await
+                .map_err(|e| refusal(self, &e, Subject::Exchange(name)))?;
+            channel
+                .exchange_declare(
+                    exchange.clone(),
+                    lapin::ExchangeKind::Direct,
+                    ExchangeDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| refusal(self, &e, Subject::Exchange(name)))?;
+            channel
+                .exchange_delete(
+                    exchange,
+                    ExchangeDeleteOptions {
+                        if_unused,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .map_err(|e| refusal(self, &e, Subject::Exchange(name)))
+        })
+        .await?;
+        self.record
+            .lock()
+            .forget(&Destination::Exchange(name.into()));
+        Ok(())
+    }
+
+    /// Binds (or unbinds) `destination` to `source`; unbinding returns
+    /// whether this process had made that binding.
+    pub(crate) async fn bind(
+        &self,
+        destination: Destination,
+        source: &str,
+        key: BindingKey,
+        unbind: bool,
+    ) -> Result<bool, BrokerError> {
+        if let Destination::Stream(_) = destination {
+            return Err(BrokerError::unsupported("binding a stream"));
+        }
+        short(source, "an exchange name")?;
+        short(key.key(), "a binding key")?;
+        to_table(key.arguments())?;
+        let bound = Bound {
+            destination,
+            source: source.to_string(),
+            key,
+        };
+        let subject = match &bound.destination {
+            Destination::Queue(q) => Subject::Queue(q),
+            _ => Subject::Other,
+        };
+        self.timed("bind", async {
+            let session = self.session().await?;
+            let channel = session
+                .admin()
+                .await
+                .map_err(|e| refusal(self, &e, subject))?;
+            bind_on(&channel, &bound, unbind)
+                .await
+                .map_err(|e| refusal(self, &e, subject))
+        })
+        .await?;
+        let mut record = self.record.lock();
+        let known = record.bindings.iter().position(|b| *b == bound);
+        match (unbind, known) {
+            (false, None) => record.bindings.push(bound),
+            (true, Some(i)) => {
+                record.bindings.remove(i);
+            }
+            _ => {}
+        }
+        Ok(known.is_some())
+    }
+}
