@@ -408,9 +408,11 @@ async fn declare_delete_purge_and_validation() {
         ));
         assert_eq!(
             broker.publish("q", Envelope::new(vec![0u8; 20])).await,
+            // 48 fixed, 20 payload, and the routing key the queue's name
+            // gives it.
             Err(BrokerError::MessageTooLarge {
                 queue: "q".into(),
-                size: 68,
+                size: 69,
                 limit: 64
             })
         );

@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 use super::AmqpOptions;
-use super::consume::Settle;
+use super::consume::Registered;
 use super::topology::Record;
 use crate::error::BrokerError;
 use crate::queue::ack::ConsumerId;
@@ -32,6 +32,8 @@ pub(crate) struct Session {
     pub(crate) connection: Connection,
     /// Publishes, with confirms; replaced if RabbitMQ closes it.
     publisher: tokio::sync::Mutex<Option<Channel>>,
+    /// The publisher channel while it is open, read without waiting.
+    open_publisher: parking_lot::RwLock<Option<Channel>>,
     /// Declarations, deletions, bindings, passive checks.
     admin: tokio::sync::Mutex<Option<Channel>>,
 }
@@ -39,6 +41,14 @@ pub(crate) struct Session {
 impl Session {
     /// The channel publishes go on (publisher confirms on).
     pub(crate) async fn publisher(&self) -> Result<Channel, lapin::Error> {
+        if let Some(channel) = self
+            .open_publisher
+            .read()
+            .as_ref()
+            .filter(|c| c.status().connected())
+        {
+            return Ok(channel.clone());
+        }
         let mut slot = self.publisher.lock().await;
         if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
             return Ok(channel.clone());
@@ -48,6 +58,7 @@ impl Session {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         *slot = Some(channel.clone());
+        *self.open_publisher.write() = Some(channel.clone());
         Ok(channel)
     }
 
@@ -81,7 +92,7 @@ pub(crate) struct Remote {
     /// Consumer registrations (postbox's consumer ids).
     next_consumer: AtomicU64,
     /// The running registrations, to cancel or close them by id.
-    registrations: Mutex<std::collections::HashMap<ConsumerId, Arc<Settle>>>,
+    registrations: Mutex<std::collections::HashMap<ConsumerId, Registered>>,
     closed: AtomicBool,
     /// The size limit of queues declared without one.
     pub(crate) max_message_bytes: usize,
@@ -111,6 +122,7 @@ impl Remote {
             generation: 1,
             connection,
             publisher: tokio::sync::Mutex::new(None),
+            open_publisher: parking_lot::RwLock::new(None),
             admin: tokio::sync::Mutex::new(None),
         });
         let (state, _) = watch::channel(State::Up(session.clone()));
@@ -130,6 +142,9 @@ impl Remote {
 
     /// The current session, waiting (up to the timeout) while reconnecting.
     pub(crate) async fn session(&self) -> Result<Arc<Session>, BrokerError> {
+        if let State::Up(session) = &*self.state.borrow() {
+            return Ok(session.clone());
+        }
         let mut rx = self.state.subscribe();
         let wait = rx.wait_for(|s| !matches!(s, State::Reconnecting));
         let state = match tokio::time::timeout(self.options.timeout, wait).await {
@@ -171,21 +186,16 @@ impl Remote {
         self.next_consumer.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub(crate) fn register(&self, consumer: ConsumerId, settle: &Arc<Settle>) {
-        self.registrations.lock().insert(consumer, settle.clone());
+    pub(crate) fn register(&self, consumer: ConsumerId, registered: Registered) {
+        self.registrations.lock().insert(consumer, registered);
     }
 
     pub(crate) fn unregister(&self, consumer: ConsumerId) {
         self.registrations.lock().remove(&consumer);
     }
 
-    pub(crate) fn registration(&self, consumer: ConsumerId) -> Option<Arc<Settle>> {
+    pub(crate) fn registration(&self, consumer: ConsumerId) -> Option<Registered> {
         self.registrations.lock().get(&consumer).cloned()
-    }
-
-    /// The options this process declared queue `name` with.
-    pub(crate) fn record_queue(&self, name: &str) -> Option<crate::queue::options::QueueOptions> {
-        self.record.lock().queue(name).cloned()
     }
 
     /// Whether the broker was closed (the runtime shut down).
@@ -296,6 +306,7 @@ async fn keep_up(remote: std::sync::Weak<Remote>, mut session: Arc<Session>) {
                         generation,
                         connection,
                         publisher: tokio::sync::Mutex::new(None),
+                        open_publisher: parking_lot::RwLock::new(None),
                         admin: tokio::sync::Mutex::new(None),
                     });
                     let Some(r) = remote.upgrade() else { return };

@@ -31,7 +31,6 @@ use tokio::sync::{Notify, oneshot};
 use super::connection::{Remote, Session};
 use super::convert::{envelope, short};
 use super::topology::{Subject, refusal};
-use crate::dedup::SharedWindow;
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
 use crate::queue::ack::{AckMode, ConsumerId, DeliveryTag};
@@ -40,11 +39,10 @@ use crate::queue::delivery::{
     ApplySettlements, Delivery, Link, LinkTarget, Outcome, PendingSettle,
 };
 use crate::queue::handle::RemoteOps;
-use crate::queue::options::QueueOptions;
 use futures::future::BoxFuture;
 
 /// Bits of a delivery tag that hold RabbitMQ's tag; the generation is above.
-const TAG_BITS: u32 = 48;
+const TAG_BITS: u32 = crate::queue::delivery::GENERATION_SHIFT;
 const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
 /// Deliveries handed to the consumer actor in one mailbox slot, at most.
 const BATCH: usize = 64;
@@ -54,10 +52,8 @@ const BATCH: usize = 64;
 pub(crate) struct RemoteQueue {
     name: ByteString,
     remote: Arc<Remote>,
-    max_message_bytes: usize,
     /// As of the declaration, plus this process's registrations since.
     consumers: Arc<AtomicUsize>,
-    _window: Option<Arc<SharedWindow>>,
 }
 
 impl std::fmt::Debug for RemoteQueue {
@@ -100,14 +96,14 @@ impl RemoteOps for RemoteQueue {
     fn publish(&self, message: Envelope) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(
             self.remote
-                .publish_to_queue(&self.name, message, self.max_message_bytes),
+                .publish_to_queue(&self.name, message, self.remote.max_message_bytes),
         )
     }
 
     fn publish_batch(&self, messages: Vec<Envelope>) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(
             self.remote
-                .publish_batch(&self.name, messages, self.max_message_bytes),
+                .publish_batch(&self.name, messages, self.remote.max_message_bytes),
         )
     }
 
@@ -136,52 +132,37 @@ impl RemoteOps for RemoteQueue {
     }
 
     fn cancel(&self, consumer: ConsumerId) -> BoxFuture<'_, Option<usize>> {
-        let settle = self.remote.registration(consumer);
+        let registered = self.remote.registration(consumer);
         Box::pin(async move {
-            let settle = settle?;
-            settle.cancel.notify_one();
-            Some(settle.held.load(Ordering::Acquire))
+            let registered = registered?;
+            let held = registered.link.outstanding();
+            registered.settle.cancel.notify_one();
+            Some(held)
         })
     }
 
     fn unsubscribe(&self, consumer: ConsumerId) -> BoxFuture<'_, ()> {
-        if let Some(settle) = self.remote.registration(consumer) {
-            settle.stop.notify_one();
-        }
-        Box::pin(async {})
+        let registered = self.remote.registration(consumer);
+        let timeout = self.remote.options.timeout;
+        Box::pin(async move {
+            let Some(registered) = registered else { return };
+            registered.end_now();
+            // Returns once RabbitMQ has the channel closed (what it held
+            // requeued), as an embedded queue requeues before answering.
+            let mut done = registered.settle.done.subscribe();
+            let _ = tokio::time::timeout(timeout, done.wait_for(|d| *d)).await;
+        })
     }
 }
 
 impl RemoteQueue {
-    pub(crate) fn new(
-        remote: Arc<Remote>,
-        name: &str,
-        options: &QueueOptions,
-        consumers: usize,
-        window: Option<Arc<SharedWindow>>,
-    ) -> Self {
+    /// A handle on queue `name`, which had `consumers` when last asked.
+    pub(crate) fn new(remote: &Arc<Remote>, name: &str, consumers: usize) -> Self {
         RemoteQueue {
             name: name.into(),
-            max_message_bytes: options
-                .max_message_bytes
-                .unwrap_or(remote.max_message_bytes),
-            remote,
+            remote: remote.clone(),
             consumers: Arc::new(AtomicUsize::new(consumers)),
-            _window: window,
         }
-    }
-
-    /// A handle on `name` without asking RabbitMQ (with the options this
-    /// process declared it with, if any).
-    pub(crate) fn known(remote: &Arc<Remote>, name: &str) -> Self {
-        let (options, window) = {
-            let record = remote.record.lock();
-            (
-                record.queue(name).cloned().unwrap_or_default(),
-                record.window(&crate::exchange::Destination::Queue(name.into())),
-            )
-        };
-        RemoteQueue::new(remote.clone(), name, &options, 0, window)
     }
 
     /// `basic.get` on a channel of its own: a manual delivery keeps the
@@ -236,6 +217,7 @@ impl RemoteQueue {
                     Arc::default(),
                 ));
                 let tag = DeliveryTag(tag_of(session.generation, d.delivery_tag));
+                link.reset(session.generation);
                 link.track([tag]);
                 let guard = Box::new(CloseOnDrop {
                     channel,
@@ -285,8 +267,14 @@ impl RemoteQueue {
             consumers: self.consumers.clone(),
         };
         let (started_tx, started_rx) = oneshot::channel();
-        let stop = registration.settle.stop.clone();
-        watched.on_exit(incarnation, move |_| stop.notify_one());
+        let registered = Registered {
+            settle: registration.settle.clone(),
+            link: link.clone(),
+        };
+        registration
+            .remote
+            .register(link.consumer, registered.clone());
+        watched.on_exit(incarnation, move |_| registered.end_now());
         tokio::spawn(registration.run(session, started_tx));
         match started_rx.await {
             Ok(Ok(())) => Ok(link),
@@ -338,8 +326,29 @@ pub(crate) struct Settle {
     cancel: Notify,
     /// Settled: wakes a cancelled registration waiting for its last ack.
     settled: Notify,
-    /// Deliveries held when cancelled (reported by `cancel`).
-    held: AtomicUsize,
+    /// Settlements accepted before the registration ended, to send before
+    /// the channel closes.
+    last: Mutex<Vec<PendingSettle>>,
+    /// The registration is over: its channel is closed.
+    done: tokio::sync::watch::Sender<bool>,
+}
+
+/// A running registration, as the broker's registry keeps it.
+#[derive(Clone)]
+pub(crate) struct Registered {
+    settle: Arc<Settle>,
+    link: Arc<Link>,
+}
+
+impl Registered {
+    /// Ends the registration at once: later settlements fail with
+    /// `ConsumerGone`; those accepted before are sent, then the channel is
+    /// closed and RabbitMQ requeues the rest.
+    fn end_now(&self) {
+        let accepted = self.link.close();
+        self.settle.last.lock().extend(accepted);
+        self.settle.stop.notify_one();
+    }
 }
 
 impl Settle {
@@ -355,7 +364,8 @@ impl Settle {
             stop: Arc::new(Notify::new()),
             cancel: Notify::new(),
             settled: Notify::new(),
-            held: AtomicUsize::new(0),
+            last: Mutex::default(),
+            done: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -363,7 +373,8 @@ impl Settle {
     /// channel that is gone are dropped: RabbitMQ requeued their deliveries.
     async fn send(&self, link: &Link) {
         let _one = self.applying.lock().await;
-        let pending = link.drain();
+        let mut pending = std::mem::take(&mut *self.last.lock());
+        pending.extend(link.drain());
         let current = self.channel.lock().clone();
         let Some((generation, channel)) = current else {
             return;
@@ -472,7 +483,6 @@ impl Registration {
         mut session: Arc<Session>,
         started: oneshot::Sender<Result<(), BrokerError>>,
     ) {
-        self.remote.register(self.link.consumer, &self.settle);
         self.consumers.fetch_add(1, Ordering::Relaxed);
         let mut started = Some(started);
         loop {
@@ -494,7 +504,6 @@ impl Registration {
             }
             match self.pump(&session, consumer).await {
                 Ended::Lost => {
-                    self.link.reset();
                     *self.settle.channel.lock() = None;
                     match self.remote.next_session(session.generation).await {
                         Some(next) => session = next,
@@ -507,9 +516,6 @@ impl Registration {
                     break;
                 }
                 Ended::Cancelled => {
-                    self.settle
-                        .held
-                        .store(self.link.outstanding(), Ordering::Release);
                     loop {
                         if self.link.outstanding() == 0 {
                             break;
@@ -527,11 +533,15 @@ impl Registration {
                 }
             }
         }
-        self.link.close();
+        let accepted = self.link.close();
+        self.settle.last.lock().extend(accepted);
+        // What was settled before the end reaches RabbitMQ first.
+        self.settle.send(&self.link).await;
         let channel = self.settle.channel.lock().take();
         if let Some((_, channel)) = channel {
             let _ = channel.close(200, "consumer gone".into()).await;
         }
+        self.settle.done.send_replace(true);
         self.consumers.fetch_sub(1, Ordering::Relaxed);
         self.remote.unregister(self.link.consumer);
     }
@@ -569,6 +579,8 @@ impl Registration {
                     .await
                     .map_err(|e| refusal(remote, &e, subject))?;
                 *self.settle.channel.lock() = Some((session.generation, channel));
+                // Deliveries of an earlier connection are stale from here.
+                self.link.reset(session.generation);
                 Ok(consumer)
             })
             .await

@@ -25,6 +25,11 @@ use crate::error::BrokerError;
 /// seconds).
 pub(crate) const TIMESTAMP_HEADER: &str = "x-postbox-ts";
 
+/// The header carrying a message's own routing key when it is published to
+/// a queue by name (RabbitMQ's default exchange replaces it with the
+/// queue's name; postbox keeps a partition or ordering key there).
+pub(crate) const KEY_HEADER: &str = "x-postbox-key";
+
 /// A short string (at most 255 bytes), or a typed refusal naming the field.
 pub(crate) fn short(value: &str, field: &'static str) -> Result<ShortString, BrokerError> {
     ShortString::try_new(value).map_err(|_| BrokerError::Unsupported {
@@ -84,17 +89,35 @@ pub(crate) fn to_table<'a>(
     Ok(table)
 }
 
-/// The AMQP properties of `message`.
-pub(crate) fn properties(message: &Envelope) -> Result<BasicProperties, BrokerError> {
+/// The AMQP properties of `message`, published with `routing_key`.
+pub(crate) fn properties(
+    message: &Envelope,
+    routing_key: &str,
+) -> Result<BasicProperties, BrokerError> {
     let mut headers = to_table(message.headers())?;
-    headers.insert(
-        TIMESTAMP_HEADER.into(),
-        AMQPValue::LongLongInt(i64::try_from(message.timestamp_ms()).unwrap_or(i64::MAX)),
-    );
+    let ms = message.timestamp_ms();
+    // A postbox id is a version 7 UUID made at the envelope's creation: the
+    // exact milliseconds travel in it, and only a timestamp set otherwise
+    // needs the header.
+    if id_ms(message.id()) != Some(ms) {
+        headers.insert(
+            TIMESTAMP_HEADER.into(),
+            AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
+        );
+    }
+    let own = message.routing_key();
+    if !own.is_empty() && own != routing_key {
+        headers.insert(
+            KEY_HEADER.into(),
+            AMQPValue::LongString(LongString::from(own.as_bytes().to_vec())),
+        );
+    }
     let mut props = BasicProperties::default()
         .with_message_id(message.id().to_string().into())
-        .with_timestamp(message.timestamp_ms() / 1000)
-        .with_headers(headers);
+        .with_timestamp(ms / 1000);
+    if !headers.inner().is_empty() {
+        props = props.with_headers(headers);
+    }
     if message.priority() > 0 {
         props = props.with_priority(message.priority());
     }
@@ -130,10 +153,15 @@ pub(crate) fn envelope(
     let mut message = Envelope::new(payload)
         .with_routing_key(routing_key)
         .with_exchange(exchange);
-    if let Some(id) = props.message_id() {
-        message = message.with_id(parse_id(id.as_str()));
-    }
     let mut timestamp = props.timestamp().map(|s| s.saturating_mul(1000));
+    if let Some(id) = props.message_id() {
+        let id = parse_id(id.as_str());
+        // The milliseconds the id carries, if they agree with the seconds.
+        if let Some(ms) = id_ms(id).filter(|ms| timestamp.is_none_or(|t| t == ms / 1000 * 1000)) {
+            timestamp = Some(ms);
+        }
+        message = message.with_id(id);
+    }
     let mut delivery_count = None;
     let mut deaths = Vec::new();
     let mut first_death = None;
@@ -142,6 +170,11 @@ pub(crate) fn envelope(
             match (name.as_str(), value) {
                 (TIMESTAMP_HEADER, AMQPValue::LongLongInt(ms)) => {
                     timestamp = u64::try_from(*ms).ok();
+                }
+                (KEY_HEADER, value) => {
+                    if let Some(HeaderValue::Str(key)) = from_amqp_value(value) {
+                        message = message.with_routing_key(&*key);
+                    }
                 }
                 ("x-delivery-count", value) => {
                     delivery_count = from_amqp_value(value).and_then(|v| v.as_int());
@@ -192,6 +225,12 @@ pub(crate) fn envelope(
         .map_or(if redelivered { 2 } else { 1 }, |n| n.saturating_add(1));
     message.set_delivery(count, redelivered);
     message
+}
+
+/// The Unix milliseconds of a version 7 UUID (its first 48 bits).
+fn id_ms(id: MessageId) -> Option<u64> {
+    let uuid = id.0;
+    (uuid.get_version_num() == 7).then(|| (uuid.as_u128() >> 80) as u64)
 }
 
 /// A message id: postbox's UUID as published, or (from another client) the
@@ -259,27 +298,25 @@ fn death(entry: &AMQPValue) -> Option<Death> {
     })
 }
 
-/// The first death, from RabbitMQ's `x-first-death-*` headers: the entry of
-/// `deaths` they name (with its time and keys), as RabbitMQ recorded it.
+/// The first death, from RabbitMQ's `x-first-death-*` headers, as it was
+/// when it happened: a count of 1, with the time and keys of the entry of
+/// `deaths` they name (which counts later deaths too).
 fn first_death_of(headers: &FieldTable, deaths: &[Death]) -> Option<Death> {
     let fields = headers.inner();
     let queue = text(fields.get("x-first-death-queue"))?;
     let reason = text(fields.get("x-first-death-reason")).and_then(|r| reason(r.as_bytes()))?;
     let exchange = text(fields.get("x-first-death-exchange")).unwrap_or_default();
-    Some(
-        deaths
-            .iter()
-            .find(|d| d.queue == queue && d.reason == reason)
-            .cloned()
-            .unwrap_or(Death {
-                queue,
-                reason,
-                count: 1,
-                time_ms: 0,
-                exchange,
-                routing_keys: Vec::new(),
-            }),
-    )
+    let entry = deaths
+        .iter()
+        .find(|d| d.queue == queue && d.reason == reason);
+    Some(Death {
+        queue,
+        reason,
+        count: 1,
+        time_ms: entry.map_or(0, |d| d.time_ms),
+        exchange,
+        routing_keys: entry.map(|d| d.routing_keys.clone()).unwrap_or_default(),
+    })
 }
 
 #[cfg(test)]
@@ -300,7 +337,15 @@ mod tests {
             .with_priority(4)
             .with_persistent(true)
             .with_expiration(Duration::from_millis(1500));
-        let props = properties(&sent).unwrap();
+        let props = properties(&sent, "key").unwrap();
+        // The id carries the milliseconds: no header for them.
+        assert!(
+            !props
+                .headers()
+                .as_ref()
+                .unwrap()
+                .contains_key(TIMESTAMP_HEADER)
+        );
         let got = envelope(b"body".to_vec(), "ex", "key", false, &props);
         assert_eq!(got.id(), sent.id());
         assert_eq!(got.timestamp_ms(), sent.timestamp_ms());
@@ -316,9 +361,34 @@ mod tests {
     }
 
     #[test]
+    fn a_timestamp_set_apart_from_the_id_travels_in_a_header() {
+        let sent = Envelope::new("x").with_timestamp_ms(1_700_000_000_123);
+        let props = properties(&sent, "q").unwrap();
+        let got = envelope(b"x".to_vec(), "", "q", false, &props);
+        assert_eq!(got.timestamp_ms(), 1_700_000_000_123);
+        let plain = Envelope::new("x");
+        let props = properties(&plain, "q").unwrap();
+        assert!(props.headers().is_none());
+        let got = envelope(b"x".to_vec(), "", "q", false, &props);
+        assert_eq!(got.timestamp_ms(), plain.timestamp_ms());
+    }
+
+    #[test]
+    fn a_message_keeps_its_own_key_through_a_queue_publish() {
+        let sent = Envelope::new("x").with_routing_key("user-7");
+        let props = properties(&sent, "events.3").unwrap();
+        let got = envelope(b"x".to_vec(), "", "events.3", false, &props);
+        assert_eq!(got.routing_key(), "user-7");
+        assert!(got.header(KEY_HEADER).is_none());
+        // Published with its own key as the routing key: nothing to carry.
+        let props = properties(&sent, "user-7").unwrap();
+        assert!(props.headers().is_none());
+    }
+
+    #[test]
     fn a_long_correlation_id_is_refused_not_a_panic() {
         let long = "x".repeat(256);
-        let err = properties(&Envelope::new("x").with_correlation_id(long)).unwrap_err();
+        let err = properties(&Envelope::new("x").with_correlation_id(long), "").unwrap_err();
         assert!(matches!(err, BrokerError::Unsupported { .. }), "{err}");
     }
 

@@ -17,6 +17,7 @@
 //! - `consume`: consumers on their own channels, deliveries settled through
 //!   the same link as embedded ones (so double acks are typed errors), and
 //!   `basic.get`;
+//! - `replies`: request-reply through direct reply-to;
 //! - `convert`: envelopes to AMQP properties and back, with `x-death` read
 //!   into the typed death history.
 //!
@@ -30,10 +31,12 @@ mod connection;
 mod consume;
 mod convert;
 mod publish;
+mod replies;
 mod topology;
 
 pub(crate) use connection::Remote;
 pub(crate) use consume::RemoteQueue;
+pub(crate) use replies::{REPLY_TO, Replies, Route, Sent};
 
 use std::fmt;
 use std::time::Duration;

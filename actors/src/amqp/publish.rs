@@ -20,7 +20,6 @@ use super::convert::{properties, short};
 use super::topology::{Subject, refusal};
 use crate::envelope::Envelope;
 use crate::error::{BrokerError, PublishError};
-use crate::exchange::Destination;
 use crate::queue::policy::Overflow;
 
 /// How RabbitMQ answered one publish.
@@ -80,46 +79,36 @@ impl Remote {
         }
     }
 
-    /// The overflow this process declared `queue` with (drop-head if it
-    /// did not declare it).
-    fn overflow(&self, queue: &str) -> Overflow {
-        self.record_queue(queue)
-            .map_or(Overflow::DropHead, |o| o.overflow)
-    }
-
-    /// Checks `message` against the queue's duplicate window, if this
-    /// process declared one.
-    fn admit(
-        &self,
-        destination: Destination,
-        message: &Envelope,
-    ) -> Result<Option<std::sync::Arc<crate::dedup::SharedWindow>>, BrokerError> {
-        let window = self.record.lock().window(&destination);
-        if let Some(window) = &window {
-            window.admit(message.id())?;
-        }
-        Ok(window)
-    }
-
-    /// Publishes to `queue` through the default exchange, confirmed.
+    /// Publishes to `queue` through the default exchange, confirmed. The
+    /// size limit is the queue's own, if this process declared it with
+    /// one, else `default_limit`.
     pub(crate) async fn publish_to_queue(
         &self,
         queue: &str,
         message: Envelope,
-        max_bytes: usize,
+        default_limit: usize,
     ) -> Result<(), BrokerError> {
+        let meta = self.record.lock().meta(queue);
+        let limit = meta.max_message_bytes.unwrap_or(default_limit);
         let size = message.total_size();
-        if size > max_bytes {
+        if size > limit {
             return Err(BrokerError::MessageTooLarge {
                 queue: queue.into(),
                 size,
-                limit: max_bytes,
+                limit,
             });
         }
-        let window = self.admit(Destination::Queue(queue.into()), &message)?;
+        let Some(window) = meta.window else {
+            return self
+                .publish_to_queue_now(queue, message, meta.overflow)
+                .await;
+        };
         let id = message.id();
-        let result = self.publish_to_queue_now(queue, message).await;
-        if let (Err(_), Some(window)) = (&result, window) {
+        window.admit(id)?;
+        let result = self
+            .publish_to_queue_now(queue, message, meta.overflow)
+            .await;
+        if result.is_err() {
             window.forget(id);
         }
         result
@@ -129,16 +118,13 @@ impl Remote {
         &self,
         queue: &str,
         message: Envelope,
+        overflow: Overflow,
     ) -> Result<(), BrokerError> {
-        let props = properties(&message)?;
-        let overflow = self.overflow(queue);
         let mut pause = Duration::from_millis(1);
         loop {
+            let props = properties(&message, queue)?;
             let answer = self
-                .timed(
-                    "publish",
-                    self.send("", queue, message.payload(), props.clone()),
-                )
+                .timed("publish", self.send("", queue, message.payload(), props))
                 .await?;
             match (answer, overflow) {
                 (Answer::Routed, _) => return Ok(()),
@@ -175,13 +161,15 @@ impl Remote {
             }
             .into());
         }
-        let destination = if exchange.is_empty() {
-            Destination::Queue(routing_key.into())
+        let window = if exchange.is_empty() {
+            self.record.lock().meta(routing_key).window
         } else {
-            Destination::Exchange(exchange.into())
+            self.record.lock().exchange_window(exchange)
         };
-        let window = self.admit(destination, &message)?;
-        let props = properties(&message)?;
+        if let Some(window) = &window {
+            window.admit(message.id()).map_err(BrokerError::from)?;
+        }
+        let props = properties(&message, routing_key)?;
         let answer = self
             .timed(
                 "publish",
@@ -225,13 +213,9 @@ impl Remote {
         messages: Vec<Envelope>,
         max_bytes: usize,
     ) -> Result<(), BrokerError> {
-        if matches!(self.overflow(queue), Overflow::Block | Overflow::DropNew)
-            || self
-                .record
-                .lock()
-                .window(&Destination::Queue(queue.into()))
-                .is_some()
-        {
+        let meta = self.record.lock().meta(queue);
+        let max_bytes = meta.max_message_bytes.unwrap_or(max_bytes);
+        if matches!(meta.overflow, Overflow::Block | Overflow::DropNew) || meta.window.is_some() {
             // Refusals to wait out or ignore, ids to admit: one at a time.
             for message in messages {
                 self.publish_to_queue(queue, message, max_bytes).await?;
@@ -266,7 +250,7 @@ impl Remote {
                             ..BasicPublishOptions::default()
                         },
                         message.payload(),
-                        properties(message)?,
+                        properties(message, queue)?,
                     )
                     .await
                     .map_err(|e| refusal(self, &e, Subject::Queue(queue)))?;

@@ -92,6 +92,17 @@ pub(crate) struct Record {
     bindings: Vec<Bound>,
     /// Duplicate windows kept on this side, by exchange or queue name.
     pub(crate) windows: Vec<(Destination, Arc<SharedWindow>)>,
+    /// What a publish to a declared queue needs, by name (looked up per
+    /// publish).
+    metas: std::collections::HashMap<String, QueueMeta>,
+}
+
+/// What publishing to a queue this process declared takes into account.
+#[derive(Clone, Default)]
+pub(crate) struct QueueMeta {
+    pub(crate) overflow: Overflow,
+    pub(crate) window: Option<Arc<SharedWindow>>,
+    pub(crate) max_message_bytes: Option<usize>,
 }
 
 #[derive(Clone, PartialEq)]
@@ -129,6 +140,20 @@ impl Record {
         self.queues.iter().find(|(n, _)| n == name).map(|(_, o)| o)
     }
 
+    /// The publishing side of queue `name` (defaults for a queue this
+    /// process did not declare).
+    pub(crate) fn meta(&self, name: &str) -> QueueMeta {
+        self.metas.get(name).cloned().unwrap_or_default()
+    }
+
+    /// The duplicate window of exchange `name`, if it has one.
+    pub(crate) fn exchange_window(&self, name: &str) -> Option<Arc<SharedWindow>> {
+        self.windows.iter().find_map(|(d, w)| match d {
+            Destination::Exchange(n) if n == name => Some(w.clone()),
+            _ => None,
+        })
+    }
+
     pub(crate) fn window(&self, destination: &Destination) -> Option<Arc<SharedWindow>> {
         self.windows
             .iter()
@@ -141,7 +166,10 @@ impl Record {
             .retain(|b| &b.destination != destination && !is_source(b, destination));
         self.windows.retain(|(d, _)| d != destination);
         match destination {
-            Destination::Queue(name) => self.queues.retain(|(n, _)| n.as_str() != &**name),
+            Destination::Queue(name) => {
+                self.queues.retain(|(n, _)| n.as_str() != &**name);
+                self.metas.remove(&**name);
+            }
             Destination::Exchange(name) => self.exchanges.retain(|(n, _)| n.as_str() != &**name),
             Destination::Stream(_) => {}
         }
@@ -379,15 +407,20 @@ impl Remote {
             });
             if record.queue(name).is_none() {
                 record.queues.push((name.to_string(), options.clone()));
+                let meta = QueueMeta {
+                    overflow: options.overflow,
+                    window: window.clone(),
+                    max_message_bytes: options.max_message_bytes,
+                };
+                record.metas.insert(name.to_string(), meta);
             }
             window
         };
+        drop(window);
         Ok(RemoteQueue::new(
-            self.clone(),
+            self,
             name,
-            &options,
             declared.consumer_count() as usize,
-            window,
         ))
     }
 
@@ -476,7 +509,18 @@ impl Remote {
                         },
                     )
                     .await
-                    .map_err(|e| refusal(self, &e, Subject::Queue(name)))
+                    .map_err(|e| match refusal(self, &e, Subject::Queue(name)) {
+                        // RabbitMQ's refusal has no counts: the check has.
+                        BrokerError::QueueNotEmpty { name, .. } => BrokerError::QueueNotEmpty {
+                            name,
+                            messages: snapshot.stats.ready,
+                        },
+                        BrokerError::QueueInUse { name, .. } => BrokerError::QueueInUse {
+                            name,
+                            consumers: snapshot.stats.consumers,
+                        },
+                        other => other,
+                    })
             })
             .await?;
         self.record.lock().forget(&Destination::Queue(name.into()));

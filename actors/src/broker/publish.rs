@@ -45,6 +45,12 @@ impl Broker {
     /// is saturated.
     #[doc(alias = "basic_publish")]
     pub async fn publish(&self, queue: &str, message: Envelope) -> Result<(), BrokerError> {
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.remote() {
+            crate::name::validate_name(NameKind::Queue, queue)?;
+            let limit = self.inner.config.max_message_bytes;
+            return remote.publish_to_queue(queue, message, limit).await;
+        }
         self.queue(queue)?.publish(message).await
     }
 

@@ -127,7 +127,7 @@ impl Broker {
         #[cfg(feature = "amqp")]
         if let Some(remote) = self.remote() {
             crate::name::validate_name(NameKind::Queue, name)?;
-            return Ok(crate::amqp::RemoteQueue::known(remote, name).into());
+            return Ok(crate::amqp::RemoteQueue::new(remote, name, 0).into());
         }
         self.local_queue(name).map(QueueHandle::from)
     }

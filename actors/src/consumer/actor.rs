@@ -211,7 +211,10 @@ impl<C: Consumer> ConsumerActor<C> {
             // Not `for`: its `next()` temporary would be kept across the
             // await below, a second copy of every delivery.
             let Some(delivery) = batch.next() else { break };
-            if delivery.consumer() != link.consumer || !link.is_active() {
+            if delivery.consumer() != link.consumer
+                || !link.is_active()
+                || !link.is_current(delivery.tag())
+            {
                 // Made to an earlier registration of this actor, or to one
                 // that has ended: the queue requeued it (or was deleted).
                 tracing::trace!(queue = %delivery.queue(), tag = %delivery.tag(), "stale delivery skipped");

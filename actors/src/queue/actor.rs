@@ -169,6 +169,7 @@ pub(crate) fn spawn_queue(
         })
     });
     Some(LocalQueue {
+        key: Arc::from(&*name),
         name,
         addr,
         max_message_bytes,

@@ -102,7 +102,14 @@ pub(crate) struct Link {
     closed: AtomicBool,
     /// The queue's count of lost auto-ack deliveries.
     lost: Arc<AtomicU64>,
+    /// For a link to RabbitMQ: the connection its current deliveries came
+    /// on (their tags carry it in their top 16 bits); 0 for an embedded
+    /// queue, whose tags never go stale this way.
+    generation: AtomicU64,
 }
+
+/// Bits of a RabbitMQ delivery tag below the connection's generation.
+pub(crate) const GENERATION_SHIFT: u32 = 48;
 
 /// Who applies a link's settlements: the embedded queue's actor, or (feature
 /// `amqp`) the RabbitMQ channel the deliveries came on.
@@ -208,7 +215,17 @@ impl Link {
             state: Mutex::new(LinkState::default()),
             closed: AtomicBool::new(false),
             lost,
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// Whether a delivery of this registration is still held on a live
+    /// channel: false for one made on a RabbitMQ connection since lost
+    /// (RabbitMQ requeued it, and delivers it again).
+    #[inline]
+    pub(crate) fn is_current(&self, tag: DeliveryTag) -> bool {
+        let generation = self.generation.load(Ordering::Acquire);
+        generation == 0 || tag.0 >> GENERATION_SHIFT == generation
     }
 
     pub(crate) fn is_active(&self) -> bool {
@@ -264,13 +281,15 @@ impl Link {
     }
 
     /// Forgets every delivery held (their channel closed: RabbitMQ requeues
-    /// them); the registration goes on, on a new channel. Pending
-    /// settlements are dropped with them.
+    /// them); the registration goes on, on a new channel, whose deliveries
+    /// carry `generation`. Pending settlements are dropped with them, and
+    /// settling an older delivery fails with `ConsumerGone`.
     #[cfg(feature = "amqp")]
-    pub(crate) fn reset(&self) {
+    pub(crate) fn reset(&self, generation: u64) {
         let mut state = self.state.lock();
         state.outstanding.clear();
         state.pending.clear();
+        self.generation.store(generation, Ordering::Release);
     }
 
     /// Checks and records a settlement; returns how many deliveries it covers and
@@ -310,7 +329,7 @@ impl Link {
                 queue: queue(),
             });
         }
-        if state.closed {
+        if state.closed || !self.is_current(tag) {
             return Err(AckError::ConsumerGone {
                 tag,
                 queue: queue(),

@@ -279,6 +279,10 @@ impl QueueHandle {
 #[derive(Clone, Debug)]
 pub(crate) struct LocalQueue {
     pub(crate) name: ByteString,
+    /// The name as a routing key: a message published to the queue without
+    /// one gets it, as through RabbitMQ's default exchange (shared, so that
+    /// setting it allocates nothing).
+    pub(crate) key: Arc<str>,
     pub(crate) addr: Addr<QueueActor>,
     pub(crate) max_message_bytes: usize,
     /// Kept up to date by the queue actor, for checks that must not wait on it.
@@ -336,6 +340,19 @@ impl LocalQueue {
         self.consumers.load(Ordering::Relaxed)
     }
 
+    /// `message`, with the queue's name as its routing key if it has none
+    /// (RabbitMQ's default exchange routes by the queue's name, and that is
+    /// the key its consumers and dead letters see). A key of its own is
+    /// kept: postbox's messages carry their partition or ordering key there.
+    #[inline]
+    fn keyed(&self, message: Envelope) -> Envelope {
+        if message.routing_key().is_empty() {
+            message.with_routing_key(self.key.clone())
+        } else {
+            message
+        }
+    }
+
     pub(crate) fn check(&self, message: &Envelope) -> Result<(), BrokerError> {
         let size = message.total_size();
         if size > self.max_message_bytes {
@@ -375,6 +392,7 @@ impl LocalQueue {
     /// [`QueueOptions::dedup`]: crate::QueueOptions::dedup
     #[doc(alias = "basic_publish")]
     pub(crate) async fn publish(&self, message: Envelope) -> Result<(), BrokerError> {
+        let message = self.keyed(message);
         self.check(&message)?;
         if let Some(dedup) = &self.dedup {
             return Box::pin(self.publish_once(dedup, message)).await;
@@ -457,6 +475,7 @@ impl LocalQueue {
     /// enqueued, and then the first one left out is reported as
     /// [`BrokerError::Duplicate`].
     pub(crate) async fn publish_batch(&self, messages: Vec<Envelope>) -> Result<(), BrokerError> {
+        let messages: Vec<Envelope> = messages.into_iter().map(|m| self.keyed(m)).collect();
         for message in &messages {
             self.check(message)?;
         }
@@ -521,6 +540,7 @@ impl LocalQueue {
     /// told. Nor does it wait for the disk: a persistent message to a
     /// durable queue is written with the store's next group, unconfirmed.
     pub(crate) fn try_publish(&self, message: Envelope) -> Result<(), TryPublishError> {
+        let message = self.keyed(message);
         self.check(&message)?;
         if self.inbox.blocked() {
             // A blocking queue at its limit: waiting is `publish`'s job.

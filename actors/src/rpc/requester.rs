@@ -15,6 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::direct::{DirectReplies, DirectSink};
 use super::{DEADLINE_HEADER, ERROR_HEADER};
+#[cfg(feature = "amqp")]
+use crate::amqp::Sent;
 use crate::broker::{Broker, deliver_to};
 use crate::consumer::{ConsumeOptions, Consumer, ConsumerHandle};
 use crate::envelope::{Envelope, HeaderValue};
@@ -218,7 +220,11 @@ struct Inner {
     broker: Broker,
     reply_queue: ByteString,
     pending: Arc<Mutex<Pending>>,
-    router: ConsumerHandle<ReplyRouter>,
+    /// Consumes the reply queue (embedded).
+    router: Option<ConsumerHandle<ReplyRouter>>,
+    /// The requester's channel on RabbitMQ, which takes its direct replies.
+    #[cfg(feature = "amqp")]
+    remote: Option<crate::amqp::Replies>,
     /// Registered with the broker while this requester lives, if it takes
     /// direct replies.
     direct: Option<Arc<DirectSink>>,
@@ -296,7 +302,9 @@ impl Drop for Inner {
                 .unregister(&self.reply_queue);
         }
         // The reply queue is tied to the router: stopping it deletes the queue.
-        self.router.addr.stop();
+        if let Some(router) = &self.router {
+            router.addr.stop();
+        }
     }
 }
 
@@ -326,6 +334,10 @@ impl Broker {
         &self,
         options: RequesterOptions,
     ) -> Result<Requester, BrokerError> {
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.remote() {
+            return self.remote_requester(remote, options).await;
+        }
         let name = format!("reply.{}", uuid::Uuid::new_v4().simple());
         let queue = self.declare_queue(&name, QueueOptions::default()).await?;
         let pending = Arc::new(Mutex::new(Pending::default()));
@@ -362,8 +374,51 @@ impl Broker {
                 broker: self.clone(),
                 reply_queue,
                 pending,
-                router,
+                router: Some(router),
+                #[cfg(feature = "amqp")]
+                remote: None,
                 direct,
+                _shutdown: shutdown,
+            }),
+        })
+    }
+}
+
+#[cfg(feature = "amqp")]
+impl Broker {
+    /// A requester on RabbitMQ: its channel consumes direct reply-to, and
+    /// replies are routed by correlation id as embedded.
+    async fn remote_requester(
+        &self,
+        remote: &Arc<crate::amqp::Remote>,
+        options: RequesterOptions,
+    ) -> Result<Requester, BrokerError> {
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let late_replies = options
+            .late_replies
+            .map(|(ex, key)| (self.clone(), ex, key));
+        let p = pending.clone();
+        let route: crate::amqp::Route = Arc::new(move |reply| {
+            let late = p.lock().route(reply);
+            if let (Some(reply), Some(to)) = (late, late_replies.clone()) {
+                tokio::spawn(async move { forward_late(Some(&to), reply).await });
+            }
+        });
+        let replies = crate::amqp::Replies::open(remote, route).await?;
+        let waiters = Arc::downgrade(&pending);
+        let shutdown = self.runtime().on_shutdown(move || {
+            if let Some(pending) = waiters.upgrade() {
+                pending.lock().waiting.clear();
+            }
+        });
+        Ok(Requester {
+            inner: Arc::new(Inner {
+                broker: self.clone(),
+                reply_queue: ByteString::from_static(crate::amqp::REPLY_TO),
+                pending,
+                router: None,
+                remote: Some(replies),
+                direct: None,
                 _shutdown: shutdown,
             }),
         })
@@ -433,14 +488,29 @@ impl Requester {
                 routing_key,
             } => (exchange.as_str(), routing_key.as_str()),
         };
-        let broker = &self.inner.broker;
-        let targets: Vec<LocalQueue> = broker.route_queues(exchange, key, &message)?;
-        let answerable = targets.iter().any(|q| q.consumer_count() > 0);
-        if targets.is_empty() || (fail_fast && !answerable) {
-            return Err(RequestError::NoResponders {
-                target: target.to_string(),
-            });
-        }
+        let no_responders = || RequestError::NoResponders {
+            target: target.to_string(),
+        };
+        let targets: Vec<LocalQueue> = match self.remote() {
+            // RabbitMQ routes it; a queue's consumers are checked first
+            // (an exchange's targets are unknown here: an unroutable request
+            // comes back instead).
+            Some(replies) => {
+                if fail_fast && exchange.is_empty() && replies.responders(key).await == 0 {
+                    return Err(no_responders());
+                }
+                Vec::new()
+            }
+            None => {
+                let broker = &self.inner.broker;
+                let targets = broker.route_queues(exchange, key, &message)?;
+                let answerable = targets.iter().any(|q| q.consumer_count() > 0);
+                if targets.is_empty() || (fail_fast && !answerable) {
+                    return Err(no_responders());
+                }
+                targets
+            }
+        };
         // The caller's own correlation id is kept; requests without one get
         // a fresh one.
         let id = match message.correlation_id() {
@@ -464,12 +534,58 @@ impl Requester {
             pending.waiting.insert(id.0.clone(), waiter);
         }
         tracing::debug!(correlation_id = %id, %target, ?timeout, "request");
-        if let Err(err) = deliver_to(&targets, message).await {
+        let sent = match self.remote() {
+            Some(replies) => match replies.publish(exchange, key, &message).await {
+                Ok(Sent::Routed) => Ok(()),
+                Ok(Sent::Unroutable) => Err(no_responders()),
+                Err(err) => Err(err.into()),
+            },
+            None => deliver_to(&targets, message)
+                .await
+                .map(|_| ())
+                .map_err(Into::into),
+        };
+        if let Err(err) = sent {
             self.forget(&id);
-            return Err(err.into());
+            return Err(err);
         }
         Ok(id)
     }
+
+    /// The requester's channel on RabbitMQ, for a broker connected to it.
+    #[cfg(feature = "amqp")]
+    fn remote(&self) -> Option<&crate::amqp::Replies> {
+        self.inner.remote.as_ref()
+    }
+
+    /// Never remote without feature `amqp`.
+    #[cfg(not(feature = "amqp"))]
+    fn remote(&self) -> Option<&Never> {
+        None
+    }
+}
+
+/// Without feature `amqp`, the remote path's types do not exist: this
+/// stands in for them (no value of it can be made).
+#[cfg(not(feature = "amqp"))]
+enum Never {}
+
+#[cfg(not(feature = "amqp"))]
+impl Never {
+    async fn responders(&self, _: &str) -> usize {
+        match *self {}
+    }
+
+    async fn publish(&self, _: &str, _: &str, _: &Envelope) -> Result<Sent, BrokerError> {
+        match *self {}
+    }
+}
+
+#[cfg(not(feature = "amqp"))]
+#[expect(dead_code, reason = "only RabbitMQ's requesters send through `Never`")]
+enum Sent {
+    Routed,
+    Unroutable,
 }
 
 /// Default time a request waits for its reply.

@@ -1,0 +1,183 @@
+//! Request-reply on RabbitMQ through direct reply-to: a requester's channel
+//! consumes the pseudo-queue `amq.rabbitmq.reply-to` and publishes its
+//! requests itself, so replies come straight back to it with no reply queue
+//! declared (RabbitMQ's recommended way).
+//!
+//! The channel is the requester's address: if the connection is lost, the
+//! next request opens a new channel (a new address), and replies to requests
+//! sent on the old one cannot arrive; those requests time out.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Confirmation};
+
+use super::connection::Remote;
+use super::convert::{envelope, properties, short};
+use super::topology::{Subject, refusal};
+use crate::envelope::Envelope;
+use crate::error::BrokerError;
+
+/// The pseudo-queue RabbitMQ delivers direct replies from.
+pub(crate) const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// Where replies go once they arrive.
+pub(crate) type Route = Arc<dyn Fn(Envelope) + Send + Sync>;
+
+/// A requester's channel on RabbitMQ.
+pub(crate) struct Replies {
+    remote: Arc<Remote>,
+    route: Route,
+    current: tokio::sync::Mutex<Option<Open>>,
+}
+
+struct Open {
+    channel: Channel,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.pump.abort();
+        let channel = self.channel.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = channel.close(200, "requester gone".into()).await;
+            });
+        }
+    }
+}
+
+impl std::fmt::Debug for Replies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replies").finish_non_exhaustive()
+    }
+}
+
+/// How RabbitMQ took a request.
+pub(crate) enum Sent {
+    Routed,
+    /// It reached no queue (a mandatory publish, returned).
+    Unroutable,
+}
+
+impl Replies {
+    /// A requester's channel; replies are handed to `route`.
+    pub(crate) async fn open(remote: &Arc<Remote>, route: Route) -> Result<Replies, BrokerError> {
+        let replies = Replies {
+            remote: remote.clone(),
+            route,
+            current: tokio::sync::Mutex::new(None),
+        };
+        replies.channel().await?;
+        Ok(replies)
+    }
+
+    /// The channel, opened again (consuming replies) if it was lost.
+    async fn channel(&self) -> Result<Channel, BrokerError> {
+        let mut current = self.current.lock().await;
+        if let Some(open) = current.as_ref().filter(|o| o.channel.status().connected()) {
+            return Ok(open.channel.clone());
+        }
+        let remote = &self.remote;
+        let open = remote
+            .timed("opening the reply channel", async {
+                let session = remote.session().await?;
+                let channel = session
+                    .connection
+                    .create_channel()
+                    .await
+                    .map_err(|e| refusal(remote, &e, Subject::Other))?;
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .map_err(|e| refusal(remote, &e, Subject::Other))?;
+                let mut consumer = channel
+                    .basic_consume(
+                        REPLY_TO.into(),
+                        "".into(),
+                        BasicConsumeOptions {
+                            no_ack: true,
+                            ..BasicConsumeOptions::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| refusal(remote, &e, Subject::Other))?;
+                let route = self.route.clone();
+                let pump = tokio::spawn(async move {
+                    while let Some(Ok(d)) = consumer.next().await {
+                        route(envelope(
+                            d.data,
+                            d.exchange.as_str(),
+                            d.routing_key.as_str(),
+                            d.redelivered,
+                            &d.properties,
+                        ));
+                    }
+                });
+                Ok(Open { channel, pump })
+            })
+            .await?;
+        let channel = open.channel.clone();
+        *current = Some(open);
+        Ok(channel)
+    }
+
+    /// Publishes a request (its `reply_to` set to [`REPLY_TO`]) on the
+    /// requester's channel, and waits for its confirm.
+    pub(crate) async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &Envelope,
+    ) -> Result<Sent, BrokerError> {
+        let props = properties(message, routing_key)?;
+        let exchange_name = short(exchange, "an exchange name")?;
+        let key = short(routing_key, "a routing key")?;
+        let subject = if exchange.is_empty() {
+            Subject::Queue(routing_key)
+        } else {
+            Subject::Exchange(exchange)
+        };
+        let remote = &self.remote;
+        remote
+            .timed("publish", async {
+                let channel = self.channel().await?;
+                let confirm = channel
+                    .basic_publish(
+                        exchange_name,
+                        key,
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        message.payload(),
+                        props,
+                    )
+                    .await
+                    .map_err(|e| refusal(remote, &e, subject))?;
+                match confirm.await {
+                    Ok(Confirmation::Ack(Some(_))) => Ok(Sent::Unroutable),
+                    Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => Ok(Sent::Routed),
+                    Ok(Confirmation::Nack(_)) => Err(BrokerError::QueueFull(routing_key.into())),
+                    Err(err) if matches!(err.kind(), lapin::ErrorKind::ProtocolError(_)) => {
+                        Err(refusal(remote, &err, subject))
+                    }
+                    Err(err) => Err(BrokerError::Unconfirmed(remote.scrub(&err))),
+                }
+            })
+            .await
+    }
+
+    /// How many consumers `queue` has (0 if it does not exist): whether a
+    /// request to it can be answered.
+    pub(crate) async fn responders(&self, queue: &str) -> usize {
+        match self.remote.passive(queue).await {
+            Ok((_, consumers)) => consumers,
+            Err(_) => 0,
+        }
+    }
+}
