@@ -45,6 +45,10 @@
 //!     shape: a priority queue, a monitor with a Prometheus recorder, and
 //!     `block` overflow with a consumer ten times slower (the publisher's
 //!     waiting share and the memory it adds, against no limit).
+//! 12. postbox's broker API on RabbitMQ (feature `amqp`) against raw lapin
+//!     doing the same: confirmed publishes, consuming with manual acks, and
+//!     request-reply through direct reply-to (`AMQP_URL`). See
+//!     `peers/remote.rs`.
 //!
 //! # How
 //!
@@ -112,6 +116,8 @@ mod p2p;
 mod place;
 #[path = "peers/rabbit.rs"]
 mod rabbit;
+#[path = "peers/remote.rs"]
+mod remote;
 #[path = "peers/report.rs"]
 mod report;
 #[path = "peers/rpc.rs"]
@@ -290,13 +296,17 @@ fn main() {
             if cfg.runs(3) {
                 r.scenario3(&cfg, &mut report).await;
             }
-            if cfg.runs(4) {
+            // Scenario 12 compares its rpc row with scenario 4's.
+            if cfg.runs(4) || cfg.runs(12) {
                 r.scenario4(&cfg, &mut report).await;
             }
             if cfg.runs(5) {
                 r.scenario5(&cfg, &mut report).await;
             }
             r.close().await;
+            if cfg.runs(12) {
+                remote::scenario12(&cfg, &mut report).await;
+            }
         }
         // JetStream's rows (scenario 5 only), last for the same reason.
         if cfg.runs(5) {

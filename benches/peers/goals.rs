@@ -1,4 +1,4 @@
-//! The goals (issues 7, 14, 15, 16, 17 and 18), checked against this run's rows.
+//! The goals (issues 7, 14, 15, 16, 17, 18 and 20), checked against this run's rows.
 
 use std::fmt::Write as _;
 
@@ -17,7 +17,10 @@ use crate::memory::{OVERHEAD_GOAL, S7};
 use crate::nats::NATS_IN_FLIGHT;
 use crate::ordered::{KEY_ORDERED, PARTITIONED, PLAIN as ORDERED_PLAIN, S10};
 use crate::p2p::{POSTBOX_BATCH, POSTBOX_PUBLISH, S1, S2, S2_BATCHED, S2_EACH, TOKIO_MPSC};
-use crate::rabbit::{RABBIT_FANOUT, RABBIT_P2P, RABBIT_PUBLISHERS, rabbit_publishers};
+use crate::rabbit::{RABBIT_FANOUT, RABBIT_P2P, RABBIT_PUBLISHERS, RABBIT_RPC, rabbit_publishers};
+use crate::remote::{
+    LAPIN_CONSUME, LAPIN_PUBLISH, REMOTE_CONSUME, REMOTE_PUBLISH, REMOTE_RPC, S12,
+};
 use crate::report::{Report, Row};
 use crate::rpc::{
     ACTIX_SAME, ASK_ACROSS, ASK_ACROSS_BUSY, ASK_SAME, RPC_ACROSS, RPC_ACROSS_BUSY,
@@ -350,6 +353,28 @@ pub fn check(report: &Report) -> String {
         "×",
         "≤ 0.10×",
         at_most(r, 0.10),
+    );
+    // The RabbitMQ backend adds little to what raw lapin does.
+    for (ours, theirs, what) in [
+        (REMOTE_PUBLISH, LAPIN_PUBLISH, "publish"),
+        (REMOTE_CONSUME, LAPIN_CONSUME, "consume"),
+    ] {
+        let r = ratio(rate(S12, ours), rate(S12, theirs));
+        line(
+            &format!("12: postbox on RabbitMQ vs raw lapin, {what}"),
+            r,
+            "×",
+            "≥ 0.90×",
+            at_least(r, 0.90),
+        );
+    }
+    let r = ratio(rate(S12, REMOTE_RPC), rate(S4, RABBIT_RPC));
+    line(
+        "12: postbox on RabbitMQ vs raw lapin, rpc round trips",
+        r,
+        "×",
+        "≥ 0.90×",
+        at_least(r, 0.90),
     );
     out
 }

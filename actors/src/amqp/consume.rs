@@ -319,6 +319,10 @@ pub(crate) struct Settle {
     channel: Mutex<Option<(u64, lapin::Channel)>>,
     /// One drain at a time, so settlements reach RabbitMQ in order.
     applying: tokio::sync::Mutex<()>,
+    /// A registration's own task sends its settlements (woken by this), so
+    /// that a consumer's ack does not wait for the frame to be written.
+    background: std::sync::atomic::AtomicBool,
+    wake: Notify,
     /// The consumer actor's incarnation ended, or the registration was
     /// closed: close the channel (RabbitMQ requeues what it held).
     stop: Arc<Notify>,
@@ -361,6 +365,8 @@ impl Settle {
             remote,
             channel: Mutex::new(channel.into().map(|c| (generation, c))),
             applying: tokio::sync::Mutex::new(()),
+            background: std::sync::atomic::AtomicBool::new(false),
+            wake: Notify::new(),
             stop: Arc::new(Notify::new()),
             cancel: Notify::new(),
             settled: Notify::new(),
@@ -379,15 +385,29 @@ impl Settle {
         let Some((generation, channel)) = current else {
             return;
         };
+        pending.retain(|p| p.tag.0 >> TAG_BITS == generation);
+        // A run of acks that leaves nothing older unsettled is one frame:
+        // an ack with `multiple` up to the newest of them.
+        if let Some(newest) = pending.iter().map(|p| p.tag).max()
+            && pending.len() > 1
+            && pending.iter().all(|p| p.outcome == Outcome::Ack)
+            && link
+                .oldest_outstanding()
+                .is_none_or(|oldest| oldest > newest)
+        {
+            let options = BasicAckOptions { multiple: true };
+            if let Err(err) = channel.basic_ack(newest.0 & TAG_MASK, options).await {
+                tracing::debug!(error = %self.remote.scrub(&err), "acks not sent: the channel is gone, RabbitMQ requeues");
+            }
+            self.settled.notify_one();
+            return;
+        }
         for PendingSettle {
             tag,
             multiple,
             outcome,
         } in pending
         {
-            if tag.0 >> TAG_BITS != generation {
-                continue;
-            }
             let amqp_tag = tag.0 & TAG_MASK;
             let sent = match outcome {
                 Outcome::Ack => {
@@ -447,6 +467,10 @@ impl Settle {
 
 impl ApplySettlements for Settle {
     fn apply<'a>(&'a self, link: &'a Link) -> BoxFuture<'a, ()> {
+        if self.background.load(Ordering::Acquire) {
+            self.wake.notify_one();
+            return Box::pin(std::future::ready(()));
+        }
         Box::pin(self.send(link))
     }
 }
@@ -483,6 +507,19 @@ impl Registration {
         mut session: Arc<Session>,
         started: oneshot::Sender<Result<(), BrokerError>>,
     ) {
+        // This registration's settlements go out from their own task.
+        let acker = {
+            let (settle, link) = (self.settle.clone(), self.link.clone());
+            settle.background.store(true, Ordering::Release);
+            tokio::spawn(async move {
+                // Until the registration ends (not aborted: a drained batch
+                // is always sent).
+                while settle.background.load(Ordering::Acquire) {
+                    settle.wake.notified().await;
+                    settle.send(&link).await;
+                }
+            })
+        };
         self.consumers.fetch_add(1, Ordering::Relaxed);
         let mut started = Some(started);
         loop {
@@ -536,6 +573,9 @@ impl Registration {
         let accepted = self.link.close();
         self.settle.last.lock().extend(accepted);
         // What was settled before the end reaches RabbitMQ first.
+        self.settle.background.store(false, Ordering::Release);
+        self.settle.wake.notify_one();
+        let _ = acker.await;
         self.settle.send(&self.link).await;
         let channel = self.settle.channel.lock().take();
         if let Some((_, channel)) = channel {

@@ -31,7 +31,14 @@ pub(crate) struct Replies {
     remote: Arc<Remote>,
     route: Route,
     current: tokio::sync::Mutex<Option<Open>>,
+    /// Queues seen with consumers lately, and when: a request to one of
+    /// them skips the check (a round trip) for [`ANSWERABLE_FOR`].
+    answerable: parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
+
+/// How long a queue seen with consumers counts as answerable without
+/// asking again.
+const ANSWERABLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct Open {
     channel: Channel,
@@ -70,6 +77,7 @@ impl Replies {
             remote: remote.clone(),
             route,
             current: tokio::sync::Mutex::new(None),
+            answerable: parking_lot::Mutex::default(),
         };
         replies.channel().await?;
         Ok(replies)
@@ -172,12 +180,28 @@ impl Replies {
             .await
     }
 
-    /// How many consumers `queue` has (0 if it does not exist): whether a
-    /// request to it can be answered.
-    pub(crate) async fn responders(&self, queue: &str) -> usize {
-        match self.remote.passive(queue).await {
+    /// Whether `queue` has consumers (false if it does not exist): whether
+    /// a request to it can be answered. A queue that had some less than
+    /// [`ANSWERABLE_FOR`] ago is not asked again.
+    pub(crate) async fn answerable(&self, queue: &str) -> bool {
+        if let Some(seen) = self.answerable.lock().get(queue)
+            && seen.elapsed() < ANSWERABLE_FOR
+        {
+            return true;
+        }
+        let consumers = match self.remote.passive(queue).await {
             Ok((_, consumers)) => consumers,
             Err(_) => 0,
+        };
+        let mut answerable = self.answerable.lock();
+        if consumers == 0 {
+            answerable.remove(queue);
+            return false;
         }
+        if answerable.len() >= 1024 {
+            answerable.retain(|_, seen| seen.elapsed() < ANSWERABLE_FOR);
+        }
+        answerable.insert(queue.to_string(), std::time::Instant::now());
+        true
     }
 }

@@ -280,6 +280,18 @@ impl Link {
         self.state.lock().outstanding.0.len()
     }
 
+    /// The oldest delivery this consumer holds unsettled.
+    #[cfg(feature = "amqp")]
+    pub(crate) fn oldest_outstanding(&self) -> Option<DeliveryTag> {
+        self.state
+            .lock()
+            .outstanding
+            .0
+            .front()
+            .copied()
+            .map(DeliveryTag)
+    }
+
     /// Forgets every delivery held (their channel closed: RabbitMQ requeues
     /// them); the registration goes on, on a new channel, whose deliveries
     /// carry `generation`. Pending settlements are dropped with them, and

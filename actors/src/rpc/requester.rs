@@ -496,7 +496,7 @@ impl Requester {
             // (an exchange's targets are unknown here: an unroutable request
             // comes back instead).
             Some(replies) => {
-                if fail_fast && exchange.is_empty() && replies.responders(key).await == 0 {
+                if fail_fast && exchange.is_empty() && !replies.answerable(key).await {
                     return Err(no_responders());
                 }
                 Vec::new()
@@ -572,7 +572,7 @@ enum Never {}
 
 #[cfg(not(feature = "amqp"))]
 impl Never {
-    async fn responders(&self, _: &str) -> usize {
+    async fn answerable(&self, _: &str) -> bool {
         match *self {}
     }
 
