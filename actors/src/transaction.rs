@@ -209,6 +209,14 @@ impl Transaction {
 
     /// Applies everything, or nothing (see [`Transaction`]).
     pub async fn commit(self) -> Result<Committed, TxError> {
+        // RabbitMQ's transactions are per channel and do not span a
+        // consumer's channel and a publisher's: not offered there.
+        if self.broker.backend() == crate::broker::Backend::RabbitMq {
+            return Err(TxError::Publish(BrokerError::Unsupported {
+                operation: "transactions",
+                backend: "rabbitmq",
+            }));
+        }
         // 1. Route and check every publish; nothing has changed yet.
         // Duplicate windows admit the ids now; if the commit then fails,
         // they are forgotten.

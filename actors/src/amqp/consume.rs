@@ -43,6 +43,7 @@ use futures::future::BoxFuture;
 
 /// Bits of a delivery tag that hold RabbitMQ's tag; the generation is above.
 const TAG_BITS: u32 = crate::queue::delivery::GENERATION_SHIFT;
+use crate::queue::delivery::GENERATION_MASK;
 const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
 /// Deliveries handed to the consumer actor in one mailbox slot, at most.
 const BATCH: usize = 64;
@@ -204,24 +205,22 @@ impl RemoteQueue {
                     d.redelivered,
                     &d.properties,
                 );
-                let settle: Arc<dyn ApplySettlements> = Arc::new(Settle::new(
-                    remote.clone(),
-                    session.generation,
-                    channel.clone(),
-                ));
+                // The channel is this delivery's alone: epoch 1.
+                let settle = Arc::new(Settle::new(remote.clone(), 1, channel.clone()));
                 let link = Arc::new(Link::new(
                     ConsumerId(remote.consumer_id()),
                     self.name.clone(),
-                    LinkTarget::Remote(settle as Arc<dyn ApplySettlements>),
+                    LinkTarget::Remote(settle.clone() as Arc<dyn ApplySettlements>),
                     mode,
                     Arc::default(),
                 ));
-                let tag = DeliveryTag(tag_of(session.generation, d.delivery_tag));
-                link.reset(session.generation);
+                let tag = DeliveryTag(tag_of(1, d.delivery_tag));
+                link.reset(1);
                 link.track([tag]);
                 let guard = Box::new(CloseOnDrop {
                     channel,
                     link: link.clone(),
+                    settle,
                 });
                 Ok(Some((
                     Delivery::guarded(message, tag, link, 0, guard),
@@ -247,7 +246,7 @@ impl RemoteQueue {
         };
         let remote = self.remote.clone();
         let session = remote.session().await?;
-        let settle = Arc::new(Settle::new(remote.clone(), session.generation, None));
+        let settle = Arc::new(Settle::new(remote.clone(), 0, None));
         let link = Arc::new(Link::new(
             ConsumerId(remote.consumer_id()),
             self.name.clone(),
@@ -265,6 +264,7 @@ impl RemoteQueue {
             prefetch,
             exclusive,
             consumers: self.consumers.clone(),
+            epoch: std::sync::atomic::AtomicU64::new(0),
         };
         let (started_tx, started_rx) = oneshot::channel();
         let registered = Registered {
@@ -289,33 +289,36 @@ impl RemoteQueue {
 struct CloseOnDrop {
     channel: lapin::Channel,
     link: Arc<Link>,
+    settle: Arc<Settle>,
 }
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
-        let channel = self.channel.clone();
-        let link = self.link.clone();
+        let (channel, link, settle) =
+            (self.channel.clone(), self.link.clone(), self.settle.clone());
+        // Ended at once (a later settlement is `ConsumerGone`); what was
+        // settled before goes out before the channel closes.
+        let accepted = link.close();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                // Settlements recorded before the drop go first.
-                link.notify().await;
-                link.close();
+                settle.finish(&link, accepted).await;
                 let _ = channel.close(200, "done".into()).await;
             });
         }
     }
 }
 
-/// `tag` of session `generation`, as postbox numbers it.
-fn tag_of(generation: u64, tag: u64) -> u64 {
-    (generation << TAG_BITS) | (tag & TAG_MASK)
+/// `tag` of channel `epoch`, as postbox numbers it (the epoch in the top
+/// 16 bits, wrapping).
+fn tag_of(epoch: u64, tag: u64) -> u64 {
+    ((epoch & GENERATION_MASK) << TAG_BITS) | (tag & TAG_MASK)
 }
 
 /// Applies one link's settlements on its channel, in order; and the signals
 /// that end its registration.
 pub(crate) struct Settle {
     remote: Arc<Remote>,
-    /// The channel deliveries came on, and its session's generation.
+    /// The channel deliveries came on, and its epoch (see [`tag_of`]).
     channel: Mutex<Option<(u64, lapin::Channel)>>,
     /// One drain at a time, so settlements reach RabbitMQ in order.
     applying: tokio::sync::Mutex<()>,
@@ -333,6 +336,9 @@ pub(crate) struct Settle {
     /// Settlements accepted before the registration ended, to send before
     /// the channel closes.
     last: Mutex<Vec<PendingSettle>>,
+    /// Deliveries nacked with a delay, unacknowledged at RabbitMQ until
+    /// their nack goes: no `multiple` ack may cover them.
+    delayed: Arc<Mutex<std::collections::BTreeSet<u64>>>,
     /// The registration is over: its channel is closed.
     done: tokio::sync::watch::Sender<bool>,
 }
@@ -356,14 +362,10 @@ impl Registered {
 }
 
 impl Settle {
-    fn new(
-        remote: Arc<Remote>,
-        generation: u64,
-        channel: impl Into<Option<lapin::Channel>>,
-    ) -> Self {
+    fn new(remote: Arc<Remote>, epoch: u64, channel: impl Into<Option<lapin::Channel>>) -> Self {
         Settle {
             remote,
-            channel: Mutex::new(channel.into().map(|c| (generation, c))),
+            channel: Mutex::new(channel.into().map(|c| (epoch, c))),
             applying: tokio::sync::Mutex::new(()),
             background: std::sync::atomic::AtomicBool::new(false),
             wake: Notify::new(),
@@ -371,29 +373,41 @@ impl Settle {
             cancel: Notify::new(),
             settled: Notify::new(),
             last: Mutex::default(),
+            delayed: Arc::default(),
             done: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Sends what `close` returned (and anything still pending), in order.
+    async fn finish(&self, link: &Link, accepted: Vec<PendingSettle>) {
+        self.last.lock().extend(accepted);
+        self.send(link).await;
     }
 
     /// Sends the link's recorded settlements to RabbitMQ. Those for a
     /// channel that is gone are dropped: RabbitMQ requeued their deliveries.
     async fn send(&self, link: &Link) {
         let _one = self.applying.lock().await;
+        let (drained, oldest, active) = link.drain_with_oldest();
         let mut pending = std::mem::take(&mut *self.last.lock());
-        pending.extend(link.drain());
+        pending.extend(drained);
         let current = self.channel.lock().clone();
-        let Some((generation, channel)) = current else {
+        let Some((epoch, channel)) = current else {
             return;
         };
-        pending.retain(|p| p.tag.0 >> TAG_BITS == generation);
-        // A run of acks that leaves nothing older unsettled is one frame:
-        // an ack with `multiple` up to the newest of them.
+        pending.retain(|p| p.tag.0 >> TAG_BITS == epoch & GENERATION_MASK);
+        // A run of acks that leaves nothing older held, here or at
+        // RabbitMQ (a delayed nack), is one frame: an ack with `multiple`
+        // up to the newest of them. Not once the registration has ended:
+        // what it held is no longer counted.
         if let Some(newest) = pending.iter().map(|p| p.tag).max()
+            && active
             && pending.len() > 1
-            && pending.iter().all(|p| p.outcome == Outcome::Ack)
-            && link
-                .oldest_outstanding()
-                .is_none_or(|oldest| oldest > newest)
+            && pending
+                .iter()
+                .all(|p| p.outcome == Outcome::Ack && !p.multiple)
+            && oldest.is_none_or(|oldest| oldest > newest)
+            && self.delayed.lock().range(..=newest.0).next().is_none()
         {
             let options = BasicAckOptions { multiple: true };
             if let Err(err) = channel.basic_ack(newest.0 & TAG_MASK, options).await {
@@ -409,50 +423,25 @@ impl Settle {
         } in pending
         {
             let amqp_tag = tag.0 & TAG_MASK;
+            let nack = move |requeue| BasicNackOptions { multiple, requeue };
             let sent = match outcome {
                 Outcome::Ack => {
                     channel
                         .basic_ack(amqp_tag, BasicAckOptions { multiple })
                         .await
                 }
-                Outcome::Requeue => {
-                    channel
-                        .basic_nack(
-                            amqp_tag,
-                            BasicNackOptions {
-                                multiple,
-                                requeue: true,
-                            },
-                        )
-                        .await
-                }
-                Outcome::Discard => {
-                    channel
-                        .basic_nack(
-                            amqp_tag,
-                            BasicNackOptions {
-                                multiple,
-                                requeue: false,
-                            },
-                        )
-                        .await
-                }
+                Outcome::Requeue => channel.basic_nack(amqp_tag, nack(true)).await,
+                Outcome::Discard => channel.basic_nack(amqp_tag, nack(false)).await,
                 Outcome::RequeueAfter(delay) => {
                     // Held (unacknowledged) until the delay has passed, then
                     // requeued; if the consumer goes first, RabbitMQ
                     // requeues it at once.
-                    let channel = channel.clone();
+                    self.delayed.lock().insert(tag.0);
+                    let (channel, delayed) = (channel.clone(), self.delayed.clone());
                     tokio::spawn(async move {
                         tokio::time::sleep(delay).await;
-                        let _ = channel
-                            .basic_nack(
-                                amqp_tag,
-                                BasicNackOptions {
-                                    multiple,
-                                    requeue: true,
-                                },
-                            )
-                            .await;
+                        let _ = channel.basic_nack(amqp_tag, nack(true)).await;
+                        delayed.lock().remove(&tag.0);
                     });
                     Ok(())
                 }
@@ -486,6 +475,8 @@ struct Registration {
     prefetch: u32,
     exclusive: bool,
     consumers: Arc<AtomicUsize>,
+    /// Channels opened so far: each one's deliveries carry its number.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 /// How a channel's consumption ended.
@@ -497,9 +488,13 @@ enum Ended {
     /// RabbitMQ cancelled it (the queue was deleted): done, the consumer
     /// is told.
     Deleted,
-    /// The connection was lost: consume again on the next one.
+    /// The channel or the connection was lost: consume again.
     Lost,
 }
+
+/// The pause before consuming again after a channel was lost on a live
+/// connection (RabbitMQ closed it: a consumer timeout, a refused ack).
+const REOPEN_PAUSE: Duration = Duration::from_millis(100);
 
 impl Registration {
     async fn run(
@@ -523,6 +518,9 @@ impl Registration {
         self.consumers.fetch_add(1, Ordering::Relaxed);
         let mut started = Some(started);
         loop {
+            if !self.link.is_active() {
+                break;
+            }
             let consumer = match self.open(&session).await {
                 Ok(consumer) => consumer,
                 Err(err) => {
@@ -530,19 +528,38 @@ impl Registration {
                         let _ = started.send(Err(err));
                         break;
                     }
-                    // After a reconnection: the queue may be gone.
-                    tracing::warn!(queue = %self.queue, %err, "consuming again failed");
-                    self.tell_cancelled(true).await;
-                    break;
+                    if matches!(
+                        err,
+                        BrokerError::QueueNotFound(_)
+                            | BrokerError::ExclusiveConsumer { .. }
+                            | BrokerError::Stopped
+                    ) {
+                        // The queue went while the connection was down.
+                        tracing::warn!(queue = %self.queue, %err, "consuming again failed: the consumer stops");
+                        self.tell_cancelled(true).await;
+                        break;
+                    }
+                    // Passing trouble (a timeout, a flapping connection):
+                    // again, on the next connection or after a pause.
+                    tracing::debug!(queue = %self.queue, %err, "consuming again failed; retrying");
+                    match self.next_session(&session).await {
+                        Some(next) => session = next,
+                        None => break,
+                    }
+                    continue;
                 }
             };
             if let Some(started) = started.take() {
                 let _ = started.send(Ok(()));
             }
-            match self.pump(&session, consumer).await {
+            match self.pump(consumer).await {
                 Ended::Lost => {
+                    // What it held is requeued by RabbitMQ: settling it now
+                    // is `ConsumerGone`.
+                    let epoch = self.epoch.load(Ordering::Relaxed);
+                    self.link.reset(epoch + 1);
                     *self.settle.channel.lock() = None;
-                    match self.remote.next_session(session.generation).await {
+                    match self.next_session(&session).await {
                         Some(next) => session = next,
                         None => break,
                     }
@@ -563,8 +580,6 @@ impl Registration {
                             () = tokio::time::sleep(Duration::from_millis(50)) => {}
                         }
                     }
-                    // Settlements recorded but not yet sent go before the close.
-                    self.link.notify().await;
                     self.tell_cancelled(false).await;
                     break;
                 }
@@ -584,6 +599,25 @@ impl Registration {
         self.settle.done.send_replace(true);
         self.consumers.fetch_sub(1, Ordering::Relaxed);
         self.remote.unregister(self.link.consumer);
+    }
+
+    /// The session to consume on next: this one after a pause if it is
+    /// still up (RabbitMQ closed only the channel), else the next; `None`
+    /// if the consumer is stopped meanwhile or the broker closed.
+    async fn next_session(&self, session: &Arc<Session>) -> Option<Arc<Session>> {
+        let wait = async {
+            if session.connection.status().connected() {
+                tokio::time::sleep(REOPEN_PAUSE).await;
+                if session.connection.status().connected() {
+                    return Some(session.clone());
+                }
+            }
+            self.remote.next_session(session.generation).await
+        };
+        tokio::select! {
+            next = wait => next.filter(|_| self.link.is_active()),
+            () = self.settle.stop.notified() => None,
+        }
     }
 
     /// A channel with the prefetch, consuming the queue.
@@ -618,9 +652,13 @@ impl Registration {
                     )
                     .await
                     .map_err(|e| refusal(remote, &e, subject))?;
-                *self.settle.channel.lock() = Some((session.generation, channel));
-                // Deliveries of an earlier connection are stale from here.
-                self.link.reset(session.generation);
+                // A new channel numbers its deliveries from 1 again: its
+                // epoch tells them from an earlier channel's.
+                let epoch = (self.epoch.fetch_add(1, Ordering::Relaxed) + 1) & GENERATION_MASK;
+                let epoch = epoch.max(1);
+                self.epoch.store(epoch, Ordering::Relaxed);
+                *self.settle.channel.lock() = Some((epoch, channel));
+                self.link.reset(epoch);
                 Ok(consumer)
             })
             .await
@@ -628,10 +666,11 @@ impl Registration {
 
     /// Hands deliveries to the consumer actor, in batches of what is
     /// already there, until the channel ends or the consumer goes.
-    async fn pump(&self, session: &Session, mut consumer: lapin::Consumer) -> Ended {
+    async fn pump(&self, mut consumer: lapin::Consumer) -> Ended {
+        let epoch = self.epoch.load(Ordering::Relaxed);
         loop {
             let first = tokio::select! {
-                next = consumer.next() => next,
+                biased;
                 () = self.settle.stop.notified() => return Ended::Stopped,
                 () = self.settle.cancel.notified() => {
                     let channel = self.settle.channel.lock().clone();
@@ -640,13 +679,14 @@ impl Registration {
                     }
                     return Ended::Cancelled;
                 }
+                next = consumer.next() => next,
             };
             let mut batch = Vec::new();
             let mut next = first;
             loop {
                 match next {
                     Some(Ok(d)) => {
-                        let tag = DeliveryTag(tag_of(session.generation, d.delivery_tag));
+                        let tag = DeliveryTag(tag_of(epoch, d.delivery_tag));
                         let message = envelope(
                             d.data,
                             d.exchange.as_str(),
@@ -658,12 +698,16 @@ impl Registration {
                     }
                     Some(Err(err)) => {
                         tracing::debug!(queue = %self.queue, error = %self.remote.scrub(&err), "consumer channel lost");
-                        drop(batch);
                         return Ended::Lost;
                     }
                     None => {
-                        drop(batch);
-                        return if session.connection.status().connected() {
+                        let connected = self
+                            .settle
+                            .channel
+                            .lock()
+                            .as_ref()
+                            .is_some_and(|(_, c)| c.status().connected());
+                        return if connected {
                             Ended::Deleted
                         } else {
                             Ended::Lost
@@ -681,8 +725,11 @@ impl Registration {
             if self.mode == AckMode::Manual {
                 self.link.track(batch.iter().map(Delivery::tag));
             }
-            if !self.hand_over(batch).await {
-                return Ended::Stopped;
+            tokio::select! {
+                handed = self.hand_over(batch) => if !handed {
+                    return Ended::Stopped;
+                },
+                () = self.settle.stop.notified() => return Ended::Stopped,
             }
         }
     }

@@ -150,18 +150,18 @@ impl AmqpOptions {
     }
 }
 
-/// `url` with the password of its user info replaced by `***`.
+/// `url` with the password of its user info replaced by `***`: everything
+/// between the scheme and the last `@` is user info (a password may hold
+/// `/`, `?`, `#` or `@` unescaped in a malformed URL, and must not show).
 pub(crate) fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return "<not a URL>".into();
     };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    match rest.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
             let hidden = if userinfo.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{hidden}@{host}{path}")
+            format!("{scheme}://{user}{hidden}@{host}")
         }
         None => url.to_string(),
     }
@@ -195,6 +195,8 @@ mod tests {
         assert_eq!(redact("amqps://u@h/v"), "amqps://u@h/v");
         assert_eq!(redact("amqp://h:5672"), "amqp://h:5672");
         assert_eq!(redact("amqp://a:p@ss@h/x?y=1"), "amqp://a:***@h/x?y=1");
+        assert_eq!(redact("amqp://u:pa/ss@h/v"), "amqp://u:***@h/v");
+        assert_eq!(redact("amqp://u:p?a#s@h/v"), "amqp://u:***@h/v");
         let url = "amqp://app:hunter22@h/";
         assert_eq!(scrub(&"login hunter22 refused", url), "login *** refused");
         let options = AmqpOptions::new(url);

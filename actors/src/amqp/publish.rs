@@ -71,12 +71,37 @@ impl Remote {
             Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => Ok(Answer::Routed),
             Ok(Confirmation::Ack(Some(_))) => Ok(Answer::Returned),
             Ok(Confirmation::Nack(_)) => Ok(Answer::Refused),
-            Err(err) if matches!(err.kind(), lapin::ErrorKind::ProtocolError(_)) => {
-                // The channel was closed by a refusal (a missing exchange).
-                Err(refusal(self, &err, subject))
-            }
-            Err(err) => Err(BrokerError::Unconfirmed(self.scrub(&err))),
+            Err(err) => Err(self.unconfirmed(&err, exchange, subject)),
         }
+    }
+
+    /// A confirm that failed: RabbitMQ closed the publishing channel. If it
+    /// did for this publish (its exchange is missing), that is the error;
+    /// if for another publish sharing the channel, or the connection went,
+    /// this one may or may not have been enqueued.
+    fn unconfirmed(&self, err: &lapin::Error, exchange: &str, subject: Subject<'_>) -> BrokerError {
+        match refusal(self, err, subject) {
+            BrokerError::ExchangeNotFound(name) if name == exchange => {
+                BrokerError::ExchangeNotFound(name)
+            }
+            _ => BrokerError::Unconfirmed(self.scrub(err)),
+        }
+    }
+
+    /// [`Remote::timed`] for a publish: running out of time after the
+    /// message may have been sent is `Unconfirmed`, not a refusal.
+    async fn timed_publish<T>(
+        &self,
+        op: impl Future<Output = Result<T, BrokerError>>,
+    ) -> Result<T, BrokerError> {
+        tokio::time::timeout(self.options.timeout, op)
+            .await
+            .unwrap_or_else(|_| {
+                Err(BrokerError::Unconfirmed(format!(
+                    "no confirm within {:?}",
+                    self.options.timeout
+                )))
+            })
     }
 
     /// Publishes to `queue` through the default exchange, confirmed. The
@@ -124,7 +149,7 @@ impl Remote {
         loop {
             let props = properties(&message, queue)?;
             let answer = self
-                .timed("publish", self.send("", queue, message.payload(), props))
+                .timed_publish(self.send("", queue, message.payload(), props))
                 .await?;
             match (answer, overflow) {
                 (Answer::Routed, _) => return Ok(()),
@@ -171,10 +196,7 @@ impl Remote {
         }
         let props = properties(&message, routing_key)?;
         let answer = self
-            .timed(
-                "publish",
-                self.send(exchange, routing_key, message.payload(), props),
-            )
+            .timed_publish(self.send(exchange, routing_key, message.payload(), props))
             .await;
         let forget = || {
             if let Some(window) = &window {
@@ -234,13 +256,19 @@ impl Remote {
             }
         }
         let key = short(queue, "a queue name")?;
-        self.timed("publish", async {
+        // Every message's properties first: one RabbitMQ cannot carry
+        // refuses the batch before any of it is sent.
+        let props = messages
+            .iter()
+            .map(|m| properties(m, queue))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.timed_publish(async {
             let session = self.session().await?;
             let channel = session
                 .publisher()
                 .await
                 .map_err(|e| refusal(self, &e, Subject::Queue(queue)))?;
-            for message in &messages {
+            for (message, props) in messages.iter().zip(props) {
                 let confirm = channel
                     .basic_publish(
                         "".into(),
@@ -250,7 +278,7 @@ impl Remote {
                             ..BasicPublishOptions::default()
                         },
                         message.payload(),
-                        properties(message, queue)?,
+                        props,
                     )
                     .await
                     .map_err(|e| refusal(self, &e, Subject::Queue(queue)))?;

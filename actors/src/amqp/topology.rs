@@ -116,23 +116,45 @@ impl Record {
     /// Declares everything recorded on `session`: exchanges, queues, then
     /// bindings.
     pub(crate) async fn redeclare(&self, session: &Session) -> Result<(), lapin::Error> {
-        let channel = session.admin().await?;
+        // Entry by entry: one that RabbitMQ now refuses (another process
+        // redeclared the queue otherwise, deleted a bound exchange) is
+        // logged and skipped, on a fresh channel, rather than keeping the
+        // whole broker from reconnecting.
+        let mut channel = session.connection.create_channel().await?;
+        let refused = |what: String, err: lapin::Error| {
+            tracing::warn!(%what, error = %err, "not redeclared after reconnecting");
+        };
         for (name, options) in &self.exchanges {
-            let (kind, flags, args) = exchange_args(options).unwrap_or_default();
-            channel
+            let Ok((kind, flags, args)) = exchange_args(options) else {
+                continue;
+            };
+            if let Err(err) = channel
                 .exchange_declare(name.as_str().into(), kind, flags, args)
-                .await?;
+                .await
+            {
+                refused(format!("exchange {name:?}"), err);
+                channel = session.connection.create_channel().await?;
+            }
         }
         for (name, options) in &self.queues {
-            if let Ok((flags, args)) = queue_args(name, options) {
-                channel
-                    .queue_declare(name.as_str().into(), flags, args)
-                    .await?;
+            let Ok((flags, args)) = queue_args(name, options) else {
+                continue;
+            };
+            if let Err(err) = channel
+                .queue_declare(name.as_str().into(), flags, args)
+                .await
+            {
+                refused(format!("queue {name:?}"), err);
+                channel = session.connection.create_channel().await?;
             }
         }
         for bound in &self.bindings {
-            bind_on(&channel, bound, false).await?;
+            if let Err(err) = bind_on(&channel, bound, false).await {
+                refused(format!("binding from {:?}", bound.source), err);
+                channel = session.connection.create_channel().await?;
+            }
         }
+        let _ = channel.close(200, "redeclared".into()).await;
         Ok(())
     }
 
@@ -445,8 +467,11 @@ impl Remote {
         let queue = short(name, "a queue name")?;
         self.timed("queue.declare", async {
             let session = self.session().await?;
+            // Its own channel: a missing queue closes the channel, and must
+            // not fail what shares it.
             let channel = session
-                .admin()
+                .connection
+                .create_channel()
                 .await
                 .map_err(|e| refusal(self, &e, Subject::Queue(name)))?;
             let q = channel
@@ -460,6 +485,7 @@ impl Remote {
                 )
                 .await
                 .map_err(|e| refusal(self, &e, Subject::Queue(name)))?;
+            let _ = channel.close(200, "checked".into()).await;
             Ok((q.message_count() as usize, q.consumer_count() as usize))
         })
         .await
@@ -611,8 +637,10 @@ impl Remote {
         // check first, so that it is `ExchangeNotFound` as embedded.
         self.timed("exchange.delete", async {
             let session = self.session().await?;
+            // Its own channel: a refusal closes it (see `passive`).
             let channel = session
-                .admin()
+                .connection
+                .create_channel()
                 .await
                 .map_err(|e| refusal(self, &e, Subject::Exchange(name)))?;
             channel
@@ -636,7 +664,9 @@ impl Remote {
                     },
                 )
                 .await
-                .map_err(|e| refusal(self, &e, Subject::Exchange(name)))
+                .map_err(|e| refusal(self, &e, Subject::Exchange(name)))?;
+            let _ = channel.close(200, "deleted".into()).await;
+            Ok(())
         })
         .await?;
         self.record
@@ -658,6 +688,11 @@ impl Remote {
             return Err(BrokerError::unsupported("binding a stream"));
         }
         short(source, "an exchange name")?;
+        match &destination {
+            Destination::Queue(name) => short(name, "a queue name")?,
+            Destination::Exchange(name) => short(name, "an exchange name")?,
+            Destination::Stream(_) => unreachable!("refused above"),
+        };
         short(key.key(), "a binding key")?;
         to_table(key.arguments())?;
         let bound = Bound {

@@ -108,8 +108,10 @@ pub(crate) struct Link {
     generation: AtomicU64,
 }
 
-/// Bits of a RabbitMQ delivery tag below the connection's generation.
+/// Bits of a RabbitMQ delivery tag below the channel's generation.
 pub(crate) const GENERATION_SHIFT: u32 = 48;
+/// A generation is kept to the 16 bits above a tag (it wraps).
+pub(crate) const GENERATION_MASK: u64 = (1 << (64 - GENERATION_SHIFT)) - 1;
 
 /// Who applies a link's settlements: the embedded queue's actor, or (feature
 /// `amqp`) the RabbitMQ channel the deliveries came on.
@@ -145,6 +147,9 @@ pub(crate) struct LinkState {
     outstanding: Tags,
     /// Settlements the queue has not applied yet, in order.
     pending: Vec<PendingSettle>,
+    /// What was still held when the registration ended (requeued then):
+    /// settling one of those is `ConsumerGone`, any other `AlreadySettled`.
+    gone: Tags,
 }
 
 /// A consumer's unsettled delivery tags, in order. The queue issues tags in
@@ -219,13 +224,24 @@ impl Link {
         }
     }
 
+    /// Whether settlements go to RabbitMQ (whose `multiple` covers more
+    /// than this side's).
+    #[inline]
+    fn is_remote(&self) -> bool {
+        match self.queue {
+            LinkTarget::Local(_) => false,
+            #[cfg(feature = "amqp")]
+            LinkTarget::Remote(_) => true,
+        }
+    }
+
     /// Whether a delivery of this registration is still held on a live
     /// channel: false for one made on a RabbitMQ connection since lost
     /// (RabbitMQ requeued it, and delivers it again).
     #[inline]
     pub(crate) fn is_current(&self, tag: DeliveryTag) -> bool {
         let generation = self.generation.load(Ordering::Acquire);
-        generation == 0 || tag.0 >> GENERATION_SHIFT == generation
+        generation == 0 || tag.0 >> GENERATION_SHIFT == generation & GENERATION_MASK
     }
 
     pub(crate) fn is_active(&self) -> bool {
@@ -258,7 +274,8 @@ impl Link {
         let mut state = self.state.lock();
         state.closed = true;
         self.closed.store(true, Ordering::Release);
-        state.outstanding.clear();
+        let held = std::mem::take(&mut state.outstanding);
+        state.gone.0.extend(held.0);
         std::mem::take(&mut state.pending)
     }
 
@@ -280,16 +297,14 @@ impl Link {
         self.state.lock().outstanding.0.len()
     }
 
-    /// The oldest delivery this consumer holds unsettled.
+    /// Takes the settlements recorded so far, with (read at the same
+    /// moment) the oldest delivery still held and whether the registration
+    /// is still on.
     #[cfg(feature = "amqp")]
-    pub(crate) fn oldest_outstanding(&self) -> Option<DeliveryTag> {
-        self.state
-            .lock()
-            .outstanding
-            .0
-            .front()
-            .copied()
-            .map(DeliveryTag)
+    pub(crate) fn drain_with_oldest(&self) -> (Vec<PendingSettle>, Option<DeliveryTag>, bool) {
+        let mut state = self.state.lock();
+        let oldest = state.outstanding.0.front().copied().map(DeliveryTag);
+        (std::mem::take(&mut state.pending), oldest, !state.closed)
     }
 
     /// Forgets every delivery held (their channel closed: RabbitMQ requeues
@@ -341,8 +356,16 @@ impl Link {
                 queue: queue(),
             });
         }
-        if state.closed || !self.is_current(tag) {
+        if !self.is_current(tag) || (state.closed && state.gone.contains(tag.0)) {
             return Err(AckError::ConsumerGone {
+                tag,
+                queue: queue(),
+            });
+        }
+        if state.closed {
+            // Settled before the registration ended (a `basic.get`
+            // delivery's ends once it is settled).
+            return Err(AckError::AlreadySettled {
                 tag,
                 queue: queue(),
             });
@@ -353,7 +376,22 @@ impl Link {
                 queue: queue(),
             });
         }
-        let n = if multiple {
+        let n = if multiple && self.is_remote() {
+            // RabbitMQ's `multiple` would also cover deliveries this side
+            // holds as delayed or already settled: one settlement per tag,
+            // merged again where that is safe (see `amqp::consume`).
+            let n = state.outstanding.0.partition_point(|&t| t <= tag.0);
+            let covered: Vec<u64> = state.outstanding.0.drain(..n).collect();
+            state
+                .pending
+                .extend(covered.into_iter().map(|t| PendingSettle {
+                    tag: DeliveryTag(t),
+                    multiple: false,
+                    outcome,
+                }));
+            let first = state.pending.len() == n;
+            return Ok((n, first));
+        } else if multiple {
             state.outstanding.remove_through(tag.0)
         } else {
             state.outstanding.remove(tag.0);
