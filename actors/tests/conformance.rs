@@ -20,21 +20,26 @@
 //! test asserts each one's own behaviour in a `match fx.backend()`, with the
 //! reason.
 
+use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use futures::future::LocalBoxFuture;
 use parking_lot::Mutex;
 use postbox::{Backoff, Failure, Runtime};
+use postbox_actors::idempotency::{Idempotent, MemoryStore};
+use postbox_actors::partition::{PartitionKey, kafka_partition};
 use postbox_actors::rpc::{RemoteError, Request, RequestError};
 use postbox_actors::{
     AckError, AckMode, Backend, Broker, BrokerError, ConsumeOptions, Consumer, DeathReason,
-    DeleteOptions, Delivery, Envelope, ExchangeOptions, HeadersMatch, NameError, NameKind,
-    Overflow, PublishError, PublishOptions, QueueOptions,
+    DedupTarget, DedupWindow, DeleteOptions, Delivery, Envelope, ExchangeOptions, HeadersMatch,
+    KeyOrdered, LayerExt, NameError, NameKind, OnError, Overflow, PartitionOptions, PublishError,
+    PublishOptions, QueueOptions, RetryPolicy,
 };
 use tokio::sync::mpsc;
 
@@ -213,6 +218,18 @@ conformance!(
     delete_if_empty_refuses_a_non_empty_queue,
     delete_if_unused_refuses_a_queue_with_consumers,
     redeclaring_with_other_options_is_a_mismatch,
+    // on top of RabbitMQ (README, "postbox on RabbitMQ": what RabbitMQ
+    // lacks, provided on this side with the embedded semantics)
+    a_queue_dedup_window_refuses_a_second_publish_of_an_id,
+    a_refused_publish_is_not_remembered_by_the_window,
+    an_exchange_dedup_window_refuses_a_second_publish_of_an_id,
+    nack_after_redelivers_once_the_delay_has_passed,
+    a_retry_policy_dead_letters_after_its_attempts,
+    key_ordered_consumption_keeps_each_keys_order,
+    an_idempotent_consumer_handles_a_duplicate_once,
+    block_makes_publishers_wait_and_bounds_the_queue,
+    drop_new_keeps_the_oldest_and_dead_letters_the_rest,
+    a_partitioned_queue_keeps_each_key_in_one_partition_in_order,
 );
 
 // ---------------------------------------------------------------------------
@@ -1680,5 +1697,495 @@ async fn redeclaring_with_other_options_is_a_mismatch(fx: &Fixture) -> TestResul
         Err(BrokerError::ExchangeMismatch { name, .. }) if name == x
     ));
     b.declare_exchange(&x, ExchangeOptions::direct()).await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// On top of RabbitMQ: duplicate windows, delayed requeue and retries,
+// key-ordered and idempotent consumers, block and drop-new overflow,
+// partitions. RabbitMQ has none of these; the backend provides them on this
+// side with the embedded semantics (README, "postbox on RabbitMQ").
+
+/// A window long enough to outlast any test.
+fn window() -> DedupWindow {
+    DedupWindow::new(Duration::from_secs(60))
+}
+
+/// Shared with the consumers a test starts: what they saw.
+type Log<T> = Arc<Mutex<Vec<T>>>;
+
+async fn a_queue_dedup_window_refuses_a_second_publish_of_an_id(fx: &Fixture) -> TestResult {
+    let b = &fx.broker;
+    let q = fx.name("q");
+    b.declare_queue(&q, QueueOptions::default().dedup(window()))
+        .await?;
+    let first = msg(1);
+    b.publish(&q, first.clone()).await?;
+    // The same envelope again (a producer's retry): not enqueued, and said so.
+    match b.publish(&q, first.clone()).await {
+        Err(BrokerError::Duplicate(dup)) => {
+            assert_eq!(dup.id, first.id());
+            assert_eq!(dup.target, DedupTarget::Queue(q.clone()));
+            assert_eq!(dup.original, 0, "the first the window accepted");
+        }
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    // Another id passes.
+    b.publish(&q, msg(2)).await?;
+    assert_eq!(ready(fx, &q).await, 2);
+    if fx.backend() == Backend::Embedded {
+        // Only the embedded snapshot counts duplicates (RabbitMQ's passive
+        // declaration reports messages and consumers only).
+        let stats = b.queue_stats(&q).await?.stats;
+        assert_eq!((stats.duplicates, stats.dedup_ids), (1, 2));
+    }
+    // Consumed once.
+    let (factory, mut rx) = forward();
+    let consumer = b.consume(&q, ConsumeOptions::manual(10), factory).await?;
+    for n in [1, 2] {
+        let d = recv(&mut rx, WAIT).await.ok_or("a delivery")?;
+        assert_eq!(num(&d), n);
+        d.ack().await?;
+    }
+    assert!(recv(&mut rx, QUIET).await.is_none(), "each message once");
+    consumer.close().await;
+    assert_eq!(ready(fx, &q).await, 0);
+    Ok(())
+}
+
+async fn a_refused_publish_is_not_remembered_by_the_window(fx: &Fixture) -> TestResult {
+    let b = &fx.broker;
+    let q = fx.name("q");
+    b.declare_queue(
+        &q,
+        QueueOptions::default()
+            .dedup(window())
+            .max_length(1)
+            .overflow(Overflow::RejectPublish),
+    )
+    .await?;
+    let second = msg(2);
+    b.publish(&q, msg(1)).await?;
+    assert_eq!(
+        b.publish(&q, second.clone()).await,
+        Err(BrokerError::QueueFull(q.clone()))
+    );
+    let (one, _) = b.get(&q, AckMode::Auto).await?.ok_or("empty")?;
+    assert_eq!(num(&one), 1);
+    // The refused publish was forgotten: its retry goes through, once.
+    b.publish(&q, second.clone()).await?;
+    assert!(matches!(
+        b.publish(&q, second).await,
+        Err(BrokerError::Duplicate(_))
+    ));
+    assert_eq!(numbers(fx, &q).await?, [2]);
+    Ok(())
+}
+
+async fn an_exchange_dedup_window_refuses_a_second_publish_of_an_id(fx: &Fixture) -> TestResult {
+    let b = &fx.broker;
+    let (x, q) = (fx.name("x"), fx.name("q"));
+    b.declare_exchange(&x, ExchangeOptions::direct().dedup(window()))
+        .await?;
+    b.declare_queue(&q, QueueOptions::default()).await?;
+    b.bind_queue(&q, &x, "k").await?;
+    let first = msg(1);
+    assert_eq!(b.publish_to(&x, "k", first.clone()).await?, 1);
+    match b.publish_to(&x, "k", first.clone()).await {
+        Err(PublishError::Refused(BrokerError::Duplicate(dup))) => {
+            assert_eq!(dup.id, first.id());
+            assert_eq!(dup.target, DedupTarget::Exchange(x.clone()));
+            assert_eq!(dup.original, 0);
+        }
+        other => panic!("expected Duplicate, got {other:?}"),
+    }
+    // A publish that reached nothing is forgotten: its retry, routed, goes
+    // through.
+    let second = msg(2);
+    assert_eq!(b.publish_to(&x, "nowhere", second.clone()).await?, 0);
+    assert_eq!(b.publish_to(&x, "k", second).await?, 1);
+    let stats = b.exchange_dedup_stats(&x)?.ok_or("no window")?;
+    assert_eq!((stats.ids, stats.duplicates), (2, 1));
+    assert_eq!(numbers(fx, &q).await?, [1, 2]);
+    Ok(())
+}
+
+async fn nack_after_redelivers_once_the_delay_has_passed(fx: &Fixture) -> TestResult {
+    let b = &fx.broker;
+    let q = fx.name("q");
+    b.declare_queue(&q, QueueOptions::default()).await?;
+    let (factory, mut rx) = forward();
+    let consumer = b.consume(&q, ConsumeOptions::manual(10), factory).await?;
+    b.publish(&q, msg(1)).await?;
+    let first = recv(&mut rx, WAIT).await.ok_or("a delivery")?;
+    assert!(!first.redelivered());
+    let delay = Duration::from_millis(300);
+    let start = Instant::now();
+    first.nack_after(delay).await?;
+    assert!(matches!(
+        first.ack().await,
+        Err(AckError::AlreadySettled { .. })
+    ));
+    // The queue goes on meanwhile.
+    b.publish(&q, msg(2)).await?;
+    let two = recv(&mut rx, WAIT).await.ok_or("a second delivery")?;
+    assert_eq!(num(&two), 2);
+    two.ack().await?;
+    // Not back at half the delay...
+    let half = (start + delay / 2).saturating_duration_since(Instant::now());
+    assert!(
+        recv(&mut rx, half).await.is_none(),
+        "redelivered before its delay"
+    );
+    // ...and back after it, flagged.
+    let again = recv(&mut rx, WAIT).await.ok_or("no redelivery")?;
+    let waited = start.elapsed();
+    assert!(waited >= delay - Duration::from_millis(20), "{waited:?}");
+    assert_eq!(again.id(), first.id());
+    assert_eq!(num(&again), 1);
+    assert!(again.redelivered());
+    assert_eq!(again.delivery_count(), 2);
+    again.ack().await?;
+    assert!(recv(&mut rx, QUIET).await.is_none(), "settled");
+    consumer.close().await;
+    assert_eq!(ready(fx, &q).await, 0);
+    Ok(())
+}
+
+async fn a_retry_policy_dead_letters_after_its_attempts(fx: &Fixture) -> TestResult {
+    let b = &fx.broker;
+    let (dlx, dlq) = dead_letter_queue(fx, "retry").await?;
+    let q = fx.name("q");
+    b.declare_queue(&q, QueueOptions::default().dead_letter_exchange(&dlx))
+        .await?;
+    // (delivery count, redelivered) of each attempt.
+    let attempts: Log<(u32, bool)> = Arc::default();
+    let failing = {
+        let attempts = attempts.clone();
+        move || {
+            let attempts = attempts.clone();
+            move |d: Delivery| {
+                attempts.lock().push((d.delivery_count(), d.redelivered()));
+                async { Err::<(), _>(Failure::msg("conformance: failing on purpose")) }
+            }
+        }
+    };
+    let policy = RetryPolicy::fixed(Duration::from_millis(100), 3);
+    let options = ConsumeOptions::manual(1).on_error(OnError::Retry(policy));
+    let consumer = b.consume(&q, options, failing).await?;
+    b.publish(&q, msg(1)).await?;
+    if let Err(err) = wait_ready(fx, &dlq, 1).await {
+        let seen = attempts.lock().clone();
+        let (n, first) = (seen.len(), &seen[..seen.len().min(4)]);
+        return Err(format!(
+            "{err}; {n} attempts, the first (delivery count, redelivered): {first:?}"
+        )
+        .into());
+    }
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        *attempts.lock(),
+        [(1, false), (2, true), (3, true)],
+        "3 attempts, then rejected"
+    );
+    assert_eq!(
+        deaths_of(&take_all(fx, &dlq).await?),
+        [(1, q.clone(), DeathReason::Rejected, 1)]
+    );
+    consumer.close().await;
+    assert_eq!(ready(fx, &q).await, 0);
+    Ok(())
+}
+
+async fn key_ordered_consumption_keeps_each_keys_order(fx: &Fixture) -> TestResult {
+    const KEYS: u32 = 10;
+    const PER_KEY: u32 = 20;
+    let b = &fx.broker;
+    let q = fx.name("q");
+    b.declare_queue(&q, QueueOptions::default()).await?;
+    // Published to the queue by name with a routing key of their own: on
+    // RabbitMQ that key travels in the `x-postbox-key` header (README,
+    // "postbox on RabbitMQ"), else every message would carry the queue's
+    // name and be one key.
+    for seq in 0..PER_KEY {
+        for k in 0..KEYS {
+            let key = format!("key-{k}");
+            b.publish(
+                &q,
+                Envelope::encode(&(&key, seq))?.with_routing_key(key.as_str()),
+            )
+            .await?;
+        }
+    }
+    // (key, sequence, the delivery's routing key), as handled.
+    let log: Log<(String, u32, String)> = Arc::default();
+    let (busy, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let handler = {
+        let (log, busy, peak) = (log.clone(), busy.clone(), peak.clone());
+        move || {
+            let (log, busy, peak) = (log.clone(), busy.clone(), peak.clone());
+            move |d: Delivery| {
+                let (log, busy, peak) = (log.clone(), busy.clone(), peak.clone());
+                async move {
+                    let (key, seq): (String, u32) = d.decode()?;
+                    log.lock().push((key, seq, d.routing_key().to_string()));
+                    peak.fetch_max(busy.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=4))).await;
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    d.ack().await?;
+                    Ok::<(), Failure>(())
+                }
+            }
+        }
+    };
+    let consumer = b
+        .consume(
+            &q,
+            ConsumeOptions::manual(32),
+            KeyOrdered::new(4, PartitionKey::RoutingKey, handler),
+        )
+        .await?;
+    let total = (KEYS * PER_KEY) as usize;
+    let all = eventually(WAIT, || async { log.lock().len() >= total }).await;
+    assert!(all, "{} of {total} handled", log.lock().len());
+    tokio::time::sleep(QUIET).await;
+    let log = log.lock().clone();
+    assert_eq!(log.len(), total, "each message once");
+    let mut by_key: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (key, seq, routing_key) in &log {
+        assert_eq!(routing_key, key, "the message's own routing key");
+        by_key.entry(key.clone()).or_default().push(*seq);
+    }
+    assert_eq!(by_key.len(), KEYS as usize);
+    for (key, seqs) in &by_key {
+        assert_eq!(*seqs, (0..PER_KEY).collect::<Vec<_>>(), "{key} in order");
+    }
+    // Different keys ran in parallel.
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak > 1, "at most {peak} handler(s) at once");
+    consumer.close().await;
+    assert_eq!(ready(fx, &q).await, 0, "all acknowledged");
+    Ok(())
+}
+
+async fn an_idempotent_consumer_handles_a_duplicate_once(fx: &Fixture) -> TestResult {
+    let b = &fx.broker;
+    let q = fx.name("q");
+    // No window: both copies are enqueued and delivered.
+    b.declare_queue(&q, QueueOptions::default()).await?;
+    let first = msg(1);
+    b.publish(&q, first.clone()).await?;
+    b.publish(&q, first.clone()).await?;
+    b.publish(&q, msg(2)).await?;
+    assert_eq!(ready(fx, &q).await, 3);
+    let layer = Idempotent::by_message_id(MemoryStore::new(1_000));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    // The handler does not ack: the layer acks once the key is recorded.
+    let handler = move || {
+        let tx = tx.clone();
+        move |d: Delivery| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((num(&d), d.id()));
+                Ok::<(), Failure>(())
+            }
+        }
+    };
+    let consumer = b
+        .consume(&q, ConsumeOptions::manual(1), handler.layer(layer.clone()))
+        .await?;
+    assert_eq!(recv(&mut rx, WAIT).await, Some((1, first.id())));
+    let (two, _) = recv(&mut rx, WAIT).await.ok_or("a second message")?;
+    assert_eq!(two, 2);
+    assert!(recv(&mut rx, QUIET).await.is_none(), "the duplicate ran");
+    let stats = layer.stats();
+    assert_eq!(
+        (stats.claimed, stats.completed, stats.skipped),
+        (2, 2, 1),
+        "{stats:?}"
+    );
+    // The duplicate was acknowledged too: nothing comes back on close.
+    consumer.close().await;
+    assert!(eventually(WAIT, || async { consumers(fx, &q).await == 0 }).await);
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(ready(fx, &q).await, 0, "all three acknowledged");
+    Ok(())
+}
+
+async fn block_makes_publishers_wait_and_bounds_the_queue(fx: &Fixture) -> TestResult {
+    const TOTAL: u32 = 30;
+    const LIMIT: usize = 5;
+    let b = &fx.broker;
+    let q = fx.name("q");
+    // Embedded, a publish returns once it is in the queue's inbox, which
+    // holds up to `mailbox` publishes in front of the one waiting (README,
+    // Semantics: block); a mailbox of 1 makes the producer wait at once.
+    // RabbitMQ has no inbox: the option changes nothing there.
+    b.declare_queue(
+        &q,
+        QueueOptions::default()
+            .max_length(LIMIT)
+            .overflow(Overflow::Block)
+            .mailbox(1),
+    )
+    .await?;
+    let seen: Log<u32> = Arc::default();
+    let slow = {
+        let seen = seen.clone();
+        move || {
+            let seen = seen.clone();
+            move |d: Delivery| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().push(d.decode()?);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    d.ack().await?;
+                    Ok::<(), Failure>(())
+                }
+            }
+        }
+    };
+    let consumer = b.consume(&q, ConsumeOptions::manual(1), slow).await?;
+    let done = Cell::new(false);
+    let producer = async {
+        let mut published = Ok(());
+        for n in 1..=TOTAL {
+            if let Err(err) = b.publish(&q, msg(n)).await {
+                published = Err(err);
+                break;
+            }
+        }
+        done.set(true);
+        // How many the consumer had taken when the last publish returned.
+        (published, seen.lock().len())
+    };
+    let sampler = async {
+        let mut samples = Vec::new();
+        while !done.get() {
+            samples.push(ready(fx, &q).await);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        samples
+    };
+    let ((published, taken), samples) = tokio::join!(producer, sampler);
+    published?;
+    assert!(samples.len() >= 3, "sampled {samples:?}");
+    assert!(
+        samples.iter().all(|&n| n <= LIMIT),
+        "ready passed {LIMIT}: {samples:?}"
+    );
+    // The producer waited for the consumer: it finished only once most
+    // messages had been taken.
+    assert!(
+        taken >= TOTAL as usize - 2 * LIMIT,
+        "{taken} taken when the producer finished"
+    );
+    let all = eventually(WAIT, || async { seen.lock().len() >= TOTAL as usize }).await;
+    assert!(all, "{} of {TOTAL} consumed", seen.lock().len());
+    assert_eq!(
+        *seen.lock(),
+        (1..=TOTAL).collect::<Vec<_>>(),
+        "all, once, in order"
+    );
+    consumer.close().await;
+    assert_eq!(ready(fx, &q).await, 0);
+    Ok(())
+}
+
+async fn drop_new_keeps_the_oldest_and_dead_letters_the_rest(fx: &Fixture) -> TestResult {
+    let b = &fx.broker;
+    let (dlx, dlq) = dead_letter_queue(fx, "dropnew").await?;
+    let q = fx.name("q");
+    b.declare_queue(
+        &q,
+        QueueOptions::default()
+            .max_length(3)
+            .overflow(Overflow::DropNew)
+            .dead_letter_exchange(&dlx),
+    )
+    .await?;
+    // The publisher is not told.
+    for n in 1..=5 {
+        b.publish(&q, msg(n)).await?;
+    }
+    assert_eq!(ready(fx, &q).await, 3);
+    wait_ready(fx, &dlq, 2).await?;
+    assert_eq!(numbers(fx, &q).await?, [1, 2, 3]);
+    assert_eq!(
+        deaths_of(&take_all(fx, &dlq).await?),
+        [
+            (4, q.clone(), DeathReason::MaxLen, 1),
+            (5, q.clone(), DeathReason::MaxLen, 1),
+        ]
+    );
+    Ok(())
+}
+
+async fn a_partitioned_queue_keeps_each_key_in_one_partition_in_order(fx: &Fixture) -> TestResult {
+    const PARTITIONS: u32 = 3;
+    const PER_KEY: u32 = 10;
+    let b = &fx.broker;
+    let name = fx.name("parts");
+    for p in 0..PARTITIONS {
+        fx.track(&format!("{name}.{p}"));
+    }
+    let parts = b
+        .declare_partitioned(&name, PartitionOptions::new(PARTITIONS))
+        .await?;
+    assert_eq!(parts.partitions(), PARTITIONS);
+    let keys: Vec<String> = (0..6).map(|k| format!("user-{k}")).collect();
+    let partition = |key: &str| kafka_partition(key.as_bytes(), PARTITIONS);
+    let mut expected = vec![0; PARTITIONS as usize];
+    for seq in 0..PER_KEY {
+        for key in &keys {
+            let m = Envelope::encode(&(key, seq))?.with_routing_key(key.as_str());
+            assert_eq!(parts.partition_of(&m)?, partition(key));
+            assert_eq!(parts.publish(m).await?, partition(key), "{key}");
+            expected[partition(key) as usize] += 1;
+        }
+    }
+    for (p, n) in expected.iter().enumerate() {
+        assert_eq!(ready(fx, &format!("{name}.{p}")).await, *n, "partition {p}");
+    }
+    // (queue, key, sequence, the delivery's routing key), as handled.
+    let log: Log<(String, String, u32, String)> = Arc::default();
+    let handler = {
+        let log = log.clone();
+        move || {
+            let log = log.clone();
+            move |d: Delivery| {
+                let log = log.clone();
+                async move {
+                    let (key, seq): (String, u32) = d.decode()?;
+                    let queue = d.queue().to_string();
+                    log.lock()
+                        .push((queue, key, seq, d.routing_key().to_string()));
+                    d.ack().await?;
+                    Ok::<(), Failure>(())
+                }
+            }
+        }
+    };
+    let consumers = parts.consume(b, ConsumeOptions::manual(1), handler).await?;
+    assert_eq!(consumers.len(), PARTITIONS as usize);
+    let total = keys.len() * PER_KEY as usize;
+    let all = eventually(WAIT, || async { log.lock().len() >= total }).await;
+    assert!(all, "{} of {total} handled", log.lock().len());
+    let log = log.lock().clone();
+    assert_eq!(log.len(), total);
+    for key in &keys {
+        let home = format!("{name}.{}", partition(key));
+        let mine: Vec<_> = log.iter().filter(|(_, k, _, _)| k == key).collect();
+        assert!(
+            mine.iter()
+                .all(|(queue, _, _, rk)| *queue == home && rk == key),
+            "{key}: {mine:?}"
+        );
+        let seqs: Vec<u32> = mine.iter().map(|(_, _, seq, _)| *seq).collect();
+        assert_eq!(seqs, (0..PER_KEY).collect::<Vec<_>>(), "{key} in order");
+    }
+    for consumer in consumers {
+        consumer.close().await;
+    }
     Ok(())
 }

@@ -96,7 +96,15 @@ pub(crate) struct Remote {
     closed: AtomicBool,
     /// The size limit of queues declared without one.
     pub(crate) max_message_bytes: usize,
+    /// Deliveries of redelivered messages seen by this process, by id: a
+    /// classic queue does not count them, and retry policies need the
+    /// attempt (bounded: see [`Remote::count_delivery`]).
+    attempts: Mutex<std::collections::HashMap<crate::envelope::MessageId, u32>>,
 }
+
+/// Redelivered messages whose deliveries are counted at once; past it the
+/// counts start over (a retry policy then allows a few more attempts).
+const COUNTED: usize = 65_536;
 
 impl std::fmt::Debug for Remote {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -134,6 +142,7 @@ impl Remote {
             registrations: Mutex::default(),
             closed: AtomicBool::new(false),
             max_message_bytes,
+            attempts: Mutex::default(),
         });
         tracing::info!(url = %remote.options.redacted_url(), "connected to rabbitmq");
         tokio::spawn(keep_up(Arc::downgrade(&remote), session));
@@ -196,6 +205,24 @@ impl Remote {
 
     pub(crate) fn registration(&self, consumer: ConsumerId) -> Option<Registered> {
         self.registrations.lock().get(&consumer).cloned()
+    }
+
+    /// Sets a delivered message's delivery count to what this process has
+    /// seen of it, where RabbitMQ's count (a classic queue says only
+    /// "redelivered") is lower: a retry policy's attempts then end.
+    pub(crate) fn count_delivery(&self, message: &mut crate::envelope::Envelope) {
+        if !message.redelivered() {
+            return;
+        }
+        let mut attempts = self.attempts.lock();
+        if attempts.len() >= COUNTED {
+            attempts.clear();
+        }
+        let seen = attempts.entry(message.id()).or_insert(1);
+        *seen = (*seen + 1).max(message.delivery_count());
+        let count = *seen;
+        drop(attempts);
+        message.set_delivery(count, true);
     }
 
     /// Whether the broker was closed (the runtime shut down).

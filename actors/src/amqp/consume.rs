@@ -198,13 +198,14 @@ impl RemoteQueue {
                 };
                 let left = got.message_count as usize;
                 let d = got.delivery;
-                let message = envelope(
+                let mut message = envelope(
                     d.data,
                     d.exchange.as_str(),
                     d.routing_key.as_str(),
                     d.redelivered,
                     &d.properties,
                 );
+                remote.count_delivery(&mut message);
                 // The channel is this delivery's alone: epoch 1.
                 let settle = Arc::new(Settle::new(remote.clone(), 1, channel.clone()));
                 let link = Arc::new(Link::new(
@@ -687,13 +688,14 @@ impl Registration {
                 match next {
                     Some(Ok(d)) => {
                         let tag = DeliveryTag(tag_of(epoch, d.delivery_tag));
-                        let message = envelope(
+                        let mut message = envelope(
                             d.data,
                             d.exchange.as_str(),
                             d.routing_key.as_str(),
                             d.redelivered,
                             &d.properties,
                         );
+                        self.remote.count_delivery(&mut message);
                         batch.push(Delivery::new(message, tag, self.link.clone(), 0));
                     }
                     Some(Err(err)) => {
