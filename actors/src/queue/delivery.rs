@@ -191,6 +191,7 @@ impl Tags {
         n
     }
 
+    #[cfg(feature = "amqp")]
     fn clear(&mut self) {
         self.0.clear();
     }
