@@ -134,11 +134,15 @@ impl RemoteOps for RemoteQueue {
 
     fn cancel(&self, consumer: ConsumerId) -> BoxFuture<'_, Option<usize>> {
         let registered = self.remote.registration(consumer);
+        let timeout = self.remote.options.timeout;
         Box::pin(async move {
             let registered = registered?;
-            let held = registered.link.outstanding();
+            let mut cancelled = registered.settle.cancelled.subscribe();
             registered.settle.cancel.notify_one();
-            Some(held)
+            // A barrier, as embedded: once RabbitMQ has confirmed the
+            // cancel, nothing more is delivered, and what it held is known.
+            let _ = tokio::time::timeout(timeout, cancelled.wait_for(|c| *c)).await;
+            Some(registered.link.outstanding())
         })
     }
 
@@ -342,6 +346,8 @@ pub(crate) struct Settle {
     delayed: Arc<Mutex<std::collections::BTreeSet<u64>>>,
     /// The registration is over: its channel is closed.
     done: tokio::sync::watch::Sender<bool>,
+    /// RabbitMQ confirmed its `basic.cancel` (or the registration ended).
+    cancelled: tokio::sync::watch::Sender<bool>,
 }
 
 /// A running registration, as the broker's registry keeps it.
@@ -376,6 +382,7 @@ impl Settle {
             last: Mutex::default(),
             delayed: Arc::default(),
             done: tokio::sync::watch::Sender::new(false),
+            cancelled: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -598,6 +605,7 @@ impl Registration {
             let _ = channel.close(200, "consumer gone".into()).await;
         }
         self.settle.done.send_replace(true);
+        self.settle.cancelled.send_replace(true);
         self.consumers.fetch_sub(1, Ordering::Relaxed);
         self.remote.unregister(self.link.consumer);
     }
@@ -674,10 +682,7 @@ impl Registration {
                 biased;
                 () = self.settle.stop.notified() => return Ended::Stopped,
                 () = self.settle.cancel.notified() => {
-                    let channel = self.settle.channel.lock().clone();
-                    if let Some((_, channel)) = channel {
-                        let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-                    }
+                    self.cancel_now(&consumer).await;
                     return Ended::Cancelled;
                 }
                 next = consumer.next() => next,
@@ -727,13 +732,44 @@ impl Registration {
             if self.mode == AckMode::Manual {
                 self.link.track(batch.iter().map(Delivery::tag));
             }
-            tokio::select! {
-                handed = self.hand_over(batch) => if !handed {
-                    return Ended::Stopped;
-                },
-                () = self.settle.stop.notified() => return Ended::Stopped,
+            // A cancel while the consumer's mailbox is full is answered at
+            // once (the consumer may be waiting on it), and the batch is
+            // still handed over: it was delivered.
+            let handing = self.hand_over(batch);
+            tokio::pin!(handing);
+            let mut cancelling = false;
+            loop {
+                tokio::select! {
+                    biased;
+                    () = self.settle.stop.notified() => return Ended::Stopped,
+                    () = self.settle.cancel.notified(), if !cancelling => {
+                        self.cancel_now(&consumer).await;
+                        cancelling = true;
+                    }
+                    handed = &mut handing => {
+                        if !handed {
+                            return Ended::Stopped;
+                        }
+                        if cancelling {
+                            return Ended::Cancelled;
+                        }
+                        break;
+                    }
+                }
             }
         }
+    }
+
+    /// `basic.cancel`, answered once RabbitMQ confirms it (`cancel-ok`):
+    /// nothing more is delivered after.
+    async fn cancel_now(&self, consumer: &lapin::Consumer) {
+        let channel = self.settle.channel.lock().clone();
+        if let Some((_, channel)) = channel {
+            let _ = channel
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await;
+        }
+        self.settle.cancelled.send_replace(true);
     }
 
     /// Sends a batch to the consumer actor, waiting while its mailbox is
