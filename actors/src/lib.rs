@@ -76,6 +76,8 @@ pub mod partition;
 pub mod queue;
 mod rate;
 pub mod rpc;
+#[cfg(any(feature = "redis", feature = "postgres", feature = "amqp"))]
+mod secret;
 mod spare;
 mod store;
 mod stream;

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 /// own layer or below, never above.
 fn layer(top: &str) -> usize {
     match top {
-        "envelope" | "codec" | "name" | "spare" | "supervision" | "partition" => 0,
+        "envelope" | "codec" | "name" | "spare" | "supervision" | "partition" | "secret" => 0,
         "store" => 1,
         "error" | "dedup" | "queue" | "stream" | "exchange" => 2,
         "consumer" | "idempotency" | "amqp" => 3,

@@ -24,6 +24,7 @@ use super::consume::Registered;
 use super::topology::Record;
 use crate::error::BrokerError;
 use crate::queue::ack::ConsumerId;
+use crate::secret::{scrub, url_secrets};
 
 /// One live connection and the channels the broker shares on it.
 pub(crate) struct Session {
@@ -96,6 +97,8 @@ pub(crate) struct Remote {
     closed: AtomicBool,
     /// The size limit of queues declared without one.
     pub(crate) max_message_bytes: usize,
+    /// The URL's credentials, found once, to scrub from what lapin says.
+    secrets: Vec<String>,
     /// Deliveries of redelivered messages seen by this process, by id: a
     /// classic queue does not count them, and retry policies need the
     /// attempt (bounded: see [`Remote::count_delivery`]).
@@ -134,6 +137,7 @@ impl Remote {
             admin: tokio::sync::Mutex::new(None),
         });
         let (state, _) = watch::channel(State::Up(session.clone()));
+        let secrets = url_secrets(&options.url);
         let remote = Arc::new(Remote {
             options,
             state,
@@ -143,6 +147,7 @@ impl Remote {
             closed: AtomicBool::new(false),
             max_message_bytes,
             attempts: Mutex::default(),
+            secrets,
         });
         tracing::info!(url = %remote.options.redacted_url(), "connected to rabbitmq");
         tokio::spawn(keep_up(Arc::downgrade(&remote), session));
@@ -260,7 +265,7 @@ impl Remote {
 
     /// `text` without the credentials.
     pub(crate) fn scrub(&self, text: &dyn std::fmt::Display) -> String {
-        super::scrub(text, &self.options.url)
+        scrub(text.to_string(), &self.secrets)
     }
 }
 
@@ -274,15 +279,16 @@ async fn open(options: &AmqpOptions) -> Result<Connection, BrokerError> {
         identity: None,
         cert_chain: options.ca_certificate.clone(),
     };
+    let secrets = url_secrets(&options.url);
     let runtime = lapin::runtime::default_runtime()
-        .map_err(|err| BrokerError::Backend(super::scrub(&err, &options.url)))?;
+        .map_err(|err| BrokerError::Backend(scrub(err.to_string(), &secrets)))?;
     Connection::connect_with_config(&options.url, properties, tls, runtime)
         .await
         .map_err(|err| {
             BrokerError::Backend(format!(
                 "cannot connect to {}: {}",
                 options.redacted_url(),
-                super::scrub(&err, &options.url)
+                scrub(err.to_string(), &secrets)
             ))
         })
 }

@@ -42,6 +42,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::error::BrokerError;
+use crate::secret::{redact, scrub, url_secrets};
 
 /// How to reach RabbitMQ.
 ///
@@ -135,51 +136,9 @@ impl AmqpOptions {
             .map(|_| ())
             .map_err(|reason| BrokerError::InvalidUrl {
                 url: self.redacted_url(),
-                reason: scrub(&reason, &self.url),
+                reason: scrub(reason, &url_secrets(&self.url)),
             })
     }
-
-    /// The password, if the URL has one (to scrub it from any text).
-    fn password(&self) -> Option<&str> {
-        let rest = self.url.split_once("://")?.1;
-        let userinfo = rest.split(['/', '?']).next()?.rsplit_once('@')?.0;
-        userinfo
-            .split_once(':')
-            .map(|(_, p)| p)
-            .filter(|p| !p.is_empty())
-    }
-}
-
-/// `url` with the password of its user info replaced by `***`: everything
-/// between the scheme and the last `@` is user info (a password may hold
-/// `/`, `?`, `#` or `@` unescaped in a malformed URL, and must not show).
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "<not a URL>".into();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            let hidden = if userinfo.contains(':') { ":***" } else { "" };
-            format!("{scheme}://{user}{hidden}@{host}")
-        }
-        None => url.to_string(),
-    }
-}
-
-/// `text` with every occurrence of the URL's password (and the URL itself)
-/// replaced, for errors and logs built from what lapin says.
-pub(crate) fn scrub(text: &dyn fmt::Display, url: &str) -> String {
-    let mut text = text.to_string();
-    if text.contains(url) {
-        text = text.replace(url, &redact(url));
-    }
-    if let Some(password) = AmqpOptions::new(url).password()
-        && password.len() >= 3
-    {
-        text = text.replace(password, "***");
-    }
-    text
 }
 
 #[cfg(test)]
@@ -187,20 +146,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn passwords_never_show() {
-        assert_eq!(
-            redact("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(redact("amqps://u@h/v"), "amqps://u@h/v");
-        assert_eq!(redact("amqp://h:5672"), "amqp://h:5672");
-        assert_eq!(redact("amqp://a:p@ss@h/x?y=1"), "amqp://a:***@h/x?y=1");
-        assert_eq!(redact("amqp://u:pa/ss@h/v"), "amqp://u:***@h/v");
-        assert_eq!(redact("amqp://u:p?a#s@h/v"), "amqp://u:***@h/v");
-        let url = "amqp://app:hunter22@h/";
-        assert_eq!(scrub(&"login hunter22 refused", url), "login *** refused");
-        let options = AmqpOptions::new(url);
+    fn passwords_never_show_in_options() {
+        let options = AmqpOptions::new("amqp://app:hunter22@h/");
         assert!(!format!("{options:?}").contains("hunter22"));
+        assert_eq!(options.redacted_url(), "amqp://app:***@h/");
     }
 
     #[test]

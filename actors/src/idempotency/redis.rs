@@ -39,6 +39,7 @@ use parking_lot::Mutex;
 use tokio::runtime::Handle;
 
 use crate::idempotency::{Claim, ClaimToken, IdempotencyError, IdempotencyStore, validate_key};
+use crate::secret::{scrub, url_secrets};
 
 const STORE: &str = "redis";
 
@@ -376,77 +377,12 @@ fn unavailable(secrets: &[String], message: impl Into<String>) -> IdempotencyErr
     IdempotencyError::unavailable(STORE, scrub(message.into(), secrets))
 }
 
-/// `message` with every secret replaced by `***`.
-fn scrub(mut message: String, secrets: &[String]) -> String {
-    for secret in secrets.iter().filter(|s| !s.is_empty()) {
-        if message.contains(secret.as_str()) {
-            message = message.replace(secret.as_str(), "***");
-        }
-    }
-    message
-}
-
-/// What in a URL must not be shown: the user-info part (`user:password`),
-/// its password (as written and percent-decoded), and `password=`/`pass=`
-/// query values.
-fn url_secrets(url: &str) -> Vec<String> {
-    let mut secrets = Vec::new();
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if let Some((userinfo, _host)) = authority.rsplit_once('@') {
-        if let Some((_user, password)) = userinfo.split_once(':') {
-            secrets.push(password.to_owned());
-            secrets.push(percent_decode(password));
-        }
-        secrets.push(userinfo.to_owned());
-    }
-    if let Some((_, query)) = url.split_once('?') {
-        for pair in query.split('&') {
-            if let Some((name, value)) = pair.split_once('=')
-                && matches!(name, "password" | "pass")
-            {
-                secrets.push(value.to_owned());
-                secrets.push(percent_decode(value));
-            }
-        }
-    }
-    // Longest first, so that a password inside the user-info is not left
-    // half-scrubbed.
-    secrets.retain(|s| !s.is_empty());
-    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    secrets.dedup();
-    secrets
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(hex) = s.get(i + 1..i + 3)
-            && let Ok(byte) = u8::from_str_radix(hex, 16)
-        {
-            out.push(byte);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn secrets_of_urls_are_found_and_scrubbed() {
-        let s = url_secrets("redis://alice:p%40ss@example.invalid:6380/2?password=q");
-        let msg = scrub("auth alice:p%40ss failed, p@ss, q?".to_owned(), &s);
-        assert!(!msg.contains("p%40ss") && !msg.contains("p@ss"), "{msg}");
-        assert!(url_secrets("redis://127.0.0.1:6379").is_empty());
+    fn ttls_and_claim_values() {
         assert_eq!(ttl_ms(Duration::ZERO), "1");
         assert_eq!(ttl_ms(Duration::MAX), MAX_TTL_MS.to_string());
         assert_ne!(claim_value(ClaimToken::new()), "d");
