@@ -510,3 +510,59 @@ async fn request_reply_through_direct_reply_to() -> TestResult {
         .await?;
     Ok(())
 }
+
+/// Input RabbitMQ cannot carry is refused with a typed error before
+/// anything is sent: a batch with one correlation id over 255 bytes
+/// publishes none of its messages; a bound name over 255 bytes is an error,
+/// not a panic; and transactions, which RabbitMQ cannot span across a
+/// consumer's and a publisher's channels, are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_rabbitmq_cannot_carry_is_refused_before_anything_is_sent() -> TestResult {
+    let Some(url) = amqp_url("what_rabbitmq_cannot_carry_is_refused_before_anything_is_sent")
+    else {
+        return Ok(());
+    };
+    let rt = Runtime::new()?;
+    let broker = Broker::connect(&rt, &url).await?;
+    let queue = unique("refused");
+    let handle = broker
+        .declare_queue(&queue, QueueOptions::default())
+        .await?;
+    let batch = vec![
+        Envelope::new("1"),
+        Envelope::new("2"),
+        Envelope::new("3").with_correlation_id("c".repeat(300)),
+    ];
+    let err = handle.publish_batch(batch).await.expect_err("refused");
+    assert!(matches!(err, BrokerError::Unsupported { .. }), "{err:?}");
+    assert_eq!(broker.queue_stats(&queue).await?.stats.ready, 0);
+
+    let long = "q".repeat(300);
+    let err = broker
+        .bind_queue(&long, "amq.direct", "k")
+        .await
+        .expect_err("a name over 255 bytes");
+    assert!(
+        matches!(
+            err,
+            BrokerError::InvalidName(_) | BrokerError::Unsupported { .. }
+        ),
+        "{err:?}"
+    );
+
+    let mut tx = broker.transaction();
+    tx.publish(&queue, Envelope::new("in a transaction"));
+    let err = tx.commit().await.expect_err("not on RabbitMQ");
+    assert!(
+        matches!(
+            err,
+            postbox_actors::TxError::Publish(BrokerError::Unsupported { .. })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(broker.queue_stats(&queue).await?.stats.ready, 0);
+    broker
+        .delete_queue(&queue, DeleteOptions::default())
+        .await?;
+    Ok(())
+}

@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Confirmation};
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 
 use super::connection::Remote;
 use super::convert::{properties, short};
@@ -23,9 +23,11 @@ use crate::error::{BrokerError, PublishError};
 use crate::queue::policy::Overflow;
 
 /// How RabbitMQ answered one publish.
-enum Answer {
+pub(crate) enum Answer {
     Routed,
+    /// Mandatory and routed nowhere: returned.
     Returned,
+    /// Nacked: a full queue refused it (reject-publish).
     Refused,
 }
 
@@ -33,64 +35,106 @@ enum Answer {
 /// queue.
 const BLOCK_PAUSE_MAX: Duration = Duration::from_millis(100);
 
+/// What a publish is about, for its errors: the queue (default exchange)
+/// or the exchange.
+fn subject<'a>(exchange: &'a str, routing_key: &'a str) -> Subject<'a> {
+    if exchange.is_empty() {
+        Subject::Queue(routing_key)
+    } else {
+        Subject::Exchange(exchange)
+    }
+}
+
+/// `MessageTooLarge` if `message` is over `limit`.
+fn fits(message: &Envelope, target: &str, limit: usize) -> Result<(), BrokerError> {
+    let size = message.total_size();
+    if size > limit {
+        return Err(BrokerError::MessageTooLarge {
+            queue: target.into(),
+            size,
+            limit,
+        });
+    }
+    Ok(())
+}
+
 impl Remote {
-    /// Sends one message and waits for its confirm.
-    async fn send(
+    /// Sends one message, `mandatory`, on `channel` (in confirm mode);
+    /// returns its confirm to await with [`answer`](Self::answer).
+    pub(crate) async fn publish_on(
         &self,
+        channel: &Channel,
         exchange: &str,
         routing_key: &str,
         payload: &[u8],
         props: BasicProperties,
-    ) -> Result<Answer, BrokerError> {
-        let exchange_name = short(exchange, "an exchange name")?;
-        let key = short(routing_key, "a routing key")?;
-        let session = self.session().await?;
-        let subject = if exchange.is_empty() {
-            Subject::Queue(routing_key)
-        } else {
-            Subject::Exchange(exchange)
+    ) -> Result<PublisherConfirm, BrokerError> {
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
         };
-        let channel = session
-            .publisher()
-            .await
-            .map_err(|e| refusal(self, &e, subject))?;
-        let confirm = channel
+        channel
             .basic_publish(
-                exchange_name,
-                key,
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
+                short(exchange, "an exchange name")?,
+                short(routing_key, "a routing key")?,
+                options,
                 payload,
                 props,
             )
             .await
-            .map_err(|e| refusal(self, &e, subject))?;
+            .map_err(|e| refusal(self, &e, subject(exchange, routing_key)))
+    }
+
+    /// What a confirm says. A confirm that failed means RabbitMQ closed the
+    /// channel: if it did for this publish (its exchange is missing), that
+    /// is the error; if for another publish sharing the channel, or the
+    /// connection went, this one may or may not have been enqueued.
+    pub(crate) async fn answer(
+        &self,
+        confirm: PublisherConfirm,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<Answer, BrokerError> {
         match confirm.await {
             Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => Ok(Answer::Routed),
             Ok(Confirmation::Ack(Some(_))) => Ok(Answer::Returned),
             Ok(Confirmation::Nack(_)) => Ok(Answer::Refused),
-            Err(err) => Err(self.unconfirmed(&err, exchange, subject)),
+            Err(err) => match refusal(self, &err, subject(exchange, routing_key)) {
+                BrokerError::ExchangeNotFound(name) if name == exchange => {
+                    Err(BrokerError::ExchangeNotFound(name))
+                }
+                _ => Err(BrokerError::Unconfirmed(self.scrub(&err))),
+            },
         }
     }
 
-    /// A confirm that failed: RabbitMQ closed the publishing channel. If it
-    /// did for this publish (its exchange is missing), that is the error;
-    /// if for another publish sharing the channel, or the connection went,
-    /// this one may or may not have been enqueued.
-    fn unconfirmed(&self, err: &lapin::Error, exchange: &str, subject: Subject<'_>) -> BrokerError {
-        match refusal(self, err, subject) {
-            BrokerError::ExchangeNotFound(name) if name == exchange => {
-                BrokerError::ExchangeNotFound(name)
-            }
-            _ => BrokerError::Unconfirmed(self.scrub(err)),
-        }
+    /// Sends one message on the shared publishing channel and waits for its
+    /// confirm; running out of time is `Unconfirmed` (it may have been
+    /// sent), not a refusal.
+    async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &Envelope,
+    ) -> Result<Answer, BrokerError> {
+        let props = properties(message, routing_key)?;
+        self.timed_publish(async {
+            let session = self.session().await?;
+            let channel = session
+                .publisher()
+                .await
+                .map_err(|e| refusal(self, &e, subject(exchange, routing_key)))?;
+            let confirm = self
+                .publish_on(&channel, exchange, routing_key, message.payload(), props)
+                .await?;
+            self.answer(confirm, exchange, routing_key).await
+        })
+        .await
     }
 
     /// [`Remote::timed`] for a publish: running out of time after the
     /// message may have been sent is `Unconfirmed`, not a refusal.
-    async fn timed_publish<T>(
+    pub(crate) async fn timed_publish<T>(
         &self,
         op: impl Future<Output = Result<T, BrokerError>>,
     ) -> Result<T, BrokerError> {
@@ -113,26 +157,19 @@ impl Remote {
         message: Envelope,
         default_limit: usize,
     ) -> Result<(), BrokerError> {
-        let meta = self.record.lock().meta(queue);
-        let limit = meta.max_message_bytes.unwrap_or(default_limit);
-        let size = message.total_size();
-        if size > limit {
-            return Err(BrokerError::MessageTooLarge {
-                queue: queue.into(),
-                size,
-                limit,
-            });
-        }
-        let Some(window) = meta.window else {
-            return self
-                .publish_to_queue_now(queue, message, meta.overflow)
-                .await;
+        let declared = self.record.lock().queue(queue);
+        let options = declared.as_ref().map(|d| &d.options);
+        let limit = options
+            .and_then(|o| o.max_message_bytes)
+            .unwrap_or(default_limit);
+        fits(&message, queue, limit)?;
+        let overflow = options.map_or(Overflow::DropHead, |o| o.overflow);
+        let Some(window) = declared.as_ref().and_then(|d| d.window.as_ref()) else {
+            return self.publish_to_queue_now(queue, &message, overflow).await;
         };
         let id = message.id();
         window.admit(id)?;
-        let result = self
-            .publish_to_queue_now(queue, message, meta.overflow)
-            .await;
+        let result = self.publish_to_queue_now(queue, &message, overflow).await;
         if result.is_err() {
             window.forget(id);
         }
@@ -142,16 +179,12 @@ impl Remote {
     async fn publish_to_queue_now(
         &self,
         queue: &str,
-        message: Envelope,
+        message: &Envelope,
         overflow: Overflow,
     ) -> Result<(), BrokerError> {
         let mut pause = Duration::from_millis(1);
         loop {
-            let props = properties(&message, queue)?;
-            let answer = self
-                .timed_publish(self.send("", queue, message.payload(), props))
-                .await?;
-            match (answer, overflow) {
+            match (self.send("", queue, message).await?, overflow) {
                 (Answer::Routed, _) => return Ok(()),
                 (Answer::Returned, _) => return Err(BrokerError::QueueNotFound(queue.into())),
                 (Answer::Refused, Overflow::DropNew) => return Ok(()),
@@ -177,52 +210,37 @@ impl Remote {
         mandatory: bool,
         max_bytes: usize,
     ) -> Result<usize, PublishError> {
-        let size = message.total_size();
-        if size > max_bytes {
-            return Err(BrokerError::MessageTooLarge {
-                queue: exchange.into(),
-                size,
-                limit: max_bytes,
-            }
-            .into());
-        }
+        fits(&message, exchange, max_bytes)?;
         let window = if exchange.is_empty() {
-            self.record.lock().meta(routing_key).window
+            self.record
+                .lock()
+                .queue(routing_key)
+                .and_then(|d| d.window.clone())
         } else {
-            self.record.lock().exchange_window(exchange)
+            self.record
+                .lock()
+                .exchange(exchange)
+                .and_then(|d| d.window.clone())
         };
         if let Some(window) = &window {
             window.admit(message.id()).map_err(BrokerError::from)?;
         }
-        let props = properties(&message, routing_key)?;
-        let answer = self
-            .timed_publish(self.send(exchange, routing_key, message.payload(), props))
-            .await;
-        let forget = || {
-            if let Some(window) = &window {
-                window.forget(message.id());
-            }
-        };
-        match answer {
-            Ok(Answer::Routed) => Ok(1),
-            Ok(Answer::Returned) => {
-                forget();
-                if mandatory {
-                    return Err(PublishError::Unroutable {
-                        exchange: exchange.into(),
-                        routing_key: routing_key.into(),
-                        message: Box::new(message),
-                    });
-                }
-                Ok(0)
-            }
-            Ok(Answer::Refused) => {
-                forget();
+        let answer = self.send(exchange, routing_key, &message).await;
+        if !matches!(answer, Ok(Answer::Routed))
+            && let Some(window) = &window
+        {
+            window.forget(message.id());
+        }
+        match answer? {
+            Answer::Routed => Ok(1),
+            Answer::Returned if mandatory => Err(PublishError::Unroutable {
+                exchange: exchange.into(),
+                routing_key: routing_key.into(),
+                message: Box::new(message),
+            }),
+            Answer::Returned => Ok(0),
+            Answer::Refused => {
                 Err(BrokerError::QueueFull(format!("a queue bound to {exchange:?}")).into())
-            }
-            Err(err) => {
-                forget();
-                Err(err.into())
             }
         }
     }
@@ -233,34 +251,29 @@ impl Remote {
         &self,
         queue: &str,
         messages: Vec<Envelope>,
-        max_bytes: usize,
+        default_limit: usize,
     ) -> Result<(), BrokerError> {
-        let meta = self.record.lock().meta(queue);
-        let max_bytes = meta.max_message_bytes.unwrap_or(max_bytes);
-        if matches!(meta.overflow, Overflow::Block | Overflow::DropNew) || meta.window.is_some() {
+        let declared = self.record.lock().queue(queue);
+        if declared.as_ref().is_some_and(|d| {
+            d.window.is_some() || matches!(d.options.overflow, Overflow::Block | Overflow::DropNew)
+        }) {
             // Refusals to wait out or ignore, ids to admit: one at a time.
             for message in messages {
-                self.publish_to_queue(queue, message, max_bytes).await?;
+                self.publish_to_queue(queue, message, default_limit).await?;
             }
             return Ok(());
         }
-        let mut confirms = Vec::with_capacity(messages.len());
-        for message in &messages {
-            let size = message.total_size();
-            if size > max_bytes {
-                return Err(BrokerError::MessageTooLarge {
-                    queue: queue.into(),
-                    size,
-                    limit: max_bytes,
-                });
-            }
-        }
-        let key = short(queue, "a queue name")?;
-        // Every message's properties first: one RabbitMQ cannot carry
-        // refuses the batch before any of it is sent.
+        let limit = declared
+            .and_then(|d| d.options.max_message_bytes)
+            .unwrap_or(default_limit);
+        // Every message is checked first: one that is too large, or that
+        // RabbitMQ cannot carry, refuses the batch before any of it is sent.
         let props = messages
             .iter()
-            .map(|m| properties(m, queue))
+            .map(|m| {
+                fits(m, queue, limit)?;
+                properties(m, queue)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         self.timed_publish(async {
             let session = self.session().await?;
@@ -268,29 +281,20 @@ impl Remote {
                 .publisher()
                 .await
                 .map_err(|e| refusal(self, &e, Subject::Queue(queue)))?;
+            let mut confirms = Vec::with_capacity(messages.len());
             for (message, props) in messages.iter().zip(props) {
-                let confirm = channel
-                    .basic_publish(
-                        "".into(),
-                        key.clone(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        message.payload(),
-                        props,
-                    )
-                    .await
-                    .map_err(|e| refusal(self, &e, Subject::Queue(queue)))?;
-                confirms.push(confirm);
+                confirms.push(
+                    self.publish_on(&channel, "", queue, message.payload(), props)
+                        .await?,
+                );
             }
             let mut first_error = None;
             for confirm in confirms {
-                let err = match confirm.await {
-                    Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => continue,
-                    Ok(Confirmation::Ack(Some(_))) => BrokerError::QueueNotFound(queue.into()),
-                    Ok(Confirmation::Nack(_)) => BrokerError::QueueFull(queue.into()),
-                    Err(err) => BrokerError::Unconfirmed(self.scrub(&err)),
+                let err = match self.answer(confirm, "", queue).await {
+                    Ok(Answer::Routed) => continue,
+                    Ok(Answer::Returned) => BrokerError::QueueNotFound(queue.into()),
+                    Ok(Answer::Refused) => BrokerError::QueueFull(queue.into()),
+                    Err(err) => err,
                 };
                 first_error.get_or_insert(err);
             }

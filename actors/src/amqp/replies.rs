@@ -10,12 +10,13 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::Channel;
+use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Confirmation};
 
 use super::connection::Remote;
-use super::convert::{envelope, properties, short};
+use super::convert::{envelope, properties};
+use super::publish::Answer;
 use super::topology::{Subject, refusal};
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
@@ -143,41 +144,21 @@ impl Replies {
         message: &Envelope,
     ) -> Result<Sent, BrokerError> {
         let props = properties(message, routing_key)?;
-        let exchange_name = short(exchange, "an exchange name")?;
-        let key = short(routing_key, "a routing key")?;
-        let subject = if exchange.is_empty() {
-            Subject::Queue(routing_key)
-        } else {
-            Subject::Exchange(exchange)
-        };
         let remote = &self.remote;
-        remote
-            .timed("publish", async {
+        let answer = remote
+            .timed_publish(async {
                 let channel = self.channel().await?;
-                let confirm = channel
-                    .basic_publish(
-                        exchange_name,
-                        key,
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        message.payload(),
-                        props,
-                    )
-                    .await
-                    .map_err(|e| refusal(remote, &e, subject))?;
-                match confirm.await {
-                    Ok(Confirmation::Ack(Some(_))) => Ok(Sent::Unroutable),
-                    Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => Ok(Sent::Routed),
-                    Ok(Confirmation::Nack(_)) => Err(BrokerError::QueueFull(routing_key.into())),
-                    Err(err) if matches!(err.kind(), lapin::ErrorKind::ProtocolError(_)) => {
-                        Err(refusal(remote, &err, subject))
-                    }
-                    Err(err) => Err(BrokerError::Unconfirmed(remote.scrub(&err))),
-                }
+                let confirm = remote
+                    .publish_on(&channel, exchange, routing_key, message.payload(), props)
+                    .await?;
+                remote.answer(confirm, exchange, routing_key).await
             })
-            .await
+            .await?;
+        match answer {
+            Answer::Routed => Ok(Sent::Routed),
+            Answer::Returned => Ok(Sent::Unroutable),
+            Answer::Refused => Err(BrokerError::QueueFull(routing_key.into())),
+        }
     }
 
     /// Whether `queue` has consumers (false if it does not exist): whether

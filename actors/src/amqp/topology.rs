@@ -2,6 +2,7 @@
 //! RabbitMQ's arguments, RabbitMQ's refusals as [`BrokerError`]s, and the
 //! [`Record`] of what this process declared, replayed after a reconnection.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytestring::ByteString;
@@ -84,25 +85,23 @@ fn quoted(text: &str) -> Option<String> {
     Some(text[start..start + len].to_string())
 }
 
-/// What this process declared, in order: replayed on a new connection.
+/// What this process declared: replayed on a new connection, in the order
+/// it was declared, and read per publish (options, duplicate window).
 #[derive(Clone, Default)]
 pub(crate) struct Record {
-    exchanges: Vec<(String, ExchangeOptions)>,
-    queues: Vec<(String, QueueOptions)>,
+    exchanges: HashMap<String, Arc<Declared<ExchangeOptions>>>,
+    queues: HashMap<String, Arc<Declared<QueueOptions>>>,
     bindings: Vec<Bound>,
-    /// Duplicate windows kept on this side, by exchange or queue name.
-    pub(crate) windows: Vec<(Destination, Arc<SharedWindow>)>,
-    /// What a publish to a declared queue needs, by name (looked up per
-    /// publish).
-    metas: std::collections::HashMap<String, QueueMeta>,
+    /// Declarations made so far, to order the replay.
+    declared: u64,
 }
 
-/// What publishing to a queue this process declared takes into account.
-#[derive(Clone, Default)]
-pub(crate) struct QueueMeta {
-    pub(crate) overflow: Overflow,
+/// A queue or an exchange as this process declared it, and the duplicate
+/// window kept on this side for it (RabbitMQ has none).
+pub(crate) struct Declared<O> {
+    seq: u64,
+    pub(crate) options: O,
     pub(crate) window: Option<Arc<SharedWindow>>,
-    pub(crate) max_message_bytes: Option<usize>,
 }
 
 #[derive(Clone, PartialEq)]
@@ -110,6 +109,13 @@ struct Bound {
     destination: Destination,
     source: String,
     key: BindingKey,
+}
+
+/// `map`'s declarations in the order they were made.
+fn in_order<O>(map: &HashMap<String, Arc<Declared<O>>>) -> Vec<(&String, &Arc<Declared<O>>)> {
+    let mut all: Vec<_> = map.iter().collect();
+    all.sort_by_key(|(_, d)| d.seq);
+    all
 }
 
 impl Record {
@@ -124,8 +130,8 @@ impl Record {
         let refused = |what: String, err: lapin::Error| {
             tracing::warn!(%what, error = %err, "not redeclared after reconnecting");
         };
-        for (name, options) in &self.exchanges {
-            let Ok((kind, flags, args)) = exchange_args(options) else {
+        for (name, declared) in in_order(&self.exchanges) {
+            let Ok((kind, flags, args)) = exchange_args(&declared.options) else {
                 continue;
             };
             if let Err(err) = channel
@@ -136,8 +142,8 @@ impl Record {
                 channel = session.connection.create_channel().await?;
             }
         }
-        for (name, options) in &self.queues {
-            let Ok((flags, args)) = queue_args(name, options) else {
+        for (name, declared) in in_order(&self.queues) {
+            let Ok((flags, args)) = queue_args(name, &declared.options) else {
                 continue;
             };
             if let Err(err) = channel
@@ -158,48 +164,54 @@ impl Record {
         Ok(())
     }
 
-    pub(crate) fn queue(&self, name: &str) -> Option<&QueueOptions> {
-        self.queues.iter().find(|(n, _)| n == name).map(|(_, o)| o)
+    /// Queue `name`, if this process declared it.
+    pub(crate) fn queue(&self, name: &str) -> Option<Arc<Declared<QueueOptions>>> {
+        self.queues.get(name).cloned()
     }
 
-    /// The publishing side of queue `name` (defaults for a queue this
-    /// process did not declare).
-    pub(crate) fn meta(&self, name: &str) -> QueueMeta {
-        self.metas.get(name).cloned().unwrap_or_default()
+    /// Exchange `name`, if this process declared it.
+    pub(crate) fn exchange(&self, name: &str) -> Option<Arc<Declared<ExchangeOptions>>> {
+        self.exchanges.get(name).cloned()
     }
 
-    /// The duplicate window of exchange `name`, if it has one.
-    pub(crate) fn exchange_window(&self, name: &str) -> Option<Arc<SharedWindow>> {
-        self.windows.iter().find_map(|(d, w)| match d {
-            Destination::Exchange(n) if n == name => Some(w.clone()),
-            _ => None,
-        })
-    }
-
-    pub(crate) fn window(&self, destination: &Destination) -> Option<Arc<SharedWindow>> {
-        self.windows
-            .iter()
-            .find(|(d, _)| d == destination)
-            .map(|(_, w)| w.clone())
+    /// Records a declaration (the first one stands: a redeclaration with
+    /// the same options changes nothing); returns it.
+    fn declare<O>(
+        declared: &mut u64,
+        map: &mut HashMap<String, Arc<Declared<O>>>,
+        name: &str,
+        options: O,
+        window: impl FnOnce(&O) -> Option<SharedWindow>,
+    ) -> Arc<Declared<O>> {
+        map.entry(name.to_string())
+            .or_insert_with(|| {
+                *declared += 1;
+                Arc::new(Declared {
+                    seq: *declared,
+                    window: window(&options).map(Arc::new),
+                    options,
+                })
+            })
+            .clone()
     }
 
     fn forget(&mut self, destination: &Destination) {
         self.bindings
             .retain(|b| &b.destination != destination && !is_source(b, destination));
-        self.windows.retain(|(d, _)| d != destination);
         match destination {
             Destination::Queue(name) => {
-                self.queues.retain(|(n, _)| n.as_str() != &**name);
-                self.metas.remove(&**name);
+                self.queues.remove(&**name);
             }
-            Destination::Exchange(name) => self.exchanges.retain(|(n, _)| n.as_str() != &**name),
+            Destination::Exchange(name) => {
+                self.exchanges.remove(&**name);
+            }
             Destination::Stream(_) => {}
         }
     }
 
     /// The queues this process declared, sorted.
     pub(crate) fn queue_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.queues.iter().map(|(n, _)| n.clone()).collect();
+        let mut names: Vec<String> = self.queues.keys().cloned().collect();
         names.sort();
         names
     }
@@ -416,29 +428,18 @@ impl Remote {
                     .map_err(|e| self.mismatch(&e, name, &options))
             })
             .await?;
-        let window = {
+        {
             let mut record = self.record.lock();
-            let destination = Destination::Queue(name.into());
-            let window = options.dedup.as_ref().map(|config| {
-                record.window(&destination).unwrap_or_else(|| {
-                    let window =
-                        Arc::new(SharedWindow::new(*config, DedupTarget::Queue(name.into())));
-                    record.windows.push((destination, window.clone()));
-                    window
-                })
+            let Record {
+                declared: n,
+                queues,
+                ..
+            } = &mut *record;
+            Record::declare(n, queues, name, options, |o| {
+                o.dedup
+                    .map(|config| SharedWindow::new(config, DedupTarget::Queue(name.into())))
             });
-            if record.queue(name).is_none() {
-                record.queues.push((name.to_string(), options.clone()));
-                let meta = QueueMeta {
-                    overflow: options.overflow,
-                    window: window.clone(),
-                    max_message_bytes: options.max_message_bytes,
-                };
-                record.metas.insert(name.to_string(), meta);
-            }
-            window
-        };
-        drop(window);
+        }
         Ok(RemoteQueue::new(
             self,
             name,
@@ -449,7 +450,7 @@ impl Remote {
     /// A refused declaration: a mismatch with what this process declared
     /// is reported as such.
     fn mismatch(&self, err: &lapin::Error, name: &str, requested: &QueueOptions) -> BrokerError {
-        let existing = self.record.lock().queue(name).cloned();
+        let existing = self.record.lock().queue(name).map(|d| d.options.clone());
         match (err.kind(), existing) {
             (lapin::ErrorKind::ProtocolError(e), Some(existing)) if e.get_id() == 406 => {
                 BrokerError::QueueMismatch {
@@ -588,13 +589,7 @@ impl Remote {
                 .exchange_declare(exchange, kind, flags, args)
                 .await
                 .map_err(|e| {
-                    let existing = self
-                        .record
-                        .lock()
-                        .exchanges
-                        .iter()
-                        .find(|(n, _)| n == name)
-                        .map(|(_, o)| o.clone());
+                    let existing = self.record.lock().exchange(name).map(|d| d.options.clone());
                     match (e.kind(), existing) {
                         (lapin::ErrorKind::ProtocolError(p), Some(existing))
                             if p.get_id() == 406 =>
@@ -611,19 +606,15 @@ impl Remote {
         })
         .await?;
         let mut record = self.record.lock();
-        let destination = Destination::Exchange(name.into());
-        if let Some(config) = &options.dedup
-            && record.window(&destination).is_none()
-        {
-            let window = Arc::new(SharedWindow::new(
-                *config,
-                DedupTarget::Exchange(name.into()),
-            ));
-            record.windows.push((destination, window));
-        }
-        if !record.exchanges.iter().any(|(n, _)| n == name) {
-            record.exchanges.push((name.to_string(), options));
-        }
+        let Record {
+            declared: n,
+            exchanges,
+            ..
+        } = &mut *record;
+        Record::declare(n, exchanges, name, options, |o| {
+            o.dedup
+                .map(|config| SharedWindow::new(config, DedupTarget::Exchange(name.into())))
+        });
         Ok(())
     }
 

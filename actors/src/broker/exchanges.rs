@@ -62,7 +62,8 @@ impl Broker {
             let window = remote
                 .record
                 .lock()
-                .window(&Destination::Exchange(name.into()));
+                .exchange(name)
+                .and_then(|d| d.window.clone());
             return Ok(window.map(|w| w.stats()));
         }
         let topology = self.inner.topology.read();
