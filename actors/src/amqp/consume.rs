@@ -404,19 +404,8 @@ impl Settle {
             return;
         };
         pending.retain(|p| p.tag.0 >> TAG_BITS == epoch & GENERATION_MASK);
-        // A run of acks that leaves nothing older held, here or at
-        // RabbitMQ (a delayed nack), is one frame: an ack with `multiple`
-        // up to the newest of them. Not once the registration has ended:
-        // what it held is no longer counted.
-        if let Some(newest) = pending.iter().map(|p| p.tag).max()
-            && active
-            && pending.len() > 1
-            && pending
-                .iter()
-                .all(|p| p.outcome == Outcome::Ack && !p.multiple)
-            && oldest.is_none_or(|oldest| oldest > newest)
-            && self.delayed.lock().range(..=newest.0).next().is_none()
-        {
+        let merged = merged_ack(&pending, oldest, active, &self.delayed.lock());
+        if let Some(newest) = merged {
             let options = BasicAckOptions { multiple: true };
             if let Err(err) = channel.basic_ack(newest.0 & TAG_MASK, options).await {
                 tracing::debug!(error = %self.remote.scrub(&err), "acks not sent: the channel is gone, RabbitMQ requeues");
@@ -470,6 +459,29 @@ impl ApplySettlements for Settle {
         }
         Box::pin(self.send(link))
     }
+}
+
+/// The one ack with `multiple` that can stand for `pending`, if any: a run
+/// of two or more plain acks is one frame up to the newest of them when
+/// nothing older is held, neither here (`oldest_held`, read with the
+/// drain) nor at RabbitMQ (a `delayed` nack still to come), and the
+/// registration is on (once it ended, what it held is no longer counted).
+fn merged_ack(
+    pending: &[PendingSettle],
+    oldest_held: Option<DeliveryTag>,
+    active: bool,
+    delayed: &std::collections::BTreeSet<u64>,
+) -> Option<DeliveryTag> {
+    let newest = pending.iter().map(|p| p.tag).max()?;
+    let plain_acks = pending
+        .iter()
+        .all(|p| p.outcome == Outcome::Ack && !p.multiple);
+    (active
+        && pending.len() > 1
+        && plain_acks
+        && oldest_held.is_none_or(|oldest| oldest > newest)
+        && delayed.range(..=newest.0).next().is_none())
+    .then_some(newest)
 }
 
 /// One consumer registration's task.
@@ -793,5 +805,51 @@ impl Registration {
         if let Sink::Batch { cancelled, .. } = &self.sink {
             let _ = cancelled.send(Cancelled { deleted }).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    fn ack(tag: u64) -> PendingSettle {
+        PendingSettle {
+            tag: DeliveryTag(tag),
+            multiple: false,
+            outcome: Outcome::Ack,
+        }
+    }
+
+    #[test]
+    fn a_run_of_acks_is_one_multiple_ack_only_when_it_covers_nothing_else() {
+        let none = BTreeSet::new();
+        let run = [ack(2), ack(3), ack(4)];
+        // Nothing older held: one frame up to 4.
+        assert_eq!(merged_ack(&run, None, true, &none), Some(DeliveryTag(4)));
+        assert_eq!(
+            merged_ack(&run, Some(DeliveryTag(5)), true, &none),
+            Some(DeliveryTag(4))
+        );
+        // 1 still held: it would be acked too.
+        assert_eq!(merged_ack(&run, Some(DeliveryTag(1)), true, &none), None);
+        // The registration ended: what it held is no longer counted.
+        assert_eq!(merged_ack(&run, None, false, &none), None);
+        // 1 was nacked with a delay: unacknowledged at RabbitMQ until then.
+        assert_eq!(merged_ack(&run, None, true, &BTreeSet::from([1])), None);
+        assert_eq!(
+            merged_ack(&run, None, true, &BTreeSet::from([9])),
+            Some(DeliveryTag(4))
+        );
+        // Anything but plain acks, or a single one, goes as it is.
+        let mut mixed = run.to_vec();
+        mixed[1].outcome = Outcome::Requeue;
+        assert_eq!(merged_ack(&mixed, None, true, &none), None);
+        let mut multiple = run.to_vec();
+        multiple[2].multiple = true;
+        assert_eq!(merged_ack(&multiple, None, true, &none), None);
+        assert_eq!(merged_ack(&[ack(2)], None, true, &none), None);
+        assert_eq!(merged_ack(&[], None, true, &none), None);
     }
 }
