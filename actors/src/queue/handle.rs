@@ -301,7 +301,7 @@ pub(crate) struct LocalQueue {
 }
 
 impl LocalQueue {
-    /// The queue's name.
+    /// See [`QueueHandle::name`].
     pub(crate) fn name(&self) -> &str {
         &self.name
     }
@@ -313,12 +313,7 @@ impl LocalQueue {
             .store(postbox::clock::now_ms(), Ordering::Relaxed);
     }
 
-    /// Fetches the head ready message without a consumer: RabbitMQ's
-    /// `basic.get`. With [`AckMode::Manual`] it must be settled through the
-    /// returned [`Delivery`]; dropping it unsettled requeues it (as closing a
-    /// RabbitMQ channel does). Returns it with the number of ready messages
-    /// left, or `None` if the queue has none. It renews an expiring queue.
-    #[doc(alias = "basic_get")]
+    /// See [`QueueHandle::get`].
     pub(crate) async fn get(
         &self,
         mode: AckMode,
@@ -330,12 +325,12 @@ impl LocalQueue {
             .map_err(|_| self.gone())
     }
 
-    /// Whether the queue still runs (not deleted, runtime not stopped).
+    /// See [`QueueHandle::is_live`].
     pub(crate) fn is_live(&self) -> bool {
         !self.addr.is_closed() && self.inbox.shut_reason().is_none()
     }
 
-    /// How many consumers are registered right now (read without asking the queue).
+    /// See [`QueueHandle::consumer_count`].
     pub(crate) fn consumer_count(&self) -> usize {
         self.consumers.load(Ordering::Relaxed)
     }
@@ -374,23 +369,7 @@ impl LocalQueue {
         }
     }
 
-    /// Enqueues a message, waiting while the queue's mailbox is full. A queue
-    /// with reject-publish overflow is asked, and a full one answers
-    /// [`BrokerError::QueueFull`].
-    ///
-    /// While the queue is busy, consecutive publishes share a mailbox entry (up
-    /// to 64 of them), so a publish usually costs a short lock and a push; the
-    /// messages of one publisher are enqueued in the order it published them.
-    ///
-    /// Once the queue is deleted (or the runtime stopped), every publish fails:
-    /// with [`BrokerError::QueueNotFound`] (or [`BrokerError::Stopped`]).
-    ///
-    /// On a queue with a duplicate window ([`QueueOptions::dedup`]), a
-    /// message whose id the window knows is not enqueued:
-    /// [`BrokerError::Duplicate`] says so, and of which original.
-    ///
-    /// [`QueueOptions::dedup`]: crate::QueueOptions::dedup
-    #[doc(alias = "basic_publish")]
+    /// See [`QueueHandle::publish`].
     pub(crate) async fn publish(&self, message: Envelope) -> Result<(), BrokerError> {
         let message = self.keyed(message);
         self.check(&message)?;
@@ -468,12 +447,7 @@ impl LocalQueue {
         Ok(())
     }
 
-    /// Enqueues several messages in order, as one mailbox entry.
-    ///
-    /// On a queue with a duplicate window, messages whose ids it knows (or
-    /// that repeat an id earlier in the batch) are left out, the others
-    /// enqueued, and then the first one left out is reported as
-    /// [`BrokerError::Duplicate`].
+    /// See [`QueueHandle::publish_batch`].
     pub(crate) async fn publish_batch(&self, messages: Vec<Envelope>) -> Result<(), BrokerError> {
         let messages: Vec<Envelope> = messages.into_iter().map(|m| self.keyed(m)).collect();
         for message in &messages {
@@ -532,13 +506,7 @@ impl LocalQueue {
         Ok(())
     }
 
-    /// Enqueues a message if the queue's mailbox has room now.
-    ///
-    /// This does not wait for the queue's answer: on a queue with
-    /// reject-publish overflow, a message the queue then refuses is only
-    /// counted (`QueueStats::refused`). Use [`publish`](Self::publish) to be
-    /// told. Nor does it wait for the disk: a persistent message to a
-    /// durable queue is written with the store's next group, unconfirmed.
+    /// See [`QueueHandle::try_publish`].
     pub(crate) fn try_publish(&self, message: Envelope) -> Result<(), TryPublishError> {
         let message = self.keyed(message);
         self.check(&message)?;
@@ -584,25 +552,7 @@ impl LocalQueue {
         }
     }
 
-    /// Waits until everything this queue has been told so far is on disk
-    /// (per the sync policy): publishes, and the acknowledgements and
-    /// rejections that returned before this call. Acks are otherwise written
-    /// lazily (a lost ack is a redelivery after a crash); this makes them
-    /// durable when that matters. On a queue that is not durable, or on an
-    /// in-memory broker, it returns at once.
-    ///
-    /// ```
-    /// # use postbox_actors::{AckMode, Broker, Envelope, QueueOptions};
-    /// # postbox::testkit::run(async {
-    /// # let broker = Broker::new(&postbox::RuntimeHandle::local());
-    /// let queue = broker.declare_queue("jobs", QueueOptions::default().durable()).await?;
-    /// queue.publish(Envelope::new("job").with_persistent(true)).await?;
-    /// let (job, _) = queue.get(AckMode::Manual).await?.expect("a job");
-    /// job.ack().await?;
-    /// queue.sync().await?; // the ack survives a crash from here on
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
-    /// # }).unwrap();
-    /// ```
+    /// See [`QueueHandle::sync`].
     pub(crate) async fn sync(&self) -> Result<(), BrokerError> {
         self.before_request();
         let confirm = self
@@ -648,7 +598,7 @@ impl LocalQueue {
         self.inbox.close();
     }
 
-    /// Counters and consumers.
+    /// See [`QueueHandle::snapshot`].
     pub(crate) async fn snapshot(&self) -> Result<QueueSnapshot, BrokerError> {
         self.before_request();
         let mut snapshot = self.addr.ask(Snapshot).await.map_err(|_| self.gone())?;
@@ -660,13 +610,7 @@ impl LocalQueue {
         Ok(snapshot)
     }
 
-    /// Registers any actor that handles [`Delivery`] as a consumer of this
-    /// queue, competing with its other consumers (for a supervised consumer
-    /// built from a factory, use [`Broker::consume`](crate::Broker::consume)).
-    /// The registration ends when that actor's current incarnation ends, when
-    /// the queue is deleted, or with [`cancel_consumer`](Self::cancel_consumer);
-    /// its unsettled deliveries are then requeued.
-    #[doc(alias = "basic_consume")]
+    /// See [`QueueHandle::consume_with`].
     pub(crate) async fn consume_with(
         &self,
         sink: Recipient<Delivery>,
@@ -706,16 +650,13 @@ impl LocalQueue {
         }
     }
 
-    /// Ties the queue's life to an actor: when that actor stops for good, the
-    /// queue deletes itself (an exclusive queue, as subscriptions use).
+    /// See [`QueueHandle::tie_to`].
     pub(crate) async fn tie_to(&self, owner: AnyAddr) -> Result<(), BrokerError> {
         self.before_request();
         self.addr.send(TieTo(owner)).await.map_err(|_| self.gone())
     }
 
-    /// Ends a registration made with [`consume_with`](Self::consume_with);
-    /// its unsettled deliveries are requeued.
-    #[doc(alias = "basic_cancel")]
+    /// See [`QueueHandle::cancel_consumer`].
     pub(crate) async fn cancel_consumer(&self, consumer: ConsumerId) -> Result<(), BrokerError> {
         self.before_request();
         self.addr
