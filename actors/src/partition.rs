@@ -113,6 +113,20 @@ impl PartitionKey {
         }
     }
 
+    /// [`hash_of`](Self::hash_of) for a message delivered from `queue`. One
+    /// published to the queue by name without a key of its own carries the
+    /// queue's name as its routing key (as through RabbitMQ's default
+    /// exchange): that is no key either.
+    pub(crate) fn hash_of_delivered(&self, message: &Envelope, queue: &str) -> Option<u64> {
+        if let PartitionKey::RoutingKey = self
+            && message.exchange().is_empty()
+            && message.routing_key() == queue
+        {
+            return None;
+        }
+        self.hash_of(message)
+    }
+
     /// The key of `message`, if it has one (an empty routing key is none).
     pub fn of(&self, message: &Envelope) -> Option<Vec<u8>> {
         match self {

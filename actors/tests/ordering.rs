@@ -599,3 +599,53 @@ async fn durable_partitions_keep_each_users_events_in_order_across_a_restart() {
     }
     rt.shutdown();
 }
+
+/// Messages published to a queue by name without a routing key carry the
+/// queue's name as their key (as through RabbitMQ's default exchange); a
+/// key-ordered consumer keyed on the routing key counts that as no key,
+/// so they spread over its workers instead of queueing on one.
+#[tokio::test(start_paused = true)]
+async fn keyless_messages_published_by_name_spread_over_the_workers() {
+    use postbox_actors::partition::PartitionKey;
+    use postbox_actors::{Envelope, KeyOrdered};
+    local(async {
+        let broker = Broker::new(&RuntimeHandle::local());
+        let q = broker
+            .declare_queue("keyless", QueueOptions::default())
+            .await
+            .unwrap();
+        let done = Arc::new(AtomicU32::new(0));
+        let handler = {
+            let done = done.clone();
+            move || {
+                let done = done.clone();
+                move |d: Delivery| {
+                    let done = done.clone();
+                    async move {
+                        assert_eq!(d.routing_key(), "keyless");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        d.ack().await?;
+                        done.fetch_add(1, Ordering::Relaxed);
+                        Ok::<(), Failure>(())
+                    }
+                }
+            }
+        };
+        let factory = KeyOrdered::new(4, PartitionKey::RoutingKey, handler);
+        let _c = broker
+            .consume("keyless", ConsumeOptions::manual(64), factory)
+            .await
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        for n in 0..40u32 {
+            q.publish(Envelope::encode(&n).unwrap()).await.unwrap();
+        }
+        while done.load(Ordering::Relaxed) < 40 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // One worker would take 400 ms; four take about 100.
+        let elapsed = start.elapsed();
+        assert!(elapsed < Duration::from_millis(200), "{elapsed:?}");
+    })
+    .await;
+}

@@ -531,16 +531,11 @@ impl<C: Consumer> Consumer for KeyOrderedConsumer<C> {
         if let Some(scaler) = &mut self.scaler {
             scaler.start(&self.core, &delivery);
         }
-        // No key: a key of its own (the message id), so it runs when a lane
-        // is free. A message published to the queue by name without a key
-        // carries the queue's name as its routing key (as through
-        // RabbitMQ's default exchange): that is no key either.
-        let keyless = delivery.exchange().is_empty() && delivery.routing_key() == delivery.queue();
+        // No key: a key of its own (the message id), so it runs when a lane is free.
         let key = self
             .key
             .as_ref()
-            .filter(|key| !(keyless && matches!(key, crate::partition::PartitionKey::RoutingKey)))
-            .and_then(|key| key.hash_of(&delivery))
+            .and_then(|key| key.hash_of_delivered(&delivery, delivery.queue()))
             .unwrap_or_else(|| {
                 let (hi, lo) = delivery.id().0.as_u64_pair();
                 hi ^ lo
