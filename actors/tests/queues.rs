@@ -11,8 +11,8 @@ use postbox::testkit::{TestProbe, local};
 use postbox::{Failure, Message, Runtime, RuntimeHandle};
 use postbox_actors::testkit::DeliveryProbe;
 use postbox_actors::{
-    AckError, Broker, BrokerError, ConsumeOptions, Consumer, DeleteOptions, Delivery, Envelope,
-    NameError, QueueOptions, TryPublishError,
+    AckError, AckMode, Broker, BrokerError, ConsumeOptions, Consumer, DeleteOptions, Delivery,
+    Envelope, NameError, QueueOptions, TryPublishError,
 };
 use tokio::sync::mpsc;
 
@@ -640,4 +640,41 @@ fn concurrent_publishers_keep_their_own_order_through_the_batching_inbox() {
         assert_eq!(stats.published, u64::from(PUBLISHERS * EACH));
     });
     rt.shutdown();
+}
+
+/// A `basic.get` delivery's registration ends once it is settled; acking it
+/// again after that is `AlreadySettled` (it was settled), not
+/// `ConsumerGone` (which says it was requeued).
+#[tokio::test(start_paused = true)]
+async fn acking_a_fetched_delivery_twice_is_already_settled_after_its_registration_ended() {
+    local(async {
+        let broker = Broker::new(&RuntimeHandle::local());
+        broker
+            .declare_queue("fetched", QueueOptions::default())
+            .await
+            .unwrap();
+        broker.publish("fetched", msg(1)).await.unwrap();
+        let (d, _) = broker
+            .get("fetched", AckMode::Manual)
+            .await
+            .unwrap()
+            .expect("a message");
+        d.ack().await.unwrap();
+        // The queue has applied the ack and ended the registration.
+        assert_eq!(
+            broker
+                .queue_stats("fetched")
+                .await
+                .unwrap()
+                .stats
+                .acknowledged,
+            1
+        );
+        assert!(!d.is_live());
+        assert!(matches!(
+            d.ack().await,
+            Err(AckError::AlreadySettled { .. })
+        ));
+    })
+    .await;
 }
