@@ -566,3 +566,49 @@ async fn what_rabbitmq_cannot_carry_is_refused_before_anything_is_sent() -> Test
         .await?;
     Ok(())
 }
+
+/// After a reconnection, a declaration RabbitMQ now refuses (another
+/// process redeclared the queue with other arguments meanwhile) is skipped
+/// and logged, and the rest of the topology comes back: the broker works
+/// again instead of retrying the refused declaration for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_redeclaration_does_not_keep_the_broker_down() -> TestResult {
+    let Some(url) = amqp_url("a_refused_redeclaration_does_not_keep_the_broker_down") else {
+        return Ok(());
+    };
+    let proxy = Proxy::start(upstream(&url)).await?;
+    let rt = Runtime::new()?;
+    let options = AmqpOptions::new(via(&url, proxy.addr))
+        .timeout(Duration::from_secs(5))
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let broker = Broker::connect_with(&rt, options).await?;
+    let (changed, kept) = (unique("changed"), unique("kept"));
+    let ttl = |secs| QueueOptions::default().message_ttl(Duration::from_secs(secs));
+    broker.declare_queue(&changed, ttl(60)).await?;
+    broker.declare_queue(&kept, QueueOptions::default()).await?;
+    // Another process replaces the first queue with other arguments.
+    let other = Broker::connect(&rt, &url).await?;
+    other
+        .delete_queue(&changed, DeleteOptions::default())
+        .await?;
+    other.declare_queue(&changed, ttl(30)).await?;
+    proxy.cut();
+    // Back, with the queue it could redeclare. A publish racing the cut may
+    // fail (not confirmed): it is repeated, as an application would.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match broker.publish(&kept, Envelope::new("after")).await {
+            Ok(()) => break,
+            Err(err @ (BrokerError::Unconfirmed(_) | BrokerError::Backend(_))) => {
+                assert!(tokio::time::Instant::now() < deadline, "still down: {err}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(other) => return Err(other.into()),
+        }
+    }
+    assert!(broker.queue_stats(&kept).await?.stats.ready >= 1);
+    for queue in [&changed, &kept] {
+        other.delete_queue(queue, DeleteOptions::default()).await?;
+    }
+    Ok(())
+}

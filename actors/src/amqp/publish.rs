@@ -82,7 +82,13 @@ impl Remote {
                 props,
             )
             .await
-            .map_err(|e| refusal(self, &e, subject(exchange, routing_key)))
+            .map_err(|err| match err.kind() {
+                lapin::ErrorKind::ProtocolError(_) => {
+                    refusal(self, &err, subject(exchange, routing_key))
+                }
+                // The connection went as it was sent: it may have arrived.
+                _ => BrokerError::Unconfirmed(self.scrub(&err)),
+            })
     }
 
     /// What a confirm says. A confirm that failed means RabbitMQ closed the
