@@ -363,12 +363,7 @@ impl Broker {
                 .register(reply_queue.clone(), &sink);
             sink
         });
-        let waiters = Arc::downgrade(&pending);
-        let shutdown = self.runtime().on_shutdown(move || {
-            if let Some(pending) = waiters.upgrade() {
-                pending.lock().waiting.clear();
-            }
-        });
+        let shutdown = self.release_on_shutdown(&pending);
         Ok(Requester {
             inner: Arc::new(Inner {
                 broker: self.clone(),
@@ -380,6 +375,19 @@ impl Broker {
                 direct,
                 _shutdown: shutdown,
             }),
+        })
+    }
+}
+
+impl Broker {
+    /// Lets go of `pending`'s waiters when the runtime shuts down, so that
+    /// no request waits out its timeout for a reply that cannot come.
+    fn release_on_shutdown(&self, pending: &Arc<Mutex<Pending>>) -> postbox::ShutdownHook {
+        let waiters = Arc::downgrade(pending);
+        self.runtime().on_shutdown(move || {
+            if let Some(pending) = waiters.upgrade() {
+                pending.lock().waiting.clear();
+            }
         })
     }
 }
@@ -405,12 +413,7 @@ impl Broker {
             }
         });
         let replies = crate::amqp::Replies::open(remote, route).await?;
-        let waiters = Arc::downgrade(&pending);
-        let shutdown = self.runtime().on_shutdown(move || {
-            if let Some(pending) = waiters.upgrade() {
-                pending.lock().waiting.clear();
-            }
-        });
+        let shutdown = self.release_on_shutdown(&pending);
         Ok(Requester {
             inner: Arc::new(Inner {
                 broker: self.clone(),
