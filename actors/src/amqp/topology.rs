@@ -216,6 +216,17 @@ impl Record {
         names
     }
 
+    /// The exchanges this process declared, with their options, sorted.
+    pub(crate) fn exchanges(&self) -> Vec<(String, ExchangeOptions)> {
+        let mut all: Vec<(String, ExchangeOptions)> = self
+            .exchanges
+            .iter()
+            .map(|(name, d)| (name.clone(), d.options.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// The bindings this process made from `exchange`.
     pub(crate) fn bindings(&self, exchange: &str) -> Vec<crate::exchange::Binding> {
         self.bindings

@@ -176,6 +176,27 @@ impl Broker {
         .await
     }
 
+    /// Every exchange with its options, sorted by name (the default
+    /// exchange, which has no name and no options, is not listed).
+    ///
+    /// On RabbitMQ: the exchanges this process declared.
+    pub fn exchanges(&self) -> Vec<(String, ExchangeOptions)> {
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.remote() {
+            return remote.record.lock().exchanges();
+        }
+        let mut all: Vec<(String, ExchangeOptions)> = self
+            .inner
+            .topology
+            .read()
+            .exchanges
+            .iter()
+            .map(|(name, e)| (name.to_string(), e.options.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// The bindings whose source is `exchange`.
     ///
     /// On RabbitMQ: the bindings this process made (AMQP cannot list the

@@ -163,6 +163,29 @@ impl Broker {
         names
     }
 
+    /// The options queue `name` was declared with.
+    ///
+    /// On RabbitMQ: those of a queue this process declared.
+    pub fn queue_options(&self, name: &str) -> Result<QueueOptions, BrokerError> {
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.remote() {
+            return remote
+                .record
+                .lock()
+                .queue(name)
+                .map(|d| d.options.clone())
+                .ok_or_else(|| BrokerError::QueueNotFound(name.to_string()));
+        }
+        self.inner
+            .topology
+            .read()
+            .queues
+            .get(name)
+            .filter(|e| !e.handle.addr.is_closed())
+            .map(|e| e.options.clone())
+            .ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))
+    }
+
     /// Deletes a queue, dropping its messages, and cancels its consumers.
     /// Returns the queue's last snapshot, which counts every publish that got
     /// in before; every publish after this returns fails.

@@ -746,6 +746,12 @@ impl StreamHandle {
         self.core.log.lock().stored_offset(name)
     }
 
+    /// Its live subscribers: each one's name (for a named subscriber) and
+    /// position, with its lag behind the stream's end.
+    pub fn subscribers(&self) -> Vec<(Option<String>, SubscriberStats)> {
+        self.core.log.lock().readers()
+    }
+
     /// True once the stream has been deleted.
     pub fn is_deleted(&self) -> bool {
         self.core.log.lock().is_closed()

@@ -728,14 +728,26 @@ impl<W: Clone> LogState<W> {
     }
 
     pub(crate) fn reader_stats(&self, id: ReaderId) -> Option<SubscriberStats> {
-        let next = self.next();
-        self.reader(id).map(|r| SubscriberStats {
+        self.reader(id).map(|r| self.stats_of(r))
+    }
+
+    /// Every live reader's name (for a named one) and stats, in slot order.
+    pub(crate) fn readers(&self) -> Vec<(Option<String>, SubscriberStats)> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.reader.as_ref())
+            .map(|r| (r.name.clone(), self.stats_of(r)))
+            .collect()
+    }
+
+    fn stats_of(&self, r: &Reader<W>) -> SubscriberStats {
+        SubscriberStats {
             offset: r.cursor,
-            lag: next.saturating_sub(r.cursor),
+            lag: self.next().saturating_sub(r.cursor),
             delivered: r.delivered,
             skipped: r.skipped,
             redeliveries: r.redeliveries,
-        })
+        }
     }
 
     pub(crate) fn stats(&mut self, now_ms: u64) -> StreamStats {
