@@ -59,6 +59,9 @@
 //! [`Block`](Overflow::Block) a full queue makes its publishers wait, so
 //! backpressure reaches them end to end.
 
+#[cfg(feature = "admin")]
+#[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
+pub mod admin;
 #[cfg(feature = "amqp")]
 #[cfg_attr(docsrs, doc(cfg(feature = "amqp")))]
 pub mod amqp;

@@ -20,7 +20,7 @@ fn layer(top: &str) -> usize {
         "consumer" | "idempotency" | "amqp" => 3,
         "broker" => 4,
         "subscription" | "transaction" | "rpc" | "rate" | "monitor" => 5,
-        "testkit" => 6,
+        "admin" | "testkit" => 6,
         "" => 7, // lib.rs
         other => panic!("module {other:?} has no layer: add it to this test"),
     }
