@@ -152,8 +152,12 @@ pub(crate) async fn run<A: Actor>(mut cell: Cell<A>) {
         }
     }
     // Closing the mailbox drops what is queued: pending asks get `Closed`.
+    // A sender that reserved its slot before the close may still deliver
+    // after it: `recv` ends only once no such slot is outstanding, so a late
+    // request is dropped here too instead of waiting forever in a mailbox
+    // nobody reads (`try_recv` until empty missed it).
     cell.rx.close();
-    while cell.rx.try_recv().is_ok() {}
+    while cell.rx.recv().await.is_some() {}
     cell.shared.end_incarnation(u64::MAX, &last, true);
     cell.ended.done = true;
     span.in_scope(|| tracing::debug!(reason = %last, "actor terminated"));

@@ -789,3 +789,48 @@ async fn any_duration_works_even_the_longest() {
     })
     .await;
 }
+
+/// Stops when told; answers knocks until then.
+struct Quitter;
+impl Actor for Quitter {}
+
+struct Quit;
+impl Message for Quit {
+    type Reply = ();
+}
+impl Handler<Quit> for Quitter {
+    async fn handle(&mut self, _: Quit, ctx: &mut Context<Self>) -> Result<(), Failure> {
+        ctx.stop();
+        Ok(())
+    }
+}
+
+struct Knock;
+impl Message for Knock {
+    type Reply = ();
+}
+impl Handler<Knock> for Quitter {
+    async fn handle(&mut self, _: Knock, _: &mut Context<Self>) -> Result<(), Failure> {
+        Ok(())
+    }
+}
+
+/// An ask that takes its mailbox slot just as the actor stops: the actor
+/// closes its mailbox and drops what is queued, but a slot reserved before
+/// the close can still deliver the request afterwards, into a mailbox that
+/// nobody reads. The actor waits for such late requests before it ends, so
+/// the asker gets `Closed` instead of waiting forever. (A consumer's cancel
+/// hung this way, about once in a thousand runs of a loaded machine.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ask_racing_the_actor_stopping_always_gets_an_answer() {
+    let rt = Runtime::new().unwrap();
+    for round in 0..20_000 {
+        let addr = rt.handle().build(|| Some(Quitter)).spawn();
+        addr.try_send(Quit).unwrap();
+        let asked = tokio::time::timeout(Duration::from_secs(10), addr.ask(Knock)).await;
+        assert!(
+            matches!(asked, Ok(Ok(())) | Ok(Err(AskError::Closed))),
+            "round {round}: {asked:?}"
+        );
+    }
+}
