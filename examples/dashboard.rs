@@ -17,7 +17,8 @@
 //!
 //! At the end it checks, through the HTTP API, that the API shows the
 //! workload: every queue, the dead letters by reason, the stream's
-//! subscriber, the consumers' crashes, and the depth alert.
+//! subscriber, the consumers' crashes, the depth alert, and the queues'
+//! gauges in Prometheus' `/metrics`.
 //!
 //! Run it with `cargo run --release --example dashboard -- --serve-for 0`
 //! (until Ctrl-C).
@@ -147,11 +148,15 @@ pub async fn run(rt: &RuntimeHandle, flags: &Flags) -> Result<Summary, Box<dyn E
                 .depth(20)
                 .oldest_message(Duration::from_secs(2)),
         );
+    // Prometheus scrapes /metrics: the monitor's metrics, through the
+    // recorder of feature prometheus.
+    let prometheus = postbox_actors::monitor::prometheus::install()?;
     let options = AdminOptions::default()
         .bind(SocketAddr::from(([127, 0, 0, 1], port)))
         .token(token.clone())
         .mutations(true)
-        .monitor(monitor);
+        .monitor(monitor)
+        .metrics(move || prometheus.render());
     let server = AdminServer::start(&broker, options).await?;
     println!("dashboard: {}   token: {token}", server.url());
 
@@ -214,6 +219,7 @@ pub async fn run(rt: &RuntimeHandle, flags: &Flags) -> Result<Summary, Box<dyn E
             .any(|x| x["queue"] == "emails" && x["kind"] == "depth")
     });
     let emails = get_json(addr, "/api/queues/emails").await?;
+    let metrics = get_text(addr, "/metrics").await?;
 
     producer.abort();
     server.shutdown().await;
@@ -252,15 +258,24 @@ pub async fn run(rt: &RuntimeHandle, flags: &Flags) -> Result<Summary, Box<dyn E
             depth_alert || serve_for < 2,
         )
         .check(
+            "Prometheus' /metrics carries the queues' gauges",
+            metrics.contains("postbox_queue_messages_ready{queue=\"emails\"}"),
+        )
+        .check(
             "a queue's detail carries its history for the chart",
             emails["history"].as_array().is_some_and(|h| !h.is_empty()),
         );
     Ok(summary)
 }
 
-/// A GET on the admin API, with nothing but a socket (the example needs no
-/// HTTP client).
+/// A GET of JSON from the admin API.
 async fn get_json(addr: SocketAddr, path: &str) -> Result<Value, Box<dyn Error>> {
+    Ok(serde_json::from_str(&get_text(addr, path).await?)?)
+}
+
+/// A GET on the admin server, with nothing but a socket (the example needs
+/// no HTTP client).
+async fn get_text(addr: SocketAddr, path: &str) -> Result<String, Box<dyn Error>> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
@@ -268,7 +283,7 @@ async fn get_json(addr: SocketAddr, path: &str) -> Result<Value, Box<dyn Error>>
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await??;
     let text = String::from_utf8(response)?;
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Ok(serde_json::from_str(body)?)
+    Ok(body.to_string())
 }
 
 #[tokio::main]

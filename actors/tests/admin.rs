@@ -500,6 +500,22 @@ async fn bad_input_is_a_4xx_with_a_reason_and_loses_nothing() -> TestResult {
         .await?;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
+    // A page of another site whose name was rebound to 127.0.0.1.
+    let rebound = f
+        .http
+        .get(f.url("/api/queues"))
+        .header("host", "evil.example:15680")
+        .send()
+        .await?;
+    assert_eq!(rebound.status(), StatusCode::MISDIRECTED_REQUEST);
+    let named = f
+        .http
+        .get(f.url("/api/queues"))
+        .header("host", "localhost:15680")
+        .send()
+        .await?;
+    assert_eq!(named.status(), StatusCode::OK);
+
     let stats = f.broker.queue_stats("inbox").await?.stats;
     assert_eq!(
         (stats.ready, stats.published),

@@ -49,6 +49,15 @@ pub(super) async fn guard(
 }
 
 fn check(state: &State, request: &Request) -> Result<(), ApiError> {
+    if state.loopback_only && !loopback_host(request) {
+        // DNS rebinding: a page of another site whose name now resolves to
+        // 127.0.0.1 would otherwise read this API from the user's browser.
+        return Err(ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "misdirected",
+            "this server answers only to localhost, 127.0.0.1 and [::1]",
+        ));
+    }
     if state.limiter.check().is_err() {
         let mut refusal = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -89,6 +98,28 @@ fn check(state: &State, request: &Request) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Whether the request names a loopback host (any port), as a browser does
+/// for a page it loaded from this server.
+fn loopback_host(request: &Request) -> bool {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().host());
+    let Some(host) = host else {
+        // HTTP/1.0 without a Host header: not a browser.
+        return true;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 fn unauthorized(reason: &'static str) -> ApiError {
     let mut refusal = ApiError::new(StatusCode::UNAUTHORIZED, "not_authorized", reason);
     refusal.challenge = true;
@@ -118,5 +149,36 @@ mod tests {
         assert!(!token_matches(&token, "0123456789abcde"));
         assert!(!token_matches(&token, "0123456789abcdef0"));
         assert!(!token_matches(&token, ""));
+    }
+
+    #[test]
+    fn only_loopback_host_names_pass() {
+        let named = |host: &str| {
+            let request = Request::builder()
+                .uri("/api/queues")
+                .header(header::HOST, host)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            loopback_host(&request)
+        };
+        for host in [
+            "localhost",
+            "LOCALHOST:15680",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "[::1]:8080",
+            "[::1]",
+        ] {
+            assert!(named(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:15680",
+            "10.0.0.1:15680",
+            "localhost.evil.example",
+            "[::2]:80",
+        ] {
+            assert!(!named(host), "{host}");
+        }
     }
 }

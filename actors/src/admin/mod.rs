@@ -23,7 +23,9 @@
 //! RabbitMQ's default-vhost paths (`/api/queues/%2F/{name}`...) are accepted
 //! too, so that scripts written against RabbitMQ's management API work.
 //!
-//! Safe by default: reads are open to whoever can reach the address (set
+//! Safe by default: bound to a loopback address, it answers only requests
+//! that name a loopback host (`localhost`, `127.0.0.1`, `[::1]`), which
+//! defeats DNS rebinding; reads are open to whoever can reach the address (set
 //! [`AdminOptions::protect_reads`] to require the token for them too);
 //! mutations are off unless [`AdminOptions::mutations`] turns them on, which
 //! requires a bearer token. The token is compared in constant time and never

@@ -32,6 +32,8 @@ pub(super) struct State {
     pub(super) token: Option<Token>,
     pub(super) mutations: bool,
     pub(super) protect_reads: bool,
+    /// Bound to a loopback address: requests must name a loopback host.
+    pub(super) loopback_only: bool,
     pub(super) limiter: DefaultDirectRateLimiter,
     pub(super) timeout: Duration,
     pub(super) metrics: Option<MetricsRenderer>,
@@ -60,6 +62,7 @@ impl State {
             token: options.token.clone(),
             mutations: options.mutations,
             protect_reads: options.protect_reads,
+            loopback_only: options.bind.ip().is_loopback(),
             limiter: RateLimiter::direct(quota),
             timeout: options.request_timeout,
             metrics: options.metrics.clone(),

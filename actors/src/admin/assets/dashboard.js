@@ -34,7 +34,8 @@ function token() {
 async function api(path, options) {
   const opts = Object.assign({ headers: {} }, options || {});
   const t = token();
-  if (t && opts.method && opts.method !== "GET") opts.headers["Authorization"] = "Bearer " + t;
+  // Sent with reads too: a server may protect them (AdminOptions::protect_reads).
+  if (t) opts.headers["Authorization"] = "Bearer " + t;
   const response = await fetch(path, opts);
   const text = await response.text();
   let body = null;
