@@ -151,11 +151,17 @@ pub(crate) async fn run<A: Actor>(mut cell: Cell<A>) {
             }
         }
     }
-    // Closing the mailbox drops what is queued: pending asks get `Closed`.
-    // A sender that reserved its slot before the close may still deliver
-    // after it: `recv` ends only once no such slot is outstanding, so a late
-    // request is dropped here too instead of waiting forever in a mailbox
-    // nobody reads (`try_recv` until empty missed it).
+    // Boxed: what lives across its await would otherwise grow every idle
+    // actor's task.
+    Box::pin(terminate(cell, last, span)).await;
+}
+
+/// Ends the actor for good. Closing the mailbox drops what is queued:
+/// pending asks get `Closed`. A sender that reserved its slot before the
+/// close may still deliver after it: `recv` ends only once no such slot is
+/// outstanding, so a late request is dropped here too instead of waiting
+/// forever in a mailbox nobody reads (`try_recv` until empty missed it).
+async fn terminate<A: Actor>(mut cell: Cell<A>, last: ExitReason, span: tracing::Span) {
     cell.rx.close();
     while cell.rx.recv().await.is_some() {}
     cell.shared.end_incarnation(u64::MAX, &last, true);
