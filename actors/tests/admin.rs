@@ -664,6 +664,7 @@ async fn a_crash_looping_consumer_is_listed_with_its_failure() -> TestResult {
     let newest = &crashes[0];
     assert_eq!(newest["queue"], "poison");
     assert!(newest["restarts"].as_u64().is_some());
+    assert!(newest["consumer"].is_string(), "tags are strings: {newest}");
     consumer.cancel().await;
     Ok(())
 }

@@ -16,6 +16,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytestring::ByteString;
 use futures::future::join_all;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -321,8 +322,50 @@ async fn snapshots(state: &State) -> Vec<QueueSnapshot> {
         .collect()
 }
 
-fn sample_of<'a>(latest: Option<&'a Sample>, name: &str) -> Option<&'a QueueSample> {
-    latest?.queues.iter().find(|q| q.name == name)
+/// What a request reads besides the queues' snapshots, gathered once per
+/// request rather than once per queue: the latest sample, indexed by queue,
+/// the queues whose consumers are crash-looping, and each queue's latest
+/// crash within the restarting window.
+struct Seen {
+    latest: Option<Arc<Sample>>,
+    by_queue: FxHashMap<String, usize>,
+    crash_looping: FxHashSet<String>,
+    last_crash: FxHashMap<String, Crash>,
+}
+
+impl Seen {
+    fn gather(state: &State) -> Seen {
+        let latest = state.monitor.latest();
+        let by_queue = latest.iter().flat_map(|l| l.queues.iter().enumerate());
+        let by_queue = by_queue.map(|(i, q)| (q.name.clone(), i)).collect();
+        let crash_looping = state
+            .monitor
+            .firing()
+            .into_iter()
+            .filter(|a| matches!(a.kind, AlertKind::CrashLooping { .. }))
+            .map(|a| a.queue)
+            .collect();
+        let since = postbox::clock::now_ms().saturating_sub(RESTARTING_WINDOW_MS);
+        let mut last_crash = FxHashMap::default();
+        // Oldest first: a later crash of a queue replaces an earlier one.
+        for crash in state.events.crashes.lock().iter() {
+            if crash.at_ms >= since {
+                last_crash.insert(crash.queue.clone(), crash.clone());
+            }
+        }
+        Seen {
+            latest,
+            by_queue,
+            crash_looping,
+            last_crash,
+        }
+    }
+
+    /// Queue `name` in the latest sample.
+    fn sample(&self, name: &str) -> Option<&QueueSample> {
+        let i = *self.by_queue.get(name)?;
+        self.latest.as_ref()?.queues.get(i)
+    }
 }
 
 async fn overview(Extract(state): Shared) -> ApiResult {
@@ -372,16 +415,12 @@ async fn overview(Extract(state): Shared) -> ApiResult {
 
 async fn queues(Extract(state): Shared) -> ApiResult {
     let snaps = snapshots(&state).await;
-    let latest = state.monitor.latest();
+    let seen = Seen::gather(&state);
     let list: Vec<Value> = snaps
         .iter()
         .map(|snap| {
             let options = state.broker.queue_options(&snap.name).ok();
-            queue_json(
-                snap,
-                options.as_ref(),
-                sample_of(latest.as_deref(), &snap.name),
-            )
+            queue_json(snap, options.as_ref(), seen.sample(&snap.name))
         })
         .collect();
     ok(Value::Array(list))
@@ -391,8 +430,8 @@ async fn queue(Extract(state): Shared, path: Result<Path<String>, PathRejection>
     let name = queue_name(path)?;
     let snap = state.broker.queue_stats(&name).await?;
     let options = state.broker.queue_options(&name).ok();
-    let latest = state.monitor.latest();
-    let mut value = queue_json(&snap, options.as_ref(), sample_of(latest.as_deref(), &name));
+    let seen = Seen::gather(&state);
+    let mut value = queue_json(&snap, options.as_ref(), seen.sample(&name));
     let history: Vec<_> = state
         .history
         .lock()
@@ -415,7 +454,7 @@ async fn queue(Extract(state): Shared, path: Result<Path<String>, PathRejection>
     if let Value::Object(map) = &mut value {
         map.insert(
             "consumer_details".into(),
-            consumer_list(&snap, latest.as_deref(), &state),
+            Value::Array(consumer_list(&snap, &seen)),
         );
         map.insert("history".into(), json!(history));
         map.insert("deaths".into(), json!(deaths));
@@ -428,22 +467,9 @@ async fn queue(Extract(state): Shared, path: Result<Path<String>, PathRejection>
 /// back, a row for the consumer restarting or backing off in a crash loop,
 /// which the queue itself no longer lists. (A restarted consumer registers
 /// under a new tag, as a RabbitMQ client consuming again would.)
-fn consumer_list(snap: &QueueSnapshot, latest: Option<&Sample>, state: &State) -> Value {
-    let crash_looping = state
-        .monitor
-        .firing()
-        .iter()
-        .any(|a| a.queue == *snap.name && matches!(a.kind, AlertKind::CrashLooping { .. }));
-    let recent_crashes = sample_of(latest, &snap.name).map_or(0, |q| q.recent_crashes);
-    let since = postbox::clock::now_ms().saturating_sub(RESTARTING_WINDOW_MS);
-    let last_crash: Option<Crash> = state
-        .events
-        .crashes
-        .lock()
-        .iter()
-        .rev()
-        .find(|c| c.queue == *snap.name && c.at_ms >= since)
-        .cloned();
+fn consumer_list(snap: &QueueSnapshot, seen: &Seen) -> Vec<Value> {
+    let crash_looping = seen.crash_looping.contains(&*snap.name);
+    let recent_crashes = seen.sample(&snap.name).map_or(0, |q| q.recent_crashes);
     let mut list: Vec<Value> = snap
         .consumers
         .iter()
@@ -464,15 +490,12 @@ fn consumer_list(snap: &QueueSnapshot, latest: Option<&Sample>, state: &State) -
             })
         })
         .collect();
-    if let Some(crash) = last_crash
-        && !snap
-            .consumers
-            .iter()
-            .any(|c| c.id.to_string() == crash.consumer)
+    if let Some(crash) = seen.last_crash.get(&*snap.name)
+        && !snap.consumers.iter().any(|c| c.id == crash.consumer)
     {
         list.push(json!({
             "queue": { "name": &*snap.name, "vhost": "/" },
-            "consumer_tag": crash.consumer,
+            "consumer_tag": crash.consumer.to_string(),
             "ack_required": Value::Null,
             "prefetch_count": Value::Null,
             "active": false,
@@ -485,19 +508,14 @@ fn consumer_list(snap: &QueueSnapshot, latest: Option<&Sample>, state: &State) -
             "crash_looping": crash_looping,
         }));
     }
-    Value::Array(list)
+    list
 }
 
 async fn consumers(Extract(state): Shared) -> ApiResult {
     let snaps = snapshots(&state).await;
-    let latest = state.monitor.latest();
-    let mut all = Vec::new();
-    for snap in &snaps {
-        if let Value::Array(list) = consumer_list(snap, latest.as_deref(), &state) {
-            all.extend(list);
-        }
-    }
-    ok(Value::Array(all))
+    let seen = Seen::gather(&state);
+    let all = snaps.iter().flat_map(|snap| consumer_list(snap, &seen));
+    ok(Value::Array(all.collect()))
 }
 
 async fn crashes(Extract(state): Shared) -> ApiResult {
@@ -564,6 +582,11 @@ async fn bindings(Extract(state): Shared) -> ApiResult {
 
 async fn streams(Extract(state): Shared) -> ApiResult {
     let latest = state.monitor.latest();
+    let rates: FxHashMap<&str, f64> = latest
+        .iter()
+        .flat_map(|l| l.streams.iter())
+        .filter_map(|x| Some((x.name.as_str(), x.publish_rate?)))
+        .collect();
     let mut list = Vec::new();
     for name in state.broker.stream_names() {
         let Ok(stream) = state.broker.stream(&name) else {
@@ -581,12 +604,7 @@ async fn streams(Extract(state): Shared) -> ApiResult {
                 })
             })
             .collect();
-        let publish_rate = latest
-            .iter()
-            .flat_map(|l| l.streams.iter())
-            .find(|x| x.name == name)
-            .and_then(|x| x.publish_rate)
-            .unwrap_or(0.0);
+        let publish_rate = rates.get(name.as_str()).copied().unwrap_or(0.0);
         list.push(json!({
             "name": name,
             "vhost": "/",

@@ -138,9 +138,8 @@ impl History {
             deliver_rate: 0.0,
             ack_rate: 0.0,
         };
-        // Queues that are gone lose their history.
-        self.queues
-            .retain(|name, _| sample.queues.iter().any(|q| &q.name == name));
+        // Rebuilt from the sample: queues that are gone lose their history.
+        let mut before = std::mem::take(&mut self.queues);
         for q in &sample.queues {
             let rates = q.rates.unwrap_or_default();
             let point = Point {
@@ -156,11 +155,9 @@ impl History {
             total.publish_rate += point.publish_rate;
             total.deliver_rate += point.deliver_rate;
             total.ack_rate += point.ack_rate;
-            push(
-                self.queues.entry(q.name.clone()).or_default(),
-                point,
-                self.capacity,
-            );
+            let mut ring = before.remove(&q.name).unwrap_or_default();
+            push(&mut ring, point, self.capacity);
+            self.queues.insert(q.name.clone(), ring);
         }
         push(&mut self.totals, total, self.capacity);
     }
@@ -194,9 +191,15 @@ pub(super) struct Death {
 pub(super) struct Crash {
     pub(super) at_ms: u64,
     pub(super) queue: String,
-    pub(super) consumer: String,
+    /// Its tag, as a string (as the consumers' list shows tags).
+    #[serde(serialize_with = "as_text")]
+    pub(super) consumer: ConsumerId,
     pub(super) failure: String,
     pub(super) restarts: u64,
+}
+
+fn as_text<S: serde::Serializer>(id: &ConsumerId, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(id)
 }
 
 /// Dead-lettering and crashes, as they happen (an [`Observer`]).
@@ -240,7 +243,7 @@ impl Observer for Events {
         let crash = Crash {
             at_ms: postbox::clock::now_ms(),
             queue: queue.to_string(),
-            consumer: consumer.to_string(),
+            consumer,
             failure: failure.to_string(),
             restarts,
         };
