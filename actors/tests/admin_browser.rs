@@ -237,3 +237,43 @@ async fn drive(client: &Client, broker: &Broker, server: &AdminServer) -> TestRe
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs chromium and chromedriver: .ci/run installs them and runs it"]
+async fn the_dashboard_with_protected_reads_shows_queues_once_given_the_token() -> TestResult {
+    let rt = Runtime::new()?;
+    let broker = Broker::new(&rt.handle());
+    broker.declare_queue(QUEUE, QueueOptions::default()).await?;
+    let options = AdminOptions::default()
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .token(TOKEN)
+        .protect_reads(true);
+    let server = AdminServer::start(&broker, options).await?;
+    let driver = Driver::start().await?;
+    let client = driver.browser().await?;
+    let outcome = async {
+        client.goto(&server.url()).await?;
+        // Without the token every read is refused, and the page says so.
+        eventually(Duration::from_secs(5), "the refusal shown", || async {
+            let status = text(&client, "#status").await?;
+            status.contains("401").then_some(())
+        })
+        .await?;
+        assert!(text(&client, "#queues tbody tr").await.is_none());
+        // With it, the page's reads carry it.
+        client
+            .find(Locator::Id("token"))
+            .await?
+            .send_keys(TOKEN)
+            .await?;
+        eventually(Duration::from_secs(5), "the queue table", || {
+            cell_is(&client, "ready", "0")
+        })
+        .await?;
+        Ok::<(), Box<dyn std::error::Error>>(())
+    }
+    .await;
+    let _ = client.close().await;
+    server.shutdown().await;
+    outcome
+}
