@@ -41,6 +41,7 @@ use postbox_actors::{
     KeyOrdered, LayerExt, NameError, NameKind, OnError, Overflow, PartitionOptions, PublishError,
     PublishOptions, QueueOptions, RetryPolicy,
 };
+use postbox_actors::{ConsumerPool, PoolOptions};
 use tokio::sync::mpsc;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -230,6 +231,7 @@ conformance!(
     block_makes_publishers_wait_and_bounds_the_queue,
     drop_new_keeps_the_oldest_and_dead_letters_the_rest,
     a_partitioned_queue_keeps_each_key_in_one_partition_in_order,
+    a_consumer_pool_grows_under_a_backlog_and_shrinks_when_it_clears,
 );
 
 // ---------------------------------------------------------------------------
@@ -1963,6 +1965,74 @@ async fn key_ordered_consumption_keeps_each_keys_order(fx: &Fixture) -> TestResu
     // Different keys ran in parallel.
     let peak = peak.load(Ordering::SeqCst);
     assert!(peak > 1, "at most {peak} handler(s) at once");
+    consumer.close().await;
+    assert_eq!(ready(fx, &q).await, 0, "all acknowledged");
+    Ok(())
+}
+
+/// A pool sizes itself from the queue's backlog on both backends (on
+/// RabbitMQ, the ready count of a passive declare plus what the pool holds
+/// unhandled): 1 worker grows to 4 under 160 jobs of 25 ms, every job is
+/// handled once, and once the queue is empty the pool goes back to 1.
+async fn a_consumer_pool_grows_under_a_backlog_and_shrinks_when_it_clears(
+    fx: &Fixture,
+) -> TestResult {
+    const JOBS: u32 = 160;
+    let b = &fx.broker;
+    let q = fx.name("q");
+    b.declare_queue(&q, QueueOptions::default()).await?;
+    for n in 0..JOBS {
+        b.publish(&q, msg(n)).await?;
+    }
+    let options = PoolOptions::new(1, 4)?
+        .backlog_per_worker(5)
+        .check_interval(Duration::from_millis(100))
+        .consecutive_active_trigger(2)
+        .start_consumer_min_interval(Duration::from_millis(100))
+        .consecutive_idle_trigger(3)
+        .stop_consumer_min_interval(Duration::from_millis(200));
+    let log: Log<u32> = Arc::default();
+    let handler = {
+        let log = log.clone();
+        move || {
+            let log = log.clone();
+            move |d: Delivery| {
+                let log = log.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                    log.lock().push(num(d.message()));
+                    d.ack().await?;
+                    Ok::<(), Failure>(())
+                }
+            }
+        }
+    };
+    let pool = ConsumerPool::new(options, handler);
+    let watch = pool.watch();
+    let consumer = b.consume(&q, pool.consume_options(), pool).await?;
+    // 160 jobs of 25 ms: 4 s for one worker, 1 s for four.
+    let all = eventually(Duration::from_secs(15), || async {
+        log.lock().len() >= JOBS as usize
+    })
+    .await;
+    assert!(all, "{} of {JOBS} handled", log.lock().len());
+    let stats = watch.stats();
+    assert_eq!(
+        stats.peak, 4,
+        "grew to its maximum under the backlog: {stats:?}"
+    );
+    assert!(stats.scaled_up >= 3, "{stats:?}");
+    // Idle: back to the minimum, one step at a time.
+    let shrunk = eventually(Duration::from_secs(8), || async { watch.workers() == 1 }).await;
+    assert!(
+        shrunk,
+        "still {} workers when idle: {:?}",
+        watch.workers(),
+        watch.stats()
+    );
+    let mut handled = log.lock().clone();
+    handled.sort_unstable();
+    assert_eq!(handled, (0..JOBS).collect::<Vec<_>>(), "each job once");
     consumer.close().await;
     assert_eq!(ready(fx, &q).await, 0, "all acknowledged");
     Ok(())

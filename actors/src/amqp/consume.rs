@@ -459,6 +459,10 @@ impl ApplySettlements for Settle {
         }
         Box::pin(self.send(link))
     }
+
+    fn snapshot<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<QueueSnapshot, BrokerError>> {
+        Box::pin(self.remote.queue_snapshot(queue))
+    }
 }
 
 /// The one ack with `multiple` that can stand for `pending`, if any: a run

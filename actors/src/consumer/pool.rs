@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytestring::ByteString;
-use postbox::{Addr, AskError};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -29,8 +28,7 @@ use crate::consumer::key_ordered::{Core, DEFAULT_ATTEMPTS, DEFAULT_RETRY_DELAY, 
 use crate::consumer::{ConsumeOptions, Consumer, ConsumerFactory, KeyOrderedConsumer};
 use crate::partition::PartitionKey;
 use crate::queue::ack::ConsumerId;
-use crate::queue::actor::{QueueActor, Snapshot};
-use crate::queue::delivery::Delivery;
+use crate::queue::delivery::{Delivery, LinkTarget, Unseen};
 
 /// Why a pool's configuration was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -494,13 +492,8 @@ impl Scaler {
         }
         self.started = true;
         let settler = delivery.settler();
-        // Scaling watches an embedded queue's backlog; on RabbitMQ the pool
-        // keeps its minimum.
-        let Some(queue) = settler.link.queue.local() else {
-            return;
-        };
         let watched = Watched {
-            queue: queue.clone(),
+            queue: settler.link.queue.clone(),
             name: settler.link.queue_name.clone(),
             me: delivery.consumer(),
         };
@@ -526,9 +519,10 @@ impl Drop for Scaler {
     }
 }
 
-/// The queue a scaler watches, and the pool's registration with it.
+/// The queue a scaler watches (embedded, or on RabbitMQ), and the pool's
+/// registration with it.
 struct Watched {
-    queue: Addr<QueueActor>,
+    queue: LinkTarget,
     name: ByteString,
     me: ConsumerId,
 }
@@ -554,13 +548,14 @@ async fn scale<C: Consumer>(
     let mut last_check = Instant::now();
     loop {
         tokio::time::sleep(options.check_interval).await;
-        let snapshot = match watched.queue.ask(Snapshot).timeout(patience).await {
+        let snapshot = match watched.queue.snapshot(&watched.name, patience).await {
             Ok(snapshot) => snapshot,
             // The queue is gone: nothing left to size for.
-            Err(AskError::Closed) => return,
-            // A busy (or failing) queue: look again next time.
-            Err(err) => {
-                tracing::debug!(queue = %watched.name, %err, "consumer pool: no snapshot this check");
+            Err(Unseen::Gone) => return,
+            // A busy (or failing) queue, a connection being restored: look
+            // again next time.
+            Err(Unseen::NotNow(why)) => {
+                tracing::debug!(queue = %watched.name, %why, "consumer pool: no snapshot this check");
                 continue;
             }
         };

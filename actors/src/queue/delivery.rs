@@ -12,14 +12,16 @@ use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytestring::ByteString;
 use parking_lot::Mutex;
 use postbox::{Addr, Message};
 
 use crate::envelope::Envelope;
+use crate::error::BrokerError;
 use crate::queue::ack::{AckMode, ConsumerId, DeliveryTag};
-use crate::queue::actor::{QueueActor, Settle};
+use crate::queue::actor::{QueueActor, QueueSnapshot, Settle, Snapshot};
 
 /// How a delivery is settled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +117,7 @@ pub(crate) const GENERATION_MASK: u64 = (1 << (64 - GENERATION_SHIFT)) - 1;
 
 /// Who applies a link's settlements: the embedded queue's actor, or (feature
 /// `amqp`) the RabbitMQ channel the deliveries came on.
+#[derive(Clone)]
 pub(crate) enum LinkTarget {
     Local(Addr<QueueActor>),
     #[cfg(feature = "amqp")]
@@ -127,15 +130,52 @@ pub(crate) enum LinkTarget {
 pub(crate) trait ApplySettlements: Send + Sync {
     /// Takes the link's pending settlements and applies them, in order.
     fn apply<'a>(&'a self, link: &'a Link) -> futures::future::BoxFuture<'a, ()>;
+
+    /// What the server says of `queue` (a passive declare: its ready
+    /// messages and consumers).
+    fn snapshot<'a>(
+        &'a self,
+        queue: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<QueueSnapshot, BrokerError>>;
+}
+
+/// Why a link's queue could not be looked at.
+#[derive(Debug)]
+pub(crate) enum Unseen {
+    /// The queue is gone (deleted, or its broker stopped).
+    Gone,
+    /// Not this time (busy, slow, reconnecting): try again later.
+    NotNow(String),
 }
 
 impl LinkTarget {
-    /// The embedded queue's actor, if the link is to one.
-    pub(crate) fn local(&self) -> Option<&Addr<QueueActor>> {
+    /// A snapshot of the link's queue, named `queue`, within `patience`:
+    /// asked of the embedded queue's actor, or of RabbitMQ.
+    pub(crate) async fn snapshot(
+        &self,
+        queue: &str,
+        patience: Duration,
+    ) -> Result<QueueSnapshot, Unseen> {
         match self {
-            LinkTarget::Local(addr) => Some(addr),
+            LinkTarget::Local(addr) => {
+                let _ = queue;
+                match addr.ask(Snapshot).timeout(patience).await {
+                    Ok(snapshot) => Ok(snapshot),
+                    Err(postbox::AskError::Closed) => Err(Unseen::Gone),
+                    Err(err) => Err(Unseen::NotNow(err.to_string())),
+                }
+            }
             #[cfg(feature = "amqp")]
-            LinkTarget::Remote(_) => None,
+            LinkTarget::Remote(remote) => {
+                match tokio::time::timeout(patience, remote.snapshot(queue)).await {
+                    Ok(Ok(snapshot)) => Ok(snapshot),
+                    Ok(Err(BrokerError::QueueNotFound(_) | BrokerError::Stopped)) => {
+                        Err(Unseen::Gone)
+                    }
+                    Ok(Err(err)) => Err(Unseen::NotNow(err.to_string())),
+                    Err(_) => Err(Unseen::NotNow(format!("no answer within {patience:?}"))),
+                }
+            }
         }
     }
 }
