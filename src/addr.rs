@@ -477,7 +477,7 @@ impl<A: Actor> Addr<A> {
     }
 }
 
-fn stats_of(shared: &Shared, queued: usize, capacity: usize) -> ActorStats {
+pub(crate) fn stats_of(shared: &Shared, queued: usize, capacity: usize) -> ActorStats {
     ActorStats {
         handled: shared.handled.load(Ordering::Relaxed),
         skipped_requests: shared.skipped.load(Ordering::Relaxed),
@@ -591,7 +591,7 @@ impl AnyAddr {
 
 /// An address typed by message rather than by actor: any actor that handles `M`.
 pub struct Recipient<M: Message> {
-    inner: Arc<dyn ErasedAddr<M>>,
+    pub(crate) inner: Arc<dyn ErasedAddr<M>>,
 }
 
 impl<M: Message> Clone for Recipient<M> {
@@ -637,7 +637,8 @@ impl<M: Message> Recipient<M> {
     }
 }
 
-trait ErasedAddr<M: Message>: Send + Sync {
+/// What a [`Recipient`] needs of an address, whatever its actor type.
+pub(crate) trait ErasedAddr<M: Message>: Send + Sync {
     fn send(&self, msg: M) -> BoxFuture<'_, Result<(), SendError<M>>>;
     fn try_send(&self, msg: M) -> Result<(), TrySendError<M>>;
     fn ask(&self, msg: M, timeout: Option<Duration>) -> BoxFuture<'_, Result<M::Reply, AskError>>;

@@ -11,11 +11,11 @@ use std::future::{Future, IntoFuture};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::actor::{Handler, Message};
 use crate::addr::Addr;
-use crate::envelope::{ReplyGuard, Request};
+use crate::envelope::{Envelope, ReplyGuard, Request};
 use crate::failure::Failure;
 
 /// Why an ask did not produce a reply.
@@ -66,10 +66,16 @@ impl<'a, A: Handler<M>, M: Message> Ask<'a, A, M> {
     }
 }
 
-async fn exchange<A: Handler<M>, M: Message>(addr: &Addr<A>, msg: M) -> Result<M::Reply, AskError> {
-    let permit = addr.tx.reserve().await.map_err(|_| AskError::Closed)?;
+/// Sends `msg` as a request into `mailbox` (wrapped by `wrap` into the
+/// mailbox's envelope type) once there is room, and waits for the reply.
+pub(crate) async fn exchange<E, M: Message>(
+    mailbox: &mpsc::Sender<E>,
+    msg: M,
+    wrap: impl FnOnce(Request<M>) -> E,
+) -> Result<M::Reply, AskError> {
+    let permit = mailbox.reserve().await.map_err(|_| AskError::Closed)?;
     let (tx, rx) = oneshot::channel();
-    permit.send(Box::new(Request {
+    permit.send(wrap(Request {
         msg,
         reply: ReplyGuard::new(tx),
     }));
@@ -82,14 +88,15 @@ impl<'a, A: Handler<M>, M: Message> IntoFuture for Ask<'a, A, M> {
 
     fn into_future(self) -> Self::IntoFuture {
         let Ask { addr, msg, timeout } = self;
+        let ask = exchange(&addr.tx, msg, |r| -> Envelope<A> { Box::new(r) });
         match timeout {
-            None => Box::pin(exchange(addr, msg)),
-            Some(d) => Box::pin(with_timeout(d, exchange(addr, msg))),
+            None => Box::pin(ask),
+            Some(d) => Box::pin(with_timeout(d, ask)),
         }
     }
 }
 
-async fn with_timeout<T>(
+pub(crate) async fn with_timeout<T>(
     d: Duration,
     fut: impl Future<Output = Result<T, AskError>>,
 ) -> Result<T, AskError> {

@@ -181,7 +181,7 @@ async fn pause(delay: Duration) {
 
 /// A self-supervised actor's backoff: true when it is over, false if the
 /// actor was stopped meanwhile (it then stays stopped).
-async fn pause_unless_stopped(delay: Duration, control: &ControlBox) -> bool {
+pub(crate) async fn pause_unless_stopped(delay: Duration, control: &ControlBox) -> bool {
     if delay.is_zero() {
         return true;
     }

@@ -62,18 +62,7 @@ impl<A: Handler<M>, M: Message> Handle<A> for Request<M> {
         ctx: &'a mut Context<A>,
     ) -> LocalBoxFuture<'a, Result<(), Failure>> {
         let Request { msg, mut reply } = *self;
-        Box::pin(async move {
-            match actor.handle(msg, ctx).await {
-                Ok(value) => {
-                    reply.send(Ok(value));
-                    Ok(())
-                }
-                Err(failure) => {
-                    reply.send(Err(AskError::Failed(failure.clone())));
-                    Err(failure)
-                }
-            }
-        })
+        Box::pin(async move { reply.answer(actor.handle(msg, ctx).await) })
     }
 }
 
@@ -91,8 +80,23 @@ impl<R> ReplyGuard<R> {
         ReplyGuard { tx: Some(tx) }
     }
 
-    fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.tx.as_ref().is_none_or(|tx| tx.is_closed())
+    }
+
+    /// Sends the handler's outcome to the asker, and hands a failure on to
+    /// the cell (it fails the actor).
+    pub(crate) fn answer(&mut self, outcome: Result<R, Failure>) -> Result<(), Failure> {
+        match outcome {
+            Ok(value) => {
+                self.send(Ok(value));
+                Ok(())
+            }
+            Err(failure) => {
+                self.send(Err(AskError::Failed(failure.clone())));
+                Err(failure)
+            }
+        }
     }
 
     fn send(&mut self, value: Result<R, AskError>) {

@@ -21,6 +21,9 @@
 //! - **Works from any runtime.** A [`Runtime`] runs on threads of its own, so it
 //!   is usable from `#[tokio::main]` (where actix actors cannot start) as well as
 //!   from `#[actix::main]`.
+//! - **Task actors.** A [`TaskActor`] (`Send`, with `Send` handler futures)
+//!   runs as a task of the caller's tokio runtime instead, so that asks from
+//!   that runtime's tasks stay on one thread; see [`spawn_task`].
 //! - **A test kit** (feature `testkit`). `testkit` has probes that record what they receive,
 //!   virtual time and a deterministic single-threaded mode.
 //!
@@ -62,6 +65,7 @@ mod envelope;
 mod failure;
 mod runtime;
 mod supervisor;
+mod task;
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
@@ -78,3 +82,4 @@ pub use supervisor::{
     Backoff, ChildInfo, ChildSpec, Restart, RestartStrategy, Strategy, Supervisor, SupervisorActor,
     SupervisorError, SupervisorSpec,
 };
+pub use task::{TaskActor, TaskAddr, TaskAsk, TaskBuilder, TaskContext, TaskHandler, spawn_task};

@@ -12,9 +12,10 @@
 //!   a single-threaded runtime of its own (for postbox, two arbiters).
 //! - **ask from a plain tokio task**: a multi-threaded tokio runtime, one
 //!   worker per core, as `#[tokio::main]` builds; the asker is a task spawned
-//!   on it. kameo's and ractor's actors are tasks of that runtime; postbox's
-//!   run on the arbiters of a `Runtime`, unless the actor is spawned with
-//!   `RuntimeHandle::current_tokio` (see the row).
+//!   on it. kameo's and ractor's actors are tasks of that runtime, and so is
+//!   postbox's task actor (`spawn_task`, the like-for-like row, which the
+//!   goal reads); an ordinary postbox actor runs on the arbiters of a
+//!   `Runtime` (the other row: what crossing to them costs).
 //! - **restart**: the actor panics on a message and its supervisor restarts
 //!   it with no backoff; measured from sending the crashing message to the
 //!   reply to the next ask. postbox and kameo restart in place (same address,
@@ -57,7 +58,8 @@ pub const ONE_RACTOR: &str = "ractor call, one thread";
 pub const ACROSS_POSTBOX: &str = "postbox ask, across pinned threads";
 pub const ACROSS_KAMEO: &str = "kameo ask, across pinned threads";
 pub const ACROSS_RACTOR: &str = "ractor call, across pinned threads";
-pub const TOKIO_POSTBOX: &str = "postbox ask from a tokio task, actor on a Runtime";
+pub const TOKIO_POSTBOX: &str = "postbox ask from a tokio task, task actor (spawn_task)";
+pub const TOKIO_POSTBOX_ARBITER: &str = "postbox ask from a tokio task, actor on a Runtime";
 pub const TOKIO_KAMEO: &str = "kameo ask from a tokio task";
 pub const TOKIO_RACTOR: &str = "ractor call from a tokio task";
 pub const RESTART_POSTBOX: &str = "postbox panic → restarted → answers";
@@ -131,9 +133,18 @@ pub async fn scenario8(cfg: &Config, report: &mut Report) {
             let note = match shape {
                 Shape::OneThread => "RuntimeHandle::local on a LocalSet",
                 Shape::Across => "two arbiters, pinned",
-                Shape::Tokio => "the asker's runtime hands off to an arbiter and back",
+                Shape::Tokio => "a task of the asker's runtime, as the peers' actors",
             };
             report.push(row(postbox_row, l).vs(best, Metric::P50).note(note));
+        }
+        if matches!(shape, Shape::Tokio) && cfg.wants(TOKIO_POSTBOX_ARBITER) {
+            let l = postbox_arbiter_asks(warmup, trips).await;
+            let best = best_p50(report, &[kameo_row, ractor_row]);
+            report.push(
+                row(TOKIO_POSTBOX_ARBITER, l)
+                    .vs(best, Metric::P50)
+                    .note("the asker's runtime hands off to an arbiter and back"),
+            );
         }
     }
 
@@ -685,7 +696,50 @@ async fn postbox_local_asks(warmup: usize, n: usize) -> Latencies {
     Latencies::new(samples, elapsed)
 }
 
+/// A task actor on the asker's own runtime, as kameo's and ractor's actors.
 async fn postbox_tokio_asks(warmup: usize, n: usize) -> Latencies {
+    let rt = worker_runtime();
+    let (samples, elapsed) = rt
+        .spawn(async move {
+            let echo = postbox::spawn_task(TaskEcho::default());
+            let p = payload();
+            sample(warmup, n, || {
+                let (echo, p) = (&echo, &p);
+                async move {
+                    let reply = echo.ask(Ping(p.clone())).await.expect("echo runs");
+                    assert_eq!(reply.len(), p.len());
+                }
+            })
+            .await
+        })
+        .await
+        .expect("the asker task");
+    rt.shutdown_background();
+    Latencies::new(samples, elapsed)
+}
+
+/// [`Echo`] as a task actor.
+#[derive(Default)]
+struct TaskEcho {
+    count: u64,
+}
+
+impl postbox::TaskActor for TaskEcho {}
+
+impl postbox::TaskHandler<Ping> for TaskEcho {
+    async fn handle(
+        &mut self,
+        Ping(p): Ping,
+        _: &mut postbox::TaskContext<Self>,
+    ) -> Result<Bytes, Failure> {
+        self.count += 1;
+        Ok(p)
+    }
+}
+
+/// An ordinary actor on a `Runtime`'s arbiters, asked from a task of
+/// another runtime.
+async fn postbox_arbiter_asks(warmup: usize, n: usize) -> Latencies {
     let rt = worker_runtime();
     let postbox = place::postbox_runtime().await;
     let echo = postbox.spawn(Echo::default());

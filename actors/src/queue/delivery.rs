@@ -19,6 +19,7 @@ use parking_lot::Mutex;
 use postbox::{Addr, Message};
 
 use crate::envelope::Envelope;
+#[cfg(feature = "amqp")]
 use crate::error::BrokerError;
 use crate::queue::ack::{AckMode, ConsumerId, DeliveryTag};
 use crate::queue::actor::{QueueActor, QueueSnapshot, Settle, Snapshot};

@@ -1,0 +1,733 @@
+//! Task actors: actors that run as tasks of a tokio runtime (the caller's
+//! `#[tokio::main]` one, by default) instead of on a [`Runtime`]'s arbiters.
+//!
+//! An ordinary [`Actor`](crate::Actor) lives on one arbiter thread for its
+//! whole life, so neither it nor its handlers' futures need to be `Send`
+//! (they may hold an `Rc`). The price is paid by callers on other threads:
+//! an ask from a task of a `#[tokio::main]` runtime wakes the arbiter, and
+//! the reply wakes the asker back, two wake-ups across threads (5 to 50 µs
+//! on a VM, against under a microsecond on one thread).
+//!
+//! A [`TaskActor`] is `Send`, and so are the futures of its hooks and of its
+//! [`TaskHandler`]s (the compiler checks it where they are written). It is
+//! spawned as a task of a tokio runtime, so the runtime's scheduler runs it
+//! on the worker thread that woke it: an ask from a task of the same
+//! runtime, and its reply, usually stay on one thread, as kameo's and
+//! ractor's do.
+//!
+//! It keeps what makes postbox actors what they are: a bounded mailbox
+//! ([`TaskAddr::send`] waits for room, [`TaskAddr::try_send`] fails with
+//! `Full`), asks with deadlines whose abandoned requests are skipped,
+//! handlers that run one at a time with `&mut self` across `.await`s,
+//! panics and errors contained, restarts by a [`RestartStrategy`] with the
+//! mailbox kept ([`TaskBuilder::supervise`]), [`AnyAddr`] (identity, stats,
+//! stop, death watch) and [`Recipient`]. What it has not: a place under a
+//! [`Supervisor`](crate::Supervisor) (it supervises itself), the `drained`
+//! hook, and `Context::watch` (use [`AnyAddr::on_exit`]). It ends for good
+//! when its runtime shuts down.
+//!
+//! ```
+//! use postbox::{Failure, Message, TaskActor, TaskContext, TaskHandler};
+//! use std::time::Duration;
+//!
+//! #[derive(Default)]
+//! struct Counter { n: u64 }
+//! impl TaskActor for Counter {}
+//!
+//! struct Add(u64);
+//! impl Message for Add { type Reply = u64; }
+//! impl TaskHandler<Add> for Counter {
+//!     async fn handle(&mut self, Add(k): Add, _: &mut TaskContext<Self>) -> Result<u64, Failure> {
+//!         self.n += k;
+//!         Ok(self.n)
+//!     }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() {
+//!     // A task of this runtime: no arbiter, no `Runtime` to build.
+//!     let counter = postbox::spawn_task(Counter::default());
+//!     counter.send(Add(2)).await.unwrap();
+//!     let n = counter.ask(Add(3)).timeout(Duration::from_secs(1)).await.unwrap();
+//!     assert_eq!(n, 5);
+//! }
+//! ```
+//!
+//! A handler whose future is not `Send` does not compile as a
+//! [`TaskHandler`] (it can be an ordinary [`Handler`](crate::Handler)):
+//!
+//! ```compile_fail
+//! use postbox::{Failure, Message, TaskActor, TaskContext, TaskHandler};
+//! struct Local;
+//! impl TaskActor for Local {}
+//! struct Touch;
+//! impl Message for Touch { type Reply = (); }
+//! impl TaskHandler<Touch> for Local {
+//!     async fn handle(&mut self, _: Touch, _: &mut TaskContext<Self>) -> Result<(), Failure> {
+//!         let shared = std::rc::Rc::new(1);
+//!         tokio::task::yield_now().await;
+//!         drop(shared);
+//!         Ok(())
+//!     }
+//! }
+//! ```
+//!
+//! [`Runtime`]: crate::Runtime
+
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+use crate::actor::Message;
+use crate::addr::{
+    ActorId, ActorStats, AnyAddr, Control, ControlBox, ErasedAddr, Recipient, SendError, Shared,
+    TrySendError, stats_of,
+};
+use crate::ask::{AskError, exchange, with_timeout};
+use crate::cell::{Ended, pause_unless_stopped};
+use crate::envelope::{Request, Tell};
+use crate::failure::{ExitReason, Failure};
+use crate::runtime::DEFAULT_MAILBOX;
+use crate::supervisor::{RestartStrategy, SelfSupervision};
+
+/// An actor that runs as a tokio task: `Send`, with `Send` hooks. Its
+/// messages are handled by [`TaskHandler`] impls.
+pub trait TaskActor: Send + Sized + 'static {
+    /// Called when an incarnation starts, before it handles any message. An
+    /// error fails the incarnation like a failing handler does.
+    fn started(
+        &mut self,
+        ctx: &mut TaskContext<Self>,
+    ) -> impl Future<Output = Result<(), Failure>> + Send {
+        let _ = ctx;
+        async { Ok(()) }
+    }
+
+    /// Called when an incarnation ends for any reason, including after a
+    /// failure (a panic inside `stopped` is caught and logged).
+    fn stopped(&mut self, ctx: &mut TaskContext<Self>) -> impl Future<Output = ()> + Send {
+        let _ = ctx;
+        async {}
+    }
+}
+
+/// Handling of message `M` by task actor `Self`; the future is `Send`.
+///
+/// Returning `Err` fails the actor, as for [`Handler`](crate::Handler): it
+/// stops, or restarts if it was spawned with
+/// [`supervise`](TaskBuilder::supervise); an ask that caused the failure
+/// gets [`AskError::Failed`].
+pub trait TaskHandler<M: Message>: TaskActor {
+    /// Handles one message.
+    fn handle(
+        &mut self,
+        msg: M,
+        ctx: &mut TaskContext<Self>,
+    ) -> impl Future<Output = Result<M::Reply, Failure>> + Send;
+}
+
+/// One queued message of a task actor, its type erased; handling it gives a
+/// `Send` future.
+trait TaskHandle<A: TaskActor>: Send {
+    /// True when nobody waits for this message's outcome any more.
+    fn cancelled(&self) -> bool {
+        false
+    }
+
+    fn handle<'a>(
+        self: Box<Self>,
+        actor: &'a mut A,
+        ctx: &'a mut TaskContext<A>,
+    ) -> BoxFuture<'a, Result<(), Failure>>;
+}
+
+type TaskEnvelope<A> = Box<dyn TaskHandle<A>>;
+
+impl<A: TaskHandler<M>, M: Message> TaskHandle<A> for Tell<M> {
+    fn handle<'a>(
+        self: Box<Self>,
+        actor: &'a mut A,
+        ctx: &'a mut TaskContext<A>,
+    ) -> BoxFuture<'a, Result<(), Failure>> {
+        Box::pin(async move { actor.handle(self.0, ctx).await.map(|_| ()) })
+    }
+}
+
+impl<A: TaskHandler<M>, M: Message> TaskHandle<A> for Request<M> {
+    fn cancelled(&self) -> bool {
+        self.reply.is_closed()
+    }
+
+    fn handle<'a>(
+        self: Box<Self>,
+        actor: &'a mut A,
+        ctx: &'a mut TaskContext<A>,
+    ) -> BoxFuture<'a, Result<(), Failure>> {
+        let Request { msg, mut reply } = *self;
+        Box::pin(async move { reply.answer(actor.handle(msg, ctx).await) })
+    }
+}
+
+/// Spawns `actor` as a task of the current tokio runtime, with the default
+/// mailbox; it is not restarted if it fails (see [`TaskBuilder::supervise`]).
+/// Outside a tokio runtime the actor cannot start: the address returned is
+/// closed (sends fail with `Closed`) and a warning is logged.
+pub fn spawn_task<A: TaskActor>(actor: A) -> TaskAddr<A> {
+    let mut slot = Some(Box::new(actor));
+    TaskBuilder::new(move || slot.take().map(|actor| *actor)).spawn()
+}
+
+/// Configures and spawns one task actor, built by a factory (called again
+/// for each restart).
+///
+/// ```
+/// use postbox::{Restart, RestartStrategy, TaskActor, TaskBuilder};
+/// # #[derive(Default)] struct Worker;
+/// # impl TaskActor for Worker {}
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let worker = TaskBuilder::new(|| Some(Worker::default()))
+///     .mailbox(64)
+///     .name("worker")
+///     .supervise(RestartStrategy::new(Restart::Permanent))
+///     .spawn();
+/// assert_eq!(worker.stats().capacity, 64);
+/// # }
+/// ```
+#[must_use = "call .spawn() to start the actor"]
+pub struct TaskBuilder<A: TaskActor> {
+    factory: Box<dyn FnMut() -> Option<A> + Send>,
+    mailbox: usize,
+    name: Option<Arc<str>>,
+    own: Option<RestartStrategy>,
+}
+
+impl<A: TaskActor> fmt::Debug for TaskBuilder<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskBuilder")
+            .field("mailbox", &self.mailbox)
+            .field("name", &self.name)
+            .field("supervise", &self.own)
+            .finish()
+    }
+}
+
+impl<A: TaskActor> TaskBuilder<A> {
+    /// An actor built by `factory` (`None`: it cannot be built, and stops).
+    pub fn new(factory: impl FnMut() -> Option<A> + Send + 'static) -> Self {
+        TaskBuilder {
+            factory: Box::new(factory),
+            mailbox: DEFAULT_MAILBOX,
+            name: None,
+            own: None,
+        }
+    }
+
+    /// Mailbox capacity (at least 1). A full mailbox makes `send` wait.
+    pub fn mailbox(mut self, capacity: usize) -> Self {
+        self.mailbox = capacity.max(1);
+        self
+    }
+
+    /// A name for logs and stats.
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Restarts the actor by `strategy` when it fails, from its factory;
+    /// messages queued for it are kept across restarts.
+    pub fn supervise(mut self, strategy: RestartStrategy) -> Self {
+        self.own = Some(strategy);
+        self
+    }
+
+    /// Starts the actor as a task of the current tokio runtime and returns
+    /// its address at once. Outside a runtime, see [`spawn_task`].
+    pub fn spawn(self) -> TaskAddr<A> {
+        match Handle::try_current() {
+            Ok(runtime) => self.spawn_on(&runtime),
+            Err(_) => {
+                let (addr, cell) = self.prepare(None);
+                tracing::warn!(actor = %addr.id(), "task actor spawned outside a tokio runtime: it is closed");
+                drop(cell);
+                addr
+            }
+        }
+    }
+
+    /// Starts the actor as a task of `runtime`.
+    pub fn spawn_on(self, runtime: &Handle) -> TaskAddr<A> {
+        let (addr, cell) = self.prepare(Some(runtime.clone()));
+        if let Some(cell) = cell {
+            runtime.spawn(run(cell));
+        }
+        addr
+    }
+
+    fn prepare(self, runtime: Option<Handle>) -> (TaskAddr<A>, Option<TaskCell<A>>) {
+        let (tx, rx) = mpsc::channel(self.mailbox);
+        let shared = Arc::new(Shared::new(self.name, &tx));
+        let weak = tx.downgrade();
+        let addr = TaskAddr {
+            tx,
+            shared: shared.clone(),
+        };
+        let ended = Ended {
+            shared: shared.clone(),
+            done: false,
+        };
+        // Without a runtime the cell is dropped here, which ends the actor
+        // for good (its watchers fire, its mailbox closes).
+        let cell = runtime.map(|runtime| TaskCell {
+            factory: self.factory,
+            rx,
+            weak,
+            shared,
+            runtime,
+            own: self.own.map(|s| Box::new(SelfSupervision::new(s))),
+            ended,
+        });
+        (addr, cell)
+    }
+}
+
+/// The address of a task actor: send it any message it handles.
+///
+/// Cloning is cheap. The actor stops when every address to it is dropped
+/// (once its mailbox is drained), when it stops itself, or when it is
+/// stopped.
+pub struct TaskAddr<A: TaskActor> {
+    tx: mpsc::Sender<TaskEnvelope<A>>,
+    shared: Arc<Shared>,
+}
+
+impl<A: TaskActor> Clone for TaskAddr<A> {
+    fn clone(&self) -> Self {
+        TaskAddr {
+            tx: self.tx.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<A: TaskActor> fmt::Debug for TaskAddr<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskAddr")
+            .field("id", &self.shared.id)
+            .field("name", &self.shared.name)
+            .finish()
+    }
+}
+
+impl<A: TaskActor> TaskAddr<A> {
+    /// Sends a one-way message, waiting while the mailbox is full.
+    pub async fn send<M>(&self, msg: M) -> Result<(), SendError<M>>
+    where
+        A: TaskHandler<M>,
+        M: Message,
+    {
+        match self.tx.reserve().await {
+            Ok(permit) => {
+                permit.send(Box::new(Tell(msg)));
+                Ok(())
+            }
+            Err(_) => Err(SendError(msg)),
+        }
+    }
+
+    /// Sends a one-way message if there is room now.
+    pub fn try_send<M>(&self, msg: M) -> Result<(), TrySendError<M>>
+    where
+        A: TaskHandler<M>,
+        M: Message,
+    {
+        match self.tx.try_reserve() {
+            Ok(permit) => {
+                permit.send(Box::new(Tell(msg)));
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(())) => Err(TrySendError::Full(msg)),
+            Err(mpsc::error::TrySendError::Closed(())) => Err(TrySendError::Closed(msg)),
+        }
+    }
+
+    /// Sends a request and resolves to the handler's reply; add
+    /// `.timeout(d)` to bound the wait (room in the mailbox included).
+    pub fn ask<M>(&self, msg: M) -> TaskAsk<'_, A, M>
+    where
+        A: TaskHandler<M>,
+        M: Message,
+    {
+        TaskAsk {
+            addr: self,
+            msg,
+            timeout: None,
+        }
+    }
+
+    /// A handle that accepts only `M`, hiding the actor type (and whether
+    /// it is a task actor).
+    pub fn recipient<M>(&self) -> Recipient<M>
+    where
+        A: TaskHandler<M>,
+        M: Message,
+    {
+        Recipient {
+            inner: Arc::new(self.clone()),
+        }
+    }
+
+    /// An untyped handle: identity, stats, stop, death watch.
+    pub fn any(&self) -> AnyAddr {
+        AnyAddr {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The actor's identity.
+    pub fn id(&self) -> ActorId {
+        self.shared.id
+    }
+
+    /// True once the actor has stopped for good.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Messages waiting in the mailbox.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Asks the actor to stop after the message it is handling (out of
+    /// band: a full mailbox does not delay it). Queued messages are dropped.
+    pub fn stop(&self) {
+        self.shared.control.send(Control::Stop { report: true });
+    }
+
+    /// The actor's counters.
+    pub fn stats(&self) -> ActorStats {
+        stats_of(&self.shared, self.queued(), self.tx.max_capacity())
+    }
+
+    /// Resolves when the actor has stopped for good, with the reason of its
+    /// last incarnation.
+    pub async fn terminated(&self) -> ExitReason {
+        self.any().terminated().await
+    }
+}
+
+impl<A: TaskHandler<M>, M: Message> ErasedAddr<M> for TaskAddr<A> {
+    fn send(&self, msg: M) -> BoxFuture<'_, Result<(), SendError<M>>> {
+        Box::pin(TaskAddr::send(self, msg))
+    }
+
+    fn try_send(&self, msg: M) -> Result<(), TrySendError<M>> {
+        TaskAddr::try_send(self, msg)
+    }
+
+    fn ask(&self, msg: M, timeout: Option<Duration>) -> BoxFuture<'_, Result<M::Reply, AskError>> {
+        let ask = TaskAddr::ask(self, msg);
+        match timeout {
+            Some(d) => ask.timeout(d).into_future(),
+            None => ask.into_future(),
+        }
+    }
+
+    fn any(&self) -> AnyAddr {
+        TaskAddr::any(self)
+    }
+
+    fn is_closed(&self) -> bool {
+        TaskAddr::is_closed(self)
+    }
+}
+
+/// A pending request to a task actor; `.await` it, optionally after
+/// `.timeout(d)`. As [`Ask`](crate::Ask): a request whose asker gave up is
+/// skipped by the actor, not handled.
+#[must_use = "an ask does nothing until awaited"]
+pub struct TaskAsk<'a, A: TaskHandler<M>, M: Message> {
+    addr: &'a TaskAddr<A>,
+    msg: M,
+    timeout: Option<Duration>,
+}
+
+impl<A: TaskHandler<M>, M: Message> fmt::Debug for TaskAsk<'_, A, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskAsk")
+            .field("to", &self.addr.id())
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl<A: TaskHandler<M>, M: Message> TaskAsk<'_, A, M> {
+    /// Gives up with [`AskError::Timeout`] after `d` (waiting for mailbox
+    /// room included).
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = Some(d);
+        self
+    }
+}
+
+impl<'a, A: TaskHandler<M>, M: Message> IntoFuture for TaskAsk<'a, A, M> {
+    type Output = Result<M::Reply, AskError>;
+    type IntoFuture = BoxFuture<'a, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        let TaskAsk { addr, msg, timeout } = self;
+        let ask = exchange(&addr.tx, msg, |r| -> TaskEnvelope<A> { Box::new(r) });
+        match timeout {
+            None => Box::pin(ask),
+            Some(d) => Box::pin(with_timeout(d, ask)),
+        }
+    }
+}
+
+/// The context of one task actor incarnation, passed to every handler and
+/// hook: its identity, its address, stopping, and tasks tied to the
+/// incarnation.
+pub struct TaskContext<A: TaskActor> {
+    weak: mpsc::WeakSender<TaskEnvelope<A>>,
+    shared: Arc<Shared>,
+    runtime: Handle,
+    incarnation: u64,
+    stopping: bool,
+    tasks: Vec<AbortHandle>,
+}
+
+impl<A: TaskActor> fmt::Debug for TaskContext<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskContext")
+            .field("id", &self.shared.id)
+            .field("incarnation", &self.incarnation)
+            .finish()
+    }
+}
+
+impl<A: TaskActor> TaskContext<A> {
+    /// The actor's identity (stable across restarts).
+    pub fn id(&self) -> ActorId {
+        self.shared.id
+    }
+
+    /// The actor's name, if it was spawned with one.
+    pub fn name(&self) -> Option<&str> {
+        self.shared.name.as_deref()
+    }
+
+    /// The current incarnation: 1 for the first, +1 for every restart.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// The actor's own address; `None` only when every address to it has
+    /// been dropped (it then stops once its mailbox is drained).
+    pub fn addr(&self) -> Option<TaskAddr<A>> {
+        self.weak.upgrade().map(|tx| TaskAddr {
+            tx,
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// The actor's untyped handle.
+    pub fn any(&self) -> AnyAddr {
+        AnyAddr {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The tokio runtime the actor runs on.
+    pub fn runtime(&self) -> &Handle {
+        &self.runtime
+    }
+
+    /// Stops the actor normally once the current handler returns.
+    pub fn stop(&mut self) {
+        self.stopping = true;
+    }
+
+    /// Spawns a task on the actor's runtime; it is aborted when this
+    /// incarnation ends. The task does not get `&mut self`: send the actor
+    /// a message for that.
+    pub fn spawn(&mut self, fut: impl Future<Output = ()> + Send + 'static) {
+        if self.tasks.len() >= 64 {
+            self.tasks.retain(|t| !t.is_finished());
+        }
+        self.tasks.push(self.runtime.spawn(fut).abort_handle());
+    }
+
+    /// Sends `msg` to this actor after `delay` (cancelled if the incarnation
+    /// ends first). Obeys tokio's clock, so paused-time tests control it.
+    pub fn notify_later<M>(&mut self, msg: M, delay: Duration)
+    where
+        A: TaskHandler<M>,
+        M: Message,
+    {
+        let weak = self.weak.clone();
+        let shared = self.shared.clone();
+        let at = crate::clock::deadline(delay);
+        self.spawn(async move {
+            tokio::time::sleep_until(at).await;
+            if let Some(tx) = weak.upgrade() {
+                let _ = TaskAddr { tx, shared }.send(msg).await;
+            }
+        });
+    }
+
+    fn abort_tasks(&mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// The task that hosts one task actor for its whole life, across restarts.
+struct TaskCell<A: TaskActor> {
+    factory: Box<dyn FnMut() -> Option<A> + Send>,
+    rx: mpsc::Receiver<TaskEnvelope<A>>,
+    weak: mpsc::WeakSender<TaskEnvelope<A>>,
+    shared: Arc<Shared>,
+    runtime: Handle,
+    own: Option<Box<SelfSupervision>>,
+    ended: Ended,
+}
+
+/// How one incarnation ended.
+enum End {
+    /// On its own (stop, failure, mailbox closed).
+    Exit(ExitReason),
+    /// Stop ordered from outside; `report`: as [`Control::Stop`].
+    Stop { report: bool },
+}
+
+/// Runs incarnations until the actor stops for good, as the arbiter cell
+/// does for ordinary actors (see `cell`), restarting by the actor's own
+/// strategy.
+async fn run<A: TaskActor>(mut cell: TaskCell<A>) {
+    let span =
+        tracing::debug_span!("actor", id = %cell.shared.id, name = cell.shared.name.as_deref());
+    let last = loop {
+        let incarnation = cell.shared.begin_incarnation();
+        if incarnation > 1 {
+            cell.shared.restarts.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut ctx = TaskContext {
+            weak: cell.weak.clone(),
+            shared: cell.shared.clone(),
+            runtime: cell.runtime.clone(),
+            incarnation,
+            stopping: false,
+            tasks: Vec::new(),
+        };
+        let end = live(
+            &mut cell.factory,
+            &mut ctx,
+            &mut cell.rx,
+            &cell.shared.control,
+        )
+        .await;
+        ctx.abort_tasks();
+        let (reason, from_outside) = match end {
+            End::Exit(reason) => (reason, false),
+            End::Stop { report: false } => break ExitReason::Stopped,
+            End::Stop { report: true } => (ExitReason::Stopped, true),
+        };
+        if let ExitReason::Failed(failure) = &reason {
+            cell.shared.failures.fetch_add(1, Ordering::Relaxed);
+            span.in_scope(|| tracing::warn!(incarnation, %failure, "actor failed"));
+        }
+        cell.shared.end_incarnation(incarnation, &reason, false);
+        let Some(own) = cell.own.as_mut().filter(|_| !from_outside) else {
+            break reason;
+        };
+        match span.in_scope(|| own.decide(reason)) {
+            Ok(delay) if pause_unless_stopped(delay, &cell.shared.control).await => continue,
+            Ok(_) => break ExitReason::Stopped,
+            Err(reason) => break reason,
+        }
+    };
+    // As the arbiter cell: `recv` until closed, so that a request sent
+    // through a slot reserved before the close is dropped (its asker gets
+    // `Closed`) instead of waiting forever.
+    cell.rx.close();
+    while cell.rx.recv().await.is_some() {}
+    cell.shared.end_incarnation(u64::MAX, &last, true);
+    cell.ended.done = true;
+    span.in_scope(|| tracing::debug!(reason = %last, "actor terminated"));
+}
+
+/// One incarnation: built, started, fed messages one at a time with panics
+/// caught, stopped.
+async fn live<A: TaskActor>(
+    factory: &mut Box<dyn FnMut() -> Option<A> + Send>,
+    ctx: &mut TaskContext<A>,
+    rx: &mut mpsc::Receiver<TaskEnvelope<A>>,
+    control: &ControlBox,
+) -> End {
+    let mut actor = match std::panic::catch_unwind(AssertUnwindSafe(factory)) {
+        Ok(Some(actor)) => actor,
+        Ok(None) => return End::Stop { report: false },
+        Err(panic) => return End::Exit(ExitReason::Failed(Failure::from_panic(panic))),
+    };
+    let shared = ctx.shared.clone();
+    let end = match AssertUnwindSafe(Box::pin(actor.started(ctx)))
+        .catch_unwind()
+        .await
+    {
+        Ok(Ok(())) => None,
+        Ok(Err(failure)) => Some(End::Exit(ExitReason::Failed(failure))),
+        Err(panic) => Some(End::Exit(ExitReason::Failed(Failure::from_panic(panic)))),
+    };
+    let end = match end {
+        Some(end) => end,
+        None => loop {
+            if ctx.stopping {
+                break End::Exit(ExitReason::Normal);
+            }
+            tokio::select! {
+                biased;
+                cmd = control.recv() => match cmd {
+                    Control::Stop { report } => break End::Stop { report },
+                    // Only a supervisor restarts from outside, and a task
+                    // actor has none.
+                    Control::Restart { .. } => {}
+                },
+                envelope = rx.recv() => {
+                    let Some(envelope) = envelope else { break End::Exit(ExitReason::Normal) };
+                    if envelope.cancelled() {
+                        shared.skipped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let outcome = AssertUnwindSafe(envelope.handle(&mut actor, ctx)).catch_unwind().await;
+                    shared.handled.fetch_add(1, Ordering::Relaxed);
+                    match outcome {
+                        Ok(Ok(())) => {}
+                        Ok(Err(failure)) => break End::Exit(ExitReason::Failed(failure)),
+                        Err(panic) => break End::Exit(ExitReason::Failed(Failure::from_panic(panic))),
+                    }
+                }
+            }
+        },
+    };
+    if let Err(panic) = AssertUnwindSafe(Box::pin(actor.stopped(ctx)))
+        .catch_unwind()
+        .await
+    {
+        tracing::warn!(actor = %shared.id, failure = %Failure::from_panic(panic), "panic in stopped()");
+    }
+    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(move || drop(actor))) {
+        tracing::warn!(actor = %shared.id, failure = %Failure::from_panic(panic), "panic in drop");
+    }
+    end
+}
