@@ -349,13 +349,7 @@ impl<A: Actor> Addr<A> {
         A: Handler<M>,
         M: Message,
     {
-        match self.tx.reserve().await {
-            Ok(permit) => {
-                permit.send(Box::new(Tell(msg)));
-                Ok(())
-            }
-            Err(_) => Err(SendError(msg)),
-        }
+        send_into(&self.tx, msg, |m| -> Envelope<A> { Box::new(Tell(m)) }).await
     }
 
     /// Sends a one-way message if there is room now.
@@ -364,14 +358,7 @@ impl<A: Actor> Addr<A> {
         A: Handler<M>,
         M: Message,
     {
-        match self.tx.try_reserve() {
-            Ok(permit) => {
-                permit.send(Box::new(Tell(msg)));
-                Ok(())
-            }
-            Err(mpsc::error::TrySendError::Full(())) => Err(TrySendError::Full(msg)),
-            Err(mpsc::error::TrySendError::Closed(())) => Err(TrySendError::Closed(msg)),
-        }
+        try_send_into(&self.tx, msg, |m| -> Envelope<A> { Box::new(Tell(m)) })
     }
 
     /// Waits for room in the mailbox and reserves it: sending through the
@@ -474,6 +461,38 @@ impl<A: Actor> Addr<A> {
     /// incarnation.
     pub async fn terminated(&self) -> ExitReason {
         self.any().terminated().await
+    }
+}
+
+/// Sends `msg`, wrapped into the mailbox's envelope type, once the mailbox
+/// has room; hands it back if the mailbox is closed.
+pub(crate) async fn send_into<E, M>(
+    mailbox: &mpsc::Sender<E>,
+    msg: M,
+    wrap: impl FnOnce(M) -> E,
+) -> Result<(), SendError<M>> {
+    match mailbox.reserve().await {
+        Ok(permit) => {
+            permit.send(wrap(msg));
+            Ok(())
+        }
+        Err(_) => Err(SendError(msg)),
+    }
+}
+
+/// [`send_into`] if there is room now.
+pub(crate) fn try_send_into<E, M>(
+    mailbox: &mpsc::Sender<E>,
+    msg: M,
+    wrap: impl FnOnce(M) -> E,
+) -> Result<(), TrySendError<M>> {
+    match mailbox.try_reserve() {
+        Ok(permit) => {
+            permit.send(wrap(msg));
+            Ok(())
+        }
+        Err(mpsc::error::TrySendError::Full(())) => Err(TrySendError::Full(msg)),
+        Err(mpsc::error::TrySendError::Closed(())) => Err(TrySendError::Closed(msg)),
     }
 }
 

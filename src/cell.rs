@@ -222,22 +222,14 @@ async fn live<A: Actor>(
     rx: &mut mpsc::Receiver<Envelope<A>>,
     control: &ControlBox,
 ) -> End {
-    let mut actor = match std::panic::catch_unwind(AssertUnwindSafe(factory)) {
+    let mut actor = match build(factory) {
         Ok(Some(actor)) => actor,
         Ok(None) => return End::Stop { report: false },
-        Err(panic) => return End::Exit(ExitReason::Failed(Failure::from_panic(panic))),
+        Err(reason) => return End::Exit(reason),
     };
     let shared = ctx.any().shared;
-    let end = match AssertUnwindSafe(Box::pin(actor.started(ctx)))
-        .catch_unwind()
-        .await
-    {
-        Ok(Ok(())) => None,
-        Ok(Err(failure)) => Some(End::Exit(ExitReason::Failed(failure))),
-        Err(panic) => Some(End::Exit(ExitReason::Failed(Failure::from_panic(panic)))),
-    };
-    let end = match end {
-        Some(end) => end,
+    let end = match caught(Box::pin(actor.started(ctx))).await {
+        Some(reason) => End::Exit(reason),
         None => loop {
             if ctx.is_stopping() {
                 break End::Exit(ExitReason::Normal);
@@ -257,35 +249,67 @@ async fn live<A: Actor>(
                         shared.skipped.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    let outcome = AssertUnwindSafe(envelope.handle(&mut actor, ctx)).catch_unwind().await;
+                    let failed = caught(envelope.handle(&mut actor, ctx)).await;
                     shared.handled.fetch_add(1, Ordering::Relaxed);
                     busy_poll::note_handled();
-                    match outcome {
-                        Ok(Ok(())) => {}
-                        Ok(Err(failure)) => break End::Exit(ExitReason::Failed(failure)),
-                        Err(panic) => break End::Exit(ExitReason::Failed(Failure::from_panic(panic))),
+                    if let Some(reason) = failed {
+                        break End::Exit(reason);
                     }
-                    if rx.is_empty() {
-                        match AssertUnwindSafe(actor.drained(ctx)).catch_unwind().await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(failure)) => break End::Exit(ExitReason::Failed(failure)),
-                            Err(panic) => break End::Exit(ExitReason::Failed(Failure::from_panic(panic))),
-                        }
+                    if rx.is_empty() && let Some(reason) = caught(actor.drained(ctx)).await {
+                        break End::Exit(reason);
                     }
                 }
             }
         },
     };
-    if let Err(panic) = AssertUnwindSafe(Box::pin(actor.stopped(ctx)))
+    stopped_caught(Box::pin(actor.stopped(ctx)), &shared).await;
+    drop_caught(actor, &shared);
+    end
+}
+
+/// A fresh actor from the factory: `Ok(None)` if it cannot be built, `Err`
+/// if the factory panicked.
+pub(crate) fn build<A>(
+    factory: &mut (dyn FnMut() -> Option<A> + Send),
+) -> Result<Option<A>, ExitReason> {
+    std::panic::catch_unwind(AssertUnwindSafe(factory))
+        .map_err(|panic| ExitReason::Failed(Failure::from_panic(panic)))
+}
+
+/// Runs a hook's or a handler's future with its panic caught: the reason
+/// the incarnation ends if it failed or panicked, `None` if it went well.
+/// (A combinator, not an `async fn`: no second copy of `run` in the state
+/// of every idle actor's task.)
+pub(crate) fn caught(
+    run: impl Future<Output = Result<(), Failure>>,
+) -> impl Future<Output = Option<ExitReason>> {
+    AssertUnwindSafe(run)
         .catch_unwind()
-        .await
-    {
-        tracing::warn!(actor = %shared.id, failure = %Failure::from_panic(panic), "panic in stopped()");
-    }
+        .map(|outcome| match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(failure)) => Some(ExitReason::Failed(failure)),
+            Err(panic) => Some(ExitReason::Failed(Failure::from_panic(panic))),
+        })
+}
+
+/// Runs the `stopped` hook; its panic is logged (the incarnation is over
+/// anyway).
+pub(crate) fn stopped_caught<'a>(
+    stopped: impl Future<Output = ()> + 'a,
+    shared: &'a Shared,
+) -> impl Future<Output = ()> + 'a {
+    AssertUnwindSafe(stopped).catch_unwind().map(move |outcome| {
+        if let Err(panic) = outcome {
+            tracing::warn!(actor = %shared.id, failure = %Failure::from_panic(panic), "panic in stopped()");
+        }
+    })
+}
+
+/// Drops an incarnation's actor; a panic in its `Drop` is logged.
+pub(crate) fn drop_caught<A>(actor: A, shared: &Shared) {
     if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(move || drop(actor))) {
         tracing::warn!(actor = %shared.id, failure = %Failure::from_panic(panic), "panic in drop");
     }
-    end
 }
 
 #[cfg(test)]

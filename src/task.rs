@@ -76,12 +76,10 @@
 
 use std::fmt;
 use std::future::{Future, IntoFuture};
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -90,10 +88,10 @@ use tokio::task::AbortHandle;
 use crate::actor::Message;
 use crate::addr::{
     ActorId, ActorStats, AnyAddr, Control, ControlBox, ErasedAddr, Recipient, SendError, Shared,
-    TrySendError, stats_of,
+    TrySendError, send_into, stats_of, try_send_into,
 };
 use crate::ask::{AskError, exchange, with_timeout};
-use crate::cell::{Ended, pause_unless_stopped};
+use crate::cell::{Ended, build, caught, drop_caught, pause_unless_stopped, stopped_caught};
 use crate::envelope::{Request, Tell};
 use crate::failure::{ExitReason, Failure};
 use crate::runtime::DEFAULT_MAILBOX;
@@ -335,13 +333,7 @@ impl<A: TaskActor> TaskAddr<A> {
         A: TaskHandler<M>,
         M: Message,
     {
-        match self.tx.reserve().await {
-            Ok(permit) => {
-                permit.send(Box::new(Tell(msg)));
-                Ok(())
-            }
-            Err(_) => Err(SendError(msg)),
-        }
+        send_into(&self.tx, msg, |m| -> TaskEnvelope<A> { Box::new(Tell(m)) }).await
     }
 
     /// Sends a one-way message if there is room now.
@@ -350,14 +342,7 @@ impl<A: TaskActor> TaskAddr<A> {
         A: TaskHandler<M>,
         M: Message,
     {
-        match self.tx.try_reserve() {
-            Ok(permit) => {
-                permit.send(Box::new(Tell(msg)));
-                Ok(())
-            }
-            Err(mpsc::error::TrySendError::Full(())) => Err(TrySendError::Full(msg)),
-            Err(mpsc::error::TrySendError::Closed(())) => Err(TrySendError::Closed(msg)),
-        }
+        try_send_into(&self.tx, msg, |m| -> TaskEnvelope<A> { Box::new(Tell(m)) })
     }
 
     /// Sends a request and resolves to the handler's reply; add
@@ -675,22 +660,14 @@ async fn live<A: TaskActor>(
     rx: &mut mpsc::Receiver<TaskEnvelope<A>>,
     control: &ControlBox,
 ) -> End {
-    let mut actor = match std::panic::catch_unwind(AssertUnwindSafe(factory)) {
+    let mut actor = match build(factory) {
         Ok(Some(actor)) => actor,
         Ok(None) => return End::Stop { report: false },
-        Err(panic) => return End::Exit(ExitReason::Failed(Failure::from_panic(panic))),
+        Err(reason) => return End::Exit(reason),
     };
     let shared = ctx.shared.clone();
-    let end = match AssertUnwindSafe(Box::pin(actor.started(ctx)))
-        .catch_unwind()
-        .await
-    {
-        Ok(Ok(())) => None,
-        Ok(Err(failure)) => Some(End::Exit(ExitReason::Failed(failure))),
-        Err(panic) => Some(End::Exit(ExitReason::Failed(Failure::from_panic(panic)))),
-    };
-    let end = match end {
-        Some(end) => end,
+    let end = match caught(Box::pin(actor.started(ctx))).await {
+        Some(reason) => End::Exit(reason),
         None => loop {
             if ctx.stopping {
                 break End::Exit(ExitReason::Normal);
@@ -709,25 +686,16 @@ async fn live<A: TaskActor>(
                         shared.skipped.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    let outcome = AssertUnwindSafe(envelope.handle(&mut actor, ctx)).catch_unwind().await;
+                    let failed = caught(envelope.handle(&mut actor, ctx)).await;
                     shared.handled.fetch_add(1, Ordering::Relaxed);
-                    match outcome {
-                        Ok(Ok(())) => {}
-                        Ok(Err(failure)) => break End::Exit(ExitReason::Failed(failure)),
-                        Err(panic) => break End::Exit(ExitReason::Failed(Failure::from_panic(panic))),
+                    if let Some(reason) = failed {
+                        break End::Exit(reason);
                     }
                 }
             }
         },
     };
-    if let Err(panic) = AssertUnwindSafe(Box::pin(actor.stopped(ctx)))
-        .catch_unwind()
-        .await
-    {
-        tracing::warn!(actor = %shared.id, failure = %Failure::from_panic(panic), "panic in stopped()");
-    }
-    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(move || drop(actor))) {
-        tracing::warn!(actor = %shared.id, failure = %Failure::from_panic(panic), "panic in drop");
-    }
+    stopped_caught(Box::pin(actor.stopped(ctx)), &shared).await;
+    drop_caught(actor, &shared);
     end
 }
