@@ -349,7 +349,15 @@ impl<A: Actor> Addr<A> {
         A: Handler<M>,
         M: Message,
     {
-        send_into(&self.tx, msg, |m| -> Envelope<A> { Box::new(Tell(m)) }).await
+        // Not through `send_into`: the hottest path of the actor layer, a
+        // few percent faster written out (its future is smaller).
+        match self.tx.reserve().await {
+            Ok(permit) => {
+                permit.send(Box::new(Tell(msg)));
+                Ok(())
+            }
+            Err(_) => Err(SendError(msg)),
+        }
     }
 
     /// Sends a one-way message if there is room now.
