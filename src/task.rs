@@ -21,10 +21,10 @@
 //! handlers that run one at a time with `&mut self` across `.await`s,
 //! panics and errors contained, restarts by a [`RestartStrategy`] with the
 //! mailbox kept ([`TaskBuilder::supervise`]), [`AnyAddr`] (identity, stats,
-//! stop, death watch) and [`Recipient`]. What it has not: a place under a
-//! [`Supervisor`](crate::Supervisor) (it supervises itself), the `drained`
-//! hook, and `Context::watch` (use [`AnyAddr::on_exit`]). It ends for good
-//! when its runtime shuts down.
+//! stop, death watch, also into its mailbox with [`TaskContext::watch`])
+//! and [`Recipient`]. What it has not: a place under a
+//! [`Supervisor`](crate::Supervisor) (it supervises itself) and the
+//! `drained` hook. It ends for good when its runtime shuts down.
 //!
 //! ```
 //! use postbox::{Failure, Message, TaskActor, TaskContext, TaskHandler};
@@ -566,6 +566,34 @@ impl<A: TaskActor> TaskContext<A> {
             tokio::time::sleep_until(at).await;
             if let Some(tx) = weak.upgrade() {
                 let _ = TaskAddr { tx, shared }.send(msg).await;
+            }
+        });
+    }
+
+    /// Death watch: when `target`'s given incarnation (`None`: its current
+    /// one) ends, this actor receives `f(reason)`. Fires at once if it
+    /// already ended. As [`Context::watch`](crate::Context::watch): the
+    /// dying actor never waits on this one's full mailbox (the notice then
+    /// goes from a task of this actor's runtime).
+    pub fn watch<M>(
+        &mut self,
+        target: &AnyAddr,
+        incarnation: Option<u64>,
+        f: impl FnOnce(ExitReason) -> M + Send + 'static,
+    ) where
+        A: TaskHandler<M>,
+        M: Message,
+    {
+        let weak = self.weak.clone();
+        let shared = self.shared.clone();
+        let runtime = self.runtime.clone();
+        target.on_exit(incarnation, move |reason| {
+            let Some(tx) = weak.upgrade() else { return };
+            let addr = TaskAddr { tx, shared };
+            if let Err(TrySendError::Full(msg)) = addr.try_send(f(reason)) {
+                runtime.spawn(async move {
+                    let _ = addr.send(msg).await;
+                });
             }
         });
     }

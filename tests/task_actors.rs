@@ -371,3 +371,84 @@ async fn an_ask_racing_the_task_actor_stopping_always_gets_an_answer() {
         );
     }
 }
+
+/// Records the deaths it is told of.
+struct Watcher {
+    deaths: Vec<(&'static str, String)>,
+}
+impl TaskActor for Watcher {}
+
+struct Died(&'static str, ExitReason);
+impl Message for Died {
+    type Reply = ();
+}
+impl TaskHandler<Died> for Watcher {
+    async fn handle(
+        &mut self,
+        Died(who, why): Died,
+        _: &mut TaskContext<Self>,
+    ) -> Result<(), Failure> {
+        let why = match why {
+            ExitReason::Failed(failure) => format!("failed: {:?}", failure.kind()),
+            other => format!("{other:?}"),
+        };
+        self.deaths.push((who, why));
+        Ok(())
+    }
+}
+
+/// Asks the watcher to watch `target`.
+struct Watch(&'static str, postbox::AnyAddr);
+impl Message for Watch {
+    type Reply = ();
+}
+impl TaskHandler<Watch> for Watcher {
+    async fn handle(
+        &mut self,
+        Watch(who, target): Watch,
+        ctx: &mut TaskContext<Self>,
+    ) -> Result<(), Failure> {
+        ctx.watch(&target, None, move |why| Died(who, why));
+        Ok(())
+    }
+}
+
+struct Deaths;
+impl Message for Deaths {
+    type Reply = Vec<(&'static str, String)>;
+}
+impl TaskHandler<Deaths> for Watcher {
+    async fn handle(
+        &mut self,
+        _: Deaths,
+        _: &mut TaskContext<Self>,
+    ) -> Result<Vec<(&'static str, String)>, Failure> {
+        Ok(self.deaths.clone())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_actor_is_told_when_a_watched_actor_ends() {
+    let watcher = spawn_task(Watcher { deaths: Vec::new() });
+    let crasher = worker(&open_gate(), &Arc::default()).spawn();
+    let stopped = worker(&open_gate(), &Arc::default()).spawn();
+    watcher.ask(Watch("crasher", crasher.any())).await.unwrap();
+    watcher.ask(Watch("stopped", stopped.any())).await.unwrap();
+    assert!(crasher.ask(Crash(13)).await.is_err());
+    crasher.terminated().await;
+    stopped.stop();
+    stopped.terminated().await;
+    // Already ended: told at once.
+    watcher.ask(Watch("late", crasher.any())).await.unwrap();
+    tokio::task::yield_now().await;
+    let mut deaths = watcher.ask(Deaths).await.unwrap();
+    deaths.sort();
+    assert_eq!(
+        deaths,
+        [
+            ("crasher", "failed: Panic".to_string()),
+            ("late", "failed: Panic".to_string()),
+            ("stopped", "Stopped".to_string()),
+        ]
+    );
+}
