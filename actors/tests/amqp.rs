@@ -561,6 +561,25 @@ async fn what_rabbitmq_cannot_carry_is_refused_before_anything_is_sent() -> Test
         "{err:?}"
     );
     assert_eq!(broker.queue_stats(&queue).await?.stats.ready, 0);
+
+    // Streams are embedded only (README, "postbox on RabbitMQ"): refused,
+    // and nothing is declared on the server under that name.
+    let stream = unique("stream");
+    let err = broker
+        .declare_stream(&stream, postbox_actors::StreamOptions::default())
+        .await
+        .expect_err("streams are embedded only");
+    assert!(
+        matches!(err, postbox_actors::StreamError::Unsupported(_)),
+        "{err:?}"
+    );
+    assert!(
+        matches!(
+            broker.queue_stats(&stream).await,
+            Err(BrokerError::QueueNotFound(_))
+        ),
+        "nothing declared"
+    );
     broker
         .delete_queue(&queue, DeleteOptions::default())
         .await?;
