@@ -71,7 +71,8 @@ enum End {
     Stop { report: bool },
 }
 
-enum Decision {
+/// What a supervisor decided about an ended incarnation.
+pub(crate) enum Decision {
     Restart(Duration),
     Stop,
 }
@@ -171,7 +172,7 @@ async fn terminate<A: Actor>(mut cell: Cell<A>, last: ExitReason, span: tracing:
 
 /// Waits out a restart's backoff. No delay costs nothing: a zero-length
 /// sleep would still wait for the timer wheel's next tick (a millisecond).
-async fn pause(delay: Duration) {
+pub(crate) async fn pause(delay: Duration) {
     if !delay.is_zero() {
         // Boxed: a timer entry is large, and every idle actor's task would
         // otherwise reserve room for one.
@@ -199,7 +200,9 @@ pub(crate) async fn pause_unless_stopped(delay: Duration, control: &ControlBox) 
     )
 }
 
-async fn decision(control: &ControlBox, incarnation: u64) -> Decision {
+/// Waits in the control inbox for the supervisor's decision about
+/// `incarnation` (a restart ordered for an earlier one is stale).
+pub(crate) async fn decision(control: &ControlBox, incarnation: u64) -> Decision {
     loop {
         match control.recv().await {
             Control::Restart {

@@ -80,6 +80,6 @@ pub use failure::{ExitReason, Failure, FailureKind};
 pub use runtime::{Builder, DEFAULT_MAILBOX, Runtime, RuntimeBuilder, RuntimeHandle, ShutdownHook};
 pub use supervisor::{
     Backoff, ChildInfo, ChildSpec, Restart, RestartStrategy, Strategy, Supervisor, SupervisorActor,
-    SupervisorError, SupervisorSpec,
+    SupervisorError, SupervisorSpec, TaskChildSpec,
 };
 pub use task::{TaskActor, TaskAddr, TaskAsk, TaskBuilder, TaskContext, TaskHandler, spawn_task};

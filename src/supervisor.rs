@@ -53,13 +53,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::runtime::Handle;
 use tokio::time::Instant;
 
 use crate::actor::{Actor, Handler, Message};
 use crate::addr::{Addr, AnyAddr, Control, WeakAddr};
+use crate::cell::Parent;
 use crate::context::Context;
 use crate::failure::{ExitReason, Failure, FailureKind};
 use crate::runtime::{DEFAULT_MAILBOX, RuntimeHandle};
+use crate::task::{TaskActor, TaskAddr, TaskBuilder};
 
 /// When a child is restarted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -255,26 +258,135 @@ impl<A: Actor> ErasedSpec for ChildSpec<A> {
             .build(move || Some(factory()))
             .mailbox(self.mailbox)
             .name(self.name.clone())
-            .parent(Box::new(move |incarnation, reason| {
-                let parent = parent.clone();
-                Box::pin(async move {
-                    match parent.upgrade() {
-                        Some(sup) => sup
-                            .send(ChildExited {
-                                key,
-                                incarnation,
-                                reason,
-                            })
-                            .await
-                            .is_ok(),
-                        None => false,
-                    }
-                })
-            }));
+            .parent(report_to(parent, key));
         if let Some(i) = self.arbiter {
             builder = builder.arbiter(i);
         }
         let addr = builder.spawn();
+        Started {
+            any: addr.any(),
+            typed: Box::new(move || Box::new(addr.clone())),
+        }
+    }
+}
+
+/// How a child tells its supervisor that an incarnation ended: false if the
+/// supervisor is gone (the child then stops for good).
+fn report_to(parent: WeakAddr<SupervisorActor>, key: u64) -> Parent {
+    Box::new(move |incarnation, reason| {
+        let parent = parent.clone();
+        Box::pin(async move {
+            match parent.upgrade() {
+                Some(sup) => sup
+                    .send(ChildExited {
+                        key,
+                        incarnation,
+                        reason,
+                    })
+                    .await
+                    .is_ok(),
+                None => false,
+            }
+        })
+    })
+}
+
+/// How to build and restart one [task actor](crate::TaskActor) child: as
+/// [`ChildSpec`], and the tokio runtime it runs on (a supervisor lives on an
+/// arbiter; its task children live where their askers are).
+///
+/// ```
+/// use postbox::{Restart, Runtime, Strategy, SupervisorSpec, TaskActor, TaskChildSpec};
+/// # #[derive(Default)] struct Cache;
+/// # impl TaskActor for Cache {}
+/// # #[tokio::main] async fn main() {
+/// let rt = Runtime::with_arbiters(1).unwrap();
+/// let here = tokio::runtime::Handle::current();
+/// let sup = SupervisorSpec::new("caches")
+///     .strategy(Strategy::OneForAll)
+///     .task_child(TaskChildSpec::new("users", &here, Cache::default))
+///     .task_child(TaskChildSpec::new("orders", &here, Cache::default).restart(Restart::Transient))
+///     .spawn(&rt);
+/// let users = sup.task_child::<Cache>("users").await.unwrap();
+/// assert!(!users.is_closed());
+/// # }
+/// ```
+pub struct TaskChildSpec<A: TaskActor> {
+    name: Arc<str>,
+    factory: Arc<dyn Fn() -> A + Send + Sync>,
+    restart: Restart,
+    mailbox: usize,
+    runtime: Handle,
+}
+
+impl<A: TaskActor> Clone for TaskChildSpec<A> {
+    fn clone(&self) -> Self {
+        TaskChildSpec {
+            name: self.name.clone(),
+            factory: self.factory.clone(),
+            restart: self.restart,
+            mailbox: self.mailbox,
+            runtime: self.runtime.clone(),
+        }
+    }
+}
+
+impl<A: TaskActor> fmt::Debug for TaskChildSpec<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskChildSpec")
+            .field("name", &self.name)
+            .field("restart", &self.restart)
+            .field("mailbox", &self.mailbox)
+            .finish()
+    }
+}
+
+impl<A: TaskActor> TaskChildSpec<A> {
+    /// A permanent child named `name`, a task of `runtime`, built by
+    /// `factory` at each (re)start.
+    pub fn new(
+        name: impl Into<Arc<str>>,
+        runtime: &Handle,
+        factory: impl Fn() -> A + Send + Sync + 'static,
+    ) -> Self {
+        TaskChildSpec {
+            name: name.into(),
+            factory: Arc::new(factory),
+            restart: Restart::Permanent,
+            mailbox: DEFAULT_MAILBOX,
+            runtime: runtime.clone(),
+        }
+    }
+
+    /// The restart policy.
+    pub fn restart(mut self, restart: Restart) -> Self {
+        self.restart = restart;
+        self
+    }
+
+    /// The mailbox capacity.
+    pub fn mailbox(mut self, capacity: usize) -> Self {
+        self.mailbox = capacity.max(1);
+        self
+    }
+}
+
+impl<A: TaskActor> ErasedSpec for TaskChildSpec<A> {
+    fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    fn restart(&self) -> Restart {
+        self.restart
+    }
+
+    fn start(&self, _: &RuntimeHandle, parent: WeakAddr<SupervisorActor>, key: u64) -> Started {
+        let factory = self.factory.clone();
+        let addr = TaskBuilder::new(move || Some(factory()))
+            .mailbox(self.mailbox)
+            .name(self.name.clone())
+            .parent(report_to(parent, key))
+            .spawn_on(&self.runtime);
         Started {
             any: addr.any(),
             typed: Box::new(move || Box::new(addr.clone())),
@@ -518,6 +630,13 @@ impl SupervisorSpec {
 
     /// Adds a child; children start in the order they are added.
     pub fn child<A: Actor>(mut self, spec: ChildSpec<A>) -> Self {
+        self.children.push(Arc::new(spec));
+        self
+    }
+
+    /// Adds a [task actor](crate::TaskActor) child (started in order with
+    /// the others, restarted by the same strategy).
+    pub fn task_child<A: TaskActor>(mut self, spec: TaskChildSpec<A>) -> Self {
         self.children.push(Arc::new(spec));
         self
     }
@@ -809,13 +928,37 @@ impl Supervisor {
 
     /// The typed address of the child named `name`.
     pub async fn child<A: Actor>(&self, name: &str) -> Result<Addr<A>, SupervisorError> {
-        let found = self
+        downcast(self.find(name).await?, name)
+    }
+
+    /// The address of the task actor child named `name`.
+    pub async fn task_child<A: TaskActor>(
+        &self,
+        name: &str,
+    ) -> Result<TaskAddr<A>, SupervisorError> {
+        downcast(self.find(name).await?, name)
+    }
+
+    /// Starts another task actor child.
+    pub async fn start_task_child<A: TaskActor>(
+        &self,
+        spec: TaskChildSpec<A>,
+    ) -> Result<TaskAddr<A>, SupervisorError> {
+        let name = spec.name.to_string();
+        let started = self
             .addr
+            .ask(StartChild(Arc::new(spec)))
+            .await
+            .map_err(|_| SupervisorError::Stopped)??;
+        downcast(started, &name)
+    }
+
+    async fn find(&self, name: &str) -> Result<Box<dyn Any + Send>, SupervisorError> {
+        self.addr
             .ask(GetChild(Arc::from(name)))
             .await
             .map_err(|_| SupervisorError::Stopped)?
-            .ok_or_else(|| SupervisorError::NoSuchChild(name.to_string()))?;
-        downcast(found, name)
+            .ok_or_else(|| SupervisorError::NoSuchChild(name.to_string()))
     }
 
     /// Starts another child.
@@ -865,9 +1008,11 @@ impl Supervisor {
     }
 }
 
-fn downcast<A: Actor>(found: Box<dyn Any + Send>, name: &str) -> Result<Addr<A>, SupervisorError> {
+/// A child's address, as the type it was started with (`Addr<A>` or
+/// `TaskAddr<A>`).
+fn downcast<T: Any>(found: Box<dyn Any + Send>, name: &str) -> Result<T, SupervisorError> {
     found
-        .downcast::<Addr<A>>()
+        .downcast::<T>()
         .map(|b| *b)
         .map_err(|_| SupervisorError::WrongType(name.to_string()))
 }

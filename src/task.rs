@@ -21,10 +21,12 @@
 //! handlers that run one at a time with `&mut self` across `.await`s,
 //! panics and errors contained, restarts by a [`RestartStrategy`] with the
 //! mailbox kept ([`TaskBuilder::supervise`]), [`AnyAddr`] (identity, stats,
-//! stop, death watch, also into its mailbox with [`TaskContext::watch`])
-//! and [`Recipient`]. What it has not: a place under a
-//! [`Supervisor`](crate::Supervisor) (it supervises itself) and the
-//! `drained` hook. It ends for good when its runtime shuts down.
+//! stop, death watch, also into its mailbox with [`TaskContext::watch`]),
+//! [`Recipient`], and a place in supervision trees: a
+//! [`Supervisor`](crate::Supervisor) restarts task actor children
+//! ([`TaskChildSpec`](crate::TaskChildSpec)) by its strategy, alongside
+//! arbiter ones. What it has not: the `drained` hook. It ends for good when
+//! its runtime shuts down.
 //!
 //! ```
 //! use postbox::{Failure, Message, TaskActor, TaskContext, TaskHandler};
@@ -91,7 +93,10 @@ use crate::addr::{
     TrySendError, send_into, stats_of, try_send_into,
 };
 use crate::ask::{AskError, exchange, with_timeout};
-use crate::cell::{Ended, build, caught, drop_caught, pause_unless_stopped, stopped_caught};
+use crate::cell::{
+    Decision, Ended, Parent, build, caught, decision, drop_caught, pause, pause_unless_stopped,
+    stopped_caught,
+};
 use crate::envelope::{Request, Tell};
 use crate::failure::{ExitReason, Failure};
 use crate::runtime::DEFAULT_MAILBOX;
@@ -206,6 +211,7 @@ pub struct TaskBuilder<A: TaskActor> {
     mailbox: usize,
     name: Option<Arc<str>>,
     own: Option<RestartStrategy>,
+    parent: Option<Parent>,
 }
 
 impl<A: TaskActor> fmt::Debug for TaskBuilder<A> {
@@ -226,6 +232,7 @@ impl<A: TaskActor> TaskBuilder<A> {
             mailbox: DEFAULT_MAILBOX,
             name: None,
             own: None,
+            parent: None,
         }
     }
 
@@ -242,9 +249,21 @@ impl<A: TaskActor> TaskBuilder<A> {
     }
 
     /// Restarts the actor by `strategy` when it fails, from its factory;
-    /// messages queued for it are kept across restarts.
+    /// messages queued for it are kept across restarts. (Under a
+    /// [`Supervisor`](crate::Supervisor), see
+    /// [`TaskChildSpec`](crate::TaskChildSpec), the supervisor decides.)
     pub fn supervise(mut self, strategy: RestartStrategy) -> Self {
-        self.own = Some(strategy);
+        if self.parent.is_none() {
+            self.own = Some(strategy);
+        }
+        self
+    }
+
+    /// Reports each ended incarnation to a supervisor and waits for its
+    /// decision, instead of deciding itself.
+    pub(crate) fn parent(mut self, parent: Parent) -> Self {
+        self.parent = Some(parent);
+        self.own = None;
         self
     }
 
@@ -291,6 +310,7 @@ impl<A: TaskActor> TaskBuilder<A> {
             weak,
             shared,
             runtime,
+            parent: self.parent,
             own: self.own.map(|s| Box::new(SelfSupervision::new(s))),
             ended,
         });
@@ -612,6 +632,9 @@ struct TaskCell<A: TaskActor> {
     weak: mpsc::WeakSender<TaskEnvelope<A>>,
     shared: Arc<Shared>,
     runtime: Handle,
+    /// Its supervisor, if it is a supervisor's child.
+    parent: Option<Parent>,
+    /// Restarts without a supervisor.
     own: Option<Box<SelfSupervision>>,
     ended: Ended,
 }
@@ -620,6 +643,8 @@ struct TaskCell<A: TaskActor> {
 enum End {
     /// On its own (stop, failure, mailbox closed).
     Exit(ExitReason),
+    /// Restart ordered by the supervisor (a sibling failed), after a delay.
+    Restart(Duration),
     /// Stop ordered from outside; `report`: as [`Control::Stop`].
     Stop { report: bool },
 }
@@ -653,6 +678,12 @@ async fn run<A: TaskActor>(mut cell: TaskCell<A>) {
         ctx.abort_tasks();
         let (reason, from_outside) = match end {
             End::Exit(reason) => (reason, false),
+            End::Restart(delay) => {
+                cell.shared
+                    .end_incarnation(incarnation, &ExitReason::Restarted, false);
+                pause(delay).await;
+                continue;
+            }
             End::Stop { report: false } => break ExitReason::Stopped,
             End::Stop { report: true } => (ExitReason::Stopped, true),
         };
@@ -661,6 +692,19 @@ async fn run<A: TaskActor>(mut cell: TaskCell<A>) {
             span.in_scope(|| tracing::warn!(incarnation, %failure, "actor failed"));
         }
         cell.shared.end_incarnation(incarnation, &reason, false);
+        if let Some(parent) = cell.parent.as_mut() {
+            // A supervisor's child: it decides, as for arbiter children.
+            if !parent(incarnation, reason.clone()).await {
+                break reason;
+            }
+            match decision(&cell.shared.control, incarnation).await {
+                Decision::Restart(delay) => {
+                    pause(delay).await;
+                    continue;
+                }
+                Decision::Stop => break reason,
+            }
+        }
         let Some(own) = cell.own.as_mut().filter(|_| !from_outside) else {
             break reason;
         };
@@ -704,8 +748,9 @@ async fn live<A: TaskActor>(
                 biased;
                 cmd = control.recv() => match cmd {
                     Control::Stop { report } => break End::Stop { report },
-                    // Only a supervisor restarts from outside, and a task
-                    // actor has none.
+                    Control::Restart { incarnation, delay } if incarnation >= ctx.incarnation => {
+                        break End::Restart(delay)
+                    }
                     Control::Restart { .. } => {}
                 },
                 envelope = rx.recv() => {

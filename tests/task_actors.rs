@@ -452,3 +452,112 @@ async fn a_task_actor_is_told_when_a_watched_actor_ends() {
         ]
     );
 }
+
+/// An arbiter actor that counts in its state and panics on request, a
+/// sibling of task actors under one supervisor.
+#[derive(Default)]
+struct Arbitered {
+    n: u32,
+}
+impl postbox::Actor for Arbitered {}
+impl postbox::Handler<Crash> for Arbitered {
+    async fn handle(
+        &mut self,
+        Crash(n): Crash,
+        _: &mut postbox::Context<Self>,
+    ) -> Result<u32, Failure> {
+        assert_ne!(n, 13, "thirteen");
+        self.n += 1;
+        Ok(self.n)
+    }
+}
+
+fn plain_worker() -> Worker {
+    Worker {
+        gate: open_gate(),
+        seen: Vec::new(),
+        started: Arc::default(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_supervisor_restarts_a_crashed_task_child_and_its_address_keeps_working() {
+    postbox::testkit::local(async {
+        let here = tokio::runtime::Handle::current();
+        let sup = postbox::SupervisorSpec::new("tasks")
+            .task_child(postbox::TaskChildSpec::new("worker", &here, plain_worker))
+            .spawn(&postbox::RuntimeHandle::local());
+        let worker = sup.task_child::<Worker>("worker").await.unwrap();
+        assert_eq!(worker.ask(Work(1)).await.unwrap(), 1);
+        assert!(matches!(
+            worker.ask(Crash(13)).await,
+            Err(AskError::Failed(_))
+        ));
+        // Restarted in place by the supervisor: same address, fresh state.
+        assert_eq!(worker.ask(Work(2)).await.unwrap(), 2);
+        assert_eq!(worker.ask(Seen).await.unwrap(), [2]);
+        let stats = worker.stats();
+        assert_eq!(
+            (stats.failures, stats.restarts, stats.incarnation),
+            (1, 1, 2)
+        );
+        // Asked as the wrong kind or type, the supervisor says so.
+        assert!(matches!(
+            sup.child::<Arbitered>("worker").await,
+            Err(postbox::SupervisorError::WrongType(_))
+        ));
+        assert!(matches!(
+            sup.task_child::<Quitter>("worker").await,
+            Err(postbox::SupervisorError::WrongType(_))
+        ));
+        sup.stop();
+        sup.terminated().await;
+        worker.terminated().await;
+        assert!(
+            worker.is_closed(),
+            "a supervisor's stop ends its task children"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_for_all_restarts_task_children_when_an_arbiter_sibling_fails() {
+    postbox::testkit::local(async {
+        let here = tokio::runtime::Handle::current();
+        let sup = postbox::SupervisorSpec::new("mixed")
+            .strategy(postbox::Strategy::OneForAll)
+            .task_child(postbox::TaskChildSpec::new("task", &here, plain_worker))
+            .child(postbox::ChildSpec::new("arbiter", Arbitered::default))
+            .spawn(&postbox::RuntimeHandle::local());
+        let task = sup.task_child::<Worker>("task").await.unwrap();
+        let arbiter = sup.child::<Arbitered>("arbiter").await.unwrap();
+        assert_eq!(task.ask(Work(7)).await.unwrap(), 7);
+        assert_eq!(arbiter.ask(Crash(1)).await.unwrap(), 1);
+        // The arbiter child fails: the healthy task child restarts too.
+        assert!(arbiter.ask(Crash(13)).await.is_err());
+        assert_eq!(arbiter.ask(Crash(2)).await.unwrap(), 1, "fresh state");
+        assert_eq!(
+            task.ask(Seen).await.unwrap(),
+            Vec::<u32>::new(),
+            "fresh state"
+        );
+        let stats = task.stats();
+        assert_eq!((stats.failures, stats.restarts), (0, 1));
+        let names: Vec<String> = sup
+            .children()
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.name.to_string())
+            .collect();
+        assert_eq!(names, ["task", "arbiter"]);
+        // Started at run time too.
+        let late = sup
+            .start_task_child(postbox::TaskChildSpec::new("late", &here, plain_worker))
+            .await
+            .unwrap();
+        assert_eq!(late.ask(Work(3)).await.unwrap(), 3);
+    })
+    .await;
+}
