@@ -267,7 +267,17 @@ async fn a_cut_connection_loses_no_confirmed_message() -> TestResult {
         }
     })
     .await
-    .map_err(|_| format!("{} of {N} consumed", seen.lock().len()))?;
+    .map_err(|_| {
+        // Which ones, for the diagnosis: their number tells which
+        // publisher sent them and when.
+        let seen = seen.lock();
+        let missing: Vec<u32> = (0..N).filter(|i| !seen.contains_key(i)).take(20).collect();
+        format!(
+            "{} of {N} consumed; missing (first 20): {missing:?}; {} publishes failed and were repeated",
+            seen.len(),
+            failed.lock().len()
+        )
+    })?;
     let seen = seen.lock().clone();
     assert!((0..N).all(|i| seen.contains_key(&i)));
     let twice: Vec<_> = seen.iter().filter(|(_, (n, _))| *n > 1).collect();

@@ -270,19 +270,27 @@ async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>, within: Duration) -> Optio
     tokio::time::timeout(within, rx.recv()).await.ok().flatten()
 }
 
-/// The ready messages of `queue` (`usize::MAX` if it cannot be read).
+/// The ready messages of `queue` (`usize::MAX` if it cannot be read, the
+/// error printed: a failing read must say why).
 async fn ready(fx: &Fixture, queue: &str) -> usize {
     match fx.broker.queue_stats(queue).await {
         Ok(snapshot) => snapshot.stats.ready,
-        Err(_) => usize::MAX,
+        Err(err) => {
+            eprintln!("queue_stats({queue}) failed: {err} ({err:?})");
+            usize::MAX
+        }
     }
 }
 
-/// The registered consumers of `queue` (`usize::MAX` if it cannot be read).
+/// The registered consumers of `queue` (`usize::MAX` if it cannot be read,
+/// the error printed).
 async fn consumers(fx: &Fixture, queue: &str) -> usize {
     match fx.broker.queue_stats(queue).await {
         Ok(snapshot) => snapshot.stats.consumers,
-        Err(_) => usize::MAX,
+        Err(err) => {
+            eprintln!("queue_stats({queue}) failed: {err} ({err:?})");
+            usize::MAX
+        }
     }
 }
 
