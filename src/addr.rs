@@ -164,9 +164,14 @@ impl Shared {
         self.life.lock().incarnation
     }
 
+    /// Starts the next incarnation and returns its number; every one after
+    /// the first counts as a restart.
     pub(crate) fn begin_incarnation(&self) -> u64 {
         let mut life = self.life.lock();
         life.incarnation += 1;
+        if life.incarnation > 1 {
+            self.restarts.fetch_add(1, Ordering::Relaxed);
+        }
         life.incarnation
     }
 

@@ -37,9 +37,7 @@ pub(crate) struct Cell<A: Actor> {
     pub(crate) weak: mpsc::WeakSender<Envelope<A>>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) runtime: RuntimeHandle,
-    pub(crate) parent: Option<Parent>,
-    /// Restarts without a parent (see [`crate::RestartStrategy`]).
-    pub(crate) own: Option<Box<SelfSupervision>>,
+    pub(crate) oversight: Oversight,
     pub(crate) ended: Ended,
 }
 
@@ -62,7 +60,7 @@ impl Drop for Ended {
 }
 
 /// How one incarnation ended, from the cell's point of view.
-enum End {
+pub(crate) enum End {
     /// On its own (stop, failure, mailbox closed): the parent decides what next.
     Exit(ExitReason),
     /// Restart ordered by the supervisor.
@@ -72,20 +70,78 @@ enum End {
 }
 
 /// What a supervisor decided about an ended incarnation.
-pub(crate) enum Decision {
+enum Decision {
     Restart(Duration),
     Stop,
+}
+
+/// Who decides whether an ended incarnation is followed by another: the
+/// actor's supervisor, its own restart strategy, or nobody (it ends). The
+/// same for arbiter actors and task actors.
+pub(crate) struct Oversight {
+    pub(crate) parent: Option<Parent>,
+    /// Restarts without a parent (see [`crate::RestartStrategy`]).
+    pub(crate) own: Option<Box<SelfSupervision>>,
+}
+
+impl Oversight {
+    /// After incarnation `incarnation` ended with `end`: `None` once the
+    /// next one may start (its backoff waited out), or the reason the actor
+    /// ends for good.
+    pub(crate) async fn after(
+        &mut self,
+        end: End,
+        incarnation: u64,
+        shared: &Shared,
+        span: &tracing::Span,
+    ) -> Option<ExitReason> {
+        let (reason, from_outside) = match end {
+            End::Exit(reason) => (reason, false),
+            End::Restart(delay) => {
+                shared.end_incarnation(incarnation, &ExitReason::Restarted, false);
+                pause(delay).await;
+                return None;
+            }
+            End::Stop { report: false } => return Some(ExitReason::Stopped),
+            End::Stop { report: true } => (ExitReason::Stopped, true),
+        };
+        if let ExitReason::Failed(failure) = &reason {
+            shared.failures.fetch_add(1, Ordering::Relaxed);
+            span.in_scope(|| tracing::warn!(incarnation, %failure, "actor failed"));
+        }
+        shared.end_incarnation(incarnation, &reason, false);
+        if let Some(own) = self.own.as_mut() {
+            // Stopped from outside: for good, whatever the strategy.
+            if from_outside {
+                return Some(reason);
+            }
+            return match span.in_scope(|| own.decide(reason)) {
+                Ok(delay) if pause_unless_stopped(delay, &shared.control).await => None,
+                Ok(_) => Some(ExitReason::Stopped),
+                Err(reason) => Some(reason),
+            };
+        }
+        let Some(parent) = self.parent.as_mut() else {
+            return Some(reason);
+        };
+        if !parent(incarnation, reason.clone()).await {
+            return Some(reason);
+        }
+        match decision(&shared.control, incarnation).await {
+            Decision::Restart(delay) => {
+                pause(delay).await;
+                None
+            }
+            Decision::Stop => Some(reason),
+        }
+    }
 }
 
 pub(crate) async fn run<A: Actor>(mut cell: Cell<A>) {
     let span =
         tracing::debug_span!("actor", id = %cell.shared.id, name = cell.shared.name.as_deref());
-    let last;
-    loop {
+    let last = loop {
         let incarnation = cell.shared.begin_incarnation();
-        if incarnation > 1 {
-            cell.shared.restarts.fetch_add(1, Ordering::Relaxed);
-        }
         let mut ctx = Context::new(
             cell.weak.clone(),
             cell.shared.clone(),
@@ -100,61 +156,17 @@ pub(crate) async fn run<A: Actor>(mut cell: Cell<A>) {
         )
         .await;
         ctx.abort_tasks();
-        let (reason, from_outside) = match end {
-            End::Exit(reason) => (reason, false),
-            End::Restart(delay) => {
-                cell.shared
-                    .end_incarnation(incarnation, &ExitReason::Restarted, false);
-                pause(delay).await;
-                continue;
-            }
-            End::Stop { report: false } => {
-                last = ExitReason::Stopped;
-                break;
-            }
-            End::Stop { report: true } => (ExitReason::Stopped, true),
-        };
-        if let ExitReason::Failed(failure) = &reason {
-            cell.shared.failures.fetch_add(1, Ordering::Relaxed);
-            span.in_scope(|| tracing::warn!(incarnation, %failure, "actor failed"));
+        // Boxed, as `terminate`: the supervisor's round trip and the backoff
+        // are rare, and their state would otherwise grow every idle actor's
+        // task.
+        let next = Box::pin(cell.oversight.after(end, incarnation, &cell.shared, &span)).await;
+        if let Some(last) = next {
+            break last;
         }
-        cell.shared.end_incarnation(incarnation, &reason, false);
-        if let Some(own) = cell.own.as_mut() {
-            // Stopped from outside: for good, whatever the strategy.
-            if from_outside {
-                last = reason;
-                break;
-            }
-            match span.in_scope(|| own.decide(reason)) {
-                Ok(delay) => {
-                    if pause_unless_stopped(delay, &cell.shared.control).await {
-                        continue;
-                    }
-                    last = ExitReason::Stopped;
-                }
-                Err(reason) => last = reason,
-            }
-            break;
-        }
-        let Some(parent) = cell.parent.as_mut() else {
-            last = reason;
-            break;
-        };
-        if !parent(incarnation, reason.clone()).await {
-            last = reason;
-            break;
-        }
-        match decision(&cell.shared.control, incarnation).await {
-            Decision::Restart(delay) => pause(delay).await,
-            Decision::Stop => {
-                last = reason;
-                break;
-            }
-        }
-    }
+    };
     // Boxed: what lives across its await would otherwise grow every idle
     // actor's task.
-    Box::pin(terminate(cell, last, span)).await;
+    Box::pin(terminate(&mut cell.rx, &mut cell.ended, last, span)).await;
 }
 
 /// Ends the actor for good. Closing the mailbox drops what is queued:
@@ -162,17 +174,22 @@ pub(crate) async fn run<A: Actor>(mut cell: Cell<A>) {
 /// close may still deliver after it: `recv` ends only once no such slot is
 /// outstanding, so a late request is dropped here too instead of waiting
 /// forever in a mailbox nobody reads (`try_recv` until empty missed it).
-async fn terminate<A: Actor>(mut cell: Cell<A>, last: ExitReason, span: tracing::Span) {
-    cell.rx.close();
-    while cell.rx.recv().await.is_some() {}
-    cell.shared.end_incarnation(u64::MAX, &last, true);
-    cell.ended.done = true;
+pub(crate) async fn terminate<E>(
+    rx: &mut mpsc::Receiver<E>,
+    ended: &mut Ended,
+    last: ExitReason,
+    span: tracing::Span,
+) {
+    rx.close();
+    while rx.recv().await.is_some() {}
+    ended.shared.end_incarnation(u64::MAX, &last, true);
+    ended.done = true;
     span.in_scope(|| tracing::debug!(reason = %last, "actor terminated"));
 }
 
 /// Waits out a restart's backoff. No delay costs nothing: a zero-length
 /// sleep would still wait for the timer wheel's next tick (a millisecond).
-pub(crate) async fn pause(delay: Duration) {
+async fn pause(delay: Duration) {
     if !delay.is_zero() {
         // Boxed: a timer entry is large, and every idle actor's task would
         // otherwise reserve room for one.
@@ -182,7 +199,7 @@ pub(crate) async fn pause(delay: Duration) {
 
 /// A self-supervised actor's backoff: true when it is over, false if the
 /// actor was stopped meanwhile (it then stays stopped).
-pub(crate) async fn pause_unless_stopped(delay: Duration, control: &ControlBox) -> bool {
+async fn pause_unless_stopped(delay: Duration, control: &ControlBox) -> bool {
     if delay.is_zero() {
         return true;
     }
@@ -202,7 +219,7 @@ pub(crate) async fn pause_unless_stopped(delay: Duration, control: &ControlBox) 
 
 /// Waits in the control inbox for the supervisor's decision about
 /// `incarnation` (a restart ordered for an earlier one is stale).
-pub(crate) async fn decision(control: &ControlBox, incarnation: u64) -> Decision {
+async fn decision(control: &ControlBox, incarnation: u64) -> Decision {
     loop {
         match control.recv().await {
             Control::Restart {
@@ -345,8 +362,10 @@ mod tests {
             weak: tx.downgrade(),
             shared: shared.clone(),
             runtime: RuntimeHandle::local(),
-            parent: None,
-            own: None,
+            oversight: Oversight {
+                parent: None,
+                own: None,
+            },
             ended: Ended { shared, done: true },
         };
         let size = std::mem::size_of_val(&run(cell));

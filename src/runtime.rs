@@ -509,8 +509,10 @@ impl<A: Actor> Builder<A> {
             weak: addr.tx.downgrade(),
             shared: shared.clone(),
             runtime: self.runtime.clone(),
-            parent: self.parent,
-            own: self.own.map(|s| Box::new(SelfSupervision::new(s))),
+            oversight: cell::Oversight {
+                parent: self.parent,
+                own: self.own.map(|s| Box::new(SelfSupervision::new(s))),
+            },
             ended: cell::Ended {
                 shared: shared.clone(),
                 done: false,

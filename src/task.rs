@@ -94,8 +94,7 @@ use crate::addr::{
 };
 use crate::ask::{AskError, exchange, with_timeout};
 use crate::cell::{
-    Decision, Ended, Parent, build, caught, decision, drop_caught, pause, pause_unless_stopped,
-    stopped_caught,
+    End, Ended, Oversight, Parent, build, caught, drop_caught, stopped_caught, terminate,
 };
 use crate::envelope::{Request, Tell};
 use crate::failure::{ExitReason, Failure};
@@ -310,8 +309,10 @@ impl<A: TaskActor> TaskBuilder<A> {
             weak,
             shared,
             runtime,
-            parent: self.parent,
-            own: self.own.map(|s| Box::new(SelfSupervision::new(s))),
+            oversight: Oversight {
+                parent: self.parent,
+                own: self.own.map(|s| Box::new(SelfSupervision::new(s))),
+            },
             ended,
         });
         (addr, cell)
@@ -632,34 +633,17 @@ struct TaskCell<A: TaskActor> {
     weak: mpsc::WeakSender<TaskEnvelope<A>>,
     shared: Arc<Shared>,
     runtime: Handle,
-    /// Its supervisor, if it is a supervisor's child.
-    parent: Option<Parent>,
-    /// Restarts without a supervisor.
-    own: Option<Box<SelfSupervision>>,
+    oversight: Oversight,
     ended: Ended,
 }
 
-/// How one incarnation ended.
-enum End {
-    /// On its own (stop, failure, mailbox closed).
-    Exit(ExitReason),
-    /// Restart ordered by the supervisor (a sibling failed), after a delay.
-    Restart(Duration),
-    /// Stop ordered from outside; `report`: as [`Control::Stop`].
-    Stop { report: bool },
-}
-
-/// Runs incarnations until the actor stops for good, as the arbiter cell
-/// does for ordinary actors (see `cell`), restarting by the actor's own
-/// strategy.
+/// Runs incarnations until the actor stops for good: the arbiter cell's
+/// loop (`cell::run`), with a task actor's context and incarnation.
 async fn run<A: TaskActor>(mut cell: TaskCell<A>) {
     let span =
         tracing::debug_span!("actor", id = %cell.shared.id, name = cell.shared.name.as_deref());
     let last = loop {
         let incarnation = cell.shared.begin_incarnation();
-        if incarnation > 1 {
-            cell.shared.restarts.fetch_add(1, Ordering::Relaxed);
-        }
         let mut ctx = TaskContext {
             weak: cell.weak.clone(),
             shared: cell.shared.clone(),
@@ -676,52 +660,12 @@ async fn run<A: TaskActor>(mut cell: TaskCell<A>) {
         )
         .await;
         ctx.abort_tasks();
-        let (reason, from_outside) = match end {
-            End::Exit(reason) => (reason, false),
-            End::Restart(delay) => {
-                cell.shared
-                    .end_incarnation(incarnation, &ExitReason::Restarted, false);
-                pause(delay).await;
-                continue;
-            }
-            End::Stop { report: false } => break ExitReason::Stopped,
-            End::Stop { report: true } => (ExitReason::Stopped, true),
-        };
-        if let ExitReason::Failed(failure) = &reason {
-            cell.shared.failures.fetch_add(1, Ordering::Relaxed);
-            span.in_scope(|| tracing::warn!(incarnation, %failure, "actor failed"));
-        }
-        cell.shared.end_incarnation(incarnation, &reason, false);
-        if let Some(parent) = cell.parent.as_mut() {
-            // A supervisor's child: it decides, as for arbiter children.
-            if !parent(incarnation, reason.clone()).await {
-                break reason;
-            }
-            match decision(&cell.shared.control, incarnation).await {
-                Decision::Restart(delay) => {
-                    pause(delay).await;
-                    continue;
-                }
-                Decision::Stop => break reason,
-            }
-        }
-        let Some(own) = cell.own.as_mut().filter(|_| !from_outside) else {
-            break reason;
-        };
-        match span.in_scope(|| own.decide(reason)) {
-            Ok(delay) if pause_unless_stopped(delay, &cell.shared.control).await => continue,
-            Ok(_) => break ExitReason::Stopped,
-            Err(reason) => break reason,
+        let next = Box::pin(cell.oversight.after(end, incarnation, &cell.shared, &span)).await;
+        if let Some(last) = next {
+            break last;
         }
     };
-    // As the arbiter cell: `recv` until closed, so that a request sent
-    // through a slot reserved before the close is dropped (its asker gets
-    // `Closed`) instead of waiting forever.
-    cell.rx.close();
-    while cell.rx.recv().await.is_some() {}
-    cell.shared.end_incarnation(u64::MAX, &last, true);
-    cell.ended.done = true;
-    span.in_scope(|| tracing::debug!(reason = %last, "actor terminated"));
+    Box::pin(terminate(&mut cell.rx, &mut cell.ended, last, span)).await;
 }
 
 /// One incarnation: built, started, fed messages one at a time with panics

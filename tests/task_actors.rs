@@ -103,7 +103,10 @@ async fn asks_from_many_tasks_of_the_runtime_are_each_answered_once_in_each_send
         let mine: Vec<u32> = seen.iter().copied().filter(|n| n / 1_000 == t).collect();
         assert_eq!(mine, (0..500).map(|i| t * 1_000 + i).collect::<Vec<_>>());
     }
-    assert_eq!(addr.stats().handled, 4_001);
+    // A message counts as handled once its handler returned, just after its
+    // reply went out: every `Work` is counted by now, the `Seen` maybe not.
+    let handled = addr.stats().handled;
+    assert!((4_000..=4_001).contains(&handled), "{handled}");
     assert_eq!(started.load(Ordering::SeqCst), 1);
 }
 
