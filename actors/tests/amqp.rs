@@ -1,8 +1,9 @@
 //! The RabbitMQ backend against a real RabbitMQ (`AMQP_URL`, e.g.
 //! `amqp://guest:guest@127.0.0.1:5672/%2f`): a connection cut in the middle
 //! of 100,000 confirmed publishes loses none of them, TLS with a certificate
-//! the test generates, request-reply through direct reply-to, and
-//! credentials that never show in a log line or an error. Without
+//! the test generates, request-reply through direct reply-to, credentials
+//! that never show in a log line or an error, and channels closed (by
+//! RabbitMQ or by postbox) without costing the connection. Without
 //! `AMQP_URL` each test says so and passes (the plain `cargo test` needs no
 //! server).
 #![cfg(feature = "amqp")]
@@ -639,5 +640,183 @@ async fn a_refused_redeclaration_does_not_keep_the_broker_down() -> TestResult {
     for queue in [&changed, &kept] {
         other.delete_queue(queue, DeleteOptions::default()).await?;
     }
+    Ok(())
+}
+
+/// A message held unacknowledged by a consumer of its own on `broker`:
+/// delivered once, unless the connection drops (RabbitMQ then delivers it
+/// again after the reconnection).
+struct Held {
+    queue: String,
+    deliveries: Arc<AtomicUsize>,
+    close: futures::future::BoxFuture<'static, ()>,
+}
+
+impl Held {
+    async fn start(broker: &Broker) -> Result<Held, Box<dyn std::error::Error + Send + Sync>> {
+        let queue = unique("held");
+        broker
+            .declare_queue(&queue, QueueOptions::default())
+            .await?;
+        broker.publish(&queue, Envelope::new("held")).await?;
+        let deliveries = Arc::new(AtomicUsize::new(0));
+        let d = deliveries.clone();
+        let consumer = broker
+            .consume(&queue, ConsumeOptions::manual(1), move || {
+                let d = d.clone();
+                move |_: Delivery| {
+                    d.fetch_add(1, Ordering::Relaxed);
+                    async { Ok(()) }
+                }
+            })
+            .await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while deliveries.load(Ordering::Relaxed) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "never delivered");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(Held {
+            queue,
+            deliveries,
+            close: Box::pin(consumer.close()),
+        })
+    }
+
+    /// Fails if the held message was delivered again: the connection
+    /// dropped meanwhile.
+    async fn still_held(self, broker: &Broker) -> TestResult {
+        // Time for a reconnection's redelivery to show, had there been one.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            self.deliveries.load(Ordering::Relaxed),
+            1,
+            "the connection dropped"
+        );
+        self.close.await;
+        broker
+            .delete_queue(&self.queue, DeleteOptions::default())
+            .await?;
+        Ok(())
+    }
+}
+
+/// A publish RabbitMQ refuses by closing the channel (to a missing
+/// exchange), made while other publishes are in flight, costs nothing
+/// else: the other publishes are confirmed, and the connection stays up (a
+/// delivery held unacknowledged on another channel is not delivered again,
+/// as it would be after a reconnection). RabbitMQ closes a whole connection
+/// on a frame sent on a channel after its close (`CHANNEL_ERROR - expected
+/// 'channel.open'`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_publish_costs_nothing_else() -> TestResult {
+    let Some(url) = amqp_url("a_refused_publish_costs_nothing_else") else {
+        return Ok(());
+    };
+    let rt = Runtime::new()?;
+    let broker = Broker::connect(&rt, &url).await?;
+    let busy = unique("busy");
+    broker.declare_queue(&busy, QueueOptions::default()).await?;
+    let held = Held::start(&broker).await?;
+
+    const PUBLISHERS: usize = 8;
+    const EACH: usize = 300;
+    let mut publishers = Vec::new();
+    for p in 0..PUBLISHERS {
+        let (broker, busy) = (broker.clone(), busy.clone());
+        publishers.push(tokio::spawn(async move {
+            let mut failed = Vec::new();
+            for i in 0..EACH {
+                if let Err(err) = broker
+                    .publish(&busy, Envelope::encode(&(p * EACH + i))?)
+                    .await
+                {
+                    failed.push(err.to_string());
+                }
+            }
+            Ok::<_, postbox_actors::CodecError>(failed)
+        }));
+    }
+    let missing = unique("missing");
+    for _ in 0..30 {
+        match broker
+            .publish_to(&missing, "k", Envelope::new("lost"))
+            .await
+        {
+            Err(postbox_actors::PublishError::Refused(BrokerError::ExchangeNotFound(name))) => {
+                assert_eq!(name, missing)
+            }
+            other => panic!("expected ExchangeNotFound, got {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut failed = Vec::new();
+    for publisher in publishers {
+        failed.extend(publisher.await??);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} publishes failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(
+        broker.queue_stats(&busy).await?.stats.ready,
+        PUBLISHERS * EACH
+    );
+    held.still_held(&broker).await?;
+    broker.delete_queue(&busy, DeleteOptions::default()).await?;
+    Ok(())
+}
+
+/// A requester dropped with requests in flight closes its channel only once
+/// they are sent: RabbitMQ closes the whole connection on a publish that
+/// follows a channel's close, and lapin sends a close ahead of publishes
+/// still queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requester_dropped_with_requests_in_flight_costs_nothing_else() -> TestResult {
+    let Some(url) = amqp_url("a_requester_dropped_with_requests_in_flight_costs_nothing_else")
+    else {
+        return Ok(());
+    };
+    let rt = Runtime::new()?;
+    let broker = Broker::connect(&rt, &url).await?;
+    let queue = unique("echo");
+    broker
+        .declare_queue(&queue, QueueOptions::default())
+        .await?;
+    let responder = broker
+        .respond(&queue, ConsumeOptions::manual(64), || {
+            |req: Request| async move { Ok(req.message().clone()) }
+        })
+        .await?;
+    let held = Held::start(&broker).await?;
+    for round in 0..5 {
+        let client = broker.requester().await?;
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let (client, queue) = (client.clone(), queue.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let _ = client
+                        .request(queue.as_str(), Envelope::new(vec![0u8; 512 * 1024]))
+                        .timeout(Duration::from_secs(5))
+                        .await;
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(5 + 10 * round)).await;
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        drop(client);
+    }
+    held.still_held(&broker).await?;
+    drop(responder);
+    broker
+        .delete_queue(&queue, DeleteOptions::default())
+        .await?;
     Ok(())
 }

@@ -103,6 +103,8 @@ pub(crate) struct Remote {
     /// classic queue does not count them, and retry policies need the
     /// attempt (bounded: see [`Remote::count_delivery`]).
     attempts: Mutex<std::collections::HashMap<crate::envelope::MessageId, u32>>,
+    /// Exchanges found to exist, and when (see [`Remote::check_exchange`]).
+    pub(crate) exchanges_seen: Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// Redelivered messages whose deliveries are counted at once; past it the
@@ -147,6 +149,7 @@ impl Remote {
             closed: AtomicBool::new(false),
             max_message_bytes,
             attempts: Mutex::default(),
+            exchanges_seen: Mutex::default(),
             secrets,
         });
         tracing::info!(url = %remote.options.redacted_url(), "connected to rabbitmq");

@@ -73,6 +73,7 @@ impl Remote {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
+        self.check_exchange(exchange).await?;
         channel
             .basic_publish(
                 short(exchange, "an exchange name")?,
@@ -107,6 +108,7 @@ impl Remote {
             Ok(Confirmation::Nack(_)) => Ok(Answer::Refused),
             Err(err) => match refusal(self, &err, subject(exchange, routing_key)) {
                 BrokerError::ExchangeNotFound(name) if name == exchange => {
+                    self.exchanges_seen.lock().remove(exchange);
                     Err(BrokerError::ExchangeNotFound(name))
                 }
                 _ => Err(BrokerError::Unconfirmed(self.scrub(&err))),

@@ -44,14 +44,21 @@ const ANSWERABLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 struct Open {
     channel: Channel,
     pump: tokio::task::JoinHandle<()>,
+    /// How long to wait for the requests in flight before closing.
+    timeout: std::time::Duration,
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
         self.pump.abort();
-        let channel = self.channel.clone();
+        let (channel, timeout) = (self.channel.clone(), self.timeout);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
+                // lapin sends a `channel.close` ahead of publishes still
+                // queued on the channel, and RabbitMQ closes the whole
+                // connection on a publish after a close: the requests in
+                // flight are confirmed (so sent) first.
+                let _ = tokio::time::timeout(timeout, channel.wait_for_confirms()).await;
                 let _ = channel.close(200, "requester gone".into()).await;
             });
         }
@@ -127,7 +134,11 @@ impl Replies {
                         ));
                     }
                 });
-                Ok(Open { channel, pump })
+                Ok(Open {
+                    channel,
+                    pump,
+                    timeout: remote.options.timeout,
+                })
             })
             .await?;
         let channel = open.channel.clone();

@@ -33,6 +33,10 @@ pub(crate) enum Subject<'a> {
     Other,
 }
 
+/// How long an exchange found to exist counts as existing without asking
+/// RabbitMQ again (see [`Remote::check_exchange`]).
+const EXCHANGE_SEEN_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// RabbitMQ's refusal (or a lost connection) as a broker error.
 pub(crate) fn refusal(remote: &Remote, err: &lapin::Error, subject: Subject<'_>) -> BrokerError {
     if let lapin::ErrorKind::ProtocolError(amqp) = err.kind() {
@@ -616,6 +620,7 @@ impl Remote {
                 })
         })
         .await?;
+        self.saw_exchange(name);
         let mut record = self.record.lock();
         let Record {
             declared: n,
@@ -638,25 +643,7 @@ impl Remote {
         // `exchange.delete` of a missing exchange succeeds on RabbitMQ 3.10:
         // check first, so that it is `ExchangeNotFound` as embedded.
         self.timed("exchange.delete", async {
-            let session = self.session().await?;
-            // Its own channel: a refusal closes it (see `passive`).
-            let channel = session
-                .connection
-                .create_channel()
-                .await
-                .map_err(|e| refusal(self, &e, Subject::Exchange(name)))?;
-            channel
-                .exchange_declare(
-                    exchange.clone(),
-                    lapin::ExchangeKind::Direct,
-                    ExchangeDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| refusal(self, &e, Subject::Exchange(name)))?;
+            let channel = self.exchange_exists(name).await?;
             channel
                 .exchange_delete(
                     exchange,
@@ -671,10 +658,76 @@ impl Remote {
             Ok(())
         })
         .await?;
+        self.exchanges_seen.lock().remove(name);
         self.record
             .lock()
             .forget(&Destination::Exchange(name.into()));
         Ok(())
+    }
+
+    /// A passive declaration of exchange `name` (`ExchangeNotFound` if it
+    /// is missing), on a channel of its own, returned open: a refusal
+    /// closes the channel (see `passive`).
+    async fn exchange_exists(&self, name: &str) -> Result<lapin::Channel, BrokerError> {
+        let exchange = short(name, "an exchange name")?;
+        let session = self.session().await?;
+        let channel = session
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| refusal(self, &e, Subject::Exchange(name)))?;
+        channel
+            .exchange_declare(
+                exchange,
+                lapin::ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| refusal(self, &e, Subject::Exchange(name)))?;
+        Ok(channel)
+    }
+
+    /// `ExchangeNotFound` unless exchange `name` exists (the default
+    /// exchange always does), asked at most once per [`EXCHANGE_SEEN_FOR`].
+    ///
+    /// A publish through a missing exchange makes RabbitMQ close the
+    /// channel, and lapin sends its `channel.close-ok` ahead of the
+    /// publishes still queued on that channel; RabbitMQ takes those for
+    /// frames on an unopened channel and closes the whole connection
+    /// (`CHANNEL_ERROR - expected 'channel.open'`), failing every publish,
+    /// consumer and request on it. So a publish goes through an exchange on
+    /// a shared channel only once the exchange is known to exist. An
+    /// exchange another process deletes within that time can still do it;
+    /// the connection then comes back as after any loss.
+    pub(crate) async fn check_exchange(&self, name: &str) -> Result<(), BrokerError> {
+        if name.is_empty() {
+            return Ok(());
+        }
+        if self
+            .exchanges_seen
+            .lock()
+            .get(name)
+            .is_some_and(|seen| seen.elapsed() < EXCHANGE_SEEN_FOR)
+        {
+            return Ok(());
+        }
+        let channel = self.exchange_exists(name).await?;
+        let _ = channel.close(200, "checked".into()).await;
+        self.saw_exchange(name);
+        Ok(())
+    }
+
+    /// Exchange `name` exists as of now.
+    pub(crate) fn saw_exchange(&self, name: &str) {
+        let mut seen = self.exchanges_seen.lock();
+        if seen.len() >= 1024 {
+            seen.retain(|_, at| at.elapsed() < EXCHANGE_SEEN_FOR);
+        }
+        seen.insert(name.to_string(), std::time::Instant::now());
     }
 
     /// Binds (or unbinds) `destination` to `source`; unbinding returns
