@@ -34,7 +34,7 @@ use parking_lot::Mutex;
 use postbox::{Backoff, Failure, Runtime};
 use postbox_actors::idempotency::{Idempotent, MemoryStore};
 use postbox_actors::partition::{PartitionKey, kafka_partition};
-use postbox_actors::rpc::{RemoteError, Request, RequestError};
+use postbox_actors::rpc::{RemoteError, Request, RequestError, Target};
 use postbox_actors::{
     AckError, AckMode, Backend, Broker, BrokerError, ConsumeOptions, Consumer, DeathReason,
     DedupTarget, DedupWindow, DeleteOptions, Delivery, Envelope, ExchangeOptions, HeadersMatch,
@@ -214,6 +214,7 @@ conformance!(
     request_gets_its_reply,
     request_gets_the_responders_error,
     request_times_out,
+    a_request_nothing_can_take_fails_at_once,
     // bad input
     invalid_names_are_refused,
     delete_if_empty_refuses_a_non_empty_queue,
@@ -1458,6 +1459,48 @@ async fn priority_queue_delivers_highest_first(fx: &Fixture) -> TestResult {
 
 // ---------------------------------------------------------------------------
 // Request-reply.
+
+/// A request that reaches no queue, or only a full one, fails at once with
+/// the reason, both awaited and sent, and never waits out its timeout (on
+/// RabbitMQ, an awaited request races its confirm against the reply).
+async fn a_request_nothing_can_take_fails_at_once(fx: &Fixture) -> TestResult {
+    let b = &fx.broker;
+    let (x, full) = (fx.name("x"), fx.name("full"));
+    b.declare_exchange(&x, ExchangeOptions::direct()).await?;
+    b.declare_queue(
+        &full,
+        QueueOptions::default()
+            .max_length(1)
+            .overflow(Overflow::RejectPublish),
+    )
+    .await?;
+    b.publish(&full, msg(0)).await?;
+    let client = b.requester().await?;
+    fx.track(client.reply_queue());
+    let start = Instant::now();
+    let unbound = || Target::exchange(x.as_str(), "nobody");
+    match client.request(unbound(), msg(1)).timeout(WAIT).await {
+        Err(RequestError::NoResponders { .. }) => {}
+        other => panic!("expected NoResponders, got {other:?}"),
+    }
+    match client.request(unbound(), msg(2)).timeout(WAIT).send().await {
+        Err(RequestError::NoResponders { .. }) => {}
+        other => panic!("expected NoResponders, got {other:?}"),
+    }
+    let refused = client
+        .request(full.as_str(), msg(3))
+        .wait_for_responders()
+        .timeout(WAIT)
+        .await;
+    assert_eq!(
+        refused.err(),
+        Some(RequestError::Broker(BrokerError::QueueFull(full.clone())))
+    );
+    assert!(start.elapsed() < WAIT / 2, "{:?}", start.elapsed());
+    assert_eq!(client.stats().pending, 0);
+    assert_eq!(ready(fx, &full).await, 1);
+    Ok(())
+}
 
 async fn request_gets_its_reply(fx: &Fixture) -> TestResult {
     let b = &fx.broker;

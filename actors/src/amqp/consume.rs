@@ -178,12 +178,7 @@ impl RemoteQueue {
         let queue = short(name, "a queue name")?;
         remote
             .timed("basic.get", async {
-                let session = remote.session().await?;
-                let channel = session
-                    .connection
-                    .create_channel()
-                    .await
-                    .map_err(|e| refusal(remote, &e, Subject::Queue(name)))?;
+                let channel = remote.own_channel(Subject::Queue(name)).await?;
                 let got = channel
                     .basic_get(
                         queue,

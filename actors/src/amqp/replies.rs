@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use lapin::Channel;
 use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
@@ -147,29 +148,40 @@ impl Replies {
     }
 
     /// Publishes a request (its `reply_to` set to [`REPLY_TO`]) on the
-    /// requester's channel, and waits for its confirm.
+    /// requester's channel; returns once it is sent, with what RabbitMQ will
+    /// say of it (its confirm) to await: a requester waiting for the reply
+    /// races the two, since the reply says the request arrived.
     pub(crate) async fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
         message: &Envelope,
-    ) -> Result<Sent, BrokerError> {
+    ) -> Result<BoxFuture<'static, Result<Sent, BrokerError>>, BrokerError> {
         let props = properties(message, routing_key)?;
         let remote = &self.remote;
-        let answer = remote
+        let confirm = remote
             .timed_publish(async {
                 let channel = self.channel().await?;
-                let confirm = remote
+                remote
                     .publish_on(&channel, exchange, routing_key, message.payload(), props)
-                    .await?;
-                remote.answer(confirm, exchange, routing_key).await
+                    .await
             })
             .await?;
-        match answer {
-            Answer::Routed => Ok(Sent::Routed),
-            Answer::Returned => Ok(Sent::Unroutable),
-            Answer::Refused => Err(BrokerError::QueueFull(routing_key.into())),
-        }
+        let (remote, exchange, routing_key) = (
+            remote.clone(),
+            exchange.to_string(),
+            routing_key.to_string(),
+        );
+        Ok(Box::pin(async move {
+            let answer = remote
+                .timed_publish(remote.answer(confirm, &exchange, &routing_key))
+                .await?;
+            match answer {
+                Answer::Routed => Ok(Sent::Routed),
+                Answer::Returned => Ok(Sent::Unroutable),
+                Answer::Refused => Err(BrokerError::QueueFull(routing_key)),
+            }
+        }))
     }
 
     /// Whether `queue` has consumers (false if it does not exist): whether

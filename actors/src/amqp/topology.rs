@@ -482,14 +482,7 @@ impl Remote {
     pub(crate) async fn passive(&self, name: &str) -> Result<(usize, usize), BrokerError> {
         let queue = short(name, "a queue name")?;
         self.timed("queue.declare", async {
-            let session = self.session().await?;
-            // Its own channel: a missing queue closes the channel, and must
-            // not fail what shares it.
-            let channel = session
-                .connection
-                .create_channel()
-                .await
-                .map_err(|e| refusal(self, &e, Subject::Queue(name)))?;
+            let channel = self.own_channel(Subject::Queue(name)).await?;
             let q = channel
                 .queue_declare(
                     queue,
@@ -665,17 +658,26 @@ impl Remote {
         Ok(())
     }
 
-    /// A passive declaration of exchange `name` (`ExchangeNotFound` if it
-    /// is missing), on a channel of its own, returned open: a refusal
-    /// closes the channel (see `passive`).
-    async fn exchange_exists(&self, name: &str) -> Result<lapin::Channel, BrokerError> {
-        let exchange = short(name, "an exchange name")?;
+    /// A channel of its own, for an operation RabbitMQ may refuse: a refusal
+    /// closes the channel (a missing queue or exchange), and must not fail
+    /// what shares one.
+    pub(crate) async fn own_channel(
+        &self,
+        subject: Subject<'_>,
+    ) -> Result<lapin::Channel, BrokerError> {
         let session = self.session().await?;
-        let channel = session
+        session
             .connection
             .create_channel()
             .await
-            .map_err(|e| refusal(self, &e, Subject::Exchange(name)))?;
+            .map_err(|e| refusal(self, &e, subject))
+    }
+
+    /// A passive declaration of exchange `name` (`ExchangeNotFound` if it
+    /// is missing), on a channel of its own, returned open.
+    async fn exchange_exists(&self, name: &str) -> Result<lapin::Channel, BrokerError> {
+        let exchange = short(name, "an exchange name")?;
+        let channel = self.own_channel(Subject::Exchange(name)).await?;
         channel
             .exchange_declare(
                 exchange,

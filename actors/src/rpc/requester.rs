@@ -476,6 +476,10 @@ impl Requester {
     }
 
     /// Routes and publishes a request; registers `waiter` under its correlation id first.
+    ///
+    /// On RabbitMQ, `confirmed` waits for the request's confirm before
+    /// returning; otherwise the confirm is returned, to race against the
+    /// reply (which says the request arrived: one wait fewer per round trip).
     async fn publish(
         &self,
         target: &Target,
@@ -483,7 +487,8 @@ impl Requester {
         timeout: Duration,
         fail_fast: bool,
         waiter: Waiter,
-    ) -> Result<RequestId, RequestError> {
+        confirmed: bool,
+    ) -> Result<(RequestId, Option<Confirming>), RequestError> {
         let (exchange, key) = match target {
             Target::Queue(q) => ("", q.as_str()),
             Target::Exchange {
@@ -539,20 +544,35 @@ impl Requester {
         tracing::debug!(correlation_id = %id, %target, ?timeout, "request");
         let sent = match self.remote() {
             Some(replies) => match replies.publish(exchange, key, &message).await {
-                Ok(Sent::Routed) => Ok(()),
-                Ok(Sent::Unroutable) => Err(no_responders()),
+                Ok(confirm) => {
+                    let target = target.to_string();
+                    let confirm: Confirming = Box::pin(async move {
+                        match confirm.await {
+                            Ok(Sent::Routed) => Ok(()),
+                            Ok(Sent::Unroutable) => Err(RequestError::NoResponders { target }),
+                            Err(err) => Err(err.into()),
+                        }
+                    });
+                    if confirmed {
+                        confirm.await.map(|()| None)
+                    } else {
+                        Ok(Some(confirm))
+                    }
+                }
                 Err(err) => Err(err.into()),
             },
             None => deliver_to(&targets, message)
                 .await
-                .map(|_| ())
+                .map(|_| None)
                 .map_err(Into::into),
         };
-        if let Err(err) = sent {
-            self.forget(&id);
-            return Err(err);
+        match sent {
+            Ok(confirm) => Ok((id, confirm)),
+            Err(err) => {
+                self.forget(&id);
+                Err(err)
+            }
         }
-        Ok(id)
     }
 
     /// The requester's channel on RabbitMQ, for a broker connected to it.
@@ -579,7 +599,12 @@ impl Never {
         match *self {}
     }
 
-    async fn publish(&self, _: &str, _: &str, _: &Envelope) -> Result<Sent, BrokerError> {
+    async fn publish(
+        &self,
+        _: &str,
+        _: &str,
+        _: &Envelope,
+    ) -> Result<futures::future::Ready<Result<Sent, BrokerError>>, BrokerError> {
         match *self {}
     }
 }
@@ -590,6 +615,10 @@ enum Sent {
     Routed,
     Unroutable,
 }
+
+/// What RabbitMQ says of a request it was sent (its confirm): an error if
+/// it reached no queue or a full one.
+type Confirming = Pin<Box<dyn Future<Output = Result<(), RequestError>> + Send>>;
 
 /// Default time a request waits for its reply.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -641,8 +670,14 @@ impl<'a> RequestBuilder<'a> {
 
     /// Publishes the request and returns at once with a handle to its reply.
     pub async fn send(self) -> Result<PendingReply, RequestError> {
+        self.start(true).await
+    }
+
+    /// Publishes the request; the handle races its confirm, if not
+    /// `confirmed` first, against the reply.
+    async fn start(self, confirmed: bool) -> Result<PendingReply, RequestError> {
         let (tx, rx) = oneshot::channel();
-        let id = self
+        let (id, confirm) = self
             .requester
             .publish(
                 &self.target,
@@ -650,11 +685,13 @@ impl<'a> RequestBuilder<'a> {
                 self.timeout,
                 self.fail_fast,
                 Waiter::One(tx),
+                confirmed,
             )
             .await?;
         Ok(PendingReply {
             id,
             rx,
+            confirm,
             deadline: postbox::clock::deadline(self.timeout),
             timeout: self.timeout,
             requester: self.requester.clone(),
@@ -683,7 +720,7 @@ impl<'a> RequestBuilder<'a> {
     ) -> Result<Vec<Result<Envelope, RequestError>>, RequestError> {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let timeout = self.timeout;
-        let id = self
+        let (id, _) = self
             .requester
             .publish(
                 &self.target,
@@ -691,6 +728,7 @@ impl<'a> RequestBuilder<'a> {
                 timeout,
                 self.fail_fast,
                 Waiter::Many(tx),
+                true,
             )
             .await?;
         let mut replies = Vec::new();
@@ -715,7 +753,7 @@ impl<'a> IntoFuture for RequestBuilder<'a> {
     type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move { self.send().await?.await })
+        Box::pin(async move { self.start(false).await?.await })
     }
 }
 
@@ -724,6 +762,9 @@ impl<'a> IntoFuture for RequestBuilder<'a> {
 pub struct PendingReply {
     id: RequestId,
     rx: oneshot::Receiver<Envelope>,
+    /// The request's confirm still to come (RabbitMQ), raced against the
+    /// reply.
+    confirm: Option<Confirming>,
     deadline: tokio::time::Instant,
     timeout: Duration,
     requester: Requester,
@@ -774,7 +815,24 @@ impl IntoFuture for PendingReply {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
             let mut this = self;
-            match tokio::time::timeout_at(this.deadline, &mut this.rx).await {
+            let confirm = this.confirm.take();
+            let reply = tokio::time::timeout_at(this.deadline, &mut this.rx);
+            let reply = match confirm {
+                None => reply.await,
+                Some(confirm) => {
+                    tokio::pin!(reply);
+                    tokio::select! {
+                        biased;
+                        reply = &mut reply => reply,
+                        confirmed = confirm => match confirmed {
+                            Ok(()) => reply.await,
+                            // Dropped unanswered: forgotten.
+                            Err(err) => return Err(err),
+                        },
+                    }
+                }
+            };
+            match reply {
                 Ok(Ok(reply)) => into_result(&this.id, reply),
                 // The requester let go of the waiters: the runtime shut down,
                 // and nobody can answer any more.
