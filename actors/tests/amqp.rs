@@ -820,3 +820,63 @@ async fn a_requester_dropped_with_requests_in_flight_costs_nothing_else() -> Tes
         .await?;
     Ok(())
 }
+
+/// A delivery nacked with a delay whose consumer closes before the delay
+/// has passed is requeued by RabbitMQ at the close, and delivered once more;
+/// the delayed nack sends nothing on the closed channel (the connection
+/// stays up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_nack_outlived_by_its_consumer_sends_nothing() -> TestResult {
+    let Some(url) = amqp_url("a_delayed_nack_outlived_by_its_consumer_sends_nothing") else {
+        return Ok(());
+    };
+    let rt = Runtime::new()?;
+    let broker = Broker::connect(&rt, &url).await?;
+    let held = Held::start(&broker).await?;
+    let queue = unique("delayed");
+    broker
+        .declare_queue(&queue, QueueOptions::default())
+        .await?;
+    broker.publish(&queue, Envelope::new("once")).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let forward = move || {
+        let tx = tx.clone();
+        move |d: Delivery| {
+            let _ = tx.send(d);
+            async { Ok(()) }
+        }
+    };
+    let first = broker
+        .consume(&queue, ConsumeOptions::manual(1), forward.clone())
+        .await?;
+    let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await?
+        .ok_or("a delivery")?;
+    d.nack_after(Duration::from_millis(300)).await?;
+    first.close().await;
+    // Requeued at the close, not after the delay.
+    assert_eq!(broker.queue_stats(&queue).await?.stats.ready, 1);
+    // The delay passes with nobody to nack for.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = broker
+        .consume(&queue, ConsumeOptions::manual(1), forward)
+        .await?;
+    let again = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await?
+        .ok_or("delivered again")?;
+    assert_eq!(again.id(), d.id());
+    assert!(again.redelivered());
+    again.ack().await?;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "delivered a third time"
+    );
+    second.close().await;
+    held.still_held(&broker).await?;
+    broker
+        .delete_queue(&queue, DeleteOptions::default())
+        .await?;
+    Ok(())
+}

@@ -206,7 +206,7 @@ impl RemoteQueue {
                 );
                 remote.count_delivery(&mut message);
                 // The channel is this delivery's alone: epoch 1.
-                let settle = Arc::new(Settle::new(remote.clone(), 1, channel.clone()));
+                let settle = Arc::new(Settle::new(remote.clone(), 1, channel));
                 let link = Arc::new(Link::new(
                     ConsumerId(remote.consumer_id()),
                     self.name.clone(),
@@ -218,7 +218,6 @@ impl RemoteQueue {
                 link.reset(1);
                 link.track([tag]);
                 let guard = Box::new(CloseOnDrop {
-                    channel,
                     link: link.clone(),
                     settle,
                 });
@@ -287,22 +286,20 @@ impl RemoteQueue {
 /// Closes a `basic.get` delivery's channel when the delivery is dropped;
 /// unsettled, RabbitMQ requeues it.
 struct CloseOnDrop {
-    channel: lapin::Channel,
     link: Arc<Link>,
     settle: Arc<Settle>,
 }
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
-        let (channel, link, settle) =
-            (self.channel.clone(), self.link.clone(), self.settle.clone());
+        let (link, settle) = (self.link.clone(), self.settle.clone());
         // Ended at once (a later settlement is `ConsumerGone`); what was
         // settled before goes out before the channel closes.
         let accepted = link.close();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 settle.finish(&link, accepted).await;
-                let _ = channel.close(200, "done".into()).await;
+                settle.close("done").await;
             });
         }
     }
@@ -319,9 +316,11 @@ fn tag_of(epoch: u64, tag: u64) -> u64 {
 pub(crate) struct Settle {
     remote: Arc<Remote>,
     /// The channel deliveries came on, and its epoch (see [`tag_of`]).
-    channel: Mutex<Option<(u64, lapin::Channel)>>,
-    /// One drain at a time, so settlements reach RabbitMQ in order.
-    applying: tokio::sync::Mutex<()>,
+    channel: Arc<Mutex<Option<(u64, lapin::Channel)>>>,
+    /// One drain at a time, so settlements reach RabbitMQ in order; also
+    /// held to close the channel, so that no settlement follows the close
+    /// (RabbitMQ closes the whole connection on a frame after a close).
+    applying: Arc<tokio::sync::Mutex<()>>,
     /// A registration's own task sends its settlements (woken by this), so
     /// that a consumer's ack does not wait for the frame to be written.
     background: std::sync::atomic::AtomicBool,
@@ -367,8 +366,8 @@ impl Settle {
     fn new(remote: Arc<Remote>, epoch: u64, channel: impl Into<Option<lapin::Channel>>) -> Self {
         Settle {
             remote,
-            channel: Mutex::new(channel.into().map(|c| (epoch, c))),
-            applying: tokio::sync::Mutex::new(()),
+            channel: Arc::new(Mutex::new(channel.into().map(|c| (epoch, c)))),
+            applying: Arc::default(),
             background: std::sync::atomic::AtomicBool::new(false),
             wake: Notify::new(),
             stop: Arc::new(Notify::new()),
@@ -378,6 +377,16 @@ impl Settle {
             delayed: Arc::default(),
             done: tokio::sync::watch::Sender::new(false),
             cancelled: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// Closes the channel, never while a settlement is being sent, and
+    /// taken first, so that none is sent after.
+    async fn close(&self, reason: &str) {
+        let _one = self.applying.lock().await;
+        let channel = self.channel.lock().take();
+        if let Some((_, channel)) = channel {
+            let _ = channel.close(200, reason.into()).await;
         }
     }
 
@@ -427,12 +436,22 @@ impl Settle {
                 Outcome::RequeueAfter(delay) => {
                     // Held (unacknowledged) until the delay has passed, then
                     // requeued; if the consumer goes first, RabbitMQ
-                    // requeues it at once.
+                    // requeues it at once. Sent in turn with the other
+                    // settlements and the close, on the channel it came on
+                    // if that is still the current one.
                     self.delayed.lock().insert(tag.0);
-                    let (channel, delayed) = (channel.clone(), self.delayed.clone());
+                    let (slot, applying, delayed) = (
+                        self.channel.clone(),
+                        self.applying.clone(),
+                        self.delayed.clone(),
+                    );
                     tokio::spawn(async move {
                         tokio::time::sleep(delay).await;
-                        let _ = channel.basic_nack(amqp_tag, nack(true)).await;
+                        let _one = applying.lock().await;
+                        let current = slot.lock().clone();
+                        if let Some((_, channel)) = current.filter(|(now, _)| *now == epoch) {
+                            let _ = channel.basic_nack(amqp_tag, nack(true)).await;
+                        }
                         delayed.lock().remove(&tag.0);
                     });
                     Ok(())
@@ -611,10 +630,7 @@ impl Registration {
         self.settle.wake.notify_one();
         let _ = acker.await;
         self.settle.send(&self.link).await;
-        let channel = self.settle.channel.lock().take();
-        if let Some((_, channel)) = channel {
-            let _ = channel.close(200, "consumer gone".into()).await;
-        }
+        self.settle.close("consumer gone").await;
         self.settle.done.send_replace(true);
         self.settle.cancelled.send_replace(true);
         self.consumers.fetch_sub(1, Ordering::Relaxed);
