@@ -880,3 +880,46 @@ async fn a_delayed_nack_outlived_by_its_consumer_sends_nothing() -> TestResult {
         .await?;
     Ok(())
 }
+
+/// A declaration RabbitMQ refuses (a queue redeclared with other
+/// arguments: it closes the channel) fails alone: declarations and bindings
+/// made at the same time all succeed, and the connection stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_declaration_fails_only_itself() -> TestResult {
+    let Some(url) = amqp_url("a_refused_declaration_fails_only_itself") else {
+        return Ok(());
+    };
+    let rt = Runtime::new()?;
+    let broker = Broker::connect(&rt, &url).await?;
+    let held = Held::start(&broker).await?;
+    let ttl = |secs| QueueOptions::default().message_ttl(Duration::from_secs(secs));
+    let taken = unique("taken");
+    broker.declare_queue(&taken, ttl(60)).await?;
+    let mut made = Vec::new();
+    for _ in 0..5 {
+        let mut good = Vec::new();
+        for _ in 0..20 {
+            let (broker, name) = (broker.clone(), unique("good"));
+            made.push(name.clone());
+            good.push(tokio::spawn(async move {
+                broker
+                    .declare_queue(&name, QueueOptions::default())
+                    .await
+                    .map(|_| ())
+            }));
+        }
+        let refused = broker.declare_queue(&taken, ttl(30)).await;
+        assert!(
+            matches!(refused, Err(BrokerError::QueueMismatch { ref name, .. }) if *name == taken),
+            "{refused:?}"
+        );
+        for declared in good {
+            declared.await??;
+        }
+    }
+    held.still_held(&broker).await?;
+    for queue in made.iter().chain([&taken]) {
+        broker.delete_queue(queue, DeleteOptions::default()).await?;
+    }
+    Ok(())
+}

@@ -433,14 +433,12 @@ impl Remote {
         let declared = self
             .timed("queue.declare", async {
                 let session = self.session().await?;
-                let channel = session
-                    .admin()
-                    .await
-                    .map_err(|e| refusal(self, &e, Subject::Queue(name)))?;
-                channel
-                    .queue_declare(queue, flags, args)
-                    .await
-                    .map_err(|e| self.mismatch(&e, name, &options))
+                self.on_admin(&session, |channel| {
+                    let (queue, args) = (queue.clone(), args.clone());
+                    async move { channel.queue_declare(queue, flags, args).await }
+                })
+                .await
+                .map_err(|e| self.mismatch(&e, name, &options))
             })
             .await?;
         {
@@ -530,32 +528,28 @@ impl Remote {
         let deleted = self
             .timed("queue.delete", async {
                 let session = self.session().await?;
-                let channel = session
-                    .admin()
-                    .await
-                    .map_err(|e| refusal(self, &e, Subject::Queue(name)))?;
-                channel
-                    .queue_delete(
-                        queue,
-                        QueueDeleteOptions {
-                            if_unused: options.if_unused,
-                            if_empty: options.if_empty,
-                            ..Default::default()
-                        },
-                    )
-                    .await
-                    .map_err(|e| match refusal(self, &e, Subject::Queue(name)) {
-                        // RabbitMQ's refusal has no counts: the check has.
-                        BrokerError::QueueNotEmpty { name, .. } => BrokerError::QueueNotEmpty {
-                            name,
-                            messages: snapshot.stats.ready,
-                        },
-                        BrokerError::QueueInUse { name, .. } => BrokerError::QueueInUse {
-                            name,
-                            consumers: snapshot.stats.consumers,
-                        },
-                        other => other,
-                    })
+                let delete = QueueDeleteOptions {
+                    if_unused: options.if_unused,
+                    if_empty: options.if_empty,
+                    ..Default::default()
+                };
+                self.on_admin(&session, |channel| {
+                    let queue = queue.clone();
+                    async move { channel.queue_delete(queue, delete).await }
+                })
+                .await
+                .map_err(|e| match refusal(self, &e, Subject::Queue(name)) {
+                    // RabbitMQ's refusal has no counts: the check has.
+                    BrokerError::QueueNotEmpty { name, .. } => BrokerError::QueueNotEmpty {
+                        name,
+                        messages: snapshot.stats.ready,
+                    },
+                    BrokerError::QueueInUse { name, .. } => BrokerError::QueueInUse {
+                        name,
+                        consumers: snapshot.stats.consumers,
+                    },
+                    other => other,
+                })
             })
             .await?;
         self.record.lock().forget(&Destination::Queue(name.into()));
@@ -567,15 +561,17 @@ impl Remote {
         let queue = short(name, "a queue name")?;
         self.timed("queue.purge", async {
             let session = self.session().await?;
-            let channel = session
-                .admin()
-                .await
-                .map_err(|e| refusal(self, &e, Subject::Queue(name)))?;
-            channel
-                .queue_purge(queue, QueuePurgeOptions::default())
-                .await
-                .map(|n| n as usize)
-                .map_err(|e| refusal(self, &e, Subject::Queue(name)))
+            self.on_admin(&session, |channel| {
+                let queue = queue.clone();
+                async move {
+                    channel
+                        .queue_purge(queue, QueuePurgeOptions::default())
+                        .await
+                }
+            })
+            .await
+            .map(|n| n as usize)
+            .map_err(|e| refusal(self, &e, Subject::Queue(name)))
         })
         .await
     }
@@ -589,28 +585,24 @@ impl Remote {
         let exchange = short(name, "an exchange name")?;
         self.timed("exchange.declare", async {
             let session = self.session().await?;
-            let channel = session
-                .admin()
-                .await
-                .map_err(|e| refusal(self, &e, Subject::Exchange(name)))?;
-            channel
-                .exchange_declare(exchange, kind, flags, args)
-                .await
-                .map_err(|e| {
-                    let existing = self.record.lock().exchange(name).map(|d| d.options.clone());
-                    match (e.kind(), existing) {
-                        (lapin::ErrorKind::ProtocolError(p), Some(existing))
-                            if p.get_id() == 406 =>
-                        {
-                            BrokerError::ExchangeMismatch {
-                                name: name.into(),
-                                existing: Box::new(existing),
-                                requested: Box::new(options.clone()),
-                            }
+            self.on_admin(&session, |channel| {
+                let (exchange, kind, args) = (exchange.clone(), kind.clone(), args.clone());
+                async move { channel.exchange_declare(exchange, kind, flags, args).await }
+            })
+            .await
+            .map_err(|e| {
+                let existing = self.record.lock().exchange(name).map(|d| d.options.clone());
+                match (e.kind(), existing) {
+                    (lapin::ErrorKind::ProtocolError(p), Some(existing)) if p.get_id() == 406 => {
+                        BrokerError::ExchangeMismatch {
+                            name: name.into(),
+                            existing: Box::new(existing),
+                            requested: Box::new(options.clone()),
                         }
-                        _ => refusal(self, &e, Subject::Exchange(name)),
                     }
-                })
+                    _ => refusal(self, &e, Subject::Exchange(name)),
+                }
+            })
         })
         .await?;
         self.saw_exchange(name);
@@ -656,6 +648,36 @@ impl Remote {
             .lock()
             .forget(&Destination::Exchange(name.into()));
         Ok(())
+    }
+
+    /// Runs `op` on the session's shared topology channel. RabbitMQ answers
+    /// a refusal by closing the channel, which also fails whatever else was
+    /// on it at the time: an operation that fails so runs once more on a
+    /// channel of its own, and the error it then reports is its own. (Each
+    /// of these operations is refused without effect, and one that failed
+    /// for another's refusal never ran: running it again is safe.)
+    async fn on_admin<T, F, Fut>(&self, session: &Session, op: F) -> Result<T, lapin::Error>
+    where
+        F: Fn(lapin::Channel) -> Fut,
+        Fut: Future<Output = Result<T, lapin::Error>>,
+    {
+        let channel = session.admin().await?;
+        match op(channel).await {
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    lapin::ErrorKind::ProtocolError(_) | lapin::ErrorKind::InvalidChannelState(..)
+                ) =>
+            {
+                let own = session.connection.create_channel().await?;
+                let done = op(own.clone()).await;
+                if done.is_ok() {
+                    let _ = own.close(200, "done".into()).await;
+                }
+                done
+            }
+            other => other,
+        }
     }
 
     /// A channel of its own, for an operation RabbitMQ may refuse: a refusal
@@ -763,13 +785,12 @@ impl Remote {
         };
         self.timed("bind", async {
             let session = self.session().await?;
-            let channel = session
-                .admin()
-                .await
-                .map_err(|e| refusal(self, &e, subject))?;
-            bind_on(&channel, &bound, unbind)
-                .await
-                .map_err(|e| refusal(self, &e, subject))
+            self.on_admin(&session, |channel| {
+                let bound = &bound;
+                async move { bind_on(&channel, bound, unbind).await }
+            })
+            .await
+            .map_err(|e| refusal(self, &e, subject))
         })
         .await?;
         let mut record = self.record.lock();
