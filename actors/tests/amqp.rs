@@ -37,6 +37,19 @@ fn amqp_url(test: &str) -> Option<String> {
     }
 }
 
+/// A postbox runtime and a broker on the RabbitMQ at `AMQP_URL`; `None`
+/// (said why) without one. The runtime is kept for as long as the broker.
+async fn rabbit(
+    test: &str,
+) -> Result<Option<(Runtime, Broker)>, Box<dyn std::error::Error + Send + Sync>> {
+    let Some(url) = amqp_url(test) else {
+        return Ok(None);
+    };
+    let rt = Runtime::new()?;
+    let broker = Broker::connect(&rt, &url).await?;
+    Ok(Some((rt, broker)))
+}
+
 fn unique(base: &str) -> String {
     format!("{base}-{}", uuid::Uuid::new_v4().simple())
 }
@@ -455,11 +468,9 @@ async fn wrong_credentials_are_refused_without_showing_them() -> TestResult {
 /// errors typed, no responder fails fast, a slow responder times out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_reply_through_direct_reply_to() -> TestResult {
-    let Some(url) = amqp_url("request_reply_through_direct_reply_to") else {
+    let Some((_rt, broker)) = rabbit("request_reply_through_direct_reply_to").await? else {
         return Ok(());
     };
-    let rt = Runtime::new()?;
-    let broker = Broker::connect(&rt, &url).await?;
     let queue = unique("rpc");
     broker
         .declare_queue(&queue, QueueOptions::default())
@@ -529,12 +540,11 @@ async fn request_reply_through_direct_reply_to() -> TestResult {
 /// consumer's and a publisher's channels, are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_rabbitmq_cannot_carry_is_refused_before_anything_is_sent() -> TestResult {
-    let Some(url) = amqp_url("what_rabbitmq_cannot_carry_is_refused_before_anything_is_sent")
+    let Some((_rt, broker)) =
+        rabbit("what_rabbitmq_cannot_carry_is_refused_before_anything_is_sent").await?
     else {
         return Ok(());
     };
-    let rt = Runtime::new()?;
-    let broker = Broker::connect(&rt, &url).await?;
     let queue = unique("refused");
     let handle = broker
         .declare_queue(&queue, QueueOptions::default())
@@ -709,14 +719,106 @@ impl Held {
 /// 'channel.open'`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_publish_costs_nothing_else() -> TestResult {
-    let Some(url) = amqp_url("a_refused_publish_costs_nothing_else") else {
+    let Some((_rt, broker)) = rabbit("a_refused_publish_costs_nothing_else").await? else {
         return Ok(());
     };
+    publishes_racing_refused_ones_all_land(&broker, &unique("missing")).await
+}
+
+/// The same with an exchange this process declared, published through and
+/// then deleted: it is not taken for existing afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_deleted_after_use_is_not_trusted() -> TestResult {
+    let Some((_rt, broker)) = rabbit("an_exchange_deleted_after_use_is_not_trusted").await? else {
+        return Ok(());
+    };
+    let gone = unique("gone");
+    broker
+        .declare_exchange(&gone, postbox_actors::ExchangeOptions::fanout())
+        .await?;
+    assert_eq!(broker.publish_to(&gone, "k", Envelope::new("x")).await?, 0);
+    broker.delete_exchange(&gone, false).await?;
+    publishes_racing_refused_ones_all_land(&broker, &gone).await
+}
+
+/// The same with an exchange this process published through, which another
+/// process deleted while the connection was down: what was known of the
+/// server is asked again after a reconnection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_was_known_of_exchanges_is_asked_again_after_a_reconnection() -> TestResult {
+    let Some((_rt, other)) =
+        rabbit("what_was_known_of_exchanges_is_asked_again_after_a_reconnection").await?
+    else {
+        return Ok(());
+    };
+    let url = std::env::var("AMQP_URL")?;
+    let proxy = Proxy::start(upstream(&url)).await?;
     let rt = Runtime::new()?;
-    let broker = Broker::connect(&rt, &url).await?;
+    let options = AmqpOptions::new(via(&url, proxy.addr))
+        .timeout(Duration::from_secs(5))
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let broker = Broker::connect_with(&rt, options).await?;
+    let gone = unique("gone");
+    other
+        .declare_exchange(&gone, postbox_actors::ExchangeOptions::fanout())
+        .await?;
+    assert_eq!(broker.publish_to(&gone, "k", Envelope::new("x")).await?, 0);
+    proxy.cut();
+    other.delete_exchange(&gone, false).await?;
+    // Back: a queue declared after the cut answers.
+    let back = unique("back");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while broker
+        .declare_queue(&back, QueueOptions::default())
+        .await
+        .is_err()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never reconnected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    publishes_racing_refused_ones_all_land(&broker, &gone).await?;
+    broker.delete_queue(&back, DeleteOptions::default()).await?;
+    Ok(())
+}
+
+/// The same with an exchange another process deleted while this one was
+/// connected: the first publish through it after that is refused by
+/// RabbitMQ itself (it closes the publishing channel), and from then on it
+/// is asked about first again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_refused_by_rabbitmq_is_not_trusted_again() -> TestResult {
+    let Some((_rt, broker)) =
+        rabbit("an_exchange_refused_by_rabbitmq_is_not_trusted_again").await?
+    else {
+        return Ok(());
+    };
+    let Some((_other_rt, other)) =
+        rabbit("an_exchange_refused_by_rabbitmq_is_not_trusted_again").await?
+    else {
+        return Ok(());
+    };
+    let gone = unique("gone");
+    other
+        .declare_exchange(&gone, postbox_actors::ExchangeOptions::fanout())
+        .await?;
+    assert_eq!(broker.publish_to(&gone, "k", Envelope::new("x")).await?, 0);
+    other.delete_exchange(&gone, false).await?;
+    assert!(matches!(
+        broker.publish_to(&gone, "k", Envelope::new("y")).await,
+        Err(postbox_actors::PublishError::Refused(
+            BrokerError::ExchangeNotFound(_)
+        ))
+    ));
+    publishes_racing_refused_ones_all_land(&broker, &gone).await
+}
+
+/// 8 × 300 publishes to a queue, racing 30 publishes through exchange
+/// `missing`: each of those is `ExchangeNotFound`, every other one is
+/// confirmed, and the connection stays up.
+async fn publishes_racing_refused_ones_all_land(broker: &Broker, missing: &str) -> TestResult {
     let busy = unique("busy");
     broker.declare_queue(&busy, QueueOptions::default()).await?;
-    let held = Held::start(&broker).await?;
+    let held = Held::start(broker).await?;
 
     const PUBLISHERS: usize = 8;
     const EACH: usize = 300;
@@ -736,12 +838,8 @@ async fn a_refused_publish_costs_nothing_else() -> TestResult {
             Ok::<_, postbox_actors::CodecError>(failed)
         }));
     }
-    let missing = unique("missing");
     for _ in 0..30 {
-        match broker
-            .publish_to(&missing, "k", Envelope::new("lost"))
-            .await
-        {
+        match broker.publish_to(missing, "k", Envelope::new("lost")).await {
             Err(postbox_actors::PublishError::Refused(BrokerError::ExchangeNotFound(name))) => {
                 assert_eq!(name, missing)
             }
@@ -763,7 +861,7 @@ async fn a_refused_publish_costs_nothing_else() -> TestResult {
         broker.queue_stats(&busy).await?.stats.ready,
         PUBLISHERS * EACH
     );
-    held.still_held(&broker).await?;
+    held.still_held(broker).await?;
     broker.delete_queue(&busy, DeleteOptions::default()).await?;
     Ok(())
 }
@@ -774,12 +872,11 @@ async fn a_refused_publish_costs_nothing_else() -> TestResult {
 /// still queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_requester_dropped_with_requests_in_flight_costs_nothing_else() -> TestResult {
-    let Some(url) = amqp_url("a_requester_dropped_with_requests_in_flight_costs_nothing_else")
+    let Some((_rt, broker)) =
+        rabbit("a_requester_dropped_with_requests_in_flight_costs_nothing_else").await?
     else {
         return Ok(());
     };
-    let rt = Runtime::new()?;
-    let broker = Broker::connect(&rt, &url).await?;
     let queue = unique("echo");
     broker
         .declare_queue(&queue, QueueOptions::default())
@@ -827,11 +924,11 @@ async fn a_requester_dropped_with_requests_in_flight_costs_nothing_else() -> Tes
 /// stays up).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delayed_nack_outlived_by_its_consumer_sends_nothing() -> TestResult {
-    let Some(url) = amqp_url("a_delayed_nack_outlived_by_its_consumer_sends_nothing") else {
+    let Some((_rt, broker)) =
+        rabbit("a_delayed_nack_outlived_by_its_consumer_sends_nothing").await?
+    else {
         return Ok(());
     };
-    let rt = Runtime::new()?;
-    let broker = Broker::connect(&rt, &url).await?;
     let held = Held::start(&broker).await?;
     let queue = unique("delayed");
     broker
@@ -886,11 +983,9 @@ async fn a_delayed_nack_outlived_by_its_consumer_sends_nothing() -> TestResult {
 /// made at the same time all succeed, and the connection stays up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_declaration_fails_only_itself() -> TestResult {
-    let Some(url) = amqp_url("a_refused_declaration_fails_only_itself") else {
+    let Some((_rt, broker)) = rabbit("a_refused_declaration_fails_only_itself").await? else {
         return Ok(());
     };
-    let rt = Runtime::new()?;
-    let broker = Broker::connect(&rt, &url).await?;
     let held = Held::start(&broker).await?;
     let ttl = |secs| QueueOptions::default().message_ttl(Duration::from_secs(secs));
     let taken = unique("taken");

@@ -103,8 +103,9 @@ pub(crate) struct Remote {
     /// classic queue does not count them, and retry policies need the
     /// attempt (bounded: see [`Remote::count_delivery`]).
     attempts: Mutex<std::collections::HashMap<crate::envelope::MessageId, u32>>,
-    /// Exchanges found to exist, and when (see [`Remote::check_exchange`]).
-    pub(crate) exchanges_seen: Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Exchanges known to exist on this connection (see
+    /// [`Remote::check_exchange`]).
+    pub(crate) exchanges_known: parking_lot::RwLock<std::collections::HashSet<String>>,
 }
 
 /// Redelivered messages whose deliveries are counted at once; past it the
@@ -149,7 +150,7 @@ impl Remote {
             closed: AtomicBool::new(false),
             max_message_bytes,
             attempts: Mutex::default(),
-            exchanges_seen: Mutex::default(),
+            exchanges_known: parking_lot::RwLock::default(),
             secrets,
         });
         tracing::info!(url = %remote.options.redacted_url(), "connected to rabbitmq");
@@ -361,6 +362,8 @@ async fn keep_up(remote: std::sync::Weak<Remote>, mut session: Arc<Session>) {
             backoff = (backoff * 2).min(options.reconnect_max);
         };
         let Some(r) = remote.upgrade() else { return };
+        // The server may have lost what was not redeclared: asked again.
+        r.exchanges_known.write().clear();
         tracing::info!(url = %r.options.redacted_url(), generation, "reconnected to rabbitmq; topology redeclared");
         r.state.send_if_modified(|s| {
             if matches!(s, State::Closed) {

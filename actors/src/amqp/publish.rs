@@ -108,7 +108,7 @@ impl Remote {
             Ok(Confirmation::Nack(_)) => Ok(Answer::Refused),
             Err(err) => match refusal(self, &err, subject(exchange, routing_key)) {
                 BrokerError::ExchangeNotFound(name) if name == exchange => {
-                    self.exchanges_seen.lock().remove(exchange);
+                    self.exchanges_known.write().remove(exchange);
                     Err(BrokerError::ExchangeNotFound(name))
                 }
                 _ => Err(BrokerError::Unconfirmed(self.scrub(&err))),

@@ -33,9 +33,9 @@ pub(crate) enum Subject<'a> {
     Other,
 }
 
-/// How long an exchange found to exist counts as existing without asking
-/// RabbitMQ again (see [`Remote::check_exchange`]).
-const EXCHANGE_SEEN_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+/// Exchanges remembered as existing, at most: past it the set starts over
+/// (each is then asked about again).
+const EXCHANGES_KNOWN: usize = 4096;
 
 /// RabbitMQ's refusal (or a lost connection) as a broker error.
 pub(crate) fn refusal(remote: &Remote, err: &lapin::Error, subject: Subject<'_>) -> BrokerError {
@@ -643,7 +643,7 @@ impl Remote {
             Ok(())
         })
         .await?;
-        self.exchanges_seen.lock().remove(name);
+        self.exchanges_known.write().remove(name);
         self.record
             .lock()
             .forget(&Destination::Exchange(name.into()));
@@ -716,7 +716,7 @@ impl Remote {
     }
 
     /// `ExchangeNotFound` unless exchange `name` exists (the default
-    /// exchange always does), asked at most once per [`EXCHANGE_SEEN_FOR`].
+    /// exchange always does), asked once per exchange and connection.
     ///
     /// A publish through a missing exchange makes RabbitMQ close the
     /// channel, and lapin sends its `channel.close-ok` ahead of the
@@ -724,19 +724,11 @@ impl Remote {
     /// frames on an unopened channel and closes the whole connection
     /// (`CHANNEL_ERROR - expected 'channel.open'`), failing every publish,
     /// consumer and request on it. So a publish goes through an exchange on
-    /// a shared channel only once the exchange is known to exist. An
-    /// exchange another process deletes within that time can still do it;
-    /// the connection then comes back as after any loss.
+    /// a shared channel only once the exchange is known to exist: declared
+    /// or found here, and neither deleted by this process nor refused since.
+    /// An exchange another process deletes can still do it, once.
     pub(crate) async fn check_exchange(&self, name: &str) -> Result<(), BrokerError> {
-        if name.is_empty() {
-            return Ok(());
-        }
-        if self
-            .exchanges_seen
-            .lock()
-            .get(name)
-            .is_some_and(|seen| seen.elapsed() < EXCHANGE_SEEN_FOR)
-        {
+        if name.is_empty() || self.exchanges_known.read().contains(name) {
             return Ok(());
         }
         let channel = self.exchange_exists(name).await?;
@@ -747,11 +739,11 @@ impl Remote {
 
     /// Exchange `name` exists as of now.
     pub(crate) fn saw_exchange(&self, name: &str) {
-        let mut seen = self.exchanges_seen.lock();
-        if seen.len() >= 1024 {
-            seen.retain(|_, at| at.elapsed() < EXCHANGE_SEEN_FOR);
+        let mut known = self.exchanges_known.write();
+        if known.len() >= EXCHANGES_KNOWN {
+            known.clear();
         }
-        seen.insert(name.to_string(), std::time::Instant::now());
+        known.insert(name.to_string());
     }
 
     /// Binds (or unbinds) `destination` to `source`; unbinding returns
