@@ -34,7 +34,7 @@ use super::topology::{Subject, refusal};
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
 use crate::queue::ack::{AckMode, ConsumerId, DeliveryTag};
-use crate::queue::actor::{Cancelled, DeliveryBatch, QueueSnapshot, Sink};
+use crate::queue::actor::{Cancelled, DeliveryBatch, QueueSnapshot, Sink, Subscribe};
 use crate::queue::delivery::{
     ApplySettlements, Delivery, Link, LinkTarget, Outcome, PendingSettle,
 };
@@ -121,15 +121,8 @@ impl RemoteOps for RemoteQueue {
         })
     }
 
-    fn subscribe(
-        &self,
-        sink: Sink,
-        mode: AckMode,
-        prefetch: u32,
-        incarnation: Option<u64>,
-        exclusive: bool,
-    ) -> BoxFuture<'_, Result<Arc<Link>, BrokerError>> {
-        Box::pin(self.register(sink, mode, prefetch, incarnation, exclusive))
+    fn subscribe(&self, subscribe: Subscribe) -> BoxFuture<'_, Result<Arc<Link>, BrokerError>> {
+        Box::pin(self.register(subscribe))
     }
 
     fn cancel(&self, consumer: ConsumerId) -> BoxFuture<'_, Option<usize>> {
@@ -232,14 +225,15 @@ impl RemoteQueue {
     /// Registers a consumer: a channel with the prefetch, `basic.consume`,
     /// and a task that hands its deliveries to `sink` (and consumes again
     /// after a reconnection) until the consumer goes.
-    async fn register(
-        &self,
-        sink: Sink,
-        mode: AckMode,
-        prefetch: u32,
-        incarnation: Option<u64>,
-        exclusive: bool,
-    ) -> Result<Arc<Link>, BrokerError> {
+    async fn register(&self, subscribe: Subscribe) -> Result<Arc<Link>, BrokerError> {
+        let Subscribe {
+            sink,
+            mode,
+            prefetch,
+            incarnation,
+            exclusive,
+            slot,
+        } = subscribe;
         let Some(watched) = sink.any() else {
             return Err(BrokerError::unsupported("a consumer without an actor"));
         };
@@ -274,6 +268,9 @@ impl RemoteQueue {
             .remote
             .register(link.consumer, registered.clone());
         watched.on_exit(incarnation, move |_| registered.end_now());
+        if let Some(slot) = slot {
+            let _ = slot.set(link.clone());
+        }
         tokio::spawn(registration.run(session, started_tx));
         match started_rx.await {
             Ok(Ok(())) => Ok(link),

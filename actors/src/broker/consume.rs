@@ -6,9 +6,10 @@ use std::sync::atomic::Ordering;
 
 use crate::broker::Broker;
 use crate::consumer::{
-    ConsumeOptions, Consumer, ConsumerActor, ConsumerFactory, ConsumerHandle, Registration, Shared,
+    ConsumeOptions, Consumer, ConsumerActor, ConsumerFactory, ConsumerHandle, Shared,
 };
 use crate::error::BrokerError;
+use crate::queue::delivery::LinkSlot;
 use crate::supervision::Kept;
 
 impl Broker {
@@ -33,6 +34,8 @@ impl Broker {
         let child_options = options.clone();
         let shared = Arc::new(Shared::default());
         let child_shared = shared.clone();
+        let slot = LinkSlot::default();
+        let child_slot = slot.clone();
         let addr = self
             .inner
             .runtime
@@ -42,6 +45,7 @@ impl Broker {
                     &child_options,
                     factory.build(),
                     Arc::clone(&child_shared),
+                    child_slot.clone(),
                 ))
             })
             .mailbox(options.mailbox_capacity())
@@ -58,20 +62,34 @@ impl Broker {
                 inner.live.lock().remove(&id);
             }
         });
-        // Registration happens in `started`, before any message is handled.
-        match addr.ask(Registration).await {
-            Ok(Some(_)) => Ok(ConsumerHandle {
+        // The first incarnation is registered from here while it starts:
+        // a round trip to the queue, not one to the consumer and another
+        // from it to the queue. (Restarted incarnations register themselves.)
+        let subscription = ConsumerActor::subscription(
+            &addr,
+            options.mode,
+            options.prefetch,
+            options.exclusive,
+            1,
+            Some(slot),
+        );
+        match handle.subscribe_as(subscription).await {
+            Ok(_) => Ok(ConsumerHandle {
                 queue: handle.name().into(),
                 addr,
                 shared,
             }),
-            _ => {
+            Err(err) => {
+                shared.cancelled.store(true, Ordering::Release);
                 addr.stop();
                 self.alive()?;
-                if let Some(refused) = shared.refused.lock().take() {
-                    return Err(refused);
+                match err {
+                    BrokerError::ExclusiveConsumer { .. } => {
+                        tracing::warn!(queue = %handle.name(), %err, "consumer refused");
+                        Err(err)
+                    }
+                    _ => Err(handle.gone()),
                 }
-                Err(handle.gone())
             }
         }
     }

@@ -14,8 +14,8 @@ use tracing::Instrument;
 use crate::consumer::retry::settle_failed;
 use crate::consumer::{ConsumeOptions, Consumer, OnError};
 use crate::queue::ack::{AckMode, ConsumerId};
-use crate::queue::actor::{Cancelled, DeliveryBatch, Sink};
-use crate::queue::delivery::{Delivery, Link, Outcome, Settler};
+use crate::queue::actor::{Cancelled, DeliveryBatch, Sink, Subscribe};
+use crate::queue::delivery::{Delivery, Link, LinkSlot, Outcome, Settler};
 use crate::queue::handle::QueueHandle;
 
 /// What the incarnations of one consumer share (it outlives each of them):
@@ -25,15 +25,13 @@ use crate::queue::handle::QueueHandle;
 pub(crate) struct Shared {
     backlog: Mutex<VecDeque<Delivery>>,
     /// Cancelled or closed: a restarted incarnation does not register again.
-    cancelled: AtomicBool,
+    pub(crate) cancelled: AtomicBool,
     /// Deliveries whose handler returned `Ok`.
     pub(crate) handled: AtomicU64,
     /// Deliveries whose handler returned `Err` (settled by the `OnError` policy).
     pub(crate) errors: AtomicU64,
     /// Crashes: their number, when the recent ones happened, the last failure.
     crashes: Mutex<Crashes>,
-    /// Why the queue refused its registration (an exclusive consumer).
-    pub(crate) refused: Mutex<Option<crate::error::BrokerError>>,
 }
 
 #[derive(Default)]
@@ -117,8 +115,8 @@ impl Drop for InHand<'_> {
     }
 }
 
-/// The actor that hosts a [`Consumer`]: registers with the queue when it
-/// starts, unregisters when it stops, and drops deliveries made to an earlier
+/// The actor that hosts a [`Consumer`]: registered with the queue by
+/// whoever starts it (and by itself when it restarts), unregisters when it stops, and drops deliveries made to an earlier
 /// registration (the queue has requeued those).
 ///
 /// A handler's `Err` settles that delivery by the consumer's [`OnError`]
@@ -136,17 +134,23 @@ pub(crate) struct ConsumerActor<C: Consumer> {
     on_error: OnError,
     exclusive: bool,
     link: Option<Arc<Link>>,
+    /// Where the first incarnation's registration, made by whoever started
+    /// the consumer, leaves its link (until taken; later incarnations
+    /// register themselves).
+    slot: Option<LinkSlot>,
     shared: Arc<Shared>,
 }
 
 impl<C: Consumer> ConsumerActor<C> {
     /// Wraps `consumer` for `queue`, sharing `shared` with the other
-    /// incarnations of the same consumer.
+    /// incarnations of the same consumer. The first incarnation is
+    /// registered by the caller, who passes the registration's `slot`.
     pub(crate) fn new(
         queue: QueueHandle,
         options: &ConsumeOptions,
         consumer: C,
         shared: Arc<Shared>,
+        slot: LinkSlot,
     ) -> Self {
         ConsumerActor {
             consumer,
@@ -156,13 +160,48 @@ impl<C: Consumer> ConsumerActor<C> {
             on_error: options.on_error,
             exclusive: options.exclusive,
             link: None,
+            slot: Some(slot),
             shared,
+        }
+    }
+
+    /// The subscription of `me`'s incarnation `incarnation` to its queue.
+    pub(crate) fn subscription(
+        me: &postbox::Addr<Self>,
+        mode: AckMode,
+        prefetch: u32,
+        exclusive: bool,
+        incarnation: u64,
+        slot: Option<LinkSlot>,
+    ) -> Subscribe {
+        Subscribe {
+            sink: Sink::Batch {
+                deliveries: me.recipient(),
+                cancelled: me.recipient(),
+            },
+            mode,
+            prefetch,
+            incarnation: Some(incarnation),
+            exclusive,
+            slot,
+        }
+    }
+
+    /// Takes the first registration's link once the queue has left it in
+    /// the slot (it does so before delivering anything).
+    fn adopt(&mut self) {
+        if self.link.is_none()
+            && let Some(link) = self.slot.as_ref().and_then(|slot| slot.get())
+        {
+            self.link = Some(link.clone());
+            self.slot = None;
         }
     }
 
     /// Handles auto-ack deliveries in order, without locking anything unless
     /// the handler fails (see [`InHand`]).
     async fn handle_auto(&mut self, batch: Vec<Delivery>) -> Result<(), Failure> {
+        self.adopt();
         let ConsumerActor {
             consumer,
             link,
@@ -202,6 +241,7 @@ impl<C: Consumer> ConsumerActor<C> {
     /// Handles manual-ack deliveries in order; a failed one is settled by the
     /// `OnError` policy.
     async fn handle_manual(&mut self, batch: Vec<Delivery>) -> Result<(), Failure> {
+        self.adopt();
         let Some(link) = self.link.clone() else {
             return Ok(());
         };
@@ -310,26 +350,28 @@ impl<C: Consumer> Actor for ConsumerActor<C> {
                 shared.record_crash(failure);
             }
         });
-        let link = self
-            .queue
-            .subscribe_as(
-                Sink::Batch {
-                    deliveries: me.recipient(),
-                    cancelled: me.recipient(),
-                },
-                self.mode,
-                self.prefetch,
-                Some(ctx.incarnation()),
-                self.exclusive,
-            )
-            .await;
+        if ctx.incarnation() == 1 {
+            // Registered by whoever started it (`Broker::consume`), which
+            // saves the first start a round trip to the queue.
+            self.adopt();
+            return Ok(());
+        }
+        self.slot = None;
+        let subscription = Self::subscription(
+            &me,
+            self.mode,
+            self.prefetch,
+            self.exclusive,
+            ctx.incarnation(),
+            None,
+        );
+        let link = self.queue.subscribe_as(subscription).await;
         match link {
             Ok(link) => self.link = Some(link),
             Err(err @ crate::error::BrokerError::ExclusiveConsumer { .. }) => {
-                // Taken by an exclusive consumer, or this one's exclusivity
-                // cannot be had: said to whoever started it, and it stops.
+                // A restart found the queue taken by an exclusive consumer,
+                // or this one's exclusivity cannot be had: it stops.
                 tracing::warn!(queue = %self.queue.name(), %err, "consumer refused");
-                *self.shared.refused.lock() = Some(err);
                 self.shared.cancelled.store(true, Ordering::Release);
                 ctx.stop();
                 return Ok(());
@@ -391,6 +433,7 @@ impl<C: Consumer> Handler<DeliveryBatch> for ConsumerActor<C> {
 impl<C: Consumer> Handler<Cancelled> for ConsumerActor<C> {
     async fn handle(&mut self, msg: Cancelled, ctx: &mut Context<Self>) -> Result<(), Failure> {
         self.link = None;
+        self.slot = None;
         self.shared.cancelled.store(true, Ordering::Release);
         if msg.deleted {
             self.consumer.cancelled().await;
@@ -410,6 +453,7 @@ impl Message for Drain {
 impl<C: Consumer> Handler<Drain> for ConsumerActor<C> {
     async fn handle(&mut self, _: Drain, ctx: &mut Context<Self>) -> Result<usize, Failure> {
         self.shared.cancelled.store(true, Ordering::Release);
+        self.adopt();
         let Some(link) = &self.link else {
             ctx.stop();
             return Ok(0);
@@ -446,6 +490,7 @@ impl Message for Close {
 impl<C: Consumer> Handler<Close> for ConsumerActor<C> {
     async fn handle(&mut self, _: Close, ctx: &mut Context<Self>) -> Result<(), Failure> {
         self.shared.cancelled.store(true, Ordering::Release);
+        self.adopt();
         if let Some(link) = self.link.take() {
             self.queue.unsubscribe_now(link.consumer).await;
         }
@@ -465,6 +510,7 @@ impl<C: Consumer> Handler<Registration> for ConsumerActor<C> {
         _: Registration,
         _: &mut Context<Self>,
     ) -> Result<Option<ConsumerId>, Failure> {
+        self.adopt();
         Ok(self.link.as_ref().map(|l| l.consumer))
     }
 }

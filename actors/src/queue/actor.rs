@@ -39,7 +39,7 @@ use crate::dedup::SharedWindow;
 use crate::envelope::{DeathReason, Envelope};
 use crate::queue::ack::{AckMode, ConsumerId};
 use crate::queue::budget::{BudgetFreed, MemoryBudget};
-use crate::queue::delivery::{Delivery, Link, Outcome, PendingSettle};
+use crate::queue::delivery::{Delivery, Link, LinkSlot, Outcome, PendingSettle};
 use crate::queue::handle::LocalQueue;
 use crate::queue::inbox::{Collect, Inbox, Shut};
 use crate::queue::observe::Observers;
@@ -1244,6 +1244,9 @@ pub(crate) struct Subscribe {
     pub(crate) incarnation: Option<u64>,
     /// RabbitMQ's `exclusive` flag of `basic.consume`.
     pub(crate) exclusive: bool,
+    /// Registered on a consumer's behalf: its link goes here before
+    /// anything is delivered to it.
+    pub(crate) slot: Option<LinkSlot>,
 }
 impl Message for Subscribe {
     /// `Ok(None)`: the queue is stopping.
@@ -1294,6 +1297,9 @@ impl Handler<Subscribe> for QueueActor {
             msg.mode,
             self.auto_ack_lost.clone(),
         ));
+        if let Some(slot) = &msg.slot {
+            let _ = slot.set(link.clone());
+        }
         if let Some(sink) = msg.sink.any() {
             let watched = sink.clone();
             ctx.watch(&watched, msg.incarnation, move |reason| Unsubscribe {

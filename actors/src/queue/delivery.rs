@@ -111,6 +111,11 @@ pub(crate) struct Link {
     generation: AtomicU64,
 }
 
+/// Where a queue leaves the link of a registration made on a consumer's
+/// behalf (by whoever starts the consumer), before it delivers anything to
+/// it: the consumer takes it from there.
+pub(crate) type LinkSlot = Arc<std::sync::OnceLock<Arc<Link>>>;
+
 /// Bits of a RabbitMQ delivery tag below the channel's generation.
 pub(crate) const GENERATION_SHIFT: u32 = 48;
 /// A generation is kept to the 16 bits above a tag (it wraps).

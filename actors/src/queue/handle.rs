@@ -60,11 +60,7 @@ pub(crate) trait RemoteOps: Send + Sync + std::fmt::Debug {
     /// Registers a consumer: see [`LocalQueue::subscribe_as`].
     fn subscribe(
         &self,
-        sink: Sink,
-        mode: AckMode,
-        prefetch: u32,
-        incarnation: Option<u64>,
-        exclusive: bool,
+        subscribe: Subscribe,
     ) -> BoxFuture<'_, Result<Arc<crate::queue::delivery::Link>, BrokerError>>;
     /// `basic.cancel`: how many deliveries the consumer holds, `None` if
     /// it is gone.
@@ -243,15 +239,11 @@ impl QueueHandle {
     /// Registers a consumer; returns the link its deliveries are settled through.
     pub(crate) async fn subscribe_as(
         &self,
-        sink: Sink,
-        mode: AckMode,
-        prefetch: u32,
-        incarnation: Option<u64>,
-        exclusive: bool,
+        subscribe: Subscribe,
     ) -> Result<Arc<crate::queue::delivery::Link>, BrokerError> {
         dispatch!(self,
-            q => q.subscribe_as(sink, mode, prefetch, incarnation, exclusive).await,
-            r => r.subscribe(sink, mode, prefetch, incarnation, exclusive).await)
+            q => q.subscribe_as(subscribe).await,
+            r => r.subscribe(subscribe).await)
     }
 
     /// Stops deliveries to `consumer` (`basic.cancel`); returns how many
@@ -617,27 +609,23 @@ impl LocalQueue {
         mode: AckMode,
         prefetch: u32,
     ) -> Result<ConsumerId, BrokerError> {
-        self.subscribe_as(Sink::One(sink), mode, prefetch, None, false)
-            .await
-            .map(|link| link.consumer)
+        self.subscribe_as(Subscribe {
+            sink: Sink::One(sink),
+            mode,
+            prefetch,
+            incarnation: None,
+            exclusive: false,
+            slot: None,
+        })
+        .await
+        .map(|link| link.consumer)
     }
 
     pub(crate) async fn subscribe_as(
         &self,
-        sink: Sink,
-        mode: AckMode,
-        prefetch: u32,
-        incarnation: Option<u64>,
-        exclusive: bool,
+        subscribe: Subscribe,
     ) -> Result<Arc<crate::queue::delivery::Link>, BrokerError> {
         self.before_request();
-        let subscribe = Subscribe {
-            sink,
-            mode,
-            prefetch,
-            incarnation,
-            exclusive,
-        };
         match self.addr.ask(subscribe).await {
             Ok(Ok(Some(link))) => Ok(link),
             Ok(Err(crate::queue::state::ConsumerError::Exclusive(consumers))) => {
