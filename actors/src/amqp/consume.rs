@@ -233,6 +233,8 @@ impl RemoteQueue {
             incarnation,
             exclusive,
             slot,
+            // Never claimed: a RabbitMQ registration is always awaited.
+            claim: _,
         } = subscribe;
         let Some(watched) = sink.any() else {
             return Err(BrokerError::unsupported("a consumer without an actor"));

@@ -15,7 +15,17 @@ use crate::supervision::Kept;
 impl Broker {
     /// Starts a consumer on `queue`. `factory` builds the consumer, and builds
     /// it again after each crash (the consumer restarts itself, as its
-    /// [`ConsumeOptions`] say). Returns once it is registered.
+    /// [`ConsumeOptions`] say).
+    ///
+    /// On an embedded queue it returns without waiting for the queue: the
+    /// registration is in the queue's mailbox, ahead of anything sent to it
+    /// later, and it already counts in
+    /// [`QueueHandle::consumer_count`](crate::QueueHandle::consumer_count)
+    /// (so a request to a responder started this way finds it). An
+    /// exclusive consumer, a consumer of a queue an exclusive one holds, and
+    /// a consumer on RabbitMQ wait for the queue's answer. If an embedded
+    /// queue goes away before it takes the registration, the consumer is
+    /// cancelled as by a deletion.
     #[doc(alias = "basic_consume")]
     pub async fn consume<C, F>(
         &self,
@@ -62,10 +72,11 @@ impl Broker {
                 inner.live.lock().remove(&id);
             }
         });
-        // The first incarnation is registered from here while it starts:
-        // a round trip to the queue, not one to the consumer and another
-        // from it to the queue. (Restarted incarnations register themselves.)
-        let subscription = ConsumerActor::subscription(
+        // The first incarnation is registered from here while it starts
+        // (restarted incarnations register themselves). Sent without
+        // waiting where a claim allows it (see `crate::queue::consumers`);
+        // otherwise one round trip to the queue.
+        let mut subscription = ConsumerActor::subscription(
             &addr,
             options.mode,
             options.prefetch,
@@ -73,8 +84,14 @@ impl Broker {
             1,
             Some(slot),
         );
-        match handle.subscribe_as(subscription).await {
-            Ok(_) => Ok(ConsumerHandle {
+        subscription.claim = handle.claim(options.exclusive, addr.recipient());
+        let registered = if subscription.claim.is_some() {
+            handle.subscribe_claimed(subscription).await
+        } else {
+            handle.subscribe_as(subscription).await.map(drop)
+        };
+        match registered {
+            Ok(()) => Ok(ConsumerHandle {
                 queue: handle.name().into(),
                 addr,
                 shared,

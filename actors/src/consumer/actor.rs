@@ -184,6 +184,7 @@ impl<C: Consumer> ConsumerActor<C> {
             incarnation: Some(incarnation),
             exclusive,
             slot,
+            claim: None,
         }
     }
 
@@ -195,6 +196,17 @@ impl<C: Consumer> ConsumerActor<C> {
         {
             self.link = Some(link.clone());
             self.slot = None;
+        }
+    }
+
+    /// As [`adopt`](Self::adopt), after the queue has handled a first
+    /// registration sent without waiting, if it had not yet: for the
+    /// handle's calls, which must see the registration `consume` made.
+    async fn adopt_sent(&mut self) {
+        self.adopt();
+        if self.link.is_none() && self.slot.is_some() {
+            self.queue.barrier().await;
+            self.adopt();
         }
     }
 
@@ -453,7 +465,7 @@ impl Message for Drain {
 impl<C: Consumer> Handler<Drain> for ConsumerActor<C> {
     async fn handle(&mut self, _: Drain, ctx: &mut Context<Self>) -> Result<usize, Failure> {
         self.shared.cancelled.store(true, Ordering::Release);
-        self.adopt();
+        self.adopt_sent().await;
         let Some(link) = &self.link else {
             ctx.stop();
             return Ok(0);
@@ -490,7 +502,7 @@ impl Message for Close {
 impl<C: Consumer> Handler<Close> for ConsumerActor<C> {
     async fn handle(&mut self, _: Close, ctx: &mut Context<Self>) -> Result<(), Failure> {
         self.shared.cancelled.store(true, Ordering::Release);
-        self.adopt();
+        self.adopt_sent().await;
         if let Some(link) = self.link.take() {
             self.queue.unsubscribe_now(link.consumer).await;
         }
@@ -510,7 +522,7 @@ impl<C: Consumer> Handler<Registration> for ConsumerActor<C> {
         _: Registration,
         _: &mut Context<Self>,
     ) -> Result<Option<ConsumerId>, Failure> {
-        self.adopt();
+        self.adopt_sent().await;
         Ok(self.link.as_ref().map(|l| l.consumer))
     }
 }

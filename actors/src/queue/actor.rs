@@ -26,7 +26,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytestring::ByteString;
 use postbox::{
@@ -39,13 +39,14 @@ use crate::dedup::SharedWindow;
 use crate::envelope::{DeathReason, Envelope};
 use crate::queue::ack::{AckMode, ConsumerId};
 use crate::queue::budget::{BudgetFreed, MemoryBudget};
+use crate::queue::consumers::{Claim, Consumers};
 use crate::queue::delivery::{Delivery, Link, LinkSlot, Outcome, PendingSettle};
 use crate::queue::handle::LocalQueue;
 use crate::queue::inbox::{Collect, Inbox, Shut};
 use crate::queue::observe::Observers;
 use crate::queue::options::QueueOptions;
 use crate::queue::policy::{Overflow, QueuePolicy};
-use crate::queue::state::{DeadLetter, Publish as Published, QueueState};
+use crate::queue::state::{ConsumerError, DeadLetter, Publish as Published, QueueState};
 use crate::queue::stats::{ConsumerStats, QueueStats};
 use crate::store::{Append, Confirm, Loc, QueueId, Recovered, StorageStats, Store, StoreError};
 
@@ -119,7 +120,7 @@ pub(crate) fn spawn_queue(
     host: Arc<dyn QueueHost>,
     durable: Option<(Durable, Vec<Recovered>)>,
 ) -> Option<LocalQueue> {
-    let consumers = Arc::new(AtomicUsize::new(0));
+    let consumers = Arc::new(Consumers::default());
     let persists = durable.is_some();
     let window_log = durable
         .as_ref()
@@ -191,6 +192,8 @@ struct Registered {
     /// Cancelled by its consumer: it gets nothing more, and the registration
     /// ends once what it holds is settled.
     cancelled: bool,
+    /// It holds the queue's exclusivity (released when it is removed).
+    exclusive: bool,
 }
 
 /// Where a consumer's deliveries go: one at a time to any actor that handles
@@ -254,7 +257,7 @@ pub(crate) struct QueueActor {
     next_consumer: u64,
     observers: Observers,
     host: Arc<dyn QueueHost>,
-    consumer_count: Arc<AtomicUsize>,
+    consumer_count: Arc<Consumers>,
     inbox: Arc<Inbox>,
     dead_letter: Option<DeadLetterTarget>,
     /// When the pending timer fires (epoch ms), if one is set.
@@ -325,7 +328,7 @@ impl QueueActor {
         expires: Option<u64>,
         observers: Observers,
         host: Arc<dyn QueueHost>,
-        consumer_count: Arc<AtomicUsize>,
+        consumer_count: Arc<Consumers>,
         inbox: Arc<Inbox>,
         lease: Arc<AtomicU64>,
         durable: Option<(Durable, Vec<Recovered>)>,
@@ -799,6 +802,9 @@ impl QueueActor {
         let Some(reg) = self.consumers.remove(&consumer) else {
             return;
         };
+        if reg.exclusive {
+            self.consumer_count.release_exclusive();
+        }
         self.count_consumers();
         let pending = reg.link.close();
         self.apply(consumer, pending);
@@ -835,7 +841,7 @@ impl QueueActor {
     /// clock when there are none.
     fn count_consumers(&mut self) {
         let n = self.consumers.values().filter(|r| !r.cancelled).count();
-        let was = self.consumer_count.swap(n, Ordering::Relaxed);
+        let was = self.consumer_count.set_registered(n);
         if n == 0 && was > 0 {
             self.renew_lease();
         }
@@ -868,7 +874,7 @@ impl QueueActor {
     /// Arms the expiry check for an unused expiring queue.
     fn arm_expiry(&mut self, ctx: &mut Context<Self>) {
         let Some(expires) = self.expires else { return };
-        if self.consumer_count.load(Ordering::Relaxed) > 0 || self.expiry_armed {
+        if self.consumer_count.registered() > 0 || self.expiry_armed {
             return;
         }
         self.expiry_armed = true;
@@ -929,6 +935,10 @@ impl QueueActor {
     /// Ends every registration and tells the consumers: the queue is going
     /// away (RabbitMQ cancels the consumers of a deleted queue).
     fn cancel_consumers(&mut self) {
+        // Counted out before they are told: a consumer that has stopped
+        // is never still counted.
+        self.consumer_count.set_registered(0);
+        self.consumer_count.release_exclusive();
         for (id, reg) in self.consumers.drain() {
             reg.link.close();
             if matches!(reg.sink, Sink::Fetch) {
@@ -939,7 +949,6 @@ impl QueueActor {
             tracing::info!(queue = %self.name, consumer = %id, "consumer cancelled: queue deleted");
             notify_cancelled(&reg.sink, true);
         }
-        self.consumer_count.store(0, Ordering::Relaxed);
     }
 }
 
@@ -1247,6 +1256,9 @@ pub(crate) struct Subscribe {
     /// Registered on a consumer's behalf: its link goes here before
     /// anything is delivered to it.
     pub(crate) slot: Option<LinkSlot>,
+    /// Sent without waiting for the reply: its place among the queue's
+    /// consumers, given back once it is registered.
+    pub(crate) claim: Option<Claim>,
 }
 impl Message for Subscribe {
     /// `Ok(None)`: the queue is stopping.
@@ -1281,12 +1293,25 @@ impl Handler<Subscribe> for QueueActor {
         let id = ConsumerId(self.next_consumer);
         self.next_consumer += 1;
         let registered = if msg.exclusive {
-            self.state
-                .add_exclusive_consumer(id, msg.mode, msg.prefetch)
+            // Not while a registration sent without waiting is on its way.
+            if self.consumer_count.take_exclusive() {
+                let taken = self
+                    .state
+                    .add_exclusive_consumer(id, msg.mode, msg.prefetch);
+                if taken.is_err() {
+                    self.consumer_count.release_exclusive();
+                }
+                taken
+            } else {
+                Err(ConsumerError::Exclusive(self.consumer_count.count()))
+            }
         } else {
             self.state.add_consumer(id, msg.mode, msg.prefetch)
         };
         if let Err(err) = registered {
+            // A claimed registration is told (dropping its claim) that it
+            // cannot be had; none is refused this way while claims keep
+            // exclusive consumers out.
             tracing::debug!(queue = %self.name, %err, "consumer refused");
             return Ok(Err(err));
         }
@@ -1316,12 +1341,28 @@ impl Handler<Subscribe> for QueueActor {
                 sink: msg.sink,
                 link: link.clone(),
                 cancelled: false,
+                exclusive: msg.exclusive,
             },
         );
         self.count_consumers();
+        if let Some(claim) = msg.claim {
+            claim.release();
+        }
         tracing::debug!(queue = %self.name, consumer = %id, mode = ?msg.mode, prefetch = msg.prefetch, exclusive = msg.exclusive, "consumer registered");
         self.progress(ctx);
         Ok(Ok(Some(link)))
+    }
+}
+
+/// A marker: answered once everything sent to the queue before it was
+/// handled (a consumer waits so for a registration sent on its behalf).
+pub(crate) struct Barrier;
+impl Message for Barrier {
+    type Reply = ();
+}
+impl Handler<Barrier> for QueueActor {
+    async fn handle(&mut self, _: Barrier, _: &mut Context<Self>) -> Result<(), Failure> {
+        Ok(())
     }
 }
 
@@ -1438,6 +1479,7 @@ impl Handler<Get> for QueueActor {
                     sink: Sink::Fetch,
                     link,
                     cancelled: true,
+                    exclusive: false,
                 },
             );
         } else {
@@ -1460,7 +1502,7 @@ impl Handler<ExpiryCheck> for QueueActor {
             return Ok(());
         };
         let unused_since = self.lease.load(Ordering::Relaxed);
-        if self.consumer_count.load(Ordering::Relaxed) == 0
+        if self.consumer_count.registered() == 0
             && postbox::clock::now_ms() >= unused_since.saturating_add(expires)
         {
             tracing::info!(queue = %self.name, "queue expired: unused for its expiry time");
@@ -1628,7 +1670,7 @@ impl Handler<Delete> for QueueActor {
         self.collect_all();
         self.progressed(ctx);
         let snapshot = self.snapshot();
-        if (msg.if_unused && self.consumer_count.load(Ordering::Relaxed) > 0)
+        if (msg.if_unused && self.consumer_count.registered() > 0)
             || (msg.if_empty && self.state.ready_len() > 0)
         {
             return Ok(Err(snapshot));

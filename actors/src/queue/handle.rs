@@ -7,7 +7,7 @@
 //! both.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytestring::ByteString;
 use postbox::{Addr, AnyAddr, Recipient, TrySendError};
@@ -17,9 +17,10 @@ use crate::envelope::Envelope;
 use crate::error::{BrokerError, TryPublishError};
 use crate::queue::ack::{AckMode, ConsumerId};
 use crate::queue::actor::{
-    DurableRefusal, PublishConfirmed, PublishDurable, QueueActor, QueueSnapshot, Sink, Snapshot,
-    Subscribe, TieTo, Unsubscribe,
+    Barrier, Cancelled, DurableRefusal, PublishConfirmed, PublishDurable, QueueActor,
+    QueueSnapshot, Sink, Snapshot, Subscribe, TieTo, Unsubscribe,
 };
+use crate::queue::consumers::{Claim, Consumers};
 use crate::queue::delivery::Delivery;
 use crate::queue::inbox::{Collect, Inbox, NoRoom, Shut};
 use crate::store::Confirm;
@@ -246,6 +247,32 @@ impl QueueHandle {
             r => r.subscribe(subscribe).await)
     }
 
+    /// A place for a consumer's registration sent without waiting for the
+    /// queue (see [`crate::queue::consumers`]): only on an embedded queue,
+    /// for a consumer that is not exclusive, while no exclusive consumer
+    /// holds the queue. `None`: register and wait for the answer instead.
+    pub(crate) fn claim(&self, exclusive: bool, cancelled: Recipient<Cancelled>) -> Option<Claim> {
+        dispatch!(self,
+            q => (!exclusive).then(|| q.consumers.claim(cancelled)).flatten(),
+            _r => None)
+    }
+
+    /// Sends a claimed registration to an embedded queue without waiting
+    /// for its answer: the queue takes it ahead of anything sent to it
+    /// later. Fails only if the queue is gone.
+    pub(crate) async fn subscribe_claimed(&self, subscribe: Subscribe) -> Result<(), BrokerError> {
+        dispatch!(self,
+            q => q.subscribe_claimed(subscribe).await,
+            r => Err(r.gone()))
+    }
+
+    /// Returns once the queue has handled everything sent to it before.
+    pub(crate) async fn barrier(&self) {
+        dispatch!(self,
+            q => { let _ = q.addr.ask(Barrier).await; },
+            _r => {})
+    }
+
     /// Stops deliveries to `consumer` (`basic.cancel`); returns how many
     /// it still holds, `None` if the queue is gone.
     pub(crate) async fn cancel(&self, consumer: ConsumerId) -> Option<usize> {
@@ -278,7 +305,7 @@ pub(crate) struct LocalQueue {
     pub(crate) addr: Addr<QueueActor>,
     pub(crate) max_message_bytes: usize,
     /// Kept up to date by the queue actor, for checks that must not wait on it.
-    pub(crate) consumers: Arc<AtomicUsize>,
+    pub(crate) consumers: Arc<Consumers>,
     /// Publishes must wait for the queue's answer (reject-publish overflow).
     pub(crate) confirm: bool,
     /// Where publishes wait for the queue, batched (see [`crate::queue::inbox`]).
@@ -324,7 +351,7 @@ impl LocalQueue {
 
     /// See [`QueueHandle::consumer_count`].
     pub(crate) fn consumer_count(&self) -> usize {
-        self.consumers.load(Ordering::Relaxed)
+        self.consumers.count()
     }
 
     /// `message`, with the queue's name as its routing key if it has none
@@ -616,6 +643,7 @@ impl LocalQueue {
             incarnation: None,
             exclusive: false,
             slot: None,
+            claim: None,
         })
         .await
         .map(|link| link.consumer)
@@ -635,6 +663,21 @@ impl LocalQueue {
                 })
             }
             _ => Err(self.gone()),
+        }
+    }
+
+    /// See [`QueueHandle::subscribe_claimed`].
+    pub(crate) async fn subscribe_claimed(&self, subscribe: Subscribe) -> Result<(), BrokerError> {
+        self.before_request();
+        match self.addr.send(subscribe).await {
+            Ok(()) => Ok(()),
+            Err(postbox::SendError(unsent)) => {
+                // Never sent: nobody is to be told.
+                if let Some(claim) = unsent.claim {
+                    claim.release();
+                }
+                Err(self.gone())
+            }
         }
     }
 

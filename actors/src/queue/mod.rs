@@ -11,6 +11,8 @@
 //! - `delivery`: what a consumer receives and how it settles it, validated on
 //!   the consumer's link before the queue sees it;
 //! - `handle`: typed access to one queue for publishers and consumers;
+//! - `consumers`: the consumer count a queue shares with its handles, and
+//!   the registrations on their way to it;
 //! - `inbox`: where publishes wait for the queue, many to a mailbox entry;
 //! - `budget`: the broker-wide memory budget the queues charge, and whose
 //!   excess makes the publishers of the queues causing it wait;
@@ -23,6 +25,7 @@
 pub(crate) mod ack;
 pub(crate) mod actor;
 pub(crate) mod budget;
+pub(crate) mod consumers;
 pub(crate) mod delivery;
 pub(crate) mod handle;
 pub(crate) mod inbox;
