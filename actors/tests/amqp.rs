@@ -1018,3 +1018,76 @@ async fn a_refused_declaration_fails_only_itself() -> TestResult {
     }
     Ok(())
 }
+
+/// Consumers closed while deliveries flow to them cost nothing else. lapin
+/// sends a `basic.cancel` of its own when a consumer it still counts as
+/// active is dropped, from its internal task: dropped before its channel is
+/// closed, that cancel could follow the close, and RabbitMQ closes the
+/// whole connection on it (`CHANNEL_ERROR - expected 'channel.open'`,
+/// operation `basic.cancel`; seen once in CI, in a consumer pool shrinking).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_closed_while_deliveries_flow_cost_nothing_else() -> TestResult {
+    let Some((_rt, broker)) =
+        rabbit("consumers_closed_while_deliveries_flow_cost_nothing_else").await?
+    else {
+        return Ok(());
+    };
+    let held = Held::start(&broker).await?;
+    let queue = unique("flowing");
+    let handle = broker
+        .declare_queue(&queue, QueueOptions::default())
+        .await?;
+    let batch = (0..2_000).map(|i| Envelope::new(format!("m{i}"))).collect();
+    handle.publish_batch(batch).await?;
+    for _ in 0..10 {
+        let mut consumers = Vec::new();
+        for _ in 0..8 {
+            let handled = Arc::new(AtomicUsize::new(0));
+            let h = handled.clone();
+            let consumer = broker
+                .consume(&queue, ConsumeOptions::manual(16), move || {
+                    let h = h.clone();
+                    move |d: Delivery| {
+                        h.fetch_add(1, Ordering::Relaxed);
+                        async move {
+                            d.nack(true).await?;
+                            Ok(())
+                        }
+                    }
+                })
+                .await?;
+            consumers.push((consumer, handled));
+        }
+        // Each has deliveries flowing when it is closed.
+        for (_, handled) in &consumers {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while handled.load(Ordering::Relaxed) == 0 {
+                assert!(tokio::time::Instant::now() < deadline, "nothing delivered");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        futures::future::join_all(consumers.into_iter().map(|(c, _)| c.close())).await;
+    }
+    // And idle ones, waiting for a delivery when they are closed.
+    let idle = unique("idle");
+    broker.declare_queue(&idle, QueueOptions::default()).await?;
+    for _ in 0..10 {
+        let mut consumers = Vec::new();
+        for _ in 0..16 {
+            consumers.push(
+                broker
+                    .consume(&idle, ConsumeOptions::manual(16), || {
+                        |_: Delivery| async { Ok(()) }
+                    })
+                    .await?,
+            );
+        }
+        futures::future::join_all(consumers.into_iter().map(|c| c.close())).await;
+    }
+    broker.delete_queue(&idle, DeleteOptions::default()).await?;
+    held.still_held(&broker).await?;
+    broker
+        .delete_queue(&queue, DeleteOptions::default())
+        .await?;
+    Ok(())
+}

@@ -554,6 +554,13 @@ impl Registration {
         };
         self.consumers.fetch_add(1, Ordering::Relaxed);
         let mut started = Some(started);
+        // The current lapin consumer, kept until its channel is closed:
+        // dropped while lapin counts it active, lapin sends a `basic.cancel`
+        // of its own from its internal task, which could follow our
+        // `channel.close`, and RabbitMQ closes the whole connection on a
+        // frame for a channel it has closed. Dropped after the close,
+        // lapin has cancelled it and sends nothing.
+        let mut current: Option<lapin::Consumer> = None;
         loop {
             if !self.link.is_active() {
                 break;
@@ -589,6 +596,9 @@ impl Registration {
             if let Some(started) = started.take() {
                 let _ = started.send(Ok(()));
             }
+            // A consumer replaced here was on a lost channel: lapin has
+            // forgotten that channel and sends nothing for it.
+            let consumer = current.insert(consumer);
             match self.pump(consumer).await {
                 Ended::Lost => {
                     // What it held is requeued by RabbitMQ: settling it now
@@ -630,6 +640,7 @@ impl Registration {
         let _ = acker.await;
         self.settle.send(&self.link).await;
         self.settle.close("consumer gone").await;
+        drop(current);
         self.settle.done.send_replace(true);
         self.settle.cancelled.send_replace(true);
         self.consumers.fetch_sub(1, Ordering::Relaxed);
@@ -701,14 +712,14 @@ impl Registration {
 
     /// Hands deliveries to the consumer actor, in batches of what is
     /// already there, until the channel ends or the consumer goes.
-    async fn pump(&self, mut consumer: lapin::Consumer) -> Ended {
+    async fn pump(&self, consumer: &mut lapin::Consumer) -> Ended {
         let epoch = self.epoch.load(Ordering::Relaxed);
         loop {
             let first = tokio::select! {
                 biased;
                 () = self.settle.stop.notified() => return Ended::Stopped,
                 () = self.settle.cancel.notified() => {
-                    self.cancel_now(&consumer).await;
+                    self.cancel_now(consumer).await;
                     return Ended::Cancelled;
                 }
                 next = consumer.next() => next,
@@ -769,7 +780,7 @@ impl Registration {
                     biased;
                     () = self.settle.stop.notified() => return Ended::Stopped,
                     () = self.settle.cancel.notified(), if !cancelling => {
-                        self.cancel_now(&consumer).await;
+                        self.cancel_now(consumer).await;
                         cancelling = true;
                     }
                     handed = &mut handing => {

@@ -116,8 +116,9 @@ impl Drop for InHand<'_> {
 }
 
 /// The actor that hosts a [`Consumer`]: registered with the queue by
-/// whoever starts it (and by itself when it restarts), unregisters when it stops, and drops deliveries made to an earlier
-/// registration (the queue has requeued those).
+/// whoever starts it (and by itself when it restarts), unregistered when it
+/// stops; it drops deliveries made to an earlier registration (the queue
+/// has requeued those).
 ///
 /// A handler's `Err` settles that delivery by the consumer's [`OnError`]
 /// policy and the consumer keeps running; a panic fails it (its unsettled
