@@ -918,6 +918,47 @@ async fn a_requester_dropped_with_requests_in_flight_costs_nothing_else() -> Tes
     Ok(())
 }
 
+/// Requesters dropped with nothing in flight cost nothing else either: the
+/// channel closes at once, and lapin's own `basic.cancel` of the dropped
+/// reply consumer must not follow the close (RabbitMQ closes the whole
+/// connection on it: `CHANNEL_ERROR - expected 'channel.open'`, operation
+/// `basic.cancel`, seen in CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_requesters_dropped_cost_nothing_else() -> TestResult {
+    let Some((_rt, broker)) = rabbit("idle_requesters_dropped_cost_nothing_else").await? else {
+        return Ok(());
+    };
+    let queue = unique("echo");
+    broker
+        .declare_queue(&queue, QueueOptions::default())
+        .await?;
+    let responder = broker
+        .respond(&queue, ConsumeOptions::auto(), || {
+            |req: Request| async move { Ok(req.message().clone()) }
+        })
+        .await?;
+    let held = Held::start(&broker).await?;
+    for _ in 0..10 {
+        let mut clients = Vec::new();
+        for _ in 0..20 {
+            let client = broker.requester().await?;
+            client
+                .request(queue.as_str(), Envelope::new("ping"))
+                .timeout(Duration::from_secs(5))
+                .await?;
+            clients.push(client);
+        }
+        drop(clients);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    held.still_held(&broker).await?;
+    drop(responder);
+    broker
+        .delete_queue(&queue, DeleteOptions::default())
+        .await?;
+    Ok(())
+}
+
 /// A delivery nacked with a delay whose consumer closes before the delay
 /// has passed is requeued by RabbitMQ at the close, and delivered once more;
 /// the delayed nack sends nothing on the closed channel (the connection

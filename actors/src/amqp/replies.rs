@@ -51,17 +51,26 @@ struct Open {
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.pump.abort();
         let (channel, timeout) = (self.channel.clone(), self.timeout);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                // lapin sends a `channel.close` ahead of publishes still
-                // queued on the channel, and RabbitMQ closes the whole
-                // connection on a publish after a close: the requests in
-                // flight are confirmed (so sent) first.
-                let _ = tokio::time::timeout(timeout, channel.wait_for_confirms()).await;
-                let _ = channel.close(200, "requester gone".into()).await;
-            });
+        let pump = self.pump.abort_handle();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    // lapin sends a `channel.close` ahead of publishes still
+                    // queued on the channel, and RabbitMQ closes the whole
+                    // connection on a publish after a close: the requests in
+                    // flight are confirmed (so sent) first.
+                    let _ = tokio::time::timeout(timeout, channel.wait_for_confirms()).await;
+                    let _ = channel.close(200, "requester gone".into()).await;
+                    // Only now: the reply consumer the pump holds, dropped
+                    // while lapin counts it active, makes lapin send a
+                    // `basic.cancel` of its own, which could follow the
+                    // close (a connection error too). Closed, it is
+                    // cancelled, and its drop sends nothing.
+                    pump.abort();
+                });
+            }
+            Err(_) => pump.abort(),
         }
     }
 }
