@@ -18,7 +18,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use postbox::Runtime;
 use postbox_actors::amqp::AmqpOptions;
-use postbox_actors::rpc::{Request, RequestError};
+use postbox_actors::rpc::{Request, RequestError, Respond, ResponderHandle};
 use postbox_actors::{
     Backend, Broker, BrokerError, ConsumeOptions, DeleteOptions, Delivery, Envelope, QueueOptions,
 };
@@ -653,6 +653,38 @@ async fn a_refused_redeclaration_does_not_keep_the_broker_down() -> TestResult {
     Ok(())
 }
 
+/// A responder echoing each request, on a queue of its own.
+struct Echo<R: Respond> {
+    queue: String,
+    responder: ResponderHandle<R>,
+}
+
+async fn echo(
+    broker: &Broker,
+    options: ConsumeOptions,
+) -> Result<Echo<impl Respond>, Box<dyn std::error::Error + Send + Sync>> {
+    let queue = unique("echo");
+    broker
+        .declare_queue(&queue, QueueOptions::default())
+        .await?;
+    let responder = broker
+        .respond(&queue, options, || {
+            |req: Request| async move { Ok(req.message().clone()) }
+        })
+        .await?;
+    Ok(Echo { queue, responder })
+}
+
+impl<R: Respond> Echo<R> {
+    async fn end(self, broker: &Broker) -> TestResult {
+        drop(self.responder);
+        broker
+            .delete_queue(&self.queue, DeleteOptions::default())
+            .await?;
+        Ok(())
+    }
+}
+
 /// A message held unacknowledged by a consumer of its own on `broker`:
 /// delivered once, unless the connection drops (RabbitMQ then delivers it
 /// again after the reconnection).
@@ -877,15 +909,8 @@ async fn a_requester_dropped_with_requests_in_flight_costs_nothing_else() -> Tes
     else {
         return Ok(());
     };
-    let queue = unique("echo");
-    broker
-        .declare_queue(&queue, QueueOptions::default())
-        .await?;
-    let responder = broker
-        .respond(&queue, ConsumeOptions::manual(64), || {
-            |req: Request| async move { Ok(req.message().clone()) }
-        })
-        .await?;
+    let echo = echo(&broker, ConsumeOptions::manual(64)).await?;
+    let queue = echo.queue.clone();
     let held = Held::start(&broker).await?;
     for round in 0..5 {
         let client = broker.requester().await?;
@@ -911,11 +936,7 @@ async fn a_requester_dropped_with_requests_in_flight_costs_nothing_else() -> Tes
         drop(client);
     }
     held.still_held(&broker).await?;
-    drop(responder);
-    broker
-        .delete_queue(&queue, DeleteOptions::default())
-        .await?;
-    Ok(())
+    echo.end(&broker).await
 }
 
 /// Requesters dropped with nothing in flight cost nothing else either: the
@@ -928,15 +949,8 @@ async fn idle_requesters_dropped_cost_nothing_else() -> TestResult {
     let Some((_rt, broker)) = rabbit("idle_requesters_dropped_cost_nothing_else").await? else {
         return Ok(());
     };
-    let queue = unique("echo");
-    broker
-        .declare_queue(&queue, QueueOptions::default())
-        .await?;
-    let responder = broker
-        .respond(&queue, ConsumeOptions::auto(), || {
-            |req: Request| async move { Ok(req.message().clone()) }
-        })
-        .await?;
+    let echo = echo(&broker, ConsumeOptions::auto()).await?;
+    let queue = echo.queue.clone();
     let held = Held::start(&broker).await?;
     for _ in 0..10 {
         let mut clients = Vec::new();
@@ -952,11 +966,7 @@ async fn idle_requesters_dropped_cost_nothing_else() -> TestResult {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     held.still_held(&broker).await?;
-    drop(responder);
-    broker
-        .delete_queue(&queue, DeleteOptions::default())
-        .await?;
-    Ok(())
+    echo.end(&broker).await
 }
 
 /// A delivery nacked with a delay whose consumer closes before the delay

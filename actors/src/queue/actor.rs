@@ -954,8 +954,15 @@ impl QueueActor {
 
 /// Tells a consumer actor its registration ended.
 fn notify_cancelled(sink: &Sink, deleted: bool) {
-    if let Sink::Batch { cancelled, .. } = sink
-        && let Err(TrySendError::Full(msg)) = cancelled.try_send(Cancelled { deleted })
+    if let Sink::Batch { cancelled, .. } = sink {
+        tell_cancelled(cancelled, deleted);
+    }
+}
+
+/// Tells a consumer actor its registration ended (or, `deleted`, that its
+/// queue went away), without waiting on a full mailbox.
+pub(crate) fn tell_cancelled(cancelled: &Recipient<Cancelled>, deleted: bool) {
+    if let Err(TrySendError::Full(msg)) = cancelled.try_send(Cancelled { deleted })
         && let Ok(rt) = tokio::runtime::Handle::try_current()
     {
         // Not tied to this incarnation of the queue: it must arrive.
@@ -1275,8 +1282,11 @@ impl Handler<Subscribe> for QueueActor {
         };
         // A restarted consumer's earlier registration may still be here (its
         // end is on its way): it must not stand in its own way. (A consumer
-        // actor registers once per incarnation, when it starts.)
-        if let Sink::Batch { deliveries, .. } = &msg.sink {
+        // actor registers once per incarnation; a first incarnation has no
+        // earlier one, and is not worth a scan of every consumer.)
+        if let Sink::Batch { deliveries, .. } = &msg.sink
+            && msg.incarnation.is_some_and(|i| i > 1)
+        {
             let actor = deliveries.any().id();
             let stale: Vec<ConsumerId> = self
                 .consumers

@@ -15,9 +15,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use postbox::{Recipient, TrySendError};
+use postbox::Recipient;
 
-use crate::queue::actor::Cancelled;
+use crate::queue::actor::{Cancelled, tell_cancelled};
 
 /// The top bit of [`Consumers::claims`]: an exclusive consumer holds the
 /// queue. The bits below count the claims in flight.
@@ -100,16 +100,8 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         self.consumers.claims.fetch_sub(1, Ordering::AcqRel);
-        let Some(cancelled) = self.cancelled.take() else {
-            return;
-        };
-        if let Err(TrySendError::Full(msg)) = cancelled.try_send(Cancelled { deleted: true }) {
-            // Never block whoever drops it (a stopping queue) on a full mailbox.
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    let _ = cancelled.send(msg).await;
-                });
-            }
+        if let Some(cancelled) = self.cancelled.take() {
+            tell_cancelled(&cancelled, true);
         }
     }
 }
