@@ -34,7 +34,9 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::task::AtomicWaker;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
+
+use crate::mailbox;
 
 use crate::actor::{Actor, Handler, Message};
 use crate::ask::{Ask, AskError};
@@ -137,7 +139,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new<M: Send + 'static>(name: Option<Arc<str>>, tx: &mpsc::Sender<M>) -> Self {
+    pub(crate) fn new<M: Send + 'static>(name: Option<Arc<str>>, tx: &mailbox::Sender<M>) -> Self {
         let weak = tx.downgrade();
         Shared {
             mailbox: Box::new(move || {
@@ -300,7 +302,7 @@ impl<M> fmt::Debug for TrySendError<M> {
 /// Room for one message in an actor's mailbox, from [`Addr::reserve`] or
 /// [`Addr::try_reserve`]. Dropping it gives the room back.
 pub struct Permit<'a, A: Actor> {
-    inner: mpsc::Permit<'a, Envelope<A>>,
+    inner: mailbox::Permit<'a, Envelope<A>>,
 }
 
 impl<A: Actor> Permit<'_, A> {
@@ -325,7 +327,7 @@ impl<A: Actor> fmt::Debug for Permit<'_, A> {
 /// Cloning is cheap. The actor stops when every address to it is dropped (once its
 /// mailbox is drained), when it stops itself, or when it is stopped.
 pub struct Addr<A: Actor> {
-    pub(crate) tx: mpsc::Sender<Envelope<A>>,
+    pub(crate) tx: mailbox::Sender<Envelope<A>>,
     pub(crate) shared: Arc<Shared>,
 }
 
@@ -403,8 +405,8 @@ impl<A: Actor> Addr<A> {
     pub fn try_reserve(&self) -> Result<Permit<'_, A>, TrySendError<()>> {
         match self.tx.try_reserve() {
             Ok(inner) => Ok(Permit { inner }),
-            Err(mpsc::error::TrySendError::Full(())) => Err(TrySendError::Full(())),
-            Err(mpsc::error::TrySendError::Closed(())) => Err(TrySendError::Closed(())),
+            Err(mailbox::TryReserveError::Full) => Err(TrySendError::Full(())),
+            Err(mailbox::TryReserveError::Closed) => Err(TrySendError::Closed(())),
         }
     }
 
@@ -480,7 +482,7 @@ impl<A: Actor> Addr<A> {
 /// Sends `msg`, wrapped into the mailbox's envelope type, once the mailbox
 /// has room; hands it back if the mailbox is closed.
 pub(crate) async fn send_into<E, M>(
-    mailbox: &mpsc::Sender<E>,
+    mailbox: &mailbox::Sender<E>,
     msg: M,
     wrap: impl FnOnce(M) -> E,
 ) -> Result<(), SendError<M>> {
@@ -495,7 +497,7 @@ pub(crate) async fn send_into<E, M>(
 
 /// [`send_into`] if there is room now.
 pub(crate) fn try_send_into<E, M>(
-    mailbox: &mpsc::Sender<E>,
+    mailbox: &mailbox::Sender<E>,
     msg: M,
     wrap: impl FnOnce(M) -> E,
 ) -> Result<(), TrySendError<M>> {
@@ -504,8 +506,8 @@ pub(crate) fn try_send_into<E, M>(
             permit.send(wrap(msg));
             Ok(())
         }
-        Err(mpsc::error::TrySendError::Full(())) => Err(TrySendError::Full(msg)),
-        Err(mpsc::error::TrySendError::Closed(())) => Err(TrySendError::Closed(msg)),
+        Err(mailbox::TryReserveError::Full) => Err(TrySendError::Full(msg)),
+        Err(mailbox::TryReserveError::Closed) => Err(TrySendError::Closed(msg)),
     }
 }
 
@@ -523,7 +525,7 @@ pub(crate) fn stats_of(shared: &Shared, queued: usize, capacity: usize) -> Actor
 
 /// A weak address: see [`Addr::downgrade`].
 pub struct WeakAddr<A: Actor> {
-    tx: mpsc::WeakSender<Envelope<A>>,
+    tx: mailbox::WeakSender<Envelope<A>>,
     shared: Arc<Shared>,
 }
 

@@ -11,7 +11,9 @@ use std::future::{Future, IntoFuture};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
+
+use crate::mailbox;
 
 use crate::actor::{Handler, Message};
 use crate::addr::Addr;
@@ -69,7 +71,7 @@ impl<'a, A: Handler<M>, M: Message> Ask<'a, A, M> {
 /// Sends `msg` as a request into `mailbox` (wrapped by `wrap` into the
 /// mailbox's envelope type) once there is room, and waits for the reply.
 pub(crate) async fn exchange<E, M: Message>(
-    mailbox: &mpsc::Sender<E>,
+    mailbox: &mailbox::Sender<E>,
     msg: M,
     wrap: impl FnOnce(Request<M>) -> E,
 ) -> Result<M::Reply, AskError> {

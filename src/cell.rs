@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::mailbox;
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use tokio::sync::mpsc;
 
 use crate::actor::Actor;
 use crate::addr::{Control, ControlBox, Shared};
@@ -33,8 +33,8 @@ pub(crate) type Parent = Box<dyn FnMut(u64, ExitReason) -> BoxFuture<'static, bo
 
 pub(crate) struct Cell<A: Actor> {
     pub(crate) factory: Factory<A>,
-    pub(crate) rx: mpsc::Receiver<Envelope<A>>,
-    pub(crate) weak: mpsc::WeakSender<Envelope<A>>,
+    pub(crate) rx: mailbox::Receiver<Envelope<A>>,
+    pub(crate) weak: mailbox::WeakSender<Envelope<A>>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) runtime: RuntimeHandle,
     pub(crate) oversight: Oversight,
@@ -175,7 +175,7 @@ pub(crate) async fn run<A: Actor>(mut cell: Cell<A>) {
 /// outstanding, so a late request is dropped here too instead of waiting
 /// forever in a mailbox nobody reads (`try_recv` until empty missed it).
 pub(crate) async fn terminate<E>(
-    rx: &mut mpsc::Receiver<E>,
+    rx: &mut mailbox::Receiver<E>,
     ended: &mut Ended,
     last: ExitReason,
     span: tracing::Span,
@@ -239,7 +239,7 @@ async fn decision(control: &ControlBox, incarnation: u64) -> Decision {
 async fn live<A: Actor>(
     factory: &mut Factory<A>,
     ctx: &mut Context<A>,
-    rx: &mut mpsc::Receiver<Envelope<A>>,
+    rx: &mut mailbox::Receiver<Envelope<A>>,
     control: &ControlBox,
 ) -> End {
     let mut actor = match build(factory) {
@@ -354,7 +354,7 @@ mod tests {
     /// every queue and consumer of an application.
     #[test]
     fn a_cell_task_costs_its_actor_plus_a_small_fixed_overhead() {
-        let (tx, rx) = mpsc::channel::<Envelope<Big>>(1);
+        let (tx, rx) = mailbox::channel::<Envelope<Big>>(1);
         let shared = Arc::new(Shared::new(None, &tx));
         let cell = Cell {
             factory: Box::new(|| Some(Big([0; 32]))),

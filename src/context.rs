@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use crate::mailbox;
 use tokio::task::AbortHandle;
 
 use crate::actor::{Actor, Handler, Message};
@@ -17,7 +17,7 @@ use crate::runtime::RuntimeHandle;
 
 /// The context of one actor incarnation, passed to every handler and hook.
 pub struct Context<A: Actor> {
-    weak: mpsc::WeakSender<Envelope<A>>,
+    weak: mailbox::WeakSender<Envelope<A>>,
     shared: Arc<Shared>,
     runtime: RuntimeHandle,
     incarnation: u64,
@@ -36,7 +36,7 @@ impl<A: Actor> std::fmt::Debug for Context<A> {
 
 impl<A: Actor> Context<A> {
     pub(crate) fn new(
-        weak: mpsc::WeakSender<Envelope<A>>,
+        weak: mailbox::WeakSender<Envelope<A>>,
         shared: Arc<Shared>,
         runtime: RuntimeHandle,
         incarnation: u64,

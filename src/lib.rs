@@ -63,6 +63,7 @@ pub mod clock;
 mod context;
 mod envelope;
 mod failure;
+mod mailbox;
 mod runtime;
 mod supervisor;
 mod task;

@@ -32,7 +32,9 @@ use std::time::Duration;
 
 use actix_rt::{Arbiter, ArbiterHandle, System};
 use parking_lot::Mutex;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
+
+use crate::mailbox;
 
 use crate::actor::Actor;
 use crate::addr::{Addr, Shared};
@@ -497,7 +499,7 @@ impl<A: Actor> Builder<A> {
 
     /// Starts the actor and returns its address at once.
     pub fn spawn(self) -> Addr<A> {
-        let (tx, rx) = mpsc::channel(self.mailbox);
+        let (tx, rx) = mailbox::channel(self.mailbox);
         let shared = Arc::new(Shared::new(self.name, &tx));
         let addr = Addr {
             tx,

@@ -82,9 +82,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::mailbox;
 use futures::future::BoxFuture;
 use tokio::runtime::Handle;
-use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::actor::Message;
@@ -290,7 +290,7 @@ impl<A: TaskActor> TaskBuilder<A> {
     }
 
     fn prepare(self, runtime: Option<Handle>) -> (TaskAddr<A>, Option<TaskCell<A>>) {
-        let (tx, rx) = mpsc::channel(self.mailbox);
+        let (tx, rx) = mailbox::channel(self.mailbox);
         let shared = Arc::new(Shared::new(self.name, &tx));
         let weak = tx.downgrade();
         let addr = TaskAddr {
@@ -325,7 +325,7 @@ impl<A: TaskActor> TaskBuilder<A> {
 /// (once its mailbox is drained), when it stops itself, or when it is
 /// stopped.
 pub struct TaskAddr<A: TaskActor> {
-    tx: mpsc::Sender<TaskEnvelope<A>>,
+    tx: mailbox::Sender<TaskEnvelope<A>>,
     shared: Arc<Shared>,
 }
 
@@ -504,7 +504,7 @@ impl<'a, A: TaskHandler<M>, M: Message> IntoFuture for TaskAsk<'a, A, M> {
 /// hook: its identity, its address, stopping, and tasks tied to the
 /// incarnation.
 pub struct TaskContext<A: TaskActor> {
-    weak: mpsc::WeakSender<TaskEnvelope<A>>,
+    weak: mailbox::WeakSender<TaskEnvelope<A>>,
     shared: Arc<Shared>,
     runtime: Handle,
     incarnation: u64,
@@ -629,8 +629,8 @@ impl<A: TaskActor> TaskContext<A> {
 /// The task that hosts one task actor for its whole life, across restarts.
 struct TaskCell<A: TaskActor> {
     factory: Box<dyn FnMut() -> Option<A> + Send>,
-    rx: mpsc::Receiver<TaskEnvelope<A>>,
-    weak: mpsc::WeakSender<TaskEnvelope<A>>,
+    rx: mailbox::Receiver<TaskEnvelope<A>>,
+    weak: mailbox::WeakSender<TaskEnvelope<A>>,
     shared: Arc<Shared>,
     runtime: Handle,
     oversight: Oversight,
@@ -673,7 +673,7 @@ async fn run<A: TaskActor>(mut cell: TaskCell<A>) {
 async fn live<A: TaskActor>(
     factory: &mut Box<dyn FnMut() -> Option<A> + Send>,
     ctx: &mut TaskContext<A>,
-    rx: &mut mpsc::Receiver<TaskEnvelope<A>>,
+    rx: &mut mailbox::Receiver<TaskEnvelope<A>>,
     control: &ControlBox,
 ) -> End {
     let mut actor = match build(factory) {
