@@ -133,19 +133,15 @@ pub(crate) struct Shared {
     pub(crate) failures: AtomicU64,
     pub(crate) restarts: AtomicU64,
     life: Mutex<Life>,
-    /// Reads the mailbox's (queued, capacity) for untyped handles; `None`
-    /// once the mailbox is closed.
-    mailbox: Box<dyn Fn() -> Option<(usize, usize)> + Send + Sync>,
+    /// The mailbox's (queued, capacity) for untyped handles: the mailbox's
+    /// own shared state, seen through a trait (no allocation of its own).
+    mailbox: Arc<dyn mailbox::Load>,
 }
 
 impl Shared {
     pub(crate) fn new<M: Send + 'static>(name: Option<Arc<str>>, tx: &mailbox::Sender<M>) -> Self {
-        let weak = tx.downgrade();
         Shared {
-            mailbox: Box::new(move || {
-                weak.upgrade()
-                    .map(|tx| (tx.max_capacity() - tx.capacity(), tx.max_capacity()))
-            }),
+            mailbox: tx.load(),
             id: ActorId::next(),
             name,
             control: ControlBox::default(),
@@ -211,6 +207,9 @@ impl Shared {
             drop(life);
             watcher(reason);
         } else {
+            // Most actors have one watcher (their broker's or supervisor's):
+            // room for one, not the four a first push reserves.
+            life.watchers.reserve_exact(1);
             life.watchers.push((target, watcher));
         }
     }
@@ -599,7 +598,7 @@ impl AnyAddr {
     /// The actor's counters (see [`Addr::stats`]); `queued` and `capacity`
     /// read 0 once its mailbox has closed.
     pub fn stats(&self) -> ActorStats {
-        let (queued, capacity) = (self.shared.mailbox)().unwrap_or((0, 0));
+        let (queued, capacity) = self.shared.mailbox.load().unwrap_or((0, 0));
         stats_of(&self.shared, queued, capacity)
     }
 
@@ -641,6 +640,41 @@ impl<M: Message> fmt::Debug for Recipient<M> {
         f.debug_struct("Recipient")
             .field("id", &self.inner.any().id())
             .finish()
+    }
+}
+
+/// A recipient from a shared address: recipients of several message types
+/// made from one `Arc<Addr<A>>` share its allocation ([`Addr::recipient`]
+/// makes one per call).
+///
+/// ```
+/// # use std::sync::Arc;
+/// # use postbox::{Actor, Context, Failure, Handler, Message, Recipient, Runtime};
+/// # struct Both; impl Actor for Both {}
+/// # struct Ping; impl Message for Ping { type Reply = (); }
+/// # struct Pong; impl Message for Pong { type Reply = (); }
+/// # impl Handler<Ping> for Both {
+/// #     async fn handle(&mut self, _: Ping, _: &mut Context<Self>) -> Result<(), Failure> { Ok(()) }
+/// # }
+/// # impl Handler<Pong> for Both {
+/// #     async fn handle(&mut self, _: Pong, _: &mut Context<Self>) -> Result<(), Failure> { Ok(()) }
+/// # }
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// # let rt = Runtime::new().unwrap();
+/// let addr = Arc::new(rt.spawn(Both));
+/// let pings: Recipient<Ping> = addr.clone().into();
+/// let pongs: Recipient<Pong> = addr.into();
+/// pings.send(Ping).await.unwrap();
+/// pongs.send(Pong).await.unwrap();
+/// # }
+/// ```
+impl<A, M> From<Arc<Addr<A>>> for Recipient<M>
+where
+    A: Handler<M>,
+    M: Message,
+{
+    fn from(addr: Arc<Addr<A>>) -> Self {
+        Recipient { inner: addr }
     }
 }
 

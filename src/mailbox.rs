@@ -139,6 +139,28 @@ impl<T> Sender<T> {
     pub(crate) fn max_capacity(&self) -> usize {
         self.chan.capacity
     }
+
+    /// The mailbox's load, readable without knowing its message type; does
+    /// not keep the mailbox open.
+    pub(crate) fn load(&self) -> Arc<dyn Load>
+    where
+        T: Send + 'static,
+    {
+        self.chan.clone()
+    }
+}
+
+/// A mailbox's load, for untyped handles.
+pub(crate) trait Load: Send + Sync {
+    /// (queued, capacity); `None` once every sender is gone.
+    fn load(&self) -> Option<(usize, usize)>;
+}
+
+impl<T: Send> Load for Chan<T> {
+    fn load(&self) -> Option<(usize, usize)> {
+        (self.senders.load(Ordering::Acquire) > 0)
+            .then(|| (self.capacity - self.room.available_permits(), self.capacity))
+    }
 }
 
 impl<T> Clone for Sender<T> {
@@ -459,6 +481,16 @@ mod tests {
         late.send(Counted(drops.clone()));
         assert_eq!(drops.load(Ordering::SeqCst), 2, "late message dropped");
         assert!(tx.is_closed());
+    }
+
+    #[test]
+    fn its_load_reads_untyped_until_every_sender_is_gone() {
+        let (tx, _rx) = channel::<u32>(4);
+        let load = tx.load();
+        tx.try_reserve().expect("room").send(1);
+        assert_eq!(load.load(), Some((1, 4)));
+        drop(tx);
+        assert_eq!(load.load(), None);
     }
 
     #[test]

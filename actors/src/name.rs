@@ -2,6 +2,7 @@
 //! patterns.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// The longest accepted name, in bytes (RabbitMQ's limit for queue and exchange names).
 pub const MAX_NAME_LEN: usize = 255;
@@ -154,6 +155,35 @@ pub(crate) fn validate_key(kind: NameKind, key: &str) -> Result<(), NameError> {
     validate_name(kind, key)
 }
 
+/// An actor's name in one allocation: `format!` and a conversion to
+/// `Arc<str>` would take two, and a name is made for every queue and
+/// consumer. Longer names than a queue name with a prefix fall back to that.
+pub(crate) fn actor_name(args: fmt::Arguments<'_>) -> Arc<str> {
+    struct Stack {
+        buf: [u8; MAX_NAME_LEN + 64],
+        len: usize,
+    }
+    impl fmt::Write for Stack {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            let end = self.len + s.len();
+            let room = self.buf.get_mut(self.len..end).ok_or(fmt::Error)?;
+            room.copy_from_slice(s.as_bytes());
+            self.len = end;
+            Ok(())
+        }
+    }
+    let mut stack = Stack {
+        buf: [0; MAX_NAME_LEN + 64],
+        len: 0,
+    };
+    if fmt::Write::write_fmt(&mut stack, args).is_ok()
+        && let Ok(name) = std::str::from_utf8(&stack.buf[..stack.len])
+    {
+        return Arc::from(name);
+    }
+    Arc::from(fmt::format(args))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,5 +284,16 @@ mod tests {
                 .to_string(),
             r#"exchange name "a\nb" contains a control character at byte 1"#
         );
+    }
+
+    #[test]
+    fn actor_names_of_any_length() {
+        assert_eq!(
+            &*actor_name(format_args!("queue:{}", "orders")),
+            "queue:orders"
+        );
+        let long = "é".repeat(MAX_NAME_LEN);
+        let name = actor_name(format_args!("consumer:{long}:{}", 7));
+        assert_eq!(&*name, format!("consumer:{long}:7"));
     }
 }

@@ -59,7 +59,9 @@ impl Broker {
                 ))
             })
             .mailbox(options.mailbox_capacity())
-            .name(format!("consumer:{queue}:{n}"))
+            .name(crate::name::actor_name(format_args!(
+                "consumer:{queue}:{n}"
+            )))
             .supervise(options.supervision.strategy())
             .spawn();
         let id = addr.id();
@@ -84,7 +86,11 @@ impl Broker {
             1,
             Some(slot),
         );
-        subscription.claim = handle.claim(options.exclusive, addr.recipient());
+        let cancelled = match subscription.sink.cancelled() {
+            Some(cancelled) => cancelled.clone(),
+            None => addr.recipient(),
+        };
+        subscription.claim = handle.claim(options.exclusive, cancelled);
         let registered = if subscription.claim.is_some() {
             handle.subscribe_claimed(subscription).await
         } else {

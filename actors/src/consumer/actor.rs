@@ -175,10 +175,12 @@ impl<C: Consumer> ConsumerActor<C> {
         incarnation: u64,
         slot: Option<LinkSlot>,
     ) -> Subscribe {
+        // Both recipients share one allocation of the address.
+        let me = Arc::new(me.clone());
         Subscribe {
             sink: Sink::Batch {
-                deliveries: me.recipient(),
-                cancelled: me.recipient(),
+                deliveries: me.clone().into(),
+                cancelled: me.into(),
             },
             mode,
             prefetch,

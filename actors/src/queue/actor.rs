@@ -157,7 +157,7 @@ pub(crate) fn spawn_queue(
     let addr = runtime
         .build(move || actor.take().map(|actor| *actor))
         .mailbox(options.mailbox)
-        .name(format!("queue:{name}"))
+        .name(crate::name::actor_name(format_args!("queue:{name}")))
         .spawn();
     if addr.is_closed() {
         return None;
@@ -211,6 +211,14 @@ pub(crate) enum Sink {
 }
 
 impl Sink {
+    /// Where a consumer actor is told it was cancelled.
+    pub(crate) fn cancelled(&self) -> Option<&Recipient<Cancelled>> {
+        match self {
+            Sink::Batch { cancelled, .. } => Some(cancelled),
+            Sink::One(_) | Sink::Fetch => None,
+        }
+    }
+
     pub(crate) fn any(&self) -> Option<AnyAddr> {
         match self {
             Sink::One(r) => Some(r.any()),
