@@ -95,8 +95,15 @@ pub(crate) struct Sender<T> {
 impl<T> Sender<T> {
     /// Waits for room and reserves it. Fails once the mailbox is closed.
     pub(crate) async fn reserve(&self) -> Result<Permit<'_, T>, Closed> {
-        match self.chan.room.acquire().await {
+        // A waiting sender can be handed room by the receiver and then give
+        // it back unused (the mailbox closed before it ran, or its wait was
+        // cancelled): the semaphore takes it back without telling anyone,
+        // and a closed mailbox's receiver waits for exactly that room.
+        let guard = WakeReceiverOnDrop(&self.chan);
+        let acquired = self.chan.room.acquire().await;
+        match acquired {
             Ok(permit) => {
+                std::mem::forget(guard);
                 // Given back by the receiver when it takes the message, or
                 // by the `Permit` if it is dropped unused.
                 permit.forget();
@@ -228,6 +235,19 @@ impl<T> Clone for WeakSender<T> {
     }
 }
 
+/// Wakes a closed mailbox's receiver once every reservation is settled: the
+/// last one may be room a cancelled `reserve` gave back.
+struct WakeReceiverOnDrop<'a, T>(&'a Chan<T>);
+
+impl<T> Drop for WakeReceiverOnDrop<'_, T> {
+    fn drop(&mut self) {
+        let chan = self.0;
+        if chan.room.is_closed() && chan.room.available_permits() == chan.capacity {
+            chan.receiver.wake();
+        }
+    }
+}
+
 /// Room for one message, reserved. Dropping it unused gives the room back.
 pub(crate) struct Permit<'a, T> {
     chan: &'a Chan<T>,
@@ -274,21 +294,30 @@ pub(crate) struct Receiver<T> {
 
 impl<T> Receiver<T> {
     /// The next message; `None` once none can come any more. Cancel-safe.
+    ///
+    /// Takes from the task's cooperative budget, as tokio's channels do: an
+    /// actor whose mailbox never runs dry still lets the other tasks of its
+    /// thread run (it yields when the budget is spent).
     pub(crate) fn recv(&mut self) -> impl Future<Output = Option<T>> + '_ {
         std::future::poll_fn(move |cx| {
-            if let Some(message) = self.take() {
-                return Poll::Ready(Some(message));
-            }
-            self.chan.receiver.register(cx.waker());
-            if let Some(message) = self.take() {
-                return Poll::Ready(Some(message));
-            }
-            if self.finished() {
-                // The last sender may have put a message in just before it
-                // went: its count's release made the message visible.
-                return Poll::Ready(self.take());
-            }
-            Poll::Pending
+            let budget = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+            let received = match self.take() {
+                Some(message) => Some(message),
+                None => {
+                    self.chan.receiver.register(cx.waker());
+                    match self.take() {
+                        Some(message) => Some(message),
+                        // The last sender may have put a message in just
+                        // before it went: its count's release made the
+                        // message visible.
+                        None if self.finished() => self.take(),
+                        // The budget is given back as it was (dropped).
+                        None => return Poll::Pending,
+                    }
+                }
+            };
+            budget.made_progress();
+            Poll::Ready(received)
         })
     }
 
@@ -333,9 +362,15 @@ impl<T> Drop for Receiver<T> {
             queue.receiver_gone = true;
             std::mem::take(&mut queue.messages)
         };
+        // The dropped messages' room is given back, so that the mailbox's
+        // load reads empty, and the last waker goes (it would keep the
+        // finished task's memory for as long as an address lives).
+        let dropped = queued.len() + self.batch.len();
         // Outside the lock: a message's drop may send (to this mailbox too).
         drop(queued);
         self.batch.clear();
+        self.chan.room.add_permits(dropped);
+        drop(self.chan.receiver.take());
     }
 }
 
@@ -352,6 +387,14 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
+
+    #[derive(Default)]
+    struct Woken(std::sync::atomic::AtomicBool);
+    impl futures::task::ArcWake for Woken {
+        fn wake_by_ref(this: &Arc<Self>) {
+            this.0.store(true, Ordering::SeqCst);
+        }
+    }
 
     /// Counts its drops.
     struct Counted(Arc<AtomicUsize>);
@@ -468,6 +511,49 @@ mod tests {
         };
         let (got, ()) = tokio::join!(receive, send_late);
         assert_eq!(got, (Some(2), None));
+    }
+
+    /// A sender handed room by `recv` gives it back unused after the
+    /// close (its wait is dropped before it runs): the closed mailbox's
+    /// `recv` still ends.
+    #[tokio::test(start_paused = true)]
+    async fn room_handed_to_a_waiting_sender_and_given_back_ends_a_closed_mailbox() {
+        let (tx, mut rx) = channel::<u32>(1);
+        tx.try_reserve().expect("room").send(1);
+        let mut waiting = Box::pin(tx.reserve());
+        assert!(
+            futures::poll!(waiting.as_mut()).is_pending(),
+            "the mailbox is full"
+        );
+        // Taking the message hands its room to the waiting sender.
+        assert_eq!(rx.recv().await, Some(1));
+        rx.close();
+        // The receiver waits for the reservation before the room comes
+        // back, and must be woken when it does.
+        let woken = Arc::new(Woken::default());
+        let waker = futures::task::waker(woken.clone());
+        let mut end = Box::pin(rx.recv());
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(end.as_mut().poll(&mut cx).is_pending());
+        drop(waiting);
+        assert!(woken.0.load(Ordering::SeqCst), "the receiver was not woken");
+        assert_eq!(end.await, None);
+    }
+
+    /// An actor whose mailbox never runs dry still lets the other tasks of
+    /// its thread run.
+    #[tokio::test]
+    async fn a_receiver_that_always_has_mail_yields_to_its_neighbours() {
+        let (tx, mut rx) = channel::<u32>(4);
+        let neighbour = tokio::spawn(async {});
+        let mut polls = 0u32;
+        while !neighbour.is_finished() {
+            // Refilled at once: recv never finds the mailbox empty.
+            tx.try_reserve().expect("room").send(polls);
+            assert_eq!(rx.recv().await, Some(polls));
+            polls += 1;
+            assert!(polls < 10_000, "the neighbour never ran");
+        }
     }
 
     #[test]
