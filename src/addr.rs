@@ -208,8 +208,11 @@ impl Shared {
             watcher(reason);
         } else {
             // Most actors have one watcher (their broker's or supervisor's):
-            // room for one, not the four a first push reserves.
-            life.watchers.reserve_exact(1);
+            // room for one, not the four a first push reserves. Later
+            // pushes grow the usual way (doubling).
+            if life.watchers.capacity() == 0 {
+                life.watchers.reserve_exact(1);
+            }
             life.watchers.push((target, watcher));
         }
     }
@@ -457,7 +460,7 @@ impl<A: Actor> Addr<A> {
 
     /// Messages waiting in the mailbox.
     pub fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.tx.queued()
     }
 
     /// Asks the actor to stop after the message it is handling (out of band: a full
@@ -796,5 +799,29 @@ mod control_tests {
         let got = tokio::time::timeout(Duration::from_secs(30), control.recv()).await;
         assert!(matches!(got, Ok(Control::Stop { report: false })));
         thread.join().unwrap();
+    }
+}
+
+#[cfg(test)]
+mod watch_tests {
+    use super::Shared;
+    use crate::mailbox;
+
+    /// The first watcher gets room for one; later ones grow the list by
+    /// doubling, not one slot per watcher (an actor watched by many would
+    /// copy its list at every watch).
+    #[test]
+    fn watchers_take_room_for_one_then_double() {
+        let (tx, _rx) = mailbox::channel::<()>(1);
+        let shared = Shared::new(None, &tx);
+        shared.watch(None, Box::new(|_| {}));
+        assert_eq!(shared.life.lock().watchers.capacity(), 1);
+        for _ in 0..4 {
+            shared.watch(None, Box::new(|_| {}));
+        }
+        assert!(
+            shared.life.lock().watchers.capacity() >= 8,
+            "grew one slot at a time"
+        );
     }
 }

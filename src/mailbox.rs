@@ -137,9 +137,9 @@ impl<T> Sender<T> {
         self.chan.room.is_closed()
     }
 
-    /// Free room now.
-    pub(crate) fn capacity(&self) -> usize {
-        self.chan.room.available_permits()
+    /// Messages queued or reserved and not yet received.
+    pub(crate) fn queued(&self) -> usize {
+        self.chan.queued()
     }
 
     /// The mailbox's size.
@@ -165,8 +165,27 @@ pub(crate) trait Load: Send + Sync {
 
 impl<T: Send> Load for Chan<T> {
     fn load(&self) -> Option<(usize, usize)> {
-        (self.senders.load(Ordering::Acquire) > 0)
-            .then(|| (self.capacity - self.room.available_permits(), self.capacity))
+        (self.senders.load(Ordering::Acquire) > 0).then(|| (self.queued(), self.capacity))
+    }
+}
+
+impl<T> Chan<T> {
+    fn queued(&self) -> usize {
+        self.capacity - self.room.available_permits()
+    }
+
+    /// Room given back unused (a reservation dropped, or a message dropped
+    /// because the receiver is gone). A closed mailbox's receiver waits for
+    /// every reservation to be settled before it ends: it is woken.
+    fn give_back(&self, room: usize) {
+        self.room.add_permits(room);
+        self.wake_if_closed();
+    }
+
+    fn wake_if_closed(&self) {
+        if self.room.is_closed() {
+            self.receiver.wake();
+        }
     }
 }
 
@@ -235,16 +254,13 @@ impl<T> Clone for WeakSender<T> {
     }
 }
 
-/// Wakes a closed mailbox's receiver once every reservation is settled: the
-/// last one may be room a cancelled `reserve` gave back.
+/// Wakes a closed mailbox's receiver when a `reserve` ends without room:
+/// room the receiver handed it may have gone back to the semaphore unused.
 struct WakeReceiverOnDrop<'a, T>(&'a Chan<T>);
 
 impl<T> Drop for WakeReceiverOnDrop<'_, T> {
     fn drop(&mut self) {
-        let chan = self.0;
-        if chan.room.is_closed() && chan.room.available_permits() == chan.capacity {
-            chan.receiver.wake();
-        }
+        self.0.wake_if_closed();
     }
 }
 
@@ -264,7 +280,7 @@ impl<T> Permit<'_, T> {
             drop(queue);
             // Dropped outside the lock: its drop may send elsewhere.
             drop(message);
-            chan.room.add_permits(1);
+            chan.give_back(1);
             return;
         }
         queue.messages.push_back(message);
@@ -275,12 +291,7 @@ impl<T> Permit<'_, T> {
 
 impl<T> Drop for Permit<'_, T> {
     fn drop(&mut self) {
-        self.chan.room.add_permits(1);
-        // A closed mailbox's receiver waits for every reservation to be
-        // used or given back before it ends.
-        if self.chan.room.is_closed() {
-            self.chan.receiver.wake();
-        }
+        self.chan.give_back(1);
     }
 }
 
@@ -410,14 +421,14 @@ mod tests {
         tx.try_reserve().expect("room").send(1);
         tx.try_reserve().expect("room").send(2);
         assert_eq!(tx.try_reserve().err(), Some(TryReserveError::Full));
-        assert_eq!(tx.capacity(), 0);
+        assert_eq!(tx.queued(), 2);
         assert_eq!(rx.recv().await, Some(1));
-        assert_eq!(tx.capacity(), 1);
+        assert_eq!(tx.queued(), 1);
         tx.try_reserve().expect("room again").send(3);
         assert_eq!(rx.recv().await, Some(2));
         assert_eq!(rx.recv().await, Some(3));
         assert!(rx.is_empty());
-        assert_eq!(tx.capacity(), 2);
+        assert_eq!(tx.queued(), 0);
     }
 
     #[tokio::test]
@@ -554,6 +565,19 @@ mod tests {
             polls += 1;
             assert!(polls < 10_000, "the neighbour never ran");
         }
+    }
+
+    /// Messages dropped with the receiver no longer count as queued.
+    #[test]
+    fn a_dropped_receiver_gives_back_the_room_of_what_it_dropped() {
+        let (tx, rx) = channel::<u32>(4);
+        let load = tx.load();
+        tx.try_reserve().expect("room").send(1);
+        tx.try_reserve().expect("room").send(2);
+        assert_eq!(load.load(), Some((2, 4)));
+        drop(rx);
+        assert_eq!(load.load(), Some((0, 4)));
+        assert_eq!(tx.queued(), 0);
     }
 
     #[test]

@@ -411,7 +411,7 @@ impl<A: TaskActor> TaskAddr<A> {
 
     /// Messages waiting in the mailbox.
     pub fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.tx.queued()
     }
 
     /// Asks the actor to stop after the message it is handling (out of

@@ -86,11 +86,7 @@ impl Broker {
             1,
             Some(slot),
         );
-        let cancelled = match subscription.sink.cancelled() {
-            Some(cancelled) => cancelled.clone(),
-            None => addr.recipient(),
-        };
-        subscription.claim = handle.claim(options.exclusive, cancelled);
+        subscription.claim = handle.claim(&subscription);
         let registered = if subscription.claim.is_some() {
             handle.subscribe_claimed(subscription).await
         } else {

@@ -17,8 +17,8 @@ use crate::envelope::Envelope;
 use crate::error::{BrokerError, TryPublishError};
 use crate::queue::ack::{AckMode, ConsumerId};
 use crate::queue::actor::{
-    Barrier, Cancelled, DurableRefusal, PublishConfirmed, PublishDurable, QueueActor,
-    QueueSnapshot, Sink, Snapshot, Subscribe, TieTo, Unsubscribe,
+    Barrier, DurableRefusal, PublishConfirmed, PublishDurable, QueueActor, QueueSnapshot, Sink,
+    Snapshot, Subscribe, TieTo, Unsubscribe,
 };
 use crate::queue::consumers::{Claim, Consumers};
 use crate::queue::delivery::Delivery;
@@ -249,11 +249,16 @@ impl QueueHandle {
 
     /// A place for a consumer's registration sent without waiting for the
     /// queue (see [`crate::queue::consumers`]): only on an embedded queue,
-    /// for a consumer that is not exclusive, while no exclusive consumer
-    /// holds the queue. `None`: register and wait for the answer instead.
-    pub(crate) fn claim(&self, exclusive: bool, cancelled: Recipient<Cancelled>) -> Option<Claim> {
+    /// for a consumer actor (told through its sink if the queue goes first)
+    /// that is not exclusive, while no exclusive consumer holds the queue.
+    /// `None`: register and wait for the answer instead.
+    pub(crate) fn claim(&self, subscribe: &Subscribe) -> Option<Claim> {
+        let cancelled = subscribe
+            .sink
+            .cancelled()
+            .filter(|_| !subscribe.exclusive)?;
         dispatch!(self,
-            q => (!exclusive).then(|| q.consumers.claim(cancelled)).flatten(),
+            q => q.consumers.claim(cancelled.clone()),
             _r => None)
     }
 
