@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use crate::broker::Broker;
 use crate::consumer::{
-    ConsumeOptions, Consumer, ConsumerActor, ConsumerFactory, ConsumerHandle, Shared,
+    ConsumeOptions, Consumer, ConsumerActor, ConsumerFactory, ConsumerHandle, Shared, Terms,
 };
 use crate::error::BrokerError;
 use crate::queue::delivery::LinkSlot;
@@ -41,7 +41,7 @@ impl Broker {
         let handle = self.queue(queue)?;
         let n = self.inner.consumers.fetch_add(1, Ordering::Relaxed);
         let child_queue = handle.clone();
-        let child_options = options.clone();
+        let terms = Terms::from(&options);
         let shared = Arc::new(Shared::default());
         let child_shared = shared.clone();
         let slot = LinkSlot::default();
@@ -52,7 +52,7 @@ impl Broker {
             .build(move || {
                 Some(ConsumerActor::new(
                     child_queue.clone(),
-                    &child_options,
+                    terms,
                     factory.build(),
                     Arc::clone(&child_shared),
                     child_slot.clone(),

@@ -52,10 +52,10 @@ impl Broker {
         }
         let mut topology = self.inner.topology.write();
         if let Some(entry) = topology.queues.get(name).filter(|e| e.handle.is_live()) {
-            if entry.options != options {
+            if *entry.options != options {
                 return Err(BrokerError::QueueMismatch {
                     name: name.to_string(),
-                    existing: Box::new(entry.options.clone()),
+                    existing: entry.options.clone(),
                     requested: Box::new(options),
                 });
             }
@@ -111,7 +111,7 @@ impl Broker {
             name,
             QueueEntry {
                 handle: Arc::new(handle.clone()),
-                options,
+                options: Box::new(options),
                 store_id,
             },
         );
@@ -182,7 +182,7 @@ impl Broker {
             .queues
             .get(name)
             .filter(|e| !e.handle.addr.is_closed())
-            .map(|e| e.options.clone())
+            .map(|e| (*e.options).clone())
             .ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))
     }
 

@@ -44,7 +44,9 @@ use crate::stream::{StreamError, StreamHandle};
 
 pub(crate) struct QueueEntry {
     pub(crate) handle: Arc<LocalQueue>,
-    pub(crate) options: QueueOptions,
+    /// Boxed: the entry sits in a hash map slot, which holds it inline
+    /// (with the map's spare slots, about 1.3 times over at 100,000 queues).
+    pub(crate) options: Box<QueueOptions>,
     /// Its id in the broker's store, if it is durable there.
     pub(crate) store_id: Option<crate::store::QueueId>,
 }
@@ -403,7 +405,7 @@ mod tests {
                 ByteString::from("q"),
                 QueueEntry {
                     handle: Arc::new(other.clone()),
-                    options: QueueOptions::default(),
+                    options: Box::default(),
                     store_id: None,
                 },
             );

@@ -142,13 +142,35 @@ pub(crate) struct ConsumerActor<C: Consumer> {
     shared: Arc<Shared>,
 }
 
+/// What an incarnation takes from its [`ConsumeOptions`]. The consumer's
+/// factory keeps these for every restart, not the whole options (whose
+/// supervision is the cell's): a queue with a consumer is mostly overhead.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Terms {
+    mode: AckMode,
+    prefetch: u32,
+    on_error: OnError,
+    exclusive: bool,
+}
+
+impl From<&ConsumeOptions> for Terms {
+    fn from(options: &ConsumeOptions) -> Self {
+        Terms {
+            mode: options.mode,
+            prefetch: options.prefetch,
+            on_error: options.on_error,
+            exclusive: options.exclusive,
+        }
+    }
+}
+
 impl<C: Consumer> ConsumerActor<C> {
     /// Wraps `consumer` for `queue`, sharing `shared` with the other
     /// incarnations of the same consumer. The first incarnation is
     /// registered by the caller, who passes the registration's `slot`.
     pub(crate) fn new(
         queue: QueueHandle,
-        options: &ConsumeOptions,
+        terms: Terms,
         consumer: C,
         shared: Arc<Shared>,
         slot: LinkSlot,
@@ -156,10 +178,10 @@ impl<C: Consumer> ConsumerActor<C> {
         ConsumerActor {
             consumer,
             queue,
-            mode: options.mode,
-            prefetch: options.prefetch,
-            on_error: options.on_error,
-            exclusive: options.exclusive,
+            mode: terms.mode,
+            prefetch: terms.prefetch,
+            on_error: terms.on_error,
+            exclusive: terms.exclusive,
             link: None,
             slot: Some(slot),
             shared,

@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytestring::ByteString;
 use postbox::{AnyAddr, Backoff, ExitReason, Failure};
 
-pub(crate) use actor::{Close, ConsumerActor, Drain, Flush, Registration, Shared};
+pub(crate) use actor::{Close, ConsumerActor, Drain, Flush, Registration, Shared, Terms};
 pub use key_ordered::{KeyOrdered, KeyOrderedConsumer};
 pub use layer::{Layer, LayerExt, Layered};
 pub use pool::{ConsumerPool, PoolError, PoolOptions, PoolStats, PoolWatch};

@@ -11,6 +11,8 @@
 //! - `delivery`: what a consumer receives and how it settles it, validated on
 //!   the consumer's link before the queue sees it;
 //! - `handle`: typed access to one queue for publishers and consumers;
+//! - `by_id`: what the queue keeps per consumer, found by id (a list of the
+//!   few, a hash map of the many);
 //! - `consumers`: the consumer count a queue shares with its handles, and
 //!   the registrations on their way to it;
 //! - `inbox`: where publishes wait for the queue, many to a mailbox entry;
@@ -25,6 +27,7 @@
 pub(crate) mod ack;
 pub(crate) mod actor;
 pub(crate) mod budget;
+pub(crate) mod by_id;
 pub(crate) mod consumers;
 pub(crate) mod delivery;
 pub(crate) mod handle;

@@ -90,21 +90,25 @@ pub trait Observer: Send + Sync + 'static {
 
 type List = Vec<(u64, Arc<dyn Observer>)>;
 
-/// The observers of one broker, shared with its queues.
+/// The observers of one broker, shared with its queues (one pointer in
+/// each: a broker may have a million queues).
 #[derive(Clone, Default)]
-pub(crate) struct Observers {
-    enabled: Arc<AtomicBool>,
+pub(crate) struct Observers(Arc<ObserverList>);
+
+#[derive(Default)]
+struct ObserverList {
+    enabled: AtomicBool,
     /// Whether any observer wants `published` events.
-    publishes: Arc<AtomicBool>,
-    list: Arc<RwLock<List>>,
-    next: Arc<AtomicU64>,
+    publishes: AtomicBool,
+    list: RwLock<List>,
+    next: AtomicU64,
 }
 
 impl Observers {
     /// Calls `f` for each observer; nearly free when there are none.
     #[inline]
     pub(crate) fn each(&self, f: impl FnMut(&dyn Observer)) {
-        if self.enabled.load(Ordering::Relaxed) {
+        if self.0.enabled.load(Ordering::Relaxed) {
             self.call(f);
         }
     }
@@ -112,30 +116,30 @@ impl Observers {
     /// Whether any observer is registered.
     #[inline]
     pub(crate) fn is_active(&self) -> bool {
-        self.enabled.load(Ordering::Relaxed)
+        self.0.enabled.load(Ordering::Relaxed)
     }
 
     /// Whether any registered observer wants `published` events.
     #[inline]
     pub(crate) fn wants_publishes(&self) -> bool {
-        self.publishes.load(Ordering::Relaxed)
+        self.0.publishes.load(Ordering::Relaxed)
     }
 
     #[cold]
     fn call(&self, mut f: impl FnMut(&dyn Observer)) {
-        for (_, observer) in self.list.read().iter() {
+        for (_, observer) in self.0.list.read().iter() {
             f(observer.as_ref());
         }
     }
 
     pub(crate) fn add(&self, observer: Arc<dyn Observer>) -> ObserverGuard {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut list = self.list.write();
+        let id = self.0.next.fetch_add(1, Ordering::Relaxed);
+        let mut list = self.0.list.write();
         if observer.observes_publishes() {
-            self.publishes.store(true, Ordering::Relaxed);
+            self.0.publishes.store(true, Ordering::Relaxed);
         }
         list.push((id, observer));
-        self.enabled.store(true, Ordering::Relaxed);
+        self.0.enabled.store(true, Ordering::Relaxed);
         ObserverGuard {
             observers: self.clone(),
             id,
@@ -160,12 +164,13 @@ impl std::fmt::Debug for ObserverGuard {
 
 impl Drop for ObserverGuard {
     fn drop(&mut self) {
-        let mut list = self.observers.list.write();
+        let mut list = self.observers.0.list.write();
         list.retain(|(id, _)| *id != self.id);
         self.observers
+            .0
             .enabled
             .store(!list.is_empty(), Ordering::Relaxed);
-        self.observers.publishes.store(
+        self.observers.0.publishes.store(
             list.iter().any(|(_, o)| o.observes_publishes()),
             Ordering::Relaxed,
         );

@@ -174,6 +174,11 @@ const IMMEDIATE: u64 = u64::MAX - 1;
 /// The in-memory length of a spilling queue with no length limit.
 const DEFAULT_IN_MEMORY: usize = 10_000;
 
+/// From this many consumers on, a queue finds one by id through a hash map;
+/// below, by scanning them (most queues have one or two, and a hash map's
+/// smallest table would cost every queue 84 bytes).
+const INDEXED_FROM: usize = 8;
+
 /// The ready messages, ordered by publish sequence number: in a priority
 /// queue, by priority (highest first), then by sequence number.
 ///
@@ -531,7 +536,9 @@ pub struct QueueState {
     ready: Ready,
     /// In registration order.
     consumers: Vec<Consumer>,
-    /// Position of each consumer in `consumers`, for O(1) settles.
+    /// Position of each consumer in `consumers`, for O(1) settles, once
+    /// there are [`INDEXED_FROM`] of them (empty before: see
+    /// [`QueueState::find`]).
     index: FxHashMap<ConsumerId, usize>,
     /// The consumers in line for deliveries (their positions in `consumers`),
     /// in the order they became able to take one (RabbitMQ's active
@@ -560,7 +567,8 @@ pub struct QueueState {
     /// Messages removed for a dead-letter reason, waiting for the driver.
     dead: Vec<DeadLetter>,
     /// What happened to persisted messages, for the driver to record.
-    journal: Journal,
+    /// Boxed, and made at the first: most queues persist nothing.
+    journal: Option<Box<Journal>>,
 }
 
 /// The persisted messages that left the queue, and those delivered, since
@@ -863,13 +871,21 @@ impl QueueState {
     /// Takes what the queue recorded of its persisted messages since the
     /// last call.
     pub fn take_journal(&mut self) -> Journal {
-        std::mem::take(&mut self.journal)
+        // The box stays, for the next records.
+        self.journal
+            .as_deref_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    fn journal(&mut self) -> &mut Journal {
+        self.journal.get_or_insert_default()
     }
 
     /// Whether the journal has anything to take.
     #[must_use]
     pub fn has_journal(&self) -> bool {
-        !self.journal.is_empty()
+        self.journal.as_deref().is_some_and(|j| !j.is_empty())
     }
 
     /// The store locations of every persisted message the queue holds
@@ -906,7 +922,7 @@ impl QueueState {
     fn take(&mut self, entry: Entry) -> Envelope {
         let loc = self.unstore(entry.seq);
         if loc != 0 {
-            self.journal.settled.push(loc);
+            self.journal().settled.push(loc);
             self.persisted -= 1;
         }
         entry.message
@@ -1055,7 +1071,7 @@ impl QueueState {
         exclusive: bool,
         fetcher: bool,
     ) -> Result<(), ConsumerError> {
-        if self.index.contains_key(&id) {
+        if self.find(id).is_some() {
             return Err(ConsumerError::Duplicate(id));
         }
         if !fetcher {
@@ -1070,7 +1086,11 @@ impl QueueState {
                 return Err(ConsumerError::Exclusive(count));
             }
         }
-        self.index.insert(id, self.consumers.len());
+        // Most queues have one consumer: the first takes room for one (a
+        // Vec or VecDeque would take four).
+        if self.consumers.capacity() == 0 {
+            self.consumers.reserve_exact(1);
+        }
         self.consumers.push(Consumer {
             id,
             mode,
@@ -1083,7 +1103,20 @@ impl QueueState {
             delivered: 0,
             unacked: Unacked::default(),
         });
+        match self.consumers.len() {
+            n if n < INDEXED_FROM => {}
+            INDEXED_FROM => {
+                let ids = self.consumers.iter().enumerate();
+                self.index = ids.map(|(position, c)| (c.id, position)).collect();
+            }
+            n => {
+                self.index.insert(id, n - 1);
+            }
+        }
         if !fetcher {
+            if self.active.capacity() == 0 {
+                self.active.reserve_exact(1);
+            }
             self.active.push_back(self.consumers.len() - 1);
         }
         Ok(())
@@ -1099,13 +1132,17 @@ impl QueueState {
     /// [`SettleError::UnknownConsumer`] if `id` is not registered.
     pub fn remove_consumer(&mut self, id: ConsumerId) -> Result<usize, SettleError> {
         let index = self.position(id)?;
-        self.index.remove(&id);
         if self.holder == Some(id) {
             self.holder = None;
         }
         let removed = self.consumers.remove(index);
-        for (position, consumer) in self.consumers.iter().enumerate().skip(index) {
-            self.index.insert(consumer.id, position);
+        if self.consumers.len() < INDEXED_FROM {
+            self.index = FxHashMap::default();
+        } else {
+            self.index.remove(&id);
+            for (position, consumer) in self.consumers.iter().enumerate().skip(index) {
+                self.index.insert(consumer.id, position);
+            }
         }
         // Positions after the removed one moved down by one.
         self.active.retain(|p| *p != index);
@@ -1216,7 +1253,7 @@ impl QueueState {
     /// holder still settling).
     fn single_active(&mut self) -> Option<usize> {
         if let Some(id) = self.holder
-            && let Some(&index) = self.index.get(&id)
+            && let Some(index) = self.find(id)
             && let Some(holder) = self.consumers.get(index)
         {
             if !holder.cancelled {
@@ -1242,7 +1279,7 @@ impl QueueState {
             return true;
         }
         let holder = self.holder.and_then(|id| {
-            let c = self.consumers.get(*self.index.get(&id)?)?;
+            let c = self.consumers.get(self.find(id)?)?;
             (!c.cancelled || c.unacked.len() > 0).then_some(id)
         });
         match holder {
@@ -1278,7 +1315,7 @@ impl QueueState {
                 if !self.ready.stored.is_empty()
                     && let Some(loc) = self.ready.stored.remove(&entry.seq)
                 {
-                    self.journal.settled.push(loc);
+                    self.journal.get_or_insert_default().settled.push(loc);
                     self.persisted -= 1;
                 }
                 entry.message
@@ -1287,7 +1324,7 @@ impl QueueState {
                 if !self.ready.stored.is_empty()
                     && let Some(&stored) = self.ready.stored.get(&entry.seq)
                 {
-                    self.journal.delivered.push(stored);
+                    self.journal.get_or_insert_default().delivered.push(stored);
                     loc = stored;
                 }
                 // Cheap: the envelope is reference-counted inside.
@@ -1457,7 +1494,9 @@ impl QueueState {
     pub fn purge(&mut self) -> usize {
         let persisted = self.ready.locs();
         self.persisted -= persisted.len();
-        self.journal.settled.extend(persisted);
+        if !persisted.is_empty() {
+            self.journal().settled.extend(persisted);
+        }
         let purged = self.ready.clear();
         self.counters.purged += purged as u64;
         purged
@@ -1500,7 +1539,7 @@ impl QueueState {
     /// One consumer's state, if it is registered.
     #[must_use]
     pub fn consumer_stats(&self, id: ConsumerId) -> Option<ConsumerStats> {
-        let index = *self.index.get(&id)?;
+        let index = self.find(id)?;
         self.consumers.get(index).map(|c| self.stats_of(c))
     }
 
@@ -1542,10 +1581,17 @@ impl QueueState {
 
     /// The position of a registered consumer.
     fn position(&self, id: ConsumerId) -> Result<usize, SettleError> {
-        self.index
-            .get(&id)
-            .copied()
-            .ok_or(SettleError::UnknownConsumer(id))
+        self.find(id).ok_or(SettleError::UnknownConsumer(id))
+    }
+
+    /// The position of a registered consumer: a scan of the few, or a
+    /// lookup in the index of the many.
+    fn find(&self, id: ConsumerId) -> Option<usize> {
+        if self.consumers.len() < INDEXED_FROM {
+            self.consumers.iter().position(|c| c.id == id)
+        } else {
+            self.index.get(&id).copied()
+        }
     }
 
     /// Returns a settled delivery to the ready queue, unless it has used up the

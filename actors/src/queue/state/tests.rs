@@ -1173,3 +1173,53 @@ mod priority_order {
         }
     }
 }
+
+/// Consumers are found by id whether the queue scans its few or indexes its
+/// many (from `INDEXED_FROM` on): registered in no particular id order,
+/// each settles its own delivery and reads its own stats, and a duplicate
+/// id or a removed one is refused, on both sides of the threshold and as
+/// removals cross it back.
+#[test]
+fn consumers_are_found_by_id_with_few_and_with_many() {
+    let ids: Vec<ConsumerId> = (0..2 * INDEXED_FROM as u64)
+        .map(|i| ConsumerId(1 + (i * 7919) % 101))
+        .collect();
+    let mut q = QueueState::new();
+    let mut present: Vec<ConsumerId> = Vec::new();
+    let check = |q: &mut QueueState, present: &[ConsumerId], removed: &[ConsumerId]| {
+        for &id in present {
+            assert_eq!(q.consumer_stats(id).map(|s| s.id), Some(id));
+            assert_eq!(
+                q.add_consumer(id, AckMode::Manual, 0),
+                Err(ConsumerError::Duplicate(id))
+            );
+        }
+        for &id in removed {
+            assert!(q.consumer_stats(id).is_none());
+            assert_eq!(q.remove_consumer(id), Err(SettleError::UnknownConsumer(id)));
+        }
+        // One delivery to each, in round-robin order; each settles its own.
+        for _ in 0..present.len() {
+            q.publish(msg("m"));
+        }
+        let mut served = HashSet::new();
+        while let Some(d) = q.next_delivery() {
+            assert!(served.insert(d.consumer), "{:?} served twice", d.consumer);
+            assert_eq!(q.ack(d.consumer, d.tag, false), Ok(1));
+        }
+        assert_eq!(served, present.iter().copied().collect::<HashSet<_>>());
+    };
+    for &id in &ids {
+        q.add_consumer(id, AckMode::Manual, 0).unwrap();
+        present.push(id);
+        check(&mut q, &present, &[]);
+    }
+    let mut removed = Vec::new();
+    // From the middle, so that positions after it move.
+    while present.len() > 1 {
+        let id = present.remove(present.len() / 2);
+        assert_eq!(q.remove_consumer(id), Ok(0));
+        removed.push(id);
+        check(&mut q, &present, &removed);
+    }
+}
