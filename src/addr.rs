@@ -118,8 +118,9 @@ type Watcher = Box<dyn FnOnce(ExitReason) + Send>;
 struct Life {
     incarnation: u64,
     terminated: bool,
-    /// The most recently ended incarnation and why it ended, for late watchers.
-    last_exit: Option<(u64, ExitReason)>,
+    /// The most recently ended incarnation and why it ended, for late
+    /// watchers. Boxed: most actors are alive, and every actor has a `Life`.
+    last_exit: Option<Box<(u64, ExitReason)>>,
     watchers: Vec<(u64, Watcher)>,
 }
 
@@ -180,7 +181,11 @@ impl Shared {
             if terminal {
                 life.terminated = true;
             }
-            life.last_exit = Some((incarnation.min(life.incarnation), reason.clone()));
+            let exit = (incarnation.min(life.incarnation), reason.clone());
+            match &mut life.last_exit {
+                Some(last) => **last = exit,
+                None => life.last_exit = Some(Box::new(exit)),
+            }
             let (fire, keep): (Vec<_>, Vec<_>) = life
                 .watchers
                 .drain(..)
@@ -200,7 +205,7 @@ impl Shared {
         let target = incarnation.unwrap_or(life.incarnation);
         if life.terminated || target < life.incarnation {
             // Already over: report why, if we know it for that incarnation.
-            let reason = match &life.last_exit {
+            let reason = match life.last_exit.as_deref() {
                 Some((inc, reason)) if life.terminated || *inc == target => reason.clone(),
                 _ => ExitReason::Restarted,
             };
@@ -823,5 +828,53 @@ mod watch_tests {
             shared.life.lock().watchers.capacity() >= 8,
             "grew one slot at a time"
         );
+    }
+
+    /// A watcher that comes after an incarnation ended hears why it ended;
+    /// the record is replaced at each end (one box, reused), and an older
+    /// incarnation, whose reason is no longer kept, reads as restarted.
+    #[test]
+    fn late_watchers_hear_the_last_exit() {
+        use crate::{ExitReason, Failure};
+        use std::sync::{Arc, Mutex};
+        let (tx, _rx) = mailbox::channel::<()>(1);
+        let shared = Shared::new(None, &tx);
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let listen = |incarnation| {
+            let heard = heard.clone();
+            shared.watch(
+                Some(incarnation),
+                Box::new(move |reason| heard.lock().unwrap().push(reason.to_string())),
+            );
+        };
+        let failed = |m: &str| ExitReason::Failed(Failure::msg(m));
+        assert_eq!(shared.begin_incarnation(), 1);
+        shared.end_incarnation(1, &failed("boom"), false);
+        assert_eq!(shared.begin_incarnation(), 2);
+        listen(1);
+        shared.end_incarnation(2, &failed("bang"), false);
+        assert_eq!(shared.begin_incarnation(), 3);
+        listen(2);
+        listen(1);
+        shared.end_incarnation(3, &ExitReason::Stopped, true);
+        listen(1);
+        let heard = heard.lock().unwrap().clone();
+        let expected = [
+            failed("boom"),
+            failed("bang"),
+            ExitReason::Restarted,
+            // Terminated: every late watcher hears the final reason.
+            ExitReason::Stopped,
+        ];
+        let expected: Vec<String> = expected.iter().map(|r| r.to_string()).collect();
+        assert_eq!(heard, expected);
+    }
+
+    /// Every actor has one `Shared`: it stays small (the reason of the last
+    /// exit is boxed, since most actors are alive).
+    #[test]
+    fn shared_state_stays_small() {
+        let size = std::mem::size_of::<Shared>();
+        assert!(size <= 200, "Shared is {size} bytes");
     }
 }

@@ -61,7 +61,7 @@ impl Broker {
             }
             // A redeclaration is a use: it renews an expiring queue.
             entry.handle.renew();
-            return Ok(LocalQueue::clone(&entry.handle).into());
+            return Ok(Arc::clone(&entry.handle).into());
         }
         // A durable queue is on disk before the declaration returns.
         let durable = match (&self.inner.storage, options.durable) {
@@ -90,7 +90,7 @@ impl Broker {
         name: &str,
         options: QueueOptions,
         durable: Option<(Durable, Vec<crate::store::Recovered>)>,
-    ) -> Result<LocalQueue, BrokerError> {
+    ) -> Result<Arc<LocalQueue>, BrokerError> {
         let limit = options
             .max_message_bytes
             .unwrap_or(self.inner.config.max_message_bytes);
@@ -106,11 +106,12 @@ impl Broker {
             durable,
         )
         // The runtime stopped under us: the actor could not start.
+        .map(Arc::new)
         .ok_or(BrokerError::Stopped)?;
         topology.insert_queue(
             name,
             QueueEntry {
-                handle: Arc::new(handle.clone()),
+                handle: handle.clone(),
                 options: Box::new(options),
                 store_id,
             },
@@ -133,12 +134,12 @@ impl Broker {
     }
 
     /// The embedded queue `name`.
-    pub(crate) fn local_queue(&self, name: &str) -> Result<LocalQueue, BrokerError> {
+    pub(crate) fn local_queue(&self, name: &str) -> Result<Arc<LocalQueue>, BrokerError> {
         self.inner
             .topology
             .read()
             .queue(name)
-            .map(|h| LocalQueue::clone(h))
+            .map(Arc::clone)
             .ok_or_else(|| BrokerError::QueueNotFound(name.to_string()))
     }
 

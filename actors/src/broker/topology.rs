@@ -404,7 +404,7 @@ mod tests {
             broker.inner.topology.write().insert_queue(
                 ByteString::from("q"),
                 QueueEntry {
-                    handle: Arc::new(other.clone()),
+                    handle: other.clone(),
                     options: Box::default(),
                     store_id: None,
                 },

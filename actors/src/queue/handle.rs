@@ -41,7 +41,9 @@ pub struct QueueHandle {
 
 #[derive(Clone, Debug)]
 enum Repr {
-    Local(LocalQueue),
+    /// Shared with the topology and every other handle: a handle is one
+    /// pointer to copy and keep (consumers keep theirs for life).
+    Local(Arc<LocalQueue>),
     #[cfg(feature = "amqp")]
     Remote(Arc<dyn RemoteOps>),
 }
@@ -73,8 +75,8 @@ pub(crate) trait RemoteOps: Send + Sync + std::fmt::Debug {
 #[cfg(feature = "amqp")]
 type BoxFuture<'a, T> = futures::future::BoxFuture<'a, T>;
 
-impl From<LocalQueue> for QueueHandle {
-    fn from(local: LocalQueue) -> Self {
+impl From<Arc<LocalQueue>> for QueueHandle {
+    fn from(local: Arc<LocalQueue>) -> Self {
         QueueHandle {
             repr: Repr::Local(local),
         }
