@@ -873,6 +873,7 @@ mod watch_tests {
     /// Every actor has one `Shared`: it stays small (the reason of the last
     /// exit is boxed, since most actors are alive).
     #[test]
+    #[cfg(target_pointer_width = "64")]
     fn shared_state_stays_small() {
         let size = std::mem::size_of::<Shared>();
         assert!(size <= 200, "Shared is {size} bytes");

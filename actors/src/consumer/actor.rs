@@ -130,10 +130,7 @@ impl Drop for InHand<'_> {
 pub(crate) struct ConsumerActor<C: Consumer> {
     consumer: C,
     queue: QueueHandle,
-    mode: AckMode,
-    prefetch: u32,
-    on_error: OnError,
-    exclusive: bool,
+    terms: Terms,
     link: Option<Arc<Link>>,
     /// Where the first incarnation's registration, made by whoever started
     /// the consumer, leaves its link (until taken; later incarnations
@@ -178,10 +175,7 @@ impl<C: Consumer> ConsumerActor<C> {
         ConsumerActor {
             consumer,
             queue,
-            mode: terms.mode,
-            prefetch: terms.prefetch,
-            on_error: terms.on_error,
-            exclusive: terms.exclusive,
+            terms,
             link: None,
             slot: Some(slot),
             shared,
@@ -243,7 +237,7 @@ impl<C: Consumer> ConsumerActor<C> {
             consumer,
             link,
             shared,
-            on_error,
+            terms,
             ..
         } = self;
         let mut hand = InHand {
@@ -265,7 +259,7 @@ impl<C: Consumer> ConsumerActor<C> {
                     if let Some(link) = hand.link {
                         link.lose_one();
                     }
-                    if *on_error == OnError::Restart {
+                    if terms.on_error == OnError::Restart {
                         return Err(failure);
                     }
                     tracing::warn!(%failure, "auto-ack handler failed: the delivery is lost");
@@ -303,7 +297,7 @@ impl<C: Consumer> ConsumerActor<C> {
                 Ok(()) => handled.one(),
                 Err(failure) => {
                     self.shared.errors.fetch_add(1, Ordering::Relaxed);
-                    let outcome = match self.on_error {
+                    let outcome = match self.terms.on_error {
                         OnError::Restart => return Err(failure),
                         OnError::Requeue => Outcome::Requeue,
                         OnError::DeadLetter => Outcome::Discard,
@@ -396,9 +390,9 @@ impl<C: Consumer> Actor for ConsumerActor<C> {
         self.slot = None;
         let subscription = Self::subscription(
             &me,
-            self.mode,
-            self.prefetch,
-            self.exclusive,
+            self.terms.mode,
+            self.terms.prefetch,
+            self.terms.exclusive,
             ctx.incarnation(),
             None,
         );
@@ -440,7 +434,7 @@ impl<C: Consumer> Handler<Delivery> for ConsumerActor<C> {
         _ctx: &mut Context<Self>,
     ) -> Result<(), Failure> {
         let batch = vec![delivery];
-        match self.mode {
+        match self.terms.mode {
             AckMode::Auto => self.handle_auto(batch).await,
             AckMode::Manual => self.handle_manual(batch).await,
         }

@@ -256,10 +256,10 @@ impl Message for Cancelled {
 /// Most deliveries in one batch: bounds what a consumer's mailbox slot holds.
 const MAX_BATCH: usize = 64;
 
-/// The actor that owns one queue, reached through a [`LocalQueue`].
 /// No timer set: a deadline that far (epoch ms) would never come.
 const NO_TIMER: u64 = u64::MAX;
 
+/// The actor that owns one queue, reached through a [`LocalQueue`].
 pub(crate) struct QueueActor {
     name: ByteString,
     state: QueueState,
@@ -1719,6 +1719,7 @@ mod tests {
     /// `--memory-child queues-postbox` bench). State only some queues use
     /// goes behind a box.
     #[test]
+    #[cfg(target_pointer_width = "64")]
     fn the_queue_actor_fits_its_task_size() {
         let size = std::mem::size_of::<super::QueueActor>();
         assert!(size <= 824, "QueueActor is {size} bytes");

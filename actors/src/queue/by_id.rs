@@ -32,6 +32,7 @@ impl<V> Default for ById<V> {
 }
 
 impl<V> ById<V> {
+    /// The entry of `id`.
     pub(crate) fn get(&self, id: &ConsumerId) -> Option<&V> {
         if self.many.is_empty() {
             self.few.iter().find(|(k, _)| k == id).map(|(_, v)| v)
@@ -40,6 +41,7 @@ impl<V> ById<V> {
         }
     }
 
+    /// The entry of `id`, to change.
     pub(crate) fn get_mut(&mut self, id: &ConsumerId) -> Option<&mut V> {
         if self.many.is_empty() {
             self.few.iter_mut().find(|(k, _)| k == id).map(|(_, v)| v)
@@ -48,6 +50,7 @@ impl<V> ById<V> {
         }
     }
 
+    /// Whether `id` has an entry.
     pub(crate) fn contains_key(&self, id: &ConsumerId) -> bool {
         self.get(id).is_some()
     }
@@ -73,6 +76,9 @@ impl<V> ById<V> {
         None
     }
 
+    /// Removes the entry of `id`. The map goes back to a list below
+    /// `MANY / 2`; in the list, the last entry takes the removed one's
+    /// place (iteration order is unspecified anyway).
     pub(crate) fn remove(&mut self, id: &ConsumerId) -> Option<V> {
         if !self.many.is_empty() {
             let removed = self.many.remove(id);
@@ -92,15 +98,18 @@ impl<V> ById<V> {
         self.few.len() + self.many.len()
     }
 
+    /// Every entry, in no particular order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&ConsumerId, &V)> {
         let few = self.few.iter().map(|(k, v)| (k, v));
         few.chain(self.many.iter())
     }
 
+    /// Every id, in no particular order.
     pub(crate) fn keys(&self) -> impl Iterator<Item = &ConsumerId> {
         self.iter().map(|(k, _)| k)
     }
 
+    /// Every entry's value, in no particular order.
     pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
         self.iter().map(|(_, v)| v)
     }
@@ -119,12 +128,13 @@ mod tests {
     use std::collections::BTreeMap;
 
     /// Against a BTreeMap, through growth past MANY and shrinking back:
-    /// inserts (new and replacing), removals (present and absent), lookups.
+    /// inserts (new, and replacing in both forms), removals (present and
+    /// absent), lookups, changes in place, and a drain of a map.
     #[test]
     fn behaves_as_a_map_with_few_and_with_many() {
         let mut map = ById::default();
         let mut model = BTreeMap::new();
-        let check = |map: &ById<u64>, model: &BTreeMap<ConsumerId, u64>| {
+        fn check(map: &ById<u64>, model: &BTreeMap<ConsumerId, u64>) {
             assert_eq!(map.len(), model.len());
             let mut seen: Vec<(ConsumerId, u64)> = map.iter().map(|(k, v)| (*k, *v)).collect();
             seen.sort();
@@ -137,15 +147,31 @@ mod tests {
                 assert_eq!(map.get(&id), model.get(&id));
                 assert_eq!(map.contains_key(&id), model.contains_key(&id));
             }
-        };
-        // Ids in no particular order; some inserted twice.
-        for step in 0..3 * MANY as u64 {
-            let id = ConsumerId((step * 17) % 29);
-            assert_eq!(map.insert(id, step), model.insert(id, step));
-            check(&map, &model);
+        }
+        fn insert(map: &mut ById<u64>, model: &mut BTreeMap<ConsumerId, u64>, id: u64, value: u64) {
+            let id = ConsumerId(id);
+            assert_eq!(map.insert(id, value), model.insert(id, value));
+            check(map, model);
+        }
+        // A few, each inserted twice: replaced in the list.
+        for id in [5, 3, 9, 5, 3] {
+            insert(&mut map, &mut model, id, id * 10 + 1);
+        }
+        assert!(map.many.is_empty());
+        // Past MANY in no particular order (17 is invertible mod 29), then
+        // replacements in the map.
+        for step in 0..20 {
+            insert(&mut map, &mut model, (step * 17) % 29, step);
+        }
+        for id in [0, 17, 5] {
+            insert(&mut map, &mut model, id, 1000 + id);
         }
         assert!(!map.many.is_empty(), "past MANY, a hash map holds them");
-        for step in 0..40 {
+        // Removals, present and absent, down to the list and back up.
+        for step in 0..31 {
+            if model.len() <= 2 {
+                break;
+            }
             let id = ConsumerId((step * 13) % 31);
             assert_eq!(map.remove(&id), model.remove(&id));
             if let Some(v) = map.get_mut(&ConsumerId(step % 29)) {
@@ -155,9 +181,18 @@ mod tests {
             check(&map, &model);
         }
         assert!(map.many.is_empty(), "below MANY / 2, a list holds them");
+        assert_eq!(map.len(), 2);
+        for id in 30..40 {
+            insert(&mut map, &mut model, id, id);
+        }
+        assert!(!map.many.is_empty());
         let mut drained: Vec<(ConsumerId, u64)> = map.drain().collect();
         drained.sort();
-        assert_eq!(drained, model.into_iter().collect::<Vec<_>>());
+        assert_eq!(
+            drained,
+            std::mem::take(&mut model).into_iter().collect::<Vec<_>>()
+        );
         assert_eq!(map.len(), 0);
+        check(&map, &model);
     }
 }
