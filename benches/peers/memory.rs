@@ -284,13 +284,6 @@ async fn queues_in_postbox(n: u64, concurrent: usize) -> (f64, f64) {
         .buffer_unordered(concurrent)
         .collect()
         .await;
-    // Let the arbiters run what was handed to them: the consumers whose
-    // creation finished last answer, registered with their queues (a
-    // settling wait, not a guarantee; at 6.90 KB per pair it changed
-    // nothing).
-    for consumer in consumers.iter().rev().take(2 * rt.arbiters()) {
-        consumer.consumer_id().await.expect("the consumer runs");
-    }
     let rate = n as f64 / start.elapsed().as_secs_f64();
     let after = live_rss();
     drop(consumers);

@@ -78,14 +78,7 @@ impl Broker {
         // (restarted incarnations register themselves). Sent without
         // waiting where a claim allows it (see `crate::queue::consumers`);
         // otherwise one round trip to the queue.
-        let mut subscription = ConsumerActor::subscription(
-            &addr,
-            options.mode,
-            options.prefetch,
-            options.exclusive,
-            1,
-            Some(slot),
-        );
+        let mut subscription = ConsumerActor::subscription(&addr, terms, 1, Some(slot));
         subscription.claim = handle.claim(&subscription);
         let registered = if subscription.claim.is_some() {
             handle.subscribe_claimed(subscription).await

@@ -185,9 +185,7 @@ impl<C: Consumer> ConsumerActor<C> {
     /// The subscription of `me`'s incarnation `incarnation` to its queue.
     pub(crate) fn subscription(
         me: &postbox::Addr<Self>,
-        mode: AckMode,
-        prefetch: u32,
-        exclusive: bool,
+        terms: Terms,
         incarnation: u64,
         slot: Option<LinkSlot>,
     ) -> Subscribe {
@@ -198,10 +196,10 @@ impl<C: Consumer> ConsumerActor<C> {
                 deliveries: me.clone().into(),
                 cancelled: me.into(),
             },
-            mode,
-            prefetch,
+            mode: terms.mode,
+            prefetch: terms.prefetch,
             incarnation: Some(incarnation),
-            exclusive,
+            exclusive: terms.exclusive,
             slot,
             claim: None,
         }
@@ -388,14 +386,7 @@ impl<C: Consumer> Actor for ConsumerActor<C> {
             return Ok(());
         }
         self.slot = None;
-        let subscription = Self::subscription(
-            &me,
-            self.terms.mode,
-            self.terms.prefetch,
-            self.terms.exclusive,
-            ctx.incarnation(),
-            None,
-        );
+        let subscription = Self::subscription(&me, self.terms, ctx.incarnation(), None);
         let link = self.queue.subscribe_as(subscription).await;
         match link {
             Ok(link) => self.link = Some(link),

@@ -174,12 +174,12 @@ const IMMEDIATE: u64 = u64::MAX - 1;
 /// The in-memory length of a spilling queue with no length limit.
 const DEFAULT_IN_MEMORY: usize = 10_000;
 
-/// From this many consumers on, a queue finds one by id through a hash map;
-/// below, by scanning them (most queues have one or two, and a hash map's
-/// smallest table would cost every queue 84 bytes). A count going up and
-/// down across it rebuilds an index of 8 entries each time: cheaper than
-/// the registration that caused it, so no hysteresis.
-const INDEXED_FROM: usize = 8;
+/// From this many consumers on, a queue finds one by id through a hash map
+/// (the same threshold as the queue actor's `ById`);
+/// below, by scanning them. A count going up and down across it rebuilds
+/// an index of 8 entries each time: cheaper than the registration that
+/// caused it, so no hysteresis.
+const INDEXED_FROM: usize = crate::queue::by_id::MANY;
 
 /// The ready messages, ordered by publish sequence number: in a priority
 /// queue, by priority (highest first), then by sequence number.
@@ -880,10 +880,6 @@ impl QueueState {
             .unwrap_or_default()
     }
 
-    fn journal(&mut self) -> &mut Journal {
-        self.journal.get_or_insert_default()
-    }
-
     /// Whether the journal has anything to take.
     #[must_use]
     pub fn has_journal(&self) -> bool {
@@ -924,7 +920,7 @@ impl QueueState {
     fn take(&mut self, entry: Entry) -> Envelope {
         let loc = self.unstore(entry.seq);
         if loc != 0 {
-            self.journal().settled.push(loc);
+            self.journal.get_or_insert_default().settled.push(loc);
             self.persisted -= 1;
         }
         entry.message
@@ -1317,7 +1313,6 @@ impl QueueState {
                 if !self.ready.stored.is_empty()
                     && let Some(loc) = self.ready.stored.remove(&entry.seq)
                 {
-                    // Not `self.journal()`: `consumer` borrows `self.consumers`.
                     self.journal.get_or_insert_default().settled.push(loc);
                     self.persisted -= 1;
                 }
@@ -1498,7 +1493,10 @@ impl QueueState {
         let persisted = self.ready.locs();
         self.persisted -= persisted.len();
         if !persisted.is_empty() {
-            self.journal().settled.extend(persisted);
+            self.journal
+                .get_or_insert_default()
+                .settled
+                .extend(persisted);
         }
         let purged = self.ready.clear();
         self.counters.purged += purged as u64;
