@@ -39,7 +39,8 @@ use postbox_actors::{
     AckError, AckMode, Backend, Broker, BrokerError, ConsumeOptions, Consumer, DeathReason,
     DedupTarget, DedupWindow, DeleteOptions, Delivery, Envelope, ExchangeOptions, HeadersMatch,
     KeyOrdered, LayerExt, NameError, NameKind, OnError, Overflow, PartitionOptions, PublishError,
-    PublishOptions, QueueOptions, RetryPolicy,
+    PublishOptions, QueueOptions, RetryPolicy, StreamDelivery, StreamError, StreamHandle,
+    StreamOptions, StreamStart, StreamSubscription, SubscribeOptions,
 };
 use postbox_actors::{ConsumerPool, PoolOptions};
 use tokio::sync::mpsc;
@@ -92,6 +93,7 @@ impl Fixture {
                     .delete_queue(&name, DeleteOptions::default())
                     .await;
                 let _ = self.broker.delete_exchange(&name, false).await;
+                let _ = self.broker.delete_stream(&name).await;
             })
             .await;
         }
@@ -233,6 +235,14 @@ conformance!(
     drop_new_keeps_the_oldest_and_dead_letters_the_rest,
     a_partitioned_queue_keeps_each_key_in_one_partition_in_order,
     a_consumer_pool_grows_under_a_backlog_and_shrinks_when_it_clears,
+    // streams (RabbitMQ stream queues, read over AMQP 0-9-1)
+    a_stream_is_read_from_where_each_subscriber_starts,
+    a_failing_stream_subscriber_gets_the_record_again,
+    a_named_stream_subscriber_resumes_where_it_stopped,
+    a_stream_bound_to_an_exchange_gets_what_routes_to_it,
+    a_stream_subscriber_can_start_at_a_time,
+    a_deleted_stream_stops_its_subscribers_and_refuses_publishes,
+    stream_retention_rabbitmq_lacks_is_refused,
 );
 
 // ---------------------------------------------------------------------------
@@ -2308,5 +2318,245 @@ async fn a_partitioned_queue_keeps_each_key_in_one_partition_in_order(fx: &Fixtu
     for consumer in consumers {
         consumer.close().await;
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Streams. RabbitMQ's are stream queues read over AMQP 0-9-1: the same
+// offsets from 0, the same start positions; a publish there returns
+// `StreamHandle::UNKNOWN_OFFSET` (AMQP's confirms do not say the offset).
+
+/// A stream both backends can hold: no limit by count (RabbitMQ retains by
+/// bytes and age only).
+fn stream_options() -> StreamOptions {
+    StreamOptions::unbounded()
+}
+
+/// What a subscriber saw: offset, number carried, attempt.
+type Seen = mpsc::UnboundedSender<(u64, u32, u32)>;
+
+/// A subscriber sending what it handles to `tx`.
+async fn reader(
+    stream: &StreamHandle,
+    start: StreamStart,
+    options: SubscribeOptions,
+    tx: Seen,
+) -> Result<StreamSubscription<impl postbox_actors::StreamConsumer>, StreamError> {
+    stream
+        .subscribe(start, options, move || {
+            let tx = tx.clone();
+            move |d: StreamDelivery| {
+                let _ = tx.send((d.offset(), num(&d), d.attempt()));
+                async { Ok::<(), Failure>(()) }
+            }
+        })
+        .await
+}
+
+/// The next `n` records a subscriber reported, within [`WAIT`].
+async fn seen(rx: &mut mpsc::UnboundedReceiver<(u64, u32, u32)>, n: usize) -> Vec<(u64, u32, u32)> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match tokio::time::timeout(WAIT, rx.recv()).await {
+            Ok(Some(one)) => got.push(one),
+            _ => break,
+        }
+    }
+    got
+}
+
+/// What a publish returns on `backend` for a record at `offset`.
+fn published_at(fx: &Fixture, offset: u64) -> u64 {
+    match fx.backend() {
+        Backend::RabbitMq => StreamHandle::UNKNOWN_OFFSET,
+        _ => offset,
+    }
+}
+
+async fn a_stream_is_read_from_where_each_subscriber_starts(fx: &Fixture) -> TestResult {
+    let b = &fx.broker;
+    let name = fx.name("stream");
+    let stream = b.declare_stream(&name, stream_options()).await?;
+    stream.publish_batch(vec![msg(0), msg(1), msg(2)]).await?;
+    assert_eq!(stream.publish(msg(3)).await?, published_at(fx, 3));
+    let (tx, mut from_first) = mpsc::unbounded_channel();
+    let first = reader(&stream, StreamStart::First, SubscribeOptions::default(), tx).await?;
+    let (tx, mut from_next) = mpsc::unbounded_channel();
+    let next = reader(&stream, StreamStart::Next, SubscribeOptions::default(), tx).await?;
+    let (tx, mut from_two) = mpsc::unbounded_channel();
+    let two = reader(
+        &stream,
+        StreamStart::Offset(2),
+        SubscribeOptions::default(),
+        tx,
+    )
+    .await?;
+    assert_eq!(stream.publish(msg(4)).await?, published_at(fx, 4));
+    let all: Vec<_> = (0..5).map(|n| (n as u64, n, 0)).collect();
+    assert_eq!(seen(&mut from_first, 5).await, all);
+    assert_eq!(seen(&mut from_two, 3).await, all[2..]);
+    // Subscribed after record 3 was confirmed: only what came after.
+    assert_eq!(seen(&mut from_next, 1).await, all[4..]);
+    tokio::time::sleep(QUIET).await;
+    assert!(from_first.try_recv().is_err() && from_next.try_recv().is_err());
+    assert_eq!(stream.stats().published, 5);
+    let stats = first.cancel().await.ok_or("first was live")?;
+    assert_eq!((stats.offset, stats.delivered), (5, 5));
+    next.cancel().await;
+    two.cancel().await;
+    Ok(())
+}
+
+async fn a_failing_stream_subscriber_gets_the_record_again(fx: &Fixture) -> TestResult {
+    let b = &fx.broker;
+    let name = fx.name("stream");
+    let stream = b.declare_stream(&name, stream_options()).await?;
+    stream.publish_batch((0..4).map(msg).collect()).await?;
+    let failed = Arc::new(AtomicBool::new(false));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let options = SubscribeOptions::default().backoff(Backoff::NONE);
+    let sub = stream
+        .subscribe(StreamStart::First, options, move || {
+            let (tx, failed) = (tx.clone(), failed.clone());
+            move |d: StreamDelivery| {
+                let _ = tx.send((d.offset(), num(&d), d.attempt()));
+                let fail = num(&d) == 1 && !failed.swap(true, Ordering::SeqCst);
+                async move {
+                    if fail {
+                        // Long enough for the records after it to be on
+                        // their way to the subscriber (on RabbitMQ, in its
+                        // mailbox): they must not overtake it.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        return Err(Failure::msg("not this time"));
+                    }
+                    Ok(())
+                }
+            }
+        })
+        .await?;
+    // At least once, in order: the record that failed comes again, flagged,
+    // and nothing after it came first.
+    assert_eq!(
+        seen(&mut rx, 5).await,
+        [(0, 0, 0), (1, 1, 0), (1, 1, 1), (2, 2, 0), (3, 3, 0)]
+    );
+    let stats = sub.cancel().await.ok_or("live")?;
+    assert_eq!(
+        (stats.offset, stats.delivered, stats.redeliveries),
+        (4, 4, 1)
+    );
+    Ok(())
+}
+
+async fn a_named_stream_subscriber_resumes_where_it_stopped(fx: &Fixture) -> TestResult {
+    let b = &fx.broker;
+    let name = fx.name("stream");
+    let stream = b.declare_stream(&name, stream_options()).await?;
+    stream.publish_batch((0..3).map(msg).collect()).await?;
+    let named = || SubscribeOptions::default().named("audit");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let audit = reader(&stream, StreamStart::First, named(), tx.clone()).await?;
+    assert_eq!(seen(&mut rx, 3).await.len(), 3);
+    let again = reader(&stream, StreamStart::First, named(), tx.clone()).await;
+    assert!(
+        matches!(again, Err(StreamError::SubscriberExists { .. })),
+        "{:?}",
+        again.err()
+    );
+    audit.cancel().await;
+    assert_eq!(stream.stored_offset("audit"), Some(3));
+    stream.publish_batch(vec![msg(3), msg(4)]).await?;
+    // From its stored position, whatever start it asks for.
+    let audit = reader(&stream, StreamStart::First, named(), tx).await?;
+    assert_eq!(seen(&mut rx, 2).await, [(3, 3, 0), (4, 4, 0)]);
+    tokio::time::sleep(QUIET).await;
+    assert!(rx.try_recv().is_err());
+    audit.cancel().await;
+    assert_eq!(stream.stored_offset("audit"), Some(5));
+    Ok(())
+}
+
+async fn a_stream_bound_to_an_exchange_gets_what_routes_to_it(fx: &Fixture) -> TestResult {
+    let b = &fx.broker;
+    let name = fx.name("stream");
+    let x = fx.name("x");
+    b.declare_exchange(&x, ExchangeOptions::topic()).await?;
+    let stream = b.declare_stream(&name, stream_options()).await?;
+    b.bind_stream(&name, &x, "order.*").await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let sub = reader(&stream, StreamStart::First, SubscribeOptions::default(), tx).await?;
+    assert_eq!(b.publish_to(&x, "order.created", msg(1)).await?, 1);
+    assert_eq!(b.publish_to(&x, "user.created", msg(2)).await?, 0);
+    assert_eq!(b.publish_to(&x, "order.paid", msg(3)).await?, 1);
+    assert_eq!(seen(&mut rx, 2).await, [(0, 1, 0), (1, 3, 0)]);
+    assert!(b.unbind_stream(&name, &x, "order.*").await?);
+    assert_eq!(b.publish_to(&x, "order.created", msg(4)).await?, 0);
+    sub.cancel().await;
+    Ok(())
+}
+
+async fn a_deleted_stream_stops_its_subscribers_and_refuses_publishes(fx: &Fixture) -> TestResult {
+    let b = &fx.broker;
+    let name = fx.name("stream");
+    let stream = b.declare_stream(&name, stream_options()).await?;
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let sub = reader(&stream, StreamStart::First, SubscribeOptions::default(), tx).await?;
+    b.delete_stream(&name).await?;
+    tokio::time::timeout(WAIT, sub.terminated()).await?;
+    assert!(stream.is_deleted());
+    let err = stream.publish(msg(1)).await.unwrap_err();
+    assert!(matches!(err, StreamError::NotFound(_)), "{err}");
+    let err = b.delete_stream(&name).await.unwrap_err();
+    assert!(matches!(err, StreamError::NotFound(_)), "{err}");
+    Ok(())
+}
+
+async fn stream_retention_rabbitmq_lacks_is_refused(fx: &Fixture) -> TestResult {
+    let b = &fx.broker;
+    let by_count = StreamOptions::default().max_len(10);
+    let blocking = StreamOptions::unbounded().max_bytes(1 << 20);
+    let trimming = blocking
+        .clone()
+        .overflow(postbox_actors::StreamOverflow::DropOldest);
+    for options in [by_count, blocking] {
+        let declared = b.declare_stream(&fx.name("stream"), options).await;
+        match fx.backend() {
+            // A RabbitMQ stream retains by bytes and age, whatever its
+            // readers have read.
+            Backend::RabbitMq => assert!(
+                matches!(declared, Err(StreamError::Unsupported(_))),
+                "{declared:?}"
+            ),
+            _ => assert!(declared.is_ok(), "{declared:?}"),
+        }
+    }
+    let stream = b.declare_stream(&fx.name("stream"), trimming).await?;
+    assert_eq!(stream.publish(msg(1)).await?, published_at(fx, 0));
+    Ok(())
+}
+
+async fn a_stream_subscriber_can_start_at_a_time(fx: &Fixture) -> TestResult {
+    let b = &fx.broker;
+    let name = fx.name("stream");
+    let stream = b.declare_stream(&name, stream_options()).await?;
+    stream.publish_batch(vec![msg(0), msg(1)]).await?;
+    // Past the milliseconds of the first two (RabbitMQ's start is by the
+    // second; the subscriber skips what its second holds before this).
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let from = postbox::clock::now_ms();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    stream.publish_batch(vec![msg(2), msg(3)]).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let sub = reader(
+        &stream,
+        StreamStart::Timestamp(from),
+        SubscribeOptions::default(),
+        tx,
+    )
+    .await?;
+    assert_eq!(seen(&mut rx, 2).await, [(2, 2, 0), (3, 3, 0)]);
+    tokio::time::sleep(QUIET).await;
+    assert!(rx.try_recv().is_err());
+    sub.cancel().await;
     Ok(())
 }

@@ -18,6 +18,8 @@
 //!   the same link as embedded ones (so double acks are typed errors), and
 //!   `basic.get`;
 //! - `replies`: request-reply through direct reply-to;
+//! - `streams`: streams as RabbitMQ stream queues, read by supervised
+//!   subscribers from an `x-stream-offset`;
 //! - `convert`: envelopes to AMQP properties and back, with `x-death` read
 //!   into the typed death history.
 //!
@@ -32,11 +34,13 @@ mod consume;
 mod convert;
 mod publish;
 mod replies;
+mod streams;
 mod topology;
 
 pub(crate) use connection::Remote;
 pub(crate) use consume::RemoteQueue;
 pub(crate) use replies::{REPLY_TO, Replies, Route, Sent};
+pub(crate) use streams::{RemoteReader, RemoteStream};
 
 use std::fmt;
 use std::time::Duration;

@@ -15,6 +15,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use super::connection::{Remote, Session};
 use super::consume::RemoteQueue;
 use super::convert::{short, to_table};
+use super::streams::{STREAM_FLAGS, stream_args};
 use crate::dedup::{DedupTarget, SharedWindow};
 use crate::error::BrokerError;
 use crate::exchange::{
@@ -24,6 +25,7 @@ use crate::queue::actor::QueueSnapshot;
 use crate::queue::options::{DeleteOptions, QueueOptions};
 use crate::queue::policy::Overflow;
 use crate::queue::stats::QueueStats;
+use crate::stream::StreamOptions;
 
 /// What a refusal was about, to name it in the error.
 #[derive(Clone, Copy)]
@@ -95,9 +97,11 @@ fn quoted(text: &str) -> Option<String> {
 pub(crate) struct Record {
     exchanges: HashMap<String, Arc<Declared<ExchangeOptions>>>,
     queues: HashMap<String, Arc<Declared<QueueOptions>>>,
+    /// Streams: stream queues to RabbitMQ, in the queues' namespace.
+    pub(crate) streams: HashMap<String, Arc<Declared<StreamOptions>>>,
     bindings: Vec<Bound>,
     /// Declarations made so far, to order the replay.
-    declared: u64,
+    pub(crate) declared: u64,
 }
 
 /// A queue or an exchange as this process declared it, and the duplicate
@@ -158,6 +162,18 @@ impl Record {
                 channel = session.connection.create_channel().await?;
             }
         }
+        for (name, declared) in in_order(&self.streams) {
+            let Ok(args) = stream_args(&declared.options) else {
+                continue;
+            };
+            if let Err(err) = channel
+                .queue_declare(name.as_str().into(), STREAM_FLAGS, args)
+                .await
+            {
+                refused(format!("stream {name:?}"), err);
+                channel = session.connection.create_channel().await?;
+            }
+        }
         for bound in &self.bindings {
             if let Err(err) = bind_on(&channel, bound, false).await {
                 refused(format!("binding from {:?}", bound.source), err);
@@ -180,7 +196,7 @@ impl Record {
 
     /// Records a declaration (the first one stands: a redeclaration with
     /// the same options changes nothing); returns it.
-    fn declare<O>(
+    pub(crate) fn declare<O>(
         declared: &mut u64,
         map: &mut HashMap<String, Arc<Declared<O>>>,
         name: &str,
@@ -199,7 +215,7 @@ impl Record {
             .clone()
     }
 
-    fn forget(&mut self, destination: &Destination) {
+    pub(crate) fn forget(&mut self, destination: &Destination) {
         self.bindings
             .retain(|b| &b.destination != destination && !is_source(b, destination));
         match destination {
@@ -209,7 +225,9 @@ impl Record {
             Destination::Exchange(name) => {
                 self.exchanges.remove(&**name);
             }
-            Destination::Stream(_) => {}
+            Destination::Stream(name) => {
+                self.streams.remove(&**name);
+            }
         }
     }
 
@@ -257,7 +275,8 @@ async fn bind_on(
     let args = to_table(bound.key.arguments()).unwrap_or_default();
     let key = bound.key.key();
     match (&bound.destination, unbind) {
-        (Destination::Queue(queue), false) => {
+        // A stream is a queue to RabbitMQ.
+        (Destination::Queue(queue) | Destination::Stream(queue), false) => {
             channel
                 .queue_bind(
                     (&**queue).into(),
@@ -268,7 +287,7 @@ async fn bind_on(
                 )
                 .await
         }
-        (Destination::Queue(queue), true) => {
+        (Destination::Queue(queue) | Destination::Stream(queue), true) => {
             channel
                 .queue_unbind(
                     (&**queue).into(),
@@ -300,7 +319,6 @@ async fn bind_on(
                 )
                 .await
         }
-        (Destination::Stream(_), _) => Ok(()),
     }
 }
 
@@ -656,7 +674,11 @@ impl Remote {
     /// channel of its own, and the error it then reports is its own. (Each
     /// of these operations is refused without effect, and one that failed
     /// for another's refusal never ran: running it again is safe.)
-    async fn on_admin<T, F, Fut>(&self, session: &Session, op: F) -> Result<T, lapin::Error>
+    pub(crate) async fn on_admin<T, F, Fut>(
+        &self,
+        session: &Session,
+        op: F,
+    ) -> Result<T, lapin::Error>
     where
         F: Fn(lapin::Channel) -> Fut,
         Fut: Future<Output = Result<T, lapin::Error>>,
@@ -755,14 +777,11 @@ impl Remote {
         key: BindingKey,
         unbind: bool,
     ) -> Result<bool, BrokerError> {
-        if let Destination::Stream(_) = destination {
-            return Err(BrokerError::unsupported("binding a stream"));
-        }
         short(source, "an exchange name")?;
         match &destination {
             Destination::Queue(name) => short(name, "a queue name")?,
             Destination::Exchange(name) => short(name, "an exchange name")?,
-            Destination::Stream(_) => unreachable!("refused above"),
+            Destination::Stream(name) => short(name, "a stream name")?,
         };
         short(key.key(), "a binding key")?;
         to_table(key.arguments())?;
@@ -772,7 +791,7 @@ impl Remote {
             key,
         };
         let subject = match &bound.destination {
-            Destination::Queue(q) => Subject::Queue(q),
+            Destination::Queue(q) | Destination::Stream(q) => Subject::Queue(q),
             _ => Subject::Other,
         };
         self.timed("bind", async {

@@ -32,8 +32,8 @@ impl Broker {
         validate_declared(NameKind::Stream, name)?;
         self.alive().map_err(|_| StreamError::Stopped)?;
         #[cfg(feature = "amqp")]
-        if self.remote().is_some() {
-            return Err(StreamError::Unsupported("rabbitmq"));
+        if let Some(remote) = self.remote() {
+            return self.declare_remote_stream(remote, name, options).await;
         }
         let mut topology = self.inner.topology.write();
         if let Some(existing) = topology.streams.get(name) {
@@ -66,7 +66,50 @@ impl Broker {
         Ok(handle)
     }
 
-    /// A handle to an existing stream.
+    /// [`declare_stream`](Self::declare_stream) on RabbitMQ: a stream
+    /// queue, declared there every time (another process may have deleted
+    /// it), its handle kept here so that every handle shares its
+    /// subscribers' positions.
+    #[cfg(feature = "amqp")]
+    async fn declare_remote_stream(
+        &self,
+        remote: &std::sync::Arc<crate::amqp::Remote>,
+        name: &str,
+        options: StreamOptions,
+    ) -> Result<StreamHandle, StreamError> {
+        if let Some(existing) = self.inner.topology.read().streams.get(name)
+            && existing.core.options != options
+        {
+            return Err(StreamError::Mismatch {
+                name: name.to_string(),
+                existing: Box::new(existing.core.options.clone()),
+                requested: Box::new(options),
+            });
+        }
+        remote.declare_stream(name, &options).await?;
+        let mut topology = self.inner.topology.write();
+        if let Some(existing) = topology.streams.get(name) {
+            return Ok(existing.clone());
+        }
+        let limit = options
+            .max_message_bytes
+            .unwrap_or(self.inner.config.max_message_bytes);
+        let handle = StreamHandle::remote(
+            ByteString::from(name),
+            options,
+            limit,
+            self.runtime().clone(),
+            crate::amqp::RemoteStream::new(remote, name),
+        );
+        tracing::debug!(stream = %name, options = ?handle.options(), "stream declared on rabbitmq");
+        topology
+            .streams
+            .insert(ByteString::from(name), handle.clone());
+        Ok(handle)
+    }
+
+    /// A handle to an existing stream (on RabbitMQ: one this process
+    /// declared).
     pub fn stream(&self, name: &str) -> Result<StreamHandle, StreamError> {
         self.inner
             .topology
@@ -114,6 +157,15 @@ impl Broker {
             (handle, durable)
         };
         tracing::debug!(stream = %name, "stream deleted");
+        #[cfg(feature = "amqp")]
+        if let (Some(remote), Some(stream)) = (self.remote(), handle.on_rabbitmq()) {
+            let deleted = remote.delete_stream(name).await;
+            let stats = handle.stats();
+            handle.core.close().await;
+            stream.close().await;
+            deleted?;
+            return Ok(stats);
+        }
         let stats = handle.core.close().await;
         if let (Some(id), Some(storage)) = (durable, &self.inner.storage) {
             storage.remove_stream(id);

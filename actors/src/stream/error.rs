@@ -62,10 +62,16 @@ pub enum StreamError {
     /// The runtime the broker runs on has stopped.
     #[error("the broker has stopped")]
     Stopped,
-    /// The broker's backend has no streams (postbox on RabbitMQ: RabbitMQ's
-    /// streams speak their own protocol, not AMQP 0-9-1's).
-    #[error("streams are not supported by the {0} backend")]
+    /// The RabbitMQ backend cannot do what was asked (the option or call
+    /// named): a RabbitMQ stream retains by bytes and age only, trims
+    /// regardless of its readers, and says nothing of offsets on publish.
+    #[error("{0} is not supported by the rabbitmq backend")]
     Unsupported(&'static str),
+    /// RabbitMQ refused the call or could not be reached (postbox on
+    /// RabbitMQ); a publish whose confirm was lost is
+    /// [`BrokerError::Unconfirmed`](crate::BrokerError::Unconfirmed) here.
+    #[error(transparent)]
+    Remote(Box<crate::error::BrokerError>),
 }
 
 /// The error of [`StreamHandle::try_publish`](crate::stream::StreamHandle::try_publish).

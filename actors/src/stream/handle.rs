@@ -36,7 +36,7 @@ use crate::stream::error::{StreamError, TryStreamPublishError};
 use crate::stream::log::{LogState, ReaderId, Refusal, StreamStats, SubscriberStats};
 use crate::stream::options::{StreamOptions, StreamStart, SubscribeOptions};
 use crate::stream::subscriber::{
-    Pump, StreamConsumer, StreamConsumerFactory, StreamSubscriber, StreamSubscription,
+    Pump, ReaderOf, StreamConsumer, StreamConsumerFactory, StreamSubscriber, StreamSubscription,
 };
 
 /// How a parked subscriber is woken: its mailbox.
@@ -59,6 +59,10 @@ pub(crate) struct StreamCore {
     /// A durable stream's log on disk (on a broker opened on a data
     /// directory).
     pub(crate) disk: Option<StreamLog>,
+    /// A stream on RabbitMQ: the log above stays empty, and is used only
+    /// to mark the stream deleted.
+    #[cfg(feature = "amqp")]
+    pub(crate) remote: Option<Arc<crate::amqp::RemoteStream>>,
 }
 
 impl StreamCore {
@@ -86,6 +90,8 @@ impl StreamCore {
             seq: AtomicU64::new(1),
             stopped: AtomicBool::new(false),
             disk: None,
+            #[cfg(feature = "amqp")]
+            remote: None,
         }
     }
 
@@ -405,6 +411,12 @@ impl std::fmt::Debug for StreamHandle {
 }
 
 impl StreamHandle {
+    /// What [`publish`](Self::publish) returns for a stream on RabbitMQ,
+    /// whose confirms do not say at which offset a record went (as Kafka's
+    /// producer reports `-1` when the broker did not say). Subscribers see
+    /// every record's offset either way.
+    pub const UNKNOWN_OFFSET: u64 = u64::MAX;
+
     /// A new, empty stream.
     pub(crate) fn new(
         name: ByteString,
@@ -440,6 +452,28 @@ impl StreamHandle {
         let core = Arc::new(core);
         seed.start(core.clone())?;
         Ok(StreamHandle { core })
+    }
+
+    /// A stream on RabbitMQ, read and written through `remote`.
+    #[cfg(feature = "amqp")]
+    pub(crate) fn remote(
+        name: ByteString,
+        options: StreamOptions,
+        limit: usize,
+        runtime: RuntimeHandle,
+        remote: crate::amqp::RemoteStream,
+    ) -> Self {
+        let mut core = StreamCore::new(name, options, limit, runtime);
+        core.remote = Some(Arc::new(remote));
+        StreamHandle {
+            core: Arc::new(core),
+        }
+    }
+
+    /// The RabbitMQ side of a stream on RabbitMQ.
+    #[cfg(feature = "amqp")]
+    pub(crate) fn on_rabbitmq(&self) -> Option<&Arc<crate::amqp::RemoteStream>> {
+        self.core.remote.as_ref()
     }
 
     /// Whether its records are kept on disk.
@@ -499,7 +533,17 @@ impl StreamHandle {
     /// (per the broker's [`SyncPolicy`](crate::SyncPolicy)), or fails with
     /// [`StreamError::Storage`] if it could not be (the record is then taken
     /// back: no subscriber gets it).
+    ///
+    /// On RabbitMQ it returns once RabbitMQ confirmed the record, and
+    /// returns [`UNKNOWN_OFFSET`](Self::UNKNOWN_OFFSET): AMQP's
+    /// confirms do not say where a record went.
     pub async fn publish(&self, message: Envelope) -> Result<u64, StreamError> {
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.on_rabbitmq() {
+            self.check(&message)?;
+            remote.publish(message).await?;
+            return Ok(Self::UNKNOWN_OFFSET);
+        }
         let (offset, confirm) = self.append(message).await?;
         StreamCore::confirmed(confirm).await?;
         Ok(offset)
@@ -573,9 +617,18 @@ impl StreamHandle {
     /// earlier ones may be stored). With a duplicate window, messages whose
     /// ids it knows are left out, the others appended, and then the first
     /// one left out is reported as [`StreamError::Duplicate`].
+    ///
+    /// On RabbitMQ the messages go back to back and the call returns once
+    /// RabbitMQ confirmed them all, with an empty range at
+    /// [`UNKNOWN_OFFSET`](Self::UNKNOWN_OFFSET).
     pub async fn publish_batch(&self, messages: Vec<Envelope>) -> Result<Range<u64>, StreamError> {
         for message in &messages {
             self.check(message)?;
+        }
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.on_rabbitmq() {
+            remote.publish_batch(messages).await?;
+            return Ok(Self::UNKNOWN_OFFSET..Self::UNKNOWN_OFFSET);
         }
         let mut rest = messages.into_iter();
         let mut batch = Batch {
@@ -662,8 +715,17 @@ impl StreamHandle {
     /// is stored with the next group, and readable then. If that fails, the
     /// record is taken back without telling anyone (use
     /// [`publish`](Self::publish) to know).
+    ///
+    /// On RabbitMQ every publish waits for a confirm: this fails with
+    /// [`StreamError::Unsupported`].
     pub fn try_publish(&self, message: Envelope) -> Result<u64, TryStreamPublishError> {
         self.check(&message)?;
+        #[cfg(feature = "amqp")]
+        if self.on_rabbitmq().is_some() {
+            return Err(
+                StreamError::Unsupported("try_publish (a publish waits for its confirm)").into(),
+            );
+        }
         let mut wake = Vec::new();
         let now = postbox::clock::now_ms();
         let appended = {
@@ -694,9 +756,17 @@ impl StreamHandle {
 
     /// Counters and positions (age retention is applied first), with a
     /// durable stream's disk use.
+    ///
+    /// On RabbitMQ, what this process knows: the records it published, its
+    /// live subscribers and what they skipped (AMQP does not say how long a
+    /// stream is; RabbitMQ's management API does).
     pub fn stats(&self) -> StreamStats {
         let now = postbox::clock::now_ms();
         let stats = self.core.log.lock().stats(now);
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.on_rabbitmq() {
+            return remote.stats(stats);
+        }
         self.core.disk_stats(stats)
     }
 
@@ -743,12 +813,21 @@ impl StreamHandle {
     /// The position stored for the named subscriber `name` when it last
     /// stopped; `None` if it never did (or is live).
     pub fn stored_offset(&self, name: &str) -> Option<u64> {
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.on_rabbitmq() {
+            return remote.stored_offset(name);
+        }
         self.core.log.lock().stored_offset(name)
     }
 
     /// Its live subscribers: each one's name (for a named subscriber) and
-    /// position, with its lag behind the stream's end.
+    /// position, with its lag behind the stream's end (on RabbitMQ, which
+    /// does not say where the end is, the lag is 0).
     pub fn subscribers(&self) -> Vec<(Option<String>, SubscriberStats)> {
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.on_rabbitmq() {
+            return remote.subscribers();
+        }
         self.core.log.lock().readers()
     }
 
@@ -771,6 +850,10 @@ impl StreamHandle {
         C: StreamConsumer,
         F: StreamConsumerFactory<C>,
     {
+        #[cfg(feature = "amqp")]
+        if let Some(remote) = self.on_rabbitmq() {
+            return remote.subscribe(&self.core, start, options, factory).await;
+        }
         let core = self.core.clone();
         let now = postbox::clock::now_ms();
         let reader = {
@@ -819,6 +902,12 @@ impl StreamHandle {
             core.remove_reader(reader);
             return Err(StreamError::Stopped);
         }
-        Ok(StreamSubscription { core, reader, addr })
+        Ok(StreamSubscription {
+            core,
+            reader: ReaderOf::Local(reader),
+            stop: addr.recipient(),
+            addr: addr.any(),
+            consumer: std::marker::PhantomData,
+        })
     }
 }

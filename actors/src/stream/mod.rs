@@ -34,10 +34,10 @@
 //! segments) is not done.
 
 mod error;
-mod handle;
-mod log;
+pub(crate) mod handle;
+pub(crate) mod log;
 mod options;
-mod subscriber;
+pub(crate) mod subscriber;
 
 pub use error::{StreamError, TryStreamPublishError};
 pub use handle::StreamHandle;

@@ -18,12 +18,13 @@
 
 use std::cell::Cell;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::ops::Deref;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use futures::FutureExt;
-use postbox::{Actor, Addr, AnyAddr, Context, ExitReason, Failure, Handler, Message};
+use postbox::{Actor, Addr, AnyAddr, Context, ExitReason, Failure, Handler, Message, Recipient};
 use tracing::Instrument;
 
 use crate::envelope::Envelope;
@@ -65,6 +66,14 @@ pub struct StreamDelivery {
 }
 
 impl StreamDelivery {
+    pub(crate) fn new(record: Arc<Record>, attempt: u32, skipped: u64) -> Self {
+        StreamDelivery {
+            record,
+            attempt,
+            skipped,
+        }
+    }
+
     /// The record's offset in the stream.
     pub fn offset(&self) -> u64 {
         self.record.offset
@@ -236,11 +245,7 @@ async fn deliver<C: StreamConsumer>(
             correlation_id = record.envelope.correlation_id(),
             redelivered = attempt > 0,
         );
-        let delivery = StreamDelivery {
-            record,
-            attempt,
-            skipped,
-        };
+        let delivery = StreamDelivery::new(record, attempt, skipped);
         consumer.handle(delivery).instrument(span).await?;
     }
     Ok(())
@@ -327,8 +332,20 @@ impl<C: StreamConsumer> Handler<StopSubscriber> for StreamSubscriber<C> {
 /// does, and so does deleting the stream.
 pub struct StreamSubscription<C: StreamConsumer> {
     pub(crate) core: Arc<StreamCore>,
-    pub(crate) reader: ReaderId,
-    pub(crate) addr: Addr<StreamSubscriber<C>>,
+    pub(crate) reader: ReaderOf,
+    /// The subscriber actor, whichever kind it is.
+    pub(crate) addr: AnyAddr,
+    pub(crate) stop: Recipient<StopSubscriber>,
+    pub(crate) consumer: PhantomData<fn() -> C>,
+}
+
+/// Where a subscription's position is kept.
+pub(crate) enum ReaderOf {
+    /// In the stream's log.
+    Local(ReaderId),
+    /// By this process, for a stream on RabbitMQ.
+    #[cfg(feature = "amqp")]
+    Remote(Arc<crate::amqp::RemoteReader>),
 }
 
 impl<C: StreamConsumer> std::fmt::Debug for StreamSubscription<C> {
@@ -349,19 +366,23 @@ impl<C: StreamConsumer> StreamSubscription<C> {
     /// The subscriber actor (stable across its restarts): its identity,
     /// stats and death watch.
     pub fn addr(&self) -> AnyAddr {
-        self.addr.any()
+        self.addr.clone()
     }
 
     /// Its position and counters; `None` once it has stopped for good.
     pub fn stats(&self) -> Option<SubscriberStats> {
-        self.core.log.lock().reader_stats(self.reader)
+        match &self.reader {
+            ReaderOf::Local(reader) => self.core.log.lock().reader_stats(*reader),
+            #[cfg(feature = "amqp")]
+            ReaderOf::Remote(reader) => (!self.addr.is_terminated()).then(|| reader.stats()),
+        }
     }
 
     /// Stops the subscriber gracefully: it finishes the batch in hand, commits
     /// its position (stored, for a named subscriber), and stops without being
     /// restarted. Returns its final stats (`None` if it had already stopped).
     pub async fn cancel(self) -> Option<SubscriberStats> {
-        let stats = match self.addr.ask(StopSubscriber).await {
+        let stats = match self.stop.ask(StopSubscriber, None).await {
             Ok(stats) => {
                 self.addr.terminated().await;
                 stats
@@ -371,7 +392,13 @@ impl<C: StreamConsumer> StreamSubscription<C> {
         self.addr.stop();
         self.addr.terminated().await;
         // Normally done already, when the subscriber stopped.
-        self.core.remove_reader(self.reader);
+        match &self.reader {
+            ReaderOf::Local(reader) => {
+                self.core.remove_reader(*reader);
+            }
+            #[cfg(feature = "amqp")]
+            ReaderOf::Remote(reader) => reader.finish(),
+        }
         stats
     }
 
