@@ -393,7 +393,7 @@ async fn a_stream_subscriber_reads_on_across_cuts() -> TestResult {
         .await?;
         proxy.cut();
     }
-    let repeated = publisher.await??;
+    let repeated = tokio::time::timeout(Duration::from_secs(120), publisher).await???;
     assert_eq!(confirmed.load(Ordering::Relaxed), N as usize);
     let every = |seen: &[(u64, u32)]| {
         let mut got: Vec<u32> = seen.iter().map(|(_, n)| *n).collect();
@@ -423,6 +423,113 @@ async fn a_stream_subscriber_reads_on_across_cuts() -> TestResult {
     assert_eq!(stats.delivered, seen.len() as u64);
     assert_eq!(stats.redeliveries, 0);
     broker.delete_stream(&name).await?;
+    Ok(())
+}
+
+/// A subscriber from `Next` whose connection is cut while it handles its
+/// first record reads on from that record (where `next` resolved), not
+/// from `next` again: nothing published meanwhile is skipped. Then the
+/// stream deleted by another process stops it, and a stream deleted here
+/// is not declared again by the next reconnection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_subscriber_from_next_loses_nothing_to_an_early_cut() -> TestResult {
+    let Some(url) = amqp_url("a_stream_subscriber_from_next_loses_nothing_to_an_early_cut") else {
+        return Ok(());
+    };
+    let proxy = Proxy::start(upstream(&url)).await?;
+    let rt = Runtime::new()?;
+    let options = AmqpOptions::new(via(&url, proxy.addr))
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200));
+    let broker = Broker::connect_with(&rt, options).await?;
+    let name = unique("stream-early-cut");
+    let stream = broker
+        .declare_stream(&name, StreamOptions::unbounded())
+        .await?;
+    stream.publish(Envelope::encode(&u32::MAX)?).await?;
+    let seen: Arc<Mutex<Vec<(u64, u32)>>> = Arc::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let holding = Arc::new(AtomicBool::new(false));
+    let (s, g, h) = (seen.clone(), gate.clone(), holding.clone());
+    let subscription = stream
+        .subscribe(StreamStart::Next, SubscribeOptions::default(), move || {
+            let (s, g, h) = (s.clone(), g.clone(), h.clone());
+            move |d: StreamDelivery| {
+                let (s, g, h) = (s.clone(), g.clone(), h.clone());
+                async move {
+                    let n: u32 = d.decode()?;
+                    if n == 0 && !h.swap(true, Ordering::SeqCst) {
+                        // Held until the connection was cut and is back.
+                        let _ = g.acquire().await;
+                    }
+                    s.lock().push((d.offset(), n));
+                    Ok(())
+                }
+            }
+        })
+        .await?;
+    let publish = |from: u32, to: u32| {
+        let stream = stream.clone();
+        async move {
+            for i in from..to {
+                // Unconfirmed while the connection is down: again.
+                while stream.publish(Envelope::encode(&i)?).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+        }
+    };
+    publish(0, 5).await?;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !holding.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await?;
+    proxy.cut();
+    publish(5, 10).await?;
+    gate.add_permits(1);
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while seen.lock().len() < 10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .map_err(|_| format!("read {:?}", seen.lock()))?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let want: Vec<(u64, u32)> = (0..10).map(|i| (u64::from(i) + 1, i)).collect();
+    assert_eq!(
+        *seen.lock(),
+        want,
+        "every record from the first, once, in order"
+    );
+
+    // Deleted by another process: the subscriber stops.
+    let other = Broker::connect(&rt, &url).await?;
+    other.delete_queue(&name, DeleteOptions::default()).await?;
+    tokio::time::timeout(Duration::from_secs(10), subscription.terminated()).await?;
+    // Declared and deleted here: a reconnection does not declare it again.
+    let gone = unique("stream-deleted");
+    broker
+        .declare_stream(&gone, StreamOptions::unbounded())
+        .await?;
+    broker.delete_stream(&gone).await?;
+    proxy.cut();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        // Once reconnected, asking succeeds (and finds nothing).
+        loop {
+            match broker.queue_stats(&gone).await {
+                Err(BrokerError::QueueNotFound(_)) => break,
+                Ok(_) => panic!("the deleted stream was declared again"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await?;
+    assert!(matches!(
+        other.queue_stats(&gone).await,
+        Err(BrokerError::QueueNotFound(_))
+    ));
     Ok(())
 }
 

@@ -182,7 +182,14 @@ pub(crate) fn envelope(
                 ("x-death", AMQPValue::FieldArray(entries)) => {
                     deaths = entries.as_slice().iter().filter_map(death).collect();
                 }
-                ("x-first-death-reason" | "x-first-death-queue" | "x-first-death-exchange", _) => {}
+                // RabbitMQ's own: read by `streams`, not the publisher's.
+                (
+                    "x-first-death-reason"
+                    | "x-first-death-queue"
+                    | "x-first-death-exchange"
+                    | super::streams::OFFSET_HEADER,
+                    _,
+                ) => {}
                 (_, value) => {
                     if let Some(value) = from_amqp_value(value) {
                         message = message.with_header(name.as_str(), value);

@@ -75,7 +75,7 @@ pub(crate) fn stream_args(options: &StreamOptions) -> Result<FieldTable, StreamE
     let limited = options.max_bytes.is_some() || options.max_age.is_some();
     if limited && options.overflow == StreamOverflow::Block {
         return Err(StreamError::Unsupported(
-            "block overflow (a RabbitMQ stream trims whatever its readers have read: StreamOverflow::DropOldest)",
+            "block overflow (a RabbitMQ stream trims regardless of its readers: StreamOverflow::DropOldest)",
         ));
     }
     if options.dedup.is_some() {
@@ -108,9 +108,9 @@ fn offset_arg(start: StreamStart) -> AMQPValue {
         StreamStart::Last => text("last"),
         StreamStart::Next => text("next"),
         StreamStart::Offset(n) => AMQPValue::LongLongInt(i64::try_from(n).unwrap_or(i64::MAX)),
-        // Seconds: records of the same second before `ms` are skipped by
-        // the subscriber.
-        StreamStart::Timestamp(ms) => AMQPValue::Timestamp(ms / 1000),
+        // Seconds, by RabbitMQ's clock, a second early for the clocks'
+        // skew: the subscriber skips the records published before `ms`.
+        StreamStart::Timestamp(ms) => AMQPValue::Timestamp((ms / 1000).saturating_sub(1)),
     }
 }
 
@@ -153,7 +153,12 @@ impl Remote {
     }
 
     /// Deletes stream `name` on RabbitMQ (`NotFound` if it is missing).
+    /// Forgotten here first, whatever RabbitMQ answers: a reconnection must
+    /// not declare it again.
     pub(crate) async fn delete_stream(&self, name: &str) -> Result<(), StreamError> {
+        self.record
+            .lock()
+            .forget(&crate::exchange::Destination::Stream(name.into()));
         let queue = short(name, "a stream name").map_err(|e| stream_error(name, e))?;
         // `queue.delete` of a missing queue succeeds: check first.
         self.passive(name)
@@ -170,9 +175,6 @@ impl Remote {
         })
         .await
         .map_err(|e| stream_error(name, e))?;
-        self.record
-            .lock()
-            .forget(&crate::exchange::Destination::Stream(name.into()));
         Ok(())
     }
 }
@@ -350,6 +352,13 @@ impl RemoteStream {
             let reader = reader.clone();
             any.on_exit(Some(u64::MAX), move |_| reader.finish());
         }
+        // Until RabbitMQ has the consumer: a failure, or the caller giving
+        // up on this call, stops the subscriber (and frees its name).
+        let mut unstarted = Unstarted {
+            reader: reader.clone(),
+            addr: any.clone(),
+            armed: true,
+        };
         let (started, opened) = oneshot::channel();
         tokio::spawn(feed(reader.clone(), addr.recipient(), started));
         let opened = match opened.await {
@@ -357,12 +366,11 @@ impl RemoteStream {
             Err(_) => Err(StreamError::Stopped),
         };
         if let Err(err) = opened {
-            reader.stop();
-            any.stop();
+            drop(unstarted);
             any.terminated().await;
-            reader.finish();
             return Err(err);
         }
+        unstarted.armed = false;
         Ok(StreamSubscription {
             core: core.clone(),
             reader: ReaderOf::Remote(reader),
@@ -373,14 +381,43 @@ impl RemoteStream {
     }
 }
 
+/// Stops a subscriber whose `subscribe` did not return it.
+struct Unstarted {
+    reader: Arc<RemoteReader>,
+    addr: AnyAddr,
+    armed: bool,
+}
+
+impl Drop for Unstarted {
+    fn drop(&mut self) {
+        if self.armed {
+            self.reader.stop();
+            self.addr.stop();
+            self.reader.finish();
+        }
+    }
+}
+
 /// One subscriber's position and counters, kept across its incarnations.
 #[derive(Default)]
 struct Position {
     /// The first offset not handled yet; `None` before the first record.
     next: Option<u64>,
-    /// The record the handler failed on, and how many times.
-    failed: Option<(u64, u32)>,
+    /// The first offset RabbitMQ delivered, before any is handled: where
+    /// `next` and `last` resolved, to read again from after a lost channel
+    /// (asking for `next` again would skip what came meanwhile).
+    floor: Option<u64>,
+    /// The record the handler failed on, how many times, and the records
+    /// it said were skipped just before it (said again on the retry).
+    failed: Option<Failed>,
     stats: SubscriberStats,
+}
+
+#[derive(Clone, Copy)]
+struct Failed {
+    offset: u64,
+    times: u32,
+    skipped: u64,
 }
 
 /// A subscriber's state shared by its actor, its feed and its
@@ -415,12 +452,22 @@ impl RemoteReader {
         self.position.lock().stats
     }
 
-    /// Where to consume from: the position, or the start before any record.
+    /// Where to consume from: the position, else the first record
+    /// delivered, else the start.
     fn resume(&self) -> StreamStart {
-        self.position
-            .lock()
+        let position = self.position.lock();
+        position
             .next
+            .or(position.floor)
             .map_or(self.start, StreamStart::Offset)
+    }
+
+    /// Pins where the start resolved, at the first record delivered.
+    fn delivered(&self, offset: u64) {
+        let mut position = self.position.lock();
+        if position.next.is_none() && position.floor.is_none() {
+            position.floor = Some(offset);
+        }
     }
 
     fn stop(&self) {
@@ -438,7 +485,12 @@ impl RemoteReader {
             return;
         }
         if let Some(name) = &self.name {
-            let next = self.position.lock().next;
+            let next = {
+                let position = self.position.lock();
+                position.next.or(position.floor)
+            };
+            // Nothing delivered from `next` or `last`: where that was is
+            // not known here (see the README).
             let at = match (next, self.start) {
                 (Some(next), _) => Some(next),
                 (None, StreamStart::Offset(at)) => Some(at),
@@ -500,23 +552,24 @@ impl<C: StreamConsumer> Handler<Fed> for RemoteSubscriber<C> {
                 // Handled already (a channel opened again delivers from
                 // the position's chunk).
                 Some(next) if offset < next => return Ok(()),
-                // Before the first record: what precedes the start in its
-                // chunk (RabbitMQ starts at a chunk, and a timestamp by
-                // the second).
-                None => match self.reader.start {
-                    StreamStart::Offset(at) if offset < at => return Ok(()),
-                    StreamStart::Timestamp(ms) if record.timestamp_ms < ms => return Ok(()),
-                    _ => {}
-                },
+                // Before the first record handled: RabbitMQ starts at a
+                // time by the second (less a margin), this at the
+                // millisecond, by the message's timestamp.
+                None => {
+                    if let StreamStart::Timestamp(ms) = self.reader.start
+                        && record.timestamp_ms < ms
+                    {
+                        return Ok(());
+                    }
+                }
                 Some(_) => {}
             }
-            let attempt = position
-                .failed
-                .filter(|(at, _)| *at == offset)
-                .map_or(0, |(_, n)| n);
-            // A gap: retention trimmed records before this reader got them.
-            let skipped = position.next.map_or(0, |next| offset - next);
-            (attempt, skipped)
+            match position.failed.filter(|f| f.offset == offset) {
+                Some(failed) => (failed.times, failed.skipped),
+                // A gap: retention trimmed records before this reader got
+                // them.
+                None => (0, position.next.map_or(0, |next| offset - next)),
+            }
         };
         let span = tracing::debug_span!(
             "stream",
@@ -546,7 +599,11 @@ impl<C: StreamConsumer> Handler<Fed> for RemoteSubscriber<C> {
         {
             let mut position = self.reader.position.lock();
             position.next = Some(offset);
-            position.failed = Some((offset, attempt + 1));
+            position.failed = Some(Failed {
+                offset,
+                times: attempt + 1,
+                skipped,
+            });
             position.stats.offset = offset;
             position.stats.redeliveries += 1;
         }
@@ -583,8 +640,9 @@ enum Ended {
 }
 
 /// The pause before consuming again on a live connection whose channel
-/// RabbitMQ closed.
+/// RabbitMQ closed, doubled per failure in a row up to the maximum.
 const REOPEN_PAUSE: Duration = Duration::from_millis(100);
+const REOPEN_PAUSE_MAX: Duration = Duration::from_secs(5);
 
 /// Feeds the subscriber: consumes from its position, on a new channel after
 /// each failure or reconnection, until it stops. `started` hears how the
@@ -606,6 +664,8 @@ async fn feed(
             return;
         }
     };
+    // Attempts in a row that failed to consume, for the pause.
+    let mut failures = 0u32;
     loop {
         if reader.stopped.load(Ordering::Acquire) {
             break;
@@ -619,6 +679,7 @@ async fn feed(
                 if let Some(started) = started.take() {
                     let _ = started.send(Ok(()));
                 }
+                failures = 0;
                 let ended = pump(&reader, &to, epoch, &channel, &mut consumer).await;
                 // Closed before the consumer is dropped: see `consume`.
                 let _ = channel.close(200, "subscriber done".into()).await;
@@ -631,13 +692,28 @@ async fn feed(
                     return;
                 }
                 match err {
-                    BrokerError::QueueNotFound(_) | BrokerError::Stopped => Ended::Deleted,
+                    BrokerError::QueueNotFound(_) => Ended::Deleted,
+                    BrokerError::Stopped => Ended::Stopped,
                     _ => {
-                        tracing::debug!(stream = %name, %err, "reading again failed; retrying");
+                        // A refusal that may last (permissions, another
+                        // kind of queue under the name): said, and tried
+                        // again less and less often.
+                        failures = failures.saturating_add(1);
+                        tracing::warn!(stream = %name, %err, failures, "reading the stream again failed; retrying");
                         Ended::Lost
                     }
                 }
             }
+        };
+        let ended = match ended {
+            // RabbitMQ cancels a consumer for other reasons than a deletion
+            // (a replica restarting): only a missing stream ends it.
+            Ended::Deleted => match remote.passive(&name).await {
+                Err(BrokerError::QueueNotFound(_)) => Ended::Deleted,
+                Err(BrokerError::Stopped) => Ended::Stopped,
+                _ => Ended::Lost,
+            },
+            other => other,
         };
         match ended {
             Ended::Stopped => break,
@@ -648,9 +724,12 @@ async fn feed(
                 break;
             }
             Ended::Lost => {
+                let pause = REOPEN_PAUSE
+                    .saturating_mul(1 << failures.min(6))
+                    .min(REOPEN_PAUSE_MAX);
                 let next = async {
                     if session.connection.status().connected() {
-                        tokio::time::sleep(REOPEN_PAUSE).await;
+                        tokio::time::sleep(pause).await;
                         if session.connection.status().connected() {
                             return Some(session.clone());
                         }
@@ -741,9 +820,15 @@ async fn pump(
                 _ => None,
             })
         else {
+            // Not a stream's record (the name now holds another kind of
+            // queue): acked, or its credit would be held for ever.
             tracing::warn!(stream = %reader.stream.name, "a record without its offset: skipped");
+            let _ = channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                .await;
             continue;
         };
+        reader.delivered(offset);
         let message = envelope(
             delivery.data,
             delivery.exchange.as_str(),
@@ -813,7 +898,7 @@ mod tests {
         );
         assert_eq!(
             offset_arg(StreamStart::Timestamp(1_700_000_000_999)),
-            AMQPValue::Timestamp(1_700_000_000)
+            AMQPValue::Timestamp(1_699_999_999)
         );
     }
 }

@@ -1,5 +1,7 @@
 //! [`StreamError`] and [`TryStreamPublishError`]: everything the stream API can
-//! refuse. A refused call changes nothing.
+//! refuse. A refused call changes nothing (on RabbitMQ, a publish whose
+//! confirm was lost, or a batch refused part way, may have landed: see
+//! [`StreamError::Remote`]).
 
 use crate::envelope::Envelope;
 use crate::name::NameError;
@@ -64,7 +66,8 @@ pub enum StreamError {
     Stopped,
     /// The RabbitMQ backend cannot do what was asked (the option or call
     /// named): a RabbitMQ stream retains by bytes and age only, trims
-    /// regardless of its readers, and says nothing of offsets on publish.
+    /// regardless of its readers, has no duplicate window, and every
+    /// publish there waits for its confirm (no `try_publish`).
     #[error("{0} is not supported by the rabbitmq backend")]
     Unsupported(&'static str),
     /// RabbitMQ refused the call or could not be reached (postbox on

@@ -212,14 +212,16 @@ impl Default for SubscribeOptions {
 impl SubscribeOptions {
     /// The subscriber actor's mailbox capacity (at least 4). It only ever holds
     /// wake-ups (at most two or three) and control messages: records are read
-    /// from the log.
+    /// from the log. On RabbitMQ it holds records, one per slot, as they
+    /// come from the channel.
     pub fn mailbox(mut self, capacity: usize) -> Self {
         self.mailbox = capacity.max(4);
         self
     }
 
     /// Most records read from the log per lock, and handled per mailbox
-    /// message (at least 1).
+    /// message (at least 1). On RabbitMQ, the channel's prefetch
+    /// (`basic.qos`): records delivered and not yet in the mailbox.
     pub fn batch(mut self, records: usize) -> Self {
         self.batch = records.max(1);
         self
@@ -240,9 +242,10 @@ impl SubscribeOptions {
     }
 
     /// A named subscriber: the stream stores its position when it stops, and a
-    /// later subscriber with the same name resumes there (RabbitMQ's offset
-    /// tracking), whatever [`StreamStart`] it asks for. At most one live
-    /// subscriber per name.
+    /// later subscriber with the same name resumes there (as RabbitMQ's
+    /// offset tracking does), whatever [`StreamStart`] it asks for. At most
+    /// one live subscriber per name. On RabbitMQ the position is stored by
+    /// this process, for its later subscribers.
     pub fn named(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self

@@ -381,6 +381,8 @@ impl<C: StreamConsumer> StreamSubscription<C> {
     /// Stops the subscriber gracefully: it finishes the batch in hand, commits
     /// its position (stored, for a named subscriber), and stops without being
     /// restarted. Returns its final stats (`None` if it had already stopped).
+    /// On RabbitMQ the batch in hand is what its mailbox holds (a record per
+    /// slot).
     pub async fn cancel(self) -> Option<SubscriberStats> {
         let stats = match self.stop.ask(StopSubscriber, None).await {
             Ok(stats) => {
