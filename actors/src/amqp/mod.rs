@@ -40,7 +40,7 @@ mod topology;
 pub(crate) use connection::Remote;
 pub(crate) use consume::RemoteQueue;
 pub(crate) use replies::{REPLY_TO, Replies, Route, Sent};
-pub(crate) use streams::{RemoteReader, RemoteStream};
+pub(crate) use streams::AmqpStream;
 
 use std::fmt;
 use std::time::Duration;

@@ -9,48 +9,36 @@
 //! - a publish goes through the default exchange with a publisher confirm:
 //!   RabbitMQ does not say at which offset, so it returns
 //!   [`UNKNOWN_OFFSET`](crate::StreamHandle::UNKNOWN_OFFSET);
-//! - a subscriber is a supervised actor ([`RemoteSubscriber`]) fed by a
-//!   task that owns its channel: `basic.qos` (RabbitMQ requires a
-//!   prefetch on a stream), then `basic.consume` with an `x-stream-offset`.
-//!   Records come with their offset (RabbitMQ's `x-stream-offset` header).
+//! - a subscriber's feed ([`AmqpStream`]'s side of
+//!   [`StreamBackend`](crate::stream::remote::StreamBackend)) is a task that
+//!   owns its channel: `basic.qos` (RabbitMQ requires a prefetch on a
+//!   stream), then `basic.consume` with an `x-stream-offset`. Records come
+//!   with their offset (RabbitMQ's `x-stream-offset` header).
 //!
-//! Positions are client-side, as they are for any stream reader: the
-//! subscriber keeps the first offset it has not handled. When its handler
-//! fails, or the connection is lost, the feed consumes again from there on
-//! a new channel, and the records of the old one still in the actor's
-//! mailbox are dropped (each carries its channel's epoch). A named
-//! subscriber's position is kept by this process when it stops (AMQP has
-//! no offset tracking: that is RabbitMQ's stream protocol).
+//! Positions are client-side, as they are for any stream reader, and kept
+//! by `stream::remote` (AMQP has no offset tracking: that is RabbitMQ's
+//! stream protocol); the feed consumes again from the position on a new
+//! channel when asked, and after a reconnection.
 
-use std::collections::HashMap;
-use std::marker::PhantomData;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytestring::ByteString;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
+use futures::future::BoxFuture;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use parking_lot::Mutex;
-use postbox::{Actor, AnyAddr, Context, Failure, Handler, Message, Recipient};
-use tokio::sync::{Notify, oneshot};
-use tracing::Instrument;
+use postbox::Recipient;
+use tokio::sync::oneshot;
 
 use super::connection::{Remote, Session};
 use super::convert::{envelope, short};
 use super::topology::{Record as Declarations, Subject, refusal};
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
-use crate::stream::handle::StreamCore;
 use crate::stream::log::Record;
-use crate::stream::subscriber::{ReaderOf, StopSubscriber};
-use crate::stream::{
-    StreamConsumer, StreamConsumerFactory, StreamDelivery, StreamError, StreamOptions,
-    StreamOverflow, StreamStart, StreamStats, StreamSubscription, SubscribeOptions,
-    SubscriberStats,
-};
+use crate::stream::remote::{Fed, RemoteReader, StreamBackend};
+use crate::stream::{StreamError, StreamOptions, StreamOverflow, StreamStart};
 
 /// A stream queue is durable on RabbitMQ, whatever its options say.
 pub(crate) const STREAM_FLAGS: QueueDeclareOptions = QueueDeclareOptions {
@@ -179,451 +167,51 @@ impl Remote {
     }
 }
 
-/// What a [`StreamHandle`](crate::StreamHandle) holds for a stream on
-/// RabbitMQ, shared by its handles.
-pub(crate) struct RemoteStream {
+/// A stream on RabbitMQ, as the stream's backend.
+pub(crate) struct AmqpStream {
     remote: Arc<Remote>,
     name: ByteString,
-    /// Records this process published.
-    published: AtomicU64,
-    /// Live subscribers, by number.
-    readers: Mutex<HashMap<u64, (Arc<RemoteReader>, AnyAddr)>>,
-    next_reader: AtomicU64,
-    /// Named subscribers' positions when they stopped, and the live names.
-    stored: Mutex<HashMap<String, Option<u64>>>,
-    deleted: AtomicBool,
 }
 
-impl RemoteStream {
+impl AmqpStream {
     pub(crate) fn new(remote: &Arc<Remote>, name: &str) -> Self {
-        RemoteStream {
+        AmqpStream {
             remote: remote.clone(),
             name: ByteString::from(name),
-            published: AtomicU64::new(0),
-            readers: Mutex::new(HashMap::new()),
-            next_reader: AtomicU64::new(1),
-            stored: Mutex::new(HashMap::new()),
-            deleted: AtomicBool::new(false),
         }
     }
+}
 
-    fn gone(&self) -> StreamError {
-        if self.remote.is_closed() {
-            StreamError::Stopped
-        } else {
-            StreamError::NotFound(self.name.to_string())
-        }
-    }
-
-    /// Publishes one record, confirmed.
-    pub(crate) async fn publish(&self, message: Envelope) -> Result<(), StreamError> {
-        if self.deleted.load(Ordering::Acquire) {
-            return Err(self.gone());
-        }
-        // The size was checked against the stream's limit by the handle.
-        self.remote
-            .publish_to_queue(&self.name, message, usize::MAX)
-            .await
-            .map_err(|e| stream_error(&self.name, e))?;
-        self.published.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Publishes records back to back, then waits for all their confirms.
-    pub(crate) async fn publish_batch(&self, messages: Vec<Envelope>) -> Result<(), StreamError> {
-        if self.deleted.load(Ordering::Acquire) {
-            return Err(self.gone());
-        }
-        let n = messages.len() as u64;
-        self.remote
-            .publish_batch(&self.name, messages, usize::MAX)
-            .await
-            .map_err(|e| stream_error(&self.name, e))?;
-        self.published.fetch_add(n, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// What this process knows: the records it published, its live
-    /// subscribers, and what they skipped.
-    pub(crate) fn stats(&self, mut stats: StreamStats) -> StreamStats {
-        let readers = self.readers.lock();
-        stats.published = self.published.load(Ordering::Relaxed);
-        stats.subscribers = readers.len();
-        stats.skipped = readers.values().map(|(r, _)| r.stats().skipped).sum();
-        stats
-    }
-
-    /// The live subscribers: each one's name and position.
-    pub(crate) fn subscribers(&self) -> Vec<(Option<String>, SubscriberStats)> {
-        let mut all: Vec<_> = self
-            .readers
-            .lock()
-            .iter()
-            .map(|(n, (r, _))| (*n, r.name.clone(), r.stats()))
-            .collect();
-        all.sort_by_key(|(n, _, _)| *n);
-        all.into_iter().map(|(_, name, s)| (name, s)).collect()
-    }
-
-    /// The position named subscriber `name` stopped at, if it did.
-    pub(crate) fn stored_offset(&self, name: &str) -> Option<u64> {
-        self.stored.lock().get(name).copied().flatten()
-    }
-
-    /// Marks the stream deleted and stops its subscribers.
-    pub(crate) async fn close(&self) {
-        self.deleted.store(true, Ordering::Release);
-        let readers: Vec<_> = self.readers.lock().drain().collect();
-        for (_, (reader, addr)) in readers {
-            reader.stop();
-            addr.stop();
-            addr.terminated().await;
-        }
-    }
-
-    /// Starts a supervised subscriber reading from `start` (a named one from
-    /// where it stopped in this process); returns once RabbitMQ has its
-    /// consumer.
-    pub(crate) async fn subscribe<C, F>(
-        self: &Arc<Self>,
-        core: &Arc<StreamCore>,
-        start: StreamStart,
-        options: SubscribeOptions,
-        factory: F,
-    ) -> Result<StreamSubscription<C>, StreamError>
-    where
-        C: StreamConsumer,
-        F: StreamConsumerFactory<C>,
-    {
-        if self.deleted.load(Ordering::Acquire) {
-            return Err(self.gone());
-        }
-        let mut start = start;
-        if let Some(name) = &options.name {
-            let mut stored = self.stored.lock();
-            match stored.get(name) {
-                Some(None) => {
-                    return Err(StreamError::SubscriberExists {
-                        stream: self.name.to_string(),
-                        name: name.clone(),
-                    });
-                }
-                Some(Some(at)) => start = StreamStart::Offset(*at),
-                None => {}
-            }
-            // Live: `None` until it stops.
-            stored.insert(name.clone(), None);
-        }
-        let number = self.next_reader.fetch_add(1, Ordering::Relaxed);
-        let reader = Arc::new(RemoteReader {
-            stream: self.clone(),
-            number,
-            name: options.name.clone(),
-            start,
-            prefetch: u16::try_from(options.batch).unwrap_or(u16::MAX),
-            position: Mutex::new(Position::default()),
-            epoch: AtomicU64::new(0),
-            reopen: Notify::new(),
-            stopped: AtomicBool::new(false),
-            stop: Notify::new(),
-        });
-        let label = match &options.name {
-            Some(name) => format!("stream:{}:{name}", self.name),
-            None => format!("stream:{}:{number}", self.name),
-        };
-        let child = reader.clone();
-        let addr = core
-            .runtime
-            .build(move || {
-                Some(RemoteSubscriber {
-                    consumer: factory(),
-                    reader: child.clone(),
-                })
-            })
-            .mailbox(options.mailbox)
-            .name(label)
-            .supervise(options.supervision.strategy())
-            .spawn();
-        let any = addr.any();
-        self.readers
-            .lock()
-            .insert(number, (reader.clone(), any.clone()));
-        {
-            let reader = reader.clone();
-            any.on_exit(Some(u64::MAX), move |_| reader.finish());
-        }
-        // Until RabbitMQ has the consumer: a failure, or the caller giving
-        // up on this call, stops the subscriber (and frees its name).
-        let mut unstarted = Unstarted {
-            reader: reader.clone(),
-            addr: any.clone(),
-            armed: true,
-        };
-        let (started, opened) = oneshot::channel();
-        tokio::spawn(feed(reader.clone(), addr.recipient(), started));
-        let opened = match opened.await {
-            Ok(result) => result,
-            Err(_) => Err(StreamError::Stopped),
-        };
-        if let Err(err) = opened {
-            drop(unstarted);
-            any.terminated().await;
-            return Err(err);
-        }
-        unstarted.armed = false;
-        Ok(StreamSubscription {
-            core: core.clone(),
-            reader: ReaderOf::Remote(reader),
-            stop: addr.recipient(),
-            addr: any,
-            consumer: PhantomData,
+impl StreamBackend for AmqpStream {
+    fn publish(&self, message: Envelope) -> BoxFuture<'_, Result<(), StreamError>> {
+        Box::pin(async move {
+            self.remote
+                .publish_to_queue(&self.name, message, usize::MAX)
+                .await
+                .map_err(|e| stream_error(&self.name, e))
         })
     }
-}
 
-/// Stops a subscriber whose `subscribe` did not return it.
-struct Unstarted {
-    reader: Arc<RemoteReader>,
-    addr: AnyAddr,
-    armed: bool,
-}
-
-impl Drop for Unstarted {
-    fn drop(&mut self) {
-        if self.armed {
-            self.reader.stop();
-            self.addr.stop();
-            self.reader.finish();
-        }
-    }
-}
-
-/// One subscriber's position and counters, kept across its incarnations.
-#[derive(Default)]
-struct Position {
-    /// The first offset not handled yet; `None` before the first record.
-    next: Option<u64>,
-    /// The first offset RabbitMQ delivered, before any is handled: where
-    /// `next` and `last` resolved, to read again from after a lost channel
-    /// (asking for `next` again would skip what came meanwhile).
-    floor: Option<u64>,
-    /// The record the handler failed on, how many times, and the records
-    /// it said were skipped just before it (said again on the retry).
-    failed: Option<Failed>,
-    stats: SubscriberStats,
-}
-
-#[derive(Clone, Copy)]
-struct Failed {
-    offset: u64,
-    times: u32,
-    skipped: u64,
-}
-
-/// A subscriber's state shared by its actor, its feed and its
-/// subscription.
-pub(crate) struct RemoteReader {
-    stream: Arc<RemoteStream>,
-    number: u64,
-    name: Option<String>,
-    start: StreamStart,
-    prefetch: u16,
-    position: Mutex<Position>,
-    /// The channel whose records the actor takes: bumped to drop what an
-    /// abandoned channel delivered.
-    epoch: AtomicU64,
-    /// Consume again from the position (the handler failed).
-    reopen: Notify,
-    stopped: AtomicBool,
-    stop: Notify,
-}
-
-impl std::fmt::Debug for RemoteReader {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RemoteReader")
-            .field("stream", &self.stream.name)
-            .field("name", &self.name)
-            .finish()
-    }
-}
-
-impl RemoteReader {
-    pub(crate) fn stats(&self) -> SubscriberStats {
-        self.position.lock().stats
+    fn publish_batch(&self, messages: Vec<Envelope>) -> BoxFuture<'_, Result<(), StreamError>> {
+        Box::pin(async move {
+            self.remote
+                .publish_batch(&self.name, messages, usize::MAX)
+                .await
+                .map_err(|e| stream_error(&self.name, e))
+        })
     }
 
-    /// Where to consume from: the position, else the first record
-    /// delivered, else the start.
-    fn resume(&self) -> StreamStart {
-        let position = self.position.lock();
-        position
-            .next
-            .or(position.floor)
-            .map_or(self.start, StreamStart::Offset)
+    fn feed(
+        &self,
+        reader: Arc<RemoteReader>,
+        to: Recipient<Fed>,
+        started: oneshot::Sender<Result<(), StreamError>>,
+    ) {
+        tokio::spawn(feed(self.remote.clone(), reader, to, started));
     }
 
-    /// Pins where the start resolved, at the first record delivered.
-    fn delivered(&self, offset: u64) {
-        let mut position = self.position.lock();
-        if position.next.is_none() && position.floor.is_none() {
-            position.floor = Some(offset);
-        }
-    }
-
-    fn stop(&self) {
-        self.stopped.store(true, Ordering::Release);
-        self.stop.notify_one();
-    }
-
-    /// The subscriber is down for good: its feed stops, a named one's
-    /// position is kept. Idempotent.
-    pub(crate) fn finish(&self) {
-        self.stop();
-        if self.stream.readers.lock().remove(&self.number).is_none()
-            && !self.stream.deleted.load(Ordering::Acquire)
-        {
-            return;
-        }
-        if let Some(name) = &self.name {
-            let next = {
-                let position = self.position.lock();
-                position.next.or(position.floor)
-            };
-            // Nothing delivered from `next` or `last`: where that was is
-            // not known here (see the README).
-            let at = match (next, self.start) {
-                (Some(next), _) => Some(next),
-                (None, StreamStart::Offset(at)) => Some(at),
-                (None, _) => None,
-            };
-            let mut stored = self.stream.stored.lock();
-            match at {
-                Some(at) => {
-                    stored.insert(name.clone(), Some(at));
-                }
-                None => {
-                    stored.remove(name);
-                }
-            }
-        }
-    }
-}
-
-/// A record from the feed, or the end of the stream.
-#[derive(Debug)]
-pub(crate) enum Fed {
-    Record {
-        epoch: u64,
-        record: Arc<Record>,
-    },
-    /// The stream was deleted: stop.
-    Gone,
-}
-impl Message for Fed {
-    type Reply = ();
-}
-
-/// The actor hosting a [`StreamConsumer`] on a RabbitMQ stream.
-pub(crate) struct RemoteSubscriber<C: StreamConsumer> {
-    consumer: C,
-    reader: Arc<RemoteReader>,
-}
-
-impl<C: StreamConsumer> Actor for RemoteSubscriber<C> {}
-
-impl<C: StreamConsumer> Handler<Fed> for RemoteSubscriber<C> {
-    async fn handle(&mut self, fed: Fed, ctx: &mut Context<Self>) -> Result<(), Failure> {
-        let record = match fed {
-            Fed::Gone => {
-                ctx.stop();
-                return Ok(());
-            }
-            Fed::Record { epoch, record } => {
-                if epoch != self.reader.epoch.load(Ordering::Acquire) {
-                    return Ok(());
-                }
-                record
-            }
-        };
-        let offset = record.offset;
-        let (attempt, skipped) = {
-            let position = self.reader.position.lock();
-            match position.next {
-                // Handled already (a channel opened again delivers from
-                // the position's chunk).
-                Some(next) if offset < next => return Ok(()),
-                // Before the first record handled: RabbitMQ starts at a
-                // time by the second (less a margin), this at the
-                // millisecond, by the message's timestamp.
-                None => {
-                    if let StreamStart::Timestamp(ms) = self.reader.start
-                        && record.timestamp_ms < ms
-                    {
-                        return Ok(());
-                    }
-                }
-                Some(_) => {}
-            }
-            match position.failed.filter(|f| f.offset == offset) {
-                Some(failed) => (failed.times, failed.skipped),
-                // A gap: retention trimmed records before this reader got
-                // them.
-                None => (0, position.next.map_or(0, |next| offset - next)),
-            }
-        };
-        let span = tracing::debug_span!(
-            "stream",
-            stream = %self.reader.stream.name,
-            offset,
-            message_id = %record.envelope.id(),
-            correlation_id = record.envelope.correlation_id(),
-            redelivered = attempt > 0,
-        );
-        let delivery = StreamDelivery::new(record, attempt, skipped);
-        let outcome = AssertUnwindSafe(self.consumer.handle(delivery).instrument(span))
-            .catch_unwind()
-            .await;
-        let failure = match outcome {
-            Ok(Ok(())) => {
-                let mut position = self.reader.position.lock();
-                position.next = Some(offset + 1);
-                position.failed = None;
-                position.stats.offset = offset + 1;
-                position.stats.delivered += 1;
-                position.stats.skipped += skipped;
-                return Ok(());
-            }
-            Ok(Err(failure)) => failure,
-            Err(panic) => Failure::from_panic(panic),
-        };
-        {
-            let mut position = self.reader.position.lock();
-            position.next = Some(offset);
-            position.failed = Some(Failed {
-                offset,
-                times: attempt + 1,
-                skipped,
-            });
-            position.stats.offset = offset;
-            position.stats.redeliveries += 1;
-        }
-        // What the channel delivered after this record is dropped; the
-        // feed consumes again from it.
-        self.reader.epoch.fetch_add(1, Ordering::AcqRel);
-        self.reader.reopen.notify_one();
-        tracing::warn!(stream = %self.reader.stream.name, offset, %failure, "subscriber failed: it restarts at this record");
-        Err(failure)
-    }
-}
-
-impl<C: StreamConsumer> Handler<StopSubscriber> for RemoteSubscriber<C> {
-    async fn handle(
-        &mut self,
-        _: StopSubscriber,
-        ctx: &mut Context<Self>,
-    ) -> Result<Option<SubscriberStats>, Failure> {
-        ctx.stop();
-        Ok(Some(self.reader.stats()))
+    fn is_closed(&self) -> bool {
+        self.remote.is_closed()
     }
 }
 
@@ -648,12 +236,12 @@ const REOPEN_PAUSE_MAX: Duration = Duration::from_secs(5);
 /// each failure or reconnection, until it stops. `started` hears how the
 /// first `basic.consume` went.
 async fn feed(
+    remote: Arc<Remote>,
     reader: Arc<RemoteReader>,
     to: Recipient<Fed>,
     started: oneshot::Sender<Result<(), StreamError>>,
 ) {
-    let remote = reader.stream.remote.clone();
-    let name = reader.stream.name.clone();
+    let name = reader.stream().clone();
     let mut started = Some(started);
     let mut session = match remote.session().await {
         Ok(session) => session,
@@ -667,12 +255,12 @@ async fn feed(
     // Attempts in a row that failed to consume, for the pause.
     let mut failures = 0u32;
     loop {
-        if reader.stopped.load(Ordering::Acquire) {
+        if reader.is_stopped() {
             break;
         }
         // The epoch first, then the position: a record the actor handles
         // in between moves the position before it is read here.
-        let epoch = reader.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        let epoch = reader.next_epoch();
         let from = reader.resume();
         let ended = match open(&remote, &session, &reader, from).await {
             Ok((channel, mut consumer)) => {
@@ -680,7 +268,7 @@ async fn feed(
                     let _ = started.send(Ok(()));
                 }
                 failures = 0;
-                let ended = pump(&reader, &to, epoch, &channel, &mut consumer).await;
+                let ended = pump(&remote, &reader, &to, epoch, &channel, &mut consumer).await;
                 // Closed before the consumer is dropped: see `consume`.
                 let _ = channel.close(200, "subscriber done".into()).await;
                 drop(consumer);
@@ -741,7 +329,7 @@ async fn feed(
                         Some(next) => session = next,
                         None => break,
                     },
-                    () = reader.stop.notified() => break,
+                    () = reader.stopping() => break,
                 }
             }
         }
@@ -755,7 +343,7 @@ async fn open(
     reader: &RemoteReader,
     from: StreamStart,
 ) -> Result<(lapin::Channel, lapin::Consumer), BrokerError> {
-    let name = &*reader.stream.name;
+    let name = &**reader.stream();
     let subject = Subject::Queue(name);
     remote
         .timed("basic.consume", async {
@@ -765,7 +353,7 @@ async fn open(
                 .await
                 .map_err(|e| refusal(remote, &e, subject))?;
             channel
-                .basic_qos(reader.prefetch.max(1), BasicQosOptions::default())
+                .basic_qos(reader.prefetch().max(1), BasicQosOptions::default())
                 .await
                 .map_err(|e| refusal(remote, &e, subject))?;
             let mut args = FieldTable::default();
@@ -788,6 +376,7 @@ async fn open(
 /// prefetch bound what is in flight), acking each once it is in the
 /// mailbox: a stream's acks only grant credit.
 async fn pump(
+    remote: &Remote,
     reader: &RemoteReader,
     to: &Recipient<Fed>,
     epoch: u64,
@@ -797,14 +386,14 @@ async fn pump(
     loop {
         let next = tokio::select! {
             biased;
-            () = reader.stop.notified() => return Ended::Stopped,
-            () = reader.reopen.notified() => return Ended::Reopen,
+            () = reader.stopping() => return Ended::Stopped,
+            () = reader.reopening() => return Ended::Reopen,
             next = consumer.next() => next,
         };
         let delivery = match next {
             Some(Ok(delivery)) => delivery,
             Some(Err(err)) => {
-                tracing::debug!(stream = %reader.stream.name, error = %reader.stream.remote.scrub(&err), "stream channel lost");
+                tracing::debug!(stream = %reader.stream(), error = %remote.scrub(&err), "stream channel lost");
                 return Ended::Lost;
             }
             None if channel.status().connected() => return Ended::Deleted,
@@ -822,7 +411,7 @@ async fn pump(
         else {
             // Not a stream's record (the name now holds another kind of
             // queue): acked, or its credit would be held for ever.
-            tracing::warn!(stream = %reader.stream.name, "a record without its offset: skipped");
+            tracing::warn!(stream = %reader.stream(), "a record without its offset: skipped");
             let _ = channel
                 .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
                 .await;
@@ -843,7 +432,7 @@ async fn pump(
         });
         tokio::select! {
             biased;
-            () = reader.stop.notified() => return Ended::Stopped,
+            () = reader.stopping() => return Ended::Stopped,
             sent = to.send(Fed::Record { epoch, record }) => {
                 if sent.is_err() {
                     return Ended::Stopped;

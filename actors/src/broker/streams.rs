@@ -99,7 +99,10 @@ impl Broker {
             options,
             limit,
             self.runtime().clone(),
-            crate::amqp::RemoteStream::new(remote, name),
+            crate::stream::remote::RemoteStream::new(
+                name,
+                Box::new(crate::amqp::AmqpStream::new(remote, name)),
+            ),
         );
         tracing::debug!(stream = %name, options = ?handle.options(), "stream declared on rabbitmq");
         topology

@@ -62,7 +62,7 @@ pub(crate) struct StreamCore {
     /// A stream on RabbitMQ: the log above stays empty, and is used only
     /// to mark the stream deleted.
     #[cfg(feature = "amqp")]
-    pub(crate) remote: Option<Arc<crate::amqp::RemoteStream>>,
+    pub(crate) remote: Option<Arc<crate::stream::remote::RemoteStream>>,
 }
 
 impl StreamCore {
@@ -461,7 +461,7 @@ impl StreamHandle {
         options: StreamOptions,
         limit: usize,
         runtime: RuntimeHandle,
-        remote: crate::amqp::RemoteStream,
+        remote: crate::stream::remote::RemoteStream,
     ) -> Self {
         let mut core = StreamCore::new(name, options, limit, runtime);
         core.remote = Some(Arc::new(remote));
@@ -472,7 +472,7 @@ impl StreamHandle {
 
     /// The RabbitMQ side of a stream on RabbitMQ.
     #[cfg(feature = "amqp")]
-    pub(crate) fn on_rabbitmq(&self) -> Option<&Arc<crate::amqp::RemoteStream>> {
+    pub(crate) fn on_rabbitmq(&self) -> Option<&Arc<crate::stream::remote::RemoteStream>> {
         self.core.remote.as_ref()
     }
 

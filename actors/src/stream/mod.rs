@@ -11,7 +11,10 @@
 //!   subscribe, stats, sync;
 //! - `subscriber`: the supervised subscriber actor, the [`StreamConsumer`]
 //!   trait, [`StreamDelivery`] and [`StreamSubscription`];
-//! - `error`: [`StreamError`], [`TryStreamPublishError`].
+//! - `error`: [`StreamError`], [`TryStreamPublishError`];
+//! - `remote` (feature `amqp`): streams a server keeps (RabbitMQ's stream
+//!   queues): subscribers' positions and actors kept here, records fed by
+//!   the backend.
 //!
 //! The broker declares, deletes and binds streams
 //! ([`Broker::declare_stream`](crate::Broker::declare_stream) and its siblings).
@@ -37,6 +40,8 @@ mod error;
 pub(crate) mod handle;
 pub(crate) mod log;
 mod options;
+#[cfg(feature = "amqp")]
+pub(crate) mod remote;
 pub(crate) mod subscriber;
 
 pub use error::{StreamError, TryStreamPublishError};

@@ -345,7 +345,7 @@ pub(crate) enum ReaderOf {
     Local(ReaderId),
     /// By this process, for a stream on RabbitMQ.
     #[cfg(feature = "amqp")]
-    Remote(Arc<crate::amqp::RemoteReader>),
+    Remote(Arc<crate::stream::remote::RemoteReader>),
 }
 
 impl<C: StreamConsumer> std::fmt::Debug for StreamSubscription<C> {
