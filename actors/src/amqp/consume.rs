@@ -673,11 +673,7 @@ impl Registration {
         let subject = Subject::Queue(name);
         remote
             .timed("basic.consume", async {
-                let channel = session
-                    .connection
-                    .create_channel()
-                    .await
-                    .map_err(|e| refusal(remote, &e, subject))?;
+                let channel = remote.channel_on(session, subject).await?;
                 if self.mode == AckMode::Manual {
                     let prefetch = u16::try_from(self.prefetch).unwrap_or(u16::MAX);
                     channel

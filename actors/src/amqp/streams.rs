@@ -347,11 +347,7 @@ async fn open(
     let subject = Subject::Queue(name);
     remote
         .timed("basic.consume", async {
-            let channel = session
-                .connection
-                .create_channel()
-                .await
-                .map_err(|e| refusal(remote, &e, subject))?;
+            let channel = remote.channel_on(session, subject).await?;
             channel
                 .basic_qos(reader.prefetch().max(1), BasicQosOptions::default())
                 .await

@@ -710,6 +710,15 @@ impl Remote {
         subject: Subject<'_>,
     ) -> Result<lapin::Channel, BrokerError> {
         let session = self.session().await?;
+        self.channel_on(&session, subject).await
+    }
+
+    /// A new channel on `session`, its failure said of `subject`.
+    pub(crate) async fn channel_on(
+        &self,
+        session: &Session,
+        subject: Subject<'_>,
+    ) -> Result<lapin::Channel, BrokerError> {
         session
             .connection
             .create_channel()

@@ -616,6 +616,10 @@ enum Sent {
     Unroutable,
 }
 
+/// How long a request on RabbitMQ waits for its reply before it also
+/// listens for its confirm.
+const CONFIRM_GRACE: Duration = Duration::from_millis(5);
+
 /// What RabbitMQ says of a request it was sent (its confirm): an error if
 /// it reached no queue or a full one.
 type Confirming = Pin<Box<dyn Future<Output = Result<(), RequestError>> + Send>>;
@@ -821,6 +825,14 @@ impl IntoFuture for PendingReply {
                 None => reply.await,
                 Some(confirm) => {
                     tokio::pin!(reply);
+                    // The reply says the request arrived: its confirm is
+                    // looked at only once the reply is late, which spares
+                    // the task a wake-up per round trip (a returned or
+                    // refused request fails that much later).
+                    let confirm = async move {
+                        tokio::time::sleep(CONFIRM_GRACE).await;
+                        confirm.await
+                    };
                     tokio::select! {
                         biased;
                         reply = &mut reply => reply,
