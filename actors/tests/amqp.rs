@@ -530,6 +530,13 @@ async fn a_stream_subscriber_from_next_loses_nothing_to_an_early_cut() -> TestRe
         other.queue_stats(&gone).await,
         Err(BrokerError::QueueNotFound(_))
     ));
+    // The first stream, deleted by the other process, was this one's to
+    // declare again on reconnecting (as its queues are): deleted here too.
+    let _ = broker.delete_stream(&name).await;
+    assert!(matches!(
+        other.queue_stats(&name).await,
+        Err(BrokerError::QueueNotFound(_))
+    ));
     Ok(())
 }
 
