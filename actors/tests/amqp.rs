@@ -507,13 +507,24 @@ async fn a_stream_subscriber_from_next_loses_nothing_to_an_early_cut() -> TestRe
     // Deleted by another process: the subscriber stops.
     let other = Broker::connect(&rt, &url).await?;
     other.delete_queue(&name, DeleteOptions::default()).await?;
-    tokio::time::timeout(Duration::from_secs(10), subscription.terminated()).await?;
+    tokio::time::timeout(Duration::from_secs(10), subscription.terminated())
+        .await
+        .map_err(|_| "the subscriber of a stream deleted elsewhere did not stop")?;
     // Declared and deleted here: a reconnection does not declare it again.
     let gone = unique("stream-deleted");
     broker
         .declare_stream(&gone, StreamOptions::unbounded())
         .await?;
     broker.delete_stream(&gone).await?;
+    // Deleted by the other process first: deleting it here fails with
+    // NotFound, and forgets it all the same.
+    let twice = unique("stream-deleted-twice");
+    broker
+        .declare_stream(&twice, StreamOptions::unbounded())
+        .await?;
+    other.delete_queue(&twice, DeleteOptions::default()).await?;
+    let err = broker.delete_stream(&twice).await.unwrap_err();
+    assert!(matches!(err, StreamError::NotFound(_)), "{err}");
     proxy.cut();
     tokio::time::timeout(Duration::from_secs(10), async {
         // Once reconnected, asking succeeds (and finds nothing).
@@ -525,11 +536,17 @@ async fn a_stream_subscriber_from_next_loses_nothing_to_an_early_cut() -> TestRe
             }
         }
     })
-    .await?;
-    assert!(matches!(
-        other.queue_stats(&gone).await,
-        Err(BrokerError::QueueNotFound(_))
-    ));
+    .await
+    .map_err(|_| "not reconnected within 10 s")?;
+    for name in [&gone, &twice] {
+        assert!(
+            matches!(
+                other.queue_stats(name).await,
+                Err(BrokerError::QueueNotFound(_))
+            ),
+            "{name} declared again"
+        );
+    }
     // The first stream, deleted by the other process, was this one's to
     // declare again on reconnecting (as its queues are): deleted here too.
     let _ = broker.delete_stream(&name).await;

@@ -209,10 +209,6 @@ impl StreamBackend for AmqpStream {
     ) {
         tokio::spawn(feed(self.remote.clone(), reader, to, started));
     }
-
-    fn is_closed(&self) -> bool {
-        self.remote.is_closed()
-    }
 }
 
 /// How a channel's reading ended.

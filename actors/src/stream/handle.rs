@@ -541,6 +541,9 @@ impl StreamHandle {
         #[cfg(feature = "amqp")]
         if let Some(remote) = self.on_rabbitmq() {
             self.check(&message)?;
+            if self.is_deleted() {
+                return Err(self.gone());
+            }
             remote.publish(message).await?;
             return Ok(Self::UNKNOWN_OFFSET);
         }
@@ -627,6 +630,9 @@ impl StreamHandle {
         }
         #[cfg(feature = "amqp")]
         if let Some(remote) = self.on_rabbitmq() {
+            if self.is_deleted() {
+                return Err(self.gone());
+            }
             remote.publish_batch(messages).await?;
             return Ok(Self::UNKNOWN_OFFSET..Self::UNKNOWN_OFFSET);
         }

@@ -51,8 +51,6 @@ pub(crate) trait StreamBackend: Send + Sync + 'static {
         to: Recipient<Fed>,
         started: oneshot::Sender<Result<(), StreamError>>,
     );
-    /// Whether the backend was closed for good.
-    fn is_closed(&self) -> bool;
 }
 
 /// What a [`StreamHandle`](crate::StreamHandle) holds for a stream a
@@ -67,7 +65,6 @@ pub(crate) struct RemoteStream {
     next_reader: AtomicU64,
     /// Named subscribers' positions when they stopped, and the live names.
     stored: Mutex<HashMap<String, Option<u64>>>,
-    deleted: AtomicBool,
 }
 
 impl RemoteStream {
@@ -79,23 +76,12 @@ impl RemoteStream {
             readers: Mutex::new(HashMap::new()),
             next_reader: AtomicU64::new(1),
             stored: Mutex::new(HashMap::new()),
-            deleted: AtomicBool::new(false),
         }
     }
 
-    fn gone(&self) -> StreamError {
-        if self.backend.is_closed() {
-            StreamError::Stopped
-        } else {
-            StreamError::NotFound(self.name.to_string())
-        }
-    }
-
-    /// Publishes one record, confirmed.
+    /// Publishes one record, confirmed. (The handle refuses calls on a
+    /// deleted stream, marked so in its log as any stream is.)
     pub(crate) async fn publish(&self, message: Envelope) -> Result<(), StreamError> {
-        if self.deleted.load(Ordering::Acquire) {
-            return Err(self.gone());
-        }
         // The size was checked against the stream's limit by the handle.
         self.backend.publish(message).await?;
         self.published.fetch_add(1, Ordering::Relaxed);
@@ -104,9 +90,6 @@ impl RemoteStream {
 
     /// Publishes records back to back, then waits for all their confirms.
     pub(crate) async fn publish_batch(&self, messages: Vec<Envelope>) -> Result<(), StreamError> {
-        if self.deleted.load(Ordering::Acquire) {
-            return Err(self.gone());
-        }
         let n = messages.len() as u64;
         self.backend.publish_batch(messages).await?;
         self.published.fetch_add(n, Ordering::Relaxed);
@@ -140,9 +123,8 @@ impl RemoteStream {
         self.stored.lock().get(name).copied().flatten()
     }
 
-    /// Marks the stream deleted and stops its subscribers.
+    /// Stops its subscribers: the stream was deleted.
     pub(crate) async fn close(&self) {
-        self.deleted.store(true, Ordering::Release);
         let readers: Vec<_> = self.readers.lock().drain().collect();
         for (_, (reader, addr)) in readers {
             reader.stop();
@@ -165,8 +147,8 @@ impl RemoteStream {
         C: StreamConsumer,
         F: StreamConsumerFactory<C>,
     {
-        if self.deleted.load(Ordering::Acquire) {
-            return Err(self.gone());
+        if core.log.lock().is_closed() {
+            return Err(core.gone());
         }
         let mut start = start;
         if let Some(name) = &options.name {
@@ -381,9 +363,7 @@ impl RemoteReader {
     /// position is kept. Idempotent.
     pub(crate) fn finish(&self) {
         self.stop();
-        if self.stream.readers.lock().remove(&self.number).is_none()
-            && !self.stream.deleted.load(Ordering::Acquire)
-        {
+        if self.stream.readers.lock().remove(&self.number).is_none() {
             return;
         }
         if let Some(name) = &self.name {
