@@ -37,9 +37,47 @@ pub(crate) struct Session {
     open_publisher: parking_lot::RwLock<Option<Channel>>,
     /// Declarations, deletions, bindings, passive checks.
     admin: tokio::sync::Mutex<Option<Channel>>,
+    /// Set once the connection is found lost (see [`Session::create_channel`]).
+    lost: watch::Sender<bool>,
 }
 
 impl Session {
+    fn new(generation: u64, connection: Connection) -> Session {
+        Session {
+            generation,
+            connection,
+            publisher: tokio::sync::Mutex::new(None),
+            open_publisher: parking_lot::RwLock::new(None),
+            admin: tokio::sync::Mutex::new(None),
+            lost: watch::Sender::new(false),
+        }
+    }
+
+    /// Marks the session lost: channels still being opened on it give up.
+    fn mark_lost(&self) {
+        self.lost.send_replace(true);
+    }
+
+    /// Whether the session was found lost.
+    pub(crate) fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    /// A new channel on this session's connection. lapin opens a channel
+    /// through its I/O loop; asked just as the connection dies, the loop
+    /// may be gone and the request then never answered: the loss of the
+    /// session answers it instead.
+    pub(crate) async fn create_channel(&self) -> Result<Channel, lapin::Error> {
+        let mut lost = self.lost.subscribe();
+        tokio::select! {
+            channel = self.connection.create_channel() => channel,
+            _ = lost.wait_for(|lost| *lost) => Err(lapin::ErrorKind::InvalidConnectionState(
+                lapin::ConnectionState::Error,
+            )
+            .into()),
+        }
+    }
+
     /// The channel publishes go on (publisher confirms on).
     pub(crate) async fn publisher(&self) -> Result<Channel, lapin::Error> {
         if let Some(channel) = self
@@ -54,7 +92,7 @@ impl Session {
         if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
             return Ok(channel.clone());
         }
-        let channel = self.connection.create_channel().await?;
+        let channel = self.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
@@ -70,7 +108,7 @@ impl Session {
         if let Some(channel) = slot.as_ref().filter(|c| c.status().connected()) {
             return Ok(channel.clone());
         }
-        let channel = self.connection.create_channel().await?;
+        let channel = self.create_channel().await?;
         *slot = Some(channel.clone());
         Ok(channel)
     }
@@ -132,13 +170,7 @@ impl Remote {
         let connection = tokio::time::timeout(options.timeout, open(&options))
             .await
             .map_err(|_| BrokerError::Backend("timed out connecting".into()))??;
-        let session = Arc::new(Session {
-            generation: 1,
-            connection,
-            publisher: tokio::sync::Mutex::new(None),
-            open_publisher: parking_lot::RwLock::new(None),
-            admin: tokio::sync::Mutex::new(None),
-        });
+        let session = Arc::new(Session::new(1, connection));
         let (state, _) = watch::channel(State::Up(session.clone()));
         let secrets = url_secrets(&options.url);
         let remote = Arc::new(Remote {
@@ -327,6 +359,9 @@ async fn keep_up(remote: std::sync::Weak<Remote>, mut session: Arc<Session>) {
             *s = State::Reconnecting;
             true
         });
+        // After the state: a call whose channel gives up asks for the
+        // session again, and waits for the next one.
+        session.mark_lost();
         let mut backoff = r.options.reconnect_min;
         let generation = session.generation + 1;
         drop(r);
@@ -337,26 +372,30 @@ async fn keep_up(remote: std::sync::Weak<Remote>, mut session: Arc<Session>) {
             }
             let options = r.options.clone();
             drop(r);
-            match open(&options).await {
-                Ok(connection) => {
-                    let fresh = Arc::new(Session {
-                        generation,
-                        connection,
-                        publisher: tokio::sync::Mutex::new(None),
-                        open_publisher: parking_lot::RwLock::new(None),
-                        admin: tokio::sync::Mutex::new(None),
-                    });
+            // Bounded, as every step here: a connection that dies while
+            // opening or redeclaring must not stop the reconnecting.
+            match tokio::time::timeout(options.timeout, open(&options)).await {
+                Ok(Ok(connection)) => {
+                    let fresh = Arc::new(Session::new(generation, connection));
                     let Some(r) = remote.upgrade() else { return };
                     let record = r.record.lock().clone();
-                    match record.redeclare(&fresh).await {
-                        Ok(()) => break fresh,
-                        Err(err) => {
+                    let redeclared =
+                        tokio::time::timeout(options.timeout, record.redeclare(&fresh)).await;
+                    match redeclared {
+                        Ok(Ok(())) => break fresh,
+                        Ok(Err(err)) => {
                             tracing::warn!(error = %r.scrub(&err), "redeclaring the topology failed; reconnecting");
-                            let _ = fresh.connection.close(200, "retry".into()).await;
+                        }
+                        Err(_) => {
+                            tracing::warn!("redeclaring the topology timed out; reconnecting");
                         }
                     }
+                    fresh.mark_lost();
+                    let closing = fresh.connection.close(200, "retry".into());
+                    let _ = tokio::time::timeout(options.timeout, closing).await;
                 }
-                Err(err) => tracing::debug!(%err, ?backoff, "reconnection failed"),
+                Ok(Err(err)) => tracing::debug!(%err, ?backoff, "reconnection failed"),
+                Err(_) => tracing::debug!(?backoff, "reconnection timed out"),
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(options.reconnect_max);

@@ -112,7 +112,6 @@ impl Replies {
             .timed("opening the reply channel", async {
                 let session = remote.session().await?;
                 let channel = session
-                    .connection
                     .create_channel()
                     .await
                     .map_err(|e| refusal(remote, &e, Subject::Other))?;

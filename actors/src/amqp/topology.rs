@@ -134,7 +134,7 @@ impl Record {
         // redeclared the queue otherwise, deleted a bound exchange) is
         // logged and skipped, on a fresh channel, rather than keeping the
         // whole broker from reconnecting.
-        let mut channel = session.connection.create_channel().await?;
+        let mut channel = session.create_channel().await?;
         let refused = |what: String, err: lapin::Error| {
             tracing::warn!(%what, error = %err, "not redeclared after reconnecting");
         };
@@ -147,7 +147,7 @@ impl Record {
                 .await
             {
                 refused(format!("exchange {name:?}"), err);
-                channel = session.connection.create_channel().await?;
+                channel = session.create_channel().await?;
             }
         }
         for (name, declared) in in_order(&self.queues) {
@@ -159,7 +159,7 @@ impl Record {
                 .await
             {
                 refused(format!("queue {name:?}"), err);
-                channel = session.connection.create_channel().await?;
+                channel = session.create_channel().await?;
             }
         }
         for (name, declared) in in_order(&self.streams) {
@@ -171,13 +171,13 @@ impl Record {
                 .await
             {
                 refused(format!("stream {name:?}"), err);
-                channel = session.connection.create_channel().await?;
+                channel = session.create_channel().await?;
             }
         }
         for bound in &self.bindings {
             if let Err(err) = bind_on(&channel, bound, false).await {
                 refused(format!("binding from {:?}", bound.source), err);
-                channel = session.connection.create_channel().await?;
+                channel = session.create_channel().await?;
             }
         }
         let _ = channel.close(200, "redeclared".into()).await;
@@ -691,7 +691,7 @@ impl Remote {
                     lapin::ErrorKind::ProtocolError(_) | lapin::ErrorKind::InvalidChannelState(..)
                 ) =>
             {
-                let own = session.connection.create_channel().await?;
+                let own = session.create_channel().await?;
                 let done = op(own.clone()).await;
                 if done.is_ok() {
                     let _ = own.close(200, "done".into()).await;
@@ -709,8 +709,15 @@ impl Remote {
         &self,
         subject: Subject<'_>,
     ) -> Result<lapin::Channel, BrokerError> {
-        let session = self.session().await?;
-        self.channel_on(&session, subject).await
+        loop {
+            let session = self.session().await?;
+            match session.create_channel().await {
+                // Lost while opening: the next session (session() waits
+                // for it, up to the timeout).
+                Err(_) if session.is_lost() => continue,
+                opened => return opened.map_err(|e| refusal(self, &e, subject)),
+            }
+        }
     }
 
     /// A new channel on `session`, its failure said of `subject`.
@@ -720,7 +727,6 @@ impl Remote {
         subject: Subject<'_>,
     ) -> Result<lapin::Channel, BrokerError> {
         session
-            .connection
             .create_channel()
             .await
             .map_err(|e| refusal(self, &e, subject))
