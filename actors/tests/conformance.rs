@@ -239,6 +239,7 @@ conformance!(
     a_stream_is_read_from_where_each_subscriber_starts,
     a_failing_stream_subscriber_gets_the_record_again,
     a_named_stream_subscriber_resumes_where_it_stopped,
+    a_subscribe_given_up_leaves_no_subscriber,
     a_stream_bound_to_an_exchange_gets_what_routes_to_it,
     a_stream_subscriber_can_start_at_a_time,
     a_deleted_stream_stops_its_subscribers_and_refuses_publishes,
@@ -2473,6 +2474,53 @@ async fn a_named_stream_subscriber_resumes_where_it_stopped(fx: &Fixture) -> Tes
     assert!(rx.try_recv().is_err());
     audit.cancel().await;
     assert_eq!(stream.stored_offset("audit"), Some(5));
+    Ok(())
+}
+
+/// A `subscribe` whose caller gives up (a timeout, a dropped future) at any
+/// moment leaves no subscriber behind and its name free.
+async fn a_subscribe_given_up_leaves_no_subscriber(fx: &Fixture) -> TestResult {
+    let b = &fx.broker;
+    let name = fx.name("stream");
+    let stream = b.declare_stream(&name, stream_options()).await?;
+    stream.publish_batch((0..3).map(msg).collect()).await?;
+    let named = || SubscribeOptions::default().named("audit");
+    let mut given_up = 0;
+    for micros in [
+        0, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 50_000,
+    ] {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let subscribe = reader(&stream, StreamStart::Next, named(), tx);
+        match tokio::time::timeout(Duration::from_micros(micros), subscribe).await {
+            Err(_) => given_up += 1,
+            Ok(subscribed) => {
+                subscribed?.cancel().await;
+            }
+        }
+        // The name is free at once, whichever way the call ended.
+        let (tx, _rx) = mpsc::unbounded_channel();
+        reader(&stream, StreamStart::Next, named(), tx)
+            .await
+            .map_err(|e| format!("after {micros} us: {e}"))?
+            .cancel()
+            .await;
+    }
+    // Embedded, `subscribe` never waits: nothing to give up on.
+    assert!(
+        given_up > 0 || fx.backend() == Backend::Embedded,
+        "no subscribe was given up: the test proves nothing"
+    );
+    assert!(
+        eventually(WAIT, || async { stream.stats().subscribers == 0 }).await,
+        "{} subscribers left",
+        stream.stats().subscribers
+    );
+    // And the name reads as any: from its start, what comes next.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let audit = reader(&stream, StreamStart::Next, named(), tx).await?;
+    stream.publish(msg(3)).await?;
+    assert_eq!(seen(&mut rx, 1).await, [(3, 3, 0)]);
+    audit.cancel().await;
     Ok(())
 }
 
