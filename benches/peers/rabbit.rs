@@ -12,7 +12,8 @@
 //! - 4: direct reply-to: the requester consumes `amq.rabbitmq.reply-to` and
 //!   publishes requests with that `reply_to` and a correlation id; the
 //!   responder consumes the request queue and publishes each reply to its
-//!   `reply_to`.
+//!   `reply_to`. Measured twice: plain, and with both channels in confirm
+//!   mode (confirms not awaited), as postbox's requester and responder run.
 //! - 5: a durable queue, persistent messages (`delivery_mode` 2), publisher
 //!   confirms: batch 1 waits for each confirm, batch 64 publishes 64 and waits
 //!   for all of their confirms. With 64 publishers: 64 channels on the
@@ -42,6 +43,9 @@ use crate::util::{Done, FanIn, Latencies, leak, payload, sample, throughput, tim
 pub const RABBIT_P2P: &str = "RabbitMQ (lapin), no-ack consumer";
 pub const RABBIT_FANOUT: &str = "RabbitMQ (lapin), fanout exchange";
 pub const RABBIT_RPC: &str = "RabbitMQ (lapin), direct reply-to";
+/// As [`RABBIT_RPC`], with publisher confirms on both channels, as postbox
+/// has them: the like-for-like peer of postbox's rpc on RabbitMQ.
+pub const RABBIT_RPC_CONFIRMS: &str = "RabbitMQ (lapin), direct reply-to, publisher confirms";
 
 pub fn rabbit_durable(batch: usize) -> String {
     format!("RabbitMQ (lapin) durable, persistent + confirms, batch {batch}")
@@ -277,12 +281,41 @@ impl Rabbit {
     }
 
     pub async fn scenario4(&self, cfg: &Config, report: &mut Report) {
-        if !cfg.wants(RABBIT_RPC) {
-            return;
+        if cfg.wants(RABBIT_RPC) {
+            let l = self.round_trips(cfg, false).await;
+            report.push(
+                Row::new(S4, RABBIT_RPC)
+                    .rate(l.rate())
+                    .latency(l.percentile_us(50.0), l.percentile_us(99.0))
+                    .vs(ACTIX_ACROSS, Metric::P50),
+            );
         }
+        if cfg.wants(RABBIT_RPC_CONFIRMS) {
+            let l = self.round_trips(cfg, true).await;
+            report.push(
+                Row::new(S4, RABBIT_RPC_CONFIRMS)
+                    .rate(l.rate())
+                    .latency(l.percentile_us(50.0), l.percentile_us(99.0))
+                    .vs(RABBIT_RPC, Metric::P50)
+                    .note("both channels in confirm mode, confirms not awaited"),
+            );
+        }
+    }
+
+    /// Direct reply-to round trips, one at a time; with `confirms`, both
+    /// channels in confirm mode (as postbox's requester and responder).
+    async fn round_trips(&self, cfg: &Config, confirms: bool) -> Latencies {
         let n = cfg.count(20_000, 1_000) as usize;
         let queue = self.name("rpc");
         let (qch, rch) = self.channels().await;
+        if confirms {
+            for channel in [&qch, &rch] {
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .expect("confirm.select");
+            }
+        }
         rch.queue_declare(queue.as_str().into(), transient(), FieldTable::default())
             .await
             .expect("queue.declare");
@@ -367,13 +400,7 @@ impl Rabbit {
         let _ = rch.close(200, "done".into()).await;
         let _ = qch.close(200, "done".into()).await;
         let _ = responder.await;
-        let l = Latencies::new(samples, elapsed);
-        report.push(
-            Row::new(S4, RABBIT_RPC)
-                .rate(l.rate())
-                .latency(l.percentile_us(50.0), l.percentile_us(99.0))
-                .vs(ACTIX_ACROSS, Metric::P50),
-        );
+        Latencies::new(samples, elapsed)
     }
 
     pub async fn scenario5(&self, cfg: &Config, report: &mut Report) {

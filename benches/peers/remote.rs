@@ -30,7 +30,7 @@ use postbox_actors::{
 };
 
 use crate::Config;
-use crate::rabbit::RABBIT_RPC;
+use crate::rabbit::RABBIT_RPC_CONFIRMS;
 use crate::report::{Metric, Report, Row};
 use crate::rpc::S4;
 use crate::util::{Done, Latencies, leak, payload, throughput, timed};
@@ -280,8 +280,8 @@ pub async fn scenario12(cfg: &Config, report: &mut Report) {
             Row::new(S12, REMOTE_RPC)
                 .rate(l.rate())
                 .latency(l.percentile_us(50.0), l.percentile_us(99.0))
-                .vs_in(S4, RABBIT_RPC, Metric::P50)
-                .note("publisher confirms on requests and replies; lapin's row has none"),
+                .vs_in(S4, RABBIT_RPC_CONFIRMS, Metric::P50)
+                .note("publisher confirms on requests and replies, as the lapin row it is set against"),
         );
     }
     let _ = lapin.close(200, "done".into()).await;
