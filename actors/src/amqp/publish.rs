@@ -12,6 +12,7 @@
 
 use std::time::Duration;
 
+use futures::FutureExt;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 
@@ -142,18 +143,19 @@ impl Remote {
 
     /// [`Remote::timed`] for a publish: running out of time after the
     /// message may have been sent is `Unconfirmed`, not a refusal.
-    pub(crate) async fn timed_publish<T>(
+    pub(crate) fn timed_publish<T>(
         &self,
         op: impl Future<Output = Result<T, BrokerError>>,
-    ) -> Result<T, BrokerError> {
-        tokio::time::timeout(self.options.timeout, op)
-            .await
-            .unwrap_or_else(|_| {
+    ) -> impl Future<Output = Result<T, BrokerError>> {
+        // Not an `async fn`, as `Remote::timed`.
+        let timeout = self.options.timeout;
+        tokio::time::timeout(timeout, op).map(move |done| {
+            done.unwrap_or_else(|_| {
                 Err(BrokerError::Unconfirmed(format!(
-                    "no confirm within {:?}",
-                    self.options.timeout
+                    "no confirm within {timeout:?}"
                 )))
             })
+        })
     }
 
     /// Publishes to `queue` through the default exchange, confirmed. The
