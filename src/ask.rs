@@ -98,11 +98,14 @@ impl<'a, A: Handler<M>, M: Message> IntoFuture for Ask<'a, A, M> {
     }
 }
 
-pub(crate) async fn with_timeout<T>(
+/// `fut`, failing with [`AskError::Timeout`] after `d`. A combinator, not an
+/// `async fn`: that would hold `fut` twice (the argument and the timeout it
+/// moves into), doubling the boxed ask.
+pub(crate) fn with_timeout<T>(
     d: Duration,
     fut: impl Future<Output = Result<T, AskError>>,
-) -> Result<T, AskError> {
-    tokio::time::timeout(d, fut)
-        .await
-        .unwrap_or(Err(AskError::Timeout(d)))
+) -> impl Future<Output = Result<T, AskError>> {
+    futures::FutureExt::map(tokio::time::timeout(d, fut), move |done| {
+        done.unwrap_or(Err(AskError::Timeout(d)))
+    })
 }
