@@ -110,11 +110,7 @@ impl Replies {
         let remote = &self.remote;
         let open = remote
             .timed("opening the reply channel", async {
-                let session = remote.session().await?;
-                let channel = session
-                    .create_channel()
-                    .await
-                    .map_err(|e| refusal(remote, &e, Subject::Other))?;
+                let channel = remote.own_channel(Subject::Other).await?;
                 channel
                     .confirm_select(ConfirmSelectOptions::default())
                     .await

@@ -711,11 +711,11 @@ impl Remote {
     ) -> Result<lapin::Channel, BrokerError> {
         loop {
             let session = self.session().await?;
-            match session.create_channel().await {
+            match self.channel_on(&session, subject).await {
                 // Lost while opening: the next session (session() waits
                 // for it, up to the timeout).
                 Err(_) if session.is_lost() => continue,
-                opened => return opened.map_err(|e| refusal(self, &e, subject)),
+                opened => return opened,
             }
         }
     }
