@@ -394,7 +394,6 @@ async fn keep_up(remote: std::sync::Weak<Remote>, mut session: Arc<Session>) {
                             tracing::warn!("redeclaring the topology timed out; reconnecting");
                         }
                     }
-                    fresh.mark_lost();
                     let closing = fresh.connection.close(200, "retry".into());
                     let _ = tokio::time::timeout(options.timeout, closing).await;
                 }
