@@ -288,6 +288,12 @@ async fn a_cut_connection_loses_no_confirmed_message() -> TestResult {
         // publisher sent them and when.
         let seen = seen.lock();
         let missing: Vec<u32> = (0..N).filter(|i| !seen.contains_key(i)).take(20).collect();
+        // What the broker said of the cuts (seen lost once in many runs:
+        // these lines are what is known of it).
+        let said = |l: &&str| [" INFO ", " WARN ", " ERROR "].iter().any(|lvl| l.contains(lvl));
+        for line in logs.text().lines().filter(said).take(200) {
+            eprintln!("{line}");
+        }
         format!(
             "{} of {N} consumed; missing (first 20): {missing:?}; {} publishes failed and were repeated",
             seen.len(),
